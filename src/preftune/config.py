@@ -1,0 +1,223 @@
+"""Run configuration: one typed dataclass, validated on construction; YAML in, YAML out.
+
+Every field is also a command-line flag (`output_dir` -> `--output-dir`); flags override a `--config` file.
+The resolved config is written to the run folder as `config.yaml`, which `--config` accepts back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+STAGES = ("sft", "dpo")
+SCHEDULERS = ("cosine", "linear", "constant")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+# A stage's learning rate when none is given: SFT moves weights a lot, DPO gently (Rafailov et al. use 5e-7..1e-6).
+DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7}
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Units: steps are optimizer steps; lengths are tokens."""
+
+    # --- what to train, on what, where
+    stage: str = _f("dpo", "Training stage: sft or dpo.", choices=STAGES)
+    model: str = _f("", "Model to start from: a local Hugging Face folder or a Hub id.")
+    data: str = _f("", "Training data: a file (.jsonl/.json/.parquet/.csv, optionally .gz), a folder or a Hub id.")
+    output_dir: str = _f("", "Run folder: the final model, config.yaml, metrics.jsonl and plots go here.")
+    ref_model: str | None = _f(None, "Reference model for DPO (default: the starting model).")
+    tokenizer: str | None = _f(None, "Tokenizer to use (default: the model's).")
+    # --- data
+    data_format: str | None = _f(None, "Force a data format instead of detecting it.")
+    split: str = _f("train", "Split to read when --data is a Hub id or a saved dataset.")
+    eval_data: str | None = _f(None, "Held-out data for evaluation.")
+    eval_split: float = _f(0.0, "Fraction of --data held out for evaluation when --eval-data is not given.")
+    skip_bad_records: bool = _f(False, "Drop malformed records (and report how many) instead of stopping.")
+    min_score_gap: float | None = _f(None, "Drop pairs whose chosen/rejected score gap is below this.")
+    max_length: int = _f(1024, "Longest prompt+answer in tokens; answers are cut from the right.")
+    max_prompt_length: int | None = _f(None, "Longest prompt in tokens; prompts are cut from the left.")
+    # --- optimisation
+    max_steps: int = _f(-1, "Optimizer steps to run; -1 runs --epochs over the data.")
+    epochs: float = _f(1.0, "Passes over the data when --max-steps is -1.")
+    batch_size: int = _f(8, "Pairs (DPO) or sequences (SFT) per micro-batch, per process.")
+    grad_accum: int = _f(1, "Micro-batches accumulated into one optimizer step.")
+    lr: float | None = _f(None, "Peak learning rate (default: 2e-5 for SFT, 5e-7 for DPO).")
+    warmup_steps: int = _f(0, "Steps of linear warmup from 0 to --lr.")
+    scheduler: str = _f("cosine", "Decay after warmup: cosine, linear or constant.", choices=SCHEDULERS)
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_eps: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this; 0 disables clipping.")
+    seed: int = _f(42, "Seed for weights of new heads, data order and dropout.")
+    # --- preference loss
+    loss: str = _f("sigmoid", "Preference loss, or a weighted mix like 'sigmoid:0.8,bco_pair:0.2'.")
+    beta: float = _f(0.1, "DPO temperature: strength of the pull toward the reference.")
+    label_smoothing: float = _f(0.0, "Assumed rate of flipped labels (conservative DPO, robust DPO).")
+    simpo_gamma: float = _f(0.5, "Target reward margin of SimPO.")
+    sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen answers (RPO).")
+    # --- model, precision, speed
+    dtype: str = _f("auto", "Weights dtype: auto (bf16 on capable GPUs, fp32 elsewhere), float32, bfloat16, float16.",
+                    choices=DTYPES)
+    device: str = _f("auto", "Device: auto (cuda > mps > cpu), cpu, cuda or mps.", choices=DEVICES)
+    trust_remote_code: bool = _f(False, "Allow model code from the model folder or the Hub to run.")
+    prefix_sharing: bool = _f(True, "Compute each prompt once for chosen and rejected.")
+    logits_chunk_size: int = _f(1024, "Answer tokens projected to the vocabulary at a time.")
+    precompute_ref: bool = _f(False, "Compute reference log-probs once before training and cache them on disk.")
+    ref_cache_dir: str | None = _f(None, "Where cached reference log-probs live (default: ~/.cache/preftune/ref).")
+    group_by_length: bool = _f(False, "Batch pairs of similar length together to cut padding.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    compile: bool = _f(False, "torch.compile the model.")
+    # --- LoRA and scale
+    lora_r: int = _f(0, "LoRA rank; 0 trains all weights.")
+    lora_alpha: float = _f(16.0, "LoRA alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_targets: str = _f("all-linear", "Comma-separated module names for LoRA, or all-linear.")
+    merge: bool = _f(False, "With LoRA, also save a merged full model.")
+    load_in_4bit: bool = _f(False, "Load the base model in 4 bits (QLoRA; CUDA only).")
+    fsdp: bool = _f(False, "Shard policy and reference with FSDP2 under torchrun.")
+    # --- evaluation, checkpoints, reporting
+    eval_every: int = _f(0, "Evaluate on held-out pairs every N steps; 0 evaluates only at the end.")
+    log_every: int = _f(1, "Print a progress line every N steps when the output is not a terminal.")
+    save_every: int = _f(0, "Write a checkpoint every N steps; 0 writes none.")
+    keep_checkpoints: int = _f(2, "Checkpoints kept; older ones are deleted.")
+    resume: bool = _f(False, "Continue from the newest complete checkpoint in --output-dir.")
+    overwrite: bool = _f(False, "Start afresh even if --output-dir holds a run.")
+    skip_nonfinite: bool = _f(False, "Skip steps whose loss or gradients are not finite instead of stopping.")
+    quiet: bool = _f(False, "Print only errors and the final line.")
+    report_to: str = _f("", "Extra metric sinks, comma-separated: tensorboard, wandb.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+        positive = ("batch_size", "grad_accum", "max_length", "logits_chunk_size", "log_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        non_negative = ("warmup_steps", "weight_decay", "max_grad_norm", "label_smoothing", "sft_weight",
+                        "eval_every", "save_every", "lora_r", "lora_dropout")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps: must be positive, or -1 to use epochs; got {self.max_steps}")
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise ConfigError(f"epochs: must be positive, got {self.epochs}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr: must be positive, got {self.lr}")
+        if self.beta <= 0:
+            raise ConfigError(f"beta: must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0 <= self.eval_split < 1:
+            raise ConfigError(f"eval_split: must be in [0, 1), got {self.eval_split}")
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+            raise ConfigError(f"max_prompt_length: must be between 1 and max_length-1 ({self.max_length - 1}), "
+                              f"got {self.max_prompt_length}")
+        if self.merge and not self.lora_r:
+            raise ConfigError("merge: only makes sense with LoRA; set --lora-r too")
+        if self.load_in_4bit and not self.lora_r:
+            raise ConfigError("load_in_4bit: 4-bit weights cannot be trained directly; set --lora-r too")
+
+    def require_paths(self) -> None:
+        """The fields a training run cannot start without."""
+        for name in ("model", "data", "output_dir"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name}: required; pass --{name.replace('_', '-')} or set it in --config")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.stage]
+
+    # ------------------------------------------------------------------ YAML
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                hint = difflib.get_close_matches(str(key), known, n=1)
+                tip = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ConfigError(f"{where}: unknown key {key!r}{tip}")
+        coerced = {key: _coerce(known[key], value, where) for key, value in values.items()}
+        return cls(**coerced)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(load_yaml_mapping(path), where=str(path))
+
+
+def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+    return values
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """The plain Python type of a config field (`int | None` -> int)."""
+    text = str(f.type).replace(" ", "")
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if text.split("|")[0] == name:
+            return typ
+    raise TypeError(f"unsupported config field type {f.type!r}")
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    typ = field_type(f)
+    if value is None:
+        if "None" in str(f.type):
+            return None
+        raise ConfigError(f"{where}: {f.name} must not be empty")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {f.name} must be true or false, got {value!r}")
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-6 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{where}: {f.name} must be {typ.__name__}, got {value!r}")

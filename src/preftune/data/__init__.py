@@ -1,0 +1,1 @@
+"""Data: read files of many formats into one record, tokenise, batch, check."""

@@ -1,0 +1,21 @@
+"""User-facing errors: the CLI prints these as one line and exits with code 2, without a traceback."""
+
+from __future__ import annotations
+
+
+class PreftuneError(Exception):
+    """A mistake in the user's input (file, config, flag, model folder). The message says what, where and the fix."""
+
+    exit_code = 2
+
+
+class ConfigError(PreftuneError):
+    """A config key or value is wrong."""
+
+
+class DataError(PreftuneError):
+    """A data file or record is wrong. Messages name the file and the line or record."""
+
+
+class ModelError(PreftuneError):
+    """A model or tokenizer cannot be used."""
