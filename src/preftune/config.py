@@ -133,6 +133,9 @@ class TrainConfig:
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
             raise ConfigError(f"max_prompt_length: must be between 1 and max_length-1 ({self.max_length - 1}), "
                               f"got {self.max_prompt_length}")
+        from .losses import parse_loss_spec
+
+        parse_loss_spec(self.loss)  # an unknown loss name fails here, listing the known ones
         if self.merge and not self.lora_r:
             raise ConfigError("merge: only makes sense with LoRA; set --lora-r too")
         if self.load_in_4bit and not self.lora_r:

@@ -1,0 +1,143 @@
+"""Command line: parse arguments, call the library. No training logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from .config import TrainConfig, field_type, load_yaml_mapping
+from .errors import PreftuneError
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, stage: str) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml", help="Read settings from a YAML file; flags override it.")
+    for f in fields(TrainConfig):
+        if f.name == "stage":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        typ = field_type(f)
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            parser.add_argument(flag, type=typ, metavar=f.name.upper(), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
+    """File values, then flag values on top, then validation of the whole."""
+    values = load_yaml_mapping(args.config) if getattr(args, "config", None) else {}
+    values = dict(values)
+    if values.get("stage", stage) != stage:
+        raise PreftuneError(f"{args.config}: is a {values['stage']} config; run `preftune {values['stage']}`")
+    values["stage"] = stage
+    names = {f.name for f in fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(values, where=getattr(args, "config", None) or "flags")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import run
+
+    cfg = config_from_args(args, args.stage)
+    final = run(cfg)
+    if not cfg.quiet and final:
+        keys = [k for k in ("loss", "reward_accuracy", "eval_reward_accuracy", "eval_loss") if k in final]
+        print(f"done: {cfg.output_dir}  " + "  ".join(f"{k}={final[k]:.4f}" for k in keys))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .commands_eval import run_eval
+
+    summary = run_eval(args)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    run_demo(Path(args.out), quiet=args.quiet, fast=args.fast)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="preftune", description="Fine-tune language models on preferences: "
+                                                                  "SFT, then DPO.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for stage, text in (("sft", "Supervised fine-tuning on text or conversations."),
+                        ("dpo", "Preference optimisation on chosen/rejected pairs.")):
+        p = sub.add_parser(stage, help=text, description=text)
+        _add_config_flags(p, stage)
+        p.set_defaults(func=_cmd_train, stage=stage)
+
+    p = sub.add_parser("eval", help="Preference metrics of a model on pairs (JSON on stdout).")
+    p.add_argument("--model", required=True, help="Model folder or Hub id.")
+    p.add_argument("--ref-model", help="Reference model; rewards are beta * log-ratio to it.")
+    p.add_argument("--data", required=True, help="Preference pairs.")
+    p.add_argument("--output", metavar="FILE.jsonl", help="Write one row of log-probs per pair.")
+    p.add_argument("--data-format", help="Force a data format.")
+    p.add_argument("--split", default="train")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--max-prompt-length", type=int)
+    p.add_argument("--limit", type=int, help="Evaluate only the first N pairs.")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="Offline demo: a tiny model, SFT then DPO on a CPU in a few minutes.")
+    p.add_argument("--out", default="demo-run", help="Folder for the demo's runs and summary.json.")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--fast", action="store_true", help="Fewer steps (for tests); numbers move less.")
+    p.set_defaults(func=_cmd_demo)
+
+    for module in ("preftune.data.commands", "preftune.report_commands", "preftune.generate"):
+        _register(module, sub)
+    return parser
+
+
+def _register(module: str, sub) -> None:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return
+    mod.register(sub)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"preftune {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="preftune: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except PreftuneError as exc:
+        print(f"preftune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("preftune: interrupted", file=sys.stderr)
+        return 130

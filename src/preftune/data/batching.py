@@ -1,0 +1,109 @@
+"""Token ids -> padded tensors, and the order in which examples are visited.
+
+Every batch is "prompts with k answers each": k=2 for preference pairs (chosen, rejected), k=1 for SFT.
+Example, two pairs with prompts [5 6 7] and [8], answers c0=[1 2], r0=[3], c1=[4], r1=[9 9 9], pad=0:
+
+    prompt_ids  = [[5 6 7], [8 0 0]]          prompt_lens = [3, 1]
+    answer_ids  = [[1 2 0], [3 0 0],          answer_lens = [2, 1, 1, 3]
+                   [4 0 0], [9 9 9]]          (rows: c0, r0, c1, r1: answer row j belongs to prompt j // k)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .tokenize import TokenizedExample, TokenizedPair
+
+
+@dataclass
+class PromptAnswerBatch:
+    prompt_ids: torch.Tensor   # [B, P] long, right-padded
+    prompt_lens: torch.Tensor  # [B] long
+    answer_ids: torch.Tensor   # [B*k, A] long, right-padded
+    answer_lens: torch.Tensor  # [B*k] long
+    k: int                     # answers per prompt
+    index: torch.Tensor        # [B] long: positions in the dataset
+
+    @property
+    def size(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def to(self, device) -> "PromptAnswerBatch":
+        return PromptAnswerBatch(self.prompt_ids.to(device), self.prompt_lens.to(device),
+                                 self.answer_ids.to(device), self.answer_lens.to(device), self.k, self.index)
+
+    def tokens(self) -> int:
+        """Tokens actually attended to (no padding): prompts once plus every answer."""
+        return int(self.prompt_lens.sum() + self.answer_lens.sum())
+
+    def select(self, rows: torch.Tensor) -> "PromptAnswerBatch":
+        """The sub-batch of the given prompt rows (with their answers), trimmed of all-padding columns."""
+        answer_rows = (rows[:, None] * self.k + torch.arange(self.k)).reshape(-1)
+        p, a = self.prompt_lens[rows], self.answer_lens[answer_rows]
+        return PromptAnswerBatch(self.prompt_ids[rows, : int(p.max())], p,
+                                 self.answer_ids[answer_rows, : int(a.max())], a, self.k, self.index[rows])
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def collate(items: list[TokenizedPair] | list[TokenizedExample], pad_id: int) -> PromptAnswerBatch:
+    if isinstance(items[0], TokenizedPair):
+        answers = [a for it in items for a in (it.chosen_ids, it.rejected_ids)]
+        k = 2
+    else:
+        answers = [it.answer_ids for it in items]
+        k = 1
+    prompts = [it.prompt_ids for it in items]
+    return PromptAnswerBatch(
+        prompt_ids=_pad(prompts, pad_id),
+        prompt_lens=torch.tensor([len(p) for p in prompts], dtype=torch.long),
+        answer_ids=_pad(answers, pad_id),
+        answer_lens=torch.tensor([len(a) for a in answers], dtype=torch.long),
+        k=k,
+        index=torch.tensor([it.index for it in items], dtype=torch.long),
+    )
+
+
+def example_length(item: TokenizedPair | TokenizedExample) -> int:
+    if isinstance(item, TokenizedPair):
+        return len(item.prompt_ids) + max(len(item.chosen_ids), len(item.rejected_ids))
+    return len(item.prompt_ids) + len(item.answer_ids)
+
+
+def epoch_order(items: list, *, batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """Batches of dataset positions for one epoch, deterministic in (seed, epoch).
+
+    With `group_by_length`, the shuffled examples are cut into windows of 50 batches, each window is sorted by
+    length and cut into batches, and the batches are shuffled again: similar lengths meet, order stays random.
+    The last incomplete batch is dropped so every step sees `batch_size` examples.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(items), generator=gen).tolist()
+    if group_by_length:
+        window = batch_size * 50
+        order = [i for s in range(0, len(order), window)
+                 for i in sorted(order[s:s + window], key=lambda j: example_length(items[j]))]
+    batches = [order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
+    if group_by_length:
+        perm = torch.randperm(len(batches), generator=gen).tolist()
+        batches = [batches[p] for p in perm]
+    return batches
+
+
+def steps_per_epoch(n_items: int, batch_size: int, grad_accum: int) -> int:
+    return (n_items // batch_size) // grad_accum
+
+
+def total_steps(n_items: int, batch_size: int, grad_accum: int, epochs: float, max_steps: int) -> int:
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(steps_per_epoch(n_items, batch_size, grad_accum) * epochs))

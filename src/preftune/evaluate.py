@@ -1,0 +1,66 @@
+"""Preference metrics: does the model now prefer what the data prefers, and how far has it moved?"""
+
+from __future__ import annotations
+
+import torch
+
+from .data.batching import collate
+from .logprobs import answer_logps
+
+
+@torch.no_grad()
+def logps_table(model, items, *, pad_id: int, device, batch_size: int = 8, prefix_sharing: bool = True,
+                chunk_size: int = 1024) -> torch.Tensor:
+    """[N, k] summed answer log-probs of tokenised items (pairs: k=2, chosen then rejected), in order."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for s in range(0, len(items), batch_size):
+            batch = collate(items[s:s + batch_size], pad_id).to(device)
+            out = answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size)
+            rows.append(out.logps.float().cpu().view(batch.size, batch.k))
+    finally:
+        model.train(was_training)
+    return torch.cat(rows) if rows else torch.zeros(0, 2)
+
+
+def preference_metrics(policy: torch.Tensor, ref: torch.Tensor | None, beta: float) -> dict[str, float]:
+    """Summary of [N, 2] policy (and reference) log-probs.
+
+    Rewards are beta * (log pi - log pi_ref); without a reference they are beta * log pi.
+    `logratio_chosen` is the mean log pi - log pi_ref on chosen answers: how far the policy moved.
+    """
+    base = ref if ref is not None else torch.zeros_like(policy)
+    rewards = beta * (policy - base)
+    margin = rewards[:, 0] - rewards[:, 1]
+    out = {
+        "pairs": int(policy.shape[0]),
+        "reward_accuracy": float((margin > 0).float().mean()),
+        "reward_margin": float(margin.mean()),
+        "chosen_reward": float(rewards[:, 0].mean()),
+        "rejected_reward": float(rewards[:, 1].mean()),
+        "chosen_logp": float(policy[:, 0].mean()),
+        "rejected_logp": float(policy[:, 1].mean()),
+    }
+    if ref is not None:
+        out["logratio_chosen"] = float((policy[:, 0] - ref[:, 0]).mean())
+        out["logratio_rejected"] = float((policy[:, 1] - ref[:, 1]).mean())
+        out["ref_chosen_logp"] = float(ref[:, 0].mean())
+        out["ref_rejected_logp"] = float(ref[:, 1].mean())
+    return out
+
+
+def per_pair_rows(policy: torch.Tensor, ref: torch.Tensor | None, items) -> list[dict]:
+    rows = []
+    for i, item in enumerate(items):
+        rows.append({
+            "index": item.index,
+            "policy_chosen_logp": float(policy[i, 0]),
+            "policy_rejected_logp": float(policy[i, 1]),
+            "ref_chosen_logp": None if ref is None else float(ref[i, 0]),
+            "ref_rejected_logp": None if ref is None else float(ref[i, 1]),
+            "chosen_tokens": len(item.chosen_ids),
+            "rejected_tokens": len(item.rejected_ids),
+        })
+    return rows

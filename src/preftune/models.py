@@ -1,0 +1,146 @@
+"""Load Hugging Face causal LMs and tokenizers; choose device and dtype; save in Hugging Face format."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA > MPS > CPU for `auto`; an explicit device that is not there is an error, not a silent fallback."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda: no CUDA device is visible; use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError("--device mps: MPS is not available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs that support it, fp32 elsewhere (CPU fp16/bf16 matmuls are slow or inexact)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _check_local(name_or_path: str, what: str) -> None:
+    path = Path(name_or_path)
+    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
+    if looks_local:
+        if not path.exists():
+            raise ModelError(f"{what} {name_or_path}: folder not found")
+        if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ModelError(f"{what} {name_or_path}: no config.json in this folder; point to a Hugging Face "
+                             f"model folder (the one save_pretrained wrote)")
+
+
+def _quiet_transformers() -> None:
+    """Our own progress display is enough; transformers' per-load bars would interleave with it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+
+    _check_local(name_or_path, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"tokenizer {name_or_path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        # Padding positions are masked everywhere, so any id works; EOS is the customary stand-in.
+        if tok.eos_token is None:
+            raise ModelError(f"tokenizer {name_or_path}: has neither a pad nor an EOS token; add one")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def is_causal_lm_folder(path: Path) -> bool:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    archs = cfg.get("architectures") or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or not archs
+
+
+def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
+               quantization_config=None):
+    """A causal LM, on `device` in `dtype`. Remote code runs only with `trust_remote_code`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_transformers()
+    _check_local(name_or_path, "model")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0]
+        if "trust_remote_code" in msg:
+            raise ModelError(f"model {name_or_path}: needs its own code to load; pass --trust-remote-code if you "
+                             f"trust it") from None
+        raise ModelError(f"model {name_or_path}: cannot read its config ({msg})") from None
+    except OSError as exc:
+        raise ModelError(f"model {name_or_path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+            quantization_config=quantization_config, use_safetensors=None)
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0]
+        if "Unrecognized configuration class" in msg or "AutoModelForCausalLM" in msg:
+            raise ModelError(f"model {name_or_path}: a {type(config).__name__} is not a causal language model; "
+                             f"preftune trains decoder-only LMs (AutoModelForCausalLM)") from None
+        raise ModelError(f"model {name_or_path}: cannot be loaded ({msg})") from None
+    except OSError as exc:
+        raise ModelError(f"model {name_or_path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+    if quantization_config is None:
+        model.to(device)
+    return model
+
+
+def freeze(model) -> None:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def save_model(model, tokenizer, out_dir: Path) -> None:
+    """Hugging Face format (safetensors + config + tokenizer): loadable by `AutoModelForCausalLM.from_pretrained`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int | None = None,
+               max_positions: int = 512, bos_id: int | None = None, eos_id: int | None = None,
+               pad_id: int | None = None, seed: int = 0):
+    """A small random-weight Llama for the demo and tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or hidden * 8 // 3,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=max_positions, bos_token_id=bos_id, eos_token_id=eos_id,
+                      pad_token_id=pad_id, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)

@@ -1,0 +1,60 @@
+"""Where reference log-probs come from: an explicit strategy, chosen once when the run starts.
+
+- `FrozenReference`: a separate frozen model (the starting model or `--ref-model`);
+- `AdaptersOffReference`: the policy itself with its LoRA adapters switched off (no second copy);
+- `CachedReference`: log-probs computed once per dataset and read back by dataset position.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from .data.batching import PromptAnswerBatch
+from .logprobs import answer_logps
+
+
+class FrozenReference:
+    def __init__(self, model, *, prefix_sharing: bool = True, chunk_size: int = 1024):
+        self.model = model
+        self.prefix_sharing = prefix_sharing
+        self.chunk_size = chunk_size
+
+    def _context(self):
+        return nullcontext()
+
+    @torch.no_grad()
+    def logps(self, batch: PromptAnswerBatch) -> torch.Tensor:
+        """[B*k] summed answer log-probs under the reference."""
+        with self._context():
+            return answer_logps(self.model, batch, prefix_sharing=self.prefix_sharing,
+                                chunk_size=self.chunk_size).logps.detach()
+
+
+class AdaptersOffReference(FrozenReference):
+    """The policy network with its adapters disabled: the frozen base weights are the reference."""
+
+    def _context(self):
+        from .logprobs import _unwrap
+
+        return _unwrap(self.model).disable_adapter()
+
+    @torch.no_grad()
+    def logps(self, batch: PromptAnswerBatch) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()  # no LoRA dropout in the reference
+        try:
+            return super().logps(batch)
+        finally:
+            self.model.train(was_training)
+
+
+class CachedReference:
+    """Reference log-probs looked up by dataset position: `table[index]` holds the k answers' log-probs."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table  # [N, k] float32
+
+    def logps(self, batch: PromptAnswerBatch) -> torch.Tensor:
+        return self.table[batch.index].reshape(-1).to(batch.answer_ids.device)

@@ -1,0 +1,80 @@
+"""The run folder: refuse to clobber a run, check it is writable up front, write what a finished run holds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .config import TrainConfig
+from .distributed import DistEnv, barrier
+from .errors import PreftuneError
+from .io import atomic_write_json
+from .models import save_model
+
+CONFIG = "config.yaml"
+RESULTS = "results.json"
+DATA_STATS = "data_stats.json"
+METRICS = "metrics.jsonl"
+
+
+def holds_run(out_dir: Path) -> bool:
+    return (out_dir / CONFIG).exists() or (out_dir / METRICS).exists()
+
+
+def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
+    """Fail before any work if the folder holds a run (unless asked to overwrite or resume) or is not writable."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PreftuneError(f"--output-dir {out_dir}: exists and is not a folder")
+    if holds_run(out_dir) and not (cfg.overwrite or cfg.resume):
+        raise PreftuneError(f"--output-dir {out_dir}: already holds a run; choose another folder, pass --resume to "
+                            f"continue it, or --overwrite to start afresh")
+    if env.is_main:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / ".write-probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise PreftuneError(f"--output-dir {out_dir}: cannot write there ({exc.strerror})") from None
+        if cfg.overwrite and not cfg.resume:
+            for name in (METRICS, RESULTS):
+                (out_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(out_dir / "plots", ignore_errors=True)
+    barrier(env)
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """The config as it ran: defaults that depend on the stage written out, so `--config` reproduces it."""
+    values = cfg.to_dict()
+    values["lr"] = cfg.learning_rate
+    values["overwrite"] = values["resume"] = False
+    return TrainConfig.from_dict(values)
+
+
+def write_start(out_dir: Path, cfg: TrainConfig, setup, steps: int) -> None:
+    resolved(cfg).to_yaml(out_dir / CONFIG)
+    stats = {"train": setup.stats.as_dict(), "skipped_records": len(setup.report.skipped),
+             "format": setup.report.format, "steps": steps}
+    if setup.eval_stats is not None:
+        stats["eval"] = setup.eval_stats.as_dict()
+    atomic_write_json(out_dir / DATA_STATS, stats)
+
+
+def finish(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str) -> None:
+    """Final model (Hugging Face format), plots, model card, and results.json last: its presence means done."""
+    from .card import write_model_card
+    from .plots import write_plots
+
+    save_model(setup.policy, setup.tokenizer, out_dir)
+    write_plots(out_dir)
+    write_model_card(out_dir, resolved(cfg), final, command)
+    atomic_write_json(out_dir / RESULTS, {k: v for k, v in final.items() if _jsonable(v)})
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False

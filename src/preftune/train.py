@@ -1,0 +1,185 @@
+"""The training loop shared by SFT and DPO. Read it top to bottom: set up, then `for step ...`, then save.
+
+Distribution, the reference strategy, checkpointing and reporting come in as parts; the loop never asks which
+loss or which stage it runs.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import run_dir as rundir
+from .config import TrainConfig
+from .data.batching import PromptAnswerBatch, collate, epoch_order, total_steps
+from .distributed import DistEnv, all_reduce_sum, init_from_env, shard
+from .errors import PreftuneError
+from .evaluate import logps_table, preference_metrics
+from .logprobs import AnswerLogpModule
+from .models import pick_device, pick_dtype
+from .objectives import make_objective
+from .optim import build_optimizer
+from .progress import Progress
+from .setup import build
+from .tracking import Tracker
+
+
+class NonFiniteError(PreftuneError):
+    """Loss or gradients became NaN or infinite."""
+
+
+@dataclass
+class DataCursor:
+    """Where the run is in its data: epoch and batch within it. The order of an epoch is a function of the seed."""
+
+    n_items: int
+    global_batch: int
+    seed: int
+    group_by_length: bool
+    epoch: int = 0
+    position: int = 0
+    _batches: list[list[int]] = field(default_factory=list, repr=False)
+
+    def next(self, items) -> list[int]:
+        if not self._batches:
+            self._batches = epoch_order(items, batch_size=self.global_batch, seed=self.seed, epoch=self.epoch,
+                                        group_by_length=self.group_by_length)
+        if self.position >= len(self._batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches = []
+            return self.next(items)
+        batch = self._batches[self.position]
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self._batches = state["epoch"], state["position"], []
+
+
+def _step_batches(cursor: DataCursor, items, cfg: TrainConfig, env: DistEnv, pad_id: int, device):
+    """This rank's micro-batches of one optimizer step, and the indices of the whole step (for messages)."""
+    global_batches = [cursor.next(items) for _ in range(cfg.grad_accum)]
+    local = [collate([items[i] for i in shard(b, env)], pad_id).to(device) for b in global_batches]
+    return local, [i for b in global_batches for i in b]
+
+
+def _grad_norm(params, max_norm: float) -> torch.Tensor:
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+
+def train_step(policy: AnswerLogpModule, reference, objective, micro: list[PromptAnswerBatch], env: DistEnv,
+               params, cfg: TrainConfig) -> tuple[dict[str, float], torch.Tensor, float]:
+    """Forward and backward over the step's micro-batches. Returns (metrics, grad norm, units in the step).
+
+    Each micro-batch's summed loss is divided by the units of the whole step on all ranks (pairs, or answer
+    tokens for SFT), so accumulation and data parallelism give the gradient of one big batch.
+    """
+    local_units = sum(objective.units(b) for b in micro)
+    units = float(all_reduce_sum(torch.tensor(local_units, dtype=torch.float64), env))
+    sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(micro):
+        ref = reference.logps(batch) if reference is not None else None
+        with policy.sync(i == len(micro) - 1):
+            out = policy(batch)
+            c = objective(out, batch, ref)
+            (c.loss_sum * (env.world_size / units)).backward()
+        for k, v in c.sums.items():
+            sums[k] = sums.get(k, 0.0) + v.double()
+    names = sorted(sums)
+    reduced = all_reduce_sum(torch.stack([sums[k] for k in names]), env) if names else []
+    metrics = objective.finish(dict(zip(names, (float(v) for v in reduced))), units)
+    return metrics, _grad_norm(params, cfg.max_grad_norm), units
+
+
+def evaluate_during(model, reference_table, eval_items, cfg: TrainConfig, pad_id: int, device) -> dict:
+    policy = logps_table(model, eval_items, pad_id=pad_id, device=device, batch_size=cfg.batch_size,
+                         prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
+    if cfg.stage == "sft":
+        tokens = sum(len(it.answer_ids) for it in eval_items)
+        return {"eval_loss": float(-policy.sum() / max(tokens, 1))}
+    metrics = preference_metrics(policy, reference_table, cfg.beta)
+    return {f"eval_{k}": v for k, v in metrics.items()}
+
+
+def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
+    """Train as `cfg` says; returns the final metrics. Writes the run folder on the main process."""
+    cfg.require_paths()
+    device = pick_device(cfg.device)
+    env = init_from_env(device.type)
+    dtype = pick_dtype(cfg.dtype, device)
+    out_dir = Path(cfg.output_dir)
+    rundir.prepare(out_dir, cfg, env)
+    torch.manual_seed(cfg.seed)
+
+    setup = build(cfg, device=device, dtype=dtype, env=env)
+    policy_model, tokenizer, reference = setup.policy, setup.tokenizer, setup.reference
+    train_items, eval_items = setup.train_items, setup.eval_items
+    pad_id = tokenizer.pad_token_id
+    global_batch = cfg.batch_size * env.world_size
+    if len(train_items) < global_batch:
+        raise PreftuneError(f"{cfg.data}: {len(train_items)} usable examples, fewer than one batch of "
+                            f"{global_batch}; lower --batch-size or add data")
+    steps = total_steps(len(train_items), global_batch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+    if env.is_main:
+        rundir.write_start(out_dir, cfg, setup, steps)
+
+    objective = make_objective(cfg)
+    policy = AnswerLogpModule(policy_model, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
+                              env=env, fsdp=cfg.fsdp)
+    params = [p for p in policy_model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, cfg, steps)
+    cursor = DataCursor(len(train_items), global_batch, cfg.seed, cfg.group_by_length)
+    eval_ref = setup.eval_reference_table
+    tracker = Tracker(out_dir, cfg, is_main=env.is_main)
+    last: dict = {}
+    policy_model.train()
+    with Progress(steps, quiet=cfg.quiet or not env.is_main, stage=cfg.stage, log_every=cfg.log_every) as bar:
+        for step in range(1, steps + 1):
+            t0 = time.perf_counter()
+            micro, indices = _step_batches(cursor, train_items, cfg, env, pad_id, device)
+            metrics, grad_norm, units = train_step(policy, reference, objective, micro, env, params, cfg)
+            if not (math.isfinite(metrics["loss"]) and torch.isfinite(grad_norm)):
+                where = ", ".join(setup.where(train_items[i]) for i in indices[:8])
+                raise NonFiniteError(f"step {step}: loss or gradients are not finite (records: {where}); lower "
+                                     f"--lr, check these records, or pass --skip-nonfinite")
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            n = sum(b.size for b in micro) * env.world_size
+            row = {"step": step, "epoch": cursor.epoch, **metrics, "lr": lr, "grad_norm": float(grad_norm),
+                   f"{objective.unit}_per_s": n / dt,
+                   "tokens_per_s": sum(b.tokens() for b in micro) * env.world_size / dt}
+            tracker.log(row)
+            bar.update(step, row)
+            last = row
+            if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
+                eval_row = {"step": step, **evaluate_during(policy_model, eval_ref, eval_items, cfg, pad_id, device)}
+                tracker.log(eval_row)
+                bar.print(_describe_eval(eval_row))
+        final = dict(last)
+        if eval_items:
+            eval_row = {"step": steps, **evaluate_during(policy_model, eval_ref, eval_items, cfg, pad_id, device)}
+            tracker.log(eval_row)
+            bar.print(_describe_eval(eval_row))
+            final.update(eval_row)
+    tracker.close()
+    if env.is_main:
+        cmd = command or shlex.join(["preftune", *sys.argv[1:]])
+        rundir.finish(out_dir, cfg, setup, final, cmd)
+    return final
+
+
+def _describe_eval(row: dict) -> str:
+    keys = ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logratio_chosen")
+    return "eval @ step {}: ".format(row["step"]) + "  ".join(f"{k[5:]}={row[k]:.4f}" for k in keys if k in row)
