@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -76,13 +75,13 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def is_causal_lm_folder(path: Path) -> bool:
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    archs = cfg.get("architectures") or []
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or not archs
+def _check_causal(config, name_or_path: str) -> None:
+    """Reject models saved as something else (an encoder, a classifier): AutoModelForCausalLM would happily
+    bolt a fresh, untrained LM head onto some of them."""
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise ModelError(f"model {name_or_path}: a {archs[0]} is not a causal language model; preftune trains "
+                         f"decoder-only LMs (AutoModelForCausalLM)")
 
 
 def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
@@ -102,6 +101,7 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
         raise ModelError(f"model {name_or_path}: cannot read its config ({msg})") from None
     except OSError as exc:
         raise ModelError(f"model {name_or_path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+    _check_causal(config, name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,

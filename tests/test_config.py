@@ -1,0 +1,54 @@
+"""Config: validated on construction, YAML round trip, flags override the file, clear one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from preftune.cli import build_parser, config_from_args
+from preftune.config import TrainConfig
+from preftune.errors import ConfigError
+from preftune.optim import lr_factor
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = TrainConfig(stage="sft", model="m", data="d.jsonl", output_dir="o", lr=3e-4, max_prompt_length=64)
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == cfg
+
+
+def test_flags_override_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: from-file\nbeta: 0.5\nlr: 1e-6\nmax_steps: 3\n")
+    args = build_parser().parse_args(["dpo", "--config", str(tmp_path / "c.yaml"), "--beta", "0.2",
+                                      "--no-prefix-sharing"])
+    cfg = config_from_args(args, "dpo")
+    assert (cfg.model, cfg.beta, cfg.lr, cfg.max_steps, cfg.prefix_sharing) == ("from-file", 0.2, 1e-6, 3, False)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"bta": 0.1}, "unknown key 'bta'; did you mean 'beta'?"),
+    ({"beta": "high"}, "beta must be float"),
+    ({"batch_size": 0}, "batch_size: must be at least 1"),
+    ({"loss": "sigmoidd"}, "sigmoidd"),
+    ({"scheduler": "step"}, "scheduler: 'step' is not one of cosine, linear, constant"),
+    ({"max_prompt_length": 2048, "max_length": 1024}, "max_prompt_length"),
+    ({"merge": True}, "merge: only makes sense with LoRA"),
+])
+def test_bad_values_name_the_key(values, message):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict(values, where="c.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_stage_default_learning_rates():
+    assert TrainConfig(stage="sft").learning_rate == 2e-5
+    assert TrainConfig(stage="dpo").learning_rate == 5e-7
+
+
+def test_lr_schedule_by_hand():
+    # warmup 2 of 10 steps: 1/3, 2/3, then cosine from 1 down to 0 over the remaining 8 steps
+    assert lr_factor(0, warmup=2, total=10, kind="cosine") == pytest.approx(1 / 3)
+    assert lr_factor(1, warmup=2, total=10, kind="cosine") == pytest.approx(2 / 3)
+    assert lr_factor(2, warmup=2, total=10, kind="cosine") == pytest.approx(1.0)
+    assert lr_factor(6, warmup=2, total=10, kind="cosine") == pytest.approx(0.5)
+    assert lr_factor(6, warmup=2, total=10, kind="linear") == pytest.approx(0.5)
+    assert lr_factor(9, warmup=0, total=10, kind="constant") == 1.0

@@ -1,0 +1,79 @@
+"""Tokenisation follows DESIGN.md's convention; truncation cuts prompts left, answers right, drops what can't fit."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_tokenizer
+
+from preftune.data.records import PreferencePair, SFTExample
+from preftune.data.tokenize import encode_prompt_answer, tokenize_all, tokenize_example, tokenize_pair
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def test_text_pair_follows_the_convention(tok):
+    pair = PreferencePair("the capital of france is", " paris .", " rome .")
+    out = tokenize_pair(tok, pair, max_length=100)
+    assert out.prompt_ids == tok("the capital of france is")["input_ids"]
+    assert out.chosen_ids == tok(" paris .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert out.rejected_ids == tok(" rome .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert not out.truncated
+
+
+def test_chat_pair_bos_once_eos_once_and_boundary(tok):
+    prompt = [{"role": "user", "content": "the capital of france ?"}]
+    chosen = [{"role": "assistant", "content": "paris"}]
+    p, a = encode_prompt_answer(tok, prompt, chosen)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    assert p.count(bos) == 1 and p[0] == bos            # the template writes BOS; it is not added again
+    assert a.count(eos) == 1 and a[-1] == eos           # the template ends the turn with EOS; not appended again
+    full = tok.apply_chat_template(prompt + chosen, tokenize=False)
+    assert tok.decode(p + a) == full                     # nothing lost or duplicated at the boundary
+    assert tok.decode(a) == "paris<eos>"
+
+
+def test_chat_with_system_turn(tok):
+    p, _ = encode_prompt_answer(tok, [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "yo"}],
+                                system="be brief")
+    assert tok.decode(p).startswith("<bos><|system|>be brief<eos><|user|>hi")
+
+
+def test_boundary_where_merges_cross_it(tok):
+    # Split inside a word: tokenised together, "capit" + "al" merge into other tokens. By the convention the two
+    # halves are tokenised separately, so the ids are the concatenation of both encodings, and the decoded text
+    # is still exactly prompt + answer.
+    pair = PreferencePair("the capit", "al of france", "al of italy")
+    out = tokenize_pair(tok, pair, max_length=100)
+    joined = tok("the capital of france")["input_ids"]
+    assert out.prompt_ids + out.chosen_ids[:-1] != joined
+    assert out.prompt_ids == tok("the capit")["input_ids"]
+    assert out.chosen_ids[:-1] == tok("al of france", add_special_tokens=False)["input_ids"]
+    assert tok.decode(out.prompt_ids + out.chosen_ids, skip_special_tokens=True) == "the capital of france"
+
+
+def test_truncation_left_prompt_right_answer(tok):
+    pair = PreferencePair("the sky is blue and grass is green", " cats chase mice and dogs chase cats", " no")
+    full = tokenize_pair(tok, pair, max_length=1000)
+    out = tokenize_pair(tok, pair, max_length=len(full.prompt_ids) - 2 + 3, max_prompt_length=len(full.prompt_ids) - 2)
+    assert out.truncated
+    assert out.prompt_ids == full.prompt_ids[2:]         # the start of the prompt went
+    assert out.chosen_ids == full.chosen_ids[:3]         # the end of the answer went
+    assert out.rejected_ids == full.rejected_ids[:3]
+
+
+def test_pair_whose_prompt_fills_max_length_is_dropped(tok):
+    pair = PreferencePair("the sky is blue and grass is green", " a", " b")
+    n = len(tok("the sky is blue and grass is green")["input_ids"])
+    assert tokenize_pair(tok, pair, max_length=n) is None
+    assert tokenize_pair(tok, pair, max_length=n + 1) is not None
+    items, stats = tokenize_all(tok, [pair, pair], max_length=n)
+    assert items == [] and stats.dropped == 2
+
+
+def test_sft_text_trains_on_every_token_after_the_first(tok):
+    ex = tokenize_example(tok, SFTExample("water boils at one hundred degrees ."), max_length=100)
+    ids = tok("water boils at one hundred degrees .")["input_ids"] + [tok.eos_token_id]
+    assert ex.prompt_ids == ids[:1] and ex.answer_ids == ids[1:]
