@@ -9,8 +9,8 @@ import pytest
 
 
 @pytest.fixture
-def write_jsonl(tmp_path: Path):
-    """write_jsonl(rows, name="data.jsonl") -> path of a JSON Lines file holding `rows`."""
+def jsonl_file(tmp_path: Path):
+    """jsonl_file(rows, name="data.jsonl") -> path of a JSON Lines file holding `rows`."""
 
     def write(rows: list, name: str = "data.jsonl") -> str:
         path = tmp_path / name

@@ -37,20 +37,20 @@ def test_malformed_json_array_file(tmp_path):
     assert _error(str(path)).startswith(f"{path} line 3: not valid JSON")
 
 
-def test_wrong_shape_names_key_record_and_type(write_jsonl):
-    path = write_jsonl([GOOD, {"prompt": "q", "chosen": ["a"], "rejected": "b"}])
+def test_wrong_shape_names_key_record_and_type(jsonl_file):
+    path = jsonl_file([GOOD, {"prompt": "q", "chosen": ["a"], "rejected": "b"}])
     message = _error(path)
     assert message.startswith(f"{path} line 2: 'chosen' must be a string, got a list")
 
 
-def test_missing_key(write_jsonl):
-    path = write_jsonl([GOOD, {"prompt": "q", "chosen": "a", "reject": "b"}])
+def test_missing_key(jsonl_file):
+    path = jsonl_file([GOOD, {"prompt": "q", "chosen": "a", "reject": "b"}])
     message = _error(path)
     assert message.startswith(f"{path} line 2: missing key 'rejected'") and "reject" in message
 
 
-def test_a_line_that_is_not_an_object(write_jsonl):
-    assert _error(write_jsonl([GOOD, [1, 2]])).endswith("line 2: expected a JSON object (a mapping of keys to "
+def test_a_line_that_is_not_an_object(jsonl_file):
+    assert _error(jsonl_file([GOOD, [1, 2]])).endswith("line 2: expected a JSON object (a mapping of keys to "
                                                          "values), got a list")
 
 
@@ -61,14 +61,14 @@ def test_empty_file(tmp_path, content):
     assert _error(str(path), skip_bad_records=True).startswith(f"{path}: no records")
 
 
-def test_unknown_format_lists_formats_and_keys(write_jsonl):
-    message = _error(write_jsonl([{"instruction": "x", "output": "y"}]), skip_bad_records=True)
+def test_unknown_format_lists_formats_and_keys(jsonl_file):
+    message = _error(jsonl_file([{"instruction": "x", "output": "y"}]), skip_bad_records=True)
     assert "line 1: cannot tell the data format from the keys seen (instruction, output)" in message
     assert "stack_exchange (question, response_j" in message and "--data-format" in message
 
 
-def test_unknown_forced_format(write_jsonl):
-    assert "not a known format; use one of text, implicit" in _error(write_jsonl([GOOD]), data_format="alpaca")
+def test_unknown_forced_format(jsonl_file):
+    assert "not a known format; use one of text, implicit" in _error(jsonl_file([GOOD]), data_format="alpaca")
 
 
 def test_non_utf8_names_line_and_byte(tmp_path):
@@ -85,8 +85,8 @@ def test_non_utf8_csv_names_the_line(tmp_path):
 
 
 @pytest.mark.parametrize("field", ["chosen", "rejected"])
-def test_empty_answer(write_jsonl, field):
-    path = write_jsonl([{**GOOD, field: ""}])
+def test_empty_answer(jsonl_file, field):
+    path = jsonl_file([{**GOOD, field: ""}])
     assert _error(path).startswith(f"{path} line 1: {field} answer is empty")
 
 
@@ -129,8 +129,8 @@ def test_a_bad_first_line_is_skipped_before_detection(tmp_path):
     assert len(pairs) == 1 and report.format == "text"
 
 
-def test_all_records_bad_is_an_error_even_when_skipping(write_jsonl):
-    message = _error(write_jsonl([{**GOOD, "chosen": ""}]), skip_bad_records=True)
+def test_all_records_bad_is_an_error_even_when_skipping(jsonl_file):
+    message = _error(jsonl_file([{**GOOD, "chosen": ""}]), skip_bad_records=True)
     assert "none of the 1 records can be used" in message and "chosen answer is empty" in message
 
 
@@ -141,21 +141,21 @@ def _ultrafeedback(gap_low: float) -> dict:
             "score_rejected": 5.0 - gap_low}
 
 
-def test_min_score_gap_drops_and_counts(write_jsonl):
-    path = write_jsonl([_ultrafeedback(2), _ultrafeedback(0.5), _ultrafeedback(1)])
+def test_min_score_gap_drops_and_counts(jsonl_file):
+    path = jsonl_file([_ultrafeedback(2), _ultrafeedback(0.5), _ultrafeedback(1)])
     pairs, report = load_pairs(path, min_score_gap=1.0)
     assert [p.where for p in pairs] == [f"{path} line 1", f"{path} line 3"]
     assert report.skipped == [f"{path} line 2: dropped, score gap 0.5 is below --min-score-gap 1"]
 
 
-def test_min_score_gap_needs_scores(write_jsonl):
-    assert "--min-score-gap needs scores" in _error(write_jsonl([GOOD]), min_score_gap=1.0, skip_bad_records=True)
+def test_min_score_gap_needs_scores(jsonl_file):
+    assert "--min-score-gap needs scores" in _error(jsonl_file([GOOD]), min_score_gap=1.0, skip_bad_records=True)
     unscored = {k: v for k, v in _ultrafeedback(1).items() if not k.startswith("score")}
-    assert "line 1: no scores" in _error(write_jsonl([unscored]), min_score_gap=1.0)
+    assert "line 1: no scores" in _error(jsonl_file([unscored]), min_score_gap=1.0)
 
 
-def test_sft_errors_name_the_line(write_jsonl):
-    path = write_jsonl([{"text": "ok"}, {"txt": "typo"}])
+def test_sft_errors_name_the_line(jsonl_file):
+    path = jsonl_file([{"text": "ok"}, {"txt": "typo"}])
     with pytest.raises(DataError, match=r"line 2: cannot read an SFT example from the keys seen \(txt\)"):
         load_sft(path)
     examples, report = load_sft(path, skip_bad_records=True)

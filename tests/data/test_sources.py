@@ -58,7 +58,7 @@ def test_every_file_kind_reads_the_same_pairs(tmp_path, name, compressed):
     assert pairs[1].where == f"{path} {unit} 2"
 
 
-def test_jsonl_lines_are_counted_in_the_file_with_blank_lines(write_jsonl, tmp_path):
+def test_jsonl_lines_are_counted_in_the_file_with_blank_lines(jsonl_file, tmp_path):
     path = tmp_path / "gaps.jsonl"
     path.write_text("\n" + json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n", encoding="utf-8")
     assert [where for where, _ in read_rows(str(path))] == [f"{path} line 2", f"{path} line 4"]
@@ -89,8 +89,8 @@ def test_chat_records_from_parquet(tmp_path):
     assert pair.prompt == [{"role": "user", "content": "q"}] and pair.rejected[0]["content"] == "b"
 
 
-def test_sft_records_from_a_file(write_jsonl):
-    path = write_jsonl([{"text": "whole"}, {"prompt": "q", "completion": "a"},
+def test_sft_records_from_a_file(jsonl_file):
+    path = jsonl_file([{"text": "whole"}, {"prompt": "q", "completion": "a"},
                         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
     examples, report = load_sft(path)
     assert [e.prompt for e in examples] == [None, "q", [{"role": "user", "content": "q"}]]
