@@ -122,11 +122,12 @@ def test_skip_bad_records_keeps_going_and_reports_each(tmp_path):
     assert [s.split(":")[0] for s in report.skipped] == [f"{path} line {n}" for n in (2, 3, 5)]
 
 
-def test_a_bad_first_line_is_skipped_before_detection(tmp_path):
+@pytest.mark.parametrize("first", ["{oops", "[1, 2]", '"text"'])
+def test_a_bad_first_line_is_skipped_before_detection(tmp_path, first):
     path = tmp_path / "first.jsonl"
-    path.write_text("{oops\n" + json.dumps(GOOD) + "\n", encoding="utf-8")
+    path.write_text(first + "\n" + json.dumps(GOOD) + "\n", encoding="utf-8")
     pairs, report = load_pairs(str(path), skip_bad_records=True)
-    assert len(pairs) == 1 and report.format == "text"
+    assert len(pairs) == 1 and report.format == "text" and len(report.skipped) == 1
 
 
 def test_all_records_bad_is_an_error_even_when_skipping(jsonl_file):

@@ -39,10 +39,7 @@ class Row:
     """A raw record and where it came from. Getters check presence and type, and raise `DataError` otherwise."""
 
     def __init__(self, value: Any, where: str, fmt: str):
-        if not isinstance(value, dict):
-            raise DataError(f"{where}: expected a JSON object (a mapping of keys to values), "
-                            f"got {_type_name(value)}")
-        self.value, self.where, self.fmt = value, where, fmt
+        self.value, self.where, self.fmt = require_mapping(value, where), where, fmt
 
     def error(self, problem: str) -> DataError:
         expects = SFT_KEYS if self.fmt == "sft" else FORMAT_KEYS.get(self.fmt, "")
@@ -91,6 +88,12 @@ class Row:
         if not isinstance(content, str):
             raise self.error(f"{at} content must be a string, got {_type_name(content)}")
         return {"role": role, "content": content}
+
+
+def require_mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: expected a JSON object (a mapping of keys to values), got {_type_name(value)}")
+    return value
 
 
 def _type_name(value: Any) -> str:

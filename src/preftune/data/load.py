@@ -6,7 +6,7 @@ import random
 from typing import Any, Callable, TypeVar
 
 from ..errors import DataError
-from .formats import (FORMAT_NAMES, SCORED_FORMATS, detect_format, to_pair, to_sft,
+from .formats import (FORMAT_NAMES, SCORED_FORMATS, detect_format, require_mapping, to_pair, to_sft,
                       unknown_format_message)
 from .records import LoadReport, PreferencePair, SFTExample
 from .sources import read_rows
@@ -47,7 +47,8 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
 
     def convert(value: Any, where: str) -> PreferencePair | None:
         if not report.format:
-            report.format = detect_format(value) or ""
+            # A record that is not even an object is that record's fault; unknown keys are the source's.
+            report.format = detect_format(require_mapping(value, where)) or ""
             if not report.format:
                 raise SourceError(unknown_format_message(value, where))
             _check_scored(report.format, min_score_gap, source)
@@ -67,7 +68,7 @@ def load_sft(source: str, *, split: str = "train",
              skip_bad_records: bool = False) -> tuple[list[SFTExample], LoadReport]:
     """SFT examples from `source`: each record holds `messages`, `prompt`/`completion` or `text`."""
     report = LoadReport(source=source, format="sft")
-    examples = _collect(source, split, skip_bad_records, report, lambda value, where: to_sft(value, where))
+    examples = _collect(source, split, skip_bad_records, report, to_sft)
     _require_some(examples, report)
     return examples, report
 

@@ -39,9 +39,9 @@ def read_rows(source: str, *, split: str = "train") -> Rows:
 
 
 def _looks_like_path(source: str) -> bool:
-    name = source.lower().removesuffix(".gz")
-    return (name.endswith(SUFFIXES) or source.startswith(("/", "./", "../", "~", "\\"))
-            or source.count("/") > 1 or source.lower().endswith(".gz"))
+    """A Hub id is `name` or `owner/name`; anything else that does not exist is a mistyped path."""
+    return (source.lower().endswith(SUFFIXES + (".gz",)) or source.startswith(("/", ".", "~", "\\"))
+            or source.count("/") > 1)
 
 
 def _file_rows(path: Path) -> Rows:
