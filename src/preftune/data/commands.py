@@ -1,0 +1,92 @@
+"""The `preftune data` command: `check` a preference file, `show` pairs as the model will see them.
+
+`register(subparsers)` adds it to the CLI's argparse subparsers; each subcommand's `func` takes the parsed
+namespace and returns the exit code. User mistakes raise `PreftuneError`, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig
+from ..errors import ModelError
+from .check import check_pairs, render_report
+from .formats import FORMAT_NAMES
+from .load import load_pairs
+
+_DEFAULT_MAX_LENGTH = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "max_length")
+
+
+def register(subparsers: Any) -> None:
+    data = subparsers.add_parser("data", help="Check preference data, or show it as the model will see it.")
+    commands = data.add_subparsers(dest="data_command", metavar="{check,show}", required=True)
+
+    check = commands.add_parser("check", help="List every problem in a preference file; exit 1 if any.")
+    _add_source_args(check)
+    check.add_argument("--model", help="Model or tokenizer folder: adds token lengths and truncation checks.")
+    _add_length_args(check)
+    check.set_defaults(func=run_check)
+
+    show = commands.add_parser("show", help="Print a few pairs as the model will see them, with token counts.")
+    _add_source_args(show)
+    show.add_argument("-n", type=int, default=3, help="How many pairs (default: %(default)s).")
+    show.add_argument("--model", required=True, help="Model or tokenizer folder whose chat template to apply.")
+    _add_length_args(show)
+    show.set_defaults(func=run_show)
+
+
+def _add_source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="Data file (.jsonl/.json/.parquet/.csv, optionally .gz), folder or Hub id.")
+    parser.add_argument("--data-format", choices=FORMAT_NAMES, help="Force a format instead of detecting it.")
+    parser.add_argument("--split", default="train", help="Split of a saved dataset or Hub id (default: train).")
+
+
+def _add_length_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-length", type=int, default=_DEFAULT_MAX_LENGTH,
+                        help="Longest prompt+answer in tokens (default: %(default)s).")
+    parser.add_argument("--max-prompt-length", type=int, default=None, help="Longest prompt in tokens.")
+
+
+def run_check(args: argparse.Namespace) -> int:
+    tokenizer = load_tokenizer(args.model) if args.model else None
+    result = check_pairs(args.file, data_format=args.data_format, split=args.split, tokenizer=tokenizer,
+                         max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+    print(render_report(result, forced=args.data_format is not None))
+    if tokenizer is None:
+        print("(pass --model DIR to check token lengths and truncation too)")
+    return 0 if result.clean else 1
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from .tokenize import tokenize_pair
+
+    tokenizer = load_tokenizer(args.model)
+    pairs, report = load_pairs(args.file, data_format=args.data_format, split=args.split, skip_bad_records=True)
+    print(f"format: {report.format}; showing {min(args.n, len(pairs))} of {len(pairs)} pairs")
+    if report.skipped:
+        print(f"({len(report.skipped)} records skipped as unreadable; `preftune data check` lists them)")
+    for pair in pairs[:args.n]:
+        print(f"\n=== {pair.where}")
+        tokens = tokenize_pair(tokenizer, pair, max_length=args.max_length,
+                               max_prompt_length=args.max_prompt_length)
+        if tokens is None:
+            print(f"(dropped: the prompt alone does not fit in --max-length {args.max_length})")
+            continue
+        note = " (truncated to fit --max-length)" if tokens.truncated else ""
+        for name in ("prompt", "chosen", "rejected"):
+            ids = getattr(tokens, f"{name}_ids")
+            print(f"--- {name}: {len(ids)} tokens{note if name != 'prompt' else ''}")
+            print(tokenizer.decode(ids, skip_special_tokens=False))
+    return 0
+
+
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer of a local model folder: checking data never reaches the network."""
+    if not Path(path).is_dir():
+        raise ModelError(f"--model {path}: not a folder; pass a local model or tokenizer folder")
+    from ..models import load_tokenizer as load_model_tokenizer
+
+    return load_model_tokenizer(path)

@@ -1,0 +1,123 @@
+"""The data entry points the trainer calls: read a source, normalise every record, report what was dropped."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, TypeVar
+
+from ..errors import DataError
+from .formats import (FORMAT_NAMES, SCORED_FORMATS, detect_format, require_mapping, to_pair, to_sft,
+                      unknown_format_message)
+from .records import LoadReport, PreferencePair, SFTExample
+from .sources import read_rows
+
+T = TypeVar("T")
+
+
+class SourceError(DataError):
+    """A problem of the whole source (unknown format, no scores), which skipping records cannot fix."""
+
+
+def load_pairs(source: str, *, data_format: str | None = None, split: str = "train",
+               skip_bad_records: bool = False,
+               min_score_gap: float | None = None) -> tuple[list[PreferencePair], LoadReport]:
+    """Preference pairs from `source`, in file order.
+
+    The format is `data_format`, or detected from the first readable record. With `skip_bad_records`, a
+    malformed record is dropped and its message kept in `report.skipped`; otherwise it raises `DataError`.
+    With `min_score_gap`, pairs whose score gap is below it are dropped, each noted in `report.skipped` too.
+    `report.records` counts the records read, kept or not. Raises `DataError` if no pair is left.
+    """
+    pairs, report = read_pairs(source, data_format=data_format, split=split, skip_bad_records=skip_bad_records,
+                               min_score_gap=min_score_gap)
+    _require_some(pairs, report)
+    return pairs, report
+
+
+def read_pairs(source: str, *, data_format: str | None = None, split: str = "train",
+               skip_bad_records: bool = False,
+               min_score_gap: float | None = None) -> tuple[list[PreferencePair], LoadReport]:
+    """`load_pairs`, but content to return no pair at all (for `data check`, which lists why)."""
+    if data_format is not None and data_format not in FORMAT_NAMES:
+        raise DataError(f"--data-format: {data_format!r} is not a known format; use one of "
+                        f"{', '.join(FORMAT_NAMES)}")
+    report = LoadReport(source=source, format=data_format or "")
+    if data_format is not None:
+        _check_scored(data_format, min_score_gap, source)
+
+    def convert(value: Any, where: str) -> PreferencePair | None:
+        if not report.format:
+            # A record that is not even an object is that record's fault; unknown keys are the source's.
+            report.format = detect_format(require_mapping(value, where)) or ""
+            if not report.format:
+                raise SourceError(unknown_format_message(value, where))
+            _check_scored(report.format, min_score_gap, source)
+        pair, gap = to_pair(value, report.format, where)
+        if min_score_gap is not None and gap is None:
+            raise DataError(f"{where}: no scores to apply --min-score-gap to (score_chosen and score_rejected, "
+                            "or score_A and score_B)")
+        if min_score_gap is not None and gap < min_score_gap:
+            report.skipped.append(f"{where}: dropped, score gap {gap:g} is below --min-score-gap {min_score_gap:g}")
+            return None
+        return pair
+
+    return _collect(source, split, skip_bad_records, report, convert), report
+
+
+def load_sft(source: str, *, split: str = "train",
+             skip_bad_records: bool = False) -> tuple[list[SFTExample], LoadReport]:
+    """SFT examples from `source`: each record holds `messages`, `prompt`/`completion` or `text`."""
+    report = LoadReport(source=source, format="sft")
+    examples = _collect(source, split, skip_bad_records, report, to_sft)
+    _require_some(examples, report)
+    return examples, report
+
+
+def _collect(source: str, split: str, skip_bad_records: bool, report: LoadReport,
+             convert: Callable[[Any, str], T | None]) -> list[T]:
+    """`convert` applied to every row, in order; a bad row raises, or with `skip_bad_records` is noted and dropped."""
+    out: list[T] = []
+    for where, value in read_rows(source, split=split):
+        report.records += 1
+        try:
+            if isinstance(value, DataError):
+                raise value
+            item = convert(value, where)
+        except DataError as exc:
+            if not skip_bad_records or isinstance(exc, SourceError):
+                raise
+            report.skipped.append(str(exc))
+            continue
+        if item is not None:
+            out.append(item)
+    if report.records == 0:
+        raise DataError(f"{source}: no records (the file or split is empty); a data file needs at least one "
+                        "record")
+    return out
+
+
+def _require_some(items: list, report: LoadReport) -> None:
+    if not items:
+        raise DataError(f"{report.source}: none of the {report.records} records can be used; the first "
+                        f"problem: {report.skipped[0]}")
+
+
+def _check_scored(fmt: str, min_score_gap: float | None, source: str) -> None:
+    if min_score_gap is not None and fmt not in SCORED_FORMATS:
+        raise SourceError(f"{source}: --min-score-gap needs scores, and format {fmt!r} has none "
+                        f"(formats with scores: {', '.join(SCORED_FORMATS)})")
+
+
+def split_eval(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Hold out `fraction` of `items` for evaluation: (train, eval), each in the original order.
+
+    The same items, fraction and seed always give the same split. With any positive fraction at least one
+    item is held out, and at least one is kept for training."""
+    if not 0 <= fraction < 1:
+        raise DataError(f"eval split: fraction must be in [0, 1), got {fraction}")
+    if fraction == 0 or len(items) < 2:
+        return list(items), []
+    n_eval = min(len(items) - 1, max(1, round(len(items) * fraction)))
+    held = set(random.Random(seed).sample(range(len(items)), n_eval))
+    train = [item for i, item in enumerate(items) if i not in held]
+    return train, [item for i, item in enumerate(items) if i in held]

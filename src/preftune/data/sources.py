@@ -1,0 +1,183 @@
+"""Read raw records from a file, a saved `datasets` folder or a Hugging Face dataset id.
+
+`read_rows` yields `(where, value)`: `where` is "FILE line N" for JSON Lines and "FILE record N" otherwise
+(1-based), for error messages. A line that cannot be read arrives as the `DataError` describing it, in place of
+its value, so the caller decides whether to stop or to skip it; a file that cannot be read at all raises.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import sys
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import DataError
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# Lists in a JSON object that may hold the records, tried in this order when the object holds several lists.
+_JSON_LIST_KEYS = ("data", "train", "rows", "records", "examples")
+
+NEWLINE = b"\n"
+Rows = Iterator[tuple[str, Any]]
+
+
+def read_rows(source: str, *, split: str = "train") -> Rows:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _saved_dataset(path, split)
+    if path.is_file():
+        return _file_rows(path)
+    if _looks_like_path(source):
+        raise DataError(f"{source}: file not found; check the path (a Hugging Face dataset id has the form "
+                        "owner/name and no file extension)")
+    return _hub_dataset(source, split)
+
+
+def _looks_like_path(source: str) -> bool:
+    """A Hub id is `name` or `owner/name`; anything else that does not exist is a mistyped path."""
+    return (source.lower().endswith(SUFFIXES + (".gz",)) or source.startswith(("/", ".", "~", "\\"))
+            or source.count("/") > 1)
+
+
+def _file_rows(path: Path) -> Rows:
+    name = path.name.lower()
+    compressed = name.endswith(".gz")
+    kind = next((s for s in SUFFIXES if name.removesuffix(".gz").endswith(s)), None)
+    if kind is None:
+        raise DataError(f"{path}: unknown file type; use one of {', '.join(SUFFIXES)} (optionally .gz), "
+                        "a folder saved with datasets' save_to_disk, or a Hugging Face dataset id")
+    data = _read_bytes(path, compressed)
+    if kind == ".jsonl":
+        return _jsonl_rows(path, data)
+    if kind == ".parquet":
+        return _numbered(path, _parquet_records(path, data))
+    text = _decode(path, data)
+    if kind == ".csv":
+        return _numbered(path, _csv_records(path, text))
+    return _json_rows(path, text)
+
+
+def _read_bytes(path: Path, compressed: bool) -> bytes:
+    try:
+        if compressed:
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read the file ({exc}); if it ends in .gz it must be gzip-compressed") \
+            from None
+
+
+def _decode(path: Path, data: bytes, line: int | None = None) -> str:
+    try:
+        return data.decode("utf-8-sig" if line in (None, 1) else "utf-8")
+    except UnicodeDecodeError as exc:
+        at = f"line {line if line is not None else data.count(NEWLINE, 0, exc.start) + 1}"
+        raise DataError(f"{path} {at}: not valid UTF-8 (byte offset {exc.start} of the "
+                        f"{'line' if line is not None else 'file'}: {exc.reason}); re-save the file as UTF-8") \
+            from None
+
+
+def _jsonl_rows(path: Path, data: bytes) -> Rows:
+    for number, raw in enumerate(data.split(NEWLINE), start=1):
+        where = f"{path} line {number}"
+        if not raw.strip():
+            continue  # blank lines, such as a final newline, hold no record
+        try:
+            yield where, json.loads(_decode(path, raw, number))
+        except DataError as exc:
+            yield where, exc
+        except (json.JSONDecodeError, RecursionError) as exc:
+            yield where, DataError(f"{where}: not valid JSON ({_json_problem(exc)}); each line must hold one "
+                                   "complete JSON object, with newlines inside strings written as \\n")
+
+
+def _json_problem(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    return "nested too deeply"
+
+
+def _json_rows(path: Path, text: str) -> Rows:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # one value a line: JSON Lines saved as .json
+            return _jsonl_rows(path, text.encode("utf-8"))
+        raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); the file "
+                        "must hold one JSON array of records, or an object holding one such list") from None
+    except RecursionError:
+        raise DataError(f"{path}: not readable JSON (nested too deeply)") from None
+    return _numbered(path, _json_records(path, value))
+
+
+def _json_records(path: Path, value: Any) -> list:
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        lists = [key for key, item in value.items() if isinstance(item, list)]
+        if len(lists) == 1:
+            return value[lists[0]]
+        for key in _JSON_LIST_KEYS:
+            if key in lists:
+                return value[key]
+        if not lists:
+            return [value]  # a single record
+        raise DataError(f"{path}: the JSON object holds several lists ({', '.join(lists)}) and none is called "
+                        f"{' or '.join(_JSON_LIST_KEYS)}; keep only the list of records")
+    raise DataError(f"{path}: expected a JSON array of records, got {type(value).__name__}")
+
+
+def _csv_records(path: Path, text: str) -> list[dict]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long answers exceed the 128 KiB default
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise DataError(f"{path}: not readable CSV ({exc}); save it with a header row and quoted fields") \
+            from None
+
+
+def _parquet_records(path: Path, data: bytes) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(pa.BufferReader(data)).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def _numbered(path: Path, records: list) -> Rows:
+    for number, record in enumerate(records, start=1):
+        yield f"{path} record {number}", record
+
+
+def _saved_dataset(path: Path, split: str) -> Rows:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise DataError(f"{path}: a folder, but not one saved with datasets' save_to_disk ({exc}); pass a data "
+                        "file instead") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{path}: no split {split!r}; the splits are {', '.join(loaded)} (pass --split)")
+        loaded = loaded[split]
+    return _numbered(path, loaded)
+
+
+def _hub_dataset(name: str, split: str) -> Rows:  # pragma: no cover - needs the network
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # the Hub raises many kinds; any of them means this source cannot be used
+        raise DataError(f"{name}: not a local file or folder, and loading it as a Hugging Face dataset "
+                        f"(split {split!r}) failed: {type(exc).__name__}: {exc}") from None
+    return _numbered(Path(name), loaded)

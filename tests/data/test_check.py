@@ -1,0 +1,101 @@
+"""`preftune data check` and `data show`, run through the CLI as a user would."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from preftune.cli import main
+from preftune.data.check import percentiles
+
+GOOD = [{"prompt": "the capital of france is", "chosen": " paris .", "rejected": " rome ."},
+        {"prompt": "the sky is", "chosen": " blue .", "rejected": " green ."}]
+
+
+def _run(capsys, *argv):
+    code = main(["data", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_clean_file_exits_0_and_prints_the_format(jsonl_file, capsys):
+    code, out, _ = _run(capsys, "check", jsonl_file(GOOD))
+    assert code == 0
+    assert "format: text (detected)" in out and "2 usable pairs (0 chat, 2 text)" in out and "problems: none" in out
+
+
+def test_every_problem_is_listed_with_its_line(jsonl_file, capsys):
+    rows = GOOD + [
+        {"prompt": "q", "chosen": "same", "rejected": "same"},            # 3: identical
+        GOOD[0],                                                          # 4: duplicate of line 1
+        {"prompt": "q", "chosen": "", "rejected": "b"},                   # 5: empty chosen
+        {"prompt": "q", "chosen": 7, "rejected": "b"},                    # 6: wrong type
+        {"prompt": "q", "rejected": "b"},                                 # 7: missing key
+    ]
+    path = jsonl_file(rows)
+    code, out, _ = _run(capsys, "check", path)
+    assert code == 1
+    assert "problems: 5" in out and "3 unreadable" in out
+    for line, words in [(3, "chosen is identical to rejected"), (4, f"duplicate of {path} line 1"),
+                        (5, "chosen answer is empty"), (6, "'chosen' must be a string, got int"),
+                        (7, "missing key 'chosen'")]:
+        assert f"{path} line {line}: {words}" in out
+
+
+def test_fatal_problems_exit_2_with_one_line(tmp_path, capsys):
+    code, out, err = _run(capsys, "check", str(tmp_path / "missing.jsonl"))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "missing.jsonl: file not found" in err
+
+
+def test_forced_format_is_named(jsonl_file, capsys):
+    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}]
+    code, out, _ = _run(capsys, "check", jsonl_file(rows), "--data-format", "implicit")
+    assert code == 0 and "format: implicit (forced)" in out
+
+
+def test_token_lengths_truncation_and_dropped_prompts(jsonl_file, tiny_model_dir, capsys):
+    long_prompt = "the capital of france is " * 30
+    rows = GOOD + [{"prompt": long_prompt, "chosen": " paris .", "rejected": " rome ."},
+                   {"prompt": "the sky is", "chosen": " blue ." * 40, "rejected": " green ."}]
+    path = jsonl_file(rows)
+    code, out, _ = _run(capsys, "check", path, "--model", str(tiny_model_dir), "--max-length", "48")
+    assert code == 1
+    assert "token lengths:" in out and "p50" in out and "p99" in out and "max" in out
+    assert f"{path} line 3: the prompt alone is too long" in out and "the pair will be dropped" in out
+    assert f"{path} line 4: will be truncated" in out and "--max-length 48" in out
+    assert "line 1:" not in out and "line 2:" not in out
+
+
+def test_chat_pairs_with_the_template(jsonl_file, tiny_model_dir, capsys):
+    turn = [{"role": "user", "content": "the sky is"}]
+    rows = [{"chosen": turn + [{"role": "assistant", "content": "blue"}],
+             "rejected": turn + [{"role": "assistant", "content": ""}]}]
+    code, out, _ = _run(capsys, "check", jsonl_file(rows), "--model", str(tiny_model_dir))
+    assert code == 1 and "format: chat (detected)" in out
+    assert "the rejected answer has no text" in out
+
+
+def test_show_prints_pairs_as_the_model_sees_them(jsonl_file, tiny_model_dir, capsys):
+    turn = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the sky is"}]
+    rows = [{"prompt": turn, "chosen": [{"role": "assistant", "content": "blue"}],
+             "rejected": [{"role": "assistant", "content": "green"}]}] * 4
+    code, out, _ = _run(capsys, "show", jsonl_file(rows), "-n", "2", "--model", str(tiny_model_dir))
+    assert code == 0
+    assert "showing 2 of 4 pairs" in out and out.count("=== ") == 2
+    assert "<bos><|system|>be brief<eos><|user|>the sky is<eos><|assistant|>" in out  # special tokens visible
+    assert "--- chosen:" in out and "tokens" in out and "blue<eos>" in out
+
+
+def test_show_needs_a_local_model_folder(jsonl_file, tmp_path, capsys):
+    code, _, err = _run(capsys, "show", jsonl_file(GOOD), "--model", str(tmp_path / "nowhere"))
+    assert code == 2 and "not a folder" in err
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([5], {"p50": 5, "p90": 5, "p99": 5, "max": 5}),
+    (list(range(1, 101)), {"p50": 50, "p90": 90, "p99": 99, "max": 100}),
+    ([], {}),
+])
+def test_percentiles_are_nearest_rank(values, expected):
+    assert percentiles(values) == expected

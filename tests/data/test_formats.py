@@ -1,0 +1,153 @@
+"""One literal record of every format, normalised; detection; SFT records."""
+
+from __future__ import annotations
+
+import pytest
+
+from preftune.data.formats import FORMAT_NAMES, detect_format, to_pair, to_sft
+from preftune.data.records import PreferencePair, SFTExample
+from preftune.errors import DataError
+
+U = lambda text: {"role": "user", "content": text}  # noqa: E731 - short builders keep the tables readable
+A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+S = lambda text: {"role": "system", "content": text}  # noqa: E731
+
+# (format, record, expected pair) for every format.
+EXAMPLES = [
+    ("text", {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+     PreferencePair("2+2?", "4", "5")),
+    ("text", {"prompt": "2+2?", "chosen": "4", "rejected": "5", "system": "Be terse."},
+     PreferencePair("2+2?", "4", "5", "Be terse.")),
+    ("implicit", {"chosen": "Q: sky colour?\nA: blue", "rejected": "Q: sky colour?\nA: green"},
+     PreferencePair("Q: sky colour?\n", "A: blue", "A: green")),
+    ("implicit", {"chosen": "User: hi Assistant: hello there", "rejected": "User: hi Assistant: go away"},
+     PreferencePair("User: hi Assistant:", " hello there", " go away")),
+    ("implicit", {"chosen": "### Instruction: add\n### Response: 4", "rejected": "### Instruction: add\n### Response: 5"},
+     PreferencePair("### Instruction: add\n### Response:", " 4", " 5")),
+    ("chat", {"prompt": [U("hi")], "chosen": [A("hello")], "rejected": [A("go away")]},
+     PreferencePair([U("hi")], [A("hello")], [A("go away")])),
+    ("chat", {"prompt": [S("Be kind."), U("hi")], "chosen": [S("Be kind."), U("hi"), A("hello")],
+              "rejected": [A("go away")]},
+     PreferencePair([U("hi")], [A("hello")], [A("go away")], "Be kind.")),
+    ("chat", {"chosen": [U("hi"), A("hey"), U("joke?"), A("a pun")],
+              "rejected": [U("hi"), A("hey"), U("joke?"), A("no")]},
+     PreferencePair([U("hi"), A("hey"), U("joke?")], [A("a pun")], [A("no")])),
+    ("hh", {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
+     PreferencePair([U("hi")], [A("hello")], [A("go away")])),
+    ("ultrafeedback", {"prompt": "hi", "chosen": [U("hi"), A("hello")], "rejected": [U("hi"), A("no")],
+                       "score_chosen": 8.0, "score_rejected": 3.5, "prompt_id": "x"},
+     PreferencePair([U("hi")], [A("hello")], [A("no")])),
+    ("orca", {"system": "You are helpful.", "question": "2+2?", "chosen": "4", "rejected": "5"},
+     PreferencePair("2+2?", "4", "5", "You are helpful.")),
+    ("orca", {"system": "", "input": "2+2?", "chosen": "4", "rejected": "5"},
+     PreferencePair("2+2?", "4", "5")),
+    ("sharegpt", {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "hi"}],
+                  "chosen": {"from": "gpt", "value": "hello"}, "rejected": {"from": "gpt", "value": "no"}},
+     PreferencePair([U("hi")], [A("hello")], [A("no")], "Be kind.")),
+    ("stack_exchange", {"qid": 1, "question": "How?", "response_j": "Like this.", "response_k": "Dunno."},
+     PreferencePair("How?", "Like this.", "Dunno.")),
+    ("shp", {"history": "Why?", "human_ref_A": "Because.", "human_ref_B": "No idea.", "labels": 1},
+     PreferencePair("Why?", "Because.", "No idea.")),
+    ("shp", {"history": "Why?", "human_ref_A": "Because.", "human_ref_B": "No idea.", "labels": 0},
+     PreferencePair("Why?", "No idea.", "Because.")),
+]
+
+
+@pytest.mark.parametrize("fmt, record, expected", EXAMPLES)
+def test_every_format_is_detected_and_normalised(fmt, record, expected):
+    assert detect_format(record) == fmt
+    pair, _ = to_pair(record, fmt, "f.jsonl line 1")
+    expected.where = "f.jsonl line 1"
+    assert pair == expected
+
+
+def test_every_format_has_an_example():
+    assert {fmt for fmt, _, _ in EXAMPLES} == set(FORMAT_NAMES)
+
+
+def test_scores_give_the_gap():
+    record = {"prompt": "hi", "chosen": [U("hi"), A("a")], "rejected": [U("hi"), A("b")],
+              "score_chosen": 8, "score_rejected": 6.5}
+    assert to_pair(record, "ultrafeedback", "w")[1] == 1.5
+    shp = {"history": "q", "human_ref_A": "a", "human_ref_B": "b", "labels": "0", "score_A": 3, "score_B": 10}
+    pair, gap = to_pair(shp, "shp", "w")
+    assert (pair.chosen, gap) == ("b", 7)
+
+
+def test_hh_prompt_ends_on_the_last_shared_user_turn():
+    # The answers differ at the second assistant turn: the prompt is everything before it.
+    record = {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
+              "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: e\n\nAssistant: f"}
+    pair, _ = to_pair(record, "hh", "w")
+    assert pair.prompt == [U("a"), A("b"), U("c")]
+    assert pair.chosen == [A("d")] and pair.rejected == [A("e"), A("f")]
+
+
+def test_hh_keeps_whitespace_and_empty_turns():
+    record = {"chosen": "\n\nHuman:  two spaces \n\nAssistant: ", "rejected": "\n\nHuman:  two spaces \n\nAssistant: x\n"}
+    pair, _ = to_pair(record, "hh", "w")
+    assert pair.prompt == [U(" two spaces ")]
+    assert pair.chosen == [A("")] and pair.rejected == [A("x\n")]
+
+
+def test_a_forced_format_reads_keys_detection_would_not_pick():
+    record = {"prompt": "q", "chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"}
+    assert detect_format(record) == "text"
+    assert to_pair(record, "hh", "w")[0].chosen == [A("a")]
+
+
+def test_hh_and_implicit_are_told_apart_by_the_markers():
+    assert detect_format({"chosen": "Human: a Assistant: b", "rejected": "Human: a Assistant: c"}) == "implicit"
+
+
+@pytest.mark.parametrize("record", [{}, {"foo": 1}, {"chosen": 1, "rejected": 2}, [1, 2], "text"])
+def test_unknown_shapes_are_not_detected(record):
+    assert detect_format(record) is None
+
+
+@pytest.mark.parametrize("fmt, record, words", [
+    ("text", {"prompt": "q", "chosen": "a"}, ["missing key 'rejected'", "keys seen: prompt, chosen"]),
+    ("text", {"prompt": "q", "chosen": 3, "rejected": "b"}, ["'chosen' must be a string, got int"]),
+    ("text", {"prompt": "q", "chosen": "  ", "rejected": "b"}, ["chosen answer is empty"]),
+    ("chat", {"chosen": [{"role": "robot", "content": "x"}], "rejected": []}, ["role 'robot'"]),
+    ("chat", {"chosen": [U("a"), A("b")], "rejected": [U("a")]}, ["rejected answer must end with an assistant"]),
+    ("chat", {"prompt": [U("a")], "chosen": [U("a"), A("b")], "rejected": [U("a")]}, ["rejected answer is empty"]),
+    ("chat", {"chosen": [U("a"), {"role": "assistant", "content": [1]}], "rejected": [U("a")]},
+     ["message 2 content must be a string"]),
+    ("sharegpt", {"conversations": [{"from": "alien", "value": "x"}], "chosen": {}, "rejected": {}}, ["'from'"]),
+    ("shp", {"history": "q", "human_ref_A": "a", "human_ref_B": "b", "labels": 2}, ["'labels' must be 1"]),
+    ("hh", {"chosen": "intro\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
+     ["different text before their first turn"]),
+])
+def test_malformed_records_name_the_record_key_and_format(fmt, record, words):
+    with pytest.raises(DataError) as err:
+        to_pair(record, fmt, "f.jsonl line 7")
+    message = str(err.value)
+    assert message.startswith("f.jsonl line 7: ") and f"format {fmt!r}" in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"text": "all of it"}, SFTExample("all of it")),
+    ({"prompt": "q", "completion": "a"}, SFTExample("a", "q")),
+    ({"prompt": [S("sys"), U("q")], "completion": [A("a")]}, SFTExample([A("a")], [U("q")], "sys")),
+    ({"messages": [S("sys"), U("q"), A("a"), U("q2"), A("a2")]},
+     SFTExample([A("a2")], [U("q"), A("a"), U("q2")], "sys")),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+     SFTExample([A("a")], [U("q")])),
+])
+def test_sft_records(record, expected):
+    expected.where = "w"
+    assert to_sft(record, "w") == expected
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"messages": [U("q")]}, "must end with an assistant turn"),
+    ({"input": "x"}, "cannot read an SFT example from the keys seen (input)"),
+    ({"prompt": "q", "completion": 5}, "'completion' must be a string"),
+])
+def test_bad_sft_records(record, words):
+    with pytest.raises(DataError, match="^w: ") as err:
+        to_sft(record, "w")
+    assert words in str(err.value)
