@@ -9,13 +9,13 @@ import sys
 import time
 from typing import Any, TextIO
 
-# (row key, label, format); shown in this order when present in a row.
+# (row key, how it reads); shown in this order when present in a row.
 _FIELDS = (
-    ("loss", "loss", "{:.4f}"),
-    ("reward_accuracy", "acc", "{:.1%}"),
-    ("reward_margin", "margin", "{:.3f}"),
-    ("pairs_per_s", "pairs/s", "{:.1f}"),
-    ("samples_per_s", "samples/s", "{:.1f}"),
+    ("loss", "loss {:.4f}"),
+    ("reward_accuracy", "acc {:.1%}"),
+    ("reward_margin", "margin {:.3f}"),
+    ("pairs_per_s", "{:.1f} pairs/s"),
+    ("samples_per_s", "{:.1f} samples/s"),
 )
 
 
@@ -77,7 +77,7 @@ class Progress:
 
     def describe(self, step: int, row: dict, now: float) -> str:
         """`loss 0.6931 | acc 62.5% | margin 0.120 | 14.2 pairs/s | 1:05 left`: the fields `row` holds."""
-        parts = [f"{label} {fmt.format(float(row[key]))}" for key, label, fmt in _FIELDS if key in row]
+        parts = [fmt.format(float(row[key])) for key, fmt in _FIELDS if key in row]
         left = self._seconds_left(step, now)
         parts.append(f"{_clock(left)} left" if left is not None else "-- left")
         return " | ".join(parts)
@@ -107,13 +107,15 @@ def _rich_bar(stream: TextIO) -> Any:
     # Imported here: rich costs ~100 ms at import and a non-terminal run never draws a bar.
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
+    from rich.table import Column
 
     console = Console(file=stream, force_terminal=True)
     return RichProgress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=24),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[metrics]}", markup=False),
+        # The one column allowed to wrap: on a narrow terminal the metrics take two lines, the step count stays whole.
+        TextColumn("{task.fields[metrics]}", markup=False, table_column=Column(no_wrap=False)),
         console=console,
         auto_refresh=True,
         redirect_stdout=False,
