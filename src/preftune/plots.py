@@ -134,6 +134,7 @@ def _eval_order(key: str) -> tuple[int, str]:
 
 _FIGURES = (("loss", _loss), ("reward_accuracy", _accuracy), ("rewards", _rewards), ("logps", _logps),
             ("eval", _eval_grid))
+PLOT_NAMES = tuple(name for name, _ in _FIGURES)
 
 
 # ---------------------------------------------------------------------- demo figure
@@ -148,7 +149,7 @@ def plot_demo_probabilities(rows: list[dict], path: Path) -> Path:
     "dpo_p_rejected": float}, ...]. Probabilities spanning several orders of magnitude get a log axis.
     """
     with _style():
-        fig = _new_figure(width=max(7.0, 1.7 * len(rows) + 2.5), height=5.2)
+        fig = _new_figure(width=max(8.0, 1.7 * len(rows) + 2.5), height=5.2)
         _demo_bars(fig.subplots(), rows)
         return _save(fig, Path(path))
 
@@ -166,11 +167,12 @@ def _demo_bars(ax: Axes, rows: list[dict]) -> None:
         ax.set_yscale("log")
     ax.set_xticks(range(len(rows)), [_short(str(row["prompt"])) for row in rows], fontsize=9)
     ax.grid(axis="x", visible=False)
-    ax.set_title("Held-out prompts: probability of each answer, after SFT and after DPO")
+    ax.set_title("Probability of each answer, after SFT and after DPO")
+    ax.set_xlim(-0.6, len(rows) - 0.4)  # keeps a lone prompt's bars as narrow as in a chart of many
     ax.set_ylabel("probability of the answer")
     ax.set_xlabel("held-out prompt")
-    # Above the axes, not inside: the tallest bars are exactly where an inside legend would land.
-    ax.figure.legend(loc="outside upper center", ncols=4, frameon=False)
+    # Below the axes, not inside: the tallest bars are exactly where an inside legend would land.
+    ax.figure.legend(loc="outside lower center", ncols=4, frameon=False)
 
 
 def _short(prompt: str, width: int = 18, lines: int = 3) -> str:
