@@ -35,7 +35,7 @@ class Progress:
         self._bar: Any = None
         self._task: Any = None
         self._opened = time.monotonic()
-        self._start: tuple[int, float] | None = None  # (step before the first update, time), for the rate
+        self._first: tuple[int, float] | None = None  # (step, time) of the first update, for the rate
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "Progress":
@@ -57,9 +57,8 @@ class Progress:
         if self.quiet:
             return
         now = time.monotonic()
-        if self._start is None:
-            # A resumed run starts mid-way: measure the rate from where this process began, not from step 0.
-            self._start = (step - 1, self._opened)
+        if self._first is None:
+            self._first = (step, now)
         text = self.describe(step, row, now)
         if self._bar is not None:
             self._bar.update(self._task, completed=step, metrics=text)
@@ -83,8 +82,10 @@ class Progress:
         return " | ".join(parts)
 
     def _seconds_left(self, step: int, now: float) -> float | None:
-        assert self._start is not None
-        first, since = self._start
+        # The rate counts from this process's first step, not step 0, so a resumed run's estimate is right;
+        # and from that step's end, not from opening, so set-up time (loading, reference pass) is left out.
+        # Until a second step the first one's duration, measured from opening, is all there is.
+        first, since = self._first if self._first and step > self._first[0] else (step - 1, self._opened)
         done, elapsed = step - first, now - since
         if done <= 0 or elapsed <= 0:
             return None

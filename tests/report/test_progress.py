@@ -45,7 +45,11 @@ def test_resumed_run_measures_time_left_from_where_it_started(capsys, clock):
     with Progress(100, quiet=False, stage="dpo") as bar:
         clock.now += 5.0
         bar.update(51, {"loss": 0.3})  # resumed at step 50: 1 step in 5 s, 49 to go
-    assert capsys.readouterr().out.endswith("loss 0.3000 | 4:05 left\n")
+        clock.now += 60.0  # an evaluation pass, say
+        clock.now += 8.0
+        bar.update(53, {"loss": 0.3})  # 2 steps in 68 s since step 51's end: 47 to go
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("loss 0.3000 | 4:05 left") and out[1].endswith("26:38 left")
 
 
 def test_quiet_prints_nothing(capsys, clock):
