@@ -106,30 +106,40 @@ def _logps(train: list[dict], evals: list[dict]) -> Figure | None:
     return fig
 
 
+# The eval panels, in reading order: (title, y label, keys). Chosen/rejected pairs share a panel. Other eval keys
+# (pair counts, the reference's fixed log-probs) are bookkeeping, not curves, and are left out.
+_EVAL_PANELS = (
+    ("loss", "loss (nats)", ("eval_loss",)),
+    ("reward accuracy", "accuracy (%)", ("eval_reward_accuracy",)),
+    ("reward margin", "margin (nats)", ("eval_reward_margin",)),
+    ("rewards β·log(π/π_ref)", "reward (nats)", ("eval_chosen_reward", "eval_rejected_reward")),
+    ("answer log-probs", "log-prob (nats)", ("eval_chosen_logp", "eval_rejected_logp")),
+    ("log-ratio to the reference", "log(π/π_ref) (nats)", ("eval_logratio_chosen", "eval_logratio_rejected")),
+)
+
+
 def _eval_grid(train: list[dict], evals: list[dict]) -> Figure | None:
-    keys = sorted({key for row in evals for key in row if key.startswith(EVAL_PREFIX)}, key=_eval_order)
-    if len(keys) < 2:  # a lone eval loss is already on the loss figure
+    panels = [panel for panel in _EVAL_PANELS if any(_has(evals, key) for key in panel[2])]
+    if len(panels) < 2:  # a lone eval loss is already on the loss figure
         return None
-    cols = 2 if len(keys) <= 4 else 3
-    rows = math.ceil(len(keys) / cols)
-    fig = _new_figure(width=4.6 * cols, height=3.2 * rows)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = _new_figure(width=4.4 * cols, height=3.3 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     fig.suptitle("Evaluation on held-out pairs", fontsize=14)
-    for ax, key in zip(axes, keys):
-        name = key[len(EVAL_PREFIX):]
-        scale = 100 if name.endswith("accuracy") else 1
-        _points(ax, evals, key, None, EVAL, scale=scale)
-        ax.set_title(name.replace("_", " "), fontsize=11)
-        ax.set_xlabel(STEP_LABEL)
-        ax.set_ylabel("%" if scale == 100 else "nats")
-    for ax in axes[len(keys):]:
+    for ax, (title, ylabel, keys) in zip(axes, panels):
+        scale = 100 if "accuracy" in keys[0] else 1
+        for key in keys:
+            color = CHOSEN if "chosen" in key else REJECTED if "rejected" in key else EVAL
+            label = "chosen" if color == CHOSEN else "rejected" if color == REJECTED else None
+            _points(ax, evals, key, label, color, scale=scale)
+        if scale == 100:
+            ax.set_ylim(-2, 102)
+        ax.set_title(title, fontsize=11)
+        _labels(ax, ylabel)
+    for ax in axes[len(panels):]:
         ax.set_visible(False)
     return fig
-
-
-def _eval_order(key: str) -> tuple[int, str]:
-    first = ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_chosen_logp", "eval_rejected_logp")
-    return (first.index(key) if key in first else len(first), key)
 
 
 _FIGURES = (("loss", _loss), ("reward_accuracy", _accuracy), ("rewards", _rewards), ("logps", _logps),
@@ -213,16 +223,22 @@ def _series(rows: list[dict], key: str, scale: float = 1.0) -> tuple[list[int], 
 
 
 def _smoothed(steps: list[int], values: list[float]) -> tuple[list[int], list[float]]:
-    """Debiased exponential moving average (as TensorBoard draws), spanning about 1/20 of the run."""
+    """Centred moving average over about 1/25 of the run, NaN-aware, window shrinking at the ends.
+
+    Centred rather than exponential: the whole run is at hand, and a trailing average draws every trend late.
+    """
     if len(values) < 10:
         return steps, values
-    decay = 1 - 1 / max(2.0, len(values) / 20)
-    out, avg, weight = [], 0.0, 0.0
-    for value in values:
-        if math.isfinite(value):
-            avg, weight = decay * avg + (1 - decay) * value, decay * weight + (1 - decay)
-        out.append(avg / weight if weight else math.nan)
-    return steps, out
+    import numpy as np
+
+    half = max(1, len(values) // 50)
+    raw = np.asarray(values, dtype=float)
+    known = np.isfinite(raw)
+    kernel = np.ones(2 * half + 1)
+    sums = np.convolve(np.where(known, raw, 0.0), kernel, mode="same")
+    counts = np.convolve(known.astype(float), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return steps, list(np.where(counts > 0, sums / counts, np.nan))
 
 
 def _noisy(ax: Axes, rows: list[dict], key: str, label: str, color: str, scale: float = 1.0) -> None:

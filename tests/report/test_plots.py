@@ -5,7 +5,7 @@ from matplotlib.image import imread
 
 from preftune.errors import PreftuneError
 from preftune.io import write_jsonl
-from preftune.plots import _short, plot_demo_probabilities, write_plots
+from preftune.plots import _short, _smoothed, plot_demo_probabilities, write_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -76,3 +76,12 @@ def test_prompt_labels_are_short():
     assert label.endswith("…")
     assert _short("  two\n lines ") == "two lines"
     assert _short("") == "(empty)"
+
+
+def test_smoothing_does_not_lag_and_skips_gaps():
+    steps = list(range(100))
+    ramp = [float(s) for s in steps]
+    _, smooth = _smoothed(steps, ramp)
+    assert all(abs(a - b) < 1e-9 for a, b in zip(smooth[5:-5], ramp[5:-5]))  # a trailing average would lag
+    _, smooth = _smoothed(steps, [math.nan if s == 50 else 1.0 for s in steps])
+    assert all(v == 1.0 for v in smooth)
