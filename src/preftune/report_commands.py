@@ -1,0 +1,23 @@
+"""`preftune plot RUN_DIR`: draw a run's figures again from its metrics file (mid-run, or after a style change)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the report subcommands to the CLI's subparsers; each sets `func(namespace) -> exit code`."""
+    parser = subparsers.add_parser(
+        "plot", help="draw a run's plots from its metrics.jsonl",
+        description="Re-render RUN_DIR/plots/*.png from RUN_DIR/metrics.jsonl; works while the run is training.")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder holding metrics.jsonl")
+    parser.set_defaults(func=_plot)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plots import write_plots  # matplotlib loads in ~0.5 s; only this command should pay for it
+
+    for path in write_plots(args.run_dir):  # a missing or empty metrics file raises PreftuneError
+        print(path)
+    return 0
