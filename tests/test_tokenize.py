@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_tokenizer
+from tinylm import make_tokenizer
 
 from preftune.data.records import PreferencePair, SFTExample
 from preftune.data.tokenize import encode_prompt_answer, tokenize_all, tokenize_example, tokenize_pair

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from preftune.data.formats import FORMAT_NAMES, detect_format, to_pair, to_sft
 from preftune.data.load import load_pairs, load_sft
 from preftune.errors import DataError
-from test_formats import EXAMPLES  # a valid record of every format, to damage
+from .test_formats import EXAMPLES  # a valid record of every format, to damage
 
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import fact_pairs, make_model_dir, write_jsonl
+from tinylm import fact_pairs, make_model_dir, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 
