@@ -9,7 +9,9 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from . import generate, report_commands
 from .config import TrainConfig, field_type, load_yaml_mapping
+from .data import commands as data_commands
 from .errors import PreftuneError
 
 
@@ -103,21 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="Fewer steps (for tests); numbers move less.")
     p.set_defaults(func=_cmd_demo)
 
-    for module in ("preftune.data.commands", "preftune.report_commands", "preftune.generate"):
-        _register(module, sub)
+    data_commands.register(sub)
+    report_commands.register(sub)
+    generate.register(sub)
     return parser
-
-
-def _register(module: str, sub) -> None:
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return
-    mod.register(sub)
 
 
 def _version() -> str:

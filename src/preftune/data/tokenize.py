@@ -62,24 +62,36 @@ def _plain_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_prompt(tokenizer, prompt: Content, system: str | None = None, where: str = "") -> list[int]:
+    """Prompt ids exactly as training sees them (chat prompts end with the generation prompt)."""
+    if isinstance(prompt, list):
+        return _chat_prompt(tokenizer, _messages(system, prompt), where)[0]
+    return tokenizer(f"{system}\n\n{prompt}" if system else prompt)["input_ids"]
+
+
+def _chat_prompt(tokenizer, turns, where: str, full_text: str | None = None) -> tuple[list[int], str]:
+    """Rendered prompt ids and text. BOS is added only if the tokenizer wants one and the template (judged on
+    `full_text`, the whole conversation, when the prompt is empty) did not write it."""
+    text = _chat_template(tokenizer, turns, generation_prompt=True, where=where) if turns else ""
+    ids = _plain_ids(tokenizer, text) if text else []
+    bos_text = tokenizer.bos_token
+    rendered = text or full_text or ""
+    if _wants_bos(tokenizer) and not (bos_text and rendered.startswith(bos_text)):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids, text
+
+
 def encode_prompt_answer(tokenizer, prompt: Content | None, answer: Content, system: str | None = None,
                          where: str = "") -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) for one prompt/answer, untruncated. `prompt=None` means no prompt (SFT on text)."""
     eos = tokenizer.eos_token_id
     if isinstance(answer, list):
-        prompt_turns = _messages(system, prompt or [])
-        if prompt_turns:
-            prompt_text = _chat_template(tokenizer, prompt_turns, generation_prompt=True, where=where)
-        else:
-            prompt_text = ""
-        full_text = _chat_template(tokenizer, prompt_turns + list(answer), generation_prompt=False, where=where)
+        turns = _messages(system, prompt or [])
+        full_text = _chat_template(tokenizer, turns + list(answer), generation_prompt=False, where=where)
+        prompt_ids, prompt_text = _chat_prompt(tokenizer, turns, where, full_text)
         if not full_text.startswith(prompt_text):
             raise DataError(f"{where}: the chat template renders the prompt differently inside the whole "
                             f"conversation, so the answer cannot be separated; check the template or the roles")
-        prompt_ids = _plain_ids(tokenizer, prompt_text) if prompt_text else []
-        bos_text = tokenizer.bos_token
-        if _wants_bos(tokenizer) and not (bos_text and full_text.startswith(bos_text)):
-            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
         answer_text = full_text[len(prompt_text):]
         answer_ids = _plain_ids(tokenizer, answer_text)
         eos_text = tokenizer.eos_token
@@ -89,8 +101,7 @@ def encode_prompt_answer(tokenizer, prompt: Content | None, answer: Content, sys
     if prompt is None:
         ids = tokenizer(answer)["input_ids"] + ([eos] if eos is not None else [])
         return ids[:1], ids[1:]
-    text = f"{system}\n\n{prompt}" if system else prompt
-    prompt_ids = tokenizer(text)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, prompt, system, where)
     answer_ids = _plain_ids(tokenizer, answer) + ([eos] if eos is not None else [])
     return prompt_ids, answer_ids
 

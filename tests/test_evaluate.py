@@ -1,0 +1,83 @@
+"""Evaluation log-probs equal a direct forward; reference-free losses never load a reference; generation runs."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+from tinylm import fact_pairs, make_tokenizer, write_jsonl
+
+import preftune.setup as run_setup
+from preftune.cli import main
+from preftune.config import TrainConfig
+from preftune.data.records import PreferencePair
+from preftune.data.tokenize import tokenize_all
+from preftune.evaluate import logps_table, preference_metrics
+from preftune.models import load_model
+
+
+def _direct(model, prompt_ids, answer_ids) -> float:
+    ids = torch.tensor([prompt_ids + answer_ids])
+    logits = model(input_ids=ids).logits[0]
+    logp = F.log_softmax(logits.double(), dim=-1)
+    return sum(float(logp[len(prompt_ids) - 1 + t, a]) for t, a in enumerate(answer_ids))
+
+
+def test_eval_logps_equal_a_direct_forward(tiny_model_dir):
+    tok = make_tokenizer()
+    model = load_model(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32).eval()
+    raw = [PreferencePair(p["prompt"], p["chosen"], p["rejected"]) for p in fact_pairs(7)]
+    raw.append(PreferencePair("cats", " chase mice and dogs chase cats .", "!"))
+    items, _ = tokenize_all(tok, raw, max_length=64)
+    table = logps_table(model, items, pad_id=tok.pad_token_id, device="cpu", batch_size=3, chunk_size=5)
+    with torch.no_grad():
+        for i, it in enumerate(items):
+            assert abs(table[i, 0] - _direct(model, it.prompt_ids, it.chosen_ids)) < 1e-4
+            assert abs(table[i, 1] - _direct(model, it.prompt_ids, it.rejected_ids)) < 1e-4
+
+
+def test_preference_metrics_by_hand():
+    policy = torch.tensor([[-1.0, -3.0], [-2.0, -1.0]])
+    ref = torch.tensor([[-2.0, -2.0], [-2.0, -2.0]])
+    m = preference_metrics(policy, ref, beta=0.5)
+    # rewards: pair 0: (0.5, -0.5) margin 1; pair 1: (0, 0.5) margin -0.5
+    assert m["reward_accuracy"] == 0.5
+    assert abs(m["reward_margin"] - 0.25) < 1e-7
+    assert abs(m["logratio_chosen"] - 0.5) < 1e-7
+    assert abs(m["chosen_reward"] - 0.25) < 1e-7 and abs(m["rejected_reward"] - 0.0) < 1e-7
+
+
+def test_reference_free_loss_loads_no_reference(tiny_model_dir, tmp_path, monkeypatch):
+    loads = []
+
+    def counting_load(name, **kw):
+        loads.append(name)
+        return load_model(name, **kw)
+
+    monkeypatch.setattr(run_setup, "load_model", counting_load)
+    from preftune.train import run
+
+    data = write_jsonl(tmp_path / "p.jsonl", fact_pairs(8))
+    for loss in ("simpo", "orpo"):
+        cfg = TrainConfig(stage="dpo", model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / loss),
+                          loss=loss, max_steps=2, batch_size=4, lr=1e-3, quiet=True)
+        loads.clear()
+        final = run(cfg, command="test")
+        assert loads == [str(tiny_model_dir)]          # the policy only
+        assert final["loss"] == final["loss"]           # finite, not NaN
+    loads.clear()
+    run(TrainConfig(stage="dpo", model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "dpo"),
+                    max_steps=1, batch_size=4, quiet=True), command="test")
+    assert len(loads) == 2                                # policy and reference
+
+
+def test_generate_side_by_side(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "g.jsonl"
+    code = main(["generate", "--model", str(tiny_model_dir), "--ref-model", str(tiny_model_dir),
+                 "--prompt", "the capital of france is", "--max-new-tokens", "4", "--output", str(out)])
+    assert code == 0
+    row = json.loads(out.read_text())
+    assert row["prompt"] == "the capital of france is"
+    assert row["policy"] == row["reference"]             # same weights, greedy: same answer
+    assert "policy" in capsys.readouterr().out
