@@ -52,13 +52,20 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def write_start(out_dir: Path, cfg: TrainConfig, setup, steps: int) -> None:
+def write_start(out_dir: Path, cfg: TrainConfig, setup, steps: int) -> str:
+    """Write the resolved config and the data counts; return a one-line description of the data for the log."""
     resolved(cfg).to_yaml(out_dir / CONFIG)
     stats = {"train": setup.stats.as_dict(), "skipped_records": len(setup.report.skipped),
              "format": setup.report.format, "steps": steps}
     if setup.eval_stats is not None:
         stats["eval"] = setup.eval_stats.as_dict()
     atomic_write_json(out_dir / DATA_STATS, stats)
+    s = setup.stats
+    line = (f"data: {s.total} records ({setup.report.format}) -> {len(setup.train_items)} used, {s.truncated} "
+            f"truncated, {s.dropped} dropped (prompt alone over --max-length), {len(setup.report.skipped)} skipped")
+    if setup.eval_items:
+        line += f"; {len(setup.eval_items)} held out for eval"
+    return line + f"; {steps} steps"
 
 
 def finish(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str) -> None:

@@ -22,6 +22,7 @@ from .distributed import DistEnv, all_reduce_sum, init_from_env, shard
 from .errors import PreftuneError
 from .evaluate import logps_table, preference_metrics
 from .logprobs import AnswerLogpModule
+from .losses import preference_loss
 from .models import pick_device, pick_dtype
 from .objectives import make_objective
 from .optim import build_optimizer
@@ -107,6 +108,12 @@ def evaluate_during(model, reference_table, eval_items, cfg: TrainConfig, pad_id
         tokens = sum(len(it.answer_ids) for it in eval_items)
         return {"eval_loss": float(-policy.sum() / max(tokens, 1))}
     metrics = preference_metrics(policy, reference_table, cfg.beta)
+    lengths = torch.tensor([[len(it.chosen_ids), len(it.rejected_ids)] for it in eval_items], dtype=torch.float32)
+    ref = (None, None) if reference_table is None else (reference_table[:, 0], reference_table[:, 1])
+    losses, _, _ = preference_loss(policy[:, 0], policy[:, 1], *ref, loss_type=cfg.loss, beta=cfg.beta,
+                                   label_smoothing=cfg.label_smoothing, chosen_lengths=lengths[:, 0],
+                                   rejected_lengths=lengths[:, 1], simpo_gamma=cfg.simpo_gamma)
+    metrics["loss"] = float(losses.mean())
     return {f"eval_{k}": v for k, v in metrics.items()}
 
 
@@ -130,7 +137,9 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
                             f"{global_batch}; lower --batch-size or add data")
     steps = total_steps(len(train_items), global_batch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     if env.is_main:
-        rundir.write_start(out_dir, cfg, setup, steps)
+        described = rundir.write_start(out_dir, cfg, setup, steps)
+        if not cfg.quiet:
+            print(described, flush=True)
 
     objective = make_objective(cfg)
     policy = AnswerLogpModule(policy_model, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
