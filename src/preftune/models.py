@@ -38,15 +38,20 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+_MARKERS = {"model": ("config.json", "adapter_config.json"), "tokenizer": ("tokenizer_config.json", "tokenizer.json")}
+
+
 def _check_local(name_or_path: str, what: str) -> None:
+    """A path that looks local must be a folder save_pretrained wrote; anything else is tried as a Hub id."""
     path = Path(name_or_path)
     looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
     if looks_local:
         if not path.exists():
             raise ModelError(f"{what} {name_or_path}: folder not found")
-        if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            raise ModelError(f"{what} {name_or_path}: no config.json in this folder; point to a Hugging Face "
-                             f"model folder (the one save_pretrained wrote)")
+        markers = _MARKERS[what]
+        if path.is_dir() and not any((path / m).is_file() for m in markers):
+            raise ModelError(f"{what} {name_or_path}: no {markers[0]} in this folder; point to a Hugging Face "
+                             f"{what} folder (the one save_pretrained wrote)")
 
 
 def _quiet_transformers() -> None:

@@ -1,0 +1,32 @@
+"""Model and tokenizer loading: sensible device/dtype, a tokenizer without a pad token works, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tinylm import make_tokenizer
+
+from preftune.errors import ModelError
+from preftune.models import load_model, load_tokenizer, pick_device, pick_dtype
+
+
+def test_cpu_defaults():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_tokenizer_without_pad_token_gets_eos(tmp_path):
+    tok = make_tokenizer()
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.pad_token_id == loaded.eos_token_id is not None
+
+
+def test_missing_and_wrong_folders(tmp_path):
+    with pytest.raises(ModelError, match="folder not found"):
+        load_model(str(tmp_path / "nope"), device=torch.device("cpu"), dtype=torch.float32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(str(tmp_path / "empty"), device=torch.device("cpu"), dtype=torch.float32)
