@@ -133,3 +133,15 @@ def test_finished_run_is_not_overwritten(sft_then_dpo):
     _one_line_error(r, "dpo", "already holds a run", "--overwrite")
     after = {p.name: p.read_bytes() for p in (d / "dpo").iterdir() if p.is_file()}
     assert before == after
+
+
+def test_saved_config_runs_again(sft_then_dpo):
+    d = sft_then_dpo
+    saved = (d / "dpo" / "config.yaml").read_text()
+    assert "lr: 0.002" in saved and "stage: dpo" in saved
+    r = cli("dpo", "--config", "dpo/config.yaml", "--output-dir", "dpo-again", "--max-steps", "1", "--quiet", cwd=d)
+    assert r.returncode == 0, r.stderr
+    first, again = metrics(d / "dpo")[0], metrics(d / "dpo-again")[0]
+    assert again["loss"] == first["loss"] and again["chosen_logp"] == first["chosen_logp"]
+    r = cli("sft", "--config", "dpo/config.yaml", "--output-dir", "x5", cwd=d)
+    _one_line_error(r, "dpo/config.yaml", "preftune dpo")
