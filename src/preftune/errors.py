@@ -19,3 +19,7 @@ class DataError(PreftuneError):
 
 class ModelError(PreftuneError):
     """A model or tokenizer cannot be used."""
+
+
+class NonFiniteError(PreftuneError):
+    """Loss, gradients or weights became NaN or infinite."""

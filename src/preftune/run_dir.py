@@ -16,10 +16,11 @@ CONFIG = "config.yaml"
 RESULTS = "results.json"
 DATA_STATS = "data_stats.json"
 METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
 
 
 def holds_run(out_dir: Path) -> bool:
-    return (out_dir / CONFIG).exists() or (out_dir / METRICS).exists()
+    return any((out_dir / name).exists() for name in (CONFIG, METRICS, CHECKPOINTS))
 
 
 def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
@@ -29,6 +30,9 @@ def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
     if holds_run(out_dir) and not (cfg.overwrite or cfg.resume):
         raise PreftuneError(f"--output-dir {out_dir}: already holds a run; choose another folder, pass --resume to "
                             f"continue it, or --overwrite to start afresh")
+    if cfg.resume and (out_dir / RESULTS).exists():
+        raise PreftuneError(f"--output-dir {out_dir}: the run there has finished ({RESULTS} is written); nothing to "
+                            f"resume. Pass --overwrite instead of --resume to train it again")
     if env.is_main:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -40,7 +44,8 @@ def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
         if cfg.overwrite and not cfg.resume:
             for name in (METRICS, RESULTS):
                 (out_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(out_dir / "plots", ignore_errors=True)
+            for name in ("plots", CHECKPOINTS):  # old checkpoints must never be resumed into the new run
+                shutil.rmtree(out_dir / name, ignore_errors=True)
     barrier(env)
 
 

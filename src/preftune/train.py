@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint as ckpt
 from . import run_dir as rundir
 from .config import TrainConfig
 from .data.batching import PromptAnswerBatch, collate, epoch_order, total_steps
 from .distributed import DistEnv, all_reduce_sum, init_from_env, shard
-from .errors import PreftuneError
+from .errors import NonFiniteError, PreftuneError
 from .evaluate import logps_table, preference_metrics
 from .logprobs import AnswerLogpModule
 from .losses import preference_loss
@@ -28,11 +29,8 @@ from .objectives import make_objective
 from .optim import build_optimizer
 from .progress import Progress
 from .setup import build
+from .signals import StopOnSignal, resume_command
 from .tracking import Tracker
-
-
-class NonFiniteError(PreftuneError):
-    """Loss or gradients became NaN or infinite."""
 
 
 @dataclass
@@ -145,28 +143,45 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
     policy = AnswerLogpModule(policy_model, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
                               env=env, fsdp=cfg.fsdp)
     params = [p for p in policy_model.parameters() if p.requires_grad]
+    if env.is_main:
+        ckpt.check_room(out_dir, policy_model, cfg)
     optimizer, scheduler = build_optimizer(params, cfg, steps)
     cursor = DataCursor(len(train_items), global_batch, cfg.seed, cfg.group_by_length)
+    state = ckpt.RunState(policy_model, optimizer, scheduler, cursor, objective)
+    metrics_path = out_dir / rundir.METRICS
+    if cfg.resume:
+        message = ckpt.resume(out_dir, state, cfg, env, metrics_path)
+        if env.is_main and not cfg.quiet:
+            print(f"preftune: {message}", file=sys.stderr)
     eval_ref = setup.eval_reference_table
     tracker = Tracker(out_dir, cfg, is_main=env.is_main)
     last: dict = {}
+    stopped = False
     policy_model.train()
-    with Progress(steps, quiet=cfg.quiet or not env.is_main, stage=cfg.stage, log_every=cfg.log_every) as bar:
-        for step in range(1, steps + 1):
+    with Progress(steps, quiet=cfg.quiet or not env.is_main, stage=cfg.stage, log_every=cfg.log_every) as bar, \
+            StopOnSignal() as stop:
+        for step in range(state.step + 1, steps + 1):
             t0 = time.perf_counter()
             micro, indices = _step_batches(cursor, train_items, cfg, env, pad_id, device)
             metrics, grad_norm, units = train_step(policy, reference, objective, micro, env, params, cfg)
-            if not (math.isfinite(metrics["loss"]) and torch.isfinite(grad_norm)):
+            finite = math.isfinite(metrics["loss"]) and bool(torch.isfinite(grad_norm))
+            if not finite:
                 where = ", ".join(setup.where(train_items[i]) for i in indices[:8])
-                raise NonFiniteError(f"step {step}: loss or gradients are not finite (records: {where}); lower "
-                                     f"--lr, check these records, or pass --skip-nonfinite")
+                if not cfg.skip_nonfinite:
+                    raise NonFiniteError(f"step {step}: loss or gradients are not finite (records: {where}); "
+                                         f"lower --lr, check these records, or pass --skip-nonfinite")
+                bar.print(f"step {step}: loss or gradients are not finite; step skipped (records: {where})")
+                state.skipped_steps += 1
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
+            if finite:
+                optimizer.step()
+            scheduler.step()  # a skipped step still counts, so the schedule stays aligned with step numbers
             optimizer.zero_grad(set_to_none=True)
+            state.step = step
             dt = time.perf_counter() - t0
             n = sum(b.size for b in micro) * env.world_size
-            row = {"step": step, "epoch": cursor.epoch, **metrics, "lr": lr, "grad_norm": float(grad_norm),
+            row = {"step": step, "epoch": cursor.epoch, **(metrics if finite else {}), "lr": lr,
+                   **({"grad_norm": float(grad_norm)} if finite else {}), "skipped_steps": state.skipped_steps,
                    f"{objective.unit}_per_s": n / dt,
                    "tokens_per_s": sum(b.tokens() for b in micro) * env.world_size / dt}
             tracker.log(row)
@@ -176,15 +191,27 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
                 eval_row = {"step": step, **evaluate_during(policy_model, eval_ref, eval_items, cfg, pad_id, device)}
                 tracker.log(eval_row)
                 bar.print(_describe_eval(eval_row))
+            # The last step needs no checkpoint: the final model is written next.
+            stopped = step < steps and stop.requested(env)
+            if stopped or (cfg.save_every and step % cfg.save_every == 0 and step < steps):
+                ckpt.save(out_dir, state, cfg, env, metrics_path)
+            if stopped:
+                break
         final = dict(last)
-        if eval_items:
+        if eval_items and not stopped:
             eval_row = {"step": steps, **evaluate_during(policy_model, eval_ref, eval_items, cfg, pad_id, device)}
             tracker.log(eval_row)
             bar.print(_describe_eval(eval_row))
             final.update(eval_row)
     tracker.close()
+    cmd = command or shlex.join(["preftune", *sys.argv[1:]])
+    if stopped:
+        if env.is_main:
+            print(f"preftune: stopped after step {state.step} of {steps}; checkpoint written. Resume with: "
+                  f"{resume_command(cmd)}", flush=True)
+        return {"stopped_at_step": state.step}
+    ckpt.require_finite(policy_model, "final model")
     if env.is_main:
-        cmd = command or shlex.join(["preftune", *sys.argv[1:]])
         rundir.finish(out_dir, cfg, setup, final, cmd)
     return final
 

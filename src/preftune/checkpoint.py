@@ -1,0 +1,349 @@
+"""Checkpoints that survive a kill at any moment, and everything a resumed run needs to continue bit for bit.
+
+A checkpoint is a folder `RUN/checkpoints/step-00000042/` holding
+
+    weights.safetensors   the trainable parameters by name: the whole model, or only the adapters under LoRA
+    optimizer.pt          the optimizer's state dict (tensors and numbers only, so it loads with weights_only=True)
+    trainer_state.json    step, scheduler, data position, objective state (BCO's running mean), the state of every
+                          random generator, and how many bytes of metrics.jsonl the run had written by then
+    config.yaml           the resolved config it was written with
+    manifest.json         name, size and sha256 of each file above; written last
+
+It is written into a hidden folder beside the others, every file fsynced, then renamed into place in one step.
+A folder whose manifest is missing or does not match its files is never loaded, and is removed on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from .config import TrainConfig, load_yaml_mapping
+from .distributed import DistEnv, all_reduce_sum, barrier
+from .errors import NonFiniteError, PreftuneError
+from .io import atomic_write_json
+from .run_dir import CHECKPOINTS as FOLDER, resolved
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+WEIGHTS, OPTIMIZER, STATE, CONFIG = "weights.safetensors", "optimizer.pt", "trainer_state.json", "config.yaml"
+_NAME = re.compile(r"^step-(\d{8,})$")
+# Settings that may change between a run and its resumption without changing what it computes.
+MAY_CHANGE_ON_RESUME = {"output_dir", "resume", "overwrite", "save_every", "keep_checkpoints", "quiet", "log_every",
+                        "report_to", "skip_nonfinite", "eval_every", "device", "ref_cache_dir"}
+# Test aid: seconds to sleep between writing the files of a checkpoint and its manifest, so a test can kill
+# the process in the middle of a write.
+PAUSE_ENV = "PREFTUNE_CHECKPOINT_PAUSE_S"
+
+
+class CheckpointError(PreftuneError):
+    """A checkpoint cannot be used: written by another program, for another config, or damaged."""
+
+
+@dataclass
+class RunState:
+    """Everything that changes while a run trains, kept together so that a checkpoint misses nothing."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    cursor: object          # train.DataCursor
+    objective: object       # objectives.*Objective
+    step: int = 0           # optimizer steps done
+    skipped_steps: int = 0  # steps dropped by --skip-nonfinite
+
+
+# ---------------------------------------------------------------------------------------------- what is saved
+# Under FSDP these two must gather the full tensors from every rank (e.g. with
+# torch.distributed.checkpoint.state_dict.get_state_dict(..., options=StateDictOptions(full_state_dict=True,
+# cpu_offload=True))) and the loaders must scatter them back. They are called on every rank for that reason.
+
+def gather_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{parameter name: tensor on the CPU} for every parameter that trains; frozen weights are not saved."""
+    return {name: p.detach().to("cpu", copy=True).contiguous()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise CheckpointError(f"{where}: holds weights for other parameters than this run trains (missing "
+                              f"{missing[:3]}, unexpected {extra[:3]}); was it written with other --lora-* flags?")
+    with torch.no_grad():
+        for name, p in params.items():
+            if state[name].shape != p.shape:
+                raise CheckpointError(f"{where}: {name} has shape {tuple(state[name].shape)}, the model "
+                                      f"{tuple(p.shape)}; was it written for another model?")
+            p.copy_(state[name])
+
+
+def gather_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    return optimizer.state_dict()
+
+
+def rng_state() -> dict:
+    """The state of every random generator a step can draw from, as plain JSON values."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        saved = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
+        if len(saved) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(saved)
+        else:
+            log.warning("checkpoint holds random states of %d GPUs, this machine has %d; dropout will not "
+                        "repeat exactly", len(saved), torch.cuda.device_count())
+
+
+def _all_rng_states(env: DistEnv) -> list[dict]:
+    """Every rank's random states, on every rank (each rank may have drawn differently)."""
+    mine = rng_state()
+    if not env.enabled:
+        return [mine]
+    states: list = [None] * env.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def require_finite(model: torch.nn.Module, what: str) -> None:
+    """Refuse to save weights that are NaN or infinite: such a model would load and then produce garbage."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise NonFiniteError(f"{what}: {len(bad)} weight tensors hold NaN or infinite values (first: {bad[0]}); "
+                             f"not saved. Lower --lr or resume from an earlier checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def step_dir(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / FOLDER / f"step-{step:08d}"
+
+
+def save(out_dir: Path, state: RunState, cfg: TrainConfig, env: DistEnv, metrics_path: Path) -> Path:
+    """Write the checkpoint of `state.step` (rank 0 writes; every rank must call) and keep the newest ones."""
+    from safetensors.torch import save_file
+
+    require_finite(state.model, f"checkpoint at step {state.step}")
+    weights = gather_trainable_state(state.model)
+    optim = gather_optimizer_state(state.optimizer)
+    rngs = _all_rng_states(env)
+    final = step_dir(out_dir, state.step)
+    if env.is_main:
+        root = final.parent
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(weights, str(tmp / WEIGHTS))
+        torch.save(optim, tmp / OPTIMIZER)
+        trainer = {"step": state.step, "skipped_steps": state.skipped_steps,
+                   "scheduler": state.scheduler.state_dict(), "cursor": state.cursor.state_dict(),
+                   "objective": state.objective.state_dict(), "rng": rngs, "world_size": env.world_size,
+                   "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0}
+        (tmp / STATE).write_text(json.dumps(trainer))
+        (tmp / CONFIG).write_text(yaml.safe_dump(resolved(cfg).to_dict(), sort_keys=False))
+        files = [WEIGHTS, OPTIMIZER, STATE, CONFIG]
+        for name in files:
+            _fsync(tmp / name)
+        if os.environ.get(PAUSE_ENV):
+            time.sleep(float(os.environ[PAUSE_ENV]))
+        manifest = {"step": state.step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
+                                                  for n in files}}
+        atomic_write_json(tmp / MANIFEST, manifest)
+        _fsync(tmp)
+        if final.exists():  # a damaged folder of the same step from an earlier attempt
+            _discard(final)
+        os.replace(tmp, final)
+        _fsync(root)
+        _prune(root, cfg.keep_checkpoints)
+    barrier(env)
+    return final
+
+
+def _discard(folder: Path) -> None:
+    """Rename first, so a kill half way through deleting never leaves something that looks like a checkpoint."""
+    trash = folder.parent / f".trash-{folder.name}-{os.getpid()}"
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _steps(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every folder named like a checkpoint, newest first; validity is not checked here."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def _prune(root: Path, keep: int) -> None:
+    for _, folder in _steps(root)[keep:]:
+        _discard(folder)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def verify(folder: Path) -> str | None:
+    """None when the manifest exists and every file matches its size and hash, else what is wrong."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no readable manifest (the write was interrupted)"
+    if set(files) != {WEIGHTS, OPTIMIZER, STATE, CONFIG}:
+        return "the manifest lists other files than a checkpoint holds"
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != meta["bytes"]:
+            return f"{name} is missing or has the wrong size"
+        if _sha256(path) != meta["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def latest(out_dir: Path, *, clean: bool = True) -> Path | None:
+    """The newest complete checkpoint. With `clean`, unfinished writes and damaged checkpoints are removed."""
+    root = Path(out_dir) / FOLDER
+    if clean and root.is_dir():
+        for leftover in root.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in root.glob(".trash-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    for _, folder in _steps(root):
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        log.warning("%s: not used, %s%s", folder, problem, "; removed" if clean else "")
+        if clean:
+            _discard(folder)
+    return None
+
+
+def _load_pickled_tensors(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: refused; it holds pickled Python objects, not only tensors and numbers, "
+                              f"and loading it could run arbitrary code. Only checkpoints written by preftune "
+                              f"resume ({first})") from None
+
+
+def _check_same_config(folder: Path, cfg: TrainConfig) -> None:
+    saved = load_yaml_mapping(folder / CONFIG)
+    now = resolved(cfg).to_dict()
+    diffs = [f"{k}={saved[k]!r} then, {now[k]!r} now" for k in now
+             if k in saved and k not in MAY_CHANGE_ON_RESUME and saved[k] != now[k]]
+    if diffs:
+        raise CheckpointError(f"{folder}: was written with other settings ({'; '.join(diffs[:4])}); resume with "
+                              f"the same settings, or pass --overwrite instead of --resume to start afresh")
+
+
+def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> dict:
+    """Load a verified checkpoint into `state` (every rank); returns its trainer state."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    _check_same_config(folder, cfg)
+    try:
+        weights = load_file(str(folder / WEIGHTS))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{folder / WEIGHTS}: not a readable safetensors file ({exc})") from None
+    load_trainable_state(state.model, weights, folder)
+    state.optimizer.load_state_dict(_load_pickled_tensors(folder / OPTIMIZER))
+    trainer = json.loads((folder / STATE).read_text())
+    state.scheduler.load_state_dict(trainer["scheduler"])
+    state.cursor.load_state_dict(trainer["cursor"])
+    state.objective.load_state_dict(trainer["objective"])
+    state.step, state.skipped_steps = trainer["step"], trainer["skipped_steps"]
+    rngs = trainer["rng"]
+    if len(rngs) != env.world_size:
+        log.warning("checkpoint was written by %d processes, this run has %d; random draws (dropout) will not "
+                    "repeat exactly", len(rngs), env.world_size)
+    set_rng_state(rngs[env.rank % len(rngs)])
+    return trainer
+
+
+def resume(out_dir: Path, state: RunState, cfg: TrainConfig, env: DistEnv, metrics_path: Path) -> str:
+    """Continue from the newest complete checkpoint, or from step 0 when there is none. Returns a message.
+
+    The metrics file is cut back to what it held when the checkpoint was written, so rows of steps that will
+    run again are not repeated and the file reads as if the run had never stopped.
+    """
+    # Rank 0 picks (and cleans up); the others learn its step, as step + 1 so that 0 can mean "none".
+    folder = latest(out_dir) if env.is_main else None
+    found = int(all_reduce_sum(torch.tensor(_step_of(folder) + 1 if folder else 0), env))
+    if not found:
+        if env.is_main:
+            metrics_path.unlink(missing_ok=True)
+        barrier(env)
+        return f"resume: no complete checkpoint in {Path(out_dir) / FOLDER}; starting from step 0"
+    folder = step_dir(out_dir, found - 1)
+    trainer = restore(folder, state, cfg, env)
+    if env.is_main and metrics_path.exists() and metrics_path.stat().st_size >= trainer["metrics_bytes"]:
+        with open(metrics_path, "r+b") as handle:
+            handle.truncate(trainer["metrics_bytes"])
+            os.fsync(handle.fileno())
+    barrier(env)
+    return f"resume: continuing from step {state.step} ({folder})"
+
+
+def _step_of(folder: Path) -> int:
+    return int(_NAME.match(folder.name).group(1))
+
+
+def check_room(out_dir: Path, model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Fail before training when the disk cannot take one checkpoint and the final weights.
+
+    Estimate: trainable parameter bytes x 3 for a checkpoint (weights + AdamW's two moments), plus the trainable
+    bytes once more for the final weights.
+    """
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    need = trainable * (4 if cfg.save_every else 1)
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        what = "one checkpoint and the final weights" if cfg.save_every else "the final weights"
+        raise PreftuneError(f"--output-dir {out_dir}: {free / 1e9:.2f} GB free, but {what} need about "
+                            f"{need / 1e9:.2f} GB; free some space or choose another folder")

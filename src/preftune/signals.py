@@ -1,0 +1,54 @@
+"""Stop cleanly on SIGTERM or SIGINT: the loop finishes its step, writes a checkpoint and exits 0.
+
+Clusters send SIGTERM before they preempt a job, and people press Ctrl-C; either should cost at most one step.
+A second signal aborts at once (KeyboardInterrupt), for when the clean stop itself is too slow.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import threading
+
+import torch
+
+from .distributed import DistEnv, all_reduce_sum
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopOnSignal:
+    """Context manager; `requested(env)` is true on every rank once any rank has been signalled."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
+            self._previous = {s: signal.signal(s, self._handle) for s in _SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        # os.write, not print: a handler can run while the main code is inside a print to the same stream.
+        os.write(2, f"preftune: {signal.Signals(signum).name} received; finishing this step and writing a "
+                    f"checkpoint (send it again to abort now)\n".encode())
+
+    def requested(self, env: DistEnv) -> bool:
+        flag = torch.tensor(1.0 if self.signum is not None else 0.0)
+        return bool(all_reduce_sum(flag, env) > 0) if env.enabled else self.signum is not None
+
+
+def resume_command(command: str) -> str:
+    """The command that continues a run: the one given, with --resume and without --overwrite."""
+    words = [w for w in shlex.split(command) if w not in ("--resume", "--no-resume", "--overwrite")]
+    return shlex.join([*words, "--resume"])
