@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -91,7 +92,12 @@ def _check_causal(config, name_or_path: str) -> None:
 
 def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
                quantization_config=None):
-    """A causal LM, on `device` in `dtype`. Remote code runs only with `trust_remote_code`."""
+    """A causal LM, on `device` in `dtype`. Remote code runs only with `trust_remote_code`.
+
+    Weights come from safetensors when the folder has them. A folder with only pickled weights
+    (`pytorch_model.bin`) still loads, but through torch's restricted unpickler (weights_only=True), which accepts
+    tensors and plain containers and refuses anything that could run code; such a file is reported, not loaded.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _quiet_transformers()
@@ -110,7 +116,7 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
-            quantization_config=quantization_config, use_safetensors=None)
+            quantization_config=quantization_config, use_safetensors=None, weights_only=True)
     except ValueError as exc:
         msg = str(exc).splitlines()[0]
         if "Unrecognized configuration class" in msg or "AutoModelForCausalLM" in msg:
@@ -119,6 +125,10 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
         raise ModelError(f"model {name_or_path}: cannot be loaded ({msg})") from None
     except OSError as exc:
         raise ModelError(f"model {name_or_path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+    except pickle.UnpicklingError:
+        raise ModelError(f"model {name_or_path}: refused; its pickled weights file holds Python objects other than "
+                         f"tensors, and unpickling them could run arbitrary code. Use a safetensors copy of the "
+                         f"model from a source you trust") from None
     if quantization_config is None:
         model.to(device)
     return model
