@@ -58,18 +58,20 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(wa[name], wb[name]), name
 
 
-def stop_at(monkeypatch, step: int) -> None:
-    """Send this process SIGTERM during step `step`, as a cluster does before it preempts a job."""
+def stop_at(monkeypatch, step: int, signum: int = signal.SIGTERM, times: int = 1) -> dict:
+    """Signal this process during step `step`, as a cluster does before it preempts a job. Returns the call count."""
     real = train.train_step
     calls = {"n": 0}
 
     def signalled_step(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_step", signalled_step)
+    return calls
 
 
 def config(model: Path, data: Path, out: Path, **overrides) -> TrainConfig:

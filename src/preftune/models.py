@@ -106,7 +106,7 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         msg = str(exc).splitlines()[0]
-        if "trust_remote_code" in msg:
+        if "trust_remote_code" in msg or "custom code" in msg:
             raise ModelError(f"model {name_or_path}: needs its own code to load; pass --trust-remote-code if you "
                              f"trust it") from None
         raise ModelError(f"model {name_or_path}: cannot read its config ({msg})") from None

@@ -23,6 +23,14 @@ def holds_run(out_dir: Path) -> bool:
     return any((out_dir / name).exists() for name in (CONFIG, METRICS, CHECKPOINTS))
 
 
+def finished_results(out_dir: Path) -> dict | None:
+    """The final metrics of a run that has finished (results.json is written last), else None."""
+    try:
+        return json.loads((out_dir / RESULTS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
     """Fail before any work if the folder holds a run (unless asked to overwrite or resume) or is not writable."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -30,9 +38,6 @@ def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
     if holds_run(out_dir) and not (cfg.overwrite or cfg.resume):
         raise PreftuneError(f"--output-dir {out_dir}: already holds a run; choose another folder, pass --resume to "
                             f"continue it, or --overwrite to start afresh")
-    if cfg.resume and (out_dir / RESULTS).exists():
-        raise PreftuneError(f"--output-dir {out_dir}: the run there has finished ({RESULTS} is written); nothing to "
-                            f"resume. Pass --overwrite instead of --resume to train it again")
     if env.is_main:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -122,6 +122,11 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
     env = init_from_env(device.type)
     dtype = pick_dtype(cfg.dtype, device)
     out_dir = Path(cfg.output_dir)
+    if cfg.resume and (done := rundir.finished_results(out_dir)) is not None:
+        # A job script that always passes --resume may run once more after the run finished: nothing to do.
+        if env.is_main and not cfg.quiet:
+            print(f"preftune: resume: the run in {out_dir} has finished; nothing to do", file=sys.stderr)
+        return done
     rundir.prepare(out_dir, cfg, env)
     torch.manual_seed(cfg.seed)
 

@@ -1,0 +1,319 @@
+"""Checkpoint files: what is saved, what is refused, what is cleaned up; run-folder guards; safe loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import fact_pairs, make_model_dir, write_jsonl
+from preftune import checkpoint as ckpt
+from preftune import train
+from preftune.config import TrainConfig
+from preftune.distributed import DistEnv
+from preftune.errors import ModelError, NonFiniteError, PreftuneError
+from preftune.models import load_model
+from preftune.objectives import PreferenceObjective
+from preftune.optim import build_optimizer
+from test_resume import config, final_weights, metric_rows
+
+ENV = DistEnv()
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a hostile pickle can do."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def small_state(cfg: TrainConfig, seed: int = 0) -> ckpt.RunState:
+    """A two-layer net whose first layer is frozen (as base weights are under LoRA), after one AdamW step."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    optimizer, scheduler = build_optimizer(list(model.parameters()), cfg, 10)
+    model(torch.randn(5, 4)).square().sum().backward()
+    optimizer.step()
+    scheduler.step()
+    cursor = train.DataCursor(n_items=10, global_batch=2, seed=0, group_by_length=False, epoch=1, position=3)
+    objective = PreferenceObjective(cfg)
+    objective.reward_sum, objective.reward_count = 0.75, 3
+    return ckpt.RunState(model, optimizer, scheduler, cursor, objective, step=1)
+
+
+@pytest.fixture
+def cfg(tmp_path) -> TrainConfig:
+    return TrainConfig(model="m", data="d", output_dir=str(tmp_path / "run"), lr=0.1, keep_checkpoints=2)
+
+
+def save_at(cfg: TrainConfig, state: ckpt.RunState, step: int) -> Path:
+    state.step = step
+    return ckpt.save(Path(cfg.output_dir), state, cfg, ENV, Path(cfg.output_dir) / "metrics.jsonl")
+
+
+def test_checkpoint_round_trips_every_part_of_the_state(cfg):
+    saved = small_state(cfg)
+    saved.skipped_steps = 2
+    folder = save_at(cfg, saved, 7)
+    assert folder.name == "step-00000007"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["weights.safetensors", "optimizer.pt", "trainer_state.json", "config.yaml", "manifest.json"])
+    # Only trainable parameters are written; the frozen layer comes from the base model.
+    assert sorted(load_file(str(folder / "weights.safetensors"))) == ["1.bias", "1.weight"]
+
+    fresh = small_state(cfg, seed=1)
+    fresh.cursor.load_state_dict({"epoch": 0, "position": 0})
+    fresh.objective.reward_sum, fresh.objective.reward_count = 0.0, 0
+    assert ckpt.latest(Path(cfg.output_dir)) == folder
+    ckpt.restore(folder, fresh, cfg, ENV)
+    assert torch.equal(fresh.model[1].weight, saved.model[1].weight)
+    assert not torch.equal(fresh.model[0].weight, saved.model[0].weight)  # frozen: untouched
+    a, b = fresh.optimizer.state_dict(), saved.optimizer.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for i in b["state"]:
+        for key in b["state"][i]:
+            assert torch.equal(a["state"][i][key], b["state"][i][key])
+    assert fresh.scheduler.state_dict() == saved.scheduler.state_dict()
+    assert fresh.cursor.state_dict() == {"epoch": 1, "position": 3}
+    assert fresh.objective.state_dict() == {"reward_sum": 0.75, "reward_count": 3}
+    assert (fresh.step, fresh.skipped_steps) == (7, 2)
+
+
+def test_random_states_round_trip():
+    state = ckpt.rng_state()
+    json.dumps(state)  # plain values only
+    draws = (random.random(), float(np.random.rand()), torch.rand(3))
+    ckpt.set_rng_state(json.loads(json.dumps(state)))
+    again = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
+
+
+def test_only_the_newest_checkpoints_are_kept(cfg):
+    state = small_state(cfg)
+    for step in (1, 2, 3, 4):
+        save_at(cfg, state, step)
+    root = Path(cfg.output_dir) / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000003", "step-00000004"]
+
+
+@pytest.mark.parametrize("damage", ["no manifest", "changed byte", "truncated", "missing file"])
+def test_a_damaged_checkpoint_is_never_used_and_is_removed(cfg, damage):
+    state = small_state(cfg)
+    older, newer = save_at(cfg, state, 1), save_at(cfg, state, 2)
+    if damage == "no manifest":
+        (newer / "manifest.json").unlink()
+    elif damage == "changed byte":
+        data = bytearray((newer / "optimizer.pt").read_bytes())
+        data[len(data) // 2] ^= 1
+        (newer / "optimizer.pt").write_bytes(bytes(data))
+    elif damage == "truncated":
+        with open(newer / "weights.safetensors", "r+b") as handle:
+            handle.truncate(10)
+    else:
+        (newer / "trainer_state.json").unlink()
+    leftover = newer.parent / ".tmp-step-00000003-123"  # a write that was killed half way
+    leftover.mkdir()
+    assert ckpt.latest(Path(cfg.output_dir)) == older
+    assert sorted(p.name for p in newer.parent.iterdir()) == ["step-00000001"]
+
+
+def test_a_pickle_with_arbitrary_objects_is_refused_and_not_run(cfg, tmp_path):
+    folder = save_at(cfg, small_state(cfg), 1)
+    marker = tmp_path / "code-ran"
+    torch.save({"state": {}, "param_groups": [], "extra": RunsCode(f"touch {marker}")}, folder / "optimizer.pt")
+    manifest = json.loads((folder / "manifest.json").read_text())  # a manifest that matches: made elsewhere
+    manifest["files"]["optimizer.pt"] = {"bytes": (folder / "optimizer.pt").stat().st_size,
+                                         "sha256": ckpt._sha256(folder / "optimizer.pt")}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert ckpt.latest(Path(cfg.output_dir)) == folder
+    with pytest.raises(ckpt.CheckpointError, match="pickled Python objects"):
+        ckpt.restore(folder, small_state(cfg), cfg, ENV)
+    assert not marker.exists()
+
+
+def test_resume_with_other_settings_is_refused(cfg):
+    folder = save_at(cfg, small_state(cfg), 1)
+    other = TrainConfig(**{**cfg.to_dict(), "beta": 0.5, "save_every": 3})
+    with pytest.raises(ckpt.CheckpointError, match=r"beta=0.1 then, 0.5 now"):
+        ckpt.restore(folder, small_state(other), other, ENV)
+
+
+def test_resume_into_a_model_with_other_trainable_parameters_is_refused(cfg):
+    folder = save_at(cfg, small_state(cfg), 1)
+    state = small_state(cfg)
+    state.model[0].requires_grad_(True)
+    with pytest.raises(ckpt.CheckpointError, match="other parameters"):
+        ckpt.restore(folder, state, cfg, ENV)
+
+
+def test_non_finite_weights_are_never_checkpointed(cfg):
+    state = small_state(cfg)
+    with torch.no_grad():
+        state.model[1].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="1.weight"):
+        save_at(cfg, state, 1)
+    assert not (Path(cfg.output_dir) / "checkpoints" / "step-00000001").exists()
+
+
+# ------------------------------------------------------------------ the run folder
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", fact_pairs(16))
+
+
+def small_run(model: Path, data: Path, out: Path, **overrides) -> TrainConfig:
+    return config(model, data, out, **{"max_steps": 3, **overrides})
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path, tiny_model_dir, pairs_file):
+    cfg = small_run(tiny_model_dir, pairs_file, tmp_path / "run", save_every=1)
+    train.run(cfg, command="preftune")
+    with pytest.raises(PreftuneError, match="already holds a run.*--resume.*--overwrite"):
+        train.run(cfg, command="preftune")
+    before = (tmp_path / "run" / "model.safetensors").stat().st_mtime_ns
+    done = train.run(small_run(tiny_model_dir, pairs_file, tmp_path / "run", resume=True), command="preftune")
+    assert done["step"] == 3 and (tmp_path / "run" / "model.safetensors").stat().st_mtime_ns == before
+    (tmp_path / "run" / "results.json").unlink()
+    (tmp_path / "run" / "config.yaml").unlink()
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    with pytest.raises(PreftuneError, match="already holds a run"):  # checkpoints alone are a run too
+        train.run(cfg, command="preftune")
+    train.run(small_run(tiny_model_dir, pairs_file, tmp_path / "run", overwrite=True), command="preftune")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # the old run's checkpoints are gone
+
+
+def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, tiny_model_dir, pairs_file, capsys):
+    fresh = tmp_path / "fresh"
+    train.run(small_run(tiny_model_dir, pairs_file, fresh), command="preftune")
+    out = tmp_path / "resumed"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # rows of a run killed before any checkpoint
+    cfg = small_run(tiny_model_dir, pairs_file, out, resume=True, quiet=False)
+    train.run(cfg, command="preftune")
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert metric_rows(out) == metric_rows(fresh)
+
+
+def test_unwritable_output_folder_is_reported_before_training(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(PreftuneError, match="cannot write there"):
+        train.run(small_run(tiny_model_dir, pairs_file, blocker / "run"), command="preftune")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+    with pytest.raises(PreftuneError, match="cannot write there.*Permission denied"):
+        train.run(small_run(tiny_model_dir, pairs_file, tmp_path / "run"), command="preftune")
+
+
+def test_a_disk_without_room_for_a_checkpoint_is_reported_before_training(tmp_path, tiny_model_dir, pairs_file,
+                                                                         monkeypatch):
+    model = load_model(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32)
+    param_bytes = sum(p.numel() * 4 for p in model.parameters())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12, 3 * param_bytes))
+    out = tmp_path / "run"
+    with pytest.raises(PreftuneError, match="one checkpoint and the final weights need"):
+        train.run(small_run(tiny_model_dir, pairs_file, out, save_every=1), command="preftune")
+    assert not (out / "metrics.jsonl").exists()
+    train.run(small_run(tiny_model_dir, pairs_file, out, overwrite=True), command="preftune")  # no checkpoints: fits
+
+
+# ------------------------------------------------------------------ non-finite values
+def nan_at_call(monkeypatch, call: int) -> None:
+    """The preference loss returns NaN for every pair of the `call`-th batch."""
+    from preftune import objectives
+
+    real = objectives.preference_loss
+    calls = {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        losses, chosen, rejected = real(*args, **kwargs)
+        return (losses * float("nan") if calls["n"] == call else losses), chosen, rejected
+
+    monkeypatch.setattr(objectives, "preference_loss", loss)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_records(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    nan_at_call(monkeypatch, 2)
+    with pytest.raises(NonFiniteError, match=r"step 2: .*records: .*pairs.jsonl line \d+"):
+        train.run(small_run(tiny_model_dir, pairs_file, tmp_path / "run"), command="preftune")
+
+
+def test_skip_nonfinite_drops_the_step(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    nan_at_call(monkeypatch, 2)
+    out = tmp_path / "run"
+    train.run(small_run(tiny_model_dir, pairs_file, out, max_steps=4, save_every=3, skip_nonfinite=True),
+              command="preftune")
+    rows = metric_rows(out)
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
+    assert "loss" not in rows[1] and all(np.isfinite(r["loss"]) for r in rows if r["step"] != 2)
+    adam = torch.load(out / "checkpoints" / "step-00000003" / "optimizer.pt", weights_only=True)
+    assert all(int(s["step"]) == 2 for s in adam["state"].values())  # 3 steps, one skipped
+    assert all(torch.isfinite(w).all() for w in final_weights(out).values())
+
+
+def test_a_model_with_non_finite_weights_is_never_saved_as_final(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    real = train.build_optimizer
+
+    def overflowing_optimizer(params, cfg, steps):
+        """One weight overflows with the update, after the loss and gradients were checked."""
+        optimizer, scheduler = real(params, cfg, steps)
+        step = scheduler.step
+
+        def step_then_overflow(*args, **kwargs):
+            step(*args, **kwargs)
+            with torch.no_grad():
+                params[-1].view(-1)[0] = float("inf")
+
+        scheduler.step = step_then_overflow
+        return optimizer, scheduler
+
+    monkeypatch.setattr(train, "build_optimizer", overflowing_optimizer)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match="final model: 1 weight tensors"):
+        train.run(small_run(tiny_model_dir, pairs_file, out, max_steps=1), command="preftune")
+    assert not (out / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------ safe model loading
+def test_pickled_model_weights_load_only_through_the_restricted_unpickler(tmp_path):
+    folder = make_model_dir(tmp_path / "model")
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+    model = load_model(str(folder), device=torch.device("cpu"), dtype=torch.float32)
+    assert torch.equal(model.state_dict()["lm_head.weight"], weights["lm_head.weight"])
+
+    marker = tmp_path / "code-ran"
+    torch.save({**weights, "lm_head.weight": RunsCode(f"touch {marker}")}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="refused; its pickled weights"):
+        load_model(str(folder), device=torch.device("cpu"), dtype=torch.float32)
+    assert not marker.exists()
+
+
+def test_model_code_from_the_folder_runs_only_when_trusted(tmp_path):
+    folder = make_model_dir(tmp_path / "model")
+    (folder / "custom_model.py").write_text(f"open({str(tmp_path / 'code-ran')!r}, 'w')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom-llama", auto_map={"AutoConfig": "custom_model.Config",
+                                                       "AutoModelForCausalLM": "custom_model.Model"})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="--trust-remote-code"):
+        load_model(str(folder), device=torch.device("cpu"), dtype=torch.float32)
+    assert not (tmp_path / "code-ran").exists()

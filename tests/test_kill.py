@@ -1,0 +1,108 @@
+"""Stops from outside: SIGTERM finishes the step and checkpoints; SIGKILL at any moment loses nothing that a
+resume cannot redo exactly."""
+
+from __future__ import annotations
+
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import fact_pairs, write_jsonl
+from preftune import train
+from preftune.checkpoint import PAUSE_ENV
+from test_resume import assert_same_run, config, stop_at
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> bool:
+    """Poll until `condition()` holds (True) or the process has exited (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    raise AssertionError("the training process made no progress")
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    root = out / "checkpoints"
+    return sorted(int(p.name[5:]) for p in root.glob("step-*")) if root.is_dir() else []
+
+
+def unfinished_writes(out: Path) -> set[Path]:
+    return set((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigterm_then_sigkills_at_random_moments_still_end_like_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "pairs.jsonl", fact_pairs(24))
+    steps = 8
+    train.run(config(tiny_model_dir, data, tmp_path / "whole", max_steps=steps), command="preftune")
+
+    out = tmp_path / "killed"
+    args = ["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out),
+            "--max-steps", str(steps), "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2",
+            "--max-length", "64", "--device", "cpu", "--dtype", "float32", "--seed", "3", "--quiet",
+            "--save-every", "1", "--keep-checkpoints", "2", "--resume"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), PAUSE_ENV: "0.15"}
+    rng = random.Random(1234)
+    plan = ["sigterm", "kill-mid-write", "kill-anytime", "kill-mid-write", "kill-anytime"]
+    hit_mid_write = 0
+    for launch in range(len(plan) + 3):
+        proc = subprocess.Popen([sys.executable, "-m", "preftune", *args], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        how = plan[launch] if launch < len(plan) else "none"
+        done_before = checkpoint_steps(out)[-1:] or [0]
+        stale = unfinished_writes(out)  # left by the last kill; the new process removes them
+        in_flight = lambda: bool(unfinished_writes(out) - stale)  # noqa: E731
+        if how == "sigterm":
+            assert wait_for(lambda: checkpoint_steps(out), proc)
+            proc.send_signal(signal.SIGTERM)
+            stdout, stderr = proc.communicate(timeout=60)
+            assert proc.returncode == 0, stderr
+            assert stdout.strip().splitlines()[-1].endswith("Resume with: " + shlex.join(["preftune", *args]))
+            continue
+        if how == "kill-mid-write" and wait_for(in_flight, proc):
+            time.sleep(rng.uniform(0, 0.15))
+            hit_mid_write += in_flight()
+            proc.kill()
+        elif how == "kill-anytime" and wait_for(lambda: (checkpoint_steps(out)[-1:] or [0]) > done_before, proc):
+            time.sleep(rng.uniform(0, 0.4))
+            proc.kill()
+        stdout, stderr = proc.communicate(timeout=60)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, stderr
+    assert proc.returncode == 0 and (out / "results.json").exists(), stderr
+    assert hit_mid_write >= 1
+    assert not list((out / "checkpoints").glob(".*")), "leftovers of interrupted writes"
+    assert_same_run(tmp_path / "whole", out)
+
+
+def test_a_second_signal_aborts_at_once(tmp_path, tiny_model_dir, monkeypatch):
+    data = write_jsonl(tmp_path / "pairs.jsonl", fact_pairs(16))
+    calls = stop_at(monkeypatch, 2, signal.SIGINT, times=2)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train.run(config(tiny_model_dir, data, out, max_steps=4), command="preftune")
+    assert calls["n"] == 2 and not (out / "checkpoints").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
+def test_sigint_stops_like_sigterm(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", fact_pairs(16))
+    stop_at(monkeypatch, 2, signal.SIGINT)
+    out = tmp_path / "run"
+    result = train.run(config(tiny_model_dir, data, out, max_steps=4), command="preftune dpo --overwrite")
+    assert result == {"stopped_at_step": 2}
+    assert (out / "checkpoints" / "step-00000002" / "manifest.json").exists()
+    assert "Resume with: preftune dpo --resume" in capsys.readouterr().out
