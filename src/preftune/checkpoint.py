@@ -11,6 +11,11 @@ A checkpoint is a folder `RUN/checkpoints/step-00000042/` holding
 
 It is written into a hidden folder beside the others, every file fsynced, then renamed into place in one step.
 A folder whose manifest is missing or does not match its files is never loaded, and is removed on resume.
+
+`--resume` continues from the newest complete checkpoint and cuts metrics.jsonl back to that step, so the run
+ends exactly as if it had never stopped. With no checkpoint yet it starts from step 0 (saying so), and on a
+finished run it does nothing: a job script can pass `--resume` every time it is (re)started. A checkpoint
+written with settings that change the computation (another --lr, --beta, data, ...) is refused.
 """
 
 from __future__ import annotations

@@ -93,9 +93,11 @@ class TrainConfig:
     log_every: int = _f(1, "Print a progress line every N steps when the output is not a terminal.")
     save_every: int = _f(0, "Write a checkpoint every N steps; 0 writes none.")
     keep_checkpoints: int = _f(2, "Checkpoints kept; older ones are deleted.")
-    resume: bool = _f(False, "Continue from the newest complete checkpoint in --output-dir.")
+    resume: bool = _f(False, "Continue from the newest complete checkpoint in --output-dir; from step 0 if there is "
+                             "none yet, and nothing to do if the run has finished.")
     overwrite: bool = _f(False, "Start afresh even if --output-dir holds a run.")
-    skip_nonfinite: bool = _f(False, "Skip steps whose loss or gradients are not finite instead of stopping.")
+    skip_nonfinite: bool = _f(False, "Skip steps whose loss or gradients are not finite instead of stopping "
+                                     "(no update; counted as skipped_steps in the metrics).")
     quiet: bool = _f(False, "Print only errors and the final line.")
     report_to: str = _f("", "Extra metric sinks, comma-separated: tensorboard, wandb.")
 

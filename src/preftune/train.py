@@ -99,6 +99,20 @@ def train_step(policy: AnswerLogpModule, reference, objective, micro: list[Promp
     return metrics, _grad_norm(params, cfg.max_grad_norm), units
 
 
+def _finite_or_skipped(step: int, metrics: dict, grad_norm: torch.Tensor, records: list[str], cfg: TrainConfig,
+                       bar) -> bool:
+    """True when the step's loss and gradients are finite. Otherwise stop, naming the step and its records, or
+    with --skip-nonfinite say so and return False (the step's update is dropped)."""
+    if math.isfinite(metrics["loss"]) and bool(torch.isfinite(grad_norm)):
+        return True
+    where = ", ".join(records[:8])
+    if not cfg.skip_nonfinite:
+        raise NonFiniteError(f"step {step}: loss or gradients are not finite (records: {where}); lower --lr, check "
+                             f"these records, or pass --skip-nonfinite")
+    bar.print(f"step {step}: loss or gradients are not finite; step skipped (records: {where})")
+    return False
+
+
 def evaluate_during(model, reference_table, eval_items, cfg: TrainConfig, pad_id: int, device) -> dict:
     policy = logps_table(model, eval_items, pad_id=pad_id, device=device, batch_size=cfg.batch_size,
                          prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
@@ -169,14 +183,9 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
             t0 = time.perf_counter()
             micro, indices = _step_batches(cursor, train_items, cfg, env, pad_id, device)
             metrics, grad_norm, units = train_step(policy, reference, objective, micro, env, params, cfg)
-            finite = math.isfinite(metrics["loss"]) and bool(torch.isfinite(grad_norm))
-            if not finite:
-                where = ", ".join(setup.where(train_items[i]) for i in indices[:8])
-                if not cfg.skip_nonfinite:
-                    raise NonFiniteError(f"step {step}: loss or gradients are not finite (records: {where}); "
-                                         f"lower --lr, check these records, or pass --skip-nonfinite")
-                bar.print(f"step {step}: loss or gradients are not finite; step skipped (records: {where})")
-                state.skipped_steps += 1
+            finite = _finite_or_skipped(step, metrics, grad_norm, [setup.where(train_items[i]) for i in indices],
+                                        cfg, bar)
+            state.skipped_steps += not finite
             lr = optimizer.param_groups[0]["lr"]
             if finite:
                 optimizer.step()
