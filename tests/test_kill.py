@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fact_pairs, write_jsonl
+from tinylm import fact_pairs, write_jsonl
 from preftune import train
 from preftune.checkpoint import PAUSE_ENV
 from test_resume import assert_same_run, config, stop_at

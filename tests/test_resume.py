@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import fact_pairs, make_model_dir, write_jsonl
+from tinylm import fact_pairs, make_model_dir, write_jsonl
 from preftune import train
 from preftune.config import TrainConfig
 
