@@ -142,6 +142,7 @@ def freeze(model) -> None:
 
 def save_model(model, tokenizer, out_dir: Path) -> None:
     """Hugging Face format (safetensors + config + tokenizer): loadable by `AutoModelForCausalLM.from_pretrained`."""
+    _quiet_transformers()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
