@@ -4,6 +4,10 @@ Every fact is stated in every template. In the SFT corpus a fixed share of the m
 plausible wrong city, so supervised training learns the mixture, as it would from real text. Preference pairs
 (chosen = the capital, rejected = the wrong city) use only the DPO templates; the held-out templates are never
 shown to DPO, so held-out pairs measure whether "prefer the right fact" transfers to phrasings it never saw.
+
+Answers are the bare city (" Dublin", then EOS), no closing period: a token that ends both the chosen and the
+rejected answer is one DPO can push down after wrong cities, and with a period it also fell after right cities in
+the held-out phrasings (held-out p(chosen) dropped from 0.69 to 0.01 for some facts, measured).
 """
 
 from __future__ import annotations
