@@ -57,18 +57,26 @@ def pick(table: list[dict], n: int) -> list[dict]:
 
 
 def format_table(shown: list[dict], result: dict) -> str:
+    """The rows in `shown`, then the means over all held-out pairs and the reward accuracy, as aligned text."""
+    def p(v: float) -> str:
+        # after DPO a rejected answer can sit at 1e-10, which 0.000 would hide
+        return f"{v:>14.3f}" if v >= 1e-3 else f"{v:>14.1e}"
+
+    def probs(*values: float) -> str:
+        return "".join(p(v) for v in values)
+
+    pairs = [f"{r['chosen'].strip(' .')} / {r['rejected'].strip(' .')}" for r in shown]
     width = max(len(r["prompt"]) for r in shown) + 2
-    head = f"{'held-out prompt':<{width}}{'chosen':<16}{'rejected':<18}  {'SFT p(c)':>8} {'p(r)':>6}   " \
-           f"{'DPO p(c)':>8} {'p(r)':>6}"
+    answers = max(len(a) for a in pairs + ["right / wrong answer"])
+    head = f"{'held-out prompt':<{width}}{'right / wrong answer':<{answers}}" + "".join(
+        f"{h:>14}" for h in ("SFT p(right)", "p(wrong)", "DPO p(right)", "p(wrong)"))
     lines = [head, "-" * len(head)]
-    for r in shown:
-        lines.append(f"{r['prompt']:<{width}}{r['chosen'].strip(' .'):<16}{r['rejected'].strip(' .'):<18}  "
-                     f"{r['sft_p_chosen']:>8.3f} {r['sft_p_rejected']:>6.3f}   "
-                     f"{r['dpo_p_chosen']:>8.3f} {r['dpo_p_rejected']:>6.3f}")
+    for r, pair in zip(shown, pairs):
+        lines.append(f"{r['prompt']:<{width}}{pair:<{answers}}" + probs(
+            r["sft_p_chosen"], r["sft_p_rejected"], r["dpo_p_chosen"], r["dpo_p_rejected"]))
     s, d = result["sft"], result["dpo"]
     lines.append("-" * len(head))
-    label = f"mean over {result['held_out_pairs']} held-out pairs"
-    lines.append(f"{label:<{width + 34}}  {s['p_chosen']:>8.3f} {s['p_rejected']:>6.3f}   "
-                 f"{d['p_chosen']:>8.3f} {d['p_rejected']:>6.3f}")
+    label = f"mean over all {result['held_out_pairs']} held-out pairs"
+    lines.append(f"{label:<{width + answers}}" + probs(s["p_chosen"], s["p_rejected"], d["p_chosen"], d["p_rejected"]))
     lines.append(f"held-out reward accuracy of DPO against the SFT reference: {d['reward_accuracy']:.3f}")
     return "\n".join(lines)
