@@ -34,9 +34,12 @@ class AnswerLogps:
 
 # --------------------------------------------------------------------------------------------- model pieces
 def _unwrap(model):
-    """The Hugging Face model under DDP/compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
+    """The Hugging Face model under DDP/compile wrappers and the log-prob module itself."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod") or isinstance(model, _Forward):
+        if isinstance(model, _Forward):
+            model = model.model
+        else:
+            model = getattr(model, "module", None) or model._orig_mod
     return model
 
 
@@ -173,7 +176,13 @@ _WARNED: set[str] = set()
 
 def answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool = True,
                  chunk_size: int = 1024) -> AnswerLogps:
-    """Summed log-probs of every answer in `batch` under `model`; prefix sharing when the model allows it."""
+    """Summed log-probs of every answer in `batch` under `model`; prefix sharing when the model allows it.
+
+    `model` may also be the module form below (sharded by FSDP, its forward is what gathers the weights).
+    """
+    if isinstance(model, _Forward):
+        logps, lengths = model(batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size)
+        return AnswerLogps(logps, lengths)
     if prefix_sharing and batch.k > 1:
         name = type(_unwrap(model)).__name__
         if name not in _WARNED:
@@ -213,30 +222,65 @@ class _Forward(torch.nn.Module):
         self.prefix_sharing = prefix_sharing
         self.chunk_size = chunk_size
 
-    def forward(self, batch: PromptAnswerBatch):
-        out = answer_logps(self.model, batch, prefix_sharing=self.prefix_sharing, chunk_size=self.chunk_size)
+    def forward(self, batch: PromptAnswerBatch, prefix_sharing: bool | None = None, chunk_size: int | None = None):
+        out = answer_logps(self.model, batch,
+                           prefix_sharing=self.prefix_sharing if prefix_sharing is None else prefix_sharing,
+                           chunk_size=chunk_size or self.chunk_size)
         return out.logps, out.lengths
 
 
+def sharded_logps_module(model, *, prefix_sharing: bool = True, chunk_size: int = 1024) -> _Forward:
+    """A frozen model's log-prob module sharded with FSDP2 (for a reference); `answer_logps` accepts it."""
+    from .parallel import shard
+
+    return shard(_Forward(model, prefix_sharing, chunk_size), model, frozen=True)
+
+
 class AnswerLogpModule:
-    """The policy's answer log-probs as the training loop calls them, data-parallel under torchrun."""
+    """The policy's answer log-probs as the training loop calls them, data-parallel under torchrun.
+
+    Under torchrun the module is wrapped in DDP (every rank holds all weights), or with `fsdp` sharded by
+    FSDP2 (each rank holds 1/world of them; see parallel.py).
+    """
 
     def __init__(self, model, *, prefix_sharing: bool = True, chunk_size: int = 1024, env=None, fsdp: bool = False):
         self.inner = _Forward(model, prefix_sharing, chunk_size)
         self.runner = self.inner
-        if env is not None and env.enabled and not fsdp:
+        self.sharded = bool(fsdp and env is not None and env.enabled)
+        if self.sharded:
+            from .parallel import shard
+
+            shard(self.inner, model)
+        elif env is not None and env.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [env.local_rank] if next(model.parameters()).is_cuda else None
             self.runner = DistributedDataParallel(self.inner, device_ids=device_ids)
+
+    @property
+    def eval_model(self):
+        """What no-grad log-probs (evaluation, adapters-off reference) run through: sharded weights must go
+        through the FSDP root's forward; otherwise the plain model is enough."""
+        return self.inner if self.sharded else self.inner.model
 
     def __call__(self, batch: PromptAnswerBatch) -> AnswerLogps:
         logps, lengths = self.runner(batch)
         return AnswerLogps(logps, lengths)
 
     def sync(self, last: bool):
-        """Gradient all-reduce only on the last micro-batch of a step."""
-        from contextlib import nullcontext
+        """Gradient all-reduce (DDP) or reduce-scatter (FSDP2) only on the last micro-batch of a step."""
+        from contextlib import contextmanager, nullcontext
 
+        if last:
+            return nullcontext()
+        if self.sharded:
+            @contextmanager
+            def deferred():
+                self.inner.set_requires_gradient_sync(False)
+                try:
+                    yield
+                finally:
+                    self.inner.set_requires_gradient_sync(True)
+            return deferred()
         no_sync = getattr(self.runner, "no_sync", None)
-        return nullcontext() if last or no_sync is None else no_sync()
+        return nullcontext() if no_sync is None else no_sync()

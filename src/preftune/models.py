@@ -102,6 +102,10 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
 
     _quiet_transformers()
     _check_local(name_or_path, "model")
+    from .lora import is_adapter_folder, load_adapter_model
+
+    if is_adapter_folder(name_or_path):  # a LoRA run folder: its base model plus the adapter
+        return load_adapter_model(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -140,11 +144,15 @@ def freeze(model) -> None:
         p.requires_grad_(False)
 
 
-def save_model(model, tokenizer, out_dir: Path) -> None:
-    """Hugging Face format (safetensors + config + tokenizer): loadable by `AutoModelForCausalLM.from_pretrained`."""
+def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
+    """Hugging Face format (safetensors + config + tokenizer): loadable by `AutoModelForCausalLM.from_pretrained`.
+
+    `state_dict`: the weights to write instead of the model's own (the gathered copy of a sharded model).
+    A peft model writes only its adapter.
+    """
     _quiet_transformers()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
 
 

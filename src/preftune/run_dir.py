@@ -78,12 +78,21 @@ def write_start(out_dir: Path, cfg: TrainConfig, setup, steps: int) -> str:
     return line + f"; {steps} steps"
 
 
-def finish(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str) -> None:
-    """Final model (Hugging Face format), plots, model card, and results.json last: its presence means done."""
+def finish(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str, *,
+           state_dict: dict | None = None) -> None:
+    """Final model (Hugging Face format), plots, model card, and results.json last: its presence means done.
+
+    With LoRA the model is the adapter (plus `merged/` with --merge); `state_dict` holds the gathered
+    weights of a sharded model.
+    """
     from .card import write_model_card
     from .plots import write_plots
 
-    save_model(setup.policy, setup.tokenizer, out_dir)
+    save_model(setup.policy, setup.tokenizer, out_dir, state_dict=state_dict)
+    if cfg.merge:
+        from .lora import write_merged
+
+        write_merged(out_dir, setup.tokenizer, dtype=setup.dtype, trust_remote_code=cfg.trust_remote_code)
     write_plots(out_dir)
     write_model_card(out_dir, resolved(cfg), final, command)
     atomic_write_json(out_dir / RESULTS, {k: v for k, v in final.items() if _jsonable(v)})

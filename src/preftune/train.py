@@ -19,7 +19,7 @@ from . import checkpoint as ckpt
 from . import run_dir as rundir
 from .config import TrainConfig
 from .data.batching import PromptAnswerBatch, collate, epoch_order, total_steps
-from .distributed import DistEnv, all_reduce_sum, init_from_env, shard
+from .distributed import DistEnv, all_reduce_sum, init_from_env, rank_device, shard, shutdown
 from .errors import NonFiniteError, PreftuneError
 from .evaluate import logps_table, preference_metrics
 from .logprobs import AnswerLogpModule
@@ -27,6 +27,7 @@ from .losses import preference_loss
 from .models import pick_device, pick_dtype
 from .objectives import make_objective
 from .optim import build_optimizer
+from .parallel import full_state_dict, full_tensor
 from .progress import Progress
 from .setup import build
 from .signals import StopOnSignal, resume_command
@@ -72,7 +73,8 @@ def _step_batches(cursor: DataCursor, items, cfg: TrainConfig, env: DistEnv, pad
 
 
 def _grad_norm(params, max_norm: float) -> torch.Tensor:
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    # Under FSDP the norm comes back sharded: make it the whole model's norm on every rank.
+    return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
 
 
 def train_step(policy: AnswerLogpModule, reference, objective, micro: list[PromptAnswerBatch], env: DistEnv,
@@ -134,6 +136,7 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
     cfg.require_paths()
     device = pick_device(cfg.device)
     env = init_from_env(device.type)
+    device = rank_device(device, env)
     dtype = pick_dtype(cfg.dtype, device)
     out_dir = Path(cfg.output_dir)
     if cfg.resume and (done := rundir.finished_results(out_dir)) is not None:
@@ -159,8 +162,7 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
             print(described, flush=True)
 
     objective = make_objective(cfg)
-    policy = AnswerLogpModule(policy_model, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
-                              env=env, fsdp=cfg.fsdp)
+    policy: AnswerLogpModule = setup.logp_module
     params = [p for p in policy_model.parameters() if p.requires_grad]
     if env.is_main:
         ckpt.check_room(out_dir, policy_model, cfg)
@@ -202,7 +204,8 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
             bar.update(step, row)
             last = row
             if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
-                eval_row = {"step": step, **evaluate_during(policy_model, eval_ref, eval_items, cfg, pad_id, device)}
+                eval_row = {"step": step,
+                            **evaluate_during(policy.eval_model, eval_ref, eval_items, cfg, pad_id, device)}
                 tracker.log(eval_row)
                 bar.print(_describe_eval(eval_row))
             # The last step needs no checkpoint: the final model is written next.
@@ -213,7 +216,8 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
                 break
         final = dict(last)
         if eval_items and not stopped:
-            eval_row = {"step": steps, **evaluate_during(policy_model, eval_ref, eval_items, cfg, pad_id, device)}
+            eval_row = {"step": steps,
+                        **evaluate_during(policy.eval_model, eval_ref, eval_items, cfg, pad_id, device)}
             tracker.log(eval_row)
             bar.print(_describe_eval(eval_row))
             final.update(eval_row)
@@ -223,10 +227,14 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
         if env.is_main:
             print(f"preftune: stopped after step {state.step} of {steps}; checkpoint written. Resume with: "
                   f"{resume_command(cmd)}", flush=True)
+        shutdown(env)
         return {"stopped_at_step": state.step}
     ckpt.require_finite(policy_model, "final model")
+    # Sharded weights are gathered whole by every rank together; rank 0 alone writes them.
+    full_weights = full_state_dict(policy_model) if policy.sharded else None
     if env.is_main:
-        rundir.finish(out_dir, cfg, setup, final, cmd)
+        rundir.finish(out_dir, cfg, setup, final, cmd, state_dict=full_weights)
+    shutdown(env)
     return final
 
 
