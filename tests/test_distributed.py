@@ -1,0 +1,158 @@
+"""Several processes train like one: 2 ranks under torchrun (gloo on the CPU) against one process with the
+whole batch, step by step (metrics.jsonl) and in the final weights; gradient accumulation likewise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import fact_pairs, make_model_dir, write_jsonl
+from safetensors.torch import load_file
+
+from preftune.cli import main
+from preftune.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 3
+# Large enough that three steps move every weight visibly (checked below), so equal weights mean something.
+LR = "1e-2"
+THROUGHPUT = ("pairs_per_s", "samples_per_s", "tokens_per_s")
+
+
+def sft_rows(n: int = 32):
+    """Answers of different lengths, so ranks hold different token counts and the global division matters."""
+    tails = [" paris .", " paris . the sky is blue .", " rome .", " madrid is the capital of spain ."]
+    return [{"prompt": f"the capital of france is{' ' * (i % 3)}", "completion": tails[i % len(tails)]}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    return {"model": make_model_dir(root / "model"), "pairs": write_jsonl(root / "pairs.jsonl", fact_pairs(32)),
+            "sft": write_jsonl(root / "sft.jsonl", sft_rows()), "root": root}
+
+
+def args(files, stage: str, out: Path, *extra: str) -> list[str]:
+    data = files["pairs"] if stage == "dpo" else files["sft"]
+    return [stage, "--model", str(files["model"]), "--data", str(data), "--output-dir", str(out),
+            "--max-steps", str(STEPS), "--lr", LR, "--dtype", "float32", "--device", "cpu", "--quiet", *extra]
+
+
+def run_single(cli_args: list[str]) -> None:
+    assert main(cli_args) == 0
+
+
+def run_torchrun(runs: list[list[str]], nproc: int = 2) -> subprocess.CompletedProcess:
+    """All `runs` (CLI argument lists) in turn, in one torchrun launch of `nproc` processes."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(REPO / "tests" / "dist_worker.py"), json.dumps(runs)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in THROUGHPUT} for r in rows]
+
+
+def assert_same_steps(a: Path, b: Path) -> None:
+    ra, rb = metrics(a), metrics(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, STEPS + 1))
+    for x, y in zip(ra, rb):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], abs=1e-5), (x["step"], k)
+
+
+def assert_same_weights(a: Path, b: Path, name: str = "model.safetensors") -> None:
+    wa, wb = load_file(a / name), load_file(b / name)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def single(files):
+    """One process with the whole batch per step: what the parallel runs must reproduce."""
+    root = files["root"]
+    runs = {"dpo": args(files, "dpo", root / "dpo-single", "--batch-size", "8"),
+            "sft": args(files, "sft", root / "sft-single", "--batch-size", "8"),
+            "lora": args(files, "dpo", root / "lora-single", "--batch-size", "8", "--lora-r", "4")}
+    for cli_args in runs.values():
+        run_single(cli_args)
+    start, end = load_file(files["model"] / "model.safetensors"), load_file(root / "dpo-single" / "model.safetensors")
+    moved = [k for k in start if not torch.allclose(start[k], end[k], atol=1e-3)]
+    assert len(moved) == len(start)  # every tensor moved by far more than the tolerance used below
+    return {name: root / f"{name}-single" for name in runs}
+
+
+@pytest.fixture(scope="module")
+def parallel(files):
+    """The runs on two ranks (per-rank batches half the size), all from one torchrun launch."""
+    root = files["root"]
+    runs = {"dpo-ddp": args(files, "dpo", root / "dpo-ddp", "--batch-size", "4", "--no-quiet"),
+            "dpo-fsdp": args(files, "dpo", root / "dpo-fsdp", "--batch-size", "4", "--fsdp"),
+            "sft-ddp": args(files, "sft", root / "sft-ddp", "--batch-size", "2", "--grad-accum", "2"),
+            "lora-fsdp": args(files, "dpo", root / "lora-fsdp", "--batch-size", "4", "--lora-r", "4", "--fsdp")}
+    proc = run_torchrun(list(runs.values()))
+    return {name: root / name for name in runs}, proc
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one_process_with_the_whole_batch(single, parallel):
+    runs, proc = parallel
+    assert_same_steps(single["dpo"], runs["dpo-ddp"])
+    assert_same_weights(single["dpo"], runs["dpo-ddp"])
+    assert proc.stdout.count("done:") == 1  # only rank 0 speaks
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_match_one_process_and_save_one_ordinary_folder(single, parallel):
+    from transformers import AutoModelForCausalLM
+
+    out = parallel[0]["dpo-fsdp"]
+    assert_same_steps(single["dpo"], out)
+    assert_same_weights(single["dpo"], out)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]  # whole, not shards
+    AutoModelForCausalLM.from_pretrained(out)  # loads with no preftune code at all
+
+
+@pytest.mark.slow
+def test_sft_ddp_with_accumulation_matches_one_process(single, parallel):
+    """SFT divides by answer tokens of the whole step; ranks hold different counts, the result may not differ."""
+    assert_same_steps(single["sft"], parallel[0]["sft-ddp"])
+    assert_same_weights(single["sft"], parallel[0]["sft-ddp"])
+
+
+@pytest.mark.slow
+def test_fsdp_with_lora_matches_one_process(single, parallel):
+    assert_same_steps(single["lora"], parallel[0]["lora-fsdp"])
+    assert_same_weights(single["lora"], parallel[0]["lora-fsdp"], "adapter_model.safetensors")
+
+
+def test_grad_accum_two_by_four_equals_one_batch_of_eight(files, single):
+    out = files["root"] / "dpo-accum"
+    run_single(args(files, "dpo", out, "--batch-size", "4", "--grad-accum", "2"))
+    assert_same_steps(single["dpo"], out)
+    assert_same_weights(single["dpo"], out)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_recipe_parses(path):
+    cfg = TrainConfig.from_yaml(path)
+    assert cfg.model and cfg.data and cfg.output_dir
+
+
+def test_the_documented_examples_exist():
+    names = {p.name for p in (REPO / "examples").glob("*.yaml")}
+    assert {"llama3-8b-lora-dpo.yaml", "llama3-8b-fsdp-dpo.yaml", "qwen2.5-0.5b-sft.yaml",
+            "qwen2.5-0.5b-dpo.yaml"} <= names
