@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fact_pairs, make_model_dir, write_jsonl
+from tinylm import fact_pairs, make_model_dir, write_jsonl
 from safetensors.torch import load_file
 
 from preftune.cli import main

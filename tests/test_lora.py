@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import fact_pairs, make_tokenizer, write_jsonl
+from tinylm import fact_pairs, make_tokenizer, write_jsonl
 
 from preftune import lora
 from preftune import setup as setup_mod
