@@ -69,10 +69,16 @@ def shutdown(env: DistEnv) -> None:
 
 
 def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.enabled:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
+    """Sum over ranks, returned on `value`'s device. NCCL reduces only GPU tensors, so small CPU values (counts,
+    metric sums, stop flags) travel through this rank's GPU and come back."""
+    if not env.enabled:
+        return value
+    home = value.device
+    work = value.clone()
+    if dist.get_backend() == "nccl" and home.type != "cuda":
+        work = work.to(torch.device("cuda", env.local_rank))
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return work.to(home)
 
 
 def shard(indices: list[int], env: DistEnv) -> list[int]:
