@@ -12,6 +12,10 @@ A checkpoint is a folder `RUN/checkpoints/step-00000042/` holding
 It is written into a hidden folder beside the others, every file fsynced, then renamed into place in one step.
 A folder whose manifest is missing or does not match its files is never loaded, and is removed on resume.
 
+Under FSDP the files are the same: the trained tensors and their optimizer state are gathered whole onto rank 0,
+which writes them; on resume rank 0 reads them and broadcasts them into every rank's shards (parallel.py). So a
+checkpoint holds the same files whether one process or several wrote it.
+
 `--resume` continues from the newest complete checkpoint and cuts metrics.jsonl back to that step, so the run
 ends exactly as if it had never stopped. With no checkpoint yet it starts from step 0 (saying so), and on a
 finished run it does nothing: a job script can pass `--resume` every time it is (re)started. A checkpoint
@@ -37,6 +41,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from . import parallel
 from .config import TrainConfig, load_yaml_mapping
 from .distributed import DistEnv, all_reduce_sum, barrier
 from .errors import NonFiniteError, PreftuneError
@@ -71,35 +76,45 @@ class RunState:
     objective: object       # objectives.*Objective
     step: int = 0           # optimizer steps done
     skipped_steps: int = 0  # steps dropped by --skip-nonfinite
+    sharded: bool = False   # the model's weights are split across ranks by FSDP2
 
 
 # ---------------------------------------------------------------------------------------------- what is saved
-# Under FSDP these two must gather the full tensors from every rank (e.g. with
-# torch.distributed.checkpoint.state_dict.get_state_dict(..., options=StateDictOptions(full_state_dict=True,
-# cpu_offload=True))) and the loaders must scatter them back. They are called on every rank for that reason.
+# Called on every rank: under FSDP gathering is a collective, and only rank 0 gets the tensors ({} elsewhere).
 
-def gather_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gather_trainable_state(model: torch.nn.Module, sharded: bool = False) -> dict[str, torch.Tensor]:
     """{parameter name: tensor on the CPU} for every parameter that trains; frozen weights are not saved."""
+    if sharded:
+        return parallel.full_trainable_state(model)
     return {name: p.detach().to("cpu", copy=True).contiguous()
             for name, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+def check_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Refuse saved weights whose names or (whole) shapes are not those of the parameters this run trains."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(state):
         missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         raise CheckpointError(f"{where}: holds weights for other parameters than this run trains (missing "
                               f"{missing[:3]}, unexpected {extra[:3]}); was it written with other --lora-* flags?")
+    for name, p in params.items():
+        if state[name].shape != p.shape:  # a sharded parameter's shape is its whole shape
+            raise CheckpointError(f"{where}: {name} has shape {tuple(state[name].shape)}, the model "
+                                  f"{tuple(p.shape)}; was it written for another model?")
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    check_trainable_state(model, state, where)
     with torch.no_grad():
-        for name, p in params.items():
-            if state[name].shape != p.shape:
-                raise CheckpointError(f"{where}: {name} has shape {tuple(state[name].shape)}, the model "
-                                      f"{tuple(p.shape)}; was it written for another model?")
-            p.copy_(state[name])
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(state[name])
 
 
-def gather_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    return optimizer.state_dict()
+def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None,
+                           sharded: bool = False) -> dict:
+    """`optimizer.state_dict()`; under FSDP the same layout with whole tensors, on rank 0 only."""
+    return parallel.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
 
 
 def rng_state() -> dict:
@@ -139,9 +154,18 @@ def _all_rng_states(env: DistEnv) -> list[dict]:
     return states
 
 
-def require_finite(model: torch.nn.Module, what: str) -> None:
-    """Refuse to save weights that are NaN or infinite: such a model would load and then produce garbage."""
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+def require_finite(model: torch.nn.Module, what: str, env: DistEnv = DistEnv()) -> None:
+    """Refuse to save weights that are NaN or infinite: such a model would load and then produce garbage.
+
+    Under FSDP each rank sees only its shards, so the ranks add up their findings: all of them stop, or none
+    (one rank leaving alone would leave the others waiting in the next collective).
+    """
+    named = list(model.named_parameters())
+    local = [parallel.local_part(p.detach()) for _, p in named]
+    flags = torch.tensor([not torch.isfinite(t).all() for t in local], dtype=torch.float32)
+    if any(parallel.is_sharded(p) for _, p in named):
+        flags = all_reduce_sum(flags, env)
+    bad = [name for (name, _), flag in zip(named, flags.tolist()) if flag]
     if bad:
         raise NonFiniteError(f"{what}: {len(bad)} weight tensors hold NaN or infinite values (first: {bad[0]}); "
                              f"not saved. Lower --lr or resume from an earlier checkpoint")
@@ -172,9 +196,9 @@ def save(out_dir: Path, state: RunState, cfg: TrainConfig, env: DistEnv, metrics
     """Write the checkpoint of `state.step` (rank 0 writes; every rank must call) and keep the newest ones."""
     from safetensors.torch import save_file
 
-    require_finite(state.model, f"checkpoint at step {state.step}")
-    weights = gather_trainable_state(state.model)
-    optim = gather_optimizer_state(state.optimizer)
+    require_finite(state.model, f"checkpoint at step {state.step}", env)
+    weights = gather_trainable_state(state.model, state.sharded)
+    optim = gather_optimizer_state(state.optimizer, state.model, state.sharded)
     rngs = _all_rng_states(env)
     final = step_dir(out_dir, state.step)
     if env.is_main:
@@ -286,18 +310,51 @@ def _check_same_config(folder: Path, cfg: TrainConfig) -> None:
                               f"the same settings, or pass --overwrite instead of --resume to start afresh")
 
 
-def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> dict:
-    """Load a verified checkpoint into `state` (every rank); returns its trainer state."""
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    _check_same_config(folder, cfg)
     try:
-        weights = load_file(str(folder / WEIGHTS))
+        return load_file(str(folder / WEIGHTS))
     except SafetensorError as exc:
         raise CheckpointError(f"{folder / WEIGHTS}: not a readable safetensors file ({exc})") from None
-    load_trainable_state(state.model, weights, folder)
-    state.optimizer.load_state_dict(_load_pickled_tensors(folder / OPTIMIZER))
+
+
+def _restore_sharded(folder: Path, state: RunState, env: DistEnv) -> None:
+    """Rank 0 reads and checks the tensors, then broadcasts them into every rank's shards.
+
+    Only rank 0 holds the whole tensors in memory. A problem it finds is raised on every rank, so none is
+    left waiting for a broadcast that never comes.
+    """
+    weights, optim, problem = {}, {}, None
+    if env.is_main:
+        try:
+            weights = _read_weights(folder)
+            check_trainable_state(state.model, weights, folder)
+            optim = _load_pickled_tensors(folder / OPTIMIZER)
+            saved = [len(g["params"]) for g in optim["param_groups"]]
+            now = [len(g["params"]) for g in state.optimizer.param_groups]
+            if saved != now:  # a single process would refuse it in optimizer.load_state_dict
+                raise CheckpointError(f"{folder / OPTIMIZER}: holds parameter groups of sizes {saved}, this run's "
+                                      f"optimizer {now}")
+        except CheckpointError as exc:
+            problem = str(exc)
+    shared = [problem]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise CheckpointError(shared[0])
+    parallel.load_full_trainable_state(state.model, weights)
+    parallel.load_full_optimizer_state(state.model, state.optimizer, optim)
+
+
+def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> dict:
+    """Load a verified checkpoint into `state` (every rank); returns its trainer state."""
+    _check_same_config(folder, cfg)
+    if state.sharded:
+        _restore_sharded(folder, state, env)
+    else:
+        load_trainable_state(state.model, _read_weights(folder), folder)
+        state.optimizer.load_state_dict(_load_pickled_tensors(folder / OPTIMIZER))
     trainer = json.loads((folder / STATE).read_text())
     state.scheduler.load_state_dict(trainer["scheduler"])
     state.cursor.load_state_dict(trainer["cursor"])

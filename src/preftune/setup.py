@@ -14,7 +14,6 @@ from .data.load import load_pairs, load_sft, split_eval
 from .data.records import LoadReport
 from .data.tokenize import TokenizeStats, tokenize_all
 from .distributed import DistEnv
-from .errors import ConfigError
 from .logprobs import AnswerLogpModule, sharded_logps_module
 from .losses import needs_reference
 from .models import freeze, load_model, load_tokenizer
@@ -77,10 +76,6 @@ def build(cfg: TrainConfig, *, device, dtype, env: DistEnv) -> Setup:
     eval_items, eval_stats = tokenize_all(tokenizer, eval_records, max_length=cfg.max_length,
                                           max_prompt_length=cfg.max_prompt_length) if eval_records else ([], None)
     sharded = cfg.fsdp and env.enabled
-    if sharded and (cfg.save_every or cfg.resume):
-        # checkpoint.py saves each rank's local tensors; sharded ones must first be gathered (see its note).
-        raise ConfigError("--fsdp: checkpoints of sharded runs (--save-every, --resume) are not written yet; "
-                          "drop them, or train without --fsdp (DDP, or LoRA on fewer GPUs)")
     if cfg.fsdp and not sharded:
         log.warning("--fsdp shards only across several processes; start the run with torchrun --nproc-per-node N")
     # Under FSDP each rank loads on the CPU and keeps only its shard on its device.

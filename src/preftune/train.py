@@ -168,7 +168,7 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
         ckpt.check_room(out_dir, policy_model, cfg)
     optimizer, scheduler = build_optimizer(params, cfg, steps)
     cursor = DataCursor(len(train_items), global_batch, cfg.seed, cfg.group_by_length)
-    state = ckpt.RunState(policy_model, optimizer, scheduler, cursor, objective)
+    state = ckpt.RunState(policy_model, optimizer, scheduler, cursor, objective, sharded=policy.sharded)
     metrics_path = out_dir / rundir.METRICS
     if cfg.resume:
         message = ckpt.resume(out_dir, state, cfg, env, metrics_path)
@@ -229,7 +229,7 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
                   f"{resume_command(cmd)}", flush=True)
         shutdown(env)
         return {"stopped_at_step": state.step}
-    ckpt.require_finite(policy_model, "final model")
+    ckpt.require_finite(policy_model, "final model", env)
     # Sharded weights are gathered whole by every rank together; rank 0 alone writes them.
     full_weights = full_state_dict(policy_model) if policy.sharded else None
     if env.is_main:
