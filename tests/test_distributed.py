@@ -19,6 +19,7 @@ from preftune.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
+STOP = 2  # the step during which the interrupted runs are signalled
 # Large enough that three steps move every weight visibly (checked below), so equal weights mean something.
 LR = "1e-2"
 THROUGHPUT = ("pairs_per_s", "samples_per_s", "tokens_per_s")
@@ -64,27 +65,27 @@ def metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in THROUGHPUT} for r in rows]
 
 
-def assert_same_steps(a: Path, b: Path) -> None:
+def assert_same_steps(a: Path, b: Path, tol: float = 1e-5) -> None:
     ra, rb = metrics(a), metrics(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, STEPS + 1))
     for x, y in zip(ra, rb):
         assert x.keys() == y.keys()
         for k in x:
-            assert x[k] == pytest.approx(y[k], abs=1e-5), (x["step"], k)
+            assert x[k] == pytest.approx(y[k], abs=tol), (x["step"], k)
 
 
-def assert_same_weights(a: Path, b: Path, name: str = "model.safetensors") -> None:
+def assert_same_weights(a: Path, b: Path, name: str = "model.safetensors", tol: float = 1e-5) -> None:
     wa, wb = load_file(a / name), load_file(b / name)
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0, msg=k)
+        torch.testing.assert_close(wa[k], wb[k], atol=tol, rtol=0, msg=k)
 
 
 @pytest.fixture(scope="module")
 def single(files):
     """One process with the whole batch per step: what the parallel runs must reproduce."""
     root = files["root"]
-    runs = {"dpo": args(files, "dpo", root / "dpo-single", "--batch-size", "8"),
+    runs = {"dpo": args(files, "dpo", root / "dpo-single", "--batch-size", "8", "--save-every", str(STOP)),
             "sft": args(files, "sft", root / "sft-single", "--batch-size", "8"),
             "lora": args(files, "dpo", root / "lora-single", "--batch-size", "8", "--lora-r", "4")}
     for cli_args in runs.values():
@@ -95,15 +96,25 @@ def single(files):
     return {name: root / f"{name}-single" for name in runs}
 
 
+def stopped_then_resumed(cli_args: list[str]) -> list:
+    """A run that rank 0's SIGTERM stops during step STOP, then the same command with --resume (not quiet, so
+    that it says where it continues from)."""
+    return [{"args": cli_args, "sigterm_at_step": STOP}, [*cli_args, "--resume", "--no-quiet"]]
+
+
 @pytest.fixture(scope="module")
 def parallel(files):
     """The runs on two ranks (per-rank batches half the size), all from one torchrun launch."""
     root = files["root"]
-    runs = {"dpo-ddp": args(files, "dpo", root / "dpo-ddp", "--batch-size", "4", "--no-quiet"),
-            "dpo-fsdp": args(files, "dpo", root / "dpo-fsdp", "--batch-size", "4", "--fsdp"),
-            "sft-ddp": args(files, "sft", root / "sft-ddp", "--batch-size", "2", "--grad-accum", "2"),
-            "lora-fsdp": args(files, "dpo", root / "lora-fsdp", "--batch-size", "4", "--lora-r", "4", "--fsdp")}
-    proc = run_torchrun(list(runs.values()))
+    fsdp = ("--batch-size", "4", "--fsdp")
+    lora_fsdp = (*fsdp, "--lora-r", "4")
+    runs = {"dpo-ddp": [args(files, "dpo", root / "dpo-ddp", "--batch-size", "4", "--no-quiet")],
+            "dpo-fsdp": [args(files, "dpo", root / "dpo-fsdp", *fsdp)],
+            "sft-ddp": [args(files, "sft", root / "sft-ddp", "--batch-size", "2", "--grad-accum", "2")],
+            "lora-fsdp": [args(files, "dpo", root / "lora-fsdp", *lora_fsdp)],
+            "dpo-fsdp-resumed": stopped_then_resumed(args(files, "dpo", root / "dpo-fsdp-resumed", *fsdp)),
+            "lora-fsdp-resumed": stopped_then_resumed(args(files, "dpo", root / "lora-fsdp-resumed", *lora_fsdp))}
+    proc = run_torchrun([entry for entries in runs.values() for entry in entries])
     return {name: root / name for name in runs}, proc
 
 
@@ -112,7 +123,7 @@ def test_ddp_two_ranks_match_one_process_with_the_whole_batch(single, parallel):
     runs, proc = parallel
     assert_same_steps(single["dpo"], runs["dpo-ddp"])
     assert_same_weights(single["dpo"], runs["dpo-ddp"])
-    assert proc.stdout.count("done:") == 1  # only rank 0 speaks
+    assert proc.stdout.count("done:") == 3  # only rank 0 speaks, in the three runs that are not quiet
 
 
 @pytest.mark.slow
@@ -156,3 +167,46 @@ def test_the_documented_examples_exist():
     names = {p.name for p in (REPO / "examples").glob("*.yaml")}
     assert {"llama3-8b-lora-dpo.yaml", "llama3-8b-fsdp-dpo.yaml", "qwen2.5-0.5b-sft.yaml",
             "qwen2.5-0.5b-dpo.yaml"} <= names
+
+
+@pytest.mark.slow
+def test_fsdp_run_stopped_by_sigterm_and_resumed_equals_an_uninterrupted_one(parallel):
+    """Rank 0 alone is signalled; both ranks stop after that step, rank 0 writes the gathered checkpoint, the
+    launch goes on (exit 0), and the resumed run loads it back into the shards."""
+    runs, proc = parallel
+    assert proc.stdout.count(f"stopped after step {STOP} of {STEPS}; checkpoint written") == 2  # dpo, lora
+    assert proc.stderr.count(f"resume: continuing from step {STOP}") == 2
+    for whole, parts, weights in [("dpo-fsdp", "dpo-fsdp-resumed", "model.safetensors"),
+                                  ("lora-fsdp", "lora-fsdp-resumed", "adapter_model.safetensors")]:
+        assert_same_steps(runs[whole], runs[parts], tol=1e-6)
+        assert_same_weights(runs[whole], runs[parts], weights, tol=1e-6)
+
+
+def _close(a, b) -> None:
+    """Equal structure, numbers equal, tensors within 1e-5 (two ranks of 4 pairs against one process of 8)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _close(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _close(x, y)
+    else:
+        assert a == b
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_holds_what_a_single_process_checkpoint_holds(single, parallel):
+    """Whole tensors under the same names, and the optimizer state in the single-process layout (parameters
+    numbered in optimizer order), so the files do not depend on how many ranks wrote them."""
+    one = single["dpo"] / "checkpoints" / f"step-{STOP:08d}"
+    two = parallel[0]["dpo-fsdp-resumed"] / "checkpoints" / f"step-{STOP:08d}"
+    _close(load_file(one / "weights.safetensors"), load_file(two / "weights.safetensors"))
+    optim_one = torch.load(one / "optimizer.pt", weights_only=True)
+    optim_two = torch.load(two / "optimizer.pt", weights_only=True)
+    assert sorted(optim_one["state"]) == list(range(len(load_file(one / "weights.safetensors"))))
+    _close(optim_one, optim_two)
