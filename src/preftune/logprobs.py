@@ -5,6 +5,7 @@ Two layouts compute the same numbers:
 - prefix-shared: the prompts run once, and all k answers of a prompt continue from its key/value cache.
 Either way only the hidden states that predict answer tokens are projected to the vocabulary, a chunk of
 `chunk_size` tokens at a time, recomputed in backward: no `[rows, length, vocab]` tensor ever exists.
+A batch runs as sub-batches of similar length (`trim_padding`), so padding costs (almost) no compute.
 """
 
 from __future__ import annotations
@@ -87,6 +88,60 @@ def _token_logps(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> tor
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class _LinearTokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] per row, `chunk` rows at a time, for a plain bias-free projection.
+
+    Forward keeps only the per-row logsumexp; backward recomputes each chunk's logits and turns them into the
+    logit gradient in place (softmax, scaled, minus one-hot), so a chunk needs one [chunk, vocab] buffer and no
+    zero-filled scatter tensors. Same numbers as autograd through `_token_logps`.
+    """
+
+    @staticmethod
+    def project(hidden, weight, targets, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(target) [N], logsumexp [N]), float32."""
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = (hidden[s:s + chunk] @ weight.t()).float()
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            out[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        return out, lse
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        out, lse = _LinearTokenLogps.project(hidden, weight, targets, chunk)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h, g = hidden[s:s + ctx.chunk], grad[s:s + ctx.chunk].float()
+            logits = (h @ weight.t()).float()
+            # d logp(t) / d logits = onehot(t) - softmax(logits)
+            dlogits = logits.sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])
+            rows = torch.arange(h.shape[0], device=h.device)
+            dlogits.index_put_((rows, targets[s:s + ctx.chunk]), g, accumulate=True)
+            dlogits = dlogits.to(weight.dtype)
+            if need_h:
+                torch.mm(dlogits, weight, out=grad_h[s:s + ctx.chunk])
+            if need_w:
+                grad_w.addmm_(dlogits.t(), h)
+        return grad_h, grad_w, None, None
+
+
+def _fusable(head: Head) -> bool:
+    """The fused projection handles a plain `nn.Linear` without bias or logit transforms, on ordinary tensors."""
+    lin = head.linear
+    return (type(lin) is torch.nn.Linear and lin.bias is None and not (head.scale or head.divide or head.softcap)
+            and type(lin.weight.data) is torch.Tensor)
+
+
 def token_logps(head: Head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """log p(target) for each row of `hidden` [N, H] -> [N], projecting `chunk_size` rows at a time.
 
@@ -94,10 +149,16 @@ def token_logps(head: Head, hidden: torch.Tensor, targets: torch.Tensor, chunk_s
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.linear.weight.requires_grad)
+    if _fusable(head):
+        if needs_grad:
+            return _LinearTokenLogps.apply(hidden, head.linear.weight, targets, chunk_size)
+        with torch.no_grad():
+            return _LinearTokenLogps.project(hidden, head.linear.weight, targets, chunk_size)[0]
     parts = []
     for s in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or head.linear.weight.requires_grad):
+        if needs_grad:
             parts.append(checkpoint(_token_logps, head, h, t, use_reentrant=False))
         else:
             parts.append(_token_logps(head, h, t))
@@ -109,90 +170,215 @@ def _answer_mask(batch: PromptAnswerBatch) -> torch.Tensor:
     return torch.arange(width, device=batch.answer_ids.device)[None, :] < batch.answer_lens[:, None]
 
 
-def _sum_rows(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
-    return torch.zeros(mask.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+# --------------------------------------------------------------------------------------------- grouping
+# What one extra forward call costs, in tokens of work: Python and kernel-launch overhead. On a CPU a forward is
+# cheap to start, so a batch splits into many exact-length groups; on a GPU launches are dear and groups stay big.
+CALL_COST_TOKENS = {"cpu": 32, "cuda": 2048}
+DEFAULT_CALL_COST = 512
+
+
+def plan_groups(order: list[int], cost) -> list[list[int]]:
+    """Cut `order` into contiguous groups with the least summed `cost(group)` (dynamic programming, O(n^2) calls).
+
+    With `order` sorted by length and a cost like "rows x longest row + fixed overhead", contiguous groups are
+    the optimal ones, and the plan decides between one padded batch and many exact-length pieces.
+    """
+    n = len(order)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + cost(order[i:j])
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def length_groups(batch: PromptAnswerBatch, *, shared: bool, trim_padding: bool) -> list[list[int]]:
+    """Prompt rows of `batch` in groups of similar length, each group padded only to its own longest row.
+
+    Cost model, in tokens: shared layout = prompts once + each answer slot to its own width; plain layout = every
+    answer row as prompt + answer; plus `CALL_COST_TOKENS` per forward call.
+    """
+    b, k = batch.size, batch.k
+    if not trim_padding or b == 1:
+        return [list(range(b))]
+    p = batch.prompt_lens.tolist()
+    a = batch.answer_lens.view(b, k).tolist()
+    call = CALL_COST_TOKENS.get(batch.answer_ids.device.type, DEFAULT_CALL_COST)
+
+    def cost(rows: list[int]) -> float:
+        if shared:
+            widths = max(p[r] for r in rows) + sum(max(a[r][s] for r in rows) for s in range(k))
+            return len(rows) * widths + call * (1 + k)
+        return len(rows) * k * max(p[r] + max(a[r]) for r in rows) + call
+
+    order = sorted(range(b), key=lambda r: (p[r] + max(a[r]), p[r]))
+    return plan_groups(order, cost)
+
+
+def _run_grouped(model, batch: PromptAnswerBatch, groups: list[list[int]], layout, chunk_size: int) -> AnswerLogps:
+    """Run `layout` on each group's sub-batch, then project all answer predictors together, in chunks.
+
+    `layout(model, sub, prompt_embeds, answer_embeds)` returns (predictor hidden states [T, H], target ids [T],
+    answer row in `sub` [T]). The token embeddings are looked up once for the whole batch: the backward of an
+    embedding builds a dense [vocab, hidden] gradient per call, which would otherwise be paid once per group.
+    """
+    dev, k = batch.answer_ids.device, batch.k
+    embed = _unwrap(model).get_input_embeddings()
+    prompt_embeds, answer_embeds = embed(batch.prompt_ids), embed(batch.answer_ids)
+    hidden, targets, rows = [], [], []
+    for group in groups:
+        if len(groups) == 1:
+            sub, p_emb, a_emb = batch, prompt_embeds, answer_embeds
+        else:
+            idx = torch.tensor(group, dtype=torch.long, device=dev)
+            sub = batch.select(idx)
+            answer_rows = (idx[:, None] * k + torch.arange(k, device=dev)).reshape(-1)
+            p_emb = prompt_embeds[idx, : sub.prompt_ids.shape[1]]
+            a_emb = answer_embeds[answer_rows, : sub.answer_ids.shape[1]]
+        h, t, r = layout(model, sub, p_emb, a_emb)
+        hidden.append(h)
+        targets.append(t)
+        rows.append(r if len(groups) == 1 else answer_rows[r])
+    hidden_all = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+    per_token = token_logps(Head(model), hidden_all, torch.cat(targets), chunk_size)
+    sums = torch.zeros(batch.answer_ids.shape[0], dtype=per_token.dtype, device=dev)
+    return AnswerLogps(sums.index_add(0, torch.cat(rows), per_token), batch.answer_lens)
 
 
 # --------------------------------------------------------------------------------------------- the two layouts
-def plain_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024) -> AnswerLogps:
+def _plain_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, answer_embeds: torch.Tensor):
     """Each answer row as its own right-padded sequence `prompt + answer`."""
     k, dev = batch.k, batch.answer_ids.device
+    n_rows = batch.answer_ids.shape[0]
     p_lens = batch.prompt_lens.repeat_interleave(k)
-    a_lens = batch.answer_lens
-    total = p_lens + a_lens
-    width = int(total.max())
-    pos = torch.arange(width, device=dev)[None, :]
-    prompts = batch.prompt_ids.repeat_interleave(k, dim=0)
+    total = p_lens + batch.answer_lens
+    pos = torch.arange(int(total.max()), device=dev)[None, :]
     in_prompt = pos < p_lens[:, None]
     # Column c of the answer block sits at sequence position p_len + c.
+    p_col = pos.clamp(max=batch.prompt_ids.shape[1] - 1).expand_as(in_prompt)
     a_col = (pos - p_lens[:, None]).clamp(0, batch.answer_ids.shape[1] - 1)
-    ids = torch.where(in_prompt, prompts.gather(1, pos.clamp(max=prompts.shape[1] - 1).expand_as(in_prompt)),
-                      batch.answer_ids.gather(1, a_col))
-    attn = pos < total[:, None]
-    ids = ids.masked_fill(~attn, 0)
-    hidden = body_of(model)(input_ids=ids, attention_mask=attn.long(), use_cache=False).last_hidden_state
+    row = torch.arange(n_rows, device=dev)[:, None]
+    embeds = torch.where(in_prompt[..., None], prompt_embeds[row // k, p_col], answer_embeds[row, a_col])
+    attn = (pos < total[:, None]).long()
+    hidden = body_of(model)(inputs_embeds=embeds, attention_mask=attn, use_cache=False).last_hidden_state
     amask = _answer_mask(batch)
     # The answer token at column c is predicted by the hidden state at position p_len + c - 1.
     src = (p_lens[:, None] - 1 + torch.arange(amask.shape[1], device=dev)[None, :])[amask]
-    rows = torch.arange(amask.shape[0], device=dev)[:, None].expand_as(amask)[amask]
-    per_token = token_logps(Head(model), hidden[rows, src], batch.answer_ids[amask], chunk_size)
-    return AnswerLogps(_sum_rows(per_token, amask), a_lens)
+    rows = row.expand_as(amask)[amask]
+    return hidden[rows, src], batch.answer_ids[amask], rows
 
 
-def shared_prefix_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024) -> AnswerLogps:
-    """Prompts once; the k answers of each prompt continue from its key/value cache.
+def _reusable_cache(out, cache_name: str, prompt_width: int):
+    """The prompt's key/value cache if answers can continue from it; otherwise TypeError (the caller falls back)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
 
-    The prompt block stays right-padded in the cache; the attention mask hides the padding and explicit
-    position ids continue each row at its true prompt length, so every answer sees exactly its prompt.
+    cache = getattr(out, cache_name, None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if not isinstance(cache, DynamicCache):
+        raise TypeError(f"the model returned {type(cache).__name__}, not a DynamicCache")
+    # Sliding-window, linear-attention or quantised layers do not keep every prompt state verbatim.
+    odd = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+    if odd:
+        raise TypeError(f"its cache layers ({', '.join(sorted(odd))}) cannot be continued from a padded prompt")
+    if cache.get_seq_length() != prompt_width:
+        raise TypeError("the prompt's key/value cache came back empty")
+    return cache
+
+
+def _shared_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, answer_embeds: torch.Tensor):
+    """Prompts once; each answer slot (chosen, then rejected) continues from the prompts' key/value cache.
+
+    The prompt block stays right-padded in the cache; the attention mask hides the padding and explicit position
+    ids continue each row at its true prompt length, so every answer sees exactly its prompt. The slots run one
+    after another from the same prompt states (restored between slots), so the cache is never copied k times
+    and each slot is padded only to its own longest answer.
     """
     body, k, dev = body_of(model), batch.k, batch.answer_ids.device
     cache_name = _cache_kwarg(body)
     p_width = batch.prompt_ids.shape[1]
     p_mask = torch.arange(p_width, device=dev)[None, :] < batch.prompt_lens[:, None]
-    out = body(input_ids=batch.prompt_ids, attention_mask=p_mask.long(), use_cache=True)
-    cache = getattr(out, cache_name, None)
-    if cache is None:
-        cache = getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        raise TypeError("the model returned no reusable key/value cache")
-    if k > 1:
-        cache.batch_repeat_interleave(k)
-    amask = _answer_mask(batch)
-    a_width = amask.shape[1]
-    positions = batch.prompt_lens.repeat_interleave(k)[:, None] + torch.arange(a_width, device=dev)[None, :]
-    attn = torch.cat([p_mask.repeat_interleave(k, dim=0), amask], dim=1).long()
-    ans = body(input_ids=batch.answer_ids, attention_mask=attn, position_ids=positions,
-               use_cache=True, **{cache_name: cache}).last_hidden_state
+    out = body(inputs_embeds=prompt_embeds, attention_mask=p_mask.long(), use_cache=True)
+    cache = _reusable_cache(out, cache_name, p_width)
+    prompt_states = [(layer.keys, layer.values) for layer in cache.layers]
     # Predictor of answer column 0 is the last prompt state; of column c>0, the answer state at c-1.
     first = out.last_hidden_state[torch.arange(batch.size, device=dev), batch.prompt_lens - 1]
-    predictors = torch.cat([first.repeat_interleave(k, dim=0)[:, None], ans[:, :-1]], dim=1)
-    per_token = token_logps(Head(model), predictors[amask], batch.answer_ids[amask], chunk_size)
-    return AnswerLogps(_sum_rows(per_token, amask), batch.answer_lens)
+    del out
+    hidden, targets, rows = [], [], []
+    for s in range(k):
+        lens = batch.answer_lens[s::k]
+        width = int(lens.max())
+        ids, embeds = batch.answer_ids[s::k, :width], answer_embeds[s::k, :width]
+        amask = torch.arange(width, device=dev)[None, :] < lens[:, None]
+        for layer, (keys, values) in zip(cache.layers, prompt_states):
+            layer.keys, layer.values = keys, values
+        positions = batch.prompt_lens[:, None] + torch.arange(width, device=dev)[None, :]
+        attn = torch.cat([p_mask, amask], dim=1).long()
+        ans = body(inputs_embeds=embeds, attention_mask=attn, position_ids=positions, use_cache=True,
+                   **{cache_name: cache}).last_hidden_state
+        predictors = torch.cat([first[:, None], ans[:, :-1]], dim=1)
+        hidden.append(predictors[amask])
+        targets.append(ids[amask])
+        slot_rows = torch.arange(batch.size, device=dev) * k + s
+        rows.append(slot_rows[:, None].expand_as(amask)[amask])
+    return torch.cat(hidden), torch.cat(targets), torch.cat(rows)
+
+
+def plain_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024, trim_padding: bool = True) -> AnswerLogps:
+    """Each answer row as its own sequence `prompt + answer` (the prompt is computed once per answer)."""
+    groups = length_groups(batch, shared=False, trim_padding=trim_padding)
+    return _run_grouped(model, batch, groups, _plain_layout, chunk_size)
+
+
+def shared_prefix_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024,
+                        trim_padding: bool = True) -> AnswerLogps:
+    """Prompts once; the k answers of each prompt continue from its key/value cache."""
+    if _checkpointing(model):
+        # A checkpointed layer is replayed in backward; Hugging Face layers then drop the cache, since the replay
+        # would write it twice. Without a cache the answers would not see their prompt.
+        raise NotImplementedError("gradient checkpointing drops the key/value cache in training")
+    groups = length_groups(batch, shared=True, trim_padding=trim_padding)
+    return _run_grouped(model, batch, groups, _shared_layout, chunk_size)
+
+
+def _checkpointing(model) -> bool:
+    hf = _unwrap(model)
+    if not (hf.training and torch.is_grad_enabled()):
+        return False
+    on = getattr(hf, "is_activation_checkpointing", None)  # the newer name of `is_gradient_checkpointing`
+    return bool(on if on is not None else getattr(hf, "is_gradient_checkpointing", False))
 
 
 _WARNED: set[str] = set()
 
 
-def answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool = True,
-                 chunk_size: int = 1024) -> AnswerLogps:
+def answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool = True, chunk_size: int = 1024,
+                 trim_padding: bool = True) -> AnswerLogps:
     """Summed log-probs of every answer in `batch` under `model`; prefix sharing when the model allows it.
 
+    `trim_padding` runs the batch as sub-batches of similar length (same numbers, less padding computed).
+    A model that cannot continue answers from a prompt cache falls back to the plain layout, with one warning.
     `model` may also be the module form below (sharded by FSDP, its forward is what gathers the weights).
     """
     if isinstance(model, _Forward):
-        logps, lengths = model(batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size)
+        logps, lengths = model(batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size, trim_padding=trim_padding)
         return AnswerLogps(logps, lengths)
     if prefix_sharing and batch.k > 1:
         name = type(_unwrap(model)).__name__
-        if name not in _WARNED:
+        key = f"{name}/checkpointing" if _checkpointing(model) else name
+        if key not in _WARNED:
             try:
-                return shared_prefix_logps(model, batch, chunk_size=chunk_size)
+                return shared_prefix_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding)
             except (TypeError, ValueError, NotImplementedError, AttributeError) as exc:
-                _WARNED.add(name)
+                _WARNED.add(key)
                 log.warning("%s cannot continue answers from a shared prompt cache (%s); using the plain path",
                             name, exc)
-    return plain_logps(model, batch, chunk_size=chunk_size)
+    return plain_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding)
 
 
 def full_logits_logps(model, batch: PromptAnswerBatch) -> AnswerLogps:
@@ -216,16 +402,19 @@ def full_logits_logps(model, batch: PromptAnswerBatch) -> AnswerLogps:
 class _Forward(torch.nn.Module):
     """Module form of `answer_logps`, so data-parallel wrappers see the whole computation as one forward."""
 
-    def __init__(self, model, prefix_sharing: bool, chunk_size: int):
+    def __init__(self, model, prefix_sharing: bool, chunk_size: int, trim_padding: bool = True):
         super().__init__()
         self.model = model
         self.prefix_sharing = prefix_sharing
         self.chunk_size = chunk_size
+        self.trim_padding = trim_padding
 
-    def forward(self, batch: PromptAnswerBatch, prefix_sharing: bool | None = None, chunk_size: int | None = None):
+    def forward(self, batch: PromptAnswerBatch, prefix_sharing: bool | None = None, chunk_size: int | None = None,
+                trim_padding: bool | None = None):
         out = answer_logps(self.model, batch,
                            prefix_sharing=self.prefix_sharing if prefix_sharing is None else prefix_sharing,
-                           chunk_size=chunk_size or self.chunk_size)
+                           chunk_size=chunk_size or self.chunk_size,
+                           trim_padding=self.trim_padding if trim_padding is None else trim_padding)
         return out.logps, out.lengths
 
 
@@ -243,8 +432,9 @@ class AnswerLogpModule:
     FSDP2 (each rank holds 1/world of them; see parallel.py).
     """
 
-    def __init__(self, model, *, prefix_sharing: bool = True, chunk_size: int = 1024, env=None, fsdp: bool = False):
-        self.inner = _Forward(model, prefix_sharing, chunk_size)
+    def __init__(self, model, *, prefix_sharing: bool = True, chunk_size: int = 1024, trim_padding: bool = True,
+                 env=None, fsdp: bool = False):
+        self.inner = _Forward(model, prefix_sharing, chunk_size, trim_padding)
         self.runner = self.inner
         self.sharded = bool(fsdp and env is not None and env.enabled)
         if self.sharded:

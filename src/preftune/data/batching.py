@@ -41,10 +41,11 @@ class PromptAnswerBatch:
 
     def select(self, rows: torch.Tensor) -> "PromptAnswerBatch":
         """The sub-batch of the given prompt rows (with their answers), trimmed of all-padding columns."""
-        answer_rows = (rows[:, None] * self.k + torch.arange(self.k)).reshape(-1)
+        answer_rows = (rows[:, None] * self.k + torch.arange(self.k, device=rows.device)).reshape(-1)
         p, a = self.prompt_lens[rows], self.answer_lens[answer_rows]
         return PromptAnswerBatch(self.prompt_ids[rows, : int(p.max())], p,
-                                 self.answer_ids[answer_rows, : int(a.max())], a, self.k, self.index[rows])
+                                 self.answer_ids[answer_rows, : int(a.max())], a, self.k,
+                                 self.index[rows.to(self.index.device)])
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:

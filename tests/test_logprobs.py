@@ -1,0 +1,235 @@
+"""Every fast log-prob path against the plain computation: a whole-model forward of each `prompt + answer`."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinylm import make_tokenizer
+from preftune import logprobs
+from preftune.data.batching import collate
+from preftune.data.records import PreferencePair
+from preftune.data.tokenize import TokenizedPair, tokenize_all
+from preftune.logprobs import answer_logps, full_logits_logps, plan_groups, token_logps
+from preftune.models import tiny_llama
+
+VOCAB = 97
+# (prompt, chosen, rejected) lengths: prompts of very different lengths, answers of one token, chosen longer and
+# shorter than rejected.
+SHAPES = [(3, 1, 7), (17, 5, 1), (1, 2, 2), (9, 9, 3), (2, 1, 1)]
+
+
+def model(seed: int = 0):
+    return tiny_llama(VOCAB, hidden=32, layers=2, heads=4, pad_id=0, seed=seed).float().train()
+
+
+def pairs(shapes, seed: int = 1) -> list[TokenizedPair]:
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(1, VOCAB, (n,), generator=g).tolist()
+
+    return [TokenizedPair(ids(p), ids(c), ids(r), index=i) for i, (p, c, r) in enumerate(shapes)]
+
+
+def logps_and_grads(m, fn):
+    """Log-probs, and parameter gradients of a weighted sum of them (weights differ per row, some negative)."""
+    m.zero_grad(set_to_none=True)
+    out = fn().logps
+    weights = torch.linspace(-1.0, 2.0, out.numel())
+    (out * weights).sum().backward()
+    return out.detach(), {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def assert_close(fast, plain):
+    out, grads = fast
+    ref_out, ref_grads = plain
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        # Relative to the parameter's largest gradient; the floor covers gradients that are zero in exact
+        # arithmetic (a one-token prompt and answer give the queries no gradient) but round-off noise in float32.
+        scale = ref_grads[name].abs().max()
+        assert (g - ref_grads[name]).abs().max() <= 1e-4 * scale + 1e-8, name
+
+
+@pytest.mark.parametrize("prefix_sharing,trim_padding,chunk_size",
+                         list(itertools.product([True, False], [True, False], [3, 1024])))
+def test_fast_paths_equal_the_whole_model_forward(prefix_sharing, trim_padding, chunk_size):
+    m = model()
+    batch = collate(pairs(SHAPES), pad_id=0)
+    plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
+    fast = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
+                                                   trim_padding=trim_padding))
+    assert_close(fast, plain)
+
+
+@pytest.mark.parametrize("shapes", [[(4, 3, 5)], [(1, 1, 1)], [(6, 1, 1), (6, 1, 1)]])
+def test_small_batches_and_one_token_answers(shapes):
+    m = model()
+    batch = collate(pairs(shapes), pad_id=0)
+    plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
+    fast = logps_and_grads(m, lambda: answer_logps(m, batch, chunk_size=3))
+    assert_close(fast, plain)
+
+
+def test_sft_rows_equal_the_whole_model_forward():
+    from preftune.data.tokenize import TokenizedExample
+
+    m = model()
+    items = [TokenizedExample(list(range(5, 5 + p)), list(range(40, 40 + a)), index=i)
+             for i, (p, a) in enumerate([(1, 4), (8, 1), (3, 3)])]
+    batch = collate(items, pad_id=0)
+    plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
+    fast = logps_and_grads(m, lambda: answer_logps(m, batch, chunk_size=2))
+    assert_close(fast, plain)
+
+
+def test_no_grad_paths_agree_too():
+    m = model().eval()
+    batch = collate(pairs(SHAPES), pad_id=0)
+    with torch.no_grad():
+        plain = full_logits_logps(m, batch).logps
+    with torch.inference_mode():
+        fast = answer_logps(m, batch, chunk_size=4).logps
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projection_equals_autograd_log_softmax():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(11, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (11,))
+    weights = torch.randn(11)
+
+    class _Model:  # just enough of a causal LM for `Head`
+        config = type("C", (), {})()
+
+        def get_output_embeddings(self):
+            return head
+
+    fast = token_logps(logprobs.Head(_Model()), hidden, targets, chunk_size=3)
+    g_fast = torch.autograd.grad((fast * weights).sum(), [hidden, head.weight])
+    plain = F.log_softmax(hidden @ head.weight.t(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    g_plain = torch.autograd.grad((plain * weights).sum(), [hidden, head.weight])
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_fast, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_left_padding_tokenizer_changes_nothing():
+    tok = make_tokenizer()
+    records = [PreferencePair("the capital of france is", " paris .", " rome", None, "r1"),
+               PreferencePair("cats", " chase mice . the sky is blue", " dogs", None, "r2")]
+    right, _ = tokenize_all(tok, records, max_length=64)
+    tok.padding_side = "left"
+    left, _ = tokenize_all(tok, records, max_length=64)
+    b_right, b_left = collate(right, tok.pad_token_id), collate(left, tok.pad_token_id)
+    for name in ("prompt_ids", "prompt_lens", "answer_ids", "answer_lens"):
+        assert torch.equal(getattr(b_right, name), getattr(b_left, name))
+    m = tiny_llama(len(tok), hidden=32, layers=2, heads=4, pad_id=tok.pad_token_id, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(answer_logps(m, b_left).logps, full_logits_logps(m, b_right).logps,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_without_a_reusable_cache_falls_back_with_one_warning(monkeypatch, caplog):
+    def no_cache(*args, **kwargs):
+        raise TypeError("no cache here")
+
+    monkeypatch.setattr(logprobs, "_reusable_cache", no_cache)
+    monkeypatch.setattr(logprobs, "_WARNED", set())
+    m = model()
+    batch = collate(pairs(SHAPES), pad_id=0)
+    plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
+    with caplog.at_level(logging.WARNING, logger="preftune.logprobs"):
+        first = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=True))
+        second = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=True))
+    assert_close(first, plain)
+    assert_close(second, plain)
+    warnings = [r for r in caplog.records if "plain path" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, caplog):
+    monkeypatch.setattr(logprobs, "_WARNED", set())
+    m = model()
+    batch = collate(pairs(SHAPES), pad_id=0)
+    plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.train()
+    with caplog.at_level(logging.WARNING, logger="preftune.logprobs"):
+        fast = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=True, chunk_size=3))
+    assert_close(fast, plain)
+    assert any("checkpointing" in r.getMessage() for r in caplog.records)
+    # Without gradients nothing is replayed, so the prompt cache is still shared (and exact).
+    with torch.no_grad():
+        torch.testing.assert_close(answer_logps(m, batch).logps, plain[0], rtol=1e-5, atol=1e-5)
+
+
+def test_plan_groups_finds_the_cheapest_contiguous_cut():
+    lengths = [3, 4, 4, 9, 30, 31, 80]
+    call = 10
+
+    def cost(group):
+        return len(group) * max(lengths[i] for i in group) + call
+
+    groups = plan_groups(list(range(len(lengths))), cost)
+    best = min(
+        (sum(cost(list(range(a, b))) for a, b in zip((0,) + cuts, cuts + (len(lengths),))), cuts)
+        for n in range(len(lengths))
+        for cuts in itertools.combinations(range(1, len(lengths)), n)
+    )
+    assert sum(cost(g) for g in groups) == best[0]
+    assert [i for g in groups for i in g] == list(range(len(lengths)))
+
+
+# A few Anthropic-HH-style dialogues: the prompt is the dialogue up to the last "\n\nAssistant:".
+HH = [
+    ("\n\nHuman: How do I boil an egg?\n\nAssistant:", " Put it in boiling water for nine minutes.",
+     " I don't know."),
+    ("\n\nHuman: What is the capital of France?\n\nAssistant: Paris.\n\nHuman: And Italy?\n\nAssistant:",
+     " Rome is the capital of Italy.", " Milan, I think, but I'm not sure about that one."),
+    ("\n\nHuman: tell me a joke\n\nAssistant:", " Why did the chicken cross the road?", " No."),
+]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_text_tokenisation_matches_trl_and_a_direct_forward():
+    """TRL tokenises prompt+answer+EOS text together and splits where it diverges from the tokenised prompt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token=None))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<bos>", "<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    raw.train_from_iterator([p + c + r for p, c, r in HH] * 5, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    records = [PreferencePair(p, c, r, None, f"hh{i}") for i, (p, c, r) in enumerate(HH)]
+    items, _ = tokenize_all(tok, records, max_length=512)
+    m = tiny_llama(len(tok), hidden=32, layers=2, heads=4, pad_id=tok.pad_token_id, seed=0).eval()
+    ours = answer_logps(m, collate(items, tok.pad_token_id)).logps.detach()
+    for i, (prompt, chosen, rejected) in enumerate(HH):
+        prompt_ids = tok(prompt)["input_ids"]
+        full = [tok(prompt + a + tok.eos_token)["input_ids"] for a in (chosen, rejected)]
+        cut = min(_common_prefix(prompt_ids, f) for f in full)
+        assert items[i].prompt_ids == prompt_ids[:cut]
+        assert items[i].chosen_ids == full[0][cut:]
+        assert items[i].rejected_ids == full[1][cut:]
+        for j, ids in enumerate(full):  # summed log-probs of the answer tokens in one plain forward
+            with torch.no_grad():
+                logits = m(input_ids=torch.tensor([ids])).logits[0]
+            direct = F.log_softmax(logits[cut - 1:-1], -1).gather(-1, torch.tensor(ids[cut:])[:, None]).sum()
+            torch.testing.assert_close(ours[2 * i + j], direct, rtol=1e-5, atol=1e-5)
