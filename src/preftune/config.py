@@ -75,6 +75,7 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the model folder or the Hub to run.")
     prefix_sharing: bool = _f(True, "Compute each prompt once for chosen and rejected.")
     logits_chunk_size: int = _f(1024, "Answer tokens projected to the vocabulary at a time.")
+    trim_padding: bool = _f(True, "Run each batch as sub-batches of similar length so padding is not computed.")
     precompute_ref: bool = _f(False, "Compute reference log-probs once before training and cache them on disk.")
     ref_cache_dir: str | None = _f(None, "Where cached reference log-probs live (default: ~/.cache/preftune/ref).")
     group_by_length: bool = _f(False, "Batch pairs of similar length together to cut padding.")

@@ -16,31 +16,37 @@ from .logprobs import answer_logps
 
 
 class FrozenReference:
-    def __init__(self, model, *, prefix_sharing: bool = True, chunk_size: int = 1024):
+    # A separate frozen model only ever runs without gradients, so inference mode's cheaper bookkeeping is safe.
+    _no_grad = staticmethod(torch.inference_mode)
+
+    def __init__(self, model, *, prefix_sharing: bool = True, chunk_size: int = 1024, trim_padding: bool = True):
         self.model = model
         self.prefix_sharing = prefix_sharing
         self.chunk_size = chunk_size
+        self.trim_padding = trim_padding
 
     def _context(self):
         return nullcontext()
 
-    @torch.no_grad()
     def logps(self, batch: PromptAnswerBatch) -> torch.Tensor:
         """[B*k] summed answer log-probs under the reference."""
-        with self._context():
-            return answer_logps(self.model, batch, prefix_sharing=self.prefix_sharing,
-                                chunk_size=self.chunk_size).logps.detach()
+        with self._no_grad(), self._context():
+            out = answer_logps(self.model, batch, prefix_sharing=self.prefix_sharing, chunk_size=self.chunk_size,
+                               trim_padding=self.trim_padding).logps
+        return out.clone()  # an ordinary tensor: losses may save it for backward, which inference tensors forbid
 
 
 class AdaptersOffReference(FrozenReference):
     """The policy network with its adapters disabled: the frozen base weights are the reference."""
+
+    # The policy also trains: a tensor it caches in inference mode could not be used by autograd later.
+    _no_grad = staticmethod(torch.no_grad)
 
     def _context(self):
         from .logprobs import _unwrap
 
         return _unwrap(self.model).disable_adapter()
 
-    @torch.no_grad()
     def logps(self, batch: PromptAnswerBatch) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()  # no LoRA dropout in the reference

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -17,7 +18,7 @@ from .distributed import DistEnv
 from .logprobs import AnswerLogpModule, sharded_logps_module
 from .losses import needs_reference
 from .models import freeze, load_model, load_tokenizer
-from .reference import AdaptersOffReference, FrozenReference
+from .reference import AdaptersOffReference, CachedReference, FrozenReference
 
 log = logging.getLogger(__name__)
 
@@ -76,26 +77,41 @@ def build(cfg: TrainConfig, *, device, dtype, env: DistEnv) -> Setup:
     eval_items, eval_stats = tokenize_all(tokenizer, eval_records, max_length=cfg.max_length,
                                           max_prompt_length=cfg.max_prompt_length) if eval_records else ([], None)
     sharded = cfg.fsdp and env.enabled
+    if sharded and cfg.precompute_ref and uses_reference(cfg):
+        raise ConfigError("--precompute-ref: not yet with --fsdp (each rank would need the whole reference); "
+                          "precompute in a run without --fsdp (the cache is reused), or drop the flag")
     if cfg.fsdp and not sharded:
         log.warning("--fsdp shards only across several processes; start the run with torchrun --nproc-per-node N")
     # Under FSDP each rank loads on the CPU and keeps only its shard on its device.
     load_device = torch.device("cpu") if sharded else device
+    reference = None
+    eval_table = None
+    if uses_reference(cfg) and cfg.precompute_ref:
+        # Before the policy loads, so the reference and the policy never sit in memory together.
+        reference, eval_table = _cached_reference(cfg, tokenizer, train_items, eval_items, device, dtype, env)
     policy = load_model(cfg.model, device=load_device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                         quantization_config=lora.quantization_config(cfg, dtype))
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(policy, "activation_checkpointing_enable", None)  # the newer name, transformers >= 5.x
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
     if cfg.lora_r:
         policy = lora.add_adapters(policy, cfg)
-    logp = AnswerLogpModule(policy, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size, env=env,
-                            fsdp=cfg.fsdp)
-    reference = None
-    eval_table = None
-    if uses_reference(cfg):
+    if cfg.compile:
+        # The decoder body only: the answer-only projection stays eager. Lengths vary per batch, hence dynamic.
+        from .logprobs import body_of
+
+        body_of(policy).compile(dynamic=True)
+    logp = AnswerLogpModule(policy, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
+                            trim_padding=cfg.trim_padding, env=env, fsdp=cfg.fsdp)
+    if uses_reference(cfg) and not cfg.precompute_ref:
         if cfg.lora_r and not cfg.ref_model:
             # The base weights under the adapters are the starting model: no second copy.
             reference = AdaptersOffReference(logp.eval_model, prefix_sharing=cfg.prefix_sharing,
-                                             chunk_size=cfg.logits_chunk_size)
+                                             chunk_size=cfg.logits_chunk_size, trim_padding=cfg.trim_padding)
         else:
             ref_model = load_model(cfg.ref_model or cfg.model, device=load_device, dtype=dtype,
                                    trust_remote_code=cfg.trust_remote_code)
@@ -103,12 +119,50 @@ def build(cfg: TrainConfig, *, device, dtype, env: DistEnv) -> Setup:
             if sharded:
                 ref_model = sharded_logps_module(ref_model, prefix_sharing=cfg.prefix_sharing,
                                                  chunk_size=cfg.logits_chunk_size)
-            reference = FrozenReference(ref_model, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
-        # --precompute-ref hook: once the on-disk reference cache lands, build its table here with each rank
-        # computing its slice of the dataset (distributed.shard over positions) and an all-gather giving every
-        # rank the whole [N, 2] table; rank 0 writes the cache. A CachedReference then replaces `reference`.
+            reference = FrozenReference(ref_model, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
+                                        trim_padding=cfg.trim_padding)
         if eval_items:
             eval_table = reference_table(reference, eval_items, pad_id=tokenizer.pad_token_id, device=device,
                                          batch_size=cfg.batch_size)
     return Setup(tokenizer, policy, reference, train_items, eval_items, records, report, stats, eval_stats,
                  eval_table, logp_module=logp, dtype=dtype)
+
+
+def _load_reference(cfg: TrainConfig, device, dtype):
+    model = load_model(cfg.ref_model or cfg.model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    freeze(model)
+    return model
+
+
+def _cached_reference(cfg: TrainConfig, tokenizer, train_items, eval_items, device, dtype, env: DistEnv):
+    """(CachedReference for training, [N_eval, 2] eval table or None), from the on-disk cache or computed once.
+
+    Under torchrun each rank computes every world-th pair and a sum over ranks assembles the whole table."""
+    from .distributed import all_reduce_sum, barrier
+    from .reference_cache import CacheRequest, cached_tables, compute_table, default_cache_dir
+
+    settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "dtype": str(dtype)}
+
+    def compute(model, items):
+        mine = items[env.rank::env.world_size]
+        part = compute_table(model, mine, pad_id=tokenizer.pad_token_id, device=device, batch_size=cfg.batch_size,
+                             prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
+        rows = max(it.index for it in items) + 1
+        table, filled = torch.zeros(rows, part.shape[1], dtype=torch.float64), torch.zeros(rows, dtype=torch.float64)
+        idx = [it.index for it in mine]
+        table[idx], filled[idx] = part[idx].double(), 1.0
+        table, filled = all_reduce_sum(table, env), all_reduce_sum(filled, env)
+        return table.float().masked_fill(filled[:, None] == 0, float("nan"))
+
+    tables, messages = cached_tables(
+        [CacheRequest("train", train_items), CacheRequest("eval", eval_items)],
+        reference=cfg.ref_model or cfg.model, settings=settings,
+        cache_dir=Path(cfg.ref_cache_dir).expanduser() if cfg.ref_cache_dir else default_cache_dir(),
+        load_model=lambda: _load_reference(cfg, device, dtype), compute=compute, is_main=env.is_main,
+        barrier=lambda: barrier(env))
+    barrier(env)
+    if env.is_main and not cfg.quiet:
+        for line in messages:
+            print(line, flush=True)
+    eval_table = tables["eval"][[it.index for it in eval_items]] if eval_items else None
+    return CachedReference(tables["train"]), eval_table
