@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import logging
 
 import pytest
@@ -172,20 +173,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, caplog):
 
 
 def test_plan_groups_finds_the_cheapest_contiguous_cut():
-    lengths = [3, 4, 4, 9, 30, 31, 80]
+    widths = [(3, 1), (4, 9), (4, 2), (9, 1), (30, 5), (31, 40), (80, 2)]
     call = 10
 
-    def cost(group):
-        return len(group) * max(lengths[i] for i in group) + call
+    def cost(group):  # items x (longest of each block, summed) + one call
+        return len(group) * sum(max(widths[i][d] for i in group) for d in range(2)) + call
 
-    groups = plan_groups(list(range(len(lengths))), cost)
-    best = min(
-        (sum(cost(list(range(a, b))) for a, b in zip((0,) + cuts, cuts + (len(lengths),))), cuts)
-        for n in range(len(lengths))
-        for cuts in itertools.combinations(range(1, len(lengths)), n)
-    )
-    assert sum(cost(g) for g in groups) == best[0]
-    assert [i for g in groups for i in g] == list(range(len(lengths)))
+    groups = plan_groups(widths, call_cost=call)
+    best = min(sum(cost(list(range(a, b))) for a, b in zip((0,) + cuts, cuts + (len(widths),)))
+               for n in range(len(widths)) for cuts in itertools.combinations(range(1, len(widths)), n))
+    assert sum(cost(g) for g in groups) == best
+    assert [i for g in groups for i in g] == list(range(len(widths)))
+    assert plan_groups(widths, call_cost=1e9) == [list(range(len(widths)))]  # dear calls: one padded batch
 
 
 # A few Anthropic-HH-style dialogues: the prompt is the dialogue up to the last "\n\nAssistant:".
@@ -233,3 +232,15 @@ def test_text_tokenisation_matches_trl_and_a_direct_forward():
                 logits = m(input_ids=torch.tensor([ids])).logits[0]
             direct = F.log_softmax(logits[cut - 1:-1], -1).gather(-1, torch.tensor(ids[cut:])[:, None]).sum()
             torch.testing.assert_close(ours[2 * i + j], direct, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not os.environ.get("PREFTUNE_SLOW_TESTS"), reason="torch.compile takes a minute on a CPU; "
+                                                                      "set PREFTUNE_SLOW_TESTS=1 to run it")
+def test_compiled_body_gives_the_same_numbers():
+    from preftune.logprobs import body_of
+
+    m = model()
+    batch = collate(pairs(SHAPES), pad_id=0)
+    plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
+    body_of(m).compile(dynamic=True)
+    assert_close(logps_and_grads(m, lambda: answer_logps(m, batch, chunk_size=3)), plain)

@@ -177,22 +177,25 @@ CALL_COST_TOKENS = {"cpu": 32, "cuda": 2048}
 DEFAULT_CALL_COST = 512
 
 
-def plan_groups(order: list[int], cost) -> list[list[int]]:
-    """Cut `order` into contiguous groups with the least summed `cost(group)` (dynamic programming, O(n^2) calls).
+def plan_groups(widths: list[tuple[int, ...]], *, rows_per_item: int = 1, call_cost: float = 0.0) -> list[list[int]]:
+    """Cut items 0..n-1 (in length order) into contiguous groups of least total cost, by dynamic programming.
 
-    With `order` sorted by length and a cost like "rows x longest row + fixed overhead", contiguous groups are
-    the optimal ones, and the plan decides between one padded batch and many exact-length pieces.
+    A group of g items costs `g * rows_per_item * sum_d max(width[d] over the group) + call_cost`: each item has
+    one width per padded block (prompt, each answer slot) and a block is padded to its longest member. Sorted
+    items make contiguous groups the good ones; the plan weighs padding against one more forward call. O(n^2 d).
     """
-    n = len(order)
+    n = len(widths)
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for j in range(1, n + 1):
-        for i in range(j):
-            c = best[i] + cost(order[i:j])
+        longest = [0] * len(widths[0])
+        for i in range(j - 1, -1, -1):
+            longest = [max(x, y) for x, y in zip(longest, widths[i])]
+            c = best[i] + (j - i) * rows_per_item * sum(longest) + call_cost
             if c < best[j]:
                 best[j], cut[j] = c, i
     groups, j = [], n
     while j > 0:
-        groups.append(order[cut[j]:j])
+        groups.append(list(range(cut[j], j)))
         j = cut[j]
     return groups[::-1]
 
@@ -200,8 +203,8 @@ def plan_groups(order: list[int], cost) -> list[list[int]]:
 def length_groups(batch: PromptAnswerBatch, *, shared: bool, trim_padding: bool) -> list[list[int]]:
     """Prompt rows of `batch` in groups of similar length, each group padded only to its own longest row.
 
-    Cost model, in tokens: shared layout = prompts once + each answer slot to its own width; plain layout = every
-    answer row as prompt + answer; plus `CALL_COST_TOKENS` per forward call.
+    Cost model, in tokens: shared layout = prompts once + each answer slot to its own width (1 + k forward
+    calls); plain layout = every answer row as prompt + answer (one call); a call costs `CALL_COST_TOKENS`.
     """
     b, k = batch.size, batch.k
     if not trim_padding or b == 1:
@@ -209,15 +212,12 @@ def length_groups(batch: PromptAnswerBatch, *, shared: bool, trim_padding: bool)
     p = batch.prompt_lens.tolist()
     a = batch.answer_lens.view(b, k).tolist()
     call = CALL_COST_TOKENS.get(batch.answer_ids.device.type, DEFAULT_CALL_COST)
-
-    def cost(rows: list[int]) -> float:
-        if shared:
-            widths = max(p[r] for r in rows) + sum(max(a[r][s] for r in rows) for s in range(k))
-            return len(rows) * widths + call * (1 + k)
-        return len(rows) * k * max(p[r] + max(a[r]) for r in rows) + call
-
     order = sorted(range(b), key=lambda r: (p[r] + max(a[r]), p[r]))
-    return plan_groups(order, cost)
+    if shared:
+        groups = plan_groups([(p[r], *a[r]) for r in order], call_cost=call * (1 + k))
+    else:
+        groups = plan_groups([(p[r] + max(a[r]),) for r in order], rows_per_item=k, call_cost=call)
+    return [[order[i] for i in g] for g in groups]
 
 
 def _run_grouped(model, batch: PromptAnswerBatch, groups: list[list[int]], layout, chunk_size: int) -> AnswerLogps:
