@@ -6,7 +6,8 @@ FX is a folder written by `../shared/bench/make_fixture.py FX ../shared/data/hh-
 (built here on the fly when missing and the shared script is found). Every measured run is its own subprocess,
 so peak RSS is that run's alone. All runs: same first `batch * (steps + 1)` pairs, fp32, 2 threads, lr 1e-6,
 beta 0.1, AdamW, max_length 512. Speed is `batch / mean(step time)` over the steps after the first, the formula
-of the shared TRL script; the median step is shown beside it for preftune.
+of the shared TRL script; the median step is shown beside it for preftune. preftune's default settings run
+right before and right after TRL, as two rows: the load of a shared machine drifts between them.
 """
 
 from __future__ import annotations
@@ -189,37 +190,31 @@ def trl_tokens_per_step(fixture: Path, bs: int, n: int, max_length: int) -> floa
 
 
 def measure(args, fixture: Path, bs: int, variants: dict[str, list[str]]) -> list[dict]:
-    """TRL, then each preftune variant. The default settings run right before and right after TRL and their
-    steps are pooled: on a shared machine the load drifts, and bracketing TRL evens it out."""
+    """TRL and each preftune variant, one row per run. The default settings run right before and right after
+    TRL: on a shared machine the load drifts, and the two rows show by how much."""
     cache = tempfile.mkdtemp(prefix="bench-ref-")
-    runs: dict[str, list[dict]] = {name: [] for name in variants}
 
-    def run_variant(name):
+    def run_variant(name, label=""):
         flags = variants[name]
         if "--precompute-ref" in flags:  # fill the cache once (not timed); the timed run reuses it
             flags = [*flags, f"--ref-cache-dir={cache}"]
             _sub(args, "preftune", fixture, bs, flags)
-        runs[name].append(_sub(args, "preftune", fixture, bs, flags))
-        print(f"  {name}: {bs / statistics.mean(runs[name][-1]['steady_step_s']):.2f} pairs/s", flush=True)
+        r = _sub(args, "preftune", fixture, bs, flags)
+        steady = r.pop("steady_step_s")
+        row = {"name": name + label, "pairs_per_s": bs / statistics.mean(steady),
+               "median_pairs_per_s": bs / statistics.median(steady), **r}
+        print(f"  {row['name']}: {row['pairs_per_s']:.2f} pairs/s", flush=True)
+        return row
 
     default = next(name for name, flags in variants.items() if not flags)
-    run_variant(default)
-    rows = []
+    rows = [run_variant(default, ", run before TRL")]
     trl = run_trl(args, fixture, bs) if not args.skip_trl else None
     if trl:
         trl["tokens_per_step"] = trl_tokens_per_step(fixture, bs, bs * (args.steps + 1), args.max_length)
-        rows.append({"name": "TRL DPOTrainer", **trl})
+        rows.insert(0, {"name": "TRL DPOTrainer", **trl})
         print(f"  TRL: {trl}", flush=True)
-    run_variant(default)
-    for name in variants:
-        if name != default:
-            run_variant(name)
-    for name in variants:
-        steady = [t for r in runs[name] for t in r["steady_step_s"]]
-        rows.append({"name": name, "pairs_per_s": bs / statistics.mean(steady),
-                     "median_pairs_per_s": bs / statistics.median(steady),
-                     "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[name]),
-                     **{k: runs[name][0][k] for k in ("tokens_per_step", "first_loss")}})
+    rows.append(run_variant(default, ", run after TRL"))
+    rows += [run_variant(name) for name in variants if name != default]
     return rows
 
 
