@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import fact_pairs, make_model_dir, write_jsonl
+from tinylm import fact_pairs, make_model_dir, write_jsonl
 from preftune import reference_cache as rc
 from preftune import setup as setup_mod
 from preftune.config import TrainConfig
