@@ -74,7 +74,8 @@ def worker_preftune(args) -> None:
     argv = ["dpo", "--model", str(Path(args.fixture, "model")), "--data", str(data), "--output-dir",
             str(work / "run"), "--max-steps", str(args.steps), "--batch-size", str(args.bs), "--max-length",
             str(args.max_length), "--lr", "1e-6", "--beta", "0.1", "--dtype", "float32", "--device", "cpu",
-            "--scheduler", "linear", "--seed", "0", "--quiet", *args.flags]
+            "--scheduler", "linear", "--seed", "0", "--quiet",
+            "--skip-bad-records", *args.flags]  # HH has a few empty answers, which TRL trains on as bare EOS
     cfg = config_from_args(build_parser().parse_args(argv), "dpo")
     run(cfg, command="bench")
     steps = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]

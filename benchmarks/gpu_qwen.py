@@ -93,7 +93,7 @@ def worker_preftune(args) -> dict:
     cfg = TrainConfig(stage="dpo", model=str(args.model), data=str(data), output_dir=str(work / "run"),
                       max_steps=args.steps, batch_size=args.bs, max_length=args.max_length, lr=1e-6, beta=0.1,
                       dtype=args.dtype, device=args.device, seed=0, quiet=True, scheduler="linear",
-                      compile=args.compile)
+                      compile=args.compile, skip_bad_records=True)  # HH has a few empty answers
     run(cfg, command="bench")
     steps = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     times = [args.bs / s["pairs_per_s"] for s in steps if "pairs_per_s" in s]

@@ -113,9 +113,7 @@ def build(cfg: TrainConfig, *, device, dtype, env: DistEnv) -> Setup:
             reference = AdaptersOffReference(logp.eval_model, prefix_sharing=cfg.prefix_sharing,
                                              chunk_size=cfg.logits_chunk_size, trim_padding=cfg.trim_padding)
         else:
-            ref_model = load_model(cfg.ref_model or cfg.model, device=load_device, dtype=dtype,
-                                   trust_remote_code=cfg.trust_remote_code)
-            freeze(ref_model)
+            ref_model = _load_reference(cfg, load_device, dtype)
             if sharded:
                 ref_model = sharded_logps_module(ref_model, prefix_sharing=cfg.prefix_sharing,
                                                  chunk_size=cfg.logits_chunk_size)
