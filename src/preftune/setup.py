@@ -15,6 +15,7 @@ from .data.load import load_pairs, load_sft, split_eval
 from .data.records import LoadReport
 from .data.tokenize import TokenizeStats, tokenize_all
 from .distributed import DistEnv
+from .errors import ConfigError
 from .logprobs import AnswerLogpModule, sharded_logps_module
 from .losses import needs_reference
 from .models import freeze, load_model, load_tokenizer
