@@ -20,10 +20,11 @@ from preftune.data.tokenize import tokenize_all
 from preftune.distributed import DistEnv
 from preftune.errors import ConfigError, PreftuneError
 from preftune.logprobs import full_logits_logps
-from preftune.models import load_model
+from preftune.models import Precision, load_model
 from preftune.reference import AdaptersOffReference, FrozenReference
 
 CPU = torch.device("cpu")
+FP32 = Precision(torch.float32, torch.float32)
 
 
 def cfg_for(model_dir, data, out, **kw) -> TrainConfig:
@@ -114,7 +115,7 @@ def test_lora_setup_holds_one_copy_of_the_base_weights(tiny_model_dir, pairs_fil
     loads = []
     real = setup_mod.load_model
     monkeypatch.setattr(setup_mod, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
-    s = setup_mod.build(cfg_for(tiny_model_dir, pairs_file, tmp_path), device=CPU, dtype=torch.float32,
+    s = setup_mod.build(cfg_for(tiny_model_dir, pairs_file, tmp_path), device=CPU, precision=FP32,
                         env=DistEnv())
     assert len(loads) == 1
     assert isinstance(s.reference, AdaptersOffReference)
@@ -127,7 +128,7 @@ def test_lora_setup_holds_one_copy_of_the_base_weights(tiny_model_dir, pairs_fil
 
 def test_lora_with_an_explicit_ref_model_uses_a_frozen_copy(tiny_model_dir, pairs_file, tmp_path):
     s = setup_mod.build(cfg_for(tiny_model_dir, pairs_file, tmp_path, ref_model=str(tiny_model_dir)), device=CPU,
-                        dtype=torch.float32, env=DistEnv())
+                        precision=FP32, env=DistEnv())
     assert type(s.reference) is FrozenReference
     assert not any(p.requires_grad for p in s.reference.model.parameters())
 

@@ -7,13 +7,16 @@ import torch
 from tinylm import make_tokenizer
 
 from preftune.errors import ModelError
-from preftune.models import load_model, load_tokenizer, pick_device, pick_dtype
+from preftune.models import Precision, load_model, load_tokenizer, pick_device, pick_dtype, pick_precision
 
 
 def test_cpu_defaults():
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
     assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert pick_precision("auto", torch.device("cpu")) == Precision(torch.float32, torch.float32, None)
+    # mixed: trained weights and optimizer state fp32, compute and frozen weights bf16
+    assert pick_precision("mixed", torch.device("cpu")) == Precision(torch.float32, torch.bfloat16, torch.bfloat16)
 
 
 def test_tokenizer_without_pad_token_gets_eos(tmp_path):

@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 STAGES = ("sft", "dpo")
 SCHEDULERS = ("cosine", "linear", "constant")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "mixed", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # A stage's learning rate when none is given: SFT moves weights a lot, DPO gently (Rafailov et al. use 5e-7..1e-6).
 DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7}
@@ -69,8 +69,8 @@ class TrainConfig:
     simpo_gamma: float = _f(0.5, "Target reward margin of SimPO.")
     sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen answers (RPO).")
     # --- model, precision, speed
-    dtype: str = _f("auto", "Weights dtype: auto (bf16 on capable GPUs, fp32 elsewhere), float32, bfloat16, float16.",
-                    choices=DTYPES)
+    dtype: str = _f("auto", "Precision: mixed (fp32 trained weights, bf16 compute, bf16 frozen weights), float32, "
+                            "bfloat16, float16; auto = mixed on bf16 GPUs, float32 elsewhere.", choices=DTYPES)
     device: str = _f("auto", "Device: auto (cuda > mps > cpu), cpu, cuda or mps.", choices=DEVICES)
     trust_remote_code: bool = _f(False, "Allow model code from the model folder or the Hub to run.")
     prefix_sharing: bool = _f(True, "Compute each prompt once for chosen and rejected.")

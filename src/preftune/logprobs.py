@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -112,11 +113,20 @@ class _LinearTokenLogps(torch.autograd.Function):
         out, lse = _LinearTokenLogps.project(hidden, weight, targets, chunk)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk = chunk
+        # Backward recomputes the logits: it must do so at the precision forward used (mixed precision).
+        dev = hidden.device.type
+        ctx.amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         return out
 
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, targets, lse = ctx.saved_tensors
+        amp = ctx.amp
+        with torch.autocast(hidden.device.type, dtype=amp, enabled=amp is not None):
+            return _LinearTokenLogps._backward(ctx, grad, hidden, weight, targets, lse, amp)
+
+    @staticmethod
+    def _backward(ctx, grad, hidden, weight, targets, lse, amp):
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
@@ -127,6 +137,12 @@ class _LinearTokenLogps(torch.autograd.Function):
             dlogits = logits.sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])
             rows = torch.arange(h.shape[0], device=h.device)
             dlogits.index_put_((rows, targets[s:s + ctx.chunk]), g, accumulate=True)
+            if amp is not None:  # the two products in the compute dtype, accumulated in the weights' dtype
+                if need_h:
+                    grad_h[s:s + ctx.chunk] = dlogits @ weight
+                if need_w:
+                    grad_w += dlogits.t() @ h
+                continue
             dlogits = dlogits.to(weight.dtype)
             if need_h:
                 torch.mm(dlogits, weight, out=grad_h[s:s + ctx.chunk])
@@ -368,6 +384,27 @@ def answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool = True
     if isinstance(model, _Forward):
         logps, lengths = model(batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size, trim_padding=trim_padding)
         return AnswerLogps(logps, lengths)
+    with compute_precision(model):
+        return _answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
+                             trim_padding=trim_padding)
+
+
+def compute_precision(model):
+    """Autocast to the compute dtype `set_compute_dtype` gave the model (mixed precision), else nothing."""
+    hf = _unwrap(model)
+    dtype = getattr(hf, "preftune_compute_dtype", None)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(next(hf.parameters()).device.type, dtype=dtype)
+
+
+def set_compute_dtype(model, dtype: torch.dtype | None) -> None:
+    """Compute `model`'s forwards under autocast to `dtype` (its weights keep their own dtype)."""
+    _unwrap(model).preftune_compute_dtype = dtype
+
+
+def _answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool, chunk_size: int,
+                  trim_padding: bool) -> AnswerLogps:
     if prefix_sharing and batch.k > 1:
         name = type(_unwrap(model)).__name__
         key = f"{name}/checkpointing" if _checkpointing(model) else name

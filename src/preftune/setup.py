@@ -16,9 +16,9 @@ from .data.records import LoadReport
 from .data.tokenize import TokenizeStats, tokenize_all
 from .distributed import DistEnv
 from .errors import ConfigError
-from .logprobs import AnswerLogpModule, sharded_logps_module
+from .logprobs import AnswerLogpModule, set_compute_dtype, sharded_logps_module
 from .losses import needs_reference
-from .models import freeze, load_model, load_tokenizer
+from .models import Precision, freeze, load_model, load_tokenizer
 from .reference import AdaptersOffReference, CachedReference, FrozenReference
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def reference_table(reference, items, *, pad_id: int, device, batch_size: int) -
     return torch.cat(rows)
 
 
-def build(cfg: TrainConfig, *, device, dtype, env: DistEnv) -> Setup:
+def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Setup:
     lora.check_request(cfg, device)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     records, report = load_records(cfg, cfg.data)
@@ -89,9 +89,12 @@ def build(cfg: TrainConfig, *, device, dtype, env: DistEnv) -> Setup:
     eval_table = None
     if uses_reference(cfg) and cfg.precompute_ref:
         # Before the policy loads, so the reference and the policy never sit in memory together.
-        reference, eval_table = _cached_reference(cfg, tokenizer, train_items, eval_items, device, dtype, env)
+        reference, eval_table = _cached_reference(cfg, tokenizer, train_items, eval_items, device, precision, env)
+    # Under LoRA the loaded weights stay frozen (the adapters are what trains).
+    dtype = precision.frozen if cfg.lora_r else precision.trained
     policy = load_model(cfg.model, device=load_device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                        quantization_config=lora.quantization_config(cfg, dtype))
+                        quantization_config=lora.quantization_config(cfg, precision.compute or dtype))
+    set_compute_dtype(policy, precision.compute)
     if cfg.gradient_checkpointing:
         enable = getattr(policy, "activation_checkpointing_enable", None)  # the newer name, transformers >= 5.x
         if enable is not None:
@@ -114,7 +117,7 @@ def build(cfg: TrainConfig, *, device, dtype, env: DistEnv) -> Setup:
             reference = AdaptersOffReference(logp.eval_model, prefix_sharing=cfg.prefix_sharing,
                                              chunk_size=cfg.logits_chunk_size, trim_padding=cfg.trim_padding)
         else:
-            ref_model = _load_reference(cfg, load_device, dtype)
+            ref_model = _load_reference(cfg, load_device, precision)
             if sharded:
                 ref_model = sharded_logps_module(ref_model, prefix_sharing=cfg.prefix_sharing,
                                                  chunk_size=cfg.logits_chunk_size)
@@ -127,20 +130,24 @@ def build(cfg: TrainConfig, *, device, dtype, env: DistEnv) -> Setup:
                  eval_table, logp_module=logp, dtype=dtype)
 
 
-def _load_reference(cfg: TrainConfig, device, dtype):
-    model = load_model(cfg.ref_model or cfg.model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+def _load_reference(cfg: TrainConfig, device, precision: Precision):
+    model = load_model(cfg.ref_model or cfg.model, device=device, dtype=precision.frozen,
+                       trust_remote_code=cfg.trust_remote_code)
+    set_compute_dtype(model, precision.compute)
     freeze(model)
     return model
 
 
-def _cached_reference(cfg: TrainConfig, tokenizer, train_items, eval_items, device, dtype, env: DistEnv):
+def _cached_reference(cfg: TrainConfig, tokenizer, train_items, eval_items, device, precision: Precision,
+                      env: DistEnv):
     """(CachedReference for training, [N_eval, 2] eval table or None), from the on-disk cache or computed once.
 
     Under torchrun each rank computes every world-th pair and a sum over ranks assembles the whole table."""
     from .distributed import all_reduce_sum, barrier
     from .reference_cache import CacheRequest, cached_tables, compute_table, default_cache_dir
 
-    settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "dtype": str(dtype)}
+    settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+                "dtype": str(precision.frozen), "compute": str(precision.compute)}
 
     def compute(model, items):
         mine = items[env.rank::env.world_size]
@@ -157,7 +164,7 @@ def _cached_reference(cfg: TrainConfig, tokenizer, train_items, eval_items, devi
         [CacheRequest("train", train_items), CacheRequest("eval", eval_items)],
         reference=cfg.ref_model or cfg.model, settings=settings,
         cache_dir=Path(cfg.ref_cache_dir).expanduser() if cfg.ref_cache_dir else default_cache_dir(),
-        load_model=lambda: _load_reference(cfg, device, dtype), compute=compute, is_main=env.is_main,
+        load_model=lambda: _load_reference(cfg, device, precision), compute=compute, is_main=env.is_main,
         barrier=lambda: barrier(env))
     barrier(env)
     if env.is_main and not cfg.quiet:

@@ -24,7 +24,7 @@ from .errors import NonFiniteError, PreftuneError
 from .evaluate import logps_table, preference_metrics
 from .logprobs import AnswerLogpModule
 from .losses import preference_loss
-from .models import pick_device, pick_dtype
+from .models import pick_device, pick_precision
 from .objectives import make_objective
 from .optim import build_optimizer
 from .parallel import full_state_dict, full_tensor
@@ -137,7 +137,7 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
     device = pick_device(cfg.device)
     env = init_from_env(device.type)
     device = rank_device(device, env)
-    dtype = pick_dtype(cfg.dtype, device)
+    precision = pick_precision(cfg.dtype, device)
     out_dir = Path(cfg.output_dir)
     if cfg.resume and (done := rundir.finished_results(out_dir)) is not None:
         # A job script that always passes --resume may run once more after the run finished: nothing to do.
@@ -147,7 +147,7 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
     rundir.prepare(out_dir, cfg, env)
     torch.manual_seed(cfg.seed)
 
-    setup = build(cfg, device=device, dtype=dtype, env=env)
+    setup = build(cfg, device=device, precision=precision, env=env)
     policy_model, tokenizer, reference = setup.policy, setup.tokenizer, setup.reference
     train_items, eval_items = setup.train_items, setup.eval_items
     pad_id = tokenizer.pad_token_id
