@@ -241,12 +241,19 @@ def test_needs_reference(name):
 
 
 # ------------------------------------------------------------------------------------------------ misuse
-def test_missing_reference_or_lengths_say_what_is_missing():
+def test_missing_reference_says_what_is_missing():
     t = torch.tensor
     with pytest.raises(ValueError, match="reference"):
         preference_loss(t(PC), t(PR), None, None, loss_type="sigmoid")
-    with pytest.raises(ValueError, match="lengths"):
-        preference_loss(t(PC), t(PR), t(RC), t(RR), loss_type="ipo")
+
+
+def test_without_lengths_log_probs_are_taken_as_already_normalised():
+    # IPO on the given numbers: ((pc - rc) - (pr - rr) - 1/(2 beta))^2, pair by pair
+    t = torch.tensor
+    losses, _, _ = preference_loss(t(PC), t(PR), t(RC), t(RR), loss_type="ipo", beta=BETA)
+    for i in range(len(PC)):
+        h = (PC[i] - RC[i]) - (PR[i] - RR[i])
+        assert math.isclose(float(losses[i]), (h - 1 / (2 * BETA)) ** 2, rel_tol=1e-6)
     with pytest.raises(ValueError, match="shape"):
         preference_loss(t(PC), t(PR[:1]), t(RC), t(RR))
 

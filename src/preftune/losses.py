@@ -328,8 +328,9 @@ def preference_loss(
         beta: inverse temperature β; label_smoothing: ε, the assumed rate of flipped labels (sigmoid, robust,
             exo_pair, simpo); simpo_gamma: SimPO's margin γ; bco_delta: BCO's running mean reward δ;
             discopop_tau: DiscoPOP's τ.
-        chosen_lengths, rejected_lengths: [batch] answer tokens, required by ipo, simpo and orpo
-            (clamped to at least 1).
+        chosen_lengths, rejected_lengths: [batch] answer tokens, used by ipo, simpo and orpo to turn summed
+            log-probs into per-token means (clamped to at least 1). Left out, the log-probs passed are taken
+            as already length-normalised (TRL's loss functions receive them that way).
         chosen_nll: [batch] optional mean per-token NLL of the chosen answer for orpo;
             default -policy_chosen_logps / chosen_lengths.
 
@@ -344,8 +345,6 @@ def preference_loss(
     use_reference = any(spec.needs_reference for spec in specs)
     if use_reference and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"loss {loss_type!r} needs reference log-probs; got None")
-    if any(spec.needs_lengths for spec in specs) and (chosen_lengths is None or rejected_lengths is None):
-        raise ValueError(f"loss {loss_type!r} needs chosen_lengths and rejected_lengths (answer tokens per pair)")
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     shape = policy_chosen_logps.shape
@@ -359,8 +358,10 @@ def preference_loss(
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(shape)}, "
                              "the shape of policy_chosen_logps")
 
-    def as_lengths(lengths: Tensor | None) -> Tensor | None:
-        return None if lengths is None else lengths.to(policy_chosen_logps.dtype).clamp(min=1)
+    def as_lengths(lengths: Tensor | None) -> Tensor:
+        if lengths is None:
+            return torch.ones_like(policy_chosen_logps)
+        return lengths.to(policy_chosen_logps.dtype).clamp(min=1)
 
     pairs = Pairs(
         policy_chosen=policy_chosen_logps, policy_rejected=policy_rejected_logps,
