@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import TrainConfig
@@ -52,6 +53,17 @@ def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
             for name in ("plots", CHECKPOINTS):  # old checkpoints must never be resumed into the new run
                 shutil.rmtree(out_dir / name, ignore_errors=True)
     barrier(env)
+
+
+@contextmanager
+def removed_if_left_empty(out_dir: Path, env: DistEnv, created: bool):
+    """If what runs inside fails and the folder was made by this run and is still empty, remove it again."""
+    try:
+        yield
+    except BaseException:
+        if created and env.is_main and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:

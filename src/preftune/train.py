@@ -144,10 +144,12 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
         if env.is_main and not cfg.quiet:
             print(f"preftune: resume: the run in {out_dir} has finished; nothing to do", file=sys.stderr)
         return done
+    created = not out_dir.exists()
     rundir.prepare(out_dir, cfg, env)
     torch.manual_seed(cfg.seed)
 
-    setup = build(cfg, device=device, precision=precision, env=env)
+    with rundir.removed_if_left_empty(out_dir, env, created):  # bad data or model: no empty run folder stays behind
+        setup = build(cfg, device=device, precision=precision, env=env)
     policy_model, tokenizer, reference = setup.policy, setup.tokenizer, setup.reference
     train_items, eval_items = setup.train_items, setup.eval_items
     pad_id = tokenizer.pad_token_id

@@ -145,3 +145,10 @@ def test_saved_config_runs_again(sft_then_dpo):
     assert again["loss"] == first["loss"] and again["chosen_logp"] == first["chosen_logp"]
     r = cli("sft", "--config", "dpo/config.yaml", "--output-dir", "x5", cwd=d)
     _one_line_error(r, "dpo/config.yaml", "preftune dpo")
+
+
+def test_bad_data_leaves_no_empty_run_folder(workdir):
+    (workdir / "broken.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n')
+    r = cli("dpo", "--model", "base", "--data", "broken.jsonl", "--output-dir", "never", cwd=workdir)
+    _one_line_error(r, "broken.jsonl line 2")
+    assert not (workdir / "never").exists()
