@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .config import TrainConfig
 from .data.batching import collate
 from .logprobs import answer_logps
+from .losses import preference_loss
 
 
 @torch.no_grad()
@@ -64,3 +66,21 @@ def per_pair_rows(policy: torch.Tensor, ref: torch.Tensor | None, items) -> list
             "rejected_tokens": len(item.rejected_ids),
         })
     return rows
+
+
+def evaluate_during(model, reference_table, eval_items, cfg: TrainConfig, pad_id: int, device) -> dict:
+    """Held-out metrics during training, keys prefixed `eval_`: token NLL for SFT; for DPO the preference
+    metrics and the loss, against the reference log-probs computed once before training."""
+    policy = logps_table(model, eval_items, pad_id=pad_id, device=device, batch_size=cfg.batch_size,
+                         prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
+    if cfg.stage == "sft":
+        tokens = sum(len(it.answer_ids) for it in eval_items)
+        return {"eval_loss": float(-policy.sum() / max(tokens, 1))}
+    metrics = preference_metrics(policy, reference_table, cfg.beta)
+    lengths = torch.tensor([[len(it.chosen_ids), len(it.rejected_ids)] for it in eval_items], dtype=torch.float32)
+    ref = (None, None) if reference_table is None else (reference_table[:, 0], reference_table[:, 1])
+    losses, _, _ = preference_loss(policy[:, 0], policy[:, 1], *ref, loss_type=cfg.loss, beta=cfg.beta,
+                                   label_smoothing=cfg.label_smoothing, chosen_lengths=lengths[:, 0],
+                                   rejected_lengths=lengths[:, 1], simpo_gamma=cfg.simpo_gamma)
+    metrics["loss"] = float(losses.mean())
+    return {f"eval_{k}": v for k, v in metrics.items()}

@@ -21,9 +21,8 @@ from .config import TrainConfig
 from .data.batching import PromptAnswerBatch, collate, epoch_order, total_steps
 from .distributed import DistEnv, all_reduce_sum, init_from_env, rank_device, shard, shutdown
 from .errors import NonFiniteError, PreftuneError
-from .evaluate import logps_table, preference_metrics
+from .evaluate import evaluate_during
 from .logprobs import AnswerLogpModule
-from .losses import preference_loss
 from .models import pick_device, pick_precision
 from .objectives import make_objective
 from .optim import build_optimizer
@@ -113,22 +112,6 @@ def _finite_or_skipped(step: int, metrics: dict, grad_norm: torch.Tensor, record
                              f"these records, or pass --skip-nonfinite")
     bar.print(f"step {step}: loss or gradients are not finite; step skipped (records: {where})")
     return False
-
-
-def evaluate_during(model, reference_table, eval_items, cfg: TrainConfig, pad_id: int, device) -> dict:
-    policy = logps_table(model, eval_items, pad_id=pad_id, device=device, batch_size=cfg.batch_size,
-                         prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
-    if cfg.stage == "sft":
-        tokens = sum(len(it.answer_ids) for it in eval_items)
-        return {"eval_loss": float(-policy.sum() / max(tokens, 1))}
-    metrics = preference_metrics(policy, reference_table, cfg.beta)
-    lengths = torch.tensor([[len(it.chosen_ids), len(it.rejected_ids)] for it in eval_items], dtype=torch.float32)
-    ref = (None, None) if reference_table is None else (reference_table[:, 0], reference_table[:, 1])
-    losses, _, _ = preference_loss(policy[:, 0], policy[:, 1], *ref, loss_type=cfg.loss, beta=cfg.beta,
-                                   label_smoothing=cfg.label_smoothing, chosen_lengths=lengths[:, 0],
-                                   rejected_lengths=lengths[:, 1], simpo_gamma=cfg.simpo_gamma)
-    metrics["loss"] = float(losses.mean())
-    return {f"eval_{k}": v for k, v in metrics.items()}
 
 
 def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
