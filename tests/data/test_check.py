@@ -99,3 +99,12 @@ def test_show_needs_a_local_model_folder(jsonl_file, tmp_path, capsys):
 ])
 def test_percentiles_are_nearest_rank(values, expected):
     assert percentiles(values) == expected
+
+
+def test_show_without_a_model_prints_the_records_as_read(jsonl_file, capsys):
+    chat = {"prompt": [{"role": "user", "content": "capital of france?"}],
+            "chosen": [{"role": "assistant", "content": "paris"}],
+            "rejected": [{"role": "assistant", "content": "rome"}]}
+    code, out, _ = _run(capsys, "show", jsonl_file([chat]))
+    assert code == 0
+    assert "[user] capital of france?" in out and "[assistant] paris" in out and "[assistant] rome" in out

@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     show = commands.add_parser("show", help="Print a few pairs as the model will see them, with token counts.")
     _add_source_args(show)
     show.add_argument("-n", type=int, default=3, help="How many pairs (default: %(default)s).")
-    show.add_argument("--model", required=True, help="Model or tokenizer folder whose chat template to apply.")
+    show.add_argument("--model", help="Model or tokenizer folder whose chat template to apply (adds token counts).")
     _add_length_args(show)
     show.set_defaults(func=run_show)
 
@@ -63,13 +63,21 @@ def run_check(args: argparse.Namespace) -> int:
 def run_show(args: argparse.Namespace) -> int:
     from .tokenize import tokenize_pair
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model) if args.model else None
     pairs, report = load_pairs(args.file, data_format=args.data_format, split=args.split, skip_bad_records=True)
     print(f"format: {report.format}; showing {min(args.n, len(pairs))} of {len(pairs)} pairs")
     if report.skipped:
         print(f"({len(report.skipped)} records skipped as unreadable; `preftune data check` lists them)")
+    if tokenizer is None:
+        print("(the records as read; pass --model DIR to see them through its chat template, with token counts)")
     for pair in pairs[:args.n]:
         print(f"\n=== {pair.where}")
+        if tokenizer is None:
+            if pair.system:
+                print(f"--- system\n{pair.system}")
+            for name in ("prompt", "chosen", "rejected"):
+                print(f"--- {name}\n{_as_text(getattr(pair, name))}")
+            continue
         tokens = tokenize_pair(tokenizer, pair, max_length=args.max_length,
                                max_prompt_length=args.max_prompt_length)
         if tokens is None:
@@ -81,6 +89,12 @@ def run_show(args: argparse.Namespace) -> int:
             print(f"--- {name}: {len(ids)} tokens{note if name != 'prompt' else ''}")
             print(tokenizer.decode(ids, skip_special_tokens=False))
     return 0
+
+
+def _as_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(f"[{turn['role']}] {turn['content']}" for turn in content)
 
 
 def load_tokenizer(path: str) -> Any:
