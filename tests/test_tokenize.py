@@ -77,3 +77,19 @@ def test_sft_text_trains_on_every_token_after_the_first(tok):
     ex = tokenize_example(tok, SFTExample("water boils at one hundred degrees ."), max_length=100)
     ids = tok("water boils at one hundred degrees .")["input_ids"] + [tok.eos_token_id]
     assert ex.prompt_ids == ids[:1] and ex.answer_ids == ids[1:]
+
+
+def test_chat_data_without_a_template_is_a_human_assistant_transcript():
+    from preftune.data.formats import parse_hh
+
+    tok = make_tokenizer()
+    tok.chat_template = None  # a base model's tokenizer
+    text = "\n\nHuman: what is the capital of france?\n\nAssistant: paris.\n\nHuman: and italy?\n\nAssistant: rome."
+    _, turns = parse_hh(text)
+    pair = PreferencePair(turns[:-1], turns[-1:], [{"role": "assistant", "content": "milan."}])
+    out = tokenize_pair(tok, pair, max_length=1000)
+    head = "\n\nHuman: what is the capital of france?\n\nAssistant: paris.\n\nHuman: and italy?\n\nAssistant:"
+    assert text.startswith(head)
+    assert out.prompt_ids == tok(head)["input_ids"]
+    assert out.chosen_ids == tok(" rome.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert out.rejected_ids == tok(" milan.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

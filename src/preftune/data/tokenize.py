@@ -12,11 +12,15 @@ prompt alone leaves no room for an answer token is dropped.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import DataError
-from .records import Content, PreferencePair, SFTExample
+from .formats import hh_transcript
+from .records import Content, Messages, PreferencePair, SFTExample
+
+log = logging.getLogger("preftune")
 
 
 @dataclass
@@ -43,10 +47,17 @@ def _messages(system: str | None, turns: Content) -> list[dict[str, str]]:
     return head + list(turns)
 
 
+def _note_transcript() -> None:
+    global _TRANSCRIPT_NOTED
+    if not _TRANSCRIPT_NOTED:
+        _TRANSCRIPT_NOTED = True
+        log.warning("the tokenizer has no chat template: chat data is written as Human/Assistant transcripts")
+
+
+_TRANSCRIPT_NOTED = False
+
+
 def _chat_template(tokenizer, messages, *, generation_prompt: bool, where: str) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: the data is chat messages but the tokenizer has no chat template; "
-                        f"use a chat model's tokenizer (--tokenizer) or text data")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as exc:  # templates raise their own errors for odd role orders
@@ -62,8 +73,27 @@ def _plain_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _has_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def transcript(system: str | None, prompt: Messages, answer: Messages | None = None) -> tuple[str, str]:
+    """Chat turns as plain text for a tokenizer without a chat template (a base model): the Human/Assistant
+    transcript of HH-RLHF, which is how such models were trained on it. Returns (prompt text ending in
+    "\n\nAssistant:", answer text starting with the space after it)."""
+    head = hh_transcript(prompt, system) + "\n\nAssistant:"
+    if answer is None:
+        return head, ""
+    full = hh_transcript(list(prompt) + list(answer), system)
+    if not full.startswith(head):
+        raise DataError("the answer must start with an assistant turn")
+    return head, full[len(head):]
+
+
 def encode_prompt(tokenizer, prompt: Content, system: str | None = None, where: str = "") -> list[int]:
     """Prompt ids exactly as training sees them (chat prompts end with the generation prompt)."""
+    if isinstance(prompt, list) and not _has_template(tokenizer):
+        return tokenizer(transcript(system, prompt)[0])["input_ids"]
     if isinstance(prompt, list):
         return _chat_prompt(tokenizer, _messages(system, prompt), where)[0]
     return tokenizer(f"{system}\n\n{prompt}" if system else prompt)["input_ids"]
@@ -85,6 +115,13 @@ def encode_prompt_answer(tokenizer, prompt: Content | None, answer: Content, sys
                          where: str = "") -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) for one prompt/answer, untruncated. `prompt=None` means no prompt (SFT on text)."""
     eos = tokenizer.eos_token_id
+    if isinstance(answer, list) and not _has_template(tokenizer):
+        _note_transcript()
+        try:
+            prompt, answer = transcript(system, prompt or [], answer)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        system = None
     if isinstance(answer, list):
         turns = _messages(system, prompt or [])
         full_text = _chat_template(tokenizer, turns + list(answer), generation_prompt=False, where=where)
