@@ -38,7 +38,7 @@ VARIANTS = {
 
 
 def shared_dir() -> Path | None:
-    for base in (ROOT.parent, ROOT.parent.parent, Path("/work")):
+    for base in (ROOT.parent, ROOT.parent.parent):
         if (base / "shared" / "bench" / "make_fixture.py").is_file():
             return base / "shared"
     return None

@@ -12,8 +12,9 @@ from preftune.data.formats import hh_transcript
 from preftune.data.load import load_pairs
 
 NAME = "hh-rlhf-harmless-base-test.jsonl.gz"
-CANDIDATES = [Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / NAME, Path("/work/shared/data") / NAME]
-HH = next((path for path in CANDIDATES if path.is_file()), None)
+# The shared data folder sits beside the project checkout: ../shared/data.
+_PATH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / NAME
+HH = _PATH if _PATH.is_file() else None
 
 pytestmark = pytest.mark.skipif(HH is None, reason=f"{NAME} not found beside the project")
 
