@@ -114,6 +114,14 @@ def _finite_or_skipped(step: int, metrics: dict, grad_norm: torch.Tensor, record
     return False
 
 
+def _planned_steps(cfg: TrainConfig, setup, env: DistEnv) -> int:
+    global_batch = cfg.batch_size * env.world_size
+    if len(setup.train_items) < global_batch:
+        raise PreftuneError(f"{cfg.data}: {len(setup.train_items)} usable examples, fewer than one batch of "
+                            f"{global_batch}; lower --batch-size or add data")
+    return total_steps(len(setup.train_items), global_batch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+
+
 def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
     """Train as `cfg` says; returns the final metrics. Writes the run folder on the main process."""
     cfg.require_paths()
@@ -133,14 +141,11 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
 
     with rundir.removed_if_left_empty(out_dir, env, created):  # bad data or model: no empty run folder stays behind
         setup = build(cfg, device=device, precision=precision, env=env)
+        steps = _planned_steps(cfg, setup, env)
     policy_model, tokenizer, reference = setup.policy, setup.tokenizer, setup.reference
     train_items, eval_items = setup.train_items, setup.eval_items
     pad_id = tokenizer.pad_token_id
     global_batch = cfg.batch_size * env.world_size
-    if len(train_items) < global_batch:
-        raise PreftuneError(f"{cfg.data}: {len(train_items)} usable examples, fewer than one batch of "
-                            f"{global_batch}; lower --batch-size or add data")
-    steps = total_steps(len(train_items), global_batch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     if env.is_main:
         described = rundir.write_start(out_dir, cfg, setup, steps)
         if not cfg.quiet:
