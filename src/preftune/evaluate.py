@@ -11,20 +11,28 @@ from .losses import preference_loss
 
 
 @torch.no_grad()
+def table_of(logps_fn, items, *, pad_id: int, device, batch_size: int) -> torch.Tensor:
+    """[N, k] summed answer log-probs of tokenised items (pairs: k=2, chosen then rejected), in order;
+    `logps_fn(batch)` gives a batch's [B*k] log-probs (a model's, or a reference strategy's)."""
+    rows = []
+    for s in range(0, len(items), batch_size):
+        batch = collate(items[s:s + batch_size], pad_id).to(device)
+        rows.append(logps_fn(batch).float().cpu().view(batch.size, batch.k))
+    return torch.cat(rows) if rows else torch.zeros(0, 2)
+
+
 def logps_table(model, items, *, pad_id: int, device, batch_size: int = 8, prefix_sharing: bool = True,
                 chunk_size: int = 1024) -> torch.Tensor:
-    """[N, k] summed answer log-probs of tokenised items (pairs: k=2, chosen then rejected), in order."""
+    """`table_of` for a model, in eval mode (no dropout) for the duration."""
     was_training = model.training
     model.eval()
-    rows = []
     try:
-        for s in range(0, len(items), batch_size):
-            batch = collate(items[s:s + batch_size], pad_id).to(device)
-            out = answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size)
-            rows.append(out.logps.float().cpu().view(batch.size, batch.k))
+        def logps(batch):
+            return answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size).logps
+
+        return table_of(logps, items, pad_id=pad_id, device=device, batch_size=batch_size)
     finally:
         model.train(was_training)
-    return torch.cat(rows) if rows else torch.zeros(0, 2)
 
 
 def preference_metrics(policy: torch.Tensor, ref: torch.Tensor | None, beta: float) -> dict[str, float]:

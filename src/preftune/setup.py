@@ -10,12 +10,12 @@ import torch
 
 from . import lora
 from .config import TrainConfig
-from .data.batching import collate
 from .data.load import load_pairs, load_sft, split_eval
 from .data.records import LoadReport
 from .data.tokenize import TokenizeStats, tokenize_all
 from .distributed import DistEnv
 from .errors import ConfigError
+from .evaluate import table_of
 from .logprobs import AnswerLogpModule, set_compute_dtype, sharded_logps_module
 from .losses import needs_reference
 from .models import Precision, freeze, load_model, load_tokenizer
@@ -53,15 +53,6 @@ def load_records(cfg: TrainConfig, source: str):
 
 def uses_reference(cfg: TrainConfig) -> bool:
     return cfg.stage == "dpo" and needs_reference(cfg.loss)
-
-
-def reference_table(reference, items, *, pad_id: int, device, batch_size: int) -> torch.Tensor:
-    """[N, k] reference log-probs of tokenised items, in order, from any reference strategy."""
-    rows = []
-    for s in range(0, len(items), batch_size):
-        batch = collate(items[s:s + batch_size], pad_id).to(device)
-        rows.append(reference.logps(batch).float().cpu().view(batch.size, batch.k))
-    return torch.cat(rows)
 
 
 def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Setup:
@@ -124,7 +115,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Se
             reference = FrozenReference(ref_model, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
                                         trim_padding=cfg.trim_padding)
         if eval_items:
-            eval_table = reference_table(reference, eval_items, pad_id=tokenizer.pad_token_id, device=device,
+            eval_table = table_of(reference.logps, eval_items, pad_id=tokenizer.pad_token_id, device=device,
                                          batch_size=cfg.batch_size)
     return Setup(tokenizer, policy, reference, train_items, eval_items, records, report, stats, eval_stats,
                  eval_table, logp_module=logp, dtype=dtype)
