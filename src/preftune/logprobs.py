@@ -29,10 +29,6 @@ class AnswerLogps:
     logps: torch.Tensor    # [B*k] summed log-prob of each answer
     lengths: torch.Tensor  # [B*k] answer tokens counted
 
-    def split(self, k: int = 2) -> tuple[torch.Tensor, ...]:
-        """Per-answer-slot views: for pairs, (chosen [B], rejected [B])."""
-        return tuple(self.logps[i::k] for i in range(k))
-
 
 # --------------------------------------------------------------------------------------------- model pieces
 def _unwrap(model):
