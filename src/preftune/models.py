@@ -111,6 +111,21 @@ def _check_causal(config, name_or_path: str) -> None:
                          f"decoder-only LMs (AutoModelForCausalLM)")
 
 
+def _load_error(name_or_path: str, exc: Exception, config=None) -> ModelError:
+    """One line for what transformers raised while reading a model's config (config=None) or its weights."""
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, ValueError):
+        if "trust_remote_code" in msg or "custom code" in msg:
+            return ModelError(f"model {name_or_path}: needs its own code to load; pass --trust-remote-code if you "
+                              f"trust it")
+        if config is not None and ("Unrecognized configuration class" in msg or "AutoModelForCausalLM" in msg):
+            return ModelError(f"model {name_or_path}: a {type(config).__name__} is not a causal language model; "
+                              f"preftune trains decoder-only LMs (AutoModelForCausalLM)")
+        if config is None:
+            return ModelError(f"model {name_or_path}: cannot read its config ({msg})")
+    return ModelError(f"model {name_or_path}: cannot be loaded ({msg})")
+
+
 def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
                quantization_config=None):
     """A causal LM, on `device` in `dtype`. Remote code runs only with `trust_remote_code`.
@@ -129,27 +144,15 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
         return load_adapter_model(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        msg = str(exc).splitlines()[0]
-        if "trust_remote_code" in msg or "custom code" in msg:
-            raise ModelError(f"model {name_or_path}: needs its own code to load; pass --trust-remote-code if you "
-                             f"trust it") from None
-        raise ModelError(f"model {name_or_path}: cannot read its config ({msg})") from None
-    except OSError as exc:
-        raise ModelError(f"model {name_or_path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+    except (ValueError, OSError) as exc:
+        raise _load_error(name_or_path, exc) from None
     _check_causal(config, name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
             quantization_config=quantization_config, use_safetensors=None, weights_only=True)
-    except ValueError as exc:
-        msg = str(exc).splitlines()[0]
-        if "Unrecognized configuration class" in msg or "AutoModelForCausalLM" in msg:
-            raise ModelError(f"model {name_or_path}: a {type(config).__name__} is not a causal language model; "
-                             f"preftune trains decoder-only LMs (AutoModelForCausalLM)") from None
-        raise ModelError(f"model {name_or_path}: cannot be loaded ({msg})") from None
-    except OSError as exc:
-        raise ModelError(f"model {name_or_path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+    except (ValueError, OSError) as exc:
+        raise _load_error(name_or_path, exc, config) from None
     except pickle.UnpicklingError:
         raise ModelError(f"model {name_or_path}: refused; its pickled weights file holds Python objects other than "
                          f"tensors, and unpickling them could run arbitrary code. Use a safetensors copy of the "
