@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flops import Shape, matmul_rate, mean_pair_flops  # noqa: E402
+
 HH = "data/hh-rlhf-harmless-base-test.jsonl.gz"
 
 # name -> preftune flags; each row adds one idea to the row above it.
@@ -133,6 +136,14 @@ def worker_check(args) -> None:
     print("RESULT " + json.dumps({"pairs": len(items), "same_ids": same, "worst_rel_logp_diff": worst}), flush=True)
 
 
+def worker_rate(args) -> None:
+    """The machine's fp32 matmul rate with the runs' thread count: the denominator of utilization."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print("RESULT " + json.dumps({"flops_per_s": matmul_rate("float32", 2048, 10)}), flush=True)
+
+
 def _common_prefix(a, b) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -171,9 +182,8 @@ def run_trl(args, fixture: Path, bs: int) -> dict | None:
     return {k: float(v) for k, v in found.items()}
 
 
-def trl_tokens_per_step(fixture: Path, bs: int, n: int, max_length: int) -> float:
-    """Tokens in the padded batches TRL forms (chosen and rejected rows, each prompt+answer, padded to the
-    longest row), averaged over consecutive batches of the benchmark pairs: what its model computes per step."""
+def pair_lengths(fixture: Path, n: int, max_length: int) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) tokens of the benchmark pairs after truncation (preftune's rule = TRL's)."""
     sys.path.insert(0, str(ROOT / "src"))
     from preftune.data.records import PreferencePair
     from preftune.data.tokenize import tokenize_all
@@ -181,12 +191,15 @@ def trl_tokens_per_step(fixture: Path, bs: int, n: int, max_length: int) -> floa
 
     tok = load_tokenizer(str(fixture / "model"))
     rows = [json.loads(x) for x in (fixture / "pairs.jsonl").read_text().splitlines()[:n]]
-    items, _ = tokenize_all(tok, [PreferencePair(r["prompt"], r["chosen"], r["rejected"], None, "") for r in rows],
-                            max_length=max_length)
-    sizes = []
-    for s in range(0, len(items) - bs + 1, bs):
-        b = items[s:s + bs]
-        sizes.append(2 * bs * max(len(i.prompt_ids) + max(len(i.chosen_ids), len(i.rejected_ids)) for i in b))
+    items, _ = tokenize_all(tok, [PreferencePair(r["prompt"], r["chosen"], r["rejected"], None, "") for r in rows
+                                  if r["chosen"].strip() and r["rejected"].strip()], max_length=max_length)
+    return [(len(i.prompt_ids), len(i.chosen_ids), len(i.rejected_ids)) for i in items]
+
+
+def trl_tokens_per_step(lengths: list[tuple[int, int, int]], bs: int) -> float:
+    """Tokens in the padded batches TRL forms (chosen and rejected rows, each prompt+answer, padded to the
+    longest row), averaged over consecutive batches of the benchmark pairs: what its model computes per step."""
+    sizes = [2 * bs * max(p + max(c, r) for p, c, r in lengths[s:s + bs]) for s in range(0, len(lengths) - bs + 1, bs)]
     return statistics.mean(sizes)
 
 
@@ -211,18 +224,24 @@ def measure(args, fixture: Path, bs: int, variants: dict[str, list[str]]) -> lis
     rows = [run_variant(default, ", run before TRL")]
     trl = run_trl(args, fixture, bs) if not args.skip_trl else None
     if trl:
-        trl["tokens_per_step"] = trl_tokens_per_step(fixture, bs, bs * (args.steps + 1), args.max_length)
+        trl["tokens_per_step"] = trl_tokens_per_step(pair_lengths(fixture, bs * (args.steps + 1), args.max_length), bs)
         rows.insert(0, {"name": "TRL DPOTrainer", **trl})
         print(f"  TRL: {trl}", flush=True)
     rows.append(run_variant(default, ", run after TRL"))
     rows += [run_variant(name) for name in variants if name != default]
+    shape = Shape.of(json.loads((fixture / "model" / "config.json").read_text()))
+    lengths = pair_lengths(fixture, bs * (args.steps + 1), args.max_length)
+    for r in rows:
+        tool = "trl" if r["name"].startswith("TRL") else "preftune"
+        r["useful_flops_per_step"] = bs * mean_pair_flops(shape, lengths, tool=tool)
+        r["utilization"] = r["useful_flops_per_step"] * r["pairs_per_s"] / bs / args.rate
     return rows
 
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["name"].startswith("TRL")), None)
-    lines = ["| run | pairs/s | median pairs/s | peak RSS MB | tokens/step | first loss | speed vs TRL | RSS vs TRL |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| run | pairs/s | median pairs/s | peak RSS MB | tokens/step | useful GFLOP/step | utilization | first loss "
+             "| speed vs TRL | RSS vs TRL |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         speed = f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}x" if base else "-"
         rss = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
@@ -231,7 +250,8 @@ def table(rows: list[dict]) -> str:
         if r["name"].startswith("TRL"):
             tokens = f"{tokens} (padded)"
         lines.append(f"| {r['name']} | {r['pairs_per_s']:.2f} | {median} | {r['peak_rss_mb']:.0f} | {tokens} | "
-                     f"{r['first_loss']:.6f} | {speed} | {rss} |")
+                     f"{r['useful_flops_per_step'] / 1e9:.1f} | {r['utilization']:.1%} | {r['first_loss']:.6f} | {speed} | "
+                     f"{rss} |")
     return "\n".join(lines)
 
 
@@ -248,18 +268,22 @@ def main() -> None:
     ap.add_argument("--only-default", action="store_true", help="Only TRL and preftune's default settings.")
     ap.add_argument("--check-pairs", type=int, default=64)
     ap.add_argument("--out", default="", help="Also write the tables (markdown) here.")
-    ap.add_argument("--worker", choices=["preftune", "check"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["preftune", "check", "rate"], help=argparse.SUPPRESS)
     ap.add_argument("--flag", dest="flags", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker == "preftune":
         return worker_preftune(args)
     if args.worker == "check":
         return worker_check(args)
+    if args.worker == "rate":
+        return worker_rate(args)
 
     fixture = ensure_fixture(Path(args.fixture))
     started = time.strftime("%Y-%m-%d %H:%M")
     variants = {k: v for k, v in VARIANTS.items() if not args.only_default or v == []}
     check = _sub(args, "check", fixture, args.bs, [])
+    args.rate = _sub(args, "rate", fixture, args.bs, [])["flops_per_s"]
+    print(f"fp32 matmul 2048^3 with {args.threads} threads: {args.rate / 1e9:.0f} GFLOP/s", flush=True)
     print(f"tokenisation: {check['same_ids']}/{check['pairs']} pairs give TRL's ids; our answer log-probs vs a "
           f"direct forward of those ids: worst relative difference {check['worst_rel_logp_diff']:.1e}", flush=True)
     print(f"fixture {fixture}, batch {args.bs}:", flush=True)
@@ -271,7 +295,8 @@ def main() -> None:
                          measure(args, big, 2, {k: v for k, v in variants.items() if v == []})))
     cpu = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
     text = [f"Measured {started} on {cpu}; {args.threads} threads; {args.steps} steps per run; max_length "
-            f"{args.max_length}; fp32.", "",
+            f"{args.max_length}; fp32. fp32 matmul rate (2048^3, same threads): {args.rate / 1e9:.0f} GFLOP/s; "
+            f"utilization = useful FLOPs per second / that rate (benchmarks/flops.py).", "",
             f"Tokenisation: {check['same_ids']}/{check['pairs']} fixture pairs give exactly TRL's ids; summed answer "
             f"log-probs match a direct forward of them to {check['worst_rel_logp_diff']:.1e} (relative).", ""]
     for title, rows in sections:
