@@ -84,8 +84,8 @@ def run_demo(out: Path, quiet: bool = False, fast: bool = False, plan: DemoPlan 
 
 
 def _run(out: Path, plan: DemoPlan, *, quiet: bool, fast: bool) -> dict:
-    from ..plots import plot_demo_probabilities
-    from ..train import run
+    from ..report.plots import plot_demo_probabilities
+    from ..training.loop import run
 
     say = (lambda *a: None) if quiet else print
     check_out(out)

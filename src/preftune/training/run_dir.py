@@ -7,11 +7,11 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import TrainConfig
-from .distributed import DistEnv, barrier
-from .errors import PreftuneError
-from .io import atomic_write_json
-from .models import save_model
+from ..config import TrainConfig
+from ..dist.env import DistEnv, barrier
+from ..errors import PreftuneError
+from ..io import atomic_write_json
+from ..models.load import save_model
 
 CONFIG = "config.yaml"
 RESULTS = "results.json"
@@ -97,12 +97,12 @@ def finish(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str, *,
     With LoRA the model is the adapter (plus `merged/` with --merge); `state_dict` holds the gathered
     weights of a sharded model.
     """
-    from .card import write_model_card
-    from .plots import write_plots
+    from ..report.card import write_model_card
+    from ..report.plots import write_plots
 
     save_model(setup.policy, setup.tokenizer, out_dir, state_dict=state_dict)
     if cfg.merge:
-        from .lora import write_merged
+        from ..models.lora import write_merged
 
         write_merged(out_dir, setup.tokenizer, dtype=setup.dtype, trust_remote_code=cfg.trust_remote_code)
     write_plots(out_dir)

@@ -15,22 +15,22 @@ from pathlib import Path
 
 import torch
 
+from ..config import TrainConfig
+from ..data.batching import PromptAnswerBatch, collate, epoch_order, total_steps
+from ..dist.env import DistEnv, all_reduce_sum, init_from_env, rank_device, rank_slice, shutdown
+from ..dist.fsdp import full_state_dict, full_tensor
+from ..dist.logp_module import AnswerLogpModule
+from ..errors import NonFiniteError, PreftuneError
+from ..evaluate import evaluate_during
+from ..models.precision import pick_device, pick_precision
+from ..report.progress import Progress, describe_eval
+from ..report.tracking import Tracker
 from . import checkpoint as ckpt
 from . import run_dir as rundir
-from .config import TrainConfig
-from .data.batching import PromptAnswerBatch, collate, epoch_order, total_steps
-from .distributed import DistEnv, all_reduce_sum, init_from_env, rank_device, shard, shutdown
-from .errors import NonFiniteError, PreftuneError
-from .evaluate import evaluate_during
-from .logprobs import AnswerLogpModule
-from .models import pick_device, pick_precision
 from .objectives import make_objective
 from .optim import build_optimizer
-from .parallel import full_state_dict, full_tensor
-from .progress import Progress
 from .setup import build
 from .signals import StopOnSignal, resume_command
-from .tracking import Tracker
 
 
 @dataclass
@@ -67,7 +67,7 @@ class DataCursor:
 def _step_batches(cursor: DataCursor, items, cfg: TrainConfig, env: DistEnv, pad_id: int, device):
     """This rank's micro-batches of one optimizer step, and the indices of the whole step (for messages)."""
     global_batches = [cursor.next(items) for _ in range(cfg.grad_accum)]
-    local = [collate([items[i] for i in shard(b, env)], pad_id).to(device) for b in global_batches]
+    local = [collate([items[i] for i in rank_slice(b, env)], pad_id).to(device) for b in global_batches]
     return local, [i for b in global_batches for i in b]
 
 
@@ -197,7 +197,7 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
                 eval_row = {"step": step,
                             **evaluate_during(policy.eval_model, eval_ref, eval_items, cfg, pad_id, device)}
                 tracker.log(eval_row)
-                bar.print(_describe_eval(eval_row))
+                bar.print(describe_eval(eval_row))
             # The last step needs no checkpoint: the final model is written next.
             stopped = step < steps and stop.requested(env)
             if stopped or (cfg.save_every and step % cfg.save_every == 0 and step < steps):
@@ -209,7 +209,7 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
             eval_row = {"step": steps,
                         **evaluate_during(policy.eval_model, eval_ref, eval_items, cfg, pad_id, device)}
             tracker.log(eval_row)
-            bar.print(_describe_eval(eval_row))
+            bar.print(describe_eval(eval_row))
             final.update(eval_row)
     tracker.close()
     cmd = command or shlex.join(["preftune", *sys.argv[1:]])
@@ -226,8 +226,3 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
         rundir.finish(out_dir, cfg, setup, final, cmd, state_dict=full_weights)
     shutdown(env)
     return final
-
-
-def _describe_eval(row: dict) -> str:
-    keys = ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logratio_chosen")
-    return "eval @ step {}: ".format(row["step"]) + "  ".join(f"{k[5:]}={row[k]:.4f}" for k in keys if k in row)

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import TrainConfig
-from .data.batching import PromptAnswerBatch
-from .logprobs import AnswerLogps
-from .losses import needs_reference, preference_loss
+from ..config import TrainConfig
+from ..data.batching import PromptAnswerBatch
+from ..logps.layouts import AnswerLogps
+from ..losses import needs_reference, preference_loss
 
 
 @dataclass
