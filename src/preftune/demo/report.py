@@ -15,7 +15,7 @@ from ..models.load import load_model, load_tokenizer
 from ..models.precision import pick_device, pick_dtype
 
 
-def answer_logps(model_dir: Path, pairs: list[dict[str, str]], *, device: str = "auto") -> torch.Tensor:
+def held_out_logps(model_dir: Path, pairs: list[dict[str, str]], *, device: str = "auto") -> torch.Tensor:
     """[N, 2] summed log-probs (nats) of chosen and rejected answers, EOS included, under the model in `model_dir`."""
     dev = pick_device(device)
     tokenizer = load_tokenizer(str(model_dir))

@@ -67,7 +67,7 @@ class RunState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
-    cursor: object          # train.DataCursor
+    cursor: object          # loop.DataCursor
     objective: object       # objectives.*Objective
     step: int = 0           # optimizer steps done
     skipped_steps: int = 0  # steps dropped by --skip-nonfinite

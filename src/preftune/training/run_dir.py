@@ -12,16 +12,16 @@ from ..dist.env import DistEnv, barrier
 from ..errors import PreftuneError
 from ..io import atomic_write_json
 from ..models.load import save_model
+from ..report.tracking import METRICS_FILE
 
 CONFIG = "config.yaml"
 RESULTS = "results.json"
 DATA_STATS = "data_stats.json"
-METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 
 
 def holds_run(out_dir: Path) -> bool:
-    return any((out_dir / name).exists() for name in (CONFIG, METRICS, CHECKPOINTS))
+    return any((out_dir / name).exists() for name in (CONFIG, METRICS_FILE, CHECKPOINTS))
 
 
 def finished_results(out_dir: Path) -> dict | None:
@@ -48,7 +48,7 @@ def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
         except OSError as exc:
             raise PreftuneError(f"--output-dir {out_dir}: cannot write there ({exc.strerror})") from None
         if cfg.overwrite and not cfg.resume:
-            for name in (METRICS, RESULTS):
+            for name in (METRICS_FILE, RESULTS):
                 (out_dir / name).unlink(missing_ok=True)
             for name in ("plots", CHECKPOINTS):  # old checkpoints must never be resumed into the new run
                 shutil.rmtree(out_dir / name, ignore_errors=True)

@@ -39,7 +39,7 @@ class Setup:
     eval_stats: TokenizeStats | None = None
     eval_reference_table: torch.Tensor | None = None  # [N_eval, 2] reference log-probs of the eval pairs
     notes: list[str] = field(default_factory=list)
-    logp_module: AnswerLogpModule | None = None  # the policy's log-probs as the loop runs them (DDP / FSDP2)
+    policy_logps: AnswerLogpModule | None = None  # the policy's log-probs as the loop runs them (DDP / FSDP2)
     dtype: torch.dtype = torch.float32
 
     def where(self, item) -> str:
@@ -120,7 +120,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Se
             eval_table = table_of(reference.logps, eval_items, pad_id=tokenizer.pad_token_id, device=device,
                                          batch_size=cfg.batch_size)
     return Setup(tokenizer, policy, reference, train_items, eval_items, records, report, stats, eval_stats,
-                 eval_table, logp_module=logp, dtype=dtype)
+                 eval_table, policy_logps=logp, dtype=dtype)
 
 
 def _load_reference(cfg: TrainConfig, device, precision: Precision):
