@@ -67,8 +67,9 @@ def worker_preftune(args) -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "src"))
-    from preftune.cli import config_from_args, build_parser
-    from preftune.train import run
+    from preftune.cli import build_parser
+    from preftune.cli.train import config_from_args
+    from preftune.training.loop import run
 
     rows = Path(args.fixture, "pairs.jsonl").read_text().splitlines()[: args.bs * (args.steps + 1)]
     work = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -103,8 +104,8 @@ def worker_check(args) -> None:
     from preftune.data.batching import collate
     from preftune.data.records import PreferencePair
     from preftune.data.tokenize import tokenize_pair
-    from preftune.logprobs import answer_logps
-    from preftune.models import load_model, load_tokenizer
+    from preftune.logps.answer import answer_logps
+    from preftune.models.load import load_model, load_tokenizer
 
     tok = load_tokenizer(str(Path(args.fixture, "model")))
     model = load_model(str(Path(args.fixture, "model")), device=torch.device("cpu"), dtype=torch.float32).eval()
@@ -187,7 +188,7 @@ def pair_lengths(fixture: Path, n: int, max_length: int) -> list[tuple[int, int,
     sys.path.insert(0, str(ROOT / "src"))
     from preftune.data.records import PreferencePair
     from preftune.data.tokenize import tokenize_all
-    from preftune.models import load_tokenizer
+    from preftune.models.load import load_tokenizer
 
     tok = load_tokenizer(str(fixture / "model"))
     rows = [json.loads(x) for x in (fixture / "pairs.jsonl").read_text().splitlines()[:n]]

@@ -104,7 +104,7 @@ def token_lengths(model_dir: Path, rows: list[dict], max_length: int) -> list[tu
     """(prompt, chosen, rejected) tokens of each pair after truncation (preftune's rule, which is TRL's)."""
     from preftune.data.records import PreferencePair
     from preftune.data.tokenize import tokenize_all
-    from preftune.models import load_tokenizer
+    from preftune.models.load import load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     items, _ = tokenize_all(tok, [PreferencePair(r["prompt"], r["chosen"], r["rejected"], None, "") for r in rows],
@@ -127,7 +127,8 @@ def _peak_mb() -> float:
 
 # ------------------------------------------------------------------------------------------- workers
 def _preftune_config(args, work: Path, flags: list[str]):
-    from preftune.cli import build_parser, config_from_args
+    from preftune.cli import build_parser
+    from preftune.cli.train import config_from_args
 
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pair_rows(args.fixture, args.bs * args.steps)))
@@ -146,14 +147,14 @@ def _probes(flags: list[str]) -> list[str]:
         if f == "probe:no-cudnn-sdp":
             torch.backends.cuda.enable_cudnn_sdp(False)
         elif f.startswith("probe:call-cost="):
-            from preftune import logprobs
+            from preftune.logps import planner
 
-            logprobs.CALL_COST_TOKENS["cuda"] = int(f.split("=")[1])
+            planner.CALL_COST_TOKENS["cuda"] = int(f.split("=")[1])
     return [f for f in flags if not f.startswith("probe:")]
 
 
 def worker_preftune(args) -> dict:
-    from preftune.train import run
+    from preftune.training.loop import run
 
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     run(_preftune_config(args, work, _probes(args.flags)), command="bench")
@@ -168,8 +169,8 @@ def worker_profile(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    import preftune.train as train_mod
-    from preftune.train import run
+    import preftune.training.loop as train_mod
+    from preftune.training.loop import run
 
     active = 3
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -217,8 +218,12 @@ def worker_check(args) -> dict:
     from preftune.data.batching import collate
     from preftune.data.records import PreferencePair
     from preftune.data.tokenize import tokenize_all
-    from preftune.logprobs import answer_logps, full_logits_logps, set_compute_dtype
-    from preftune.models import load_model, load_tokenizer
+    from preftune.logps.answer import answer_logps
+    from preftune.logps.parts import set_compute_dtype
+    from preftune.models.load import load_model, load_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from oracle import full_logits_logps  # the test suite's whole-model forward
 
     dev = torch.device(args.device)
     tok = load_tokenizer(str(args.model))

@@ -14,8 +14,8 @@ import sys
 
 import torch.distributed as dist
 
-from preftune import train
 from preftune.cli import main
+from preftune.training import loop as train
 
 
 def signalled_at(step: int):

@@ -15,14 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 from tinylm import fact_pairs, make_model_dir, write_jsonl
-from preftune import checkpoint as ckpt
-from preftune import train
 from preftune.config import TrainConfig
-from preftune.distributed import DistEnv
+from preftune.dist.env import DistEnv
 from preftune.errors import ModelError, NonFiniteError, PreftuneError
-from preftune.models import load_model
-from preftune.objectives import PreferenceObjective
-from preftune.optim import build_optimizer
+from preftune.io import file_sha256
+from preftune.models.load import load_model
+from preftune.training import checkpoint as ckpt
+from preftune.training import loop as train
+from preftune.training.objectives import PreferenceObjective
+from preftune.training.optim import build_optimizer
 from test_resume import config, final_weights, metric_rows
 
 ENV = DistEnv()
@@ -135,7 +136,7 @@ def test_a_pickle_with_arbitrary_objects_is_refused_and_not_run(cfg, tmp_path):
     torch.save({"state": {}, "param_groups": [], "extra": RunsCode(f"touch {marker}")}, folder / "optimizer.pt")
     manifest = json.loads((folder / "manifest.json").read_text())  # a manifest that matches: made elsewhere
     manifest["files"]["optimizer.pt"] = {"bytes": (folder / "optimizer.pt").stat().st_size,
-                                         "sha256": ckpt._sha256(folder / "optimizer.pt")}
+                                         "sha256": file_sha256(folder / "optimizer.pt")}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert ckpt.latest(Path(cfg.output_dir)) == folder
     with pytest.raises(ckpt.CheckpointError, match="pickled Python objects"):
@@ -236,7 +237,7 @@ def test_a_disk_without_room_for_a_checkpoint_is_reported_before_training(tmp_pa
 # ------------------------------------------------------------------ non-finite values
 def nan_at_call(monkeypatch, call: int) -> None:
     """The preference loss returns NaN for every pair of the `call`-th batch."""
-    from preftune import objectives
+    from preftune.training import objectives
 
     real = objectives.preference_loss
     calls = {"n": 0}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from preftune.cli import build_parser, config_from_args
+from preftune.cli import build_parser
+from preftune.cli.train import config_from_args
 from preftune.config import TrainConfig
 from preftune.errors import ConfigError
-from preftune.optim import lr_factor
+from preftune.training.optim import lr_factor
 
 
 def test_yaml_round_trip(tmp_path):

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from tinylm import fact_pairs, make_tokenizer, write_jsonl
 
-import preftune.setup as run_setup
 from preftune.cli import main
 from preftune.config import TrainConfig
 from preftune.data.records import PreferencePair
 from preftune.data.tokenize import tokenize_all
 from preftune.evaluate import logps_table, preference_metrics
-from preftune.models import load_model
+from preftune.models.load import load_model
+import preftune.training.setup as run_setup
 
 
 def _direct(model, prompt_ids, answer_ids) -> float:
@@ -56,7 +56,7 @@ def test_reference_free_loss_loads_no_reference(tiny_model_dir, tmp_path, monkey
         return load_model(name, **kw)
 
     monkeypatch.setattr(run_setup, "load_model", counting_load)
-    from preftune.train import run
+    from preftune.training.loop import run
 
     data = write_jsonl(tmp_path / "p.jsonl", fact_pairs(8))
     for loss in ("simpo", "orpo"):

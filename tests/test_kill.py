@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from tinylm import fact_pairs, write_jsonl
-from preftune import train
-from preftune.checkpoint import PAUSE_ENV
+from preftune.training import loop as train
 from test_resume import assert_same_run, config, stop_at
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+PAUSED_CLI = Path(__file__).resolve().parent / "paused_cli.py"  # `preftune`, pausing before each manifest
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> bool:
@@ -53,12 +53,12 @@ def test_sigterm_then_sigkills_at_random_moments_still_end_like_an_uninterrupted
             "--max-steps", str(steps), "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2",
             "--max-length", "64", "--device", "cpu", "--dtype", "float32", "--seed", "3", "--quiet",
             "--save-every", "1", "--keep-checkpoints", "2", "--resume"]
-    env = {**os.environ, "PYTHONPATH": str(SRC), PAUSE_ENV: "0.15"}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     rng = random.Random(1234)
     plan = ["sigterm", "kill-mid-write", "kill-anytime", "kill-mid-write", "kill-anytime"]
     hit_mid_write = 0
     for launch in range(len(plan) + 3):
-        proc = subprocess.Popen([sys.executable, "-m", "preftune", *args], env=env, text=True,
+        proc = subprocess.Popen([sys.executable, str(PAUSED_CLI), "0.15", *args], env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         how = plan[launch] if launch < len(plan) else "none"
         done_before = checkpoint_steps(out)[-1:] or [0]

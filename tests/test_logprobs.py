@@ -11,12 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from tinylm import make_tokenizer
-from preftune import logprobs
+from oracle import full_logits_logps
+from preftune.logps import answer, layouts
 from preftune.data.batching import collate
 from preftune.data.records import PreferencePair
 from preftune.data.tokenize import TokenizedPair, tokenize_all
-from preftune.logprobs import answer_logps, full_logits_logps, plan_groups, token_logps
-from preftune.models import tiny_llama
+from preftune.demo.base import tiny_llama
+from preftune.logps.answer import answer_logps
+from preftune.logps.parts import Head
+from preftune.logps.planner import plan_groups
+from preftune.logps.projection import token_logps
 
 VOCAB = 97
 # (prompt, chosen, rejected) lengths: prompts of very different lengths, answers of one token, chosen longer and
@@ -113,7 +117,7 @@ def test_fused_projection_equals_autograd_log_softmax():
         def get_output_embeddings(self):
             return head
 
-    fast = token_logps(logprobs.Head(_Model()), hidden, targets, chunk_size=3)
+    fast = token_logps(Head(_Model()), hidden, targets, chunk_size=3)
     g_fast = torch.autograd.grad((fast * weights).sum(), [hidden, head.weight])
     plain = F.log_softmax(hidden @ head.weight.t(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
     g_plain = torch.autograd.grad((plain * weights).sum(), [hidden, head.weight])
@@ -142,12 +146,12 @@ def test_a_model_without_a_reusable_cache_falls_back_with_one_warning(monkeypatc
     def no_cache(*args, **kwargs):
         raise TypeError("no cache here")
 
-    monkeypatch.setattr(logprobs, "_reusable_cache", no_cache)
-    monkeypatch.setattr(logprobs, "_WARNED", set())
+    monkeypatch.setattr(layouts, "_reusable_cache", no_cache)
+    monkeypatch.setattr(answer, "_WARNED", set())
     m = model()
     batch = collate(pairs(SHAPES), pad_id=0)
     plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
-    with caplog.at_level(logging.WARNING, logger="preftune.logprobs"):
+    with caplog.at_level(logging.WARNING, logger="preftune.logps.answer"):
         first = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=True))
         second = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=True))
     assert_close(first, plain)
@@ -157,13 +161,13 @@ def test_a_model_without_a_reusable_cache_falls_back_with_one_warning(monkeypatc
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, caplog):
-    monkeypatch.setattr(logprobs, "_WARNED", set())
+    monkeypatch.setattr(answer, "_WARNED", set())
     m = model()
     batch = collate(pairs(SHAPES), pad_id=0)
     plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     m.train()
-    with caplog.at_level(logging.WARNING, logger="preftune.logprobs"):
+    with caplog.at_level(logging.WARNING, logger="preftune.logps.answer"):
         fast = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=True, chunk_size=3))
     assert_close(fast, plain)
     assert any("checkpointing" in r.getMessage() for r in caplog.records)
@@ -237,7 +241,7 @@ def test_text_tokenisation_matches_trl_and_a_direct_forward():
 @pytest.mark.skipif(not os.environ.get("PREFTUNE_SLOW_TESTS"), reason="torch.compile takes a minute on a CPU; "
                                                                       "set PREFTUNE_SLOW_TESTS=1 to run it")
 def test_compiled_body_gives_the_same_numbers():
-    from preftune.logprobs import body_of
+    from preftune.logps.parts import body_of
 
     m = model()
     batch = collate(pairs(SHAPES), pad_id=0)

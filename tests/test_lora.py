@@ -9,19 +9,20 @@ import sys
 import pytest
 import torch
 from tinylm import fact_pairs, make_tokenizer, write_jsonl
+from oracle import full_logits_logps
 
-from preftune import lora
-from preftune import setup as setup_mod
 from preftune.cli import main
 from preftune.config import TrainConfig
 from preftune.data.batching import collate
 from preftune.data.load import load_pairs
 from preftune.data.tokenize import tokenize_all
-from preftune.distributed import DistEnv
+from preftune.dist.env import DistEnv
 from preftune.errors import ConfigError, PreftuneError
-from preftune.logprobs import full_logits_logps
-from preftune.models import Precision, load_model
-from preftune.reference import AdaptersOffReference, FrozenReference
+from preftune.models import lora
+from preftune.models.load import load_model
+from preftune.models.precision import Precision
+from preftune.training import setup as setup_mod
+from preftune.training.reference import AdaptersOffReference, FrozenReference
 
 CPU = torch.device("cpu")
 FP32 = Precision(torch.float32, torch.float32)

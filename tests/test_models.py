@@ -7,7 +7,8 @@ import torch
 from tinylm import make_tokenizer
 
 from preftune.errors import ModelError
-from preftune.models import Precision, load_model, load_tokenizer, pick_device, pick_dtype, pick_precision
+from preftune.models.load import load_model, load_tokenizer
+from preftune.models.precision import Precision, pick_device, pick_dtype, pick_precision
 
 
 def test_cpu_defaults():

@@ -11,9 +11,10 @@ from preftune.config import TrainConfig
 from preftune.data.batching import collate
 from preftune.data.records import PreferencePair
 from preftune.data.tokenize import tokenize_all
-from preftune.logprobs import answer_logps, set_compute_dtype
-from preftune.models import load_model
-from preftune.train import run
+from preftune.logps.answer import answer_logps
+from preftune.logps.parts import set_compute_dtype
+from preftune.models.load import load_model
+from preftune.training.loop import run
 
 
 def _batch():

@@ -10,15 +10,15 @@ from pathlib import Path
 import torch
 
 from tinylm import fact_pairs, make_model_dir, write_jsonl
-from preftune import reference_cache as rc
-from preftune import setup as setup_mod
+from oracle import full_logits_logps
 from preftune.config import TrainConfig
 from preftune.data.batching import collate
 from preftune.data.records import PreferencePair
 from preftune.data.tokenize import tokenize_all
-from preftune.logprobs import full_logits_logps
-from preftune.models import load_model, load_tokenizer
-from preftune.reference import CachedReference, FrozenReference
+from preftune.models.load import load_model, load_tokenizer
+from preftune.training import reference_cache as rc
+from preftune.training import setup as setup_mod
+from preftune.training.reference import CachedReference, FrozenReference
 
 SETTINGS = {"max_length": 64, "max_prompt_length": None, "dtype": "torch.float32"}
 
@@ -88,7 +88,7 @@ def test_an_unreadable_table_is_recomputed(tmp_path, tiny_model_dir):
 
 
 def test_a_beta_sweep_loads_the_reference_once(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    from preftune.train import run
+    from preftune.training.loop import run
 
     loads = []
     real_load = setup_mod.load_model

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from tinylm import fact_pairs, make_model_dir, write_jsonl
-from preftune import train
 from preftune.config import TrainConfig
+from preftune.training import loop as train
 
 TIMING = ("pairs_per_s", "samples_per_s", "tokens_per_s")
 

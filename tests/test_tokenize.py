@@ -1,4 +1,5 @@
-"""Tokenisation follows DESIGN.md's convention; truncation cuts prompts left, answers right, drops what can't fit."""
+"""Tokenisation follows TRL's convention (README.md, "Data"); truncation cuts prompts left, answers right, drops
+what can't fit."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def make_tokenizer(vocab_size: int = 300):
 
 
 def make_model_dir(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    from preftune.models import tiny_llama
+    from preftune.demo.base import tiny_llama
 
     tok = make_tokenizer()
     model = tiny_llama(len(tok), hidden=hidden, layers=layers, heads=4, pad_id=tok.pad_token_id,

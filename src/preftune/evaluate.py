@@ -6,7 +6,7 @@ import torch
 
 from .config import TrainConfig
 from .data.batching import collate
-from .logprobs import answer_logps
+from .logps.answer import answer_logps
 from .losses import preference_loss
 
 

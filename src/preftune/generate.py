@@ -1,32 +1,8 @@
-"""`preftune generate`: policy and reference answers to the same prompts, side by side."""
+"""Answers of a model to prompts, sampled so that two models (policy and reference) compare side by side."""
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
-
-from .data.tokenize import encode_prompt
-from .errors import PreftuneError
-from .io import write_jsonl
-from .models import freeze, load_model, load_tokenizer, pick_device, pick_dtype
-
-
-def _prompts(args: argparse.Namespace, tokenizer) -> list[tuple[str, list[int]]]:
-    """(display text, prompt ids) for each prompt; a plain --prompt is a user turn when there is a template."""
-    if args.prompt is not None:
-        prompt = args.prompt
-        content = [{"role": "user", "content": prompt}] if getattr(tokenizer, "chat_template", None) else prompt
-        return [(prompt, encode_prompt(tokenizer, content, where="--prompt"))]
-    from .data.load import load_pairs
-
-    pairs, _ = load_pairs(args.data, data_format=args.data_format, split=args.split)
-    out = []
-    for pair in pairs[: args.n]:
-        shown = pair.prompt if isinstance(pair.prompt, str) else pair.prompt[-1]["content"]
-        out.append((shown, encode_prompt(tokenizer, pair.prompt, pair.system, pair.where)))
-    return out
 
 
 @torch.no_grad()
@@ -44,61 +20,3 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], *, max_new_toke
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
     return answers
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    if (args.prompt is None) == (args.data is None):
-        raise PreftuneError("generate: give exactly one of --prompt TEXT or --data FILE")
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    prompts = _prompts(args, tokenizer)
-    columns = {"policy": args.model}
-    if args.ref_model:
-        columns["reference"] = args.ref_model
-    rows = [{"prompt": text} for text, _ in prompts]
-    for column, name in columns.items():
-        model = load_model(name, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code)
-        freeze(model)
-        answers = generate_answers(model, tokenizer, [ids for _, ids in prompts], max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=device)
-        for row, answer in zip(rows, answers):
-            row[column] = answer
-        del model
-    _show(rows, list(columns))
-    if args.output:
-        write_jsonl(Path(args.output), rows)
-    return 0
-
-
-def _show(rows: list[dict], columns: list[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(show_lines=True)
-    table.add_column("prompt", overflow="fold", ratio=1)
-    for c in columns:
-        table.add_column(c, overflow="fold", ratio=2)
-    for row in rows:
-        table.add_row(row["prompt"], *(row[c] for c in columns))
-    Console().print(table)
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="Policy and reference answers side by side.")
-    p.add_argument("--model", required=True)
-    p.add_argument("--ref-model")
-    p.add_argument("--prompt", help="One prompt (a user turn when the tokenizer has a chat template).")
-    p.add_argument("--data", help="Take prompts from a preference data file.")
-    p.add_argument("-n", type=int, default=3, help="Prompts to take from --data.")
-    p.add_argument("--data-format")
-    p.add_argument("--split", default="train")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily.")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", metavar="FILE.jsonl")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.set_defaults(func=run_generate)

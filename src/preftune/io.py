@@ -1,7 +1,9 @@
-"""Files written so that a crash never leaves a half-written one: write beside, fsync, rename into place."""
+"""Files written so that a crash never leaves a half-written one (write beside, fsync, rename into place), and
+files read back to check them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -42,3 +44,12 @@ def append_jsonl(path: Path, row: dict) -> None:
         handle.write(json.dumps(row) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read a block at a time (model weights can be larger than memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -2,9 +2,9 @@ import shlex
 
 import yaml
 
-from preftune.card import write_model_card
 from preftune.config import TrainConfig
-from preftune.plots import write_plots
+from preftune.report.card import write_model_card
+from preftune.report.plots import write_plots
 
 
 def front_matter(text):

@@ -5,7 +5,7 @@ from matplotlib.image import imread
 
 from preftune.errors import PreftuneError
 from preftune.io import write_jsonl
-from preftune.plots import _short, _smoothed, plot_demo_probabilities, write_plots
+from preftune.report.plots import _short, _smoothed, plot_demo_probabilities, write_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

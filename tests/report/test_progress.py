@@ -2,8 +2,8 @@ import io
 
 import pytest
 
-from preftune import progress as progress_module
-from preftune.progress import Progress
+from preftune.report import progress as progress_module
+from preftune.report.progress import Progress
 
 DPO_ROW = {"loss": 0.5, "reward_accuracy": 0.625, "reward_margin": 0.12, "pairs_per_s": 14.2}
 

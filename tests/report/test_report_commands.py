@@ -2,8 +2,8 @@ import argparse
 
 import pytest
 
+from preftune.cli.plot import register
 from preftune.errors import PreftuneError
-from preftune.report_commands import register
 
 
 def parse(*argv):

@@ -6,7 +6,7 @@ import pytest
 
 from preftune.config import TrainConfig
 from preftune.errors import ConfigError, PreftuneError
-from preftune.tracking import Tracker, parse_sinks, read_metrics
+from preftune.report.tracking import Tracker, parse_sinks, read_metrics
 
 
 def config(**kw):

@@ -1,4 +1,4 @@
-"""Records -> token ids, by the convention TRL uses so that numbers compare (see DESIGN.md "Data contract").
+"""Records -> token ids, by the convention TRL uses so that numbers compare (README.md, "Data").
 
 Text:  prompt ids = tokenizer(prompt) with the tokenizer's own special tokens;
        answer ids = tokenizer(answer, add_special_tokens=False) + [eos].

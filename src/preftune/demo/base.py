@@ -42,7 +42,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 def write_base_model(texts: list[str], out_dir: Path, size: TinySize, seed: int) -> Path:
     """Train the tokenizer on `texts`, build a random Llama of `size` seeded by `seed`, save both to `out_dir`."""
-    from ..models import save_model, tiny_llama
+    from ..models.load import save_model
 
     tokenizer = train_tokenizer(texts, size.vocab)
     model = tiny_llama(len(tokenizer), hidden=size.hidden, layers=size.layers, heads=size.heads,
@@ -50,3 +50,18 @@ def write_base_model(texts: list[str], out_dir: Path, size: TinySize, seed: int)
                        pad_id=tokenizer.pad_token_id, seed=seed)
     save_model(model, tokenizer, out_dir)
     return out_dir
+
+
+def tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int | None = None,
+               max_positions: int = 512, bos_id: int | None = None, eos_id: int | None = None,
+               pad_id: int | None = None, seed: int = 0):
+    """A small random-weight Llama for the demo and tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or hidden * 8 // 3,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=max_positions, bos_token_id=bos_id, eos_token_id=eos_id,
+                      pad_token_id=pad_id, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)

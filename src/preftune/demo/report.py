@@ -11,10 +11,11 @@ import torch
 from ..data.records import PreferencePair
 from ..data.tokenize import tokenize_all
 from ..evaluate import logps_table, preference_metrics
-from ..models import load_model, load_tokenizer, pick_device, pick_dtype
+from ..models.load import load_model, load_tokenizer
+from ..models.precision import pick_device, pick_dtype
 
 
-def answer_logps(model_dir: Path, pairs: list[dict[str, str]], *, device: str = "auto") -> torch.Tensor:
+def held_out_logps(model_dir: Path, pairs: list[dict[str, str]], *, device: str = "auto") -> torch.Tensor:
     """[N, 2] summed log-probs (nats) of chosen and rejected answers, EOS included, under the model in `model_dir`."""
     dev = pick_device(device)
     tokenizer = load_tokenizer(str(model_dir))

@@ -84,8 +84,8 @@ def run_demo(out: Path, quiet: bool = False, fast: bool = False, plan: DemoPlan 
 
 
 def _run(out: Path, plan: DemoPlan, *, quiet: bool, fast: bool) -> dict:
-    from ..plots import plot_demo_probabilities
-    from ..train import run
+    from ..report.plots import plot_demo_probabilities
+    from ..training.loop import run
 
     say = (lambda *a: None) if quiet else print
     check_out(out)
@@ -110,8 +110,8 @@ def _run(out: Path, plan: DemoPlan, *, quiet: bool, fast: bool) -> dict:
         timings[f"{cfg.stage}_seconds"] = round(time.perf_counter() - t0, 1)
 
     held_out = pairs(book, book.held_out_templates)
-    sft_logps = report.answer_logps(out / "sft", held_out)
-    dpo_logps = report.answer_logps(out / "dpo", held_out)
+    sft_logps = report.held_out_logps(out / "sft", held_out)
+    dpo_logps = report.held_out_logps(out / "dpo", held_out)
     table = report.rows(held_out, sft_logps, dpo_logps)
     result = report.summary(table, sft_logps, dpo_logps, plan.beta)
     shown = report.pick(table, 8)

@@ -7,21 +7,21 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import TrainConfig
-from .distributed import DistEnv, barrier
-from .errors import PreftuneError
-from .io import atomic_write_json
-from .models import save_model
+from ..config import TrainConfig
+from ..dist.env import DistEnv, barrier
+from ..errors import PreftuneError
+from ..io import atomic_write_json
+from ..models.load import save_model
+from ..report.tracking import METRICS_FILE
 
 CONFIG = "config.yaml"
 RESULTS = "results.json"
 DATA_STATS = "data_stats.json"
-METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 
 
 def holds_run(out_dir: Path) -> bool:
-    return any((out_dir / name).exists() for name in (CONFIG, METRICS, CHECKPOINTS))
+    return any((out_dir / name).exists() for name in (CONFIG, METRICS_FILE, CHECKPOINTS))
 
 
 def finished_results(out_dir: Path) -> dict | None:
@@ -48,7 +48,7 @@ def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
         except OSError as exc:
             raise PreftuneError(f"--output-dir {out_dir}: cannot write there ({exc.strerror})") from None
         if cfg.overwrite and not cfg.resume:
-            for name in (METRICS, RESULTS):
+            for name in (METRICS_FILE, RESULTS):
                 (out_dir / name).unlink(missing_ok=True)
             for name in ("plots", CHECKPOINTS):  # old checkpoints must never be resumed into the new run
                 shutil.rmtree(out_dir / name, ignore_errors=True)
@@ -97,12 +97,12 @@ def finish(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str, *,
     With LoRA the model is the adapter (plus `merged/` with --merge); `state_dict` holds the gathered
     weights of a sharded model.
     """
-    from .card import write_model_card
-    from .plots import write_plots
+    from ..report.card import write_model_card
+    from ..report.plots import write_plots
 
     save_model(setup.policy, setup.tokenizer, out_dir, state_dict=state_dict)
     if cfg.merge:
-        from .lora import write_merged
+        from ..models.lora import write_merged
 
         write_merged(out_dir, setup.tokenizer, dtype=setup.dtype, trust_remote_code=cfg.trust_remote_code)
     write_plots(out_dir)

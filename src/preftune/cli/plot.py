@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .plots import write_plots  # matplotlib loads in ~0.5 s; only this command should pay for it
+    from ..report.plots import write_plots  # matplotlib loads in ~0.5 s; only this command should pay for it
 
     for path in write_plots(args.run_dir):  # a missing or empty metrics file raises PreftuneError
         print(path)

@@ -9,7 +9,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-# (row key, how it reads); shown in this order when present in a row.
+# Every choice of which metrics a person reads is here. The live line: (row key, how it reads), in this order
+# when present in a row.
 _FIELDS = (
     ("loss", "loss {:.4f}"),
     ("reward_accuracy", "acc {:.1%}"),
@@ -17,6 +18,21 @@ _FIELDS = (
     ("pairs_per_s", "{:.1f} pairs/s"),
     ("samples_per_s", "{:.1f} samples/s"),
 )
+
+
+# The line printed after each evaluation, and the one a finished run ends with.
+EVAL_KEYS = ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logratio_chosen")
+FINAL_KEYS = ("loss", "reward_accuracy", "eval_reward_accuracy", "eval_loss")
+
+
+def describe_eval(row: dict) -> str:
+    """`eval @ step 40: loss=0.6012  reward_accuracy=0.7500 ...` from an evaluation row (keys `eval_*`)."""
+    return "eval @ step {}: ".format(row["step"]) + "  ".join(f"{k[5:]}={row[k]:.4f}" for k in EVAL_KEYS if k in row)
+
+
+def describe_final(output_dir, final: dict) -> str:
+    """`done: RUN  loss=0.5123  reward_accuracy=...`: the run folder and the final metrics it has."""
+    return f"done: {output_dir}  " + "  ".join(f"{k}={final[k]:.4f}" for k in FINAL_KEYS if k in final)
 
 
 class Progress:

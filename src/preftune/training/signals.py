@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from .distributed import DistEnv, all_reduce_sum
+from ..dist.env import DistEnv, all_reduce_sum
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -1,6 +1,6 @@
-"""What one micro-batch contributes to a step: a summed loss, summed metrics and the count they are sums over.
+"""What one micro-batch contributes to a step: a summed loss and summed metrics, over units the objective counts.
 
-The loop divides by the count over the whole step (all micro-batches, all ranks), so gradient accumulation and
+The loop divides by the units of the whole step (all micro-batches, all ranks), so gradient accumulation and
 data parallelism give the same gradient as one big batch.
 """
 
@@ -10,31 +10,31 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import TrainConfig
-from .data.batching import PromptAnswerBatch
-from .logprobs import AnswerLogps
-from .losses import needs_reference, preference_loss
+from ..config import TrainConfig
+from ..data.batching import PromptAnswerBatch
+from ..logps.layouts import AnswerLogps
+from ..losses import preference_loss
 
 
 @dataclass
 class Contribution:
-    loss_sum: torch.Tensor                  # scalar, differentiable
-    count: float                            # pairs (DPO) or answer tokens (SFT)
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # detached metric sums over `count` units
+    loss_sum: torch.Tensor  # scalar, differentiable: a sum over the micro-batch's units (see `units`)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # detached metric sums over the same units
 
 
 class SFTObjective:
     """Mean negative log-likelihood per answer token."""
 
-    unit = "samples"
+    # The metrics key of throughput: examples (batch rows) per second. The loss itself is per token (`units`).
+    throughput_key = "samples_per_s"
 
     def units(self, batch: PromptAnswerBatch) -> float:
+        """What the step's summed loss is divided by: answer tokens."""
         return float(batch.answer_lens.sum())
 
     def __call__(self, policy: AnswerLogps, batch: PromptAnswerBatch, ref_logps=None) -> Contribution:
-        tokens = float(batch.answer_lens.sum())
         loss = -policy.logps.sum()
-        return Contribution(loss, tokens, {"loss": loss.detach()})
+        return Contribution(loss, {"loss": loss.detach()})
 
     def finish(self, sums: dict[str, float], count: float) -> dict[str, float]:
         return {k: v / count for k, v in sums.items()}
@@ -49,14 +49,14 @@ class SFTObjective:
 class PreferenceObjective:
     """A preference loss (or a weighted mix) over pairs, plus the optional RPO NLL term on chosen answers."""
 
-    unit = "pairs"
+    throughput_key = "pairs_per_s"
 
     def units(self, batch: PromptAnswerBatch) -> float:
+        """What the step's summed loss is divided by: pairs."""
         return float(batch.size)
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.uses_reference = needs_reference(cfg.loss)
         # Running mean of batch rewards, the shift `delta` of BCO (as TRL keeps it); part of the state so a resumed run matches.
         self.reward_sum = 0.0
         self.reward_count = 0
@@ -64,7 +64,7 @@ class PreferenceObjective:
     def __call__(self, policy: AnswerLogps, batch: PromptAnswerBatch, ref_logps=None) -> Contribution:
         cfg = self.cfg
         pc, pr = policy.logps[0::2], policy.logps[1::2]
-        lc, lr = policy.lengths[0::2].float(), policy.lengths[1::2].float()
+        len_c, len_r = policy.lengths[0::2].float(), policy.lengths[1::2].float()
         rc = rr = None
         if ref_logps is not None:
             rc, rr = ref_logps[0::2], ref_logps[1::2]
@@ -75,10 +75,9 @@ class PreferenceObjective:
         delta = self.reward_sum / self.reward_count if self.reward_count else 0.0
         losses, chosen_r, rejected_r = preference_loss(
             pc, pr, rc, rr, loss_type=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-            chosen_lengths=lc, rejected_lengths=lr, simpo_gamma=cfg.simpo_gamma, bco_delta=delta)
+            chosen_lengths=len_c, rejected_lengths=len_r, simpo_gamma=cfg.simpo_gamma, bco_delta=delta)
         if cfg.sft_weight:
-            losses = losses + cfg.sft_weight * (-pc / lc)
-        n = pc.shape[0]
+            losses = losses + cfg.sft_weight * (-pc / len_c)
         sums = {
             "loss": losses.detach().sum(),
             "reward_accuracy": (chosen_r > rejected_r).float().sum(),
@@ -88,7 +87,7 @@ class PreferenceObjective:
             "chosen_logp": pc.detach().sum(),
             "rejected_logp": pr.detach().sum(),
         }
-        return Contribution(losses.sum(), float(n), sums)
+        return Contribution(losses.sum(), sums)
 
     def finish(self, sums: dict[str, float], count: float) -> dict[str, float]:
         return {k: v / count for k, v in sums.items()}

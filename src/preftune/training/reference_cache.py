@@ -19,8 +19,8 @@ from typing import Callable
 
 import torch
 
-from .errors import ModelError
-from .io import atomic_write_bytes, atomic_write_json
+from ..errors import ModelError
+from ..io import atomic_write_bytes, atomic_write_json, file_sha256
 
 FORMAT = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -38,11 +38,7 @@ def _file_digest(path: Path, memo: dict) -> str:
     stat = path.stat()
     memo_key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     if memo_key not in memo:
-        h = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                h.update(block)
-        memo[memo_key] = h.hexdigest()
+        memo[memo_key] = file_sha256(path)
     return memo[memo_key]
 
 
@@ -116,7 +112,7 @@ def load_table(path: Path, items) -> torch.Tensor | None:
 def compute_table(model, items, *, pad_id: int, device, batch_size: int, prefix_sharing: bool,
                   chunk_size: int) -> torch.Tensor:
     """[rows, 2] reference log-probs by dataset position; NaN where no item has that position."""
-    from .evaluate import logps_table
+    from ..evaluate import logps_table
 
     # Similar lengths together: little padding on any device. Rows go back to their positions below.
     order = sorted(items, key=lambda it: len(it.prompt_ids) + max(len(it.chosen_ids), len(it.rejected_ids)))

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
+from ..data.check import check_pairs, render_report
+from ..data.formats import FORMAT_NAMES
+from ..data.load import load_pairs
 from ..errors import ModelError
-from .check import check_pairs, render_report
-from .formats import FORMAT_NAMES
-from .load import load_pairs
 
 _DEFAULT_MAX_LENGTH = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "max_length")
 
@@ -51,7 +51,7 @@ def _add_length_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    tokenizer = load_tokenizer(args.model) if args.model else None
+    tokenizer = local_tokenizer(args.model) if args.model else None
     result = check_pairs(args.file, data_format=args.data_format, split=args.split, tokenizer=tokenizer,
                          max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     print(render_report(result, forced=args.data_format is not None))
@@ -61,9 +61,9 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from .tokenize import tokenize_pair
+    from ..data.tokenize import tokenize_pair
 
-    tokenizer = load_tokenizer(args.model) if args.model else None
+    tokenizer = local_tokenizer(args.model) if args.model else None
     pairs, report = load_pairs(args.file, data_format=args.data_format, split=args.split, skip_bad_records=True)
     print(f"format: {report.format}; showing {min(args.n, len(pairs))} of {len(pairs)} pairs")
     if report.skipped:
@@ -97,10 +97,10 @@ def _as_text(content) -> str:
     return "\n".join(f"[{turn['role']}] {turn['content']}" for turn in content)
 
 
-def load_tokenizer(path: str) -> Any:
+def local_tokenizer(path: str) -> Any:
     """The tokenizer of a local model folder: checking data never reaches the network."""
     if not Path(path).is_dir():
         raise ModelError(f"--model {path}: not a folder; pass a local model or tokenizer folder")
-    from ..models import load_tokenizer as load_model_tokenizer
+    from ..models.load import load_tokenizer
 
-    return load_model_tokenizer(path)
+    return load_tokenizer(path)

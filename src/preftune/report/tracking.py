@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
-from .errors import ConfigError, PreftuneError
-from .io import append_jsonl
+from ..config import TrainConfig
+from ..errors import ConfigError, PreftuneError
+from ..io import append_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_PREFIX = "eval_"

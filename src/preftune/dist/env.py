@@ -81,7 +81,7 @@ def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return work.to(home)
 
 
-def shard(indices: list[int], env: DistEnv) -> list[int]:
+def rank_slice(indices: list[int], env: DistEnv) -> list[int]:
     """This rank's contiguous slice of a global batch (equal sizes: the global batch is a multiple of world)."""
     per = len(indices) // env.world_size
     return indices[env.rank * per:(env.rank + 1) * per]

@@ -11,8 +11,8 @@ from contextlib import nullcontext
 
 import torch
 
-from .data.batching import PromptAnswerBatch
-from .logprobs import answer_logps
+from ..data.batching import PromptAnswerBatch
+from ..logps.answer import answer_logps
 
 
 class FrozenReference:
@@ -43,9 +43,9 @@ class AdaptersOffReference(FrozenReference):
     _no_grad = staticmethod(torch.no_grad)
 
     def _context(self):
-        from .logprobs import _unwrap
+        from ..logps.parts import unwrap
 
-        return _unwrap(self.model).disable_adapter()
+        return unwrap(self.model).disable_adapter()
 
     def logps(self, batch: PromptAnswerBatch) -> torch.Tensor:
         was_training = self.model.training

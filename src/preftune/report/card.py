@@ -9,9 +9,9 @@ from typing import Sequence
 
 import yaml
 
-from . import __version__
-from .config import TrainConfig
-from .io import atomic_write_text
+from .. import __version__
+from ..config import TrainConfig
+from ..io import atomic_write_text
 from .plots import PLOT_NAMES, PLOTS_DIR
 
 # owner/name or a bare legacy name such as "gpt2": what the Hub accepts as `base_model`.

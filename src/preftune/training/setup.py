@@ -8,17 +8,19 @@ from pathlib import Path
 
 import torch
 
-from . import lora
-from .config import TrainConfig
-from .data.load import load_pairs, load_sft, split_eval
-from .data.records import LoadReport
-from .data.tokenize import TokenizeStats, tokenize_all
-from .distributed import DistEnv
-from .errors import ConfigError
-from .evaluate import table_of
-from .logprobs import AnswerLogpModule, set_compute_dtype, sharded_logps_module
-from .losses import needs_reference
-from .models import Precision, freeze, load_model, load_tokenizer
+from ..config import TrainConfig
+from ..data.load import load_pairs, load_sft, split_eval
+from ..data.records import LoadReport
+from ..data.tokenize import TokenizeStats, tokenize_all
+from ..dist.env import DistEnv
+from ..dist.logp_module import AnswerLogpModule, sharded_logps_module
+from ..errors import ConfigError
+from ..evaluate import table_of
+from ..logps.parts import set_compute_dtype
+from ..losses import needs_reference
+from ..models import lora
+from ..models.load import freeze, load_model, load_tokenizer
+from ..models.precision import Precision
 from .reference import AdaptersOffReference, CachedReference, FrozenReference
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ class Setup:
     eval_stats: TokenizeStats | None = None
     eval_reference_table: torch.Tensor | None = None  # [N_eval, 2] reference log-probs of the eval pairs
     notes: list[str] = field(default_factory=list)
-    logp_module: AnswerLogpModule | None = None  # the policy's log-probs as the loop runs them (DDP / FSDP2)
+    policy_logps: AnswerLogpModule | None = None  # the policy's log-probs as the loop runs them (DDP / FSDP2)
     dtype: torch.dtype = torch.float32
 
     def where(self, item) -> str:
@@ -97,7 +99,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Se
         policy = lora.add_adapters(policy, cfg)
     if cfg.compile:
         # The decoder body only: the answer-only projection stays eager. Lengths vary per batch, hence dynamic.
-        from .logprobs import body_of
+        from ..logps.parts import body_of
 
         body_of(policy).compile(dynamic=True)
     logp = AnswerLogpModule(policy, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
@@ -118,7 +120,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Se
             eval_table = table_of(reference.logps, eval_items, pad_id=tokenizer.pad_token_id, device=device,
                                          batch_size=cfg.batch_size)
     return Setup(tokenizer, policy, reference, train_items, eval_items, records, report, stats, eval_stats,
-                 eval_table, logp_module=logp, dtype=dtype)
+                 eval_table, policy_logps=logp, dtype=dtype)
 
 
 def _load_reference(cfg: TrainConfig, device, precision: Precision):
@@ -134,7 +136,7 @@ def _cached_reference(cfg: TrainConfig, tokenizer, train_items, eval_items, devi
     """(CachedReference for training, [N_eval, 2] eval table or None), from the on-disk cache or computed once.
 
     Under torchrun each rank computes every world-th pair and a sum over ranks assembles the whole table."""
-    from .distributed import all_reduce_sum, barrier
+    from ..dist.env import all_reduce_sum, barrier
     from .reference_cache import CacheRequest, cached_tables, compute_table, default_cache_dir
 
     settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,

@@ -13,7 +13,7 @@ It is written into a hidden folder beside the others, every file fsynced, then r
 A folder whose manifest is missing or does not match its files is never loaded, and is removed on resume.
 
 Under FSDP the files are the same: the trained tensors and their optimizer state are gathered whole onto rank 0,
-which writes them; on resume rank 0 reads them and broadcasts them into every rank's shards (parallel.py). So a
+which writes them; on resume rank 0 reads them and broadcasts them into every rank's shards (dist/fsdp.py). So a
 checkpoint holds the same files whether one process or several wrote it.
 
 `--resume` continues from the newest complete checkpoint and cuts metrics.jsonl back to that step, so the run
@@ -24,7 +24,6 @@ written with settings that change the computation (another --lr, --beta, data, .
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,6 @@ import pickle
 import random
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +39,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from . import parallel
-from .config import TrainConfig, load_yaml_mapping
-from .distributed import DistEnv, all_reduce_sum, barrier
-from .errors import NonFiniteError, PreftuneError
-from .io import atomic_write_json
+from ..config import TrainConfig, load_yaml_mapping
+from ..dist import fsdp
+from ..dist.env import DistEnv, all_reduce_sum, barrier
+from ..errors import NonFiniteError, PreftuneError
+from ..io import atomic_write_json, file_sha256
 from .run_dir import CHECKPOINTS as FOLDER, resolved
 
 log = logging.getLogger(__name__)
@@ -56,9 +54,6 @@ _NAME = re.compile(r"^step-(\d{8,})$")
 # Settings that may change between a run and its resumption without changing what it computes.
 MAY_CHANGE_ON_RESUME = {"output_dir", "resume", "overwrite", "save_every", "keep_checkpoints", "quiet", "log_every",
                         "report_to", "skip_nonfinite", "eval_every", "device", "ref_cache_dir"}
-# Test aid: seconds to sleep between writing the files of a checkpoint and its manifest, so a test can kill
-# the process in the middle of a write.
-PAUSE_ENV = "PREFTUNE_CHECKPOINT_PAUSE_S"
 
 
 class CheckpointError(PreftuneError):
@@ -72,7 +67,7 @@ class RunState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
-    cursor: object          # train.DataCursor
+    cursor: object          # loop.DataCursor
     objective: object       # objectives.*Objective
     step: int = 0           # optimizer steps done
     skipped_steps: int = 0  # steps dropped by --skip-nonfinite
@@ -85,7 +80,7 @@ class RunState:
 def gather_trainable_state(model: torch.nn.Module, sharded: bool = False) -> dict[str, torch.Tensor]:
     """{parameter name: tensor on the CPU} for every parameter that trains; frozen weights are not saved."""
     if sharded:
-        return parallel.full_trainable_state(model)
+        return fsdp.full_trainable_state(model)
     return {name: p.detach().to("cpu", copy=True).contiguous()
             for name, p in model.named_parameters() if p.requires_grad}
 
@@ -114,7 +109,7 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
 def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None,
                            sharded: bool = False) -> dict:
     """`optimizer.state_dict()`; under FSDP the same layout with whole tensors, on rank 0 only."""
-    return parallel.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
+    return fsdp.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
 
 
 def rng_state() -> dict:
@@ -161,9 +156,9 @@ def require_finite(model: torch.nn.Module, what: str, env: DistEnv = DistEnv()) 
     (one rank leaving alone would leave the others waiting in the next collective).
     """
     named = list(model.named_parameters())
-    local = [parallel.local_part(p.detach()) for _, p in named]
+    local = [fsdp.local_part(p.detach()) for _, p in named]
     flags = torch.tensor([not torch.isfinite(t).all() for t in local], dtype=torch.float32)
-    if any(parallel.is_sharded(p) for _, p in named):
+    if any(fsdp.is_sharded(p) for _, p in named):
         flags = all_reduce_sum(flags, env)
     bad = [name for (name, _), flag in zip(named, flags.tolist()) if flag]
     if bad:
@@ -178,14 +173,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def step_dir(out_dir: Path, step: int) -> Path:
@@ -218,9 +205,7 @@ def save(out_dir: Path, state: RunState, cfg: TrainConfig, env: DistEnv, metrics
         files = [WEIGHTS, OPTIMIZER, STATE, CONFIG]
         for name in files:
             _fsync(tmp / name)
-        if os.environ.get(PAUSE_ENV):
-            time.sleep(float(os.environ[PAUSE_ENV]))
-        manifest = {"step": state.step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
+        manifest = {"step": state.step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)}
                                                   for n in files}}
         atomic_write_json(tmp / MANIFEST, manifest)
         _fsync(tmp)
@@ -267,7 +252,7 @@ def verify(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file() or path.stat().st_size != meta["bytes"]:
             return f"{name} is missing or has the wrong size"
-        if _sha256(path) != meta["sha256"]:
+        if file_sha256(path) != meta["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
 
@@ -343,8 +328,8 @@ def _restore_sharded(folder: Path, state: RunState, env: DistEnv) -> None:
     dist.broadcast_object_list(shared, src=0)
     if shared[0] is not None:
         raise CheckpointError(shared[0])
-    parallel.load_full_trainable_state(state.model, weights)
-    parallel.load_full_optimizer_state(state.model, state.optimizer, optim)
+    fsdp.load_full_trainable_state(state.model, weights)
+    fsdp.load_full_optimizer_state(state.model, state.optimizer, optim)
 
 
 def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> dict:

@@ -15,22 +15,22 @@ from pathlib import Path
 
 import torch
 
+from ..config import TrainConfig
+from ..data.batching import PromptAnswerBatch, collate, epoch_order, total_steps
+from ..dist.env import DistEnv, all_reduce_sum, init_from_env, rank_device, rank_slice, shutdown
+from ..dist.fsdp import full_state_dict, full_tensor
+from ..dist.logp_module import AnswerLogpModule
+from ..errors import NonFiniteError, PreftuneError
+from ..evaluate import evaluate_during
+from ..models.precision import pick_device, pick_precision
+from ..report.progress import Progress, describe_eval
+from ..report.tracking import METRICS_FILE, Tracker
 from . import checkpoint as ckpt
 from . import run_dir as rundir
-from .config import TrainConfig
-from .data.batching import PromptAnswerBatch, collate, epoch_order, total_steps
-from .distributed import DistEnv, all_reduce_sum, init_from_env, rank_device, shard, shutdown
-from .errors import NonFiniteError, PreftuneError
-from .evaluate import evaluate_during
-from .logprobs import AnswerLogpModule
-from .models import pick_device, pick_precision
 from .objectives import make_objective
 from .optim import build_optimizer
-from .parallel import full_state_dict, full_tensor
-from .progress import Progress
 from .setup import build
 from .signals import StopOnSignal, resume_command
-from .tracking import Tracker
 
 
 @dataclass
@@ -67,7 +67,7 @@ class DataCursor:
 def _step_batches(cursor: DataCursor, items, cfg: TrainConfig, env: DistEnv, pad_id: int, device):
     """This rank's micro-batches of one optimizer step, and the indices of the whole step (for messages)."""
     global_batches = [cursor.next(items) for _ in range(cfg.grad_accum)]
-    local = [collate([items[i] for i in shard(b, env)], pad_id).to(device) for b in global_batches]
+    local = [collate([items[i] for i in rank_slice(b, env)], pad_id).to(device) for b in global_batches]
     return local, [i for b in global_batches for i in b]
 
 
@@ -76,7 +76,7 @@ def _grad_norm(params, max_norm: float) -> torch.Tensor:
     return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
 
 
-def train_step(policy: AnswerLogpModule, reference, objective, micro: list[PromptAnswerBatch], env: DistEnv,
+def train_step(policy_logps: AnswerLogpModule, reference, objective, micro: list[PromptAnswerBatch], env: DistEnv,
                params, cfg: TrainConfig) -> tuple[dict[str, float], torch.Tensor, float]:
     """Forward and backward over the step's micro-batches. Returns (metrics, grad norm, units in the step).
 
@@ -88,8 +88,8 @@ def train_step(policy: AnswerLogpModule, reference, objective, micro: list[Promp
     sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro):
         ref = reference.logps(batch) if reference is not None else None
-        with policy.sync(i == len(micro) - 1):
-            out = policy(batch)
+        with policy_logps.sync(i == len(micro) - 1):
+            out = policy_logps(batch)
             c = objective(out, batch, ref)
             (c.loss_sum * (env.world_size / units)).backward()
         for k, v in c.sums.items():
@@ -142,7 +142,7 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
     with rundir.removed_if_left_empty(out_dir, env, created):  # bad data or model: no empty run folder stays behind
         setup = build(cfg, device=device, precision=precision, env=env)
         steps = _planned_steps(cfg, setup, env)
-    policy_model, tokenizer, reference = setup.policy, setup.tokenizer, setup.reference
+    policy, tokenizer, reference = setup.policy, setup.tokenizer, setup.reference
     train_items, eval_items = setup.train_items, setup.eval_items
     pad_id = tokenizer.pad_token_id
     global_batch = cfg.batch_size * env.world_size
@@ -152,14 +152,14 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
             print(described, flush=True)
 
     objective = make_objective(cfg)
-    policy: AnswerLogpModule = setup.logp_module
-    params = [p for p in policy_model.parameters() if p.requires_grad]
+    policy_logps: AnswerLogpModule = setup.policy_logps
+    params = [p for p in policy.parameters() if p.requires_grad]
     if env.is_main:
-        ckpt.check_room(out_dir, policy_model, cfg)
+        ckpt.check_room(out_dir, policy, cfg)
     optimizer, scheduler = build_optimizer(params, cfg, steps)
     cursor = DataCursor(len(train_items), global_batch, cfg.seed, cfg.group_by_length)
-    state = ckpt.RunState(policy_model, optimizer, scheduler, cursor, objective, sharded=policy.sharded)
-    metrics_path = out_dir / rundir.METRICS
+    state = ckpt.RunState(policy, optimizer, scheduler, cursor, objective, sharded=policy_logps.sharded)
+    metrics_path = out_dir / METRICS_FILE
     if cfg.resume:
         message = ckpt.resume(out_dir, state, cfg, env, metrics_path)
         if env.is_main and not cfg.quiet:
@@ -168,13 +168,13 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
     tracker = Tracker(out_dir, cfg, is_main=env.is_main)
     last: dict = {}
     stopped = False
-    policy_model.train()
+    policy.train()
     with Progress(steps, quiet=cfg.quiet or not env.is_main, stage=cfg.stage, log_every=cfg.log_every) as bar, \
             StopOnSignal() as stop:
         for step in range(state.step + 1, steps + 1):
             t0 = time.perf_counter()
             micro, indices = _step_batches(cursor, train_items, cfg, env, pad_id, device)
-            metrics, grad_norm, units = train_step(policy, reference, objective, micro, env, params, cfg)
+            metrics, grad_norm, units = train_step(policy_logps, reference, objective, micro, env, params, cfg)
             finite = _finite_or_skipped(step, metrics, grad_norm, [setup.where(train_items[i]) for i in indices],
                                         cfg, bar)
             state.skipped_steps += not finite
@@ -188,16 +188,16 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
             n = sum(b.size for b in micro) * env.world_size
             row = {"step": step, "epoch": cursor.epoch, **(metrics if finite else {}), "lr": lr,
                    **({"grad_norm": float(grad_norm)} if finite else {}), "skipped_steps": state.skipped_steps,
-                   f"{objective.unit}_per_s": n / dt,
+                   objective.throughput_key: n / dt,
                    "tokens_per_s": sum(b.tokens() for b in micro) * env.world_size / dt}
             tracker.log(row)
             bar.update(step, row)
             last = row
             if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
                 eval_row = {"step": step,
-                            **evaluate_during(policy.eval_model, eval_ref, eval_items, cfg, pad_id, device)}
+                            **evaluate_during(policy_logps.eval_model, eval_ref, eval_items, cfg, pad_id, device)}
                 tracker.log(eval_row)
-                bar.print(_describe_eval(eval_row))
+                bar.print(describe_eval(eval_row))
             # The last step needs no checkpoint: the final model is written next.
             stopped = step < steps and stop.requested(env)
             if stopped or (cfg.save_every and step % cfg.save_every == 0 and step < steps):
@@ -207,9 +207,9 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
         final = dict(last)
         if eval_items and not stopped:
             eval_row = {"step": steps,
-                        **evaluate_during(policy.eval_model, eval_ref, eval_items, cfg, pad_id, device)}
+                        **evaluate_during(policy_logps.eval_model, eval_ref, eval_items, cfg, pad_id, device)}
             tracker.log(eval_row)
-            bar.print(_describe_eval(eval_row))
+            bar.print(describe_eval(eval_row))
             final.update(eval_row)
     tracker.close()
     cmd = command or shlex.join(["preftune", *sys.argv[1:]])
@@ -219,15 +219,10 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
                   f"{resume_command(cmd)}", flush=True)
         shutdown(env)
         return {"stopped_at_step": state.step}
-    ckpt.require_finite(policy_model, "final model", env)
+    ckpt.require_finite(policy, "final model", env)
     # Sharded weights are gathered whole by every rank together; rank 0 alone writes them.
-    full_weights = full_state_dict(policy_model) if policy.sharded else None
+    full_weights = full_state_dict(policy) if policy_logps.sharded else None
     if env.is_main:
         rundir.finish(out_dir, cfg, setup, final, cmd, state_dict=full_weights)
     shutdown(env)
     return final
-
-
-def _describe_eval(row: dict) -> str:
-    keys = ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logratio_chosen")
-    return "eval @ step {}: ".format(row["step"]) + "  ".join(f"{k[5:]}={row[k]:.4f}" for k in keys if k in row)

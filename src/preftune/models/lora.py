@@ -1,6 +1,6 @@
 """LoRA through peft: adapters on a policy, 4-bit base weights (QLoRA), adapter folders and merged models.
 
-With LoRA the reference is the policy with its adapters switched off (`reference.AdaptersOffReference`):
+With LoRA the reference is the policy with its adapters switched off (`training.reference.AdaptersOffReference`):
 the frozen base weights exist once in memory and serve both. A run folder then holds only the adapter
 (`adapter_config.json`, `adapter_model.safetensors`) and the tokenizer; `--merge` adds `merged/`, a full
 model that plain `transformers` loads.
@@ -8,35 +8,15 @@ model that plain `transformers` loads.
 
 from __future__ import annotations
 
-import json
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
-from .errors import ConfigError, ModelError, PreftuneError
+from ..config import TrainConfig
+from ..errors import ConfigError, PreftuneError
+from .load import load_adapter_model, quiet_peft, require_peft
 
-ADAPTER_CONFIG = "adapter_config.json"
 MERGED = "merged"
-
-
-def require_peft():
-    """The peft module, imported only when LoRA is asked for."""
-    try:
-        import peft
-    except ImportError:
-        raise PreftuneError("LoRA needs the peft package: pip install preftune[lora]") from None
-    return peft
-
-
-@contextmanager
-def _quiet_peft():
-    """peft reads a transformers property that is being renamed; its warning says nothing to our users."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        yield
 
 
 def check_request(cfg: TrainConfig, device: torch.device) -> None:
@@ -85,32 +65,11 @@ def add_adapters(model, cfg: TrainConfig):
     lora_cfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                target_modules=target_modules(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
     try:
-        with _quiet_peft():
+        with quiet_peft():
             return peft.get_peft_model(model, lora_cfg)
     except ValueError as exc:
         raise ConfigError(f"lora_targets: {cfg.lora_targets!r} does not fit this model "
                           f"({str(exc).splitlines()[0]})") from None
-
-
-def is_adapter_folder(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
-
-
-def load_adapter_model(path: str | Path, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
-    """Base model named in `adapter_config.json`, with the saved adapter on top (a peft model)."""
-    from .models import load_model
-
-    peft = require_peft()
-    path = Path(path)
-    try:
-        base_name = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError):
-        raise ModelError(f"model {path}: {ADAPTER_CONFIG} does not name its base model "
-                         f"(base_model_name_or_path)") from None
-    base = load_model(base_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    with _quiet_peft():
-        return peft.PeftModel.from_pretrained(base, str(path)).to(device)
 
 
 def write_merged(run_dir: Path, tokenizer, *, dtype: torch.dtype, trust_remote_code: bool = False) -> Path:

@@ -1,65 +1,22 @@
-"""Load Hugging Face causal LMs and tokenizers; choose device and dtype; save in Hugging Face format."""
+"""Load Hugging Face causal LMs (a LoRA adapter folder with its base model) and tokenizers; save in Hugging Face
+format."""
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
-from dataclasses import dataclass
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .errors import ModelError
+from ..errors import ModelError, PreftuneError
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """CUDA > MPS > CPU for `auto`; an explicit device that is not there is an error, not a silent fallback."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda: no CUDA device is visible; use --device auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ModelError("--device mps: MPS is not available here; use --device auto or cpu")
-    return torch.device(name)
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Dtypes of a run. `trained`: weights the optimizer updates; `frozen`: weights it never touches (the
-    reference, a LoRA base); `compute`: the autocast dtype of forwards, None to compute in the weights' dtype."""
-
-    trained: torch.dtype
-    frozen: torch.dtype
-    compute: torch.dtype | None = None
-
-
-def pick_precision(name: str, device: torch.device) -> Precision:
-    """`auto` is `mixed` on GPUs with bf16 and float32 elsewhere (CPU bf16 matmuls are slow).
-
-    `mixed` keeps trained weights and optimizer state in fp32 and computes in bf16: a DPO update at lr 5e-7 is
-    far below a bf16 weight's spacing, so pure bf16 weights would drop most updates. Frozen weights are held in
-    bf16, which halves the reference's memory. `bfloat16`/`float16`/`float32` hold every weight in that dtype.
-    """
-    if name == "auto":
-        name = "mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if name == "mixed":
-        return Precision(torch.float32, torch.bfloat16, torch.bfloat16)
-    return Precision(_DTYPES[name], _DTYPES[name])
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype to load a model in for inference (eval, generate): the frozen dtype of `pick_precision`."""
-    return pick_precision(name, device).frozen
-
-
+ADAPTER_CONFIG = "adapter_config.json"
 _MARKERS = {"model": ("config.json", "adapter_config.json"), "tokenizer": ("tokenizer_config.json", "tokenizer.json")}
 
 
@@ -138,8 +95,6 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
 
     _quiet_transformers()
     _check_local(name_or_path, "model")
-    from .lora import is_adapter_folder, load_adapter_model
-
     if is_adapter_folder(name_or_path):  # a LoRA run folder: its base model plus the adapter
         return load_adapter_model(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     try:
@@ -162,6 +117,42 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
     return model
 
 
+def require_peft():
+    """The peft module, imported only when LoRA is asked for."""
+    try:
+        import peft
+    except ImportError:
+        raise PreftuneError("LoRA needs the peft package: pip install preftune[lora]") from None
+    return peft
+
+
+@contextmanager
+def quiet_peft():
+    """peft reads a transformers property that is being renamed; its warning says nothing to our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def load_adapter_model(path: str | Path, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
+    """Base model named in `adapter_config.json`, with the saved adapter on top (a peft model)."""
+    peft = require_peft()
+    path = Path(path)
+    try:
+        base_name = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError):
+        raise ModelError(f"model {path}: {ADAPTER_CONFIG} does not name its base model "
+                         f"(base_model_name_or_path)") from None
+    base = load_model(base_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    with quiet_peft():
+        return peft.PeftModel.from_pretrained(base, str(path)).to(device)
+
+
 def freeze(model) -> None:
     model.eval()
     for p in model.parameters():
@@ -178,17 +169,3 @@ def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
-
-
-def tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int | None = None,
-               max_positions: int = 512, bos_id: int | None = None, eos_id: int | None = None,
-               pad_id: int | None = None, seed: int = 0):
-    """A small random-weight Llama for the demo and tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or hidden * 8 // 3,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=max_positions, bos_token_id=bos_id, eos_token_id=eos_id,
-                      pad_token_id=pad_id, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)

@@ -3,17 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from .data.load import load_pairs
-from .data.tokenize import tokenize_all
-from .errors import PreftuneError
-from .evaluate import logps_table, per_pair_rows, preference_metrics
-from .io import write_jsonl
-from .models import freeze, load_model, load_tokenizer, pick_device, pick_dtype
+from ..errors import PreftuneError
+from ..io import write_jsonl
+from .flags import add_data_flags, add_model_flags
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="Preference metrics of a model on pairs (JSON on stdout).")
+    add_model_flags(p)
+    add_data_flags(p, required=True, help="Preference pairs.")
+    p.add_argument("--output", metavar="FILE.jsonl", help="Write one row of log-probs per pair.")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--max-prompt-length", type=int)
+    p.add_argument("--limit", type=int, help="Evaluate only the first N pairs.")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    print(json.dumps(run_eval(args), indent=2))
+    return 0
 
 
 def run_eval(args: argparse.Namespace) -> dict:
+    """The summary printed on stdout; with --output, per-pair rows written too."""
+    # torch, transformers and the models load only when a command needs them, not for `--help`.
+    from ..data.load import load_pairs
+    from ..data.tokenize import tokenize_all
+    from ..evaluate import logps_table, per_pair_rows, preference_metrics
+    from ..models.load import freeze, load_model, load_tokenizer
+    from ..models.precision import pick_device, pick_dtype
+
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)

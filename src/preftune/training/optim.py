@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:

@@ -1,19 +1,20 @@
 """FSDP2 under torchrun: shard a model's weights across ranks, and gather them back whole for saving.
 
 Units: every decoder layer is its own FSDP unit (its weights are gathered just before it runs and freed
-after); the root unit is the module whose forward computes answer log-probs (`logprobs.AnswerLogpModule`'s
-inner module), and holds the rest: embeddings, final norm, output projection. The root cannot be the
-Hugging Face model itself: answer log-probs call the decoder body and the output projection directly,
-never the model's own forward, so only a forward through the wrapping module gathers those weights (and
-keeps tied input/output embeddings in one unit).
+after); the root unit is the module whose forward computes answer log-probs (`logps.answer.LogpsForward`,
+wrapped by `logp_module.AnswerLogpModule`), and holds the rest: embeddings, final norm, output projection.
+The root cannot be the Hugging Face model itself: answer log-probs call the decoder body and the output
+projection directly, never the model's own forward, so only a forward through the wrapping module gathers
+those weights (and keeps tied input/output embeddings in one unit).
 
 Gradients are reduce-scattered with a mean over ranks, as DDP all-reduces them with a mean, so the
 training loop's scaling (each rank's loss sum times world / global count) holds for both.
 
-Checkpoints hold whole tensors in the layout of a single process (see checkpoint.py): saving gathers each
-trained tensor and its optimizer state onto rank 0's CPU, one tensor at a time; loading lets rank 0 alone
-read the files and broadcasts them tensor by tensor, every rank keeping only its shard. So host memory holds
-one whole copy (on rank 0), not one per process, and a checkpoint does not depend on the number of ranks.
+Checkpoints hold whole tensors in the layout of a single process (see training/checkpoint.py): saving
+gathers each trained tensor and its optimizer state onto rank 0's CPU, one tensor at a time; loading lets
+rank 0 alone read the files and broadcasts them tensor by tensor, every rank keeping only its shard. So host
+memory holds one whole copy (on rank 0), not one per process, and a checkpoint does not depend on the number
+of ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .errors import ModelError
+from ..errors import ModelError
+from ..logps.parts import body_of
 
 
 def _mesh():
@@ -33,8 +35,6 @@ def _mesh():
 
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The repeated blocks of a causal LM's decoder (`layers` in most families, `h` in GPT-2 style ones)."""
-    from .logprobs import body_of
-
     body = body_of(model)
     for name in ("layers", "h", "blocks"):
         layers = getattr(body, name, None)
@@ -43,7 +43,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     raise ModelError(f"{type(body).__name__}: cannot find its decoder layers to shard with --fsdp")
 
 
-def shard(root: torch.nn.Module, model, *, frozen: bool = False) -> torch.nn.Module:
+def fully_shard_model(root: torch.nn.Module, model, *, frozen: bool = False) -> torch.nn.Module:
     """Apply FSDP2 to `model`'s decoder layers and to `root` (a module containing `model`), in place.
 
     The weights may be on the CPU: each rank keeps only its shard and moves it to its own device.

@@ -1,0 +1,21 @@
+"""Flags that several commands take, declared once: which models to load and how, and where pairs come from."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--model (required) and --ref-model, and how to load them: --device, --dtype, --trust-remote-code."""
+    parser.add_argument("--model", required=True, help="Model folder or Hub id.")
+    parser.add_argument("--ref-model", help="Reference model (folder or Hub id), compared with --model.")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--trust-remote-code", action="store_true")
+
+
+def add_data_flags(parser: argparse.ArgumentParser, *, required: bool, help: str) -> None:
+    """--data and how to read it: --data-format, --split."""
+    parser.add_argument("--data", required=required, help=help)
+    parser.add_argument("--data-format", help="Force a data format.")
+    parser.add_argument("--split", default="train")

@@ -1,0 +1,63 @@
+"""`preftune sft` and `preftune dpo`: a TrainConfig from a YAML file and flags (one flag per config field), then
+a training run."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+
+from ..config import TrainConfig, field_type, load_yaml_mapping
+from ..errors import PreftuneError
+
+STAGES = (("sft", "Supervised fine-tuning on text or conversations."),
+          ("dpo", "Preference optimisation on chosen/rejected pairs."))
+
+
+def register(subparsers) -> None:
+    for stage, text in STAGES:
+        p = subparsers.add_parser(stage, help=text, description=text)
+        _add_config_flags(p)
+        p.set_defaults(func=_cmd_train, stage=stage)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml", help="Read settings from a YAML file; flags override it.")
+    for f in fields(TrainConfig):
+        if f.name == "stage":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        typ = field_type(f)
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            parser.add_argument(flag, type=typ, metavar=f.name.upper(), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
+    """File values, then flag values on top, then validation of the whole."""
+    values = load_yaml_mapping(args.config) if getattr(args, "config", None) else {}
+    values = dict(values)
+    if values.get("stage", stage) != stage:
+        raise PreftuneError(f"{args.config}: is a {values['stage']} config; run `preftune {values['stage']}`")
+    values["stage"] = stage
+    names = {f.name for f in fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(values, where=getattr(args, "config", None) or "flags")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    # torch and transformers load only when a run starts, not for `--help`.
+    from ..dist.env import is_main_process
+    from ..report.progress import describe_final
+    from ..training.loop import run
+
+    cfg = config_from_args(args, args.stage)
+    final = run(cfg)
+    if not cfg.quiet and final and "stopped_at_step" not in final and is_main_process():
+        print(describe_final(cfg.output_dir, final))
+    return 0

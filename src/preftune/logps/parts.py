@@ -1,0 +1,93 @@
+"""The parts of a Hugging Face causal LM that answer log-probs use directly, and the dtype they compute in.
+
+The model's own forward is never called: the decoder body runs on embeddings, and only the answer positions go
+through the output head (see projection.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import nullcontext
+
+import torch
+
+
+class LMWrapper(torch.nn.Module):
+    """Base of preftune's own modules around a causal LM (held as `.model`); `unwrap` sees through them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+def unwrap(model):
+    """The Hugging Face model under DDP/compile wrappers and preftune's own (the log-prob module)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod") or isinstance(model, LMWrapper):
+        if isinstance(model, LMWrapper):
+            model = model.model
+        else:
+            model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+class Head:
+    """The output projection of a causal LM, with the logit transforms some architectures apply after it."""
+
+    def __init__(self, model):
+        hf = unwrap(model)
+        self.linear = hf.get_output_embeddings()
+        cfg = hf.config
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.scale = getattr(cfg, "logit_scale", None)            # Cohere multiplies
+        self.divide = getattr(cfg, "logits_scaling", None)        # Granite divides
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.linear(hidden).float()
+        if self.scale:
+            out = out * self.scale
+        if self.divide:
+            out = out / self.divide
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+
+def body_of(model):
+    """The decoder stack (everything before the output projection)."""
+    hf = unwrap(model)
+    body = hf.get_decoder() if hasattr(hf, "get_decoder") else None
+    if body is None:
+        body = getattr(hf, hf.base_model_prefix, None)
+    if body is None:
+        raise TypeError(f"{type(hf).__name__}: cannot find the decoder body")
+    return body
+
+
+def cache_kwarg(body) -> str:
+    """The name the body's forward takes a key/value cache under (`cache`, or the older `past_key_values`)."""
+    params = inspect.signature(body.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def checkpointing(model) -> bool:
+    """Whether a training forward of `model` now recomputes its layers in backward (activation checkpointing)."""
+    hf = unwrap(model)
+    if not (hf.training and torch.is_grad_enabled()):
+        return False
+    on = getattr(hf, "is_activation_checkpointing", None)  # the newer name of `is_gradient_checkpointing`
+    return bool(on if on is not None else getattr(hf, "is_gradient_checkpointing", False))
+
+
+def compute_precision(model):
+    """Autocast to the compute dtype `set_compute_dtype` gave the model (mixed precision), else nothing."""
+    hf = unwrap(model)
+    dtype = getattr(hf, "preftune_compute_dtype", None)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(next(hf.parameters()).device.type, dtype=dtype)
+
+
+def set_compute_dtype(model, dtype: torch.dtype | None) -> None:
+    """Compute `model`'s forwards under autocast to `dtype` (its weights keep their own dtype)."""
+    unwrap(model).preftune_compute_dtype = dtype
+

@@ -1,0 +1,57 @@
+"""Where and in which dtypes a run computes: the device, and the dtypes of trained weights, frozen weights and
+forwards (mixed precision)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ModelError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA > MPS > CPU for `auto`; an explicit device that is not there is an error, not a silent fallback."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda: no CUDA device is visible; use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError("--device mps: MPS is not available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Dtypes of a run. `trained`: weights the optimizer updates; `frozen`: weights it never touches (the
+    reference, a LoRA base); `compute`: the autocast dtype of forwards, None to compute in the weights' dtype."""
+
+    trained: torch.dtype
+    frozen: torch.dtype
+    compute: torch.dtype | None = None
+
+
+def pick_precision(name: str, device: torch.device) -> Precision:
+    """`auto` is `mixed` on GPUs with bf16 and float32 elsewhere (CPU bf16 matmuls are slow).
+
+    `mixed` keeps trained weights and optimizer state in fp32 and computes in bf16: a DPO update at lr 5e-7 is
+    far below a bf16 weight's spacing, so pure bf16 weights would drop most updates. Frozen weights are held in
+    bf16, which halves the reference's memory. `bfloat16`/`float16`/`float32` hold every weight in that dtype.
+    """
+    if name == "auto":
+        name = "mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if name == "mixed":
+        return Precision(torch.float32, torch.bfloat16, torch.bfloat16)
+    return Precision(_DTYPES[name], _DTYPES[name])
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype to load a model in for inference (eval, generate): the frozen dtype of `pick_precision`."""
+    return pick_precision(name, device).frozen
+
