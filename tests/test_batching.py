@@ -37,10 +37,14 @@ def test_collate_layout_matches_the_documented_example():
     assert b.prompt_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b.answer_ids.tolist() == [[1, 2, 0], [3, 0, 0], [4, 0, 0], [9, 9, 9]]
     assert b.prompt_lens.tolist() == [3, 1] and b.answer_lens.tolist() == [2, 1, 1, 3]
-    sub = b.select(torch.tensor([1]))
+    sub = b.select([1])
     assert sub.prompt_ids.tolist() == [[8]] and sub.answer_ids.tolist() == [[4, 0, 0], [9, 9, 9]]
     assert sub.index.tolist() == [1]
     assert b.tokens() == 3 + 1 + 2 + 1 + 1 + 3
+    # Lengths travel as host lists beside the tensors (a GPU batch is planned without reading the device).
+    moved = b.to("cpu")
+    assert moved.host_lens == ([3, 1], [2, 1, 1, 3])
+    assert sub.lengths() == ([1], [1, 3]) == (sub.prompt_lens.tolist(), sub.answer_lens.tolist())
 
 
 def test_group_by_length_is_deterministic_and_covers_every_example_once():

@@ -12,14 +12,15 @@ import torch.nn.functional as F
 
 from tinylm import make_tokenizer
 from oracle import full_logits_logps
-from preftune.logps import answer, layouts
+from preftune.logps import answer, layouts, planner
 from preftune.data.batching import collate
 from preftune.data.records import PreferencePair
 from preftune.data.tokenize import TokenizedPair, tokenize_all
 from preftune.demo.base import tiny_llama
 from preftune.logps.answer import answer_logps
 from preftune.logps.parts import Head
-from preftune.logps.planner import plan_groups
+from preftune.logps.layouts import plain_logps, shared_prefix_logps
+from preftune.logps.planner import plan_groups, plan_layout
 from preftune.logps.projection import token_logps
 
 VOCAB = 97
@@ -62,15 +63,49 @@ def assert_close(fast, plain):
         assert (g - ref_grads[name]).abs().max() <= 1e-4 * scale + 1e-8, name
 
 
-@pytest.mark.parametrize("prefix_sharing,trim_padding,chunk_size",
-                         list(itertools.product([True, False], [True, False], [3, 1024])))
-def test_fast_paths_equal_the_whole_model_forward(prefix_sharing, trim_padding, chunk_size):
+@pytest.fixture
+def sharing_is_cheap(monkeypatch):
+    """Forward calls cost nothing, so the planner always prefers computing each prompt once (the shared layout)."""
+    monkeypatch.setitem(planner.CALL_COST_TOKENS, "cpu", 0)
+
+
+@pytest.mark.parametrize("layout,trim_padding,chunk_size",
+                         list(itertools.product([shared_prefix_logps, plain_logps], [True, False], [3, 1024])))
+def test_fast_paths_equal_the_whole_model_forward(layout, trim_padding, chunk_size):
     m = model()
     batch = collate(pairs(SHAPES), pad_id=0)
     plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
-    fast = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
-                                                   trim_padding=trim_padding))
+    fast = logps_and_grads(m, lambda: layout(m, batch, chunk_size=chunk_size, trim_padding=trim_padding))
     assert_close(fast, plain)
+
+
+@pytest.mark.parametrize("call_cost,prompt,expected", [(0, 4, "shared"), (32, 40, "shared"), (32, 2, "plain"),
+                                                       (10_000, 40, "plain")])
+def test_the_cheaper_layout_is_taken_and_gives_the_same_numbers(monkeypatch, call_cost, prompt, expected):
+    # Shared: each prompt once + 3 calls; plain: each prompt twice in 1 call. Long prompts and cheap calls favour
+    # sharing; short prompts or dear calls (a GPU's launches) favour one plain batch.
+    monkeypatch.setitem(planner.CALL_COST_TOKENS, "cpu", call_cost)
+    m = model()
+    batch = collate(pairs([(prompt, 3, 5), (prompt + 1, 4, 2)]), pad_id=0)
+    taken = []
+    for name in ("shared_prefix_logps", "plain_logps"):
+        real = getattr(answer, name)
+        monkeypatch.setattr(answer, name, lambda *a, _real=real, _name=name, **k: taken.append(_name) or _real(*a, **k))
+    plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
+    fast = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=True))
+    assert_close(fast, plain)
+    assert taken == [f"{expected}_prefix_logps" if expected == "shared" else "plain_logps"]
+    shared_cost = plan_layout(batch, shared=True, trim_padding=True)[1]
+    plain_cost = plan_layout(batch, shared=False, trim_padding=True)[1]
+    assert (shared_cost <= plain_cost) == (expected == "shared")
+
+
+def test_prefix_sharing_off_never_shares(monkeypatch, sharing_is_cheap):
+    monkeypatch.setattr(answer, "shared_prefix_logps", lambda *a, **k: pytest.fail("shared layout used"))
+    m = model()
+    batch = collate(pairs(SHAPES), pad_id=0)
+    with torch.no_grad():
+        answer_logps(m, batch, prefix_sharing=False)
 
 
 @pytest.mark.parametrize("shapes", [[(4, 3, 5)], [(1, 1, 1)], [(6, 1, 1), (6, 1, 1)]])
@@ -142,7 +177,7 @@ def test_left_padding_tokenizer_changes_nothing():
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_a_model_without_a_reusable_cache_falls_back_with_one_warning(monkeypatch, caplog):
+def test_a_model_without_a_reusable_cache_falls_back_with_one_warning(monkeypatch, caplog, sharing_is_cheap):
     def no_cache(*args, **kwargs):
         raise TypeError("no cache here")
 
@@ -160,7 +195,7 @@ def test_a_model_without_a_reusable_cache_falls_back_with_one_warning(monkeypatc
     assert len(warnings) == 1
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, caplog):
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, caplog, sharing_is_cheap):
     monkeypatch.setattr(answer, "_WARNED", set())
     m = model()
     batch = collate(pairs(SHAPES), pad_id=0)

@@ -26,26 +26,41 @@ class PromptAnswerBatch:
     answer_lens: torch.Tensor  # [B*k] long
     k: int                     # answers per prompt
     index: torch.Tensor        # [B] long: positions in the dataset
+    # The two length vectors as Python lists, kept from the CPU tensors they came from: planning a batch on a GPU
+    # reads them here instead of copying them back from the device, which would wait for all queued work.
+    host_lens: tuple[list[int], list[int]] | None = None
 
     @property
     def size(self) -> int:
         return self.prompt_ids.shape[0]
 
+    def lengths(self) -> tuple[list[int], list[int]]:
+        """(prompt lengths [B], answer lengths [B*k]) as Python lists, without a device round trip if possible."""
+        if self.host_lens is None:
+            self.host_lens = (self.prompt_lens.tolist(), self.answer_lens.tolist())
+        return self.host_lens
+
     def to(self, device) -> "PromptAnswerBatch":
+        host = self.lengths() if self.prompt_lens.device.type == "cpu" else self.host_lens
         return PromptAnswerBatch(self.prompt_ids.to(device), self.prompt_lens.to(device),
-                                 self.answer_ids.to(device), self.answer_lens.to(device), self.k, self.index)
+                                 self.answer_ids.to(device), self.answer_lens.to(device), self.k, self.index, host)
 
     def tokens(self) -> int:
         """Tokens actually attended to (no padding): prompts once plus every answer."""
-        return int(self.prompt_lens.sum() + self.answer_lens.sum())
+        p, a = self.lengths()
+        return sum(p) + sum(a)
 
-    def select(self, rows: torch.Tensor) -> "PromptAnswerBatch":
+    def select(self, rows: list[int]) -> "PromptAnswerBatch":
         """The sub-batch of the given prompt rows (with their answers), trimmed of all-padding columns."""
-        answer_rows = (rows[:, None] * self.k + torch.arange(self.k, device=rows.device)).reshape(-1)
-        p, a = self.prompt_lens[rows], self.answer_lens[answer_rows]
-        return PromptAnswerBatch(self.prompt_ids[rows, : int(p.max())], p,
-                                 self.answer_ids[answer_rows, : int(a.max())], a, self.k,
-                                 self.index[rows.to(self.index.device)])
+        p_all, a_all = self.lengths()
+        answer_rows = [r * self.k + j for r in rows for j in range(self.k)]
+        p, a = [p_all[r] for r in rows], [a_all[r] for r in answer_rows]
+        dev = self.prompt_ids.device
+        rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+        answers_t = torch.tensor(answer_rows, dtype=torch.long, device=dev)
+        return PromptAnswerBatch(self.prompt_ids[rows_t, : max(p)], self.prompt_lens[rows_t],
+                                 self.answer_ids[answers_t, : max(a)], self.answer_lens[answers_t], self.k,
+                                 self.index[torch.tensor(rows, dtype=torch.long)], (p, a))
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:

@@ -10,7 +10,8 @@ import logging
 
 from ..data.batching import PromptAnswerBatch
 from .layouts import AnswerLogps, plain_logps, shared_prefix_logps
-from .parts import LMWrapper, checkpointing, compute_precision, unwrap
+from .parts import LMWrapper, attention_backends, checkpointing, compute_precision, unwrap
+from .planner import plan_layout
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +29,28 @@ def answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool = True
     if isinstance(model, LogpsForward):
         logps, lengths = model(batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size, trim_padding=trim_padding)
         return AnswerLogps(logps, lengths)
-    with compute_precision(model):
+    with compute_precision(model), attention_backends(batch.answer_ids.device):
         return _answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
                              trim_padding=trim_padding)
 
 
 def _answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool, chunk_size: int,
                   trim_padding: bool) -> AnswerLogps:
+    plain_groups, plain_cost = plan_layout(batch, shared=False, trim_padding=trim_padding)
     if prefix_sharing and batch.k > 1:
+        # Both layouts give the same numbers; the planner's cost says which is cheaper for this batch on this device.
+        shared_groups, shared_cost = plan_layout(batch, shared=True, trim_padding=trim_padding)
         name = type(unwrap(model)).__name__
         key = f"{name}/checkpointing" if checkpointing(model) else name
-        if key not in _WARNED:
+        if key not in _WARNED and shared_cost <= plain_cost:
             try:
-                return shared_prefix_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding)
+                return shared_prefix_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding,
+                                           groups=shared_groups)
             except (TypeError, ValueError, NotImplementedError, AttributeError) as exc:
                 _WARNED.add(key)
                 log.warning("%s cannot continue answers from a shared prompt cache (%s); using the plain path",
                             name, exc)
-    return plain_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding)
+    return plain_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding, groups=plain_groups)
 
 
 class LogpsForward(LMWrapper):

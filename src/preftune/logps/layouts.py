@@ -45,8 +45,8 @@ def _run_grouped(model, batch: PromptAnswerBatch, groups: list[list[int]], layou
         if len(groups) == 1:
             sub, p_emb, a_emb = batch, prompt_embeds, answer_embeds
         else:
+            sub = batch.select(group)
             idx = torch.tensor(group, dtype=torch.long, device=dev)
-            sub = batch.select(idx)
             answer_rows = (idx[:, None] * k + torch.arange(k, device=dev)).reshape(-1)
             p_emb = prompt_embeds[idx, : sub.prompt_ids.shape[1]]
             a_emb = answer_embeds[answer_rows, : sub.answer_ids.shape[1]]
@@ -67,7 +67,8 @@ def _plain_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, 
     n_rows = batch.answer_ids.shape[0]
     p_lens = batch.prompt_lens.repeat_interleave(k)
     total = p_lens + batch.answer_lens
-    pos = torch.arange(int(total.max()), device=dev)[None, :]
+    p_host, a_host = batch.lengths()
+    pos = torch.arange(max(p_host[j // k] + a for j, a in enumerate(a_host)), device=dev)[None, :]
     in_prompt = pos < p_lens[:, None]
     # Column c of the answer block sits at sequence position p_len + c.
     p_col = pos.clamp(max=batch.prompt_ids.shape[1] - 1).expand_as(in_prompt)
@@ -120,9 +121,10 @@ def _shared_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor,
     first = out.last_hidden_state[torch.arange(batch.size, device=dev), batch.prompt_lens - 1]
     del out
     hidden, targets, rows = [], [], []
+    a_host = batch.lengths()[1]
     for s in range(k):
         lens = batch.answer_lens[s::k]
-        width = int(lens.max())
+        width = max(a_host[s::k])
         ids, embeds = batch.answer_ids[s::k, :width], answer_embeds[s::k, :width]
         amask = torch.arange(width, device=dev)[None, :] < lens[:, None]
         for layer, (keys, values) in zip(cache.layers, prompt_states):
@@ -139,19 +141,20 @@ def _shared_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor,
     return torch.cat(hidden), torch.cat(targets), torch.cat(rows)
 
 
-def plain_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024, trim_padding: bool = True) -> AnswerLogps:
+def plain_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024, trim_padding: bool = True,
+                groups: list[list[int]] | None = None) -> AnswerLogps:
     """Each answer row as its own sequence `prompt + answer` (the prompt is computed once per answer)."""
-    groups = length_groups(batch, shared=False, trim_padding=trim_padding)
+    groups = groups or length_groups(batch, shared=False, trim_padding=trim_padding)
     return _run_grouped(model, batch, groups, _plain_layout, chunk_size)
 
 
-def shared_prefix_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024,
-                        trim_padding: bool = True) -> AnswerLogps:
+def shared_prefix_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024, trim_padding: bool = True,
+                        groups: list[list[int]] | None = None) -> AnswerLogps:
     """Prompts once; the k answers of each prompt continue from its key/value cache."""
     if checkpointing(model):
         # A checkpointed layer is replayed in backward; Hugging Face layers then drop the cache, since the replay
         # would write it twice. Without a cache the answers would not see their prompt.
         raise NotImplementedError("gradient checkpointing drops the key/value cache in training")
-    groups = length_groups(batch, shared=True, trim_padding=trim_padding)
+    groups = groups or length_groups(batch, shared=True, trim_padding=trim_padding)
     return _run_grouped(model, batch, groups, _shared_layout, chunk_size)
 

@@ -1,7 +1,9 @@
 """Which prompt rows of a batch run together: groups of similar length, each padded only to its own longest row.
 
 A batch of mixed lengths padded to its longest row computes mostly padding; one forward per row pays a call's
-overhead per row. The plan weighs one against the other with a cost in tokens of work.
+overhead per row. The plan weighs one against the other with a cost in tokens of work, and the same cost picks
+the layout: the shared one computes each prompt once but makes 1 + k forward calls per group, the plain one
+computes each prompt k times in a single call.
 """
 
 from __future__ import annotations
@@ -9,12 +11,21 @@ from __future__ import annotations
 from ..data.batching import PromptAnswerBatch
 
 # What one extra forward call costs, in tokens of work: Python and kernel-launch overhead. On a CPU a forward is
-# cheap to start, so a batch splits into many exact-length groups; on a GPU launches are dear and groups stay big.
-CALL_COST_TOKENS = {"cpu": 32, "cuda": 2048}
+# cheap to start, so a batch splits into many exact-length groups. On a GPU a small model's step is bound by
+# launches and host work: on an H100 with a 0.5B model and batches of 8 HH pairs, one padded plain batch ran
+# 38 pairs/s where exact-length groups in the shared layout ran 20 (benchmarks/results/gpu-h100/), so a call
+# weighs as much as several thousand tokens there.
+CALL_COST_TOKENS = {"cpu": 32, "cuda": 8192}
 DEFAULT_CALL_COST = 512
 
 
 def plan_groups(widths: list[tuple[int, ...]], *, rows_per_item: int = 1, call_cost: float = 0.0) -> list[list[int]]:
+    """The groups of `plan_groups_and_cost`."""
+    return plan_groups_and_cost(widths, rows_per_item=rows_per_item, call_cost=call_cost)[0]
+
+
+def plan_groups_and_cost(widths: list[tuple[int, ...]], *, rows_per_item: int = 1,
+                         call_cost: float = 0.0) -> tuple[list[list[int]], float]:
     """Cut items 0..n-1 (in length order) into contiguous groups of least total cost, by dynamic programming.
 
     A group of g items costs `g * rows_per_item * sum_d max(width[d] over the group) + call_cost`: each item has
@@ -34,24 +45,32 @@ def plan_groups(widths: list[tuple[int, ...]], *, rows_per_item: int = 1, call_c
     while j > 0:
         groups.append(list(range(cut[j], j)))
         j = cut[j]
-    return groups[::-1]
+    return groups[::-1], best[n]
 
 
-def length_groups(batch: PromptAnswerBatch, *, shared: bool, trim_padding: bool) -> list[list[int]]:
-    """Prompt rows of `batch` in groups of similar length, each group padded only to its own longest row.
+def plan_layout(batch: PromptAnswerBatch, *, shared: bool, trim_padding: bool) -> tuple[list[list[int]], float]:
+    """(prompt rows of `batch` in groups of similar length, the plan's cost in tokens) for one layout.
 
     Cost model, in tokens: shared layout = prompts once + each answer slot to its own width (1 + k forward
     calls); plain layout = every answer row as prompt + answer (one call); a call costs `CALL_COST_TOKENS`.
+    Without `trim_padding` the batch is one group.
     """
     b, k = batch.size, batch.k
-    if not trim_padding or b == 1:
-        return [list(range(b))]
-    p = batch.prompt_lens.tolist()
-    a = batch.answer_lens.view(b, k).tolist()
+    p, flat = batch.lengths()
+    a = [flat[r * k:(r + 1) * k] for r in range(b)]
     call = CALL_COST_TOKENS.get(batch.answer_ids.device.type, DEFAULT_CALL_COST)
     order = sorted(range(b), key=lambda r: (p[r] + max(a[r]), p[r]))
     if shared:
-        groups = plan_groups([(p[r], *a[r]) for r in order], call_cost=call * (1 + k))
+        widths, rows_per_item, call = [(p[r], *a[r]) for r in order], 1, call * (1 + k)
     else:
-        groups = plan_groups([(p[r] + max(a[r]),) for r in order], rows_per_item=k, call_cost=call)
-    return [[order[i] for i in g] for g in groups]
+        widths, rows_per_item = [(p[r] + max(a[r]),) for r in order], k
+    if not trim_padding or b == 1:
+        longest = [max(col) for col in zip(*widths)]
+        return [list(range(b))], b * rows_per_item * sum(longest) + call
+    groups, cost = plan_groups_and_cost(widths, rows_per_item=rows_per_item, call_cost=call)
+    return [[order[i] for i in g] for g in groups], cost
+
+
+def length_groups(batch: PromptAnswerBatch, *, shared: bool, trim_padding: bool) -> list[list[int]]:
+    """Prompt rows of `batch` in groups of similar length, each group padded only to its own longest row."""
+    return plan_layout(batch, shared=shared, trim_padding=trim_padding)[0]
