@@ -151,7 +151,7 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
         if not cfg.quiet:
             print(described, flush=True)
 
-    objective = make_objective(cfg)
+    objective = make_objective(cfg, env)
     policy: AnswerLogpModule = setup.logp_module
     params = [p for p in policy_model.parameters() if p.requires_grad]
     if env.is_main:
@@ -194,8 +194,8 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
             bar.update(step, row)
             last = row
             if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
-                eval_row = {"step": step,
-                            **evaluate_during(policy.eval_model, eval_ref, eval_items, cfg, pad_id, device)}
+                eval_row = {"step": step, **evaluate_during(policy.eval_model, eval_ref, eval_items, cfg, pad_id,
+                                                            device, objective)}
                 tracker.log(eval_row)
                 bar.print(_describe_eval(eval_row))
             # The last step needs no checkpoint: the final model is written next.
@@ -207,7 +207,7 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
         final = dict(last)
         if eval_items and not stopped:
             eval_row = {"step": steps,
-                        **evaluate_during(policy.eval_model, eval_ref, eval_items, cfg, pad_id, device)}
+                        **evaluate_during(policy.eval_model, eval_ref, eval_items, cfg, pad_id, device, objective)}
             tracker.log(eval_row)
             bar.print(_describe_eval(eval_row))
             final.update(eval_row)
