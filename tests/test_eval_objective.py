@@ -65,7 +65,7 @@ def test_bco_eval_loss_is_the_training_objective_with_the_running_shift(tmp_path
     assert len(items) == 8
 
     def table(path):
-        model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         return [(summed_logp(model, it.prompt_ids, it.chosen_ids), summed_logp(model, it.prompt_ids, it.rejected_ids))
                 for it in items]
 
@@ -87,7 +87,7 @@ def test_evaluation_honours_trim_padding(tiny_model_dir):
     """Pairs of very different lengths: trimmed, the eval batch runs as several length groups (several forwards
     of the decoder); untrimmed, as one. Both give the same numbers."""
     tok = make_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     long = " the sky is blue and grass is green ." * 6
     raw = [PreferencePair("cats", " chase mice .", " rome ."), PreferencePair("the capital of france is", long, "!"),
            PreferencePair("water", " boils .", long), PreferencePair("the sky is", " blue .", " green .")]
