@@ -60,8 +60,9 @@ class PreferenceObjective:
         self.env = env
         self.uses_reference = needs_reference(cfg.loss)
         self.tracks_shift = any(name == "bco_pair" for name, _ in parse_loss_spec(cfg.loss))
-        # Running mean of batch rewards, the shift `delta` of BCO (as TRL keeps it); part of the state so a resumed
-        # run matches. Each batch's mean is taken over all ranks, so every rank keeps the same running mean.
+        # Running mean of batch rewards, the shift `delta` of BCO (the paper's; earlier TRL releases kept it, TRL 1.16
+        # has none); part of the state so a resumed run matches. Each batch's mean is taken over all ranks, so every
+        # rank keeps the same running mean.
         self.reward_sum = 0.0
         self.reward_count = 0
 
