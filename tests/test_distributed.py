@@ -23,6 +23,10 @@ STOP = 2  # the step during which the interrupted runs are signalled
 # Large enough that three steps move every weight visibly (checked below), so equal weights mean something.
 LR = "1e-2"
 THROUGHPUT = ("pairs_per_s", "samples_per_s", "tokens_per_s")
+# BCO keeps a running mean of rewards across steps. With beta 0.5, a mean kept per rank ends 2.5e-4 (against one
+# process) and 3.6e-4 (against an uninterrupted run) away in the weights, far beyond the tolerances below, while
+# float32 noise stays under them (beta 2 scales the noise in the rewards past 1e-5).
+BCO = ("--loss", "bco_pair", "--beta", "0.5")
 
 
 def sft_rows(n: int = 32):
@@ -87,7 +91,8 @@ def single(files):
     root = files["root"]
     runs = {"dpo": args(files, "dpo", root / "dpo-single", "--batch-size", "8", "--save-every", str(STOP)),
             "sft": args(files, "sft", root / "sft-single", "--batch-size", "8"),
-            "lora": args(files, "dpo", root / "lora-single", "--batch-size", "8", "--lora-r", "4")}
+            "lora": args(files, "dpo", root / "lora-single", "--batch-size", "8", "--lora-r", "4"),
+            "bco": args(files, "dpo", root / "bco-single", "--batch-size", "8", *BCO)}
     for cli_args in runs.values():
         run_single(cli_args)
     start, end = load_file(files["model"] / "model.safetensors"), load_file(root / "dpo-single" / "model.safetensors")
@@ -113,7 +118,10 @@ def parallel(files):
             "sft-ddp": [args(files, "sft", root / "sft-ddp", "--batch-size", "2", "--grad-accum", "2")],
             "lora-fsdp": [args(files, "dpo", root / "lora-fsdp", *lora_fsdp)],
             "dpo-fsdp-resumed": stopped_then_resumed(args(files, "dpo", root / "dpo-fsdp-resumed", *fsdp)),
-            "lora-fsdp-resumed": stopped_then_resumed(args(files, "dpo", root / "lora-fsdp-resumed", *lora_fsdp))}
+            "lora-fsdp-resumed": stopped_then_resumed(args(files, "dpo", root / "lora-fsdp-resumed", *lora_fsdp)),
+            "bco-ddp": [args(files, "dpo", root / "bco-ddp", "--batch-size", "4", *BCO)],
+            "bco-ddp-resumed": stopped_then_resumed(args(files, "dpo", root / "bco-ddp-resumed", "--batch-size", "4",
+                                                         *BCO))}
     proc = run_torchrun([entry for entries in runs.values() for entry in entries])
     return {name: root / name for name in runs}, proc
 
@@ -123,7 +131,7 @@ def test_ddp_two_ranks_match_one_process_with_the_whole_batch(single, parallel):
     runs, proc = parallel
     assert_same_steps(single["dpo"], runs["dpo-ddp"])
     assert_same_weights(single["dpo"], runs["dpo-ddp"])
-    assert proc.stdout.count("done:") == 3  # only rank 0 speaks, in the three runs that are not quiet
+    assert proc.stdout.count("done:") == 4  # only rank 0 speaks, in the four runs that are not quiet
 
 
 @pytest.mark.slow
@@ -174,12 +182,24 @@ def test_fsdp_run_stopped_by_sigterm_and_resumed_equals_an_uninterrupted_one(par
     """Rank 0 alone is signalled; both ranks stop after that step, rank 0 writes the gathered checkpoint, the
     launch goes on (exit 0), and the resumed run loads it back into the shards."""
     runs, proc = parallel
-    assert proc.stdout.count(f"stopped after step {STOP} of {STEPS}; checkpoint written") == 2  # dpo, lora
-    assert proc.stderr.count(f"resume: continuing from step {STOP}") == 2
+    assert proc.stdout.count(f"stopped after step {STOP} of {STEPS}; checkpoint written") == 3  # dpo, lora, bco
+    assert proc.stderr.count(f"resume: continuing from step {STOP}") == 3
     for whole, parts, weights in [("dpo-fsdp", "dpo-fsdp-resumed", "model.safetensors"),
                                   ("lora-fsdp", "lora-fsdp-resumed", "adapter_model.safetensors")]:
         assert_same_steps(runs[whole], runs[parts], tol=1e-6)
         assert_same_weights(runs[whole], runs[parts], weights, tol=1e-6)
+
+
+@pytest.mark.slow
+def test_bco_running_mean_is_the_same_on_every_rank(single, parallel):
+    """BCO's shift is the running mean of each whole (global) batch's rewards: two ranks of 4 pairs keep the
+    mean of one process with 8, and a run stopped and resumed (rank 0's state restored on every rank) goes on
+    exactly as an uninterrupted one."""
+    runs, proc = parallel
+    assert_same_steps(single["bco"], runs["bco-ddp"])
+    assert_same_weights(single["bco"], runs["bco-ddp"])
+    assert_same_steps(runs["bco-ddp"], runs["bco-ddp-resumed"], tol=1e-6)
+    assert_same_weights(runs["bco-ddp"], runs["bco-ddp-resumed"], tol=1e-6)
 
 
 def _close(a, b) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from tinylm import fact_pairs, make_tokenizer, write_jsonl
@@ -59,13 +61,35 @@ def test_reference_free_loss_loads_no_reference(tiny_model_dir, tmp_path, monkey
     from preftune.training.loop import run
 
     data = write_jsonl(tmp_path / "p.jsonl", fact_pairs(8))
+    # The one step sees all 8 pairs under the starting weights: its loss is the paper's formula on plain forwards.
+    tok = make_tokenizer()
+    items, _ = tokenize_all(tok, [PreferencePair(p["prompt"], p["chosen"], p["rejected"]) for p in fact_pairs(8)],
+                            max_length=64)
+    model = load_model(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        means = [(_direct(model, it.prompt_ids, it.chosen_ids) / len(it.chosen_ids),
+                  _direct(model, it.prompt_ids, it.rejected_ids) / len(it.rejected_ids)) for it in items]
+    beta, gamma = 2.0, 0.5
+
+    def log_sigmoid(x: float) -> float:
+        return -math.log1p(math.exp(-x))
+
+    def log_odds(mean_logp: float) -> float:  # log(p / (1 - p)) of the per-token mean probability p
+        p = math.exp(mean_logp)
+        return math.log(p) - math.log1p(-p)
+
+    expected = {  # SimPO (Meng et al. 2024, eq. 6); ORPO (Hong et al. 2024, eqs. 4-7)
+        "simpo": sum(-log_sigmoid(beta * (w - l) - gamma) for w, l in means) / len(means),
+        "orpo": sum(-w - beta * log_sigmoid(log_odds(w) - log_odds(l)) for w, l in means) / len(means),
+    }
     for loss in ("simpo", "orpo"):
         cfg = TrainConfig(stage="dpo", model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / loss),
-                          loss=loss, max_steps=2, batch_size=4, lr=1e-3, quiet=True)
+                          loss=loss, beta=beta, simpo_gamma=gamma, max_steps=1, batch_size=8, lr=1e-3,
+                          max_length=64, dtype="float32", device="cpu", quiet=True)
         loads.clear()
         final = run(cfg, command="test")
         assert loads == [str(tiny_model_dir)]          # the policy only
-        assert final["loss"] == final["loss"]           # finite, not NaN
+        assert final["loss"] == pytest.approx(expected[loss], abs=1e-4)
     loads.clear()
     run(TrainConfig(stage="dpo", model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "dpo"),
                     max_steps=1, batch_size=4, quiet=True), command="test")

@@ -1,11 +1,22 @@
-"""Preference losses against values worked out by hand with `math` on small literal numbers."""
+"""Preference losses against independent sources, pair by pair.
+
+- TRL 1.16's own code, called on the same log-prob tensors: `DPOTrainer._compute_loss` (sigmoid, robust, ipo,
+  hinge, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, exo_pair, discopop), `CPOTrainer.cpo_loss` (simpo,
+  and conservative DPO's smoothing) and `ORPOTrainer.odds_ratio_loss` (orpo). Skipped when trl is not installed.
+- Where TRL 1.16 has no counterpart (BCO's shift δ, the smoothing of sigmoid in DPO, exo_pair's default ε, ORPO's
+  per-answer NLL), the paper's formula computed another way: cross-entropies with torch's own functions, the
+  Bradley-Terry probability, the KL divergence summed over the two answers, odds from probabilities.
+"""
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +29,19 @@ PC, PR = [-4.0, -7.5], [-6.0, -7.0]  # policy log-probs, summed over answer toke
 RC, RR = [-4.5, -7.0], [-5.5, -7.2]  # reference log-probs
 LC, LR = [4, 5], [3, 6]  # answer tokens
 BETA = 0.5
+
+
+def _wide() -> dict[str, list]:
+    """Eight pairs with log-ratios up to ±8 nats and 1 to 20 answer tokens (rewards far from 0 on both sides)."""
+    g = torch.Generator().manual_seed(0)
+    ref = -torch.rand(2, 8, generator=g, dtype=torch.float64) * 40 - 1
+    policy = ref + (torch.rand(2, 8, generator=g, dtype=torch.float64) - 0.5) * 16
+    lengths = torch.randint(1, 21, (2, 8), generator=g)
+    return {"pc": policy[0].tolist(), "pr": policy[1].tolist(), "rc": ref[0].tolist(), "rr": ref[1].tolist(),
+            "lc": lengths[0].tolist(), "lr": lengths[1].tolist()}
+
+
+DATA = {"literals": {"pc": PC, "pr": PR, "rc": RC, "rr": RR, "lc": LC, "lr": LR}, "wide": _wide()}
 
 
 def logsig(x: float) -> float:
@@ -34,114 +58,233 @@ def run(loss_type: str, *, beta: float = BETA, **kw):
                            chosen_lengths=torch.tensor(LC), rejected_lengths=torch.tensor(LR), **kw)
 
 
-# Per pair i, from the literals: pc, pr, rc, rr, lc, lr -> expected loss. Written out, not calling the module.
-def _margin(i):
-    return (PC[i] - RC[i]) - (PR[i] - RR[i])
+def ours(loss_type: str, d: dict, *, beta: float = BETA, **kw) -> list[float]:
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+    losses, _, _ = preference_loss(t(d["pc"]), t(d["pr"]), t(d["rc"]), t(d["rr"]), loss_type=loss_type, beta=beta,
+                                   chosen_lengths=torch.tensor(d["lc"]), rejected_lengths=torch.tensor(d["lr"]), **kw)
+    return losses.tolist()
 
 
-def _a(i):
-    return PC[i] - RC[i]
+# ------------------------------------------------------------------------------------------------ TRL 1.16
+@pytest.fixture(scope="module")
+def trl():
+    try:
+        from trl import DPOTrainer
+        from trl.experimental.cpo import CPOTrainer
+        from trl.experimental.orpo import ORPOTrainer
+    except ImportError as exc:  # not installed, or a version without these trainers
+        pytest.skip(f"TRL's trainers are not importable: {exc}")
+
+    return SimpleNamespace(dpo=DPOTrainer, cpo=CPOTrainer, orpo=ORPOTrainer)
 
 
-def _b(i):
-    return PR[i] - RR[i]
+def _accelerator():
+    return SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
 
 
-def _log_odds(m):
-    return m - math.log(1 - math.exp(m))
+def trl_dpo(trl, loss_type: str, d: dict, *, beta: float = BETA, label_smoothing: float = 0.0,
+            discopop_tau: float = 0.05) -> list[float]:
+    """Per-pair loss from TRL's `DPOTrainer._compute_loss`, one pair per call (it returns the batch mean).
+
+    TRL gets the policy's per-token log-probs from a model forward and sums them over the completion mask; here a
+    stand-in model returns log-probs that sum to the pair's numbers, over masks as long as the answers (IPO
+    normalises by them). The reference log-probs go in precomputed, as with TRL's precompute_ref_log_probs.
+    """
+    out = []
+    for pc, pr, rc, rr, lc, lr in zip(d["pc"], d["pr"], d["rc"], d["rr"], d["lc"], d["lr"]):
+        width = max(lc, lr)
+        per_token = torch.zeros(2, width, dtype=torch.float64)
+        per_token[0, :lc], per_token[1, :lr] = pc / lc, pr / lr
+        mask = torch.zeros(2, width + 1, dtype=torch.long)  # position 0 is the prompt; the answer follows
+        mask[0, 1:lc + 1], mask[1, 1:lr + 1] = 1, 1
+        outputs = SimpleNamespace(log_probs=per_token, entropy=torch.zeros(2, width),
+                                  mean_logits=torch.zeros(2, width), is_top1=torch.zeros(2, width, dtype=torch.bool))
+        inputs = {"input_ids": torch.ones(2, width + 1, dtype=torch.long), "attention_mask": torch.ones(2, width + 1),
+                  "completion_mask": mask, "ref_chosen_logps": torch.tensor([rc], dtype=torch.float64),
+                  "ref_rejected_logps": torch.tensor([rr], dtype=torch.float64)}
+        trainer = SimpleNamespace(
+            model=SimpleNamespace(training=True), accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=None,
+            precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
+            beta=beta, label_smoothing=label_smoothing, args=SimpleNamespace(discopop_tau=discopop_tau),
+            use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+        out.append(float(trl.dpo._compute_loss(trainer, lambda **_: outputs, inputs, False)))
+    return out
 
 
-HAND = {
-    "sigmoid": lambda i: -logsig(BETA * _margin(i)),
-    "robust": lambda i: -logsig(BETA * _margin(i)),  # ε = 0: plain DPO
-    "ipo": lambda i: (_a(i) / LC[i] - _b(i) / LR[i] - 1 / (2 * BETA)) ** 2,
-    "hinge": lambda i: max(0.0, 1 - BETA * _margin(i)),
-    "bco_pair": lambda i: -logsig(BETA * _a(i)) - logsig(-BETA * _b(i)),
-    "sppo_hard": lambda i: (_a(i) - 1 / (2 * BETA)) ** 2 + (_b(i) + 1 / (2 * BETA)) ** 2,
-    "nca_pair": lambda i: -logsig(BETA * _a(i)) - 0.5 * logsig(-BETA * _a(i)) - 0.5 * logsig(-BETA * _b(i)),
-    "apo_zero": lambda i: (1 - sig(BETA * _a(i))) + sig(BETA * _b(i)),
-    "apo_down": lambda i: sig(BETA * _a(i)) + (1 - sig(BETA * _margin(i))),
-    "exo_pair": lambda i: (sig(BETA * _margin(i)) * (logsig(BETA * _margin(i)) - math.log(1 - 1e-3))
-                           + sig(-BETA * _margin(i)) * (logsig(-BETA * _margin(i)) - math.log(1e-3))),
-    "discopop": lambda i: ((1 - sig(BETA * _margin(i) / 0.05)) * -logsig(BETA * _margin(i))
-                           + sig(BETA * _margin(i) / 0.05) * math.exp(-BETA * _margin(i))),
-    "simpo": lambda i: -logsig(BETA * (PC[i] / LC[i] - PR[i] / LR[i]) - 0.5),
-    "orpo": lambda i: -PC[i] / LC[i] - BETA * logsig(_log_odds(PC[i] / LC[i]) - _log_odds(PR[i] / LR[i])),
+def _means(d: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token mean policy log-probs, what TRL's CPO (SimPO) and ORPO trainers pass to their losses."""
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+    return t(d["pc"]) / t(d["lc"]), t(d["pr"]) / t(d["lr"])
+
+
+def trl_cpo(trl, loss_type: str, chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float = BETA,
+            label_smoothing: float = 0.0, simpo_gamma: float = 0.5) -> list[float]:
+    trainer = SimpleNamespace(alpha=0.0, accelerator=_accelerator(), loss_type=loss_type, beta=beta,
+                              label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
+    return trl.cpo.cpo_loss(trainer, chosen, rejected)[0].tolist()
+
+
+# TRL 1.16's DPO loss names, each with the settings compared: ours and TRL's.
+TRL_DPO_CASES = {
+    "sigmoid": ({}, {}),
+    "robust": ({}, {}),
+    "robust eps 0.2": ({"label_smoothing": 0.2}, {"label_smoothing": 0.2}),
+    "ipo": ({}, {}),
+    "hinge": ({}, {}),
+    "bco_pair": ({}, {}),                     # TRL 1.16 keeps no shift: it is our bco_delta = 0
+    "sppo_hard": ({}, {}),
+    "nca_pair": ({}, {}),
+    "apo_zero": ({}, {}),
+    "apo_down": ({}, {}),
+    "exo_pair": ({}, {"label_smoothing": 1e-3}),  # our ε = 0 stands for the paper's 1e-3; TRL 1.16 refuses 0
+    "exo_pair eps 0.05": ({"label_smoothing": 0.05}, {"label_smoothing": 0.05}),
+    "discopop": ({}, {}),
+    "discopop tau 0.5": ({"discopop_tau": 0.5}, {"discopop_tau": 0.5}),
 }
 
 
-def test_every_registered_loss_has_a_hand_computed_check():
-    assert set(HAND) == set(LOSSES)
+def test_every_registered_loss_is_compared_with_trl():
+    assert {case.split()[0] for case in TRL_DPO_CASES} | {"simpo", "orpo"} == set(LOSSES)
 
 
-@pytest.mark.parametrize("name", sorted(HAND))
-def test_loss_matches_hand_computation(name):
-    losses, _, _ = run(name)
-    assert losses.tolist() == pytest.approx([HAND[name](0), HAND[name](1)], abs=1e-6)
+@pytest.mark.parametrize("data", sorted(DATA))
+@pytest.mark.parametrize("case", sorted(TRL_DPO_CASES))
+def test_loss_equals_trl_dpo_trainer(trl, case, data):
+    name, (our_kw, trl_kw) = case.split()[0], TRL_DPO_CASES[case]
+    tol = 1e-6 if name == "exo_pair" else 1e-9  # TRL takes log ε of a float32 tensor
+    for beta in (BETA, 0.1):
+        assert ours(name, DATA[data], beta=beta, **our_kw) == pytest.approx(
+            trl_dpo(trl, name, DATA[data], beta=beta, **trl_kw), rel=tol, abs=tol)
 
 
-def test_hand_numbers_are_what_the_formulas_say():
-    # One spot check of the literals themselves, so a typo in PC..RR cannot make every test vacuous.
-    assert (_margin(0), _margin(1)) == pytest.approx((1.0, -0.7))
-    assert HAND["sigmoid"](0) == pytest.approx(math.log(1 + math.exp(-0.5)))
-    assert HAND["hinge"](1) == pytest.approx(1.35)
+@pytest.mark.parametrize("data", sorted(DATA))
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_simpo_equals_trl_cpo_trainer(trl, data, eps):
+    chosen, rejected = _means(DATA[data])
+    for beta, gamma in ((BETA, 0.5), (2.0, 1.5)):
+        expected = trl_cpo(trl, "simpo", chosen, rejected, beta=beta, label_smoothing=eps, simpo_gamma=gamma)
+        got = ours("simpo", DATA[data], beta=beta, label_smoothing=eps, simpo_gamma=gamma)
+        assert got == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
-def test_label_smoothing_on_sigmoid_is_conservative_dpo():
-    eps = 0.1
-    losses, _, _ = run("sigmoid", label_smoothing=eps)
-    expected = [-(1 - eps) * logsig(BETA * _margin(i)) - eps * logsig(-BETA * _margin(i)) for i in (0, 1)]
-    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+@pytest.mark.parametrize("data", sorted(DATA))
+def test_sigmoid_label_smoothing_equals_trl_conservative_loss(trl, data):
+    """TRL 1.16's DPO ignores label_smoothing for sigmoid; its CPO trainer's sigmoid loss is the conservative
+    (smoothed) logistic loss of a margin, so it gets the DPO margin's log-ratios as its inputs."""
+    d = DATA[data]
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+    chosen, rejected = t(d["pc"]) - t(d["rc"]), t(d["pr"]) - t(d["rr"])
+    expected = trl_cpo(trl, "sigmoid", chosen, rejected, label_smoothing=0.1)
+    assert ours("sigmoid", d, label_smoothing=0.1) == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
-def test_robust_divides_out_the_flip_rate():
-    eps = 0.2
-    losses, _, _ = run("robust", label_smoothing=eps)
-    expected = [((1 - eps) * -logsig(BETA * _margin(i)) - eps * -logsig(-BETA * _margin(i))) / (1 - 2 * eps)
-                for i in (0, 1)]
-    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+@pytest.mark.parametrize("data", sorted(DATA))
+def test_orpo_equals_trl_orpo_trainer(trl, data):
+    """TRL returns β·log σ(log odds ratio) per pair and adds the NLL of all chosen tokens of the batch; ours
+    with chosen_nll given is that NLL minus the same term."""
+    d = DATA[data]
+    chosen, rejected = _means(d)
+    for beta in (BETA, 0.1):
+        trainer = SimpleNamespace(beta=beta, accelerator=_accelerator())
+        ratio_term = trl.orpo.odds_ratio_loss(trainer, chosen, rejected)[0].double()
+        batch_nll = -sum(d["pc"]) / sum(d["lc"])  # TRL's NLL: mean over every chosen token of the batch
+        expected = (batch_nll - ratio_term).tolist()
+        nll = torch.full((len(d["pc"]),), batch_nll, dtype=torch.float64)
+        assert ours("orpo", d, beta=beta, chosen_nll=nll) == pytest.approx(expected, rel=1e-6, abs=1e-6)  # TRL: fp32
 
 
-def test_exo_pair_uses_the_given_label_smoothing():
-    eps = 0.05
-    losses, _, _ = run("exo_pair", label_smoothing=eps)
-    z = [BETA * _margin(i) for i in (0, 1)]
-    expected = [sig(x) * (logsig(x) - math.log(1 - eps)) + sig(-x) * (logsig(-x) - math.log(eps)) for x in z]
-    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+# ------------------------------------------------------------------------------------------------ the papers
+@pytest.mark.parametrize("data", sorted(DATA))
+def test_sigmoid_is_minus_log_bradley_terry_probability(data):
+    """DPO (Rafailov et al. 2023, eq. 7): -log of the Bradley-Terry probability that the chosen answer wins,
+    p = exp(β·a) / (exp(β·a) + exp(β·b)) with implicit rewards β·a, β·b."""
+    d = DATA[data]
+    for i, got in enumerate(ours("sigmoid", d)):
+        ra, rb = BETA * (d["pc"][i] - d["rc"][i]), BETA * (d["pr"][i] - d["rr"][i])
+        top = max(ra, rb)  # scaled so that neither exponential overflows
+        p = math.exp(ra - top) / (math.exp(ra - top) + math.exp(rb - top))
+        assert got == pytest.approx(-math.log(p), rel=1e-9, abs=1e-12)
 
 
-def test_simpo_gamma_and_smoothing():
-    losses, _, _ = run("simpo", simpo_gamma=1.5, label_smoothing=0.1)
-    z = [BETA * (PC[i] / LC[i] - PR[i] / LR[i]) - 1.5 for i in (0, 1)]
-    assert losses.tolist() == pytest.approx([-0.9 * logsig(x) - 0.1 * logsig(-x) for x in z], abs=1e-6)
+@pytest.mark.parametrize("data", sorted(DATA))
+def test_conservative_dpo_is_cross_entropy_with_a_soft_label(data):
+    """cDPO (Mitchell 2023): the binary cross-entropy of σ(β·h) against the label 1 - ε."""
+    d, eps = DATA[data], 0.1
+    h = torch.tensor([(d["pc"][i] - d["rc"][i]) - (d["pr"][i] - d["rr"][i]) for i in range(len(d["pc"]))],
+                     dtype=torch.float64)
+    expected = F.binary_cross_entropy_with_logits(BETA * h, torch.full_like(h, 1 - eps), reduction="none")
+    assert ours("sigmoid", d, label_smoothing=eps) == pytest.approx(expected.tolist(), rel=1e-9, abs=1e-12)
 
 
-def test_bco_delta_shifts_rewards_and_gets_no_gradient():
-    delta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-    losses, _, _ = run("bco_pair", bco_delta=delta)
-    expected = [-logsig(BETA * _a(i) - 0.3) - logsig(-(BETA * _b(i) - 0.3)) for i in (0, 1)]
-    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+def test_robust_dpo_is_unbiased_under_label_flips():
+    """Chowdhury et al. 2024: with labels flipped at rate ε, the expected robust loss is the clean DPO loss,
+    (1-ε)·L(y_w, y_l) + ε·L(y_l, y_w) = -log σ(β·h). L(y_l, y_w) is the loss of the pair given the other way."""
+    d, eps = DATA["wide"], 0.2
+    swapped = {"pc": d["pr"], "pr": d["pc"], "rc": d["rr"], "rr": d["rc"], "lc": d["lr"], "lr": d["lc"]}
+    given_way, flipped = ours("robust", d, label_smoothing=eps), ours("robust", swapped, label_smoothing=eps)
+    clean = ours("sigmoid", d)
+    for g, f, c in zip(given_way, flipped, clean):
+        assert (1 - eps) * g + eps * f == pytest.approx(c, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("delta", [0.3, -1.2])
+def test_bco_pair_with_a_shift_is_two_binary_cross_entropies(delta):
+    """BCO (Jung et al. 2024, eq. 7 on pairs): the chosen answer classified as good and the rejected as bad, by
+    the logistic of the reward minus the shift δ: BCE(r_w - δ, 1) + BCE(r_l - δ, 0), with r = β·log-ratio."""
+    d = DATA["wide"]
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+    r_w, r_l = BETA * (t(d["pc"]) - t(d["rc"])), BETA * (t(d["pr"]) - t(d["rr"]))
+    bce = lambda z, y: F.binary_cross_entropy_with_logits(z, torch.full_like(z, y), reduction="none")  # noqa: E731
+    expected = bce(r_w - delta, 1.0) + bce(r_l - delta, 0.0)
+    assert ours("bco_pair", d, bco_delta=delta) == pytest.approx(expected.tolist(), rel=1e-9, abs=1e-12)
+    # The shift is a constant of the trainer's: no gradient flows into it.
+    shift = torch.tensor(delta, dtype=torch.float64, requires_grad=True)
+    losses, _, _ = run("bco_pair", bco_delta=shift)
     assert not losses.requires_grad
 
 
-def test_discopop_tau():
-    losses, _, _ = run("discopop", discopop_tau=0.5)
-    z = [BETA * _margin(i) for i in (0, 1)]
-    expected = [(1 - sig(x / 0.5)) * -logsig(x) + sig(x / 0.5) * math.exp(-x) for x in z]
-    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_exo_pair_is_the_kl_divergence_over_the_two_answers(eps):
+    """EXO (Ji et al. 2024, eq. 16, K = 2): KL(q ‖ p) with q = softmax(β·a, β·b) the model's preference between
+    the two answers and p = (1-ε, ε) the label; ε = 0 means the paper's 1e-3."""
+    d = DATA["wide"]
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+    q = torch.softmax(BETA * torch.stack([t(d["pc"]) - t(d["rc"]), t(d["pr"]) - t(d["rr"])], dim=1), dim=1)
+    label = eps or 1e-3
+    p = torch.tensor([1 - label, label], dtype=torch.float64)
+    expected = (q * (q.log() - p.log())).sum(dim=1)
+    assert ours("exo_pair", d, label_smoothing=eps) == pytest.approx(expected.tolist(), rel=1e-9, abs=1e-12)
 
 
-def test_orpo_takes_a_given_chosen_nll():
+def test_orpo_is_nll_plus_the_odds_ratio_term():
+    """ORPO (Hong et al. 2024, eqs. 4-7) per pair: the chosen answer's mean per-token NLL (or the one given),
+    plus -β·log σ(log OR), computed from the odds p/(1-p) of each answer's per-token mean probability p."""
+    d = DATA["literals"]
+    expected = {}
+    for i in range(2):
+        p_w, p_l = math.exp(d["pc"][i] / d["lc"][i]), math.exp(d["pr"][i] / d["lr"][i])
+        odds_ratio = (p_w / (1 - p_w)) / (p_l / (1 - p_l))
+        expected[i] = math.log1p(1 / odds_ratio)  # -log σ(log OR) = log(1 + 1/OR)
+    default = ours("orpo", d)
+    assert default == pytest.approx([-d["pc"][i] / d["lc"][i] + BETA * expected[i] for i in range(2)], rel=1e-9)
     nll = torch.tensor([2.0, 3.0], dtype=torch.float64)
-    losses, _, _ = run("orpo", chosen_nll=nll)
-    expected = [n - BETA * logsig(_log_odds(PC[i] / LC[i]) - _log_odds(PR[i] / LR[i])) for i, n in enumerate((2, 3))]
-    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    given_nll = ours("orpo", d, chosen_nll=nll)
+    assert given_nll == pytest.approx([2.0 + BETA * expected[0], 3.0 + BETA * expected[1]], rel=1e-9)
+
+
+def test_literals_are_what_the_comments_say():
+    # One spot check of the literals themselves, so a typo in PC..RR cannot make the comparisons vacuous.
+    margins = [(PC[i] - RC[i]) - (PR[i] - RR[i]) for i in range(2)]
+    assert margins == pytest.approx([1.0, -0.7])
+    assert run("sigmoid")[0][0].item() == pytest.approx(math.log(1 + math.exp(-0.5)))
+    assert run("hinge")[0][1].item() == pytest.approx(1.35)
 
 
 def test_mix_is_the_weighted_sum_of_parts():
     losses, _, _ = run("sigmoid:0.8, bco_pair:0.2")
-    expected = [0.8 * HAND["sigmoid"](i) + 0.2 * HAND["bco_pair"](i) for i in (0, 1)]
-    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    sigmoid, bco = run("sigmoid")[0], run("bco_pair")[0]
+    assert losses.tolist() == pytest.approx((0.8 * sigmoid + 0.2 * bco).tolist(), abs=1e-12)
+    assert not torch.allclose(sigmoid, bco)  # the two parts differ, so the weights are visible
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

@@ -7,7 +7,6 @@ import torch
 from .config import TrainConfig
 from .data.batching import collate
 from .logps.answer import answer_logps
-from .losses import preference_loss
 
 
 @torch.no_grad()
@@ -22,13 +21,14 @@ def table_of(logps_fn, items, *, pad_id: int, device, batch_size: int) -> torch.
 
 
 def logps_table(model, items, *, pad_id: int, device, batch_size: int = 8, prefix_sharing: bool = True,
-                chunk_size: int = 1024) -> torch.Tensor:
+                chunk_size: int = 1024, trim_padding: bool = True) -> torch.Tensor:
     """`table_of` for a model, in eval mode (no dropout) for the duration."""
     was_training = model.training
     model.eval()
     try:
         def logps(batch):
-            return answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size).logps
+            return answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
+                                trim_padding=trim_padding).logps
 
         return table_of(logps, items, pad_id=pad_id, device=device, batch_size=batch_size)
     finally:
@@ -76,19 +76,19 @@ def per_pair_rows(policy: torch.Tensor, ref: torch.Tensor | None, items) -> list
     return rows
 
 
-def evaluate_during(model, reference_table, eval_items, cfg: TrainConfig, pad_id: int, device) -> dict:
+def evaluate_during(model, reference_table, eval_items, cfg: TrainConfig, pad_id: int, device, objective) -> dict:
     """Held-out metrics during training, keys prefixed `eval_`: token NLL for SFT; for DPO the preference
-    metrics and the loss, against the reference log-probs computed once before training."""
+    metrics and the loss, against the reference log-probs computed once before training. The loss is
+    `objective`'s (BCO's running shift and the RPO term included), so eval_loss and loss measure the same thing."""
     policy = logps_table(model, eval_items, pad_id=pad_id, device=device, batch_size=cfg.batch_size,
-                         prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
+                         prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
+                         trim_padding=cfg.trim_padding)
     if cfg.stage == "sft":
         tokens = sum(len(it.answer_ids) for it in eval_items)
         return {"eval_loss": float(-policy.sum() / max(tokens, 1))}
     metrics = preference_metrics(policy, reference_table, cfg.beta)
     lengths = torch.tensor([[len(it.chosen_ids), len(it.rejected_ids)] for it in eval_items], dtype=torch.float32)
     ref = (None, None) if reference_table is None else (reference_table[:, 0], reference_table[:, 1])
-    losses, _, _ = preference_loss(policy[:, 0], policy[:, 1], *ref, loss_type=cfg.loss, beta=cfg.beta,
-                                   label_smoothing=cfg.label_smoothing, chosen_lengths=lengths[:, 0],
-                                   rejected_lengths=lengths[:, 1], simpo_gamma=cfg.simpo_gamma)
+    losses, _, _ = objective.pair_losses(policy[:, 0], policy[:, 1], *ref, lengths[:, 0], lengths[:, 1])
     metrics["loss"] = float(losses.mean())
     return {f"eval_{k}": v for k, v in metrics.items()}

@@ -6,7 +6,9 @@ frozen reference; plus the number of answer tokens when a loss works on per-toke
 the per-pair loss, shape `[batch]`; the caller takes the mean.
 
 Names and formulas follow TRL 1.16's `loss_type` values so that numbers compare (TRL 1.16 ignores
-label_smoothing for `sigmoid`; here it gives conservative DPO, as the DPO authors' code does).
+label_smoothing for `sigmoid`; here it gives conservative DPO, as the DPO authors' code does. TRL 1.16's
+`bco_pair` has no reward shift, our bco_delta = 0; the trainer here keeps the BCO paper's running mean, as
+earlier TRL releases did).
 Notation in the docstrings:
 
     a = log π(y_w|x) - log π_ref(y_w|x)     chosen log-ratio      (nats)

@@ -151,7 +151,7 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
         if not cfg.quiet:
             print(described, flush=True)
 
-    objective = make_objective(cfg)
+    objective = make_objective(cfg, env)
     policy_logps: AnswerLogpModule = setup.policy_logps
     params = [p for p in policy.parameters() if p.requires_grad]
     if env.is_main:
@@ -194,8 +194,8 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
             bar.update(step, row)
             last = row
             if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
-                eval_row = {"step": step,
-                            **evaluate_during(policy_logps.eval_model, eval_ref, eval_items, cfg, pad_id, device)}
+                eval_row = {"step": step, **evaluate_during(policy_logps.eval_model, eval_ref, eval_items, cfg, pad_id,
+                                                            device, objective)}
                 tracker.log(eval_row)
                 bar.print(describe_eval(eval_row))
             # The last step needs no checkpoint: the final model is written next.
@@ -207,7 +207,8 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
         final = dict(last)
         if eval_items and not stopped:
             eval_row = {"step": steps,
-                        **evaluate_during(policy_logps.eval_model, eval_ref, eval_items, cfg, pad_id, device)}
+                        **evaluate_during(policy_logps.eval_model, eval_ref, eval_items, cfg, pad_id, device,
+                                          objective)}
             tracker.log(eval_row)
             bar.print(describe_eval(eval_row))
             final.update(eval_row)

@@ -12,8 +12,9 @@ import torch
 
 from ..config import TrainConfig
 from ..data.batching import PromptAnswerBatch
+from ..dist.env import DistEnv, all_reduce_sum
 from ..logps.layouts import AnswerLogps
-from ..losses import preference_loss
+from ..losses import parse_loss_spec, preference_loss
 
 
 @dataclass
@@ -55,11 +56,19 @@ class PreferenceObjective:
         """What the step's summed loss is divided by: pairs."""
         return float(batch.size)
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, env: DistEnv = DistEnv()):
         self.cfg = cfg
-        # Running mean of batch rewards, the shift `delta` of BCO (as TRL keeps it); part of the state so a resumed run matches.
+        self.env = env
+        self.tracks_shift = any(name == "bco_pair" for name, _ in parse_loss_spec(cfg.loss))
+        # Running mean of batch rewards, the shift `delta` of BCO (the paper's; earlier TRL releases kept it, TRL 1.16
+        # has none); part of the state so a resumed run matches. Each batch's mean is taken over all ranks, so every
+        # rank keeps the same running mean.
         self.reward_sum = 0.0
         self.reward_count = 0
+
+    @property
+    def bco_delta(self) -> float:
+        return self.reward_sum / self.reward_count if self.reward_count else 0.0
 
     def __call__(self, policy: AnswerLogps, batch: PromptAnswerBatch, ref_logps=None) -> Contribution:
         cfg = self.cfg
@@ -68,16 +77,12 @@ class PreferenceObjective:
         rc = rr = None
         if ref_logps is not None:
             rc, rr = ref_logps[0::2], ref_logps[1::2]
-        if rc is not None:  # BCO's delta: running mean of per-batch mean rewards, this batch included
-            batch_rewards = cfg.beta * torch.cat([pc - rc, pr - rr]).detach()
-            self.reward_sum += float(batch_rewards.mean())
+        if self.tracks_shift:  # BCO's delta: running mean of per-batch mean rewards, this batch included
+            rewards = cfg.beta * torch.cat([pc - rc, pr - rr]).detach().double()
+            total = all_reduce_sum(torch.stack([rewards.sum(), rewards.new_tensor(rewards.numel())]), self.env)
+            self.reward_sum += float(total[0] / total[1])
             self.reward_count += 1
-        delta = self.reward_sum / self.reward_count if self.reward_count else 0.0
-        losses, chosen_r, rejected_r = preference_loss(
-            pc, pr, rc, rr, loss_type=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-            chosen_lengths=len_c, rejected_lengths=len_r, simpo_gamma=cfg.simpo_gamma, bco_delta=delta)
-        if cfg.sft_weight:
-            losses = losses + cfg.sft_weight * (-pc / len_c)
+        losses, chosen_r, rejected_r = self.pair_losses(pc, pr, rc, rr, len_c, len_r)
         sums = {
             "loss": losses.detach().sum(),
             "reward_accuracy": (chosen_r > rejected_r).float().sum(),
@@ -89,6 +94,17 @@ class PreferenceObjective:
         }
         return Contribution(losses.sum(), sums)
 
+    def pair_losses(self, pc, pr, rc, rr, len_c, len_r):
+        """(per-pair losses, chosen rewards, rejected rewards) of the training objective with the current BCO
+        shift, which this leaves as it is (evaluation computes its loss here too)."""
+        cfg = self.cfg
+        losses, chosen_r, rejected_r = preference_loss(
+            pc, pr, rc, rr, loss_type=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+            chosen_lengths=len_c, rejected_lengths=len_r, simpo_gamma=cfg.simpo_gamma, bco_delta=self.bco_delta)
+        if cfg.sft_weight:
+            losses = losses + cfg.sft_weight * (-pc / len_c)
+        return losses, chosen_r, rejected_r
+
     def finish(self, sums: dict[str, float], count: float) -> dict[str, float]:
         return {k: v / count for k, v in sums.items()}
 
@@ -99,5 +115,5 @@ class PreferenceObjective:
         self.reward_sum, self.reward_count = state["reward_sum"], state["reward_count"]
 
 
-def make_objective(cfg: TrainConfig):
-    return SFTObjective() if cfg.stage == "sft" else PreferenceObjective(cfg)
+def make_objective(cfg: TrainConfig, env: DistEnv = DistEnv()):
+    return SFTObjective() if cfg.stage == "sft" else PreferenceObjective(cfg, env)
