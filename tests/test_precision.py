@@ -10,7 +10,9 @@ margin (8.2 nats) by 4e-3 nats.
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -91,3 +93,15 @@ def test_mixed_dpo_run_learns_as_fp32_does(tiny_model_dir, tmp_path):
     margin = {k: float((v[:, 0] - v[:, 1]).mean()) for k, v in learned.items()}
     assert margin["float32"] > 4
     assert abs(margin["mixed"] - margin["float32"]) < 0.05                # measured 4e-3 of 8.2 nats
+
+
+def test_mixed_reference_computes_what_the_policy_computes_at_step_0(tiny_model_dir, tmp_path):
+    # The policy holds fp32 weights under bf16 autocast; a reference held wholly in bf16 would run its residual
+    # stream in bf16 and differ from the policy it starts equal to, so the first loss would not be log 2.
+    data = write_jsonl(tmp_path / "p.jsonl", fact_pairs(8))
+    out = tmp_path / "mixed"
+    run(TrainConfig(stage="dpo", model=str(tiny_model_dir), data=str(data), output_dir=str(out), dtype="mixed",
+                    max_steps=1, batch_size=8, lr=1e-6, device="cpu", quiet=True), command="test")
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert first["reward_margin"] == 0.0 and first["chosen_reward"] == 0.0

@@ -55,3 +55,23 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype to load a model in for inference (eval, generate): the frozen dtype of `pick_precision`."""
     return pick_precision(name, device).frozen
 
+
+
+def hold_frozen(model, precision: Precision) -> None:
+    """Store a frozen copy (loaded in `precision.trained`) the way it must be held to compute what the policy does.
+
+    Without autocast the frozen copy is simply held in `precision.frozen`. Under autocast (mixed precision) the
+    policy keeps fp32 weights, so its embeddings, norms and residual stream run in fp32 while each matrix product
+    casts its weight to the compute dtype. A reference held wholly in bf16 would run its residual stream in bf16 and
+    differ from the policy it starts equal to (a first DPO loss of 0.6918 instead of log 2 on a 0.5B model). So only
+    the weights that autocast casts anyway, those of linear layers, are stored in the compute dtype, bit for bit what
+    the cast gives; the rest stays in the trained dtype. A linear layer whose weight is also the input embedding (tied
+    embeddings) stays whole.
+    """
+    if precision.compute is None:
+        model.to(precision.frozen)
+        return
+    tied = {id(model.get_input_embeddings().weight)} if hasattr(model, "get_input_embeddings") else set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in tied:
+            module.to(precision.compute)

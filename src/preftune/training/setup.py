@@ -20,7 +20,7 @@ from ..logps.parts import set_compute_dtype
 from ..losses import needs_reference
 from ..models import lora
 from ..models.load import freeze, load_model, load_tokenizer
-from ..models.precision import Precision
+from ..models.precision import Precision, hold_frozen
 from .reference import AdaptersOffReference, CachedReference, FrozenReference
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Se
 
 
 def _load_reference(cfg: TrainConfig, device, precision: Precision):
-    model = load_model(cfg.ref_model or cfg.model, device=device, dtype=precision.frozen,
+    model = load_model(cfg.ref_model or cfg.model, device=device, dtype=precision.trained,
                        trust_remote_code=cfg.trust_remote_code)
+    hold_frozen(model, precision)
     set_compute_dtype(model, precision.compute)
     freeze(model)
     return model
@@ -140,7 +141,7 @@ def _cached_reference(cfg: TrainConfig, tokenizer, train_items, eval_items, devi
     from .reference_cache import CacheRequest, cached_tables, compute_table, default_cache_dir
 
     settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-                "dtype": str(precision.frozen), "compute": str(precision.compute)}
+                "dtype": str(precision.frozen), "compute": str(precision.compute), "held": "linear weights frozen"}
 
     def compute(model, items):
         mine = items[env.rank::env.world_size]
