@@ -29,10 +29,10 @@ class SFTObjective:
     unit = "samples"
 
     def units(self, batch: PromptAnswerBatch) -> float:
-        return float(batch.answer_lens.sum())
+        return batch.answer_tokens()
 
     def __call__(self, policy: AnswerLogps, batch: PromptAnswerBatch, ref_logps=None) -> Contribution:
-        tokens = float(batch.answer_lens.sum())
+        tokens = batch.answer_tokens()
         loss = -policy.logps.sum()
         return Contribution(loss, tokens, {"loss": loss.detach()})
 

@@ -1,6 +1,8 @@
 """Token ids -> padded tensors, and the order in which examples are visited.
 
 Every batch is "prompts with k answers each": k=2 for preference pairs (chosen, rejected), k=1 for SFT.
+SFT conversations of several assistant turns also carry `answer_mask` [B, A] (1 = in the loss), zero on the
+user turns between the assistant turns; it is None when every answer token is in the loss.
 Example, two pairs with prompts [5 6 7] and [8], answers c0=[1 2], r0=[3], c1=[4], r1=[9 9 9], pad=0:
 
     prompt_ids  = [[5 6 7], [8 0 0]]          prompt_lens = [3, 1]
@@ -26,14 +28,22 @@ class PromptAnswerBatch:
     answer_lens: torch.Tensor  # [B*k] long
     k: int                     # answers per prompt
     index: torch.Tensor        # [B] long: positions in the dataset
+    answer_mask: torch.Tensor | None = None  # [B*k, A] float: 1 where an answer token is in the loss; None = all
+
+    def answer_tokens(self) -> float:
+        """Answer tokens in the loss (those the mask keeps)."""
+        if self.answer_mask is None:
+            return float(self.answer_lens.sum())
+        return float(self.answer_mask.sum())
 
     @property
     def size(self) -> int:
         return self.prompt_ids.shape[0]
 
     def to(self, device) -> "PromptAnswerBatch":
+        mask = None if self.answer_mask is None else self.answer_mask.to(device)
         return PromptAnswerBatch(self.prompt_ids.to(device), self.prompt_lens.to(device),
-                                 self.answer_ids.to(device), self.answer_lens.to(device), self.k, self.index)
+                                 self.answer_ids.to(device), self.answer_lens.to(device), self.k, self.index, mask)
 
     def tokens(self) -> int:
         """Tokens actually attended to (no padding): prompts once plus every answer."""
@@ -43,9 +53,10 @@ class PromptAnswerBatch:
         """The sub-batch of the given prompt rows (with their answers), trimmed of all-padding columns."""
         answer_rows = (rows[:, None] * self.k + torch.arange(self.k, device=rows.device)).reshape(-1)
         p, a = self.prompt_lens[rows], self.answer_lens[answer_rows]
+        mask = None if self.answer_mask is None else self.answer_mask[answer_rows, : int(a.max())]
         return PromptAnswerBatch(self.prompt_ids[rows, : int(p.max())], p,
                                  self.answer_ids[answer_rows, : int(a.max())], a, self.k,
-                                 self.index[rows.to(self.index.device)])
+                                 self.index[rows.to(self.index.device)], mask)
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -64,6 +75,10 @@ def collate(items: list[TokenizedPair] | list[TokenizedExample], pad_id: int) ->
         answers = [it.answer_ids for it in items]
         k = 1
     prompts = [it.prompt_ids for it in items]
+    masks = [getattr(it, "answer_mask", None) for it in items]
+    answer_mask = None
+    if any(m is not None for m in masks):
+        answer_mask = _pad([[1] * len(a) if m is None else m for a, m in zip(answers, masks)], 0).float()
     return PromptAnswerBatch(
         prompt_ids=_pad(prompts, pad_id),
         prompt_lens=torch.tensor([len(p) for p in prompts], dtype=torch.long),
@@ -71,6 +86,7 @@ def collate(items: list[TokenizedPair] | list[TokenizedExample], pad_id: int) ->
         answer_lens=torch.tensor([len(a) for a in answers], dtype=torch.long),
         k=k,
         index=torch.tensor([it.index for it in items], dtype=torch.long),
+        answer_mask=answer_mask,
     )
 
 
