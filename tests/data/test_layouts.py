@@ -172,3 +172,66 @@ def test_unpaired_feedback_is_refused_for_pairs_in_one_line(jsonl_file, record):
         load_pairs(jsonl_file([record]), skip_bad_records=True)
     message = str(err.value)
     assert "\n" not in message and "line 1: this is unpaired feedback" in message and "for KTO" in message
+
+
+# --------------------------------------------------------------------------- tools through the chat template
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }};{% endfor %}{{ eos_token }}{% endif %}"
+    "{% for m in messages %}<|{{ m.role }}|>{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "call {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}{% else %}{{ m.content }}{% endif %}"
+    "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_tools_are_rendered_by_a_template_that_knows_them():
+    from tinylm import make_tokenizer
+
+    from preftune.data.tokenize import tokenize_pair
+
+    tok = make_tokenizer()
+    tok.chat_template = TOOLS_TEMPLATE
+    out = tokenize_pair(tok, TOOL_PAIR, max_length=4096)
+    prompt = ('<|tools|>get_weather;<eos><|user|>Weather in Paris?<eos><|assistant|>call get_weather {"city": "Paris"}'
+              '<eos><|tool|>{"sky": "sunny"}<eos><|assistant|>')
+    assert out.prompt_ids == tok(prompt, add_special_tokens=False)["input_ids"]
+    assert out.chosen_ids == tok("Sunny.<eos>", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("template", [None, "plain"])
+def test_tools_without_template_support_are_one_clear_error(template):
+    from tinylm import make_tokenizer
+
+    from preftune.data.tokenize import tokenize_pair
+
+    tok = make_tokenizer()
+    if template is None:
+        tok.chat_template = None
+    pair = PreferencePair(TOOL_PAIR.prompt, TOOL_PAIR.chosen, TOOL_PAIR.rejected, None, "f line 3", TOOL_PAIR.tools)
+    with pytest.raises(DataError, match=r"^f line 3: .*(no chat template|no tool support)"):
+        tokenize_pair(tok, pair, max_length=4096)
+
+
+def test_orca_turns_use_the_template_unless_raw_text_is_asked_for():
+    from tinylm import make_tokenizer
+
+    from preftune.data.tokenize import tokenize_pair
+
+    tok = make_tokenizer()
+    pair, _, _ = read_pair({"system": "be brief", "question": "the sky is", "chosen": "blue", "rejected": "red"},
+                           "orca", "w")
+    chat = tokenize_pair(tok, pair, max_length=512)
+    assert chat.prompt_ids == tok("<bos><|system|>be brief<eos><|user|>the sky is<eos><|assistant|>",
+                                  add_special_tokens=False)["input_ids"]
+    raw = tokenize_pair(tok, pair, max_length=512, raw_text_prompts=True)
+    assert raw.prompt_ids == tok("be brief\n\nthe sky is")["input_ids"]
+    assert raw.chosen_ids == tok("blue", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_dpo_on_unpaired_feedback_is_one_line_exit_2_and_no_run_folder(jsonl_file, tiny_model_dir, tmp_path, capsys):
+    from preftune.cli import main
+
+    data = jsonl_file([record for record, _ in UNPAIRED[:2]])
+    code = main(["dpo", "--model", str(tiny_model_dir), "--data", data, "--output-dir", str(tmp_path / "run"),
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "unpaired feedback" in err and "for KTO" in err
+    assert not (tmp_path / "run").exists()
