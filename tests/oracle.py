@@ -23,6 +23,9 @@ def full_logits_logps(model, batch: PromptAnswerBatch) -> AnswerLogps:
         a = batch.answer_ids[j, : batch.answer_lens[j]]
         ids = torch.cat([p, a])[None]
         logits = unwrap(model)(input_ids=ids).logits[0].float()
-        lp = F.log_softmax(logits[len(p) - 1: -1], dim=-1).gather(-1, a[:, None]).sum()
+        per_token = F.log_softmax(logits[len(p) - 1: -1], dim=-1).gather(-1, a[:, None])[:, 0]
+        if batch.answer_mask is not None:
+            per_token = per_token * batch.answer_mask[j, : batch.answer_lens[j]]
+        lp = per_token.sum()
         sums.append(lp)
     return AnswerLogps(torch.stack(sums), batch.answer_lens)

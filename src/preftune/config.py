@@ -48,6 +48,10 @@ class TrainConfig:
     min_score_gap: float | None = _f(None, "Drop pairs whose chosen/rejected score gap is below this.")
     max_length: int = _f(1024, "Longest prompt+answer in tokens; answers are cut from the right.")
     max_prompt_length: int | None = _f(None, "Longest prompt in tokens; prompts are cut from the left.")
+    raw_text_prompts: bool = _f(False, "Feed orca/alpaca-style records (system, question, answer as text fields) "
+                                       "as raw text instead of through the tokenizer's chat template.")
+    sft_last_turn_only: bool = _f(False, "SFT on a conversation trains on the last assistant turn only, not on "
+                                         "every assistant turn.")
     # --- optimisation
     max_steps: int = _f(-1, "Optimizer steps to run; -1 runs --epochs over the data.")
     epochs: float = _f(1.0, "Passes over the data when --max-steps is -1.")

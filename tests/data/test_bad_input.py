@@ -68,7 +68,7 @@ def test_unknown_format_lists_formats_and_keys(jsonl_file):
 
 
 def test_unknown_forced_format(jsonl_file):
-    assert "not a known format; use one of text, implicit" in _error(jsonl_file([GOOD]), data_format="alpaca")
+    assert "not a known format; use one of text, implicit" in _error(jsonl_file([GOOD]), data_format="alpacka")
 
 
 def test_non_utf8_names_line_and_byte(tmp_path):

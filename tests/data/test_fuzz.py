@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from preftune.data.formats import FORMAT_NAMES, detect_format, to_pair, to_sft
-from preftune.data.load import load_pairs, load_sft
+from preftune.data.load import load_pairs, load_sft, read_unpaired_source
+from preftune.data.unpaired import UNPAIRED_FORMATS, read_unpaired
 from preftune.errors import DataError
 from .test_formats import EXAMPLES  # a valid record of every format, to damage
 
@@ -22,16 +23,23 @@ json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=10)
 KEYS = ["prompt", "chosen", "rejected", "system", "question", "input", "conversations", "response_j",
         "response_k", "history", "human_ref_A", "human_ref_B", "labels", "score_chosen", "score_rejected",
-        "score_A", "score_B", "messages", "completion", "text", "role", "content", "from", "value"]
+        "score_A", "score_B", "messages", "completion", "text", "role", "content", "from", "value",
+        "instruction", "output", "response_chosen", "response_rejected", "tools", "tool_calls", "label", "kto_tag",
+        "name", "arguments", "function"]
 # Values shaped almost like the real thing, where the bugs hide: messages with a wrong part, transcripts.
 messages = st.lists(st.fixed_dictionaries({}, optional={
     "role": st.sampled_from(["user", "assistant", "system", "tool"]) | scalars,
     "content": st.text(max_size=10) | json_values,
-    "from": st.sampled_from(["human", "gpt", "system", "alien"]) | scalars,
-    "value": st.text(max_size=10) | json_values}), max_size=4)
+    "tool_calls": json_values | st.lists(st.fixed_dictionaries({}, optional={
+        "function": st.fixed_dictionaries({}, optional={"name": st.text(max_size=5) | scalars,
+                                                        "arguments": st.text(max_size=10) | json_values}),
+        "name": st.text(max_size=5), "arguments": json_values}), max_size=2),
+    "from": st.sampled_from(["human", "gpt", "system", "alien", "function_call", "observation"]) | scalars,
+    "value": st.text(max_size=10) | json_values | st.just('{"name": "f", "arguments": "{"}')}), max_size=4)
 transcripts = st.lists(st.sampled_from(["\n\nHuman: ", "\n\nAssistant: ", "hi", " ", "\n", "Human:"]),
                        max_size=8).map("".join)
-near_values = json_values | messages | transcripts | st.text(max_size=10)
+history = st.lists(st.lists(st.text(max_size=5) | scalars, max_size=3) | scalars, max_size=3)
+near_values = json_values | messages | transcripts | st.text(max_size=10) | history
 random_records = st.dictionaries(st.sampled_from(KEYS), near_values, max_size=8)
 
 
@@ -74,6 +82,8 @@ def test_any_record_in_any_format(record, fmt):
     if fmt is not None:
         _only_data_errors(to_pair, record, fmt, "w")
     _only_data_errors(to_sft, record, "w")
+    for unpaired in UNPAIRED_FORMATS:
+        _only_data_errors(read_unpaired, record, unpaired, "w")
 
 
 @FUZZ
@@ -84,6 +94,7 @@ def test_any_jsonl_file(folder, lines, skip, gap):
     path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     _only_data_errors(load_pairs, str(path), skip_bad_records=skip, min_score_gap=gap)
     _only_data_errors(load_sft, str(path), skip_bad_records=skip)
+    _only_data_errors(read_unpaired_source, str(path), skip_bad_records=skip)
 
 
 @FUZZ

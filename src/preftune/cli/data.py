@@ -15,6 +15,7 @@ from ..config import TrainConfig
 from ..data.check import check_pairs, render_report
 from ..data.formats import FORMAT_NAMES
 from ..data.load import load_pairs
+from ..data.unpaired import UNPAIRED_FORMATS
 from ..errors import ModelError
 
 _DEFAULT_MAX_LENGTH = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "max_length")
@@ -27,6 +28,7 @@ def register(subparsers: Any) -> None:
     check = commands.add_parser("check", help="List every problem in a preference file; exit 1 if any.")
     _add_source_args(check)
     check.add_argument("--model", help="Model or tokenizer folder: adds token lengths and truncation checks.")
+    check.add_argument("--all", action="store_true", help="List every problem, not the first few of each kind.")
     _add_length_args(check)
     check.set_defaults(func=run_check)
 
@@ -40,7 +42,8 @@ def register(subparsers: Any) -> None:
 
 def _add_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="Data file (.jsonl/.json/.parquet/.csv, optionally .gz), folder or Hub id.")
-    parser.add_argument("--data-format", choices=FORMAT_NAMES, help="Force a format instead of detecting it.")
+    parser.add_argument("--data-format", choices=FORMAT_NAMES + UNPAIRED_FORMATS,
+                        help="Force a format instead of detecting it.")
     parser.add_argument("--split", default="train", help="Split of a saved dataset or Hub id (default: train).")
 
 
@@ -48,13 +51,16 @@ def _add_length_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=_DEFAULT_MAX_LENGTH,
                         help="Longest prompt+answer in tokens (default: %(default)s).")
     parser.add_argument("--max-prompt-length", type=int, default=None, help="Longest prompt in tokens.")
+    parser.add_argument("--raw-text-prompts", action="store_true",
+                        help="Feed orca/alpaca-style records as raw text, not through the chat template.")
 
 
 def run_check(args: argparse.Namespace) -> int:
     tokenizer = local_tokenizer(args.model) if args.model else None
     result = check_pairs(args.file, data_format=args.data_format, split=args.split, tokenizer=tokenizer,
-                         max_length=args.max_length, max_prompt_length=args.max_prompt_length)
-    print(render_report(result, forced=args.data_format is not None))
+                         max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                         raw_text_prompts=args.raw_text_prompts)
+    print(render_report(result, forced=args.data_format is not None, show_all=args.all))
     if tokenizer is None:
         print("(pass --model DIR to check token lengths and truncation too)")
     return 0 if result.clean else 1
@@ -66,6 +72,9 @@ def run_show(args: argparse.Namespace) -> int:
     tokenizer = local_tokenizer(args.model) if args.model else None
     pairs, report = load_pairs(args.file, data_format=args.data_format, split=args.split, skip_bad_records=True)
     print(f"format: {report.format}; showing {min(args.n, len(pairs))} of {len(pairs)} pairs")
+    for note in (report.detection, report.unused_line()):
+        if note:
+            print(f"({note})")
     if report.skipped:
         print(f"({len(report.skipped)} records skipped as unreadable; `preftune data check` lists them)")
     if tokenizer is None:
@@ -79,14 +88,14 @@ def run_show(args: argparse.Namespace) -> int:
                 print(f"--- {name}\n{_as_text(getattr(pair, name))}")
             continue
         tokens = tokenize_pair(tokenizer, pair, max_length=args.max_length,
-                               max_prompt_length=args.max_prompt_length)
+                               max_prompt_length=args.max_prompt_length, raw_text_prompts=args.raw_text_prompts)
         if tokens is None:
             print(f"(dropped: the prompt alone does not fit in --max-length {args.max_length})")
             continue
-        note = " (truncated to fit --max-length)" if tokens.truncated else ""
-        for name in ("prompt", "chosen", "rejected"):
+        for name, cut in zip(("prompt", "chosen", "rejected"), tokens.cut):
             ids = getattr(tokens, f"{name}_ids")
-            print(f"--- {name}: {len(ids)} tokens{note if name != 'prompt' else ''}")
+            limit = "--max-prompt-length" if name == "prompt" else "--max-length"
+            print(f"--- {name}: {len(ids)} tokens{f' (truncated to fit {limit})' if cut else ''}")
             print(tokenizer.decode(ids, skip_special_tokens=False))
     return 0
 

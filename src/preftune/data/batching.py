@@ -1,6 +1,8 @@
 """Token ids -> padded tensors, and the order in which examples are visited.
 
 Every batch is "prompts with k answers each": k=2 for preference pairs (chosen, rejected), k=1 for SFT.
+SFT conversations of several assistant turns also carry `answer_mask` [B, A] (1 = in the loss), zero on the
+user turns between the assistant turns; it is None when every answer token is in the loss.
 Example, two pairs with prompts [5 6 7] and [8], answers c0=[1 2], r0=[3], c1=[4], r1=[9 9 9], pad=0:
 
     prompt_ids  = [[5 6 7], [8 0 0]]          prompt_lens = [3, 1]
@@ -26,9 +28,16 @@ class PromptAnswerBatch:
     answer_lens: torch.Tensor  # [B*k] long
     k: int                     # answers per prompt
     index: torch.Tensor        # [B] long: positions in the dataset
+    answer_mask: torch.Tensor | None = None  # [B*k, A] float: 1 where an answer token is in the loss; None = all
     # The two length vectors as Python lists, kept from the CPU tensors they came from: planning a batch on a GPU
     # reads them here instead of copying them back from the device, which would wait for all queued work.
     host_lens: tuple[list[int], list[int]] | None = None
+
+    def answer_tokens(self) -> float:
+        """Answer tokens in the loss (those the mask keeps)."""
+        if self.answer_mask is None:
+            return float(sum(self.lengths()[1]))
+        return float(self.answer_mask.sum())
 
     @property
     def size(self) -> int:
@@ -42,8 +51,10 @@ class PromptAnswerBatch:
 
     def to(self, device) -> "PromptAnswerBatch":
         host = self.lengths() if self.prompt_lens.device.type == "cpu" else self.host_lens
+        mask = None if self.answer_mask is None else self.answer_mask.to(device)
         return PromptAnswerBatch(self.prompt_ids.to(device), self.prompt_lens.to(device),
-                                 self.answer_ids.to(device), self.answer_lens.to(device), self.k, self.index, host)
+                                 self.answer_ids.to(device), self.answer_lens.to(device), self.k, self.index, mask,
+                                 host)
 
     def tokens(self) -> int:
         """Tokens actually attended to (no padding): prompts once plus every answer."""
@@ -58,9 +69,10 @@ class PromptAnswerBatch:
         dev = self.prompt_ids.device
         rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
         answers_t = torch.tensor(answer_rows, dtype=torch.long, device=dev)
+        mask = None if self.answer_mask is None else self.answer_mask[answers_t, : max(a)]
         return PromptAnswerBatch(self.prompt_ids[rows_t, : max(p)], self.prompt_lens[rows_t],
                                  self.answer_ids[answers_t, : max(a)], self.answer_lens[answers_t], self.k,
-                                 self.index[torch.tensor(rows, dtype=torch.long)], (p, a))
+                                 self.index[torch.tensor(rows, dtype=torch.long)], mask, (p, a))
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -79,6 +91,10 @@ def collate(items: list[TokenizedPair] | list[TokenizedExample], pad_id: int) ->
         answers = [it.answer_ids for it in items]
         k = 1
     prompts = [it.prompt_ids for it in items]
+    masks = [getattr(it, "answer_mask", None) for it in items]
+    answer_mask = None
+    if any(m is not None for m in masks):
+        answer_mask = _pad([[1] * len(a) if m is None else m for a, m in zip(answers, masks)], 0).float()
     return PromptAnswerBatch(
         prompt_ids=_pad(prompts, pad_id),
         prompt_lens=torch.tensor([len(p) for p in prompts], dtype=torch.long),
@@ -86,6 +102,7 @@ def collate(items: list[TokenizedPair] | list[TokenizedExample], pad_id: int) ->
         answer_lens=torch.tensor([len(a) for a in answers], dtype=torch.long),
         k=k,
         index=torch.tensor([it.index for it in items], dtype=torch.long),
+        answer_mask=answer_mask,
     )
 
 

@@ -13,41 +13,63 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DataError
-from .load import read_pairs
-from .records import PreferencePair
+from .load import UnpairedData, read_pairs, read_unpaired_source
+from .records import LoadReport, PreferencePair, UnpairedExample
+from .unpaired import UNPAIRED_FORMATS
 
 # Long enough that nothing is cut: the lengths a pair would have with no limit.
 _NO_LIMIT = 10**9
 PERCENTILES = (50, 90, 99)
+_SHOWN = 5  # problems listed per kind without --all
 _WHERE = re.compile(r".*? (?:line|record) (\d+):")  # the place at the start of a problem message
 
 
 @dataclass
 class CheckResult:
-    """What `check_pairs` found. `lengths` maps prompt/chosen/rejected to token counts, one per pair kept."""
+    """What `check_pairs` found. `problems` are (kind, message) in file order; `lengths` maps prompt/chosen/
+    rejected to token counts, one per pair kept. An unpaired feedback file has `unpaired` examples, no pairs."""
 
     source: str
     format: str
     records: int
     pairs: list[PreferencePair]
-    problems: list[str] = field(default_factory=list)
+    report: LoadReport
+    problems: list[tuple[str, str]] = field(default_factory=list)
     lengths: dict[str, list[int]] = field(default_factory=dict)
+    unpaired: list[UnpairedExample] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
         return not self.problems
 
+    def by_kind(self) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for kind, message in self.problems:
+            groups.setdefault(kind, []).append(message)
+        return groups
+
 
 def check_pairs(source: str, *, data_format: str | None = None, split: str = "train", tokenizer: Any = None,
-                max_length: int = 1024, max_prompt_length: int | None = None) -> CheckResult:
+                max_length: int = 1024, max_prompt_length: int | None = None,
+                raw_text_prompts: bool = False) -> CheckResult:
     """Read `source` keeping every readable pair, and list every problem found, each naming its record."""
-    pairs, report = read_pairs(source, data_format=data_format, split=split, skip_bad_records=True)
-    result = CheckResult(source, report.format, report.records, pairs, list(report.skipped))
+    try:
+        if data_format in UNPAIRED_FORMATS:
+            raise UnpairedData("forced")
+        pairs, report = read_pairs(source, data_format=data_format, split=split, skip_bad_records=True)
+    except UnpairedData:
+        examples, report = read_unpaired_source(source, data_format=data_format, split=split,
+                                                skip_bad_records=True)
+        result = CheckResult(source, report.format, report.records, [], report, unpaired=examples)
+        result.problems += [("unreadable record", message) for message in report.skipped]
+        return result
+    result = CheckResult(source, report.format, report.records, pairs, report)
+    result.problems += [("unreadable record", message) for message in report.skipped]
     result.problems += content_problems(pairs)
     if tokenizer is not None:
-        problems, result.lengths = token_problems(pairs, tokenizer, max_length, max_prompt_length)
+        problems, result.lengths = token_problems(pairs, tokenizer, max_length, max_prompt_length, raw_text_prompts)
         result.problems += problems
-    result.problems.sort(key=_position)  # file order, whichever check found the problem
+    result.problems.sort(key=lambda problem: _position(problem[1]))  # file order, whichever check found it
     return result
 
 
@@ -56,50 +78,56 @@ def _position(problem: str) -> int:
     return int(found.group(1)) if found else 0
 
 
-def content_problems(pairs: list[PreferencePair]) -> list[str]:
+def content_problems(pairs: list[PreferencePair]) -> list[tuple[str, str]]:
     """Pairs that read fine but teach nothing, or teach the same thing twice."""
     problems, seen = [], {}
     for pair in pairs:
         if pair.chosen == pair.rejected:
-            problems.append(f"{pair.where}: chosen is identical to rejected; the pair carries no preference")
+            problems.append(("identical answers",
+                             f"{pair.where}: chosen is identical to rejected; the pair carries no preference"))
         for name in ("chosen", "rejected"):
             answer = getattr(pair, name)
-            if isinstance(answer, list) and not "".join(m["content"] for m in answer).strip():
-                problems.append(f"{pair.where}: the {name} answer has no text (only the end-of-turn is trained)")
-        key = json.dumps([pair.system, pair.prompt, pair.chosen, pair.rejected])
+            if isinstance(answer, list) and not "".join(m["content"] for m in answer).strip() \
+                    and not any(m.get("tool_calls") for m in answer):
+                problems.append(("answer without text",
+                                 f"{pair.where}: the {name} answer has no text (only the end-of-turn is trained)"))
+        key = json.dumps([pair.system, pair.prompt, pair.chosen, pair.rejected, pair.tools])
         if key in seen:
-            problems.append(f"{pair.where}: duplicate of {seen[key]}")
+            problems.append(("duplicate", f"{pair.where}: duplicate of {seen[key]}"))
         else:
             seen[key] = pair.where
     return problems
 
 
-def token_problems(pairs: list[PreferencePair], tokenizer: Any, max_length: int,
-                   max_prompt_length: int | None) -> tuple[list[str], dict[str, list[int]]]:
+def token_problems(pairs: list[PreferencePair], tokenizer: Any, max_length: int, max_prompt_length: int | None,
+                   raw_text_prompts: bool = False) -> tuple[list[tuple[str, str]], dict[str, list[int]]]:
     """Pairs that will be dropped or truncated at these lengths, and the untruncated token lengths of all."""
     from .tokenize import tokenize_pair
 
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
     limits = f"--max-length {max_length}" + (f", --max-prompt-length {max_prompt_length}"
                                               if max_prompt_length else "")
     for pair in pairs:
         try:
-            full = tokenize_pair(tokenizer, pair, max_length=_NO_LIMIT, max_prompt_length=None)
-        except DataError as exc:  # e.g. chat data and a tokenizer without a chat template
-            problems.append(str(exc))
+            full = tokenize_pair(tokenizer, pair, max_length=_NO_LIMIT, max_prompt_length=None,
+                                 raw_text_prompts=raw_text_prompts)
+        except DataError as exc:  # e.g. tool calls and a template without tool support
+            problems.append(("cannot be tokenised", str(exc)))
             continue
         sizes = {"prompt": len(full.prompt_ids), "chosen": len(full.chosen_ids),
                  "rejected": len(full.rejected_ids)}
         for name, size in sizes.items():
             lengths[name].append(size)
-        fitted = tokenize_pair(tokenizer, pair, max_length=max_length, max_prompt_length=max_prompt_length)
+        fitted = tokenize_pair(tokenizer, pair, max_length=max_length, max_prompt_length=max_prompt_length,
+                               raw_text_prompts=raw_text_prompts)
         counts = ", ".join(f"{name} {size}" for name, size in sizes.items())
         if fitted is None:
-            problems.append(f"{pair.where}: the prompt alone is too long ({counts} tokens; {limits}); "
-                            "the pair will be dropped")
+            problems.append(("prompt too long, pair dropped", f"{pair.where}: the prompt alone is too long "
+                             f"({counts} tokens; {limits}); the pair will be dropped"))
         elif fitted.truncated:
-            problems.append(f"{pair.where}: will be truncated ({counts} tokens; {limits})")
+            parts = " and ".join(name for name, cut in zip(sizes, fitted.cut) if cut)
+            problems.append(("truncated", f"{pair.where}: will be truncated: {parts} ({counts} tokens; {limits})"))
     return problems, lengths
 
 
@@ -113,20 +141,39 @@ def percentiles(values: list[int]) -> dict[str, int]:
     return out
 
 
-def render_report(result: CheckResult, *, forced: bool) -> str:
-    """The human-readable summary `data check` prints."""
-    chat = sum(pair.is_chat for pair in result.pairs)
-    lines = [
-        f"source: {result.source}",
-        f"format: {result.format} ({'forced' if forced else 'detected'})",
-        f"records: {result.records} read, {len(result.pairs)} usable pairs ({chat} chat, "
-        f"{len(result.pairs) - chat} text), {result.records - len(result.pairs)} unreadable",
-    ]
+def render_report(result: CheckResult, *, forced: bool, show_all: bool = False) -> str:
+    """The human-readable summary `data check` prints: problems grouped by kind, the first few of each."""
+    report = result.report
+    lines = [f"source: {result.source}", f"format: {result.format} ({'forced' if forced else 'detected'})"]
+    if report.detection:
+        lines.append(f"  {report.detection}")
+    if result.unpaired or result.format in UNPAIRED_FORMATS:
+        good = sum(example.label for example in result.unpaired)
+        lines.append(f"records: {result.records} read, {len(result.unpaired)} usable ({good} desirable, "
+                     f"{len(result.unpaired) - good} undesirable), {result.records - len(result.unpaired)} "
+                     "unreadable")
+        lines.append("unpaired feedback: each record rates one answer; it is data for KTO, not for DPO, which "
+                     "needs chosen/rejected pairs")
+    else:
+        chat = sum(pair.is_chat for pair in result.pairs)
+        lines.append(f"records: {result.records} read, {len(result.pairs)} usable pairs ({chat} chat, "
+                     f"{len(result.pairs) - chat} text), {result.records - len(result.pairs)} unreadable")
+    if report.unused_keys:
+        keys = ", ".join(f"{key} ({count})" for key, count in report.unused_keys.most_common())
+        lines.append(f"unused keys (not read by format {result.format!r}; records holding each): {keys}")
     if result.lengths:
         lines.append("token lengths:")
         for name, values in result.lengths.items():
             stats = "  ".join(f"{key} {value}" for key, value in percentiles(values).items())
             lines.append(f"  {name:<9}{stats}")
-    lines.append(f"problems: {len(result.problems)}" if result.problems else "problems: none")
-    lines += [f"  {problem}" for problem in result.problems]
+    if not result.problems:
+        lines.append("problems: none")
+        return "\n".join(lines)
+    lines.append(f"problems: {len(result.problems)}")
+    for kind, messages in result.by_kind().items():
+        lines.append(f"  {kind}: {len(messages)}")
+        shown = messages if show_all else messages[:_SHOWN]
+        lines += [f"    {message}" for message in shown]
+        if len(messages) > len(shown):
+            lines.append(f"    ... and {len(messages) - len(shown)} more (--all lists every one)")
     return "\n".join(lines)

@@ -17,122 +17,96 @@ from typing import Any, Callable
 
 from ..errors import DataError
 from .records import Messages, PreferencePair, SFTExample
+from .rows import Row, require_mapping, type_name
+from .turns import history_turns, sharegpt_messages, user_turn
 
-ROLES = ("user", "assistant", "system")
 # What each format reads, for detection messages and `--data-format` help.
 FORMAT_KEYS = {
     "text": "prompt, chosen, rejected (strings), optional system",
     "implicit": "chosen, rejected (whole texts sharing a prompt)",
-    "chat": "chosen, rejected (message lists), optional prompt (message list)",
+    "chat": "chosen, rejected (message lists), optional prompt (message list), optional tools",
     "hh": "chosen, rejected (\\n\\nHuman: / \\n\\nAssistant: transcripts)",
     "ultrafeedback": "prompt (string), chosen, rejected (message lists), score_chosen, score_rejected",
     "orca": "system, question or input, chosen, rejected (strings)",
-    "sharegpt": "conversations [{from, value}], chosen, rejected ({from, value})",
+    "alpaca": "instruction, optional input, chosen, rejected (strings), optional system, history ([user, assistant] "
+              "pairs)",
+    "sharegpt": "conversations [{from, value}], chosen, rejected ({from, value} or strings), optional system, tools",
+    "openai": "messages [{role, content}], chosen, rejected ({role, content} or lists of them), optional tools",
+    "medicalgpt": "question, response_chosen, response_rejected, optional system, history ([user, assistant] pairs)",
     "stack_exchange": "question, response_j (preferred), response_k",
     "shp": "history, human_ref_A, human_ref_B, labels (1 = A preferred)",
 }
 FORMAT_NAMES = tuple(FORMAT_KEYS)
 SFT_KEYS = "messages (message list), prompt + completion (strings or message lists), conversations, or text"
+# Keys that hold (part of) a prompt in some layout: a pair with an empty prompt beside one of them lost it.
+PROMPT_KEYS = ("prompt", "instruction", "input", "question", "query", "conversations", "messages", "history",
+               "context")
 
 
-class Row:
-    """A raw record and where it came from. Getters check presence and type, and raise `DataError` otherwise."""
-
-    def __init__(self, value: Any, where: str, fmt: str):
-        self.value, self.where, self.fmt = require_mapping(value, where), where, fmt
-
-    def error(self, problem: str) -> DataError:
-        expects = SFT_KEYS if self.fmt == "sft" else FORMAT_KEYS.get(self.fmt, "")
-        return DataError(f"{self.where}: {problem} (format {self.fmt!r}: {expects})")
-
-    def has(self, key: str) -> bool:
-        return self.value.get(key) is not None
-
-    def get(self, key: str) -> Any:
-        if key not in self.value or self.value[key] is None:
-            seen = ", ".join(map(str, self.value)) or "none"
-            raise self.error(f"missing key {key!r} (keys seen: {seen})")
-        return self.value[key]
-
-    def text(self, key: str) -> str:
-        value = self.get(key)
-        if not isinstance(value, str):
-            raise self.error(f"{key!r} must be a string, got {_type_name(value)}")
-        return value
-
-    def optional_text(self, key: str) -> str | None:
-        """A text field that may be absent or empty; empty counts as absent."""
-        return self.text(key) or None if self.has(key) else None
-
-    def number(self, key: str) -> float:
-        value = self.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(f"{key!r} must be a number, got {_type_name(value)}")
-        return float(value)
-
-    def messages(self, key: str, value: Any = None) -> Messages:
-        value = self.get(key) if value is None else value
-        if isinstance(value, dict):
-            value = [value]
-        if not isinstance(value, list):
-            raise self.error(f"{key!r} must be a list of {{role, content}} messages, got {_type_name(value)}")
-        return [self._message(key, i, m) for i, m in enumerate(value)]
-
-    def _message(self, key: str, index: int, message: Any) -> dict[str, str]:
-        at = f"{key!r} message {index + 1}"
-        if not isinstance(message, dict):
-            raise self.error(f"{at} must be a {{role, content}} object, got {_type_name(message)}")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise self.error(f"{at} has role {role!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise self.error(f"{at} content must be a string, got {_type_name(content)}")
-        return {"role": role, "content": content}
-
-
-def require_mapping(value: Any, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise DataError(f"{where}: expected a JSON object (a mapping of keys to values), got {_type_name(value)}")
-    return value
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), type(value).__name__)
+def new_row(value: Any, where: str, fmt: str) -> Row:
+    return Row(value, where, fmt, SFT_KEYS if fmt == "sft" else FORMAT_KEYS.get(fmt, ""))
 
 
 # --------------------------------------------------------------------------- detection
+def _strings(value: dict, *keys: str) -> bool:
+    return all(isinstance(value.get(k), str) for k in keys)
+
+
+def _hh_texts(value: dict) -> bool:
+    texts = [t for t in (value["chosen"], value["rejected"]) if isinstance(t, str)]
+    return bool(texts) and all("\n\nHuman:" in t and "\n\nAssistant:" in t for t in texts)
+
+
+# (format, why, test of the record's keys and value types), first match wins. `why` is said when the record
+# also fits a later rule, so a choice between two readings is never silent.
+_RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
+    ("sharegpt", "it has 'conversations'", lambda v, k: "conversations" in k),
+    ("openai", "it has 'messages'", lambda v, k: "messages" in k),
+    ("medicalgpt", "it has response_chosen/response_rejected", lambda v, k: {"response_chosen",
+                                                                             "response_rejected"} <= k),
+    ("stack_exchange", "it has response_j/response_k", lambda v, k: {"response_j", "response_k"} <= k),
+    ("shp", "it has human_ref_A/human_ref_B", lambda v, k: {"human_ref_A", "human_ref_B"} <= k),
+    ("alpaca", "it has 'instruction'", lambda v, k: "instruction" in k),
+    ("orca", "it has 'question', or 'input' without 'prompt'",
+     lambda v, k: "question" in k or ("input" in k and not {"prompt", "instruction"} & k)),
+    ("ultrafeedback", "its prompt is a string and its answers message lists",
+     lambda v, k: isinstance(v.get("prompt"), str) and isinstance(v["chosen"], list)),
+    ("chat", "its answers are message lists", lambda v, k: isinstance(v["chosen"], list)),
+    ("text", "it has a string 'prompt'", lambda v, k: "prompt" in k),
+    ("hh", "its answers are Human/Assistant transcripts", lambda v, k: _strings(v, "chosen") and _hh_texts(v)),
+    ("implicit", "its answers are strings", lambda v, k: _strings(v, "chosen")),
+]
+_PAIRED_ELSEWHERE = ("medicalgpt", "stack_exchange", "shp")  # their answers are not called chosen/rejected
+
+
+def detect(value: Any) -> tuple[str | None, str | None]:
+    """(format, note): the format a record looks like from its keys (and, where keys are shared, its value
+    types), or None; the note says why when another layout's keys are present too, else None."""
+    if not isinstance(value, dict):
+        return None, None
+    keys = set(value)
+    paired = {"chosen", "rejected"} <= keys
+    fits = [(fmt, why) for fmt, why, test in _RULES
+            if (paired or fmt in _PAIRED_ELSEWHERE) and test(value, keys)]
+    if not fits:
+        return None, None
+    fmt, why = fits[0]
+    # Later rules that test value types (chat, text, hh, implicit) fit almost anything; only key-based rivals
+    # are a real second reading.
+    rivals = [f"{other} ({reason})" for other, reason in fits[1:]
+              if other not in ("ultrafeedback", "chat", "text", "hh", "implicit")]
+    note = (f"read as {fmt!r} because {why}; the keys fit {', '.join(rivals)} too (pass --data-format to choose)"
+            if rivals else None)
+    return fmt, note
+
+
 def detect_format(value: Any) -> str | None:
     """The format a record looks like, from its keys (and, where keys are shared, its value types); else None."""
-    if not isinstance(value, dict):
-        return None
-    keys = set(value)
-    if "conversations" in keys and {"chosen", "rejected"} <= keys:
-        return "sharegpt"
-    if {"response_j", "response_k"} <= keys:
-        return "stack_exchange"
-    if {"human_ref_A", "human_ref_B"} <= keys:
-        return "shp"
-    if not {"chosen", "rejected"} <= keys:
-        return None
-    chosen, rejected = value["chosen"], value["rejected"]
-    if "question" in keys or ("input" in keys and "prompt" not in keys):
-        return "orca"
-    if "prompt" in keys:
-        if isinstance(chosen, list):
-            return "ultrafeedback" if isinstance(value["prompt"], str) else "chat"
-        return "text"
-    if isinstance(chosen, list):
-        return "chat"
-    if isinstance(chosen, str):
-        texts = [t for t in (chosen, rejected) if isinstance(t, str)]
-        hh = all("\n\nHuman:" in t and "\n\nAssistant:" in t for t in texts)
-        return "hh" if hh else "implicit"
-    return None
+    return detect(value)[0]
 
 
 def unknown_format_message(value: Any, where: str) -> str:
-    seen = ", ".join(map(str, value)) if isinstance(value, dict) else _type_name(value)
+    seen = ", ".join(map(str, value)) if isinstance(value, dict) else type_name(value)
     known = "; ".join(f"{name} ({keys})" for name, keys in FORMAT_KEYS.items())
     return (f"{where}: cannot tell the data format from the keys seen ({seen}). Known formats: {known}. "
             "Rename the keys, or pass --data-format to force one")
@@ -223,15 +197,22 @@ def _implicit(row: Row) -> Converted:
 
 
 def _chat(row: Row) -> Converted:
-    chosen, rejected = row.messages("chosen"), row.messages("rejected")
-    if not row.has("prompt"):
-        return _conversations(row, chosen, rejected), None
-    full_prompt = row.messages("prompt")
-    system, prompt = split_system(full_prompt)
-    # Answers may repeat the prompt (whole conversations) or hold only the assistant turns.
-    chosen = _strip_prefix(_strip_prefix(chosen, full_prompt), prompt)
-    rejected = _strip_prefix(_strip_prefix(rejected, full_prompt), prompt)
-    return PreferencePair(prompt, chosen, rejected, system, row.where), None
+    return _message_pair(row, row.messages("chosen"), row.messages("rejected"),
+                         row.messages("prompt") if row.has("prompt") else None), None
+
+
+def _message_pair(row: Row, chosen: Messages, rejected: Messages, full_prompt: Messages | None) -> PreferencePair:
+    """A pair of message lists, with the prompt given or (None) the run of turns the answers share."""
+    if full_prompt is None:
+        pair = _conversations(row, chosen, rejected)
+    else:
+        system, prompt = split_system(full_prompt)
+        # Answers may repeat the prompt (whole conversations) or hold only the assistant turns.
+        chosen = _strip_prefix(_strip_prefix(chosen, full_prompt), prompt)
+        rejected = _strip_prefix(_strip_prefix(rejected, full_prompt), prompt)
+        pair = PreferencePair(prompt, chosen, rejected, system, row.where)
+    pair.tools = row.tools()
+    return pair
 
 
 def _hh(row: Row) -> Converted:
@@ -256,36 +237,44 @@ def _ultrafeedback(row: Row) -> Converted:
     return pair, gap
 
 
-def _orca(row: Row) -> Converted:
-    prompt = row.text("question") if row.has("question") else row.text("input")
-    pair = PreferencePair(prompt, row.text("chosen"), row.text("rejected"), row.optional_text("system"), row.where)
+def _answer(row: Row, key: str) -> Messages:
+    return [{"role": "assistant", "content": row.text(key)}]
+
+
+def _turn_fields(row: Row, prompt: Messages, chosen: str, rejected: str) -> Converted:
+    """A record whose text fields are turns: system, earlier turns, the user turn, the two answers."""
+    pair = PreferencePair(prompt, _answer(row, chosen), _answer(row, rejected), row.optional_text("system"),
+                          row.where, text_fields=True)
     return pair, None
 
 
-_SHAREGPT_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "bot": "assistant", "chatgpt": "assistant", "system": "system"}
+def _orca(row: Row) -> Converted:
+    prompt = row.text("question") if row.has("question") else row.text("input")
+    return _turn_fields(row, [{"role": "user", "content": prompt}], "chosen", "rejected")
 
 
-def sharegpt_messages(row: Row, key: str, value: Any = None) -> Messages:
-    """ShareGPT turns (`{"from", "value"}`) as `{"role", "content"}` messages."""
-    value = row.get(key) if value is None else value
-    turns = [value] if isinstance(value, dict) else value
-    if not isinstance(turns, list):
-        raise row.error(f"{key!r} must be a list of {{from, value}} turns, got {_type_name(value)}")
-    messages = []
-    for i, turn in enumerate(turns):
-        speaker = turn.get("from") if isinstance(turn, dict) else None
-        if speaker not in _SHAREGPT_ROLE:
-            raise row.error(f"{key!r} turn {i + 1} must be an object whose 'from' is one of "
-                            f"{', '.join(_SHAREGPT_ROLE)}; got {turn!r:.80}")
-        messages.append({"role": _SHAREGPT_ROLE[speaker], "content": turn.get("value")})
-    return row.messages(key, messages)  # checks the contents are strings
+def _alpaca(row: Row) -> Converted:
+    return _turn_fields(row, history_turns(row) + [user_turn(row, "instruction", "input")], "chosen", "rejected")
+
+
+def _medicalgpt(row: Row) -> Converted:
+    prompt = history_turns(row) + [{"role": "user", "content": row.text("question")}]
+    return _turn_fields(row, prompt, "response_chosen", "response_rejected")
 
 
 def _sharegpt(row: Row) -> Converted:
     system, prompt = split_system(sharegpt_messages(row, "conversations"))
+    if row.has("system"):  # LLaMA-Factory's system column
+        if system is not None:
+            raise row.error("the system prompt is given twice: in the 'system' key and as a system turn")
+        system = row.optional_text("system")
     chosen, rejected = sharegpt_messages(row, "chosen"), sharegpt_messages(row, "rejected")
-    return PreferencePair(prompt, chosen, rejected, system, row.where), None
+    return PreferencePair(prompt, chosen, rejected, system, row.where, row.tools()), None
+
+
+def _openai(row: Row) -> Converted:
+    prompt = row.messages("messages")
+    return _message_pair(row, row.messages("chosen"), row.messages("rejected"), prompt), None
 
 
 def _stack_exchange(row: Row) -> Converted:
@@ -309,7 +298,8 @@ def _shp(row: Row) -> Converted:
 
 CONVERTERS: dict[str, Callable[[Row], Converted]] = {
     "text": _text, "implicit": _implicit, "chat": _chat, "hh": _hh, "ultrafeedback": _ultrafeedback,
-    "orca": _orca, "sharegpt": _sharegpt, "stack_exchange": _stack_exchange, "shp": _shp,
+    "orca": _orca, "alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai, "medicalgpt": _medicalgpt,
+    "stack_exchange": _stack_exchange, "shp": _shp,
 }
 # Formats whose records may carry a chosen/rejected score (for --min-score-gap).
 SCORED_FORMATS = ("ultrafeedback", "shp")
@@ -317,7 +307,13 @@ SCORED_FORMATS = ("ultrafeedback", "shp")
 
 def to_pair(value: Any, fmt: str, where: str) -> Converted:
     """Normalise one raw record of format `fmt`; raises `DataError` naming the record if it is malformed."""
-    row = Row(value, where, fmt)
+    pair, gap, _ = read_pair(value, fmt, where)
+    return pair, gap
+
+
+def read_pair(value: Any, fmt: str, where: str) -> tuple[PreferencePair, float | None, list[str]]:
+    """`to_pair`, plus the keys of the record the format did not use."""
+    row = new_row(value, where, fmt)
     pair, gap = CONVERTERS[fmt](row)
     for name in ("chosen", "rejected"):
         answer = getattr(pair, name)
@@ -327,7 +323,22 @@ def to_pair(value: Any, fmt: str, where: str) -> Converted:
             raise row.error(f"{name} answer is empty")
         if isinstance(answer, list) and answer[-1]["role"] != "assistant":
             raise row.error(f"{name} answer must end with an assistant turn, got {answer[-1]['role']!r}")
-    return pair, gap
+    _require_prompt(row, pair.prompt)
+    return pair, gap, row.unused()
+
+
+def _require_prompt(row: Row, prompt: Any) -> None:
+    """An empty prompt beside a key that holds prompts elsewhere means the prompt was lost: refuse the pair."""
+    if isinstance(prompt, list):
+        empty = all(not turn["content"].strip() and not turn.get("tool_calls") for turn in prompt)
+    else:
+        empty = not prompt.strip()
+    if not empty:
+        return
+    keys = [key for key in PROMPT_KEYS if key in row.value]
+    if keys:
+        raise row.error(f"the prompt is empty, though the record has {', '.join(map(repr, keys))}; fill the "
+                        "prompt, or pass --data-format to read the record another way")
 
 
 # --------------------------------------------------------------------------- SFT
@@ -335,24 +346,41 @@ def to_pair(value: Any, fmt: str, where: str) -> Converted:
 
 def to_sft(value: Any, where: str) -> SFTExample:
     """Normalise one SFT record: `messages`, `prompt`/`completion`, `conversations` (ShareGPT) or `text`."""
-    row = Row(value, where, "sft")
+    return read_sft(value, where)[0]
+
+
+def read_sft(value: Any, where: str) -> tuple[SFTExample, list[str]]:
+    """`to_sft`, plus the keys of the record that were not used.
+
+    A conversation's completion is every turn from the first assistant turn on (the loss covers each assistant
+    turn in it; see tokenize.py), its prompt the turns before."""
+    row = new_row(value, where, "sft")
     if row.has("messages") or row.has("conversations"):
-        messages = (row.messages("messages") if row.has("messages")
-                    else sharegpt_messages(row, "conversations"))
-        return _sft_from_messages(row, messages)
-    if row.has("completion"):
+        if row.has("messages"):
+            system, turns = split_system(row.messages("messages"))
+        else:
+            system, turns = split_system(sharegpt_messages(row, "conversations"))
+            if row.has("system"):
+                system = system or row.optional_text("system")
+        example = _sft_from_messages(row, turns, system)
+    elif row.has("completion"):
         if isinstance(row.get("completion"), list):
             system, prompt = split_system(row.messages("prompt") if row.has("prompt") else [])
-            return SFTExample(row.messages("completion"), prompt or None, system, where)
-        return SFTExample(row.text("completion"), row.optional_text("prompt"), None, where)
-    if row.has("text"):
-        return SFTExample(row.text("text"), None, None, where)
-    seen = ", ".join(map(str, row.value)) or "none"
-    raise DataError(f"{where}: cannot read an SFT example from the keys seen ({seen}); expected {SFT_KEYS}")
+            example = SFTExample(row.messages("completion"), prompt or None, system, where)
+        else:
+            example = SFTExample(row.text("completion"), row.optional_text("prompt"), None, where)
+    elif row.has("text"):
+        example = SFTExample(row.text("text"), None, None, where)
+    else:
+        seen = ", ".join(map(str, row.value)) or "none"
+        raise DataError(f"{where}: cannot read an SFT example from the keys seen ({seen}); expected {SFT_KEYS}")
+    if isinstance(example.completion, list):
+        example.tools = row.tools()
+    return example, row.unused()
 
 
-def _sft_from_messages(row: Row, messages: Messages) -> SFTExample:
-    system, turns = split_system(messages)
+def _sft_from_messages(row: Row, turns: Messages, system: str | None) -> SFTExample:
     if not turns or turns[-1]["role"] != "assistant":
         raise row.error("the conversation must end with an assistant turn, the one trained on")
-    return SFTExample(turns[-1:], turns[:-1], system, row.where)
+    first = next(i for i, turn in enumerate(turns) if turn["role"] == "assistant")
+    return SFTExample(turns[first:], turns[:first], system, row.where)

@@ -6,16 +6,21 @@ import random
 from typing import Any, Callable, TypeVar
 
 from ..errors import DataError
-from .formats import (FORMAT_NAMES, SCORED_FORMATS, detect_format, require_mapping, to_pair, to_sft,
-                      unknown_format_message)
-from .records import LoadReport, PreferencePair, SFTExample
+from .formats import FORMAT_NAMES, SCORED_FORMATS, detect, read_pair, read_sft, unknown_format_message
+from .records import LoadReport, PreferencePair, SFTExample, UnpairedExample
+from .rows import require_mapping
 from .sources import read_rows
+from .unpaired import UNPAIRED_FORMATS, UNPAIRED_KEYS, detect_unpaired, read_unpaired
 
 T = TypeVar("T")
 
 
 class SourceError(DataError):
     """A problem of the whole source (unknown format, no scores), which skipping records cannot fix."""
+
+
+class UnpairedData(SourceError):
+    """The source holds unpaired feedback (one rated answer a record), not preference pairs."""
 
 
 def load_pairs(source: str, *, data_format: str | None = None, split: str = "train",
@@ -37,7 +42,9 @@ def load_pairs(source: str, *, data_format: str | None = None, split: str = "tra
 def read_pairs(source: str, *, data_format: str | None = None, split: str = "train",
                skip_bad_records: bool = False,
                min_score_gap: float | None = None) -> tuple[list[PreferencePair], LoadReport]:
-    """`load_pairs`, but content to return no pair at all (for `data check`, which lists why)."""
+    """`load_pairs`, but content to return no pair at all (for `data check`, which lists why).
+
+    Unpaired feedback (each record rates one answer) raises `UnpairedData`: there is no pair to train on."""
     if data_format is not None and data_format not in FORMAT_NAMES:
         raise DataError(f"--data-format: {data_format!r} is not a known format; use one of "
                         f"{', '.join(FORMAT_NAMES)}")
@@ -48,11 +55,17 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
     def convert(value: Any, where: str) -> PreferencePair | None:
         if not report.format:
             # A record that is not even an object is that record's fault; unknown keys are the source's.
-            report.format = detect_format(require_mapping(value, where)) or ""
+            report.format, report.detection = detect(require_mapping(value, where))
             if not report.format:
+                unpaired = detect_unpaired(value)
+                if unpaired:
+                    raise UnpairedData(f"{where}: this is unpaired feedback ({UNPAIRED_KEYS[unpaired]}): each "
+                                       "record rates one answer, so there are no chosen/rejected pairs for DPO; "
+                                       "it is data for KTO")
                 raise SourceError(unknown_format_message(value, where))
             _check_scored(report.format, min_score_gap, source)
-        pair, gap = to_pair(value, report.format, where)
+        pair, gap, unused = read_pair(value, report.format, where)
+        report.unused_keys.update(unused)
         if min_score_gap is not None and gap is None:
             raise DataError(f"{where}: no scores to apply --min-score-gap to (score_chosen and score_rejected, "
                             "or score_A and score_B)")
@@ -68,9 +81,35 @@ def load_sft(source: str, *, split: str = "train",
              skip_bad_records: bool = False) -> tuple[list[SFTExample], LoadReport]:
     """SFT examples from `source`: each record holds `messages`, `prompt`/`completion` or `text`."""
     report = LoadReport(source=source, format="sft")
-    examples = _collect(source, split, skip_bad_records, report, to_sft)
+
+    def convert(value: Any, where: str) -> SFTExample:
+        example, unused = read_sft(value, where)
+        report.unused_keys.update(unused)
+        return example
+
+    examples = _collect(source, split, skip_bad_records, report, convert)
     _require_some(examples, report)
     return examples, report
+
+
+def read_unpaired_source(source: str, *, data_format: str | None = None, split: str = "train",
+                         skip_bad_records: bool = False) -> tuple[list[UnpairedExample], LoadReport]:
+    """Unpaired feedback examples from `source` (for `data check`); the format is detected or given."""
+    if data_format is not None and data_format not in UNPAIRED_FORMATS:
+        raise DataError(f"--data-format: {data_format!r} is not an unpaired format; use one of "
+                        f"{', '.join(UNPAIRED_FORMATS)}")
+    report = LoadReport(source=source, format=data_format or "")
+
+    def convert(value: Any, where: str) -> UnpairedExample:
+        if not report.format:
+            report.format = detect_unpaired(require_mapping(value, where)) or ""
+            if not report.format:
+                raise SourceError(unknown_format_message(value, where))
+        example, unused = read_unpaired(value, report.format, where)
+        report.unused_keys.update(unused)
+        return example
+
+    return _collect(source, split, skip_bad_records, report, convert), report
 
 
 def _collect(source: str, split: str, skip_bad_records: bool, report: LoadReport,

@@ -1,27 +1,35 @@
 """The one data contract every input format is normalised into.
 
-A turn list is `[{"role": "user"|"assistant"|"system", "content": str}, ...]`. A prompt, chosen or rejected is
+A turn list is `[{"role": "user"|"assistant"|"system"|"tool", "content": str}, ...]` (assistant turns may carry
+`tool_calls`; see rows.py). A prompt, chosen or rejected is
 either plain text or such a list (never a mix within one record: all three are text, or all three are lists).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from collections import Counter
+from typing import Any, Union
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 Content = Union[str, Messages]
 
 
 @dataclass
 class PreferencePair:
-    """One preference record. `where` says where it came from (`file.jsonl line 12`), for error messages."""
+    """One preference record. `where` says where it came from (`file.jsonl line 12`), for error messages.
+
+    `tools` are the tool schemas the chat template is given. `text_fields` marks turns that the source wrote as
+    plain text fields (orca, alpaca): with `raw_text_prompts`, or a tokenizer without a chat template, they are
+    written back as that text rather than rendered as turns."""
 
     prompt: Content
     chosen: Content
     rejected: Content
     system: str | None = None
     where: str = ""
+    tools: list[dict] | None = None
+    text_fields: bool = False
 
     @property
     def is_chat(self) -> bool:
@@ -36,10 +44,23 @@ class SFTExample:
     prompt: Content | None = None
     system: str | None = None
     where: str = ""
+    tools: list[dict] | None = None
 
     @property
     def is_chat(self) -> bool:
         return isinstance(self.completion, list)
+
+
+@dataclass
+class UnpairedExample:
+    """One unpaired feedback record (for KTO): a completion rated desirable (`label` True) or not."""
+
+    prompt: Content
+    completion: Content
+    label: bool
+    system: str | None = None
+    where: str = ""
+    tools: list[dict] | None = None
 
 
 @dataclass
@@ -50,3 +71,12 @@ class LoadReport:
     format: str
     records: int = 0
     skipped: list[str] = field(default_factory=list)  # one message per dropped bad record
+    unused_keys: Counter = field(default_factory=Counter)  # key -> records holding it unread
+    detection: str | None = None  # why the format was chosen, when the keys fit more than one
+
+    def unused_line(self) -> str | None:
+        """One line naming the keys no layout reader used, with how many records hold each; None if none."""
+        if not self.unused_keys:
+            return None
+        keys = ", ".join(f"{key} ({count})" for key, count in self.unused_keys.most_common())
+        return (f"{self.source}: keys not used by format {self.format!r}, ignored (records holding each): {keys}")

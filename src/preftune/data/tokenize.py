@@ -30,19 +30,22 @@ class TokenizedPair:
     rejected_ids: list[int]
     truncated: bool = False
     index: int = 0  # position in the dataset, for reporting and for the reference cache
+    cut: tuple[bool, ...] = (False, False, False)  # which of prompt, chosen, rejected were truncated
 
 
 @dataclass
 class TokenizedExample:
-    """An SFT example: loss on `answer_ids`, each predicted from everything before it."""
+    """An SFT example: loss on `answer_ids` where `answer_mask` is 1 (None: all of them), each token predicted
+    from everything before it. The mask has zeros only for the user/tool turns between assistant turns."""
 
     prompt_ids: list[int]
     answer_ids: list[int]
     truncated: bool = False
     index: int = 0
+    answer_mask: list[int] | None = None
 
 
-def _messages(system: str | None, turns: Content) -> list[dict[str, str]]:
+def _messages(system: str | None, turns: Content) -> list[dict]:
     head = [{"role": "system", "content": system}] if system else []
     return head + list(turns)
 
@@ -57,9 +60,10 @@ def _note_transcript() -> None:
 _TRANSCRIPT_NOTED = False
 
 
-def _chat_template(tokenizer, messages, *, generation_prompt: bool, where: str) -> str:
+def _chat_template(tokenizer, messages, *, generation_prompt: bool, where: str, tools=None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
     except Exception as exc:  # templates raise their own errors for odd role orders
         raise DataError(f"{where}: the chat template rejected these messages ({exc})") from None
 
@@ -90,96 +94,190 @@ def transcript(system: str | None, prompt: Messages, answer: Messages | None = N
     return head, full[len(head):]
 
 
-def encode_prompt(tokenizer, prompt: Content, system: str | None = None, where: str = "") -> list[int]:
+def _uses_tools(turns: Messages, tools) -> bool:
+    return bool(tools) or any(t["role"] == "tool" or t.get("tool_calls") for t in turns)
+
+
+def _renderer(tokenizer, system: str | None, tools, turns: Messages, where: str):
+    """`render(turns, generation_prompt) -> text`: the chat template, or the Human/Assistant transcript when
+    the tokenizer has none. Tool calls and tool schemas need a template that knows them."""
+    if _has_template(tokenizer):
+        head = _messages(system, [])
+
+        def render(part: Messages, generation_prompt: bool) -> str:
+            if not head and not part:
+                return ""
+            return _chat_template(tokenizer, head + list(part), generation_prompt=generation_prompt, where=where,
+                                  tools=tools)
+        return render
+    if _uses_tools(turns, tools):
+        raise DataError(f"{where}: this record has tool calls or tool schemas, and the tokenizer has no chat "
+                        "template to render them; use a model whose chat template supports tools")
+    _note_transcript()
+    return lambda part, generation_prompt: hh_transcript(part, system) + (
+        "\n\nAssistant:" if generation_prompt else "")
+
+
+def _check_tools_rendered(text: str, turns: Messages, tools, where: str) -> None:
+    """A template without tool support silently leaves tools out: refuse rather than train on a lie."""
+    wanted = [("tool schema", t.get("function", t)["name"]) for t in tools or []]
+    for turn in turns:
+        wanted += [("tool call", call["function"]["name"]) for call in turn.get("tool_calls", [])]
+        if turn["role"] == "tool":
+            wanted.append(("tool result", turn["content"]))
+    for what, piece in wanted:
+        if piece not in text:
+            raise DataError(f"{where}: the chat template does not render this {what} ({piece!r:.40} is missing from "
+                            "its output), so it has no tool support; use a model whose chat template supports tools")
+
+
+def encode_prompt(tokenizer, prompt: Content, system: str | None = None, where: str = "", tools=None) -> list[int]:
     """Prompt ids exactly as training sees them (chat prompts end with the generation prompt)."""
-    if isinstance(prompt, list) and not _has_template(tokenizer):
-        return tokenizer(transcript(system, prompt)[0])["input_ids"]
     if isinstance(prompt, list):
-        return _chat_prompt(tokenizer, _messages(system, prompt), where)[0]
+        render = _renderer(tokenizer, system, tools, prompt, where)
+        return _prompt_ids(tokenizer, render(prompt, True), render(prompt, True))
     return tokenizer(f"{system}\n\n{prompt}" if system else prompt)["input_ids"]
 
 
-def _chat_prompt(tokenizer, turns, where: str, full_text: str | None = None) -> tuple[list[int], str]:
-    """Rendered prompt ids and text. BOS is added only if the tokenizer wants one and the template (judged on
-    `full_text`, the whole conversation, when the prompt is empty) did not write it."""
-    text = _chat_template(tokenizer, turns, generation_prompt=True, where=where) if turns else ""
+def _prompt_ids(tokenizer, text: str, full_text: str) -> list[int]:
+    """Rendered prompt ids. BOS is added only if the tokenizer wants one and the rendering (judged on
+    `full_text`, the whole conversation, when the prompt renders empty) did not write it."""
     ids = _plain_ids(tokenizer, text) if text else []
     bos_text = tokenizer.bos_token
     rendered = text or full_text or ""
     if _wants_bos(tokenizer) and not (bos_text and rendered.startswith(bos_text)):
         ids = [tokenizer.bos_token_id] + ids
-    return ids, text
+    return ids
+
+
+def _pieces(render, prompt: Messages, answer: Messages, full: str, start: int, every_turn: bool, where: str):
+    """The answer text cut into (text, trained) pieces. With `every_turn`, each assistant turn is trained (from
+    just after its generation prompt to the end of its turn) and the other turns in between are not."""
+    if not every_turn:
+        return [(full[start:], True)]
+    cuts, turns = [], list(prompt)  # (offset in `full`, whether an assistant turn starts there)
+    for turn in answer:
+        if turn["role"] == "assistant":
+            cuts.append((_offset(render(turns, True), full, where), True))
+        turns.append(turn)
+        cuts.append((_offset(render(turns, False), full, where), False))
+    pieces, at, trained = [], start, False
+    for end, opens in cuts:
+        if end > at:
+            pieces.append((full[at:end], trained))
+            at = end
+        trained = opens
+    if at < len(full):
+        pieces.append((full[at:], False))
+    return pieces
+
+
+def _offset(prefix: str, full: str, where: str) -> int:
+    if not full.startswith(prefix):
+        raise DataError(f"{where}: the chat template renders the earlier turns differently inside the whole "
+                        "conversation, so the assistant turns cannot be located; check the template or the roles")
+    return len(prefix)
 
 
 def encode_prompt_answer(tokenizer, prompt: Content | None, answer: Content, system: str | None = None,
-                         where: str = "") -> tuple[list[int], list[int]]:
+                         where: str = "", tools=None) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) for one prompt/answer, untruncated. `prompt=None` means no prompt (SFT on text)."""
+    return encode_masked(tokenizer, prompt, answer, system, where, tools)[:2]
+
+
+def encode_masked(tokenizer, prompt: Content | None, answer: Content, system: str | None = None,
+                  where: str = "", tools=None, every_turn: bool = False):
+    """(prompt ids, answer ids, answer mask) for one prompt/answer, untruncated. `prompt=None` means no prompt
+    (SFT on text). The mask marks the answer tokens in the loss; None means all of them. It only has zeros for
+    a chat answer of several turns with `every_turn`: the user and tool turns between assistant turns."""
     eos = tokenizer.eos_token_id
-    if isinstance(answer, list) and not _has_template(tokenizer):
-        _note_transcript()
-        try:
-            prompt, answer = transcript(system, prompt or [], answer)
-        except DataError as exc:
-            raise DataError(f"{where}: {exc}") from None
-        system = None
     if isinstance(answer, list):
-        turns = _messages(system, prompt or [])
-        full_text = _chat_template(tokenizer, turns + list(answer), generation_prompt=False, where=where)
-        prompt_ids, prompt_text = _chat_prompt(tokenizer, turns, where, full_text)
+        turns = list(prompt or [])
+        render = _renderer(tokenizer, system, tools, turns + list(answer), where)
+        full_text = render(turns + list(answer), False)
+        prompt_text = render(turns, True)
+        if _uses_tools(turns + list(answer), tools) and _has_template(tokenizer):
+            _check_tools_rendered(full_text, turns + list(answer), tools, where)
         if not full_text.startswith(prompt_text):
             raise DataError(f"{where}: the chat template renders the prompt differently inside the whole "
                             f"conversation, so the answer cannot be separated; check the template or the roles")
-        answer_text = full_text[len(prompt_text):]
-        answer_ids = _plain_ids(tokenizer, answer_text)
+        if _has_template(tokenizer):
+            prompt_ids = _prompt_ids(tokenizer, prompt_text, full_text)
+        else:
+            prompt_ids = tokenizer(prompt_text)["input_ids"]
+        answer_ids, mask = [], []
+        for text, trained in _pieces(render, turns, list(answer), full_text, len(prompt_text), every_turn, where):
+            ids = _plain_ids(tokenizer, text)
+            answer_ids += ids
+            mask += [int(trained)] * len(ids)
         eos_text = tokenizer.eos_token
-        if eos is not None and not (eos_text and answer_text.rstrip().endswith(eos_text)):
+        if eos is not None and not (eos_text and full_text[len(prompt_text):].rstrip().endswith(eos_text)):
             answer_ids.append(eos)
-        return prompt_ids, answer_ids
+            mask.append(1)
+        return prompt_ids, answer_ids, (None if all(mask) else mask)
     if prompt is None:
         ids = tokenizer(answer)["input_ids"] + ([eos] if eos is not None else [])
-        return ids[:1], ids[1:]
+        return ids[:1], ids[1:], None
     prompt_ids = encode_prompt(tokenizer, prompt, system, where)
     answer_ids = _plain_ids(tokenizer, answer) + ([eos] if eos is not None else [])
-    return prompt_ids, answer_ids
+    return prompt_ids, answer_ids, None
+
+
+def text_form(pair: PreferencePair) -> PreferencePair:
+    """A pair whose turns came from text fields (orca, alpaca), written back as text: one user turn is the
+    prompt text itself (the system before it, as a text record has it); earlier turns make a transcript."""
+    chosen, rejected = pair.chosen[0]["content"], pair.rejected[0]["content"]
+    if len(pair.prompt) == 1:
+        return PreferencePair(pair.prompt[0]["content"], chosen, rejected, pair.system, pair.where)
+    head = transcript(pair.system, pair.prompt)[0]
+    return PreferencePair(head, " " + chosen, " " + rejected, None, pair.where)
 
 
 def _fit(prompt: list[int], answers: Sequence[list[int]], max_length: int, max_prompt_length: int | None):
-    """Cut the prompt from the left and answers from the right; None when the prompt leaves no answer room."""
-    truncated = False
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt, truncated = prompt[len(prompt) - max_prompt_length:], True
+    """Cut the prompt from the left and answers from the right; None when the prompt leaves no answer room.
+    Returns (prompt, answers, which were cut: prompt first, then each answer)."""
+    cut_prompt = max_prompt_length is not None and len(prompt) > max_prompt_length
+    if cut_prompt:
+        prompt = prompt[len(prompt) - max_prompt_length:]
     room = max_length - len(prompt)
     if room < 1:
         return None
-    cut = []
-    for answer in answers:
-        if len(answer) > room:
-            answer, truncated = answer[:room], True
-        cut.append(answer)
-    return prompt, cut, truncated
+    flags = (cut_prompt,) + tuple(len(answer) > room for answer in answers)
+    return prompt, [answer[:room] for answer in answers], flags
 
 
 def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_prompt_length: int | None = None,
-                  index: int = 0) -> TokenizedPair | None:
-    """Token ids of one preference pair, or None when its prompt alone does not fit in `max_length`."""
-    prompt_ids, chosen = encode_prompt_answer(tokenizer, pair.prompt, pair.chosen, pair.system, pair.where)
-    _, rejected = encode_prompt_answer(tokenizer, pair.prompt, pair.rejected, pair.system, pair.where)
+                  index: int = 0, raw_text_prompts: bool = False) -> TokenizedPair | None:
+    """Token ids of one preference pair, or None when its prompt alone does not fit in `max_length`.
+
+    Turns that came from text fields (orca, alpaca) go through the chat template when the tokenizer has one,
+    and are written back as text with `raw_text_prompts` or without a template."""
+    if pair.text_fields and (raw_text_prompts or not _has_template(tokenizer)):
+        pair = text_form(pair)
+    prompt_ids, chosen = encode_prompt_answer(tokenizer, pair.prompt, pair.chosen, pair.system, pair.where,
+                                              pair.tools)
+    _, rejected = encode_prompt_answer(tokenizer, pair.prompt, pair.rejected, pair.system, pair.where, pair.tools)
     fitted = _fit(prompt_ids, (chosen, rejected), max_length, max_prompt_length)
     if fitted is None:
         return None
-    prompt_ids, (chosen, rejected), truncated = fitted
-    return TokenizedPair(prompt_ids, chosen, rejected, truncated, index)
+    prompt_ids, (chosen, rejected), cut = fitted
+    return TokenizedPair(prompt_ids, chosen, rejected, any(cut), index, cut)
 
 
 def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_prompt_length: int | None = None,
-                     index: int = 0) -> TokenizedExample | None:
-    prompt_ids, answer = encode_prompt_answer(tokenizer, example.prompt, example.completion, example.system,
-                                              example.where)
+                     index: int = 0, last_turn_only: bool = False) -> TokenizedExample | None:
+    """Token ids of one SFT example. A conversation trains on every assistant turn after the prompt; with
+    `last_turn_only`, on the last one alone (the turns before it become the prompt)."""
+    prompt, completion = example.prompt, example.completion
+    if last_turn_only and isinstance(completion, list):
+        prompt, completion = list(prompt or []) + completion[:-1], completion[-1:]
+    prompt_ids, answer, mask = encode_masked(tokenizer, prompt, completion, example.system, example.where,
+                                             example.tools, every_turn=True)
     fitted = _fit(prompt_ids, (answer,), max_length, max_prompt_length)
     if fitted is None:
         return None
-    prompt_ids, (answer,), truncated = fitted
-    return TokenizedExample(prompt_ids, answer, truncated, index)
+    prompt_ids, (answer,), cut = fitted
+    return TokenizedExample(prompt_ids, answer, any(cut), index, None if mask is None else mask[:len(answer)])
 
 
 @dataclass
@@ -192,12 +290,16 @@ class TokenizeStats:
         return {"total": self.total, "truncated": self.truncated, "dropped": self.dropped}
 
 
-def tokenize_all(tokenizer, items: Sequence, *, max_length: int, max_prompt_length: int | None = None):
+def tokenize_all(tokenizer, items: Sequence, *, max_length: int, max_prompt_length: int | None = None,
+                 raw_text_prompts: bool = False, last_turn_only: bool = False):
     """Tokenise pairs or SFT examples; returns (tokenized, stats). Indexes are positions in `items`."""
-    fn = tokenize_pair if items and isinstance(items[0], PreferencePair) else tokenize_example
+    if items and isinstance(items[0], PreferencePair):
+        fn, options = tokenize_pair, {"raw_text_prompts": raw_text_prompts}
+    else:
+        fn, options = tokenize_example, {"last_turn_only": last_turn_only}
     out, stats = [], TokenizeStats(total=len(items))
     for i, item in enumerate(items):
-        tok = fn(tokenizer, item, max_length=max_length, max_prompt_length=max_prompt_length, index=i)
+        tok = fn(tokenizer, item, max_length=max_length, max_prompt_length=max_prompt_length, index=i, **options)
         if tok is None:
             stats.dropped += 1
             continue

@@ -56,8 +56,21 @@ def _run_grouped(model, batch: PromptAnswerBatch, groups: list[list[int]], layou
         rows.append(r if len(groups) == 1 else answer_rows[r])
     hidden_all = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
     per_token = token_logps(Head(model), hidden_all, torch.cat(targets), chunk_size)
+    rows_all = torch.cat(rows)
+    if batch.answer_mask is not None:
+        # Each row's tokens come in column order (both layouts select them row by row, columns ascending).
+        per_token = per_token * batch.answer_mask[_answer_mask(batch)].to(per_token.dtype)[_column_order(rows_all)]
     sums = torch.zeros(batch.answer_ids.shape[0], dtype=per_token.dtype, device=dev)
-    return AnswerLogps(sums.index_add(0, torch.cat(rows), per_token), batch.answer_lens)
+    return AnswerLogps(sums.index_add(0, rows_all, per_token), batch.answer_lens)
+
+
+def _column_order(rows: torch.Tensor) -> torch.Tensor:
+    """For tokens listed row by row in any row order (columns ascending within a row), the position of each in
+    the row-major order of `batch.answer_mask[_answer_mask(batch)]`."""
+    order = torch.argsort(rows, stable=True)  # row-major position -> index in `rows`
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=rows.device)
+    return inverse
 
 
 # --------------------------------------------------------------------------------------------- the two layouts

@@ -30,8 +30,8 @@ class SFTObjective:
     throughput_key = "samples_per_s"
 
     def units(self, batch: PromptAnswerBatch) -> float:
-        """What the step's summed loss is divided by: answer tokens."""
-        return float(batch.answer_lens.sum())
+        """What the step's summed loss is divided by: the answer tokens in the loss (the mask's, for multi-turn)."""
+        return batch.answer_tokens()
 
     def __call__(self, policy: AnswerLogps, batch: PromptAnswerBatch, ref_logps=None) -> Contribution:
         loss = -policy.logps.sum()

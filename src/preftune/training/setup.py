@@ -61,15 +61,18 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Se
     lora.check_request(cfg, device)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     records, report = load_records(cfg, cfg.data)
+    for note in (report.detection, report.unused_line()):
+        if note and env.is_main:
+            log.warning(note)
     eval_records: list = []
     if cfg.eval_data:
         eval_records, _ = load_records(cfg, cfg.eval_data)
     elif cfg.eval_split:
         records, eval_records = split_eval(records, cfg.eval_split, cfg.seed)
-    train_items, stats = tokenize_all(tokenizer, records, max_length=cfg.max_length,
-                                      max_prompt_length=cfg.max_prompt_length)
-    eval_items, eval_stats = tokenize_all(tokenizer, eval_records, max_length=cfg.max_length,
-                                          max_prompt_length=cfg.max_prompt_length) if eval_records else ([], None)
+    options = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+               "raw_text_prompts": cfg.raw_text_prompts, "last_turn_only": cfg.sft_last_turn_only}
+    train_items, stats = tokenize_all(tokenizer, records, **options)
+    eval_items, eval_stats = tokenize_all(tokenizer, eval_records, **options) if eval_records else ([], None)
     sharded = cfg.fsdp and env.enabled
     if sharded and cfg.precompute_ref and uses_reference(cfg):
         raise ConfigError("--precompute-ref: not yet with --fsdp (each rank would need the whole reference); "

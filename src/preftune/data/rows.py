@@ -1,0 +1,160 @@
+"""Checked access to one raw record: every read is typed, and every key read is remembered.
+
+A missing key or a wrong type becomes a one-line `DataError` naming the record, the key and the expected type,
+never a KeyError or TypeError. `Row.unused()` lists the keys no reader looked at, so that nothing a record
+holds is dropped without a word (`data check` counts them, training warns once).
+
+Messages are `{"role", "content"}` with role user, assistant, system or tool; an assistant message may carry
+`tool_calls` (`[{"type": "function", "function": {"name", "arguments"}}]`, the form chat templates read) and a
+tool message may carry `tool_call_id` / `name`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import DataError
+
+ROLES = ("user", "assistant", "system", "tool")
+Messages = list[dict[str, Any]]
+
+
+class Row:
+    """A raw record and where it came from. `expects` says what the layout reads, for error messages."""
+
+    def __init__(self, value: Any, where: str, fmt: str, expects: str = ""):
+        self.value, self.where, self.fmt, self.expects = require_mapping(value, where), where, fmt, expects
+        self.used: set[str] = set()
+        self.unread_parts: set[str] = set()  # `key[].part`: a part of a message no reader takes
+
+    def error(self, problem: str) -> DataError:
+        return DataError(f"{self.where}: {problem} (format {self.fmt!r}: {self.expects})")
+
+    def unused(self) -> list[str]:
+        """Keys of the record (and `key[].part` of its message lists) that no reader looked at."""
+        unread = [str(key) for key, value in self.value.items() if key not in self.used and value is not None]
+        return unread + sorted(self.unread_parts)
+
+    def has(self, key: str) -> bool:
+        self.used.add(key)
+        return self.value.get(key) is not None
+
+    def get(self, key: str) -> Any:
+        self.used.add(key)
+        if key not in self.value or self.value[key] is None:
+            seen = ", ".join(map(str, self.value)) or "none"
+            raise self.error(f"missing key {key!r} (keys seen: {seen})")
+        return self.value[key]
+
+    def text(self, key: str, value: Any = None) -> str:
+        value = self.get(key) if value is None else value
+        if not isinstance(value, str):
+            raise self.error(f"{key!r} must be a string, got {type_name(value)}")
+        return value
+
+    def optional_text(self, key: str) -> str | None:
+        """A text field that may be absent or empty; empty counts as absent."""
+        return self.text(key) or None if self.has(key) else None
+
+    def number(self, key: str) -> float:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(f"{key!r} must be a number, got {type_name(value)}")
+        return float(value)
+
+    def messages(self, key: str, value: Any = None) -> Messages:
+        value = self.get(key) if value is None else value
+        if isinstance(value, dict):
+            value = [value]
+        if not isinstance(value, list):
+            raise self.error(f"{key!r} must be a list of {{role, content}} messages, got {type_name(value)}")
+        return [self.message(key, i, m) for i, m in enumerate(value)]
+
+    def message(self, key: str, index: int, message: Any) -> dict[str, Any]:
+        at = f"{key!r} message {index + 1}"
+        if not isinstance(message, dict):
+            raise self.error(f"{at} must be a {{role, content}} object, got {type_name(message)}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise self.error(f"{at} has role {role!r}; expected one of {', '.join(ROLES)}")
+        calls = message.get("tool_calls") or None
+        if content is None and calls is not None:
+            content = ""  # OpenAI writes null content beside tool calls
+        if not isinstance(content, str):
+            raise self.error(f"{at} content must be a string, got {type_name(content)}")
+        out: dict[str, Any] = {"role": role, "content": content}
+        if calls is not None:
+            if role != "assistant":
+                raise self.error(f"{at}: only an assistant message may hold tool_calls, not a {role} message")
+            out["tool_calls"] = self.tool_calls(f"{at} tool_calls", calls)
+        for extra in ("tool_call_id", "name"):
+            if role == "tool" and message.get(extra) is not None:
+                out[extra] = self.text(f"{at} {extra}", message[extra])
+        for part in message:
+            if part not in out and part not in ("role", "content", "tool_calls") and message[part] is not None:
+                self.unread_parts.add(f"{key}[].{part}")
+        return out
+
+    def tool_calls(self, at: str, calls: Any) -> list[dict]:
+        """OpenAI tool calls (`{"type", "function": {"name", "arguments"}}`, arguments a JSON string or an object)
+        or bare `{"name", "arguments"}` objects, as `{"type": "function", "function": {"name", "arguments"}}`
+        with the arguments an object, the form chat templates render."""
+        calls = [calls] if isinstance(calls, dict) else calls
+        if not isinstance(calls, list) or not calls:
+            raise self.error(f"{at} must be a list of {{name, arguments}} calls, got {type_name(calls)}")
+        out = []
+        for i, call in enumerate(calls):
+            inner = call.get("function", call) if isinstance(call, dict) else None
+            if not isinstance(inner, dict) or not isinstance(inner.get("name"), str):
+                raise self.error(f"{at} call {i + 1} must be an object with a string 'name', got {call!r:.80}")
+            args = inner.get("arguments", {})
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except json.JSONDecodeError:
+                    raise self.error(f"{at} call {i + 1}: 'arguments' is not valid JSON ({args!r:.60})") from None
+            if not isinstance(args, dict):
+                raise self.error(f"{at} call {i + 1}: 'arguments' must be an object, got {type_name(args)}")
+            tidy = {"type": "function", "function": {"name": inner["name"], "arguments": args}}
+            if isinstance(call.get("id"), str):
+                tidy["id"] = call["id"]
+            out.append(tidy)
+        return out
+
+    def tools(self, key: str = "tools") -> list[dict] | None:
+        """Tool definitions: a list of JSON schemas, or that list as a JSON string (LLaMA-Factory's `tools`
+        column). Bare `{"name", "description", "parameters"}` schemas are wrapped as `{"type": "function",
+        "function": ...}`, the form chat templates read. Absent or empty gives None."""
+        if not self.has(key):
+            return None
+        value = self.get(key)
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise self.error(f"{key!r} is a string but not valid JSON ({exc.msg} at column {exc.colno})") \
+                    from None
+        value = [value] if isinstance(value, dict) else value
+        if not isinstance(value, list):
+            raise self.error(f"{key!r} must be a list of tool schemas, got {type_name(value)}")
+        out = []
+        for i, tool in enumerate(value):
+            inner = tool.get("function", tool) if isinstance(tool, dict) else None
+            if not isinstance(inner, dict) or not isinstance(inner.get("name"), str):
+                raise self.error(f"{key!r} tool {i + 1} must be a schema with a string 'name', got {tool!r:.80}")
+            out.append(tool if "function" in tool else {"type": "function", "function": tool})
+        return out or None
+
+
+def require_mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: expected a JSON object (a mapping of keys to values), got {type_name(value)}")
+    return value
+
+
+def type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), type(value).__name__)

@@ -1,0 +1,68 @@
+"""Unpaired feedback: each record rates one answer as desirable or not (the data of KTO), not a pair.
+
+Two layouts: TRL's unpaired preference (`prompt`, `completion`, `label`: strings or message lists, label a
+boolean) and LLaMA-Factory's KTO data (`kto_tag` beside an alpaca record's `instruction`/`input`/`output`, or a
+ShareGPT `conversations` whose last turn is the rated answer). Both normalise into `UnpairedExample`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .records import UnpairedExample
+from .rows import Row, type_name
+from .turns import history_turns, sharegpt_messages, user_turn
+
+UNPAIRED_KEYS = {
+    "unpaired": "prompt, completion, label (true = desirable)",
+    "kto_tag": "kto_tag (true = desirable) with instruction/input/output, or with conversations",
+}
+UNPAIRED_FORMATS = tuple(UNPAIRED_KEYS)
+
+
+def detect_unpaired(value: Any) -> str | None:
+    if not isinstance(value, dict) or {"chosen", "rejected"} <= set(value):
+        return None
+    if "kto_tag" in value:
+        return "kto_tag"
+    if {"completion", "label"} <= set(value):
+        return "unpaired"
+    return None
+
+
+def _label(row: Row, key: str) -> bool:
+    value = row.get(key)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # CSV cells are strings
+        value = value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise row.error(f"{key!r} must be true (desirable) or false (undesirable), got {type_name(value)}")
+    return value
+
+
+def read_unpaired(value: Any, fmt: str, where: str) -> tuple[UnpairedExample, list[str]]:
+    """One unpaired record as (example, keys not used); raises `DataError` naming the record if malformed."""
+    row = Row(value, where, fmt, UNPAIRED_KEYS[fmt])
+    if fmt == "unpaired":
+        if isinstance(row.get("completion"), list):
+            prompt = row.messages("prompt") if row.has("prompt") else []
+            system = None
+            if prompt and prompt[0]["role"] == "system":
+                system, prompt = prompt[0]["content"], prompt[1:]
+            example = UnpairedExample(prompt, row.messages("completion"), _label(row, "label"), system, where,
+                                      row.tools())
+        else:
+            example = UnpairedExample(row.optional_text("prompt") or "", row.text("completion"),
+                                      _label(row, "label"), None, where)
+    elif row.has("conversations"):
+        turns = sharegpt_messages(row, "conversations")
+        if not turns or turns[-1]["role"] != "assistant":
+            raise row.error("the conversation must end with the assistant turn being rated")
+        system = row.optional_text("system")
+        if turns[0]["role"] == "system":
+            system, turns = turns[0]["content"], turns[1:]
+        example = UnpairedExample(turns[:-1], turns[-1:], _label(row, "kto_tag"), system, where, row.tools())
+    else:
+        prompt = history_turns(row) + [user_turn(row, "instruction", "input")]
+        answer = [{"role": "assistant", "content": row.text("output")}]
+        example = UnpairedExample(prompt, answer, _label(row, "kto_tag"), row.optional_text("system"), where)
+    return example, row.unused()

@@ -1,0 +1,75 @@
+"""SFT on a conversation puts every assistant turn in the loss, and nothing else; the flag keeps the last one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinylm import make_tokenizer
+from preftune.data.batching import collate
+from preftune.data.formats import to_sft
+from preftune.data.tokenize import tokenize_example
+from preftune.logps.answer import answer_logps
+from preftune.demo.base import tiny_llama
+
+U = lambda text: {"role": "user", "content": text}  # noqa: E731
+A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+CONVERSATION = {"messages": [U("the sky is"), A("blue ."), U("and grass is"), A("green .")]}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_every_assistant_turn_is_trained_token_by_token(tok):
+    # The tiny template writes <|role|>content<eos> per turn, then <|assistant|> as the generation prompt.
+    out = tokenize_example(tok, to_sft(CONVERSATION, "w"), max_length=512)
+    first, between, second = (_ids(tok, "blue .<eos>"), _ids(tok, "<|user|>and grass is<eos><|assistant|>"),
+                              _ids(tok, "green .<eos>"))
+    assert out.prompt_ids == [tok.bos_token_id] + _ids(tok, "<|user|>the sky is<eos><|assistant|>")
+    assert out.answer_ids == first + between + second
+    assert out.answer_mask == [1] * len(first) + [0] * len(between) + [1] * len(second)
+
+
+def test_last_turn_only_keeps_the_old_split(tok):
+    out = tokenize_example(tok, to_sft(CONVERSATION, "w"), max_length=512, last_turn_only=True)
+    assert out.prompt_ids == [tok.bos_token_id] + _ids(
+        tok, "<|user|>the sky is<eos><|assistant|>blue .<eos><|user|>and grass is<eos><|assistant|>")
+    assert out.answer_ids == _ids(tok, "green .<eos>") and out.answer_mask is None
+
+
+def test_one_turn_has_no_mask(tok):
+    out = tokenize_example(tok, to_sft({"messages": [U("the sky is"), A("blue .")]}, "w"), max_length=512)
+    assert out.answer_ids == _ids(tok, "blue .<eos>") and out.answer_mask is None
+
+
+def test_truncation_cuts_the_mask_with_the_answer(tok):
+    whole = tokenize_example(tok, to_sft(CONVERSATION, "w"), max_length=512)
+    out = tokenize_example(tok, to_sft(CONVERSATION, "w"), max_length=len(whole.prompt_ids) + 6)
+    assert out.truncated and out.answer_ids == whole.answer_ids[:6] and out.answer_mask == whole.answer_mask[:6]
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+def test_masked_log_probs_sum_only_the_assistant_turns(tok, prefix_sharing):
+    """The loss sees each trained token's log-prob, from a plain forward of the whole sequence."""
+    examples = [to_sft(CONVERSATION, "a"), to_sft({"messages": [U("cats chase"), A("mice .")]}, "b")]
+    items = [tokenize_example(tok, e, max_length=512, index=i) for i, e in enumerate(examples)]
+    model = tiny_llama(len(tok), hidden=32, layers=2, heads=4, pad_id=tok.pad_token_id, seed=0).float().eval()
+    batch = collate(items, pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        got = answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=3).logps
+        for row, item in enumerate(items):
+            ids = torch.tensor([item.prompt_ids + item.answer_ids])
+            logits = model(input_ids=ids).logits[0]
+            n = len(item.prompt_ids)
+            per_token = F.log_softmax(logits[n - 1:-1], -1).gather(-1, ids[0, n:, None])[:, 0]
+            keep = [1] * len(item.answer_ids) if item.answer_mask is None else item.answer_mask
+            expected = sum(float(lp) for lp, k in zip(per_token, keep) if k)
+            assert abs(float(got[row]) - expected) < 1e-4
+    assert batch.answer_tokens() == sum(items[0].answer_mask) + len(items[1].answer_ids)
