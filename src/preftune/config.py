@@ -77,7 +77,8 @@ class TrainConfig:
                             "bfloat16, float16; auto = mixed on bf16 GPUs, float32 elsewhere.", choices=DTYPES)
     device: str = _f("auto", "Device: auto (cuda > mps > cpu), cpu, cuda or mps.", choices=DEVICES)
     trust_remote_code: bool = _f(False, "Allow model code from the model folder or the Hub to run.")
-    prefix_sharing: bool = _f(True, "Compute each prompt once for chosen and rejected.")
+    prefix_sharing: bool = _f(True, "Compute each prompt once for chosen and rejected where the planner finds it "
+                                    "cheaper than one plain batch (nearly always on a CPU).")
     logits_chunk_size: int = _f(1024, "Answer tokens projected to the vocabulary at a time.")
     trim_padding: bool = _f(True, "Run each batch as sub-batches of similar length so padding is not computed.")
     precompute_ref: bool = _f(False, "Compute reference log-probs once before training and cache them on disk.")
