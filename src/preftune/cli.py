@@ -46,12 +46,17 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .api import train_from_config
     from .distributed import is_main_process
-    from .train import run
+    from .signals import resume_command
 
     cfg = config_from_args(args, args.stage)
-    final = run(cfg)
-    if not cfg.quiet and final and "stopped_at_step" not in final and is_main_process():
+    command = shlex.join(["preftune", *sys.argv[1:]])
+    result = train_from_config(cfg, command=command, resume_hint=resume_command(command))
+    final = result.metrics
+    if not cfg.quiet and final and result.stopped_at_step is None and is_main_process():
         keys = [k for k in ("loss", "reward_accuracy", "eval_reward_accuracy", "eval_loss") if k in final]
         print(f"done: {cfg.output_dir}  " + "  ".join(f"{k}={final[k]:.4f}" for k in keys))
     return 0
