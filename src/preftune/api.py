@@ -23,6 +23,7 @@ from .errors import ConfigError, PreftuneError
 from .evaluate import logps_table, per_pair_rows, preference_metrics
 from .inputs import RunInputs, check_model_object, is_peft_model, placeholder
 from .run_dir import METRICS
+from .train import execute
 from .models import ensure_pad_token, freeze, load_model, load_tokenizer, pick_device, pick_dtype
 
 Callback = Callable[[dict], Any]
@@ -101,13 +102,17 @@ def train_from_config(cfg: TrainConfig, *, inputs: RunInputs | None = None,
     """`train` for a ready `TrainConfig` (what `preftune sft|dpo` calls). An empty `cfg.output_dir` trains in
     memory. `command`: the command line recorded in the model card; `resume_hint`: what to print after
     "Resume with:" when a run with a folder is stopped (None prints nothing)."""
-    from .train import execute
-
     in_memory = not cfg.output_dir
     if in_memory:
         _refuse_in_memory(cfg)
-    outcome = execute(cfg, command=command or _command(cfg, inputs), inputs=inputs, callbacks=list(callbacks or ()),
-                      in_memory=in_memory, resume_hint=resume_hint)
+    given = inputs.model if inputs is not None else None
+    use_cache = getattr(getattr(given, "config", None), "use_cache", None)
+    try:
+        outcome = execute(cfg, command=command or _command(cfg, inputs), inputs=inputs,
+                          callbacks=list(callbacks or ()), in_memory=in_memory, resume_hint=resume_hint)
+    finally:
+        if use_cache is not None:  # training turns the KV cache off; the caller's model generates with it again
+            given.config.use_cache = use_cache
     out_dir = None if in_memory else Path(cfg.output_dir)
     if outcome.setup is None:  # --resume found the run finished: hand back what it saved
         model = load_model(cfg.output_dir, device=pick_device(cfg.device), dtype=pick_dtype(cfg.dtype,
