@@ -202,6 +202,14 @@ def test_config_then_keywords_and_quiet_by_default(tiny_model_dir, pairs, tmp_pa
     assert capsys.readouterr() == ("", "")                          # the library printed nothing
 
 
+def test_a_trainconfig_object_takes_the_stage_of_the_call(tiny_model_dir, pairs, capsys):
+    config = preftune.TrainConfig(max_steps=1, batch_size=4, device="cpu", max_length=64)  # stage defaults to dpo
+    sft_rows = [{"text": p["prompt"] + p["chosen"]} for p in pairs]
+    result = preftune.train("sft", model=tiny_model_dir, data=sft_rows, config=config)
+    assert result.history[0]["samples_per_s"] > 0 and "reward_accuracy" not in result.history[0]  # an SFT step
+    assert capsys.readouterr() == ("", "")  # quiet, although TrainConfig's own default is not
+
+
 @pytest.mark.parametrize("call, error, message", [
     (dict(tokenizer=None), preftune.ConfigError, "tokenizer: required when model is an object"),
     (dict(data=[{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}]),

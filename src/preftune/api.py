@@ -203,7 +203,8 @@ def _config_values(config, stage: str) -> dict:
         values: dict = {}
     elif isinstance(config, TrainConfig):
         values = config.to_dict()
-        values.pop("quiet")  # a dataclass cannot say whether quiet was set; the API's default applies
+        # A dataclass cannot say whether stage or quiet were set: the stage argument and the API's default apply.
+        del values["quiet"], values["stage"]
     elif isinstance(config, dict):
         values = dict(config)
     elif is_path(config):
