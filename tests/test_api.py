@@ -188,6 +188,10 @@ def test_a_callback_stop_with_a_folder_checkpoints_and_resumes_to_the_same_end(t
     assert untimed(resumed.history) == untimed(whole.history)
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # Once more on the finished run: nothing trains; the result is the saved model and the whole history.
+    again = preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=out, resume=True, **SETTINGS)
+    assert again.history == resumed.history and again.metrics == json.loads((out / "results.json").read_text())
+    assert all(torch.equal(again.model.state_dict()[k], a[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------------- config, errors, quiet

@@ -98,10 +98,11 @@ def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=
 
 def train_from_config(cfg: TrainConfig, *, inputs: RunInputs | None = None,
                       callbacks: Iterable[Callback] | None = None, command: str | None = None,
-                      resume_hint: str | None = None) -> TrainResult:
+                      resume_hint: str | None = None, load_finished: bool = True) -> TrainResult:
     """`train` for a ready `TrainConfig` (what `preftune sft|dpo` calls). An empty `cfg.output_dir` trains in
     memory. `command`: the command line recorded in the model card; `resume_hint`: what to print after
-    "Resume with:" when a run with a folder is stopped (None prints nothing)."""
+    "Resume with:" when a run with a folder is stopped (None prints nothing). `load_finished`: when `resume`
+    finds the run already finished, load its saved model and tokenizer into the result (else they are None)."""
     in_memory = not cfg.output_dir
     if in_memory:
         _refuse_in_memory(cfg)
@@ -114,16 +115,15 @@ def train_from_config(cfg: TrainConfig, *, inputs: RunInputs | None = None,
         if use_cache is not None:  # training turns the KV cache off; the caller's model generates with it again
             given.config.use_cache = use_cache
     out_dir = None if in_memory else Path(cfg.output_dir)
-    if outcome.setup is None:  # --resume found the run finished: hand back what it saved
-        model = load_model(cfg.output_dir, device=pick_device(cfg.device), dtype=pick_dtype(cfg.dtype,
-                           pick_device(cfg.device)), trust_remote_code=cfg.trust_remote_code)
-        tokenizer = load_tokenizer(cfg.output_dir, trust_remote_code=cfg.trust_remote_code)
-        history = _read_history(out_dir)
-    else:
+    if outcome.setup is not None:
         model, tokenizer = outcome.setup.policy, outcome.setup.tokenizer
         # With a folder the file is the whole record (a resumed run's earlier steps included).
         history = outcome.history if in_memory else _read_history(out_dir)
-    model.eval()
+    else:  # resume found the run finished: hand back what it saved
+        model, tokenizer = _load_finished(cfg) if load_finished else (None, None)
+        history = _read_history(out_dir)
+    if model is not None:
+        model.eval()
     metrics = dict(outcome.final)
     if outcome.stopped_at is not None:
         metrics["stopped_at_step"] = outcome.stopped_at
@@ -269,6 +269,13 @@ def _command(cfg: TrainConfig, inputs: RunInputs | None) -> str:
     if given:
         return f"# trained from Python with {', '.join(given)} given as objects; config.yaml holds the settings"
     return f"preftune {cfg.stage} --config {Path(cfg.output_dir) / 'config.yaml'}"
+
+
+def _load_finished(cfg: TrainConfig):
+    device = pick_device(cfg.device)
+    model = load_model(cfg.output_dir, device=device, dtype=pick_dtype(cfg.dtype, device),
+                       trust_remote_code=cfg.trust_remote_code)
+    return model, load_tokenizer(cfg.output_dir, trust_remote_code=cfg.trust_remote_code)
 
 
 def _read_history(out_dir: Path) -> list[dict]:

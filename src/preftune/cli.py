@@ -54,7 +54,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, args.stage)
     command = shlex.join(["preftune", *sys.argv[1:]])
-    result = train_from_config(cfg, command=command, resume_hint=resume_command(command))
+    result = train_from_config(cfg, command=command, resume_hint=resume_command(command), load_finished=False)
     final = result.metrics
     if not cfg.quiet and final and result.stopped_at_step is None and is_main_process():
         keys = [k for k in ("loss", "reward_accuracy", "eval_reward_accuracy", "eval_loss") if k in final]
