@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from preftune.config import TrainConfig
 from preftune.data.records import PreferencePair
 from preftune.data.tokenize import tokenize_all
-from preftune.evaluate import evaluate_during
+from preftune.metrics import evaluate_during
 from preftune.training.objectives import PreferenceObjective
 from preftune.training.loop import run
 

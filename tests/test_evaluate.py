@@ -14,7 +14,7 @@ from preftune.cli import main
 from preftune.config import TrainConfig
 from preftune.data.records import PreferencePair
 from preftune.data.tokenize import tokenize_all
-from preftune.evaluate import logps_table, preference_metrics
+from preftune.metrics import logps_table, preference_metrics
 from preftune.models.load import load_model
 import preftune.training.setup as run_setup
 

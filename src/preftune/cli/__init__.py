@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return f"preftune {__version__}"
 

@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import PreftuneError
 from ..io import write_jsonl
 from .flags import add_data_flags, add_model_flags
 
@@ -30,37 +29,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> dict:
-    """The summary printed on stdout; with --output, per-pair rows written too."""
-    # torch, transformers and the models load only when a command needs them, not for `--help`.
-    from ..data.load import load_pairs
-    from ..data.tokenize import tokenize_all
-    from ..evaluate import logps_table, per_pair_rows, preference_metrics
-    from ..models.load import freeze, load_model, load_tokenizer
-    from ..models.precision import pick_device, pick_dtype
+    """`preftune.evaluate` on the command's arguments; writes the per-pair rows with --output."""
+    from ..api import evaluate  # torch and transformers load only when a command needs them, not for `--help`
 
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    pairs, _ = load_pairs(args.data, data_format=args.data_format, split=args.split)
-    if args.limit:
-        pairs = pairs[: args.limit]
-    items, stats = tokenize_all(tokenizer, pairs, max_length=args.max_length,
-                                max_prompt_length=args.max_prompt_length)
-    if not items:
-        raise PreftuneError(f"{args.data}: no pair fits in --max-length {args.max_length}")
-
-    def table(name: str):
-        model = load_model(name, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code)
-        freeze(model)
-        out = logps_table(model, items, pad_id=tokenizer.pad_token_id, device=device, batch_size=args.batch_size)
-        del model
-        return out
-
-    policy = table(args.model)
-    ref = table(args.ref_model) if args.ref_model else None
-    summary = preference_metrics(policy, ref, args.beta)
-    summary["dropped_pairs"] = stats.dropped
-    summary["truncated_pairs"] = stats.truncated
+    report = evaluate(model=args.model, ref_model=args.ref_model, data=args.data, data_format=args.data_format,
+                      split=args.split, beta=args.beta, batch_size=args.batch_size, max_length=args.max_length,
+                      max_prompt_length=args.max_prompt_length, limit=args.limit, device=args.device,
+                      dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if args.output:
-        write_jsonl(Path(args.output), per_pair_rows(policy, ref, items))
-    return summary
+        write_jsonl(Path(args.output), report.rows)
+    return report.summary

@@ -52,12 +52,17 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     # torch and transformers load only when a run starts, not for `--help`.
+    import shlex
+    import sys
+
+    from ..api import train_from_config
     from ..dist.env import is_main_process
     from ..report.progress import describe_final
-    from ..training.loop import run
+    from ..training.signals import resume_command
 
     cfg = config_from_args(args, args.stage)
-    final = run(cfg)
-    if not cfg.quiet and final and "stopped_at_step" not in final and is_main_process():
-        print(describe_final(cfg.output_dir, final))
+    command = shlex.join(["preftune", *sys.argv[1:]])
+    result = train_from_config(cfg, command=command, resume_hint=resume_command(command), load_finished=False)
+    if not cfg.quiet and result.metrics and result.stopped_at_step is None and is_main_process():
+        print(describe_final(cfg.output_dir, result.metrics))
     return 0

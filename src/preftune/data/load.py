@@ -26,7 +26,7 @@ class UnpairedData(SourceError):
 def load_pairs(source: str, *, data_format: str | None = None, split: str = "train",
                skip_bad_records: bool = False,
                min_score_gap: float | None = None) -> tuple[list[PreferencePair], LoadReport]:
-    """Preference pairs from `source`, in file order.
+    """Preference pairs from `source` (a path or Hub id, or `memory.InMemory` records), in file order.
 
     The format is `data_format`, or detected from the first readable record. With `skip_bad_records`, a
     malformed record is dropped and its message kept in `report.skipped`; otherwise it raises `DataError`.
@@ -48,7 +48,7 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
     if data_format is not None and data_format not in FORMAT_NAMES:
         raise DataError(f"--data-format: {data_format!r} is not a known format; use one of "
                         f"{', '.join(FORMAT_NAMES)}")
-    report = LoadReport(source=source, format=data_format or "")
+    report = LoadReport(source=str(source), format=data_format or "")
     if data_format is not None:
         _check_scored(data_format, min_score_gap, source)
 
@@ -80,7 +80,7 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
 def load_sft(source: str, *, split: str = "train",
              skip_bad_records: bool = False) -> tuple[list[SFTExample], LoadReport]:
     """SFT examples from `source`: each record holds `messages`, `prompt`/`completion` or `text`."""
-    report = LoadReport(source=source, format="sft")
+    report = LoadReport(source=str(source), format="sft")
 
     def convert(value: Any, where: str) -> SFTExample:
         example, unused = read_sft(value, where)

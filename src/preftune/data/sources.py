@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError
+from .memory import InMemory, memory_rows
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 # Lists in a JSON object that may hold the records, tried in this order when the object holds several lists.
@@ -26,7 +27,10 @@ NEWLINE = b"\n"
 Rows = Iterator[tuple[str, Any]]
 
 
-def read_rows(source: str, *, split: str = "train") -> Rows:
+def read_rows(source, *, split: str = "train") -> Rows:
+    """`source`: a path or Hub id, or records in memory (`memory.InMemory`)."""
+    if isinstance(source, InMemory):
+        return memory_rows(source, split)
     path = Path(source).expanduser()
     if path.is_dir():
         return _saved_dataset(path, split)

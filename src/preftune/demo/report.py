@@ -10,7 +10,7 @@ import torch
 
 from ..data.records import PreferencePair
 from ..data.tokenize import tokenize_all
-from ..evaluate import logps_table, preference_metrics
+from ..metrics import logps_table, preference_metrics
 from ..models.load import load_model, load_tokenizer
 from ..models.precision import pick_device, pick_dtype
 

@@ -51,10 +51,15 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"tokenizer {name_or_path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+    return ensure_pad_token(tok, name_or_path)
+
+
+def ensure_pad_token(tok, name: str):
+    """`tok`, given a pad token if it has none (set in place)."""
     if tok.pad_token_id is None:
         # Padding positions are masked everywhere, so any id works; EOS is the customary stand-in.
         if tok.eos_token is None:
-            raise ModelError(f"tokenizer {name_or_path}: has neither a pad nor an EOS token; add one")
+            raise ModelError(f"tokenizer {name}: has neither a pad nor an EOS token; add one")
         tok.pad_token = tok.eos_token
     return tok
 

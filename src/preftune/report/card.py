@@ -9,7 +9,7 @@ from typing import Sequence
 
 import yaml
 
-from .. import __version__
+from ..version import __version__
 from ..config import TrainConfig
 from ..io import atomic_write_text
 from .plots import PLOT_NAMES, PLOTS_DIR

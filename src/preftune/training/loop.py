@@ -21,7 +21,7 @@ from ..dist.env import DistEnv, all_reduce_sum, init_from_env, rank_device, rank
 from ..dist.fsdp import full_state_dict, full_tensor
 from ..dist.logp_module import AnswerLogpModule
 from ..errors import NonFiniteError, PreftuneError
-from ..evaluate import evaluate_during
+from ..metrics import evaluate_during
 from ..models.precision import pick_device, pick_precision
 from ..report.progress import Progress, describe_eval
 from ..report.tracking import METRICS_FILE, Tracker
@@ -31,6 +31,8 @@ from .objectives import make_objective
 from .optim import build_optimizer
 from .setup import build
 from .signals import StopOnSignal, resume_command
+
+STOP = "stop"  # what a callback returns to end the run after the current step
 
 
 @dataclass
@@ -124,29 +126,56 @@ def _planned_steps(cfg: TrainConfig, setup, env: DistEnv) -> int:
 
 def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
     """Train as `cfg` says; returns the final metrics. Writes the run folder on the main process."""
-    cfg.require_paths()
+    cmd = command or shlex.join(["preftune", *sys.argv[1:]])
+    outcome = execute(cfg, command=cmd, resume_hint=resume_command(cmd))
+    return {"stopped_at_step": outcome.stopped_at} if outcome.stopped_at is not None else outcome.final
+
+
+@dataclass
+class Outcome:
+    """What `execute` hands back: the final metrics, every metrics row it logged, and what it trained."""
+
+    final: dict
+    history: list[dict]
+    setup: object | None = None       # setup.Setup; None when a finished run was found and nothing ran
+    stopped_at: int | None = None     # the step a signal or a callback stopped the run after
+
+
+def execute(cfg: TrainConfig, *, command: str, inputs=None, callbacks=(), in_memory: bool = False,
+            resume_hint: str | None = None) -> Outcome:
+    """The run itself. `inputs` (inputs.RunInputs): objects used in place of the config's paths.
+
+    `callbacks`: functions called with each metrics row (training and eval) as it is logged; one that returns
+    "stop" ends the run after that step, as a signal does. `in_memory`: write nothing (no run folder; the
+    caller refuses checkpoints and resuming). `resume_hint`: printed after "Resume with:" when a run with a
+    folder is stopped; None prints nothing.
+    """
+    if not in_memory:
+        cfg.require_paths()
     device = pick_device(cfg.device)
     env = init_from_env(device.type)
     device = rank_device(device, env)
     precision = pick_precision(cfg.dtype, device)
     out_dir = Path(cfg.output_dir)
-    if cfg.resume and (done := rundir.finished_results(out_dir)) is not None:
+    writes = env.is_main and not in_memory  # only the main process of a run with a folder writes files
+    if not in_memory and cfg.resume and (done := rundir.finished_results(out_dir)) is not None:
         # A job script that always passes --resume may run once more after the run finished: nothing to do.
         if env.is_main and not cfg.quiet:
             print(f"preftune: resume: the run in {out_dir} has finished; nothing to do", file=sys.stderr)
-        return done
-    created = not out_dir.exists()
-    rundir.prepare(out_dir, cfg, env)
+        return Outcome(done, [])
+    created = not in_memory and not out_dir.exists()
+    if not in_memory:
+        rundir.prepare(out_dir, cfg, env)
     torch.manual_seed(cfg.seed)
 
     with rundir.removed_if_left_empty(out_dir, env, created):  # bad data or model: no empty run folder stays behind
-        setup = build(cfg, device=device, precision=precision, env=env)
+        setup = build(cfg, device=device, precision=precision, env=env, inputs=inputs)
         steps = _planned_steps(cfg, setup, env)
     policy, tokenizer, reference = setup.policy, setup.tokenizer, setup.reference
     train_items, eval_items = setup.train_items, setup.eval_items
     pad_id = tokenizer.pad_token_id
     global_batch = cfg.batch_size * env.world_size
-    if env.is_main:
+    if writes:
         described = rundir.write_start(out_dir, cfg, setup, steps)
         if not cfg.quiet:
             print(described, flush=True)
@@ -154,18 +183,26 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
     objective = make_objective(cfg, env)
     policy_logps: AnswerLogpModule = setup.policy_logps
     params = [p for p in policy.parameters() if p.requires_grad]
-    if env.is_main:
+    if writes:
         ckpt.check_room(out_dir, policy, cfg)
     optimizer, scheduler = build_optimizer(params, cfg, steps)
     cursor = DataCursor(len(train_items), global_batch, cfg.seed, cfg.group_by_length)
     state = ckpt.RunState(policy, optimizer, scheduler, cursor, objective, sharded=policy_logps.sharded)
     metrics_path = out_dir / METRICS_FILE
-    if cfg.resume:
+    if cfg.resume and not in_memory:
         message = ckpt.resume(out_dir, state, cfg, env, metrics_path)
         if env.is_main and not cfg.quiet:
             print(f"preftune: {message}", file=sys.stderr)
     eval_ref = setup.eval_reference_table
-    tracker = Tracker(out_dir, cfg, is_main=env.is_main)
+    tracker = Tracker(out_dir, cfg, is_main=writes)
+    history: list[dict] = []
+
+    def log(row: dict) -> None:
+        tracker.log(row)
+        history.append(row)
+        if any(fn(dict(row)) == STOP for fn in callbacks):
+            stop.request()
+
     last: dict = {}
     stopped = False
     policy.train()
@@ -190,17 +227,17 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
                    **({"grad_norm": float(grad_norm)} if finite else {}), "skipped_steps": state.skipped_steps,
                    objective.throughput_key: n / dt,
                    "tokens_per_s": sum(b.tokens() for b in micro) * env.world_size / dt}
-            tracker.log(row)
+            log(row)
             bar.update(step, row)
             last = row
             if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
                 eval_row = {"step": step, **evaluate_during(policy_logps.eval_model, eval_ref, eval_items, cfg, pad_id,
                                                             device, objective)}
-                tracker.log(eval_row)
+                log(eval_row)
                 bar.print(describe_eval(eval_row))
             # The last step needs no checkpoint: the final model is written next.
             stopped = step < steps and stop.requested(env)
-            if stopped or (cfg.save_every and step % cfg.save_every == 0 and step < steps):
+            if not in_memory and (stopped or (cfg.save_every and step % cfg.save_every == 0 and step < steps)):
                 ckpt.save(out_dir, state, cfg, env, metrics_path)
             if stopped:
                 break
@@ -209,21 +246,20 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
             eval_row = {"step": steps,
                         **evaluate_during(policy_logps.eval_model, eval_ref, eval_items, cfg, pad_id, device,
                                           objective)}
-            tracker.log(eval_row)
+            log(eval_row)
             bar.print(describe_eval(eval_row))
             final.update(eval_row)
     tracker.close()
-    cmd = command or shlex.join(["preftune", *sys.argv[1:]])
     if stopped:
-        if env.is_main:
+        if writes and resume_hint is not None:
             print(f"preftune: stopped after step {state.step} of {steps}; checkpoint written. Resume with: "
-                  f"{resume_command(cmd)}", flush=True)
+                  f"{resume_hint}", flush=True)
         shutdown(env)
-        return {"stopped_at_step": state.step}
+        return Outcome(final, history, setup, stopped_at=state.step)
     ckpt.require_finite(policy, "final model", env)
     # Sharded weights are gathered whole by every rank together; rank 0 alone writes them.
-    full_weights = full_state_dict(policy) if policy_logps.sharded else None
-    if env.is_main:
-        rundir.finish(out_dir, cfg, setup, final, cmd, state_dict=full_weights)
+    full_weights = full_state_dict(policy) if policy_logps.sharded and not in_memory else None
+    if writes:
+        rundir.finish(out_dir, cfg, setup, final, command, state_dict=full_weights)
     shutdown(env)
-    return final
+    return Outcome(final, history, setup)

@@ -112,7 +112,7 @@ def load_table(path: Path, items) -> torch.Tensor | None:
 def compute_table(model, items, *, pad_id: int, device, batch_size: int, prefix_sharing: bool,
                   chunk_size: int) -> torch.Tensor:
     """[rows, 2] reference log-probs by dataset position; NaN where no item has that position."""
-    from ..evaluate import logps_table
+    from ..metrics import logps_table
 
     # Similar lengths together: little padding on any device. Rows go back to their positions below.
     order = sorted(items, key=lambda it: len(it.prompt_ids) + max(len(it.chosen_ids), len(it.rejected_ids)))

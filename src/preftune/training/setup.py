@@ -15,11 +15,12 @@ from ..data.tokenize import TokenizeStats, tokenize_all
 from ..dist.env import DistEnv
 from ..dist.logp_module import AnswerLogpModule, sharded_logps_module
 from ..errors import ConfigError
-from ..evaluate import table_of
+from ..metrics import table_of
 from ..logps.parts import set_compute_dtype
+from ..inputs import RunInputs, frozen, is_peft_model, policy_in_place
 from ..losses import needs_reference
 from ..models import lora
-from ..models.load import freeze, load_model, load_tokenizer
+from ..models.load import ensure_pad_token, freeze, load_model, load_tokenizer
 from ..models.precision import Precision, hold_frozen
 from .reference import AdaptersOffReference, CachedReference, FrozenReference
 
@@ -57,16 +58,21 @@ def uses_reference(cfg: TrainConfig) -> bool:
     return cfg.stage == "dpo" and needs_reference(cfg.loss)
 
 
-def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Setup:
+def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, inputs: RunInputs | None = None) -> Setup:
+    """`inputs`: objects used in place of the config's paths (a model, tokenizer, reference, records)."""
+    inputs = inputs or RunInputs()
     lora.check_request(cfg, device)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
-    records, report = load_records(cfg, cfg.data)
+    if inputs.tokenizer is not None:
+        tokenizer = ensure_pad_token(inputs.tokenizer, cfg.tokenizer or "given")
+    else:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    records, report = load_records(cfg, cfg.data if inputs.data is None else inputs.data)
     for note in (report.detection, report.unused_line()):
         if note and env.is_main:
             log.warning(note)
     eval_records: list = []
-    if cfg.eval_data:
-        eval_records, _ = load_records(cfg, cfg.eval_data)
+    if cfg.eval_data or inputs.eval_data is not None:
+        eval_records, _ = load_records(cfg, cfg.eval_data if inputs.eval_data is None else inputs.eval_data)
     elif cfg.eval_split:
         records, eval_records = split_eval(records, cfg.eval_split, cfg.seed)
     options = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
@@ -88,8 +94,17 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Se
         reference, eval_table = _cached_reference(cfg, tokenizer, train_items, eval_items, device, precision, env)
     # Under LoRA the loaded weights stay frozen (the adapters are what trains).
     dtype = precision.frozen if cfg.lora_r else precision.trained
-    policy = load_model(cfg.model, device=load_device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                        quantization_config=lora.quantization_config(cfg, precision.compute or dtype))
+    start_copy = None
+    if inputs.model is not None:
+        policy = policy_in_place(inputs.model, load_device, dtype)
+        if _copies_reference(cfg, policy, inputs):
+            # Taken before adapters, checkpointing or compilation change the policy: the starting model.
+            start_copy = frozen(policy, load_device, precision.frozen, copied=True)
+            set_compute_dtype(start_copy, precision.compute)
+    else:
+        policy = load_model(cfg.model, device=load_device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                            quantization_config=lora.quantization_config(cfg, precision.compute or dtype))
+    adapters = bool(cfg.lora_r) or is_peft_model(policy)
     set_compute_dtype(policy, precision.compute)
     if cfg.gradient_checkpointing:
         enable = getattr(policy, "activation_checkpointing_enable", None)  # the newer name, transformers >= 5.x
@@ -108,12 +123,13 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Se
     logp = AnswerLogpModule(policy, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
                             trim_padding=cfg.trim_padding, env=env, fsdp=cfg.fsdp)
     if uses_reference(cfg) and not cfg.precompute_ref:
-        if cfg.lora_r and not cfg.ref_model:
+        if adapters and not (cfg.ref_model or inputs.ref_model is not None):
             # The base weights under the adapters are the starting model: no second copy.
             reference = AdaptersOffReference(logp.eval_model, prefix_sharing=cfg.prefix_sharing,
                                              chunk_size=cfg.logits_chunk_size, trim_padding=cfg.trim_padding)
         else:
-            ref_model = _load_reference(cfg, load_device, precision)
+            ref_model = start_copy if start_copy is not None else _load_reference(cfg, load_device, precision,
+                                                                                  inputs.ref_model)
             if sharded:
                 ref_model = sharded_logps_module(ref_model, prefix_sharing=cfg.prefix_sharing,
                                                  chunk_size=cfg.logits_chunk_size)
@@ -126,13 +142,24 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Se
                  eval_table, policy_logps=logp, dtype=dtype)
 
 
-def _load_reference(cfg: TrainConfig, device, precision: Precision):
-    model = load_model(cfg.ref_model or cfg.model, device=device, dtype=precision.trained,
-                       trust_remote_code=cfg.trust_remote_code)
-    hold_frozen(model, precision)
+def _load_reference(cfg: TrainConfig, device, precision: Precision, given=None):
+    """The reference model: `given` (an object, frozen in place) or loaded from `--ref-model` / `--model`."""
+    if given is not None:
+        model = frozen(given, device, precision.frozen, copied=False)
+    else:
+        model = load_model(cfg.ref_model or cfg.model, device=device, dtype=precision.trained,
+                           trust_remote_code=cfg.trust_remote_code)
+        hold_frozen(model, precision)
+        freeze(model)
     set_compute_dtype(model, precision.compute)
-    freeze(model)
     return model
+
+
+def _copies_reference(cfg: TrainConfig, policy, inputs: RunInputs) -> bool:
+    """A policy object with no reference given serves as its own reference: frozen copy, made once."""
+    given = cfg.ref_model or inputs.ref_model is not None
+    return (uses_reference(cfg) and not cfg.precompute_ref and not given and not cfg.lora_r
+            and not is_peft_model(policy))
 
 
 def _cached_reference(cfg: TrainConfig, tokenizer, train_items, eval_items, device, precision: Precision,

@@ -23,6 +23,7 @@ class StopOnSignal:
 
     def __init__(self):
         self.signum: int | None = None
+        self.asked = False  # a stop asked for by the program itself (a callback), not by a signal
         self._previous: dict = {}
 
     def __enter__(self) -> "StopOnSignal":
@@ -43,9 +44,13 @@ class StopOnSignal:
         os.write(2, f"preftune: {signal.Signals(signum).name} received; finishing this step and writing a "
                     f"checkpoint (send it again to abort now)\n".encode())
 
+    def request(self) -> None:
+        """Stop after this step, as if signalled."""
+        self.asked = True
+
     def requested(self, env: DistEnv) -> bool:
-        flag = torch.tensor(1.0 if self.signum is not None else 0.0)
-        return bool(all_reduce_sum(flag, env) > 0) if env.enabled else self.signum is not None
+        mine = self.signum is not None or self.asked
+        return bool(all_reduce_sum(torch.tensor(float(mine)), env) > 0) if env.enabled else mine
 
 
 def resume_command(command: str) -> str:

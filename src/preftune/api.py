@@ -1,0 +1,290 @@
+"""The Python API: `train`, `evaluate`, `load_pairs`. The command line is a thin layer over these.
+
+Models, tokenizers and data may be objects built in code or paths; a call with paths computes exactly what the
+matching `preftune` command computes (same losses, same weights). Errors are `preftune.errors` exceptions
+carrying the command line's one-line messages; nothing here exits the process, and nothing prints unless
+`quiet=False`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .config import TrainConfig, load_yaml_mapping
+from .data import load as data_load
+from .data.memory import as_source, is_path
+from .data.records import PreferencePair
+from .data.tokenize import tokenize_all
+from .errors import ConfigError, PreftuneError
+from .metrics import logps_table, per_pair_rows, preference_metrics
+from .inputs import RunInputs, check_model_object, is_peft_model, placeholder
+from .models.load import ensure_pad_token, freeze, load_model, load_tokenizer
+from .models.precision import pick_device, pick_dtype
+from .report.tracking import METRICS_FILE
+from .training.loop import execute
+
+Callback = Callable[[dict], Any]
+_ARGUMENTS = ("model", "data", "tokenizer", "ref_model", "eval_data", "output_dir")
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns.
+
+    `model`: the trained model (a peft model under LoRA), on its device, in eval mode. `tokenizer`: the one it
+    was trained with. `metrics`: the last training row, updated with the final eval row when there was eval
+    data. `history`: every metrics row in order, as in metrics.jsonl (eval rows hold `eval_*` keys).
+    `output_dir`: the run folder, or None for a run in memory. `stopped_at_step`: set when a callback (or a
+    signal) stopped the run before its last step.
+    """
+
+    model: Any
+    tokenizer: Any
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
+    output_dir: Path | None = None
+    stopped_at_step: int | None = None
+
+
+@dataclass
+class EvalReport:
+    """What `evaluate` returns: `summary`, the metrics `preftune eval` prints, and `rows`, one dict a pair
+    with the keys of `preftune eval --output` (summed answer log-probs of policy and reference)."""
+
+    summary: dict
+    rows: list[dict]
+
+
+def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=None, output_dir=None,
+          callbacks: Iterable[Callback] | None = None, config=None, **fields: Any) -> TrainResult:
+    """Train `model` on `data` with `stage` ("sft" or "dpo"); returns a `TrainResult`.
+
+    model, ref_model: a transformers causal LM, a peft model, or a path / Hub id. A model object is trained
+        in place (as in TRL): it is moved to the run's device, cast to its dtype (a peft model keeps its
+        dtypes), and its weights change; `result.model` is that same object. A reference object is frozen in
+        place. With ref_model=None the reference is what `preftune dpo` uses: a frozen copy of the starting
+        model, made once before training, or the model with its adapters off under LoRA or when `model` is a
+        peft model (pass ref_model then if its adapters already hold training you want to keep in the
+        reference).
+    tokenizer: an object or a path; required when `model` is an object, else the model's own by default.
+    data, eval_data: a list of dicts in any layout `preftune data check` knows, a `datasets.Dataset` (or a
+        `DatasetDict`, read at `split`), or a path / Hub id. Messages name in-memory records "data record 12".
+    output_dir: None trains in memory and writes nothing (checkpoints, resuming and metric sinks are refused);
+        a path writes the same run folder as the command line.
+    callbacks: functions called with a copy of every metrics row (training and eval) as it is logged; one that
+        returns "stop" ends the run after that step (with a folder, a checkpoint is written, as on SIGTERM).
+    config: a `TrainConfig`, a dict of its fields, or a YAML file; keyword `fields` (any `TrainConfig` field
+        by name: beta=0.1, max_steps=100, lr=5e-7, lora_r=16, ...) override it.
+    quiet: True unless passed as quiet=False (or set in a dict / YAML config): no progress, no output.
+
+    Raises `preftune.PreftuneError` subclasses (`ConfigError`, `DataError`, `ModelError`, ...).
+    """
+    values = _config_values(config, stage)
+    values.update(fields)
+    inputs = RunInputs()
+    values["model"] = _model_arg(model, "model", inputs)
+    values["ref_model"] = None if ref_model is None else _model_arg(ref_model, "ref_model", inputs)
+    values["tokenizer"] = _tokenizer_arg(tokenizer, inputs)
+    values["data"] = _data_arg(data, "data", inputs)
+    values["eval_data"] = None if eval_data is None else _data_arg(eval_data, "eval_data", inputs)
+    values["output_dir"] = "" if output_dir is None else os.fspath(output_dir)
+    cfg = TrainConfig.from_dict(values, where="train()")
+    _check_objects(cfg, inputs)
+    return train_from_config(cfg, inputs=inputs, callbacks=callbacks, command=_command(cfg, inputs))
+
+
+def train_from_config(cfg: TrainConfig, *, inputs: RunInputs | None = None,
+                      callbacks: Iterable[Callback] | None = None, command: str | None = None,
+                      resume_hint: str | None = None, load_finished: bool = True) -> TrainResult:
+    """`train` for a ready `TrainConfig` (what `preftune sft|dpo` calls). An empty `cfg.output_dir` trains in
+    memory. `command`: the command line recorded in the model card; `resume_hint`: what to print after
+    "Resume with:" when a run with a folder is stopped (None prints nothing). `load_finished`: when `resume`
+    finds the run already finished, load its saved model and tokenizer into the result (else they are None)."""
+    in_memory = not cfg.output_dir
+    if in_memory:
+        _refuse_in_memory(cfg)
+    given = inputs.model if inputs is not None else None
+    use_cache = getattr(getattr(given, "config", None), "use_cache", None)
+    try:
+        outcome = execute(cfg, command=command or _command(cfg, inputs), inputs=inputs,
+                          callbacks=list(callbacks or ()), in_memory=in_memory, resume_hint=resume_hint)
+    finally:
+        if use_cache is not None:  # training turns the KV cache off; the caller's model generates with it again
+            given.config.use_cache = use_cache
+    out_dir = None if in_memory else Path(cfg.output_dir)
+    if outcome.setup is not None:
+        model, tokenizer = outcome.setup.policy, outcome.setup.tokenizer
+        # With a folder the file is the whole record (a resumed run's earlier steps included).
+        history = outcome.history if in_memory else _read_history(out_dir)
+    else:  # resume found the run finished: hand back what it saved
+        model, tokenizer = _load_finished(cfg) if load_finished else (None, None)
+        history = _read_history(out_dir)
+    if model is not None:
+        model.eval()
+    metrics = dict(outcome.final)
+    if outcome.stopped_at is not None:
+        metrics["stopped_at_step"] = outcome.stopped_at
+    return TrainResult(model, tokenizer, metrics, history, out_dir, outcome.stopped_at)
+
+
+def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, batch_size: int = 8,
+             max_length: int = 1024, max_prompt_length: int | None = None, data_format: str | None = None,
+             split: str = "train", limit: int | None = None, device: str = "auto", dtype: str = "auto",
+             trust_remote_code: bool = False) -> EvalReport:
+    """Preference metrics of `model` (against `ref_model`, if given) on the pairs in `data`: `preftune eval`.
+
+    model, ref_model: objects (evaluated where they are, in their dtype, and left as they were) or paths /
+        Hub ids (loaded on `device` in `dtype`, as `preftune eval` loads them). tokenizer: required when
+        `model` is an object. data: as for `train`. Rewards are beta * (log pi - log pi_ref), or beta * log pi
+        without a reference. Returns an `EvalReport`: `.summary` is what `preftune eval` prints, `.rows` what
+        it writes with --output.
+    """
+    if not is_path(model):
+        check_model_object(model, "model")
+        if tokenizer is None:
+            raise ConfigError("tokenizer: required when model is an object (pass the tokenizer it was trained "
+                              "with)")
+    if tokenizer is None or is_path(tokenizer):
+        name = os.fspath(tokenizer if tokenizer is not None else model)
+        tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    else:
+        tok = ensure_pad_token(tokenizer, "given")
+    source = as_source(data, "data")
+    pairs, _ = data_load.load_pairs(source, data_format=data_format, split=split)
+    if limit:
+        pairs = pairs[:limit]
+    items, stats = tokenize_all(tok, pairs, max_length=max_length, max_prompt_length=max_prompt_length)
+    if not items:
+        raise PreftuneError(f"{source}: no pair fits in --max-length {max_length}")
+
+    def table(which, what: str):
+        if is_path(which):
+            run_device = pick_device(device)
+            loaded = load_model(os.fspath(which), device=run_device, dtype=pick_dtype(dtype, run_device),
+                                trust_remote_code=trust_remote_code)
+            freeze(loaded)
+            out = logps_table(loaded, items, pad_id=tok.pad_token_id, device=run_device, batch_size=batch_size)
+            del loaded
+            return out
+        check_model_object(which, what)
+        at = next(which.parameters()).device
+        return logps_table(which, items, pad_id=tok.pad_token_id, device=at, batch_size=batch_size)
+
+    policy = table(model, "model")
+    ref = table(ref_model, "ref_model") if ref_model is not None else None
+    summary = preference_metrics(policy, ref, beta)
+    summary["dropped_pairs"] = stats.dropped
+    summary["truncated_pairs"] = stats.truncated
+    return EvalReport(summary, per_pair_rows(policy, ref, items))
+
+
+def load_pairs(source, data_format: str | None = None, *, split: str = "train", skip_bad_records: bool = False,
+               min_score_gap: float | None = None) -> list[PreferencePair]:
+    """The preference pairs in `source` as preftune reads them, for inspection.
+
+    `source`: a path / Hub id, a list of dicts or a `datasets.Dataset`. Each `PreferencePair` holds `prompt`,
+    `chosen`, `rejected` (text, or lists of {role, content} messages), `system` and `where` (the file line or
+    record it came from). The format is detected from the keys unless `data_format` names one. Raises
+    `DataError` for a record that cannot be read (or, with skip_bad_records, drops it).
+    """
+    pairs, _ = data_load.load_pairs(as_source(source, "data"), data_format=data_format, split=split,
+                                    skip_bad_records=skip_bad_records, min_score_gap=min_score_gap)
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------ arguments
+
+def _config_values(config, stage: str) -> dict:
+    """The config's fields as a dict, with the API's default of quiet=True where the config does not say."""
+    if config is None:
+        values: dict = {}
+    elif isinstance(config, TrainConfig):
+        values = config.to_dict()
+        # A dataclass cannot say whether stage or quiet were set: the stage argument and the API's default apply.
+        del values["quiet"], values["stage"]
+    elif isinstance(config, dict):
+        values = dict(config)
+    elif is_path(config):
+        values = dict(load_yaml_mapping(config))
+    else:
+        raise ConfigError(f"config: expected a TrainConfig, a dict or a YAML path; got {type(config).__name__}")
+    if values.get("stage", stage) != stage:
+        raise ConfigError(f"config: is a {values['stage']} config; call train({values['stage']!r}, ...)")
+    values["stage"] = stage
+    values.setdefault("quiet", True)
+    return values
+
+
+def _model_arg(model, what: str, inputs: RunInputs) -> str:
+    if is_path(model):
+        return os.fspath(model)
+    setattr(inputs, what, check_model_object(model, what))
+    return placeholder(model)
+
+
+def _tokenizer_arg(tokenizer, inputs: RunInputs) -> str | None:
+    if tokenizer is None:
+        if inputs.model is not None:
+            raise ConfigError("tokenizer: required when model is an object (pass the tokenizer that goes with it)")
+        return None
+    if is_path(tokenizer):
+        return os.fspath(tokenizer)
+    inputs.tokenizer = tokenizer
+    return placeholder(tokenizer)
+
+
+def _data_arg(data, what: str, inputs: RunInputs) -> str:
+    source = as_source(data, what)
+    if isinstance(source, str):
+        return source
+    setattr(inputs, what, source)
+    return f"<in-memory {what}: {len(source)} records>" if hasattr(source.records, "__len__") else f"<{what}>"
+
+
+def _check_objects(cfg: TrainConfig, inputs: RunInputs) -> None:
+    """Settings that need the model as a path, refused before anything loads."""
+    if inputs.model is not None and is_peft_model(inputs.model) and cfg.lora_r:
+        raise ConfigError("lora_r: the model is already a peft model; its adapters train as they are (drop "
+                          "lora_r), or pass the base model to add new ones")
+    if inputs.model is not None and cfg.load_in_4bit:
+        raise ConfigError("load_in_4bit: loads the model from a path in 4 bits; pass the model as a path")
+    reference_is_object = inputs.ref_model is not None or (not cfg.ref_model and inputs.model is not None)
+    if cfg.precompute_ref and reference_is_object:
+        raise ConfigError("precompute_ref: the on-disk cache is keyed by the reference's path; pass ref_model as "
+                          "a path, or drop precompute_ref")
+
+
+def _refuse_in_memory(cfg: TrainConfig) -> None:
+    for name in ("save_every", "resume", "merge", "report_to"):
+        if getattr(cfg, name):
+            raise ConfigError(f"{name}: needs a run folder; pass output_dir=..., or drop {name}")
+
+
+def _command(cfg: TrainConfig, inputs: RunInputs | None) -> str:
+    """What the model card shows under "Reproduce"."""
+    given = [name for name in _ARGUMENTS if inputs is not None and getattr(inputs, name, None) is not None]
+    if given:
+        return f"# trained from Python with {', '.join(given)} given as objects; config.yaml holds the settings"
+    return f"preftune {cfg.stage} --config {Path(cfg.output_dir) / 'config.yaml'}"
+
+
+def _load_finished(cfg: TrainConfig):
+    device = pick_device(cfg.device)
+    model = load_model(cfg.output_dir, device=device, dtype=pick_dtype(cfg.dtype, device),
+                       trust_remote_code=cfg.trust_remote_code)
+    return model, load_tokenizer(cfg.output_dir, trust_remote_code=cfg.trust_remote_code)
+
+
+def _read_history(out_dir: Path) -> list[dict]:
+    """Every row of RUN/metrics.jsonl, in order (a last line cut short by a kill is left out)."""
+    rows = []
+    for line in (out_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows

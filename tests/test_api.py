@@ -1,0 +1,252 @@
+"""The Python API: objects and in-memory records in, the same numbers as the command line out."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tinylm import fact_pairs, write_jsonl
+
+import preftune
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TIMING = ("pairs_per_s", "samples_per_s", "tokens_per_s")
+# Small, fast and deterministic on the CPU; lr high enough that weights visibly move in a few steps.
+SETTINGS = {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "max_length": 64, "device": "cpu", "dtype": "float32",
+            "seed": 3, "warmup_steps": 0}
+
+
+def flags(settings: dict) -> list[str]:
+    return [w for k, v in settings.items() for w in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.run([sys.executable, "-m", "preftune", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def file_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def load(model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[dict]:
+    return fact_pairs(16)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory, pairs) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", pairs)
+
+
+@pytest.fixture(scope="module")
+def cli_dpo(tmp_path_factory, tiny_model_dir, pairs_file) -> Path:
+    """`preftune dpo` as a user runs it, in its own process."""
+    out = tmp_path_factory.mktemp("cli") / "dpo"
+    r = cli("dpo", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output-dir", str(out),
+            "--quiet", *flags(SETTINGS), cwd=out.parent)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+# ---------------------------------------------------------------------------------- the CLI and the API agree
+
+def test_api_with_paths_writes_the_cli_run_bit_for_bit(cli_dpo, tiny_model_dir, pairs_file, tmp_path):
+    result = preftune.train("dpo", model=tiny_model_dir, data=pairs_file, output_dir=tmp_path / "api", **SETTINGS)
+    assert untimed(file_rows(tmp_path / "api")) == untimed(file_rows(cli_dpo))
+    assert untimed(result.history) == untimed(file_rows(cli_dpo))
+    a, b = load_file(str(tmp_path / "api" / "model.safetensors")), load_file(str(cli_dpo / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert result.output_dir == tmp_path / "api"
+
+
+def test_api_with_objects_in_memory_trains_what_the_cli_trains(cli_dpo, tiny_model_dir, pairs, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = load(tiny_model_dir)
+    result = preftune.train("dpo", model=model, tokenizer=tokenizer, data=pairs, **SETTINGS)
+    assert list(tmp_path.iterdir()) == []                        # in memory: no run folder, no file at all
+    assert result.output_dir is None
+    assert untimed(result.history) == untimed(file_rows(cli_dpo))
+    saved = load_file(str(cli_dpo / "model.safetensors"))
+    trained = result.model.state_dict()
+    assert all(torch.equal(trained[k], saved[k]) for k in saved)
+    assert result.model is model and not model.training          # trained in place, handed back in eval mode
+    assert result.metrics == result.history[-1]
+    # The first step: policy equals the frozen copy of the starting model, so every reward is 0 and loss log 2.
+    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_dataset_reads_the_same_records_as_the_file(tiny_model_dir, pairs, pairs_file):
+    import datasets
+
+    sft_rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
+    sft_file = write_jsonl(pairs_file.parent / "sft.jsonl", sft_rows)
+    from_file = preftune.train("sft", model=tiny_model_dir, data=sft_file, **SETTINGS)
+    model, tokenizer = load(tiny_model_dir)
+    from_dataset = preftune.train("sft", model=model, tokenizer=tokenizer, data=datasets.Dataset.from_list(sft_rows),
+                                  **SETTINGS)
+    assert untimed(from_dataset.history) == untimed(from_file.history)
+    assert from_dataset.history[-1]["loss"] < from_dataset.history[0]["loss"]
+
+
+def test_evaluate_gives_the_cli_summary_and_rows(cli_dpo, tiny_model_dir, pairs, pairs_file, tmp_path):
+    r = cli("eval", "--model", str(cli_dpo), "--ref-model", str(tiny_model_dir), "--data", str(pairs_file),
+            "--output", str(tmp_path / "rows.jsonl"), "--device", "cpu", "--dtype", "float32", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    model, tokenizer = load(cli_dpo)
+    report = preftune.evaluate(model=model, tokenizer=tokenizer, ref_model=tiny_model_dir, data=pairs, device="cpu",
+                               dtype="float32")
+    assert report.summary == json.loads(r.stdout)
+    assert report.rows == [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert report.summary["pairs"] == len(report.rows) == len(pairs)
+
+
+# ---------------------------------------------------------------------------------- LoRA
+
+def test_lora_in_memory_trains_adapters_only_against_the_adapters_off_model(tiny_model_dir, pairs):
+    model, tokenizer = load(tiny_model_dir)
+    before = weights(model)
+    result = preftune.train("dpo", model=model, tokenizer=tokenizer, data=pairs, lora_r=4, **SETTINGS)
+    assert preftune.inputs.is_peft_model(result.model)
+    base = {k.replace(".base_layer", ""): v for k, v in result.model.get_base_model().state_dict().items()
+            if "lora_" not in k}
+    assert base.keys() == before.keys() and all(torch.equal(before[k], base[k]) for k in before)  # base untouched
+    lora = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert lora and any(p.abs().sum() > 0 for p in lora)              # adapters moved off their zero start
+    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_a_peft_model_trains_its_own_adapters_with_a_folder(tiny_model_dir, pairs, tmp_path):
+    import peft
+
+    model, tokenizer = load(tiny_model_dir)
+    torch.manual_seed(0)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         task_type="CAUSAL_LM"))
+    result = preftune.train("dpo", model=wrapped, tokenizer=tokenizer, data=pairs, output_dir=tmp_path / "run",
+                            **SETTINGS)
+    assert result.model is wrapped
+    assert (tmp_path / "run" / "adapter_config.json").is_file() and (tmp_path / "run" / "results.json").is_file()
+    # The reference is the same network with adapters off: identical to the policy before the first update.
+    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result.history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert result.history[-1]["reward_margin"] > 0
+
+
+# ---------------------------------------------------------------------------------- callbacks
+
+def test_a_callback_sees_every_row_train_and_eval(tiny_model_dir, pairs, tmp_path):
+    seen = []
+    result = preftune.train("dpo", model=tiny_model_dir, data=pairs[:12], eval_data=pairs[12:], eval_every=2,
+                            output_dir=tmp_path / "run", callbacks=[seen.append], **SETTINGS)
+    assert [(r["step"], "eval_loss" in r) for r in seen] == [(1, False), (2, False), (2, True), (3, False),
+                                                             (4, False), (4, True)]
+    assert seen == result.history == file_rows(tmp_path / "run")
+    assert result.metrics["eval_loss"] == seen[-1]["eval_loss"] and result.metrics["loss"] == seen[-2]["loss"]
+
+
+def test_a_callback_stops_a_run_in_memory(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = preftune.train("dpo", model=tiny_model_dir, data=pairs,
+                            callbacks=[lambda row: "stop" if row["step"] == 2 else None], **SETTINGS)
+    assert [r["step"] for r in result.history] == [1, 2]
+    assert result.stopped_at_step == 2 and result.metrics["stopped_at_step"] == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_callback_stop_with_a_folder_checkpoints_and_resumes_to_the_same_end(tiny_model_dir, pairs, tmp_path):
+    whole = preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=tmp_path / "whole", **SETTINGS)
+    out = tmp_path / "stopped"
+    first = preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=out, **SETTINGS,
+                           callbacks=[lambda row: "stop" if row["step"] == 2 else None])
+    assert first.stopped_at_step == 2 and (out / "checkpoints" / "step-00000002" / "manifest.json").is_file()
+    resumed = preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=out, resume=True, **SETTINGS)
+    assert untimed(resumed.history) == untimed(whole.history)
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Once more on the finished run: nothing trains; the result is the saved model and the whole history.
+    again = preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=out, resume=True, **SETTINGS)
+    assert again.history == resumed.history and again.metrics == json.loads((out / "results.json").read_text())
+    assert all(torch.equal(again.model.state_dict()[k], a[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------- config, errors, quiet
+
+def test_config_then_keywords_and_quiet_by_default(tiny_model_dir, pairs, tmp_path, capsys):
+    (tmp_path / "dpo.yaml").write_text("stage: dpo\nbeta: 0.5\nmax_steps: 2\nbatch_size: 4\n")
+    result = preftune.train("dpo", model=tiny_model_dir, data=pairs, config=tmp_path / "dpo.yaml", max_steps=1,
+                            device="cpu", output_dir=tmp_path / "run")
+    saved = preftune.TrainConfig.from_yaml(tmp_path / "run" / "config.yaml")
+    assert (saved.beta, saved.max_steps, saved.batch_size) == (0.5, 1, 4)
+    assert [r["step"] for r in result.history] == [1]
+    assert capsys.readouterr() == ("", "")                          # the library printed nothing
+
+
+def test_a_trainconfig_object_takes_the_stage_of_the_call(tiny_model_dir, pairs, capsys):
+    config = preftune.TrainConfig(max_steps=1, batch_size=4, device="cpu", max_length=64)  # stage defaults to dpo
+    sft_rows = [{"text": p["prompt"] + p["chosen"]} for p in pairs]
+    result = preftune.train("sft", model=tiny_model_dir, data=sft_rows, config=config)
+    assert result.history[0]["samples_per_s"] > 0 and "reward_accuracy" not in result.history[0]  # an SFT step
+    assert capsys.readouterr() == ("", "")  # quiet, although TrainConfig's own default is not
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (dict(tokenizer=None), preftune.ConfigError, "tokenizer: required when model is an object"),
+    (dict(data=[{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}]),
+     preftune.DataError, "data record 2: missing key 'rejected'"),
+    (dict(data=42), preftune.DataError, "data: expected a list of records"),
+    (dict(data=[]), preftune.DataError, "data: no records"),
+    (dict(save_every=1), preftune.ConfigError, "save_every: needs a run folder"),
+    (dict(bta=0.2), preftune.ConfigError, "did you mean 'beta'"),
+    (dict(model=3), preftune.ConfigError, "model: expected a transformers model"),
+    (dict(config={"stage": "sft"}), preftune.ConfigError, "is a sft config"),
+])
+def test_mistakes_raise_preftune_errors_with_one_line_messages(tiny_model_dir, pairs, call, error, message):
+    model, tokenizer = load(tiny_model_dir)
+    kwargs = {"model": model, "tokenizer": tokenizer, "data": pairs, **SETTINGS, **call}
+    with pytest.raises(error) as caught:
+        preftune.train("dpo", **kwargs)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_load_pairs_normalises_records_in_memory():
+    chat = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}],
+             "rejected": [{"role": "assistant", "content": "go away"}]}]
+    [pair] = preftune.load_pairs(chat)
+    assert pair.prompt == [{"role": "user", "content": "hi"}]
+    assert pair.chosen == [{"role": "assistant", "content": "hello"}] and pair.where == "data record 1"
+    with pytest.raises(preftune.DataError, match="cannot tell the data format"):
+        preftune.load_pairs([{"question": "q"}])
+
+
+def test_public_names_are_exported_and_documented():
+    for name in preftune.__all__:
+        obj = getattr(preftune, name)
+        if name != "__version__":
+            assert obj.__doc__, name
+    assert preftune.preference_loss is preftune.losses.preference_loss
+    assert callable(preftune.train) and callable(preftune.evaluate)
