@@ -44,6 +44,15 @@ class Limits:
         return "; ".join(parts)
 
 
+def layout_note(model, prefix_sharing: bool) -> str:
+    """One line for the run's log: the layout a model's rows take and why."""
+    name = type(unwrap(model)).__name__
+    if not prefix_sharing:
+        return f"layout: {name}: plain (--no-prefix-sharing)"
+    why = limits_of(model).describe()
+    return f"layout: {name}: prefix-shared" + (f"; {why}" if why else "")
+
+
 def _rope_params(cfg) -> list[dict]:
     params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if not isinstance(params, dict):

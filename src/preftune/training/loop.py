@@ -149,7 +149,7 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
     if env.is_main:
         described = rundir.write_start(out_dir, cfg, setup, steps)
         if not cfg.quiet:
-            print(described, flush=True)
+            print("\n".join([described, *setup.notes]), flush=True)
 
     objective = make_objective(cfg)
     policy_logps: AnswerLogpModule = setup.policy_logps

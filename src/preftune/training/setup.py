@@ -16,10 +16,11 @@ from ..dist.env import DistEnv
 from ..dist.logp_module import AnswerLogpModule, sharded_logps_module
 from ..errors import ConfigError
 from ..evaluate import table_of
+from ..logps.limits import layout_note
 from ..logps.parts import set_compute_dtype
 from ..losses import needs_reference
 from ..models import lora
-from ..models.load import freeze, load_model, load_tokenizer
+from ..models.load import disable_dropout, freeze, load_model, load_tokenizer
 from ..models.precision import Precision
 from .reference import AdaptersOffReference, CachedReference, FrozenReference
 
@@ -88,6 +89,8 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Se
     policy = load_model(cfg.model, device=load_device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                         quantization_config=lora.quantization_config(cfg, precision.compute or dtype))
     set_compute_dtype(policy, precision.compute)
+    if cfg.stage == "dpo" and cfg.disable_dropout:
+        disable_dropout(policy)
     if cfg.gradient_checkpointing:
         enable = getattr(policy, "activation_checkpointing_enable", None)  # the newer name, transformers >= 5.x
         if enable is not None:
@@ -119,14 +122,17 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Se
         if eval_items:
             eval_table = table_of(reference.logps, eval_items, pad_id=tokenizer.pad_token_id, device=device,
                                          batch_size=cfg.batch_size)
+    notes = [layout_note(policy, cfg.prefix_sharing)]
     return Setup(tokenizer, policy, reference, train_items, eval_items, records, report, stats, eval_stats,
-                 eval_table, policy_logps=logp, dtype=dtype)
+                 eval_table, notes=notes, policy_logps=logp, dtype=dtype)
 
 
 def _load_reference(cfg: TrainConfig, device, precision: Precision):
     model = load_model(cfg.ref_model or cfg.model, device=device, dtype=precision.frozen,
                        trust_remote_code=cfg.trust_remote_code)
     set_compute_dtype(model, precision.compute)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     freeze(model)
     return model
 
