@@ -18,6 +18,7 @@ from preftune.data.records import PreferencePair
 from preftune.data.tokenize import TokenizedPair, tokenize_all
 from preftune.demo.base import tiny_llama
 from preftune.logps.answer import answer_logps
+from preftune.logps.layouts import _shared_layout as shared_layout
 from preftune.logps.parts import Head
 from preftune.logps.layouts import plain_logps, shared_prefix_logps
 from preftune.logps.planner import plan_groups, plan_layout
@@ -61,12 +62,6 @@ def assert_close(fast, plain):
         # arithmetic (a one-token prompt and answer give the queries no gradient) but round-off noise in float32.
         scale = ref_grads[name].abs().max()
         assert (g - ref_grads[name]).abs().max() <= 1e-4 * scale + 1e-8, name
-
-
-@pytest.fixture
-def sharing_is_cheap(monkeypatch):
-    """Forward calls cost nothing, so the planner always prefers computing each prompt once (the shared layout)."""
-    monkeypatch.setitem(planner.CALL_COST_TOKENS, "cpu", 0)
 
 
 @pytest.mark.parametrize("layout,trim_padding,chunk_size",
@@ -181,7 +176,7 @@ def test_a_model_without_a_reusable_cache_falls_back_with_one_warning(monkeypatc
     def no_cache(*args, **kwargs):
         raise TypeError("no cache here")
 
-    monkeypatch.setattr(layouts, "_reusable_cache", no_cache)
+    monkeypatch.setattr(layouts, "_pinned_cache", no_cache)
     monkeypatch.setattr(answer, "_WARNED", set())
     m = model()
     batch = collate(pairs(SHAPES), pad_id=0)
@@ -195,18 +190,31 @@ def test_a_model_without_a_reusable_cache_falls_back_with_one_warning(monkeypatc
     assert len(warnings) == 1
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, caplog, sharing_is_cheap):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, caplog, reentrant, sharing_is_cheap):
     monkeypatch.setattr(answer, "_WARNED", set())
     m = model()
     batch = collate(pairs(SHAPES), pad_id=0)
     plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
-    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     m.train()
+    shared_calls = []
+
+    def counted(*args):
+        out = shared_layout(*args)
+        shared_calls.append(1)
+        return out
+
+    monkeypatch.setattr(layouts, "_shared_layout", counted)
     with caplog.at_level(logging.WARNING, logger="preftune.logps.answer"):
         fast = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=True, chunk_size=3))
     assert_close(fast, plain)
-    assert any("checkpointing" in r.getMessage() for r in caplog.records)
-    # Without gradients nothing is replayed, so the prompt cache is still shared (and exact).
+    fell_back = [r for r in caplog.records if "reentrant" in r.getMessage()]
+    # Non-reentrant checkpointing keeps the prompt's cache in the graph: the answers share it. The reentrant
+    # variant would cut it, so that model falls back to the plain layout, with a warning.
+    assert bool(shared_calls) != reentrant
+    assert bool(fell_back) == reentrant
+    # Without gradients nothing is replayed, so the prompt cache is shared either way (and exact).
     with torch.no_grad():
         torch.testing.assert_close(answer_logps(m, batch).logps, plain[0], rtol=1e-5, atol=1e-5)
 
@@ -283,3 +291,10 @@ def test_compiled_body_gives_the_same_numbers():
     plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
     body_of(m).compile(dynamic=True)
     assert_close(logps_and_grads(m, lambda: answer_logps(m, batch, chunk_size=3)), plain)
+
+
+def test_plan_groups_keeps_every_group_inside_the_span():
+    widths = [(3, 1, 2), (4, 9, 1), (10, 2, 2), (12, 1, 4)]  # each fits a span of 16 alone
+    groups = plan_groups(widths, call_cost=1e9, max_span=16)
+    assert groups == [[0, 1], [2, 3]]  # [0..3] would be 12 + 9; [1, 2] would be 10 + 9
+    assert plan_groups(widths, call_cost=1e9) == [[0, 1, 2, 3]]

@@ -85,6 +85,8 @@ class TrainConfig:
     ref_cache_dir: str | None = _f(None, "Where cached reference log-probs live (default: ~/.cache/preftune/ref).")
     group_by_length: bool = _f(False, "Batch pairs of similar length together to cut padding.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    disable_dropout: bool = _f(True, "DPO: turn the model's dropout off in policy and reference (as TRL does), so a "
+                                     "policy equal to its reference gives loss log 2; --no-disable-dropout keeps it.")
     compile: bool = _f(False, "torch.compile the model.")
     # --- LoRA and scale
     lora_r: int = _f(0, "LoRA rank; 0 trains all weights.")

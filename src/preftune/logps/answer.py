@@ -10,12 +10,14 @@ import logging
 
 from ..data.batching import PromptAnswerBatch
 from .layouts import AnswerLogps, plain_logps, shared_prefix_logps
+from .limits import Limits, exact_parts, limits_of
 from .parts import LMWrapper, attention_backends, checkpointing, compute_precision, unwrap
 from .planner import plan_layout
 
 log = logging.getLogger(__name__)
 
 _WARNED: set[str] = set()
+_SAID: set[tuple[str, str]] = set()
 
 
 def answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool = True, chunk_size: int = 1024,
@@ -36,21 +38,51 @@ def answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool = True
 
 def _answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool, chunk_size: int,
                   trim_padding: bool) -> AnswerLogps:
-    plain_groups, plain_cost = plan_layout(batch, shared=False, trim_padding=trim_padding)
-    if prefix_sharing and batch.k > 1:
+    limits = limits_of(model)
+    parts = exact_parts(batch, limits)
+    if len(parts) == 1 and parts[0].answer_rows is None:
+        return _layout_logps(model, batch, limits, share=prefix_sharing and parts[0].shareable,
+                             chunk_size=chunk_size, trim_padding=trim_padding)
+    logps = None
+    for part in parts:
+        out = _layout_logps(model, part.batch, limits, share=prefix_sharing and part.shareable,
+                            chunk_size=chunk_size, trim_padding=trim_padding).logps
+        if logps is None:
+            logps = out.new_zeros(batch.answer_ids.shape[0])
+        logps = logps.index_copy(0, part.answer_rows, out)
+    return AnswerLogps(logps, batch.answer_lens)
+
+
+def _layout_logps(model, batch: PromptAnswerBatch, limits: Limits, *, share: bool, chunk_size: int,
+                  trim_padding: bool) -> AnswerLogps:
+    name = type(unwrap(model)).__name__
+    plain_groups = None
+    if share and batch.k > 1:
         # Both layouts give the same numbers; the planner's cost says which is cheaper for this batch on this device.
-        shared_groups, shared_cost = plan_layout(batch, shared=True, trim_padding=trim_padding)
-        name = type(unwrap(model)).__name__
+        shared_groups, shared_cost = plan_layout(batch, shared=True, trim_padding=trim_padding, max_span=limits.window)
+        plain_groups, plain_cost = plan_layout(batch, shared=False, trim_padding=trim_padding)
         key = f"{name}/checkpointing" if checkpointing(model) else name
         if key not in _WARNED and shared_cost <= plain_cost:
             try:
-                return shared_prefix_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding,
-                                           groups=shared_groups)
+                out = shared_prefix_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding,
+                                          max_span=limits.window, groups=shared_groups)
+                _say_once(name, "prefix-shared", limits)
+                return out
             except (TypeError, ValueError, NotImplementedError, AttributeError) as exc:
                 _WARNED.add(key)
                 log.warning("%s cannot continue answers from a shared prompt cache (%s); using the plain path",
                             name, exc)
+    _say_once(name, "plain", limits)
     return plain_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding, groups=plain_groups)
+
+
+def _say_once(name: str, layout: str, limits: Limits) -> None:
+    """Log, once per model class and layout, which layout its rows take and why."""
+    if (name, layout) in _SAID:
+        return
+    _SAID.add((name, layout))
+    why = limits.describe()
+    log.info("%s: %s layout%s", name, layout, f" for some rows ({why})" if why else "")
 
 
 class LogpsForward(LMWrapper):

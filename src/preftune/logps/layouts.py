@@ -9,6 +9,7 @@ and a batch runs as sub-batches of similar length (planner.py, `trim_padding`).
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -97,22 +98,84 @@ def _plain_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, 
     return hidden[rows, src], batch.answer_ids[amask], rows
 
 
-def _reusable_cache(out, cache_name: str, prompt_width: int):
-    """The prompt's key/value cache if answers can continue from it; otherwise TypeError (the caller falls back)."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+def _pinned_cache(model, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None, prefix_len: int, span: int):
+    """A key/value cache whose layers hold `prefix` (one (keys, values) per layer) and whose `update` is pure.
 
-    cache = getattr(out, cache_name, None)
-    if cache is None:
-        cache = getattr(out, "past_key_values", None)
-    if not isinstance(cache, DynamicCache):
-        raise TypeError(f"the model returned {type(cache).__name__}, not a DynamicCache")
-    # Sliding-window, linear-attention or quantised layers do not keep every prompt state verbatim.
-    odd = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
-    if odd:
-        raise TypeError(f"its cache layers ({', '.join(sorted(odd))}) cannot be continued from a padded prompt")
-    if cache.get_seq_length() != prompt_width:
-        raise TypeError("the prompt's key/value cache came back empty")
+    `prefix_len` is the prefix's width in cache slots, `span` the width of prefix plus the call's tokens: a
+    sliding window must cover it, since the mask measures the window in slots and the prompts are right-padded.
+
+    Each update returns the prefix plus the states it is given and keeps that as the layer's content, without
+    appending to what an earlier update left. A checkpointed decoder layer replayed in backward therefore sees
+    exactly the keys its forward saw (a plain DynamicLayer would append the replayed states a second time), and
+    every answer slot can start from the same prompt states. Raises TypeError for layers it cannot hold this way.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    cfg = unwrap(model).config
+    cache = DynamicCache(config=cfg)
+    if not cache.layers:
+        raise TypeError("its cache has no layers before the first forward")
+    if "chunked_attention" in (getattr(cfg, "layer_types", None) or ()):
+        raise TypeError("chunked attention is measured in cache slots")
+    for i, layer in enumerate(cache.layers):
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise TypeError(f"its cache layers ({type(layer).__name__}) do not keep every prompt state verbatim")
+        if prefix is not None:
+            layer.keys, layer.values = prefix[i]
+            layer.is_initialized = True
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            if span > layer.sliding_window:
+                raise ValueError(f"{span} tokens do not fit its sliding window of {layer.sliding_window}")
+            layer.cumulative_length = prefix_len
+        layer.update = _pure_update(layer, prefix[i] if prefix is not None else None)
     return cache
+
+
+def _pure_update(layer, prefix):
+    def update(key_states, value_states, *args, **kwargs):
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        if prefix is None:
+            keys, values = key_states, value_states
+        else:
+            keys, values = torch.cat([prefix[0], key_states], dim=-2), torch.cat([prefix[1], value_states], dim=-2)
+        layer.keys, layer.values = keys, values
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = keys.shape[-2]
+        return keys, values
+
+    return update
+
+
+@contextmanager
+def _layers_keep_cache(body):
+    """Under activation checkpointing, let Hugging Face's decoder layers use the (pure) cache they are given.
+
+    They drop it by default, since a replayed layer would write it twice; `_pinned_cache` makes the replay
+    write the same states again. Needs non-reentrant checkpointing: the prompt's states leave the checkpointed
+    layer through the cache, which the reentrant variant would cut from the graph.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in body.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for m in layers:
+        fn = getattr(m, "_gradient_checkpointing_func", None)
+        if getattr(fn, "keywords", {}).get("use_reentrant", True):
+            raise NotImplementedError("reentrant gradient checkpointing cuts the prompt's cache from the graph")
+    # Some bodies (GPT-2) also withhold the cache from their layers while their own flag is set; the layers'
+    # flags are what checkpoints them.
+    body_flag = body.__dict__.get("gradient_checkpointing")
+    try:
+        for m in layers:
+            m._can_checkpoint_with_cache = True
+        if body_flag:
+            body.gradient_checkpointing = False
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("_can_checkpoint_with_cache", None)
+        if body_flag:
+            body.gradient_checkpointing = body_flag
 
 
 def _shared_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, answer_embeds: torch.Tensor):
@@ -120,37 +183,41 @@ def _shared_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor,
 
     The prompt block stays right-padded in the cache; the attention mask hides the padding and explicit position
     ids continue each row at its true prompt length, so every answer sees exactly its prompt. The slots run one
-    after another from the same prompt states (restored between slots), so the cache is never copied k times
-    and each slot is padded only to its own longest answer.
+    after another, each from a cache that holds the prompt states, so the cache is never copied k times and each
+    slot is padded only to its own longest answer. Padding columns repeat their row's last position, so a call's
+    largest position is that of a real token (rope that picks factors by it, see limits.py).
     """
     body, k, dev = body_of(model), batch.k, batch.answer_ids.device
     cache_name = cache_kwarg(body)
     p_width = batch.prompt_ids.shape[1]
     p_mask = torch.arange(p_width, device=dev)[None, :] < batch.prompt_lens[:, None]
-    out = body(inputs_embeds=prompt_embeds, attention_mask=p_mask.long(), use_cache=True)
-    cache = _reusable_cache(out, cache_name, p_width)
-    prompt_states = [(layer.keys, layer.values) for layer in cache.layers]
-    # Predictor of answer column 0 is the last prompt state; of column c>0, the answer state at c-1.
-    first = out.last_hidden_state[torch.arange(batch.size, device=dev), batch.prompt_lens - 1]
-    del out
-    hidden, targets, rows = [], [], []
-    a_host = batch.lengths()[1]
-    for s in range(k):
-        lens = batch.answer_lens[s::k]
-        width = max(a_host[s::k])
-        ids, embeds = batch.answer_ids[s::k, :width], answer_embeds[s::k, :width]
-        amask = torch.arange(width, device=dev)[None, :] < lens[:, None]
-        for layer, (keys, values) in zip(cache.layers, prompt_states):
-            layer.keys, layer.values = keys, values
-        positions = batch.prompt_lens[:, None] + torch.arange(width, device=dev)[None, :]
-        attn = torch.cat([p_mask, amask], dim=1).long()
-        ans = body(inputs_embeds=embeds, attention_mask=attn, position_ids=positions, use_cache=True,
-                   **{cache_name: cache}).last_hidden_state
-        predictors = torch.cat([first[:, None], ans[:, :-1]], dim=1)
-        hidden.append(predictors[amask])
-        targets.append(ids[amask])
-        slot_rows = torch.arange(batch.size, device=dev) * k + s
-        rows.append(slot_rows[:, None].expand_as(amask)[amask])
+    with _layers_keep_cache(body) if checkpointing(model) else nullcontext():
+        cache = _pinned_cache(model, None, 0, p_width)
+        out = body(inputs_embeds=prompt_embeds, attention_mask=p_mask.long(), use_cache=True,
+                   **{cache_name: cache})
+        if cache.get_seq_length() != p_width:
+            raise TypeError("the prompt's key/value cache came back empty")
+        prompt_states = [(layer.keys, layer.values) for layer in cache.layers]
+        # Predictor of answer column 0 is the last prompt state; of column c>0, the answer state at c-1.
+        first = out.last_hidden_state[torch.arange(batch.size, device=dev), batch.prompt_lens - 1]
+        del out, cache
+        hidden, targets, rows = [], [], []
+        a_host = batch.lengths()[1]
+        for s in range(k):
+            lens = batch.answer_lens[s::k]
+            width = max(a_host[s::k])
+            ids, embeds = batch.answer_ids[s::k, :width], answer_embeds[s::k, :width]
+            cols = torch.arange(width, device=dev)[None, :]
+            amask = cols < lens[:, None]
+            positions = batch.prompt_lens[:, None] + torch.minimum(cols, (lens[:, None] - 1).clamp(min=0))
+            attn = torch.cat([p_mask, amask], dim=1).long()
+            ans = body(inputs_embeds=embeds, attention_mask=attn, position_ids=positions, use_cache=True,
+                       **{cache_name: _pinned_cache(model, prompt_states, p_width, p_width + width)}).last_hidden_state
+            predictors = torch.cat([first[:, None], ans[:, :-1]], dim=1)
+            hidden.append(predictors[amask])
+            targets.append(ids[amask])
+            slot_rows = torch.arange(batch.size, device=dev) * k + s
+            rows.append(slot_rows[:, None].expand_as(amask)[amask])
     return torch.cat(hidden), torch.cat(targets), torch.cat(rows)
 
 
@@ -162,12 +229,11 @@ def plain_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024, trim
 
 
 def shared_prefix_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024, trim_padding: bool = True,
-                        groups: list[list[int]] | None = None) -> AnswerLogps:
-    """Prompts once; the k answers of each prompt continue from its key/value cache."""
-    if checkpointing(model):
-        # A checkpointed layer is replayed in backward; Hugging Face layers then drop the cache, since the replay
-        # would write it twice. Without a cache the answers would not see their prompt.
-        raise NotImplementedError("gradient checkpointing drops the key/value cache in training")
-    groups = groups or length_groups(batch, shared=True, trim_padding=trim_padding)
+                        max_span: int | None = None, groups: list[list[int]] | None = None) -> AnswerLogps:
+    """Prompts once; the k answers of each prompt continue from its key/value cache.
+
+    `max_span`: the longest prompt width + answer width a group may have (a sliding window; see limits.py).
+    """
+    groups = groups or length_groups(batch, shared=True, trim_padding=trim_padding, max_span=max_span)
     return _run_grouped(model, batch, groups, _shared_layout, chunk_size)
 

@@ -158,6 +158,15 @@ def load_adapter_model(path: str | Path, *, device: torch.device, dtype: torch.d
         return peft.PeftModel.from_pretrained(base, str(path)).to(device)
 
 
+def disable_dropout(model) -> None:
+    """Dropout off in every layer: `nn.Dropout` modules and the attention-dropout rates attention modules read."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def freeze(model) -> None:
     model.eval()
     for p in model.parameters():

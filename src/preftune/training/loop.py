@@ -178,7 +178,7 @@ def execute(cfg: TrainConfig, *, command: str, inputs=None, callbacks=(), in_mem
     if writes:
         described = rundir.write_start(out_dir, cfg, setup, steps)
         if not cfg.quiet:
-            print(described, flush=True)
+            print("\n".join([described, *setup.notes]), flush=True)
 
     objective = make_objective(cfg, env)
     policy_logps: AnswerLogpModule = setup.policy_logps

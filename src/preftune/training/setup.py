@@ -16,11 +16,12 @@ from ..dist.env import DistEnv
 from ..dist.logp_module import AnswerLogpModule, sharded_logps_module
 from ..errors import ConfigError
 from ..metrics import table_of
+from ..logps.limits import layout_note
 from ..logps.parts import set_compute_dtype
 from ..inputs import RunInputs, frozen, is_peft_model, policy_in_place
 from ..losses import needs_reference
 from ..models import lora
-from ..models.load import ensure_pad_token, freeze, load_model, load_tokenizer
+from ..models.load import disable_dropout, ensure_pad_token, freeze, load_model, load_tokenizer
 from ..models.precision import Precision, hold_frozen
 from .reference import AdaptersOffReference, CachedReference, FrozenReference
 
@@ -106,6 +107,8 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
                             quantization_config=lora.quantization_config(cfg, precision.compute or dtype))
     adapters = bool(cfg.lora_r) or is_peft_model(policy)
     set_compute_dtype(policy, precision.compute)
+    if cfg.stage == "dpo" and cfg.disable_dropout:
+        disable_dropout(policy)
     if cfg.gradient_checkpointing:
         enable = getattr(policy, "activation_checkpointing_enable", None)  # the newer name, transformers >= 5.x
         if enable is not None:
@@ -138,8 +141,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
         if eval_items:
             eval_table = table_of(reference.logps, eval_items, pad_id=tokenizer.pad_token_id, device=device,
                                          batch_size=cfg.batch_size)
+    notes = [layout_note(policy, cfg.prefix_sharing)]
     return Setup(tokenizer, policy, reference, train_items, eval_items, records, report, stats, eval_stats,
-                 eval_table, policy_logps=logp, dtype=dtype)
+                 eval_table, notes=notes, policy_logps=logp, dtype=dtype)
 
 
 def _load_reference(cfg: TrainConfig, device, precision: Precision, given=None):
@@ -152,6 +156,8 @@ def _load_reference(cfg: TrainConfig, device, precision: Precision, given=None):
         hold_frozen(model, precision)
         freeze(model)
     set_compute_dtype(model, precision.compute)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     return model
 
 

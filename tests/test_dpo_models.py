@@ -1,0 +1,46 @@
+"""DPO on models whose configs carry training-time behaviour: dropout, router load-balancing losses."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from families import tiny
+from tinylm import fact_pairs, make_tokenizer, write_jsonl
+from preftune.training import loop as train
+from test_resume import config
+
+
+def model_dir(tmp_path, family: str):
+    tok = make_tokenizer()
+    model = tiny(family, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                 bos_token_id=tok.bos_token_id)
+    model.save_pretrained(tmp_path / family)
+    tok.save_pretrained(tmp_path / family)
+    return tmp_path / family
+
+
+def first_step(tmp_path, model, **overrides) -> dict:
+    data = write_jsonl(tmp_path / "pairs.jsonl", fact_pairs(8))
+    out = tmp_path / ("run-" + "-".join(f"{k}{v}" for k, v in overrides.items()))
+    train.run(config(model, data, out, max_steps=1, **overrides), command="preftune dpo")
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_a_gpt2_policy_equal_to_its_reference_starts_at_log_2(tmp_path):
+    model = model_dir(tmp_path, "gpt2")
+    assert json.loads((model / "config.json").read_text())["resid_pdrop"] == 0.1
+    row = first_step(tmp_path, model)
+    assert row["loss"] == pytest.approx(math.log(2), abs=1e-7) and row["reward_margin"] == 0.0
+    # With the dropout the config ships, the two forwards differ: the first loss is noise around log 2.
+    kept = first_step(tmp_path, model, disable_dropout=False)
+    assert abs(kept["loss"] - math.log(2)) > 1e-4
+
+
+def test_the_run_log_says_which_layout_the_model_takes(tmp_path, capsys):
+    model = model_dir(tmp_path, "mistral")
+    first_step(tmp_path, model, quiet=False)
+    assert "layout: MistralForCausalLM: prefix-shared; sliding window 16: pairs whose prompt + answer fit it" \
+        in capsys.readouterr().out
