@@ -45,7 +45,7 @@ from . import parallel
 from .config import TrainConfig, load_yaml_mapping
 from .distributed import DistEnv, all_reduce_sum, barrier
 from .errors import NonFiniteError, PreftuneError
-from .io import atomic_write_json
+from .io import atomic_write_json, follow_umask
 from .run_dir import CHECKPOINTS as FOLDER, resolved
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,7 @@ def save(out_dir: Path, state: RunState, cfg: TrainConfig, env: DistEnv, metrics
         (tmp / STATE).write_text(json.dumps(trainer))
         (tmp / CONFIG).write_text(yaml.safe_dump(resolved(cfg).to_dict(), sort_keys=False))
         files = [WEIGHTS, OPTIMIZER, STATE, CONFIG]
+        follow_umask(tmp)  # safetensors writes weights 0600
         for name in files:
             _fsync(tmp / name)
         if os.environ.get(PAUSE_ENV):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
+from .io import follow_umask
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
+    follow_umask(out_dir)  # safetensors writes weights 0600
 
 
 def tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int | None = None,

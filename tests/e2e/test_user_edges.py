@@ -1,0 +1,41 @@
+"""What a user meets at the edges, run as a user runs it (see userland.py): each failure is one line on stderr
+naming what and where, exit 2, no traceback, in seconds; files follow the umask; a failed run blocks no rerun."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from tinylm import fact_pairs, make_model_dir, write_jsonl
+from .userland import assert_one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("edges")
+    make_model_dir(d / "base")
+    pairs = fact_pairs(32)
+    write_jsonl(d / "pairs.jsonl", pairs)
+    write_jsonl(d / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs])
+    return d
+
+
+@pytest.fixture(scope="module")
+def dpo_run(workdir) -> Path:
+    """A finished DPO run with held-out pairs and checkpoints."""
+    r = run_cli("dpo", "--model", "base", "--data", "pairs.jsonl", "--output-dir", "dpo", "--max-steps", "3",
+                "--batch-size", "4", "--lr", "1e-3", "--eval-split", "0.25", "--save-every", "1", "--quiet",
+                cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    return workdir / "dpo"
+
+
+def test_run_files_follow_the_umask(dpo_run):
+    files = [p for p in dpo_run.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"model.safetensors", "README.md", "results.json", "config.yaml", "tokenizer.json",
+            "trainer_state.json", "weights.safetensors"} <= names, names
+    modes = {str(p.relative_to(dpo_run)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert set(modes.values()) == {"0o644"}, modes
