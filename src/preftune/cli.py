@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -126,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that left early (`| head`) shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader has what it wanted: end quietly, and stop Python's own flush at exit from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool that stops at a closed pipe
     except PreftuneError as exc:
         print(f"preftune: error: {exc}", file=sys.stderr)
         return exc.exit_code

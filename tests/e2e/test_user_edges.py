@@ -4,12 +4,15 @@ naming what and where, exit 2, no traceback, in seconds; files follow the umask;
 from __future__ import annotations
 
 import json
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from tinylm import fact_pairs, make_model_dir, write_jsonl
-from .userland import assert_one_line_error, run_cli
+from .userland import assert_one_line_error, run_cli, user_env
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +42,15 @@ def test_run_files_follow_the_umask(dpo_run):
             "trainer_state.json", "weights.safetensors"} <= names, names
     modes = {str(p.relative_to(dpo_run)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert set(modes.values()) == {"0o644"}, modes
+
+
+@pytest.mark.parametrize("command", [["data", "check", "many.jsonl"], ["data", "show", "many.jsonl", "-n", "4000"]])
+def test_piped_into_head_ends_quietly(workdir, command):
+    # Thousands of lines: far more than a pipe buffers, so preftune is still writing when head has left.
+    write_jsonl(workdir / "many.jsonl", [{"prompt": f"q{i}", "chosen": "", "rejected": "r"} for i in range(4000)]
+                + fact_pairs(4000))
+    shell = " ".join([sys.executable, "-m", "preftune", *command]) + " 2>err.txt | head -3"
+    r = subprocess.run(["bash", "-c", shell], cwd=workdir, env=user_env(), capture_output=True, text=True,
+                       timeout=120, preexec_fn=lambda: os.umask(0o022))
+    assert len(r.stdout.splitlines()) == 3
+    assert (workdir / "err.txt").read_text() == ""
