@@ -7,11 +7,11 @@ import json
 import logging
 import os
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
 from . import generate, report_commands
-from .config import TrainConfig, field_type, load_yaml_mapping
+from .config import TrainConfig, field_type, flag_help, load_yaml_mapping
 from .data import commands as data_commands
 from .errors import PreftuneError
 
@@ -23,9 +23,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, stage: str) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         typ = field_type(f)
-        default = f.default if f.default is not MISSING else None
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": flag_help(f, stage)}
         if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
@@ -73,8 +71,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line, like every other error: what was wrong and where to read more."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="preftune", description="Fine-tune language models on preferences: "
+    parser = _Parser(prog="preftune", description="Fine-tune language models on preferences: "
                                                                   "SFT, then DPO.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -89,16 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-model", help="Reference model; rewards are beta * log-ratio to it.")
     p.add_argument("--data", required=True, help="Preference pairs.")
     p.add_argument("--output", metavar="FILE.jsonl", help="Write one row of log-probs per pair.")
-    p.add_argument("--data-format", help="Force a data format.")
-    p.add_argument("--split", default="train")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--max-prompt-length", type=int)
+    p.add_argument("--data-format", help="Force a data format instead of detecting it.")
+    p.add_argument("--split", default="train", help="Split of a saved dataset or Hub id (default: %(default)s).")
+    p.add_argument("--beta", type=float, default=0.1, help="Rewards are beta times the log-ratio to the reference "
+                                                            "(default: %(default)s).")
+    p.add_argument("--batch-size", type=int, default=8, help="Pairs per forward (default: %(default)s).")
+    p.add_argument("--max-length", type=int, default=1024,
+                   help="Longest prompt+answer in tokens; answers are cut from the right (default: %(default)s).")
+    p.add_argument("--max-prompt-length", type=int, help="Longest prompt in tokens; prompts are cut from the left.")
     p.add_argument("--limit", type=int, help="Evaluate only the first N pairs.")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps (default: %(default)s).")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bfloat16 on GPUs that "
+                                                   "have it, else float32) (default: %(default)s).")
+    p.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the folder or Hub to run.")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="Offline demo: a tiny model, SFT then DPO on a CPU in a few minutes.")

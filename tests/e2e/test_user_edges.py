@@ -54,3 +54,48 @@ def test_piped_into_head_ends_quietly(workdir, command):
                        timeout=120, preexec_fn=lambda: os.umask(0o022))
     assert len(r.stdout.splitlines()) == 3
     assert (workdir / "err.txt").read_text() == ""
+
+
+def _flag_helps(help_text: str) -> dict[str, str]:
+    """--flag -> its help, read off argparse's layout (a flag line, then indented continuation lines)."""
+    flags: dict[str, str] = {}
+    current = None
+    for line in help_text.splitlines():
+        stripped = line.strip()
+        if line.startswith("  -"):
+            current = stripped.split()[0].rstrip(",")
+            parts = stripped.split("  ", 1)
+            flags[current] = parts[1].strip() if len(parts) > 1 else ""
+        elif current and line.startswith("    ") and stripped:
+            flags[current] += " " + stripped
+        else:
+            current = None
+    return flags
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo", "eval", "generate"])
+def test_every_flag_has_help_and_at_most_one_default(workdir, command):
+    r = run_cli(command, "--help", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    flags = _flag_helps(r.stdout)
+    assert "--model" in flags and len(flags) > 8, flags
+    for flag, text in flags.items():
+        assert text, f"{flag} has no help"
+        assert " ".join(text.split()).count("default") <= 1, (flag, text)
+        assert "(default: None)" not in text and "(default: )" not in text, (flag, text)
+
+
+def test_help_shows_the_stages_learning_rate_and_the_loss_names(workdir):
+    sft = _flag_helps(run_cli("sft", "--help", cwd=workdir).stdout)
+    dpo = _flag_helps(run_cli("dpo", "--help", cwd=workdir).stdout)
+    assert "default: 2e-05" in sft["--lr"] and "5e-07" not in sft["--lr"]
+    assert "default: 5e-07" in dpo["--lr"]
+    loss = " ".join(dpo["--loss"].split())
+    for name in ("sigmoid", "ipo", "hinge", "simpo", "orpo", "dpo (= sigmoid)"):
+        assert name in loss, loss
+
+
+def test_a_bad_flag_value_is_one_line(workdir):
+    r = run_cli("sft", "--batch-size", "four", cwd=workdir)
+    assert_one_line_error(r, "--batch-size", "'four'", "preftune sft --help")
+    assert r.stdout == ""
