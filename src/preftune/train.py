@@ -117,6 +117,12 @@ def _finite_or_skipped(step: int, metrics: dict, grad_norm: torch.Tensor, record
 def _planned_steps(cfg: TrainConfig, setup, env: DistEnv) -> int:
     global_batch = cfg.batch_size * env.world_size
     if len(setup.train_items) < global_batch:
+        if setup.stats.dropped:  # the batch size is not what went wrong
+            raise PreftuneError(
+                f"{cfg.data}: {setup.stats.dropped} of {setup.stats.total} examples dropped because the prompt "
+                f"alone is longer than --max-length {cfg.max_length} tokens, leaving {len(setup.train_items)} "
+                f"(fewer than one batch of {global_batch}); raise --max-length, or set --max-prompt-length to cut "
+                f"long prompts from the left")
         raise PreftuneError(f"{cfg.data}: {len(setup.train_items)} usable examples, fewer than one batch of "
                             f"{global_batch}; lower --batch-size or add data")
     return total_steps(len(setup.train_items), global_batch, cfg.grad_accum, cfg.epochs, cfg.max_steps)

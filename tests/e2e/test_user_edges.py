@@ -99,3 +99,36 @@ def test_a_bad_flag_value_is_one_line(workdir):
     r = run_cli("sft", "--batch-size", "four", cwd=workdir)
     assert_one_line_error(r, "--batch-size", "'four'", "preftune sft --help")
     assert r.stdout == ""
+
+
+def test_prompts_over_max_length_point_to_the_length_flags(workdir):
+    r = run_cli("dpo", "--model", "base", "--data", "pairs.jsonl", "--output-dir", "too-short", "--max-length", "3",
+                "--batch-size", "4", cwd=workdir)
+    line = assert_one_line_error(r, "32 of 32", "--max-length 3", "--max-prompt-length")
+    assert "--batch-size" not in line.split("(")[0] and "lower --batch-size" not in line
+    assert not (workdir / "too-short").exists()
+
+
+def test_hh_empty_answer_points_to_skip_bad_records(workdir):
+    good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    empty = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant:"}
+    write_jsonl(workdir / "hh.jsonl", [good] * 8 + [empty] + [good] * 8)
+    r = run_cli("dpo", "--model", "base", "--data", "hh.jsonl", "--output-dir", "hh-run", "--max-steps", "1",
+                "--batch-size", "4", cwd=workdir)
+    assert_one_line_error(r, "hh.jsonl line 9", "rejected answer is empty", "--skip-bad-records")
+    assert not (workdir / "hh-run").exists()
+    r = run_cli("dpo", "--model", "base", "--data", "hh.jsonl", "--output-dir", "hh-run", "--max-steps", "1",
+                "--batch-size", "4", "--skip-bad-records", "--quiet", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((workdir / "hh-run" / "data_stats.json").read_text())["skipped_records"] == 1
+
+
+def test_loss_dpo_is_sigmoid(workdir):
+    runs = {}
+    for loss in ("dpo", "sigmoid"):
+        r = run_cli("dpo", "--model", "base", "--data", "pairs.jsonl", "--output-dir", f"loss-{loss}",
+                    "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2", "--loss", loss, "--quiet", cwd=workdir)
+        assert r.returncode == 0, r.stderr
+        runs[loss] = [json.loads(x) for x in (workdir / f"loss-{loss}" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["loss"] for row in runs["dpo"]] == [row["loss"] for row in runs["sigmoid"]]
+    assert runs["dpo"][1]["loss"] != runs["dpo"][0]["loss"]

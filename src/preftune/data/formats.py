@@ -235,6 +235,9 @@ def _chat(row: Row) -> Converted:
 
 
 def _hh(row: Row) -> Converted:
+    for name in ("chosen", "rejected"):
+        if row.text(name).endswith("\n\nAssistant:"):  # the marker's space is missing when the reply is empty
+            raise row.error(f"{name} answer is empty (the transcript ends with an 'Assistant:' that says nothing)")
     preamble, chosen = parse_hh(row.text("chosen"))
     other, rejected = parse_hh(row.text("rejected"))
     if preamble != other:
