@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import generate, report_commands
-from .config import TrainConfig, field_type, flag_help, load_yaml_mapping
+from .config import TrainConfig, applies_to, field_type, flag_help, load_yaml_mapping
 from .data import commands as data_commands
 from .errors import PreftuneError
 
@@ -23,7 +23,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, stage: str) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         typ = field_type(f)
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": flag_help(f, stage)}
+        # Flags of the other stage stay accepted, so using one is answered by config validation, not "unrecognized".
+        shown = flag_help(f, stage) if applies_to(f.name, stage) else argparse.SUPPRESS
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": shown}
         if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:

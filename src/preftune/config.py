@@ -24,6 +24,17 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7}
 
 
+# Fields that only the DPO stage reads: set to anything but their default on an SFT run, they are an error
+# rather than a setting silently ignored.
+DPO_ONLY = ("ref_model", "data_format", "min_score_gap", "loss", "beta", "label_smoothing", "simpo_gamma",
+            "sft_weight", "precompute_ref", "ref_cache_dir")
+
+
+def applies_to(name: str, stage: str) -> bool:
+    """Whether the field `name` has any effect on a run of `stage`."""
+    return stage == "dpo" or name not in DPO_ONLY
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -107,6 +118,10 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        for f in fields(self):
+            if not applies_to(f.name, self.stage) and getattr(self, f.name) != f.default:
+                raise ConfigError(f"{f.name}: applies to DPO only, and this is a {self.stage} run; drop "
+                                  f"--{f.name.replace('_', '-')} (or run `preftune dpo`)")
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)

@@ -132,3 +132,42 @@ def test_loss_dpo_is_sigmoid(workdir):
         runs[loss] = [json.loads(x) for x in (workdir / f"loss-{loss}" / "metrics.jsonl").read_text().splitlines()]
     assert [row["loss"] for row in runs["dpo"]] == [row["loss"] for row in runs["sigmoid"]]
     assert runs["dpo"][1]["loss"] != runs["dpo"][0]["loss"]
+
+
+@pytest.mark.parametrize("flags, name", [(["--beta", "0.2"], "beta"), (["--loss", "ipo"], "loss"),
+                                         (["--ref-model", "base"], "ref_model"),
+                                         (["--precompute-ref"], "precompute_ref")])
+def test_sft_refuses_dpo_settings(workdir, flags, name):
+    r = run_cli("sft", "--model", "base", "--data", "sft.jsonl", "--output-dir", "sft-x", *flags, cwd=workdir)
+    assert_one_line_error(r, f"{name}:", "DPO only", "sft")
+    assert not (workdir / "sft-x").exists()
+
+
+def test_sft_refuses_dpo_settings_from_a_config_file(workdir):
+    (workdir / "sft-beta.yaml").write_text("model: base\ndata: sft.jsonl\noutput_dir: sft-y\nbeta: 0.3\n")
+    assert_one_line_error(run_cli("sft", "--config", "sft-beta.yaml", cwd=workdir), "beta", "DPO only")
+    assert "--beta" not in run_cli("sft", "--help", cwd=workdir).stdout
+
+
+def test_a_saved_sft_config_runs_again(workdir):
+    r = run_cli("sft", "--model", "base", "--data", "sft.jsonl", "--output-dir", "sft-a", "--max-steps", "1",
+                "--batch-size", "4", "--quiet", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("sft", "--config", "sft-a/config.yaml", "--output-dir", "sft-b", "--quiet", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    first, again = (json.loads((workdir / d / "metrics.jsonl").read_text().splitlines()[0]) for d in ("sft-a", "sft-b"))
+    assert first["loss"] == again["loss"]
+
+
+def test_sft_refuses_undesirable_completions(workdir):
+    rows = [{"prompt": "the capital of france is", "completion": " paris .", "label": True}] * 6
+    rows.insert(3, {"prompt": "the capital of france is", "completion": " rome .", "label": False})
+    write_jsonl(workdir / "unpaired.jsonl", rows)
+    r = run_cli("sft", "--model", "base", "--data", "unpaired.jsonl", "--output-dir", "sft-u", "--max-steps", "1",
+                "--batch-size", "2", cwd=workdir)
+    assert_one_line_error(r, "unpaired.jsonl line 4", "label: false", "--skip-bad-records")
+    r = run_cli("sft", "--model", "base", "--data", "unpaired.jsonl", "--output-dir", "sft-u", "--max-steps", "1",
+                "--batch-size", "2", "--skip-bad-records", "--quiet", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads((workdir / "sft-u" / "data_stats.json").read_text())
+    assert stats["skipped_records"] == 1 and stats["train"]["total"] == 6

@@ -339,6 +339,10 @@ def to_pair(value: Any, fmt: str, where: str) -> Converted:
 def to_sft(value: Any, where: str) -> SFTExample:
     """Normalise one SFT record: `messages`, `prompt`/`completion`, `conversations` (ShareGPT) or `text`."""
     row = Row(value, where, "sft")
+    if row.has("label") and row.get("label") in (False, 0, "false", "False"):
+        # Unpaired feedback marks this completion undesirable; SFT would teach it like any other.
+        raise row.error("the completion is marked undesirable (label: false), and SFT trains on every completion "
+                        "it reads; keep only the desirable ones for SFT")
     if row.has("messages") or row.has("conversations"):
         messages = (row.messages("messages") if row.has("messages")
                     else sharegpt_messages(row, "conversations"))

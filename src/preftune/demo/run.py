@@ -65,8 +65,8 @@ def _stage_config(plan: DemoPlan, stage: str, quiet: bool, **paths: str) -> Trai
     # overwrite: a demo interrupted earlier left partial run folders that belong to it
     return TrainConfig(stage=stage, max_steps=plan.sft_steps if sft else plan.dpo_steps,
                        batch_size=plan.sft_batch if sft else plan.dpo_batch, lr=plan.sft_lr if sft else plan.dpo_lr,
-                       beta=plan.beta, warmup_steps=plan.warmup_steps, seed=SEED, max_length=64, quiet=quiet,
-                       log_every=50, overwrite=True, **paths)
+                       warmup_steps=plan.warmup_steps, seed=SEED, max_length=64, quiet=quiet,
+                       log_every=50, overwrite=True, **({} if sft else {"beta": plan.beta}), **paths)
 
 
 def run_demo(out: Path, quiet: bool = False, fast: bool = False, plan: DemoPlan | None = None) -> dict:
