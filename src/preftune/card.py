@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 from typing import Sequence
@@ -12,10 +11,8 @@ import yaml
 from . import __version__
 from .config import TrainConfig
 from .io import atomic_write_text
+from .models import looks_like_hub_id
 from .plots import PLOT_NAMES, PLOTS_DIR
-
-# owner/name or a bare legacy name such as "gpt2": what the Hub accepts as `base_model`.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def write_model_card(run_dir: Path, config: TrainConfig, final_metrics: dict, command: str | Sequence[str]) -> Path:
@@ -87,4 +84,4 @@ def _plot_links(run_dir: Path) -> str:
 
 
 def _is_hub_id(model: str) -> bool:
-    return bool(_HUB_ID.match(model)) and not Path(model).expanduser().exists()
+    return looks_like_hub_id(model)

@@ -130,7 +130,13 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="preftune: %(message)s")
+    # Our own loggers only: libraries that print their warnings themselves (transformers, huggingface_hub) would
+    # otherwise show each one twice, once more through a root handler.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("preftune: %(message)s"))
+    ours = logging.getLogger("preftune")
+    ours.handlers, ours.propagate = [handler], False
+    ours.setLevel(logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

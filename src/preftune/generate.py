@@ -10,7 +10,7 @@ import torch
 from .data.tokenize import encode_prompt
 from .errors import PreftuneError
 from .io import write_jsonl
-from .models import freeze, load_model, load_tokenizer, pick_device, pick_dtype
+from .models import check_source, freeze, load_model, load_tokenizer, pick_device, pick_dtype
 
 
 def _prompts(args: argparse.Namespace, tokenizer) -> list[tuple[str, list[int]]]:
@@ -52,13 +52,14 @@ def run_generate(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    prompts = _prompts(args, tokenizer)
-    columns = {"policy": args.model}
+    columns = {"policy": (args.model, "--model")}
     if args.ref_model:
-        columns["reference"] = args.ref_model
+        check_source(args.ref_model, "model", "--ref-model")
+        columns["reference"] = (args.ref_model, "--ref-model")
+    prompts = _prompts(args, tokenizer)
     rows = [{"prompt": text} for text, _ in prompts]
-    for column, name in columns.items():
-        model = load_model(name, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    for column, (name, flag) in columns.items():
+        model = load_model(name, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code, flag=flag)
         freeze(model)
         answers = generate_answers(model, tokenizer, [ids for _, ids in prompts], max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=device)

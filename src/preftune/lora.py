@@ -108,7 +108,8 @@ def load_adapter_model(path: str | Path, *, device: torch.device, dtype: torch.d
     except (OSError, ValueError, KeyError):
         raise ModelError(f"model {path}: {ADAPTER_CONFIG} does not name its base model "
                          f"(base_model_name_or_path)") from None
-    base = load_model(base_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    base = load_model(base_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                      flag=f"{path / ADAPTER_CONFIG}: base_model_name_or_path")
     with _quiet_peft():
         return peft.PeftModel.from_pretrained(base, str(path)).to(device)
 

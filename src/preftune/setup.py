@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .evaluate import table_of
 from .logprobs import AnswerLogpModule, set_compute_dtype, sharded_logps_module
 from .losses import needs_reference
-from .models import Precision, freeze, load_model, load_tokenizer
+from .models import Precision, check_source, freeze, load_model, load_tokenizer
 from .reference import AdaptersOffReference, CachedReference, FrozenReference
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,11 @@ def uses_reference(cfg: TrainConfig) -> bool:
 
 def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Setup:
     lora.check_request(cfg, device)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    check_source(cfg.model, "model", "--model")  # every model named, before minutes of data and weights loading
+    if uses_reference(cfg) and cfg.ref_model:
+        check_source(cfg.ref_model, "model", "--ref-model")
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               flag="--tokenizer" if cfg.tokenizer else "--model")
     records, report = load_records(cfg, cfg.data)
     eval_records: list = []
     if cfg.eval_data:
@@ -123,7 +127,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv) -> Se
 
 def _load_reference(cfg: TrainConfig, device, precision: Precision):
     model = load_model(cfg.ref_model or cfg.model, device=device, dtype=precision.frozen,
-                       trust_remote_code=cfg.trust_remote_code)
+                       trust_remote_code=cfg.trust_remote_code, flag="--ref-model" if cfg.ref_model else "--model")
     set_compute_dtype(model, precision.compute)
     freeze(model)
     return model

@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,30 @@ def test_sft_refuses_undesirable_completions(workdir):
     assert r.returncode == 0, r.stderr
     stats = json.loads((workdir / "sft-u" / "data_stats.json").read_text())
     assert stats["skipped_records"] == 1 and stats["train"]["total"] == 6
+
+
+@pytest.mark.parametrize("command", [["eval", "--data", "pairs.jsonl"],
+                                     ["dpo", "--data", "pairs.jsonl", "--output-dir", "never-made"]])
+def test_a_missing_model_folder_fails_in_seconds_naming_the_flag(workdir, command):
+    start = time.perf_counter()
+    r = run_cli(*command, "--model", "runs/qwen-sft", cwd=workdir)
+    line = assert_one_line_error(r, "--model runs/qwen-sft", "no local folder", "HF_HUB_OFFLINE")
+    assert "tokenizer" not in line
+    assert time.perf_counter() - start < 30  # the Python start and imports; the retries it replaced took ~49 s
+    assert not (workdir / "never-made").exists()
+
+
+def test_a_missing_reference_is_named_as_such(workdir):
+    r = run_cli("eval", "--model", "base", "--ref-model", "runs/sft", "--data", "pairs.jsonl", cwd=workdir)
+    assert_one_line_error(r, "--ref-model runs/sft", "no local folder")
+    r = run_cli("dpo", "--model", "base", "--ref-model", "./gone", "--data", "pairs.jsonl", "--output-dir", "rr",
+                cwd=workdir)
+    assert_one_line_error(r, "--ref-model ./gone", "folder not found")
+    assert not (workdir / "rr").exists()
+
+
+def test_an_unreachable_hub_is_one_quick_attempt(workdir):
+    # No network in tests: a proxy on a closed local port makes the one Hub request fail at once, as offline.
+    r = run_cli("eval", "--model", "someone/some-model", "--data", "pairs.jsonl", cwd=workdir, HF_HUB_OFFLINE="0",
+                HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", NO_PROXY="", HF_HOME="hf-home")
+    assert_one_line_error(r, "--model someone/some-model", "no local folder", "Hub could not be reached")
