@@ -77,6 +77,21 @@ def parse_sinks(report_to: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def check_sinks(report_to: str) -> None:
+    """Fail now, before a run writes anything, if a sink in `report_to` is unknown or its package is missing."""
+    import importlib.util
+
+    for name in parse_sinks(report_to):
+        module, extra = _SINK_PACKAGES[name]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(f"report_to: {name} is not installed; pip install preftune[{extra}], or drop it from "
+                              f"--report-to")
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of RUN/metrics.jsonl, training and eval split apart, sorted by step, one of each kind per step.
 
@@ -155,3 +170,5 @@ class _WandB:
 
 
 _SINKS = {"tensorboard": _TensorBoard, "wandb": _WandB}
+# The module each sink imports, and the extra that installs it.
+_SINK_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}

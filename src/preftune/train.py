@@ -30,7 +30,7 @@ from .parallel import full_state_dict, full_tensor
 from .progress import Progress
 from .setup import build
 from .signals import StopOnSignal, resume_command
-from .tracking import Tracker
+from .tracking import Tracker, check_sinks
 
 
 @dataclass
@@ -131,6 +131,7 @@ def _planned_steps(cfg: TrainConfig, setup, env: DistEnv) -> int:
 def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
     """Train as `cfg` says; returns the final metrics. Writes the run folder on the main process."""
     cfg.require_paths()
+    check_sinks(cfg.report_to)  # everything checkable is checked before the first file is written
     device = pick_device(cfg.device)
     env = init_from_env(device.type)
     device = rank_device(device, env)
@@ -143,11 +144,18 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
         return done
     created = not out_dir.exists()
     rundir.prepare(out_dir, cfg, env)
-    torch.manual_seed(cfg.seed)
+    # A failure from here on (bad data or model, a full disk, a crash in step 1) leaves nothing behind that would
+    # block the corrected rerun; once a checkpoint exists, the run stays for --resume.
+    with rundir.removed_on_failure(out_dir, env, created, resumed=cfg.resume):
+        return _train(cfg, command, env, device, precision, out_dir)
 
-    with rundir.removed_if_left_empty(out_dir, env, created):  # bad data or model: no empty run folder stays behind
-        setup = build(cfg, device=device, precision=precision, env=env)
-        steps = _planned_steps(cfg, setup, env)
+
+def _train(cfg: TrainConfig, command: str | None, env: DistEnv, device, precision, out_dir: Path) -> dict:
+    torch.manual_seed(cfg.seed)
+    setup = build(cfg, device=device, precision=precision, env=env)
+    steps = _planned_steps(cfg, setup, env)
+    if env.is_main:
+        ckpt.check_room(out_dir, setup.policy, cfg)
     policy_model, tokenizer, reference = setup.policy, setup.tokenizer, setup.reference
     train_items, eval_items = setup.train_items, setup.eval_items
     pad_id = tokenizer.pad_token_id
@@ -160,8 +168,6 @@ def run(cfg: TrainConfig, *, command: str | None = None) -> dict:
     objective = make_objective(cfg)
     policy: AnswerLogpModule = setup.logp_module
     params = [p for p in policy_model.parameters() if p.requires_grad]
-    if env.is_main:
-        ckpt.check_room(out_dir, policy_model, cfg)
     optimizer, scheduler = build_optimizer(params, cfg, steps)
     cursor = DataCursor(len(train_items), global_batch, cfg.seed, cfg.group_by_length)
     state = ckpt.RunState(policy_model, optimizer, scheduler, cursor, objective, sharded=policy.sharded)

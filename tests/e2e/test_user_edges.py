@@ -199,3 +199,41 @@ def test_an_unreachable_hub_is_one_quick_attempt(workdir):
     r = run_cli("eval", "--model", "someone/some-model", "--data", "pairs.jsonl", cwd=workdir, HF_HUB_OFFLINE="0",
                 HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", NO_PROXY="", HF_HOME="hf-home")
     assert_one_line_error(r, "--model someone/some-model", "no local folder", "Hub could not be reached")
+
+
+def test_a_missing_metric_sink_fails_before_any_file(workdir):
+    (workdir / "made-by-user").mkdir()
+    (workdir / "made-by-user" / "notes.txt").write_text("mine")
+    for out in ("sink-run", "made-by-user"):
+        r = run_cli("dpo", "--model", "base", "--data", "pairs.jsonl", "--output-dir", out, "--report-to", "wandb",
+                    cwd=workdir)
+        assert_one_line_error(r, "wandb is not installed", "--report-to")
+    assert not (workdir / "sink-run").exists()
+    assert sorted(p.name for p in (workdir / "made-by-user").iterdir()) == ["notes.txt"]
+    r = run_cli("dpo", "--model", "base", "--data", "pairs.jsonl", "--output-dir", "sink-run", "--max-steps", "1",
+                "--batch-size", "4", "--quiet", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("premade", [False, True])
+def test_a_run_failing_in_training_blocks_no_rerun(workdir, premade):
+    out = workdir / f"diverged-{premade}"
+    if premade:  # the user's own folder stays, with the user's own file; only the run's files go
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    args = ("sft", "--model", "base", "--data", "sft.jsonl", "--output-dir", out.name, "--max-steps", "3",
+            "--batch-size", "4", "--warmup-steps", "0", "--quiet")
+    r = run_cli(*args, "--lr", "1e30", cwd=workdir)  # step 1 writes config.yaml and metrics; step 2 diverges
+    assert_one_line_error(r, "step 2", "not finite")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] if premade else not out.exists()
+    r = run_cli(*args, "--lr", "1e-3", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert (out / "results.json").is_file()
+
+
+def test_a_failed_run_with_a_checkpoint_is_kept_for_resume(workdir):
+    args = ("sft", "--model", "base", "--data", "sft.jsonl", "--output-dir", "kept", "--max-steps", "3",
+            "--batch-size", "4", "--warmup-steps", "0", "--save-every", "1", "--quiet")
+    r = run_cli(*args, "--lr", "1e30", cwd=workdir)
+    assert_one_line_error(r, "step 2", "not finite")
+    assert (workdir / "kept" / "checkpoints").is_dir() and (workdir / "kept" / "config.yaml").is_file()
