@@ -53,8 +53,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, args.stage)
     final = run(cfg)
     if not cfg.quiet and final and "stopped_at_step" not in final and is_main_process():
-        keys = [k for k in ("loss", "reward_accuracy", "eval_reward_accuracy", "eval_loss") if k in final]
-        print(f"done: {cfg.output_dir}  " + "  ".join(f"{k}={final[k]:.4f}" for k in keys))
+        from .card import headline_text
+
+        print(f"done: {cfg.output_dir}  {headline_text(final)}")
     return 0
 
 

@@ -118,7 +118,8 @@ def finish(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str, *,
 
         write_merged(out_dir, setup.tokenizer, dtype=setup.dtype, trust_remote_code=cfg.trust_remote_code)
     write_plots(out_dir)
-    write_model_card(out_dir, resolved(cfg), final, command)
+    data_stats = json.loads((out_dir / DATA_STATS).read_text())  # written by write_start
+    write_model_card(out_dir, resolved(cfg), final, command, data_stats=data_stats)
     atomic_write_json(out_dir / RESULTS, {k: v for k, v in final.items() if _jsonable(v)})
 
 

@@ -8,6 +8,7 @@ the model card are drawn from it, so TensorBoard and Weights & Biases are extras
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,20 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not latest:
         raise PreftuneError(f"{path}: empty; the run logged no metrics yet")
     return [latest[key] for key in sorted(latest, key=lambda key: (key[1], key[0]))]
+
+
+def recent_means(run_dir: Path, steps: int = 10) -> dict[str, float]:
+    """Training metrics averaged over the last `steps` logged steps, as `mean_<name>` plus `mean_over_steps`:
+    a run's summary that one lucky or unlucky last batch does not decide. Non-finite values are left out."""
+    train = [row for row in read_metrics(run_dir) if not any(k.startswith(EVAL_PREFIX) for k in row)][-steps:]
+    out: dict[str, float] = {}
+    for key in ("loss", "reward_accuracy", "reward_margin"):
+        values = [row[key] for row in train if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
+        if values:
+            out[f"mean_{key}"] = sum(values) / len(values)
+    if out:
+        out["mean_over_steps"] = len(train)
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -30,7 +30,7 @@ from .parallel import full_state_dict, full_tensor
 from .progress import Progress
 from .setup import build
 from .signals import StopOnSignal, resume_command
-from .tracking import Tracker, check_sinks
+from .tracking import Tracker, check_sinks, recent_means
 
 
 @dataclass
@@ -235,6 +235,7 @@ def _train(cfg: TrainConfig, command: str | None, env: DistEnv, device, precisio
     # Sharded weights are gathered whole by every rank together; rank 0 alone writes them.
     full_weights = full_state_dict(policy_model) if policy.sharded else None
     if env.is_main:
+        final.update(recent_means(out_dir))
         rundir.finish(out_dir, cfg, setup, final, cmd, state_dict=full_weights)
     shutdown(env)
     return final

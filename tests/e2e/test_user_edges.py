@@ -237,3 +237,20 @@ def test_a_failed_run_with_a_checkpoint_is_kept_for_resume(workdir):
     r = run_cli(*args, "--lr", "1e30", cwd=workdir)
     assert_one_line_error(r, "step 2", "not finite")
     assert (workdir / "kept" / "checkpoints").is_dir() and (workdir / "kept" / "config.yaml").is_file()
+
+
+def test_final_line_and_card_lead_with_the_eval_metrics(workdir):
+    r = run_cli("dpo", "--model", "base", "--data", "pairs.jsonl", "--output-dir", "headline", "--max-steps", "2",
+                "--batch-size", "4", "--lr", "1e-3", "--eval-split", "0.25", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((workdir / "headline" / "results.json").read_text())
+    last = r.stdout.strip().splitlines()[-1]
+    assert last == (f"done: headline  eval_loss={results['eval_loss']:.4f}  "
+                    f"eval_reward_accuracy={results['eval_reward_accuracy']:.4f}  "
+                    f"eval_reward_margin={results['eval_reward_margin']:.4f}")
+    rows = [json.loads(x) for x in (workdir / "headline" / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if "loss" in row]
+    assert results["mean_loss"] == pytest.approx(sum(row["loss"] for row in train) / 2, rel=1e-12)
+    assert results["mean_over_steps"] == 2
+    card = (workdir / "headline" / "README.md").read_text()
+    assert "datasets:\n- pairs.jsonl\n" in card and "of which 0 truncated" in card
