@@ -129,11 +129,13 @@ def _run(out: Path, plan: DemoPlan, *, quiet: bool, fast: bool) -> dict:
 
 
 def _finished(out: Path) -> dict | None:
-    """The summary of a finished demo in `out`, or None (an unreadable summary counts as unfinished)."""
+    """The summary of a finished demo in `out`, or None (an unreadable or partial summary counts as unfinished)."""
     try:
-        return json.loads((out / SUMMARY).read_text())
-    except (OSError, ValueError):
+        summary = json.loads((out / SUMMARY).read_text())
+        _final_line(summary, out)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    return summary
 
 
 def _final_line(result: dict, out: Path) -> str:
