@@ -1,23 +1,39 @@
-# Two entry points on a fresh clone: `make demo` and `make test`. Each makes its own virtual environment.
-# TORCH is what pip installs for PyTorch; the default is the CPU build. With a GPU, install torch your own way,
-# e.g. `make test TORCH=torch`.
+# Two entry points on a fresh clone: `make demo` and `make test`. Each makes the virtual environment if it is
+# missing and installs only what it needs (the demo: preftune alone; the tests: plus pytest, hypothesis, peft);
+# run again, each skips what is already installed.
+# TORCH is the pip requirement for PyTorch; TORCH_INDEX, when set, is the package index it comes from. A plain
+# `torch==2.13.0` from PyPI is the CUDA build on Linux (large; runs on a CPU too). For the CPU-only build there:
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 VENV ?= .venv
+PIP = $(VENV)/bin/pip
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q "$(TORCH)"
-	$(VENV)/bin/pip install -q -e ".[test,lora,bench]"
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e ".[test,lora]"
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e ".[lora,bench]"
 	touch $@
 
 .PHONY: demo test bench
-demo: $(VENV)/.installed
+demo: $(VENV)/.demo
 	$(VENV)/bin/preftune demo --out demo-run
 
-test: $(VENV)/.installed
+test: $(VENV)/.test
 	$(VENV)/bin/python -m pytest
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.bench
 	$(VENV)/bin/python benchmarks/bench_dpo.py

@@ -94,7 +94,7 @@ def test_api_with_objects_in_memory_trains_what_the_cli_trains(cli_dpo, tiny_mod
     trained = result.model.state_dict()
     assert all(torch.equal(trained[k], saved[k]) for k in saved)
     assert result.model is model and not model.training          # trained in place, handed back in eval mode
-    assert result.metrics == result.history[-1]
+    assert result.metrics.items() >= result.history[-1].items()   # the last row, plus means over the last steps
     # The first step: policy equals the frozen copy of the starting model, so every reward is 0 and loss log 2.
     assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 

@@ -347,7 +347,7 @@ def test_parse_single_name_and_weights():
     assert parse_loss_spec("ipo:2") == [("ipo", 2.0)]
 
 
-@pytest.mark.parametrize("text", ["sigmod", "dpo", "", "sigmoid:0.5,kto:0.5"])
+@pytest.mark.parametrize("text", ["sigmod", "dpoo", "", "sigmoid:0.5,kto:0.5"])
 def test_unknown_loss_names_every_known_one(text):
     with pytest.raises(ConfigError) as info:
         parse_loss_spec(text)
@@ -355,6 +355,13 @@ def test_unknown_loss_names_every_known_one(text):
     assert "\n" not in message and "unknown loss" in message
     for name in LOSSES:
         assert name in message
+
+
+def test_dpo_is_the_name_trl_users_type_for_sigmoid():
+    assert parse_loss_spec("dpo") == [("sigmoid", 1.0)]
+    assert parse_loss_spec("dpo:0.8,bco_pair:0.2") == [("sigmoid", 0.8), ("bco_pair", 0.2)]
+    with pytest.raises(ConfigError, match="listed twice"):
+        parse_loss_spec("dpo,sigmoid")
 
 
 def test_unknown_loss_suggests_the_near_name():

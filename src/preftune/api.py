@@ -22,7 +22,7 @@ from .data.tokenize import tokenize_all
 from .errors import ConfigError, PreftuneError
 from .metrics import logps_table, per_pair_rows, preference_metrics
 from .inputs import RunInputs, check_model_object, is_peft_model, placeholder
-from .models.load import ensure_pad_token, freeze, load_model, load_tokenizer
+from .models.load import check_source, ensure_pad_token, freeze, load_model, load_tokenizer
 from .models.precision import pick_device, pick_dtype
 from .report.tracking import METRICS_FILE
 from .training.loop import execute
@@ -150,9 +150,12 @@ def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, 
                               "with)")
     if tokenizer is None or is_path(tokenizer):
         name = os.fspath(tokenizer if tokenizer is not None else model)
-        tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
+        tok = load_tokenizer(name, trust_remote_code=trust_remote_code,
+                             flag="--model" if tokenizer is None else "tokenizer")
     else:
-        tok = ensure_pad_token(tokenizer, "given")
+        tok = ensure_pad_token(tokenizer, "the tokenizer given:")
+    if ref_model is not None and is_path(ref_model):  # a mistyped reference fails now, not after the policy's pass
+        check_source(os.fspath(ref_model), "model", "--ref-model")
     source = as_source(data, "data")
     pairs, _ = data_load.load_pairs(source, data_format=data_format, split=split)
     if limit:
@@ -165,7 +168,7 @@ def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, 
         if is_path(which):
             run_device = pick_device(device)
             loaded = load_model(os.fspath(which), device=run_device, dtype=pick_dtype(dtype, run_device),
-                                trust_remote_code=trust_remote_code)
+                                trust_remote_code=trust_remote_code, flag="--" + what.replace("_", "-"))
             freeze(loaded)
             out = logps_table(loaded, items, pad_id=tok.pad_token_id, device=run_device, batch_size=batch_size)
             del loaded

@@ -24,6 +24,17 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7}
 
 
+# Fields that only the DPO stage reads: set to anything but their default on an SFT run, they are an error
+# rather than a setting silently ignored.
+DPO_ONLY = ("ref_model", "data_format", "min_score_gap", "loss", "beta", "label_smoothing", "simpo_gamma",
+            "sft_weight", "precompute_ref", "ref_cache_dir")
+
+
+def applies_to(name: str, stage: str) -> bool:
+    """Whether the field `name` has any effect on a run of `stage`."""
+    return stage == "dpo" or name not in DPO_ONLY
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -57,7 +68,7 @@ class TrainConfig:
     epochs: float = _f(1.0, "Passes over the data when --max-steps is -1.")
     batch_size: int = _f(8, "Pairs (DPO) or sequences (SFT) per micro-batch, per process.")
     grad_accum: int = _f(1, "Micro-batches accumulated into one optimizer step.")
-    lr: float | None = _f(None, "Peak learning rate (default: 2e-5 for SFT, 5e-7 for DPO).")
+    lr: float | None = _f(None, "Peak learning rate; the default depends on the stage (2e-5 SFT, 5e-7 DPO).")
     warmup_steps: int = _f(0, "Steps of linear warmup from 0 to --lr.")
     scheduler: str = _f("cosine", "Decay after warmup: cosine, linear or constant.", choices=SCHEDULERS)
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -114,6 +125,10 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        for f in fields(self):
+            if not applies_to(f.name, self.stage) and getattr(self, f.name) != f.default:
+                raise ConfigError(f"{f.name}: applies to DPO only, and this is a {self.stage} run; drop "
+                                  f"--{f.name.replace('_', '-')} (or run `preftune dpo`)")
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -201,6 +216,24 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
     return values
+
+
+def flag_help(f: dataclasses.Field, stage: str) -> str:
+    """The --help text of a field's flag on `stage`'s command: its help and one default, the one that applies."""
+    text = f.metadata.get("help", "")
+    if f.name == "lr":
+        return f"Peak learning rate (default: {DEFAULT_LR[stage]:g})."
+    if f.name == "loss":
+        from .losses import LOSS_ALIASES, LOSSES
+
+        names = ", ".join([*LOSSES, *(f"{a} (= {n})" for a, n in LOSS_ALIASES.items())])
+        text += f" Losses: {names}."
+    default = f.default
+    if default is None or default == "" or "default:" in text:  # no value, or the help says what happens
+        return text
+    if isinstance(default, bool):
+        default = str(default).lower()
+    return f"{text} (default: {default})"
 
 
 def field_type(f: dataclasses.Field) -> type:

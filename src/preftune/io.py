@@ -1,5 +1,9 @@
 """Files written so that a crash never leaves a half-written one (write beside, fsync, rename into place), and
-files read back to check them."""
+files read back to check them.
+
+Files get the permissions of any other program's files (0666 less the umask): a temporary file is created 0600,
+and renaming it into place would otherwise leave weights and results unreadable to a teammate or a server.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -28,6 +33,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def default_file_mode() -> int:
+    """0666 less the process's umask: the mode `open(path, "w")` gives a new file."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def follow_umask(folder: Path) -> None:
+    """Give the files directly in `folder` the default mode; for libraries (safetensors) that write them 0600."""
+    mode = default_file_mode()
+    for path in Path(folder).iterdir():
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 def atomic_write_json(path: Path, value: Any) -> None:

@@ -263,20 +263,26 @@ LOSSES: dict[str, LossSpec] = {
                   reference=False, lengths=True),
 }
 
+# Other names users type for a loss: "dpo" is TRL's name for DPO's logistic loss.
+LOSS_ALIASES: dict[str, str] = {"dpo": "sigmoid"}
+
 
 # ---------------------------------------------------------------------------------------------------- names
 def parse_loss_spec(text: str) -> list[tuple[str, float]]:
     """'sigmoid' -> [('sigmoid', 1.0)]; 'sigmoid:0.8,bco_pair:0.2' -> [('sigmoid', 0.8), ('bco_pair', 0.2)].
 
+    An alias (LOSS_ALIASES: 'dpo') comes back under the loss's own name.
+
     Raises ConfigError (one line) on an unknown name, a repeated name, or a weight that is not a positive number.
     """
-    known = ", ".join(sorted(LOSSES))
+    known = ", ".join(sorted([*LOSSES, *LOSS_ALIASES]))
     parts: list[tuple[str, float]] = []
     for item in str(text).split(","):
         name, sep, weight_text = item.partition(":")
         name = name.strip()
+        name = LOSS_ALIASES.get(name, name)
         if name not in LOSSES:
-            hint = difflib.get_close_matches(name, LOSSES, n=1)
+            hint = difflib.get_close_matches(name, [*LOSSES, *LOSS_ALIASES], n=1)
             tip = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ConfigError(f"loss: unknown loss {name!r} in {text!r}{tip}; known losses: {known}")
         try:

@@ -50,8 +50,9 @@ def test_missing_key(jsonl_file):
 
 
 def test_a_line_that_is_not_an_object(jsonl_file):
-    assert _error(jsonl_file([GOOD, [1, 2]])).endswith("line 2: expected a JSON object (a mapping of keys to "
-                                                         "values), got a list")
+    message = _error(jsonl_file([GOOD, [1, 2]]))
+    assert "line 2: expected a JSON object (a mapping of keys to values), got a list; " in message
+    assert message.endswith("pass --skip-bad-records to drop such records (they are counted)")
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -69,8 +70,7 @@ def test_output_folder_rules(tmp_path):
     (tmp_path / "sft").mkdir()
     check_out(tmp_path)                              # an interrupted demo is started afresh
     (tmp_path / SUMMARY).write_text("{}")
-    with pytest.raises(PreftuneError, match="already holds a finished demo"):
-        check_out(tmp_path)
+    check_out(tmp_path)                              # a finished one is shown again (run_demo), not refused
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -78,3 +78,14 @@ def test_output_folder_rules(tmp_path):
         check_out(other)
     with pytest.raises(PreftuneError, match="not a folder"):
         check_out(other / "notes.txt")
+
+
+def test_a_partial_summary_counts_as_unfinished(tmp_path):
+    from preftune.demo.run import _finished
+
+    (tmp_path / SUMMARY).write_text("{}")
+    assert _finished(tmp_path) is None
+    whole = {"total_seconds": 3.0, "sft": {"p_chosen": 0.5, "p_rejected": 0.4},
+             "dpo": {"p_chosen": 0.7, "p_rejected": 0.2, "reward_accuracy": 1.0}}
+    (tmp_path / SUMMARY).write_text(json.dumps(whole))
+    assert _finished(tmp_path) == whole

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -85,3 +86,9 @@ def test_smoothing_does_not_lag_and_skips_gaps():
     assert all(abs(a - b) < 1e-9 for a, b in zip(smooth[5:-5], ramp[5:-5]))  # a trailing average would lag
     _, smooth = _smoothed(steps, [math.nan if s == 50 else 1.0 for s in steps])
     assert all(v == 1.0 for v in smooth)
+
+
+def test_a_single_eval_point_draws_no_grid_of_lone_dots(make_run):
+    run = make_run("dpo", steps=10, eval_every=10)  # one eval row, at the last step
+    assert sum("eval_loss" in r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())) == 1
+    assert "eval.png" not in names(write_plots(run))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ..errors import PreftuneError
@@ -14,9 +15,15 @@ from . import data, demo, generate, plot, train
 from . import eval as eval_command  # `eval` alone would read as the builtin
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line, like every other error: what was wrong and where to read more."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="preftune", description="Fine-tune language models on preferences: "
-                                                                  "SFT, then DPO.")
+    parser = _Parser(prog="preftune", description="Fine-tune language models on preferences: SFT, then DPO.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in (train, eval_command, demo, data, plot, generate):  # the order of `preftune --help`
@@ -31,14 +38,26 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="preftune: %(message)s")
+    # Our own loggers only: libraries that print their warnings themselves (transformers, huggingface_hub) would
+    # otherwise show each one twice, once more through a root handler.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("preftune: %(message)s"))
+    ours = logging.getLogger("preftune")
+    ours.handlers, ours.propagate = [handler], False
+    ours.setLevel(logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that left early (`| head`) shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader has what it wanted: end quietly, and stop Python's own flush at exit from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool that stops at a closed pipe
     except PreftuneError as exc:
         print(f"preftune: error: {exc}", file=sys.stderr)
         return exc.exit_code

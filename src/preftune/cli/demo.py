@@ -9,7 +9,7 @@ from pathlib import Path
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="Offline demo: a tiny model, SFT then DPO on a CPU in a few minutes.")
     p.add_argument("--out", default="demo-run", help="Folder for the demo's runs and summary.json.")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="Print only the final summary.")
     p.add_argument("--fast", action="store_true", help="Fewer steps (for tests); numbers move less.")
     p.set_defaults(func=_cmd_demo)
 

@@ -15,10 +15,12 @@ def register(subparsers) -> None:
     add_model_flags(p)
     add_data_flags(p, required=True, help="Preference pairs.")
     p.add_argument("--output", metavar="FILE.jsonl", help="Write one row of log-probs per pair.")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--max-prompt-length", type=int)
+    p.add_argument("--beta", type=float, default=0.1, help="Rewards are beta times the log-ratio to the reference "
+                                                            "(default: %(default)s).")
+    p.add_argument("--batch-size", type=int, default=8, help="Pairs per forward (default: %(default)s).")
+    p.add_argument("--max-length", type=int, default=1024,
+                   help="Longest prompt+answer in tokens; answers are cut from the right (default: %(default)s).")
+    p.add_argument("--max-prompt-length", type=int, help="Longest prompt in tokens; prompts are cut from the left.")
     p.add_argument("--limit", type=int, help="Evaluate only the first N pairs.")
     p.set_defaults(func=_cmd_eval)
 

@@ -9,13 +9,16 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """--model (required) and --ref-model, and how to load them: --device, --dtype, --trust-remote-code."""
     parser.add_argument("--model", required=True, help="Model folder or Hub id.")
     parser.add_argument("--ref-model", help="Reference model (folder or Hub id), compared with --model.")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps "
+                                                         "(default: %(default)s).")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bfloat16 on GPUs that "
+                                                        "have it, else float32) (default: %(default)s).")
+    parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the folder or Hub "
+                                                                         "to run.")
 
 
 def add_data_flags(parser: argparse.ArgumentParser, *, required: bool, help: str) -> None:
     """--data and how to read it: --data-format, --split."""
     parser.add_argument("--data", required=required, help=help)
-    parser.add_argument("--data-format", help="Force a data format.")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--data-format", help="Force a data format instead of detecting it.")
+    parser.add_argument("--split", default="train", help="Split of a saved dataset or Hub id (default: %(default)s).")

@@ -15,19 +15,20 @@ def register(subparsers) -> None:
     add_model_flags(p)
     p.add_argument("--prompt", help="One prompt (a user turn when the tokenizer has a chat template).")
     add_data_flags(p, required=False, help="Take prompts from a preference data file.")
-    p.add_argument("-n", type=int, default=3, help="Prompts to take from --data.")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily.")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", metavar="FILE.jsonl")
+    p.add_argument("-n", type=int, default=3, help="Prompts to take from --data (default: %(default)s).")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="Longest answer in tokens (default: %(default)s).")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="Sampling temperature; 0 decodes greedily (default: %(default)s).")
+    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (default: %(default)s).")
+    p.add_argument("--seed", type=int, default=0, help="Seed for sampling (default: %(default)s).")
+    p.add_argument("--output", metavar="FILE.jsonl", help="Also write one row per prompt with both answers.")
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     # torch, transformers and the models load only when a command needs them, not for `--help`.
     from ..generate import generate_answers
-    from ..models.load import freeze, load_model, load_tokenizer
+    from ..models.load import check_source, freeze, load_model, load_tokenizer
     from ..models.precision import pick_device, pick_dtype
 
     if (args.prompt is None) == (args.data is None):
@@ -35,13 +36,14 @@ def run_generate(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    prompts = _prompts(args, tokenizer)
-    columns = {"policy": args.model}
+    columns = {"policy": (args.model, "--model")}
     if args.ref_model:
-        columns["reference"] = args.ref_model
+        check_source(args.ref_model, "model", "--ref-model")
+        columns["reference"] = (args.ref_model, "--ref-model")
+    prompts = _prompts(args, tokenizer)
     rows = [{"prompt": text} for text, _ in prompts]
-    for column, name in columns.items():
-        model = load_model(name, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    for column, (name, flag) in columns.items():
+        model = load_model(name, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code, flag=flag)
         freeze(model)
         answers = generate_answers(model, tokenizer, [ids for _, ids in prompts], max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=device)

@@ -4,9 +4,9 @@ a training run."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
-from ..config import TrainConfig, field_type, load_yaml_mapping
+from ..config import TrainConfig, applies_to, field_type, flag_help, load_yaml_mapping
 from ..errors import PreftuneError
 
 STAGES = (("sft", "Supervised fine-tuning on text or conversations."),
@@ -16,20 +16,20 @@ STAGES = (("sft", "Supervised fine-tuning on text or conversations."),
 def register(subparsers) -> None:
     for stage, text in STAGES:
         p = subparsers.add_parser(stage, help=text, description=text)
-        _add_config_flags(p)
+        _add_config_flags(p, stage)
         p.set_defaults(func=_cmd_train, stage=stage)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", help="Read settings from a YAML file; flags override it.")
     for f in fields(TrainConfig):
         if f.name == "stage":
             continue
         flag = "--" + f.name.replace("_", "-")
         typ = field_type(f)
-        default = f.default if f.default is not MISSING else None
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        # Flags of the other stage stay accepted, so using one is answered by config validation, not "unrecognized".
+        shown = flag_help(f, stage) if applies_to(f.name, stage) else argparse.SUPPRESS
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": shown}
         if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:

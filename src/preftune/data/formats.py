@@ -216,6 +216,9 @@ def _message_pair(row: Row, chosen: Messages, rejected: Messages, full_prompt: M
 
 
 def _hh(row: Row) -> Converted:
+    for name in ("chosen", "rejected"):
+        if row.text(name).endswith("\n\nAssistant:"):  # the marker's space is missing when the reply is empty
+            raise row.error(f"{name} answer is empty (the transcript ends with an 'Assistant:' that says nothing)")
     preamble, chosen = parse_hh(row.text("chosen"))
     other, rejected = parse_hh(row.text("rejected"))
     if preamble != other:
@@ -355,6 +358,10 @@ def read_sft(value: Any, where: str) -> tuple[SFTExample, list[str]]:
     A conversation's completion is every turn from the first assistant turn on (the loss covers each assistant
     turn in it; see tokenize.py), its prompt the turns before."""
     row = new_row(value, where, "sft")
+    if row.has("label") and row.get("label") in (False, 0, "false", "False"):
+        # Unpaired feedback marks this completion undesirable; SFT would teach it like any other.
+        raise row.error("the completion is marked undesirable (label: false), and SFT trains on every completion "
+                        "it reads; keep only the desirable ones for SFT")
     if row.has("messages") or row.has("conversations"):
         if row.has("messages"):
             system, turns = split_system(row.messages("messages"))

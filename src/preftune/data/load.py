@@ -123,8 +123,11 @@ def _collect(source: str, split: str, skip_bad_records: bool, report: LoadReport
                 raise value
             item = convert(value, where)
         except DataError as exc:
-            if not skip_bad_records or isinstance(exc, SourceError):
+            if isinstance(exc, SourceError):
                 raise
+            if not skip_bad_records:
+                raise DataError(f"{exc}; fix the record, or pass --skip-bad-records to drop such records (they "
+                                f"are counted)") from None
             report.skipped.append(str(exc))
             continue
         if item is not None:

@@ -2,13 +2,15 @@
 
 The output folder holds `data/` (the generated corpus and pairs), `base/` (tokenizer + random tiny Llama),
 `sft/` and `dpo/` (ordinary run folders), `summary.json` and `probabilities.png`. `demo_plan.json` is written
-first; `summary.json` last, and its presence means the demo finished. A folder holding a finished demo is refused;
-one holding an interrupted demo is started afresh; any other non-empty folder is refused.
+first; `summary.json` last, and its presence means the demo finished. A folder holding a finished demo is left as
+it is and its results are shown again (so `make demo` works every time); one holding an interrupted demo is started
+afresh; any other non-empty folder is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +56,6 @@ FAST = DemoPlan(sft_steps=300, dpo_steps=50)  # SFT half-learns the mixture; DPO
 def check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise PreftuneError(f"--out {out}: exists and is not a folder")
-    if (out / SUMMARY).exists():
-        raise PreftuneError(f"--out {out}: already holds a finished demo; choose another folder or delete this one")
     if out.is_dir() and any(out.iterdir()) and not (out / PLAN).exists():
         raise PreftuneError(f"--out {out}: is not empty and holds no demo; choose a new or empty folder")
 
@@ -65,8 +65,8 @@ def _stage_config(plan: DemoPlan, stage: str, quiet: bool, **paths: str) -> Trai
     # overwrite: a demo interrupted earlier left partial run folders that belong to it
     return TrainConfig(stage=stage, max_steps=plan.sft_steps if sft else plan.dpo_steps,
                        batch_size=plan.sft_batch if sft else plan.dpo_batch, lr=plan.sft_lr if sft else plan.dpo_lr,
-                       beta=plan.beta, warmup_steps=plan.warmup_steps, seed=SEED, max_length=64, quiet=quiet,
-                       log_every=50, overwrite=True, **paths)
+                       warmup_steps=plan.warmup_steps, seed=SEED, max_length=64, quiet=quiet,
+                       log_every=50, overwrite=True, **({} if sft else {"beta": plan.beta}), **paths)
 
 
 def run_demo(out: Path, quiet: bool = False, fast: bool = False, plan: DemoPlan | None = None) -> dict:
@@ -89,6 +89,10 @@ def _run(out: Path, plan: DemoPlan, *, quiet: bool, fast: bool) -> dict:
 
     say = (lambda *a: None) if quiet else print
     check_out(out)
+    if (done := _finished(out)) is not None:
+        say(f"demo: {out} already holds a finished demo (delete the folder, or pass another --out, to run it again)")
+        print(_final_line(done, out))
+        return done
     atomic_write_json(out / PLAN, {"fast": fast, **dataclasses.asdict(plan)})
     started = time.perf_counter()
 
@@ -120,8 +124,22 @@ def _run(out: Path, plan: DemoPlan, *, quiet: bool, fast: bool) -> dict:
     result = {"fast": fast, **timings, "total_seconds": round(time.perf_counter() - started, 1), **result}
     atomic_write_json(out / SUMMARY, result)
     say(report.format_table(shown, result))
-    d = result["dpo"]
-    print(f"demo done in {result['total_seconds']:.0f}s: held-out p(chosen) {result['sft']['p_chosen']:.2f} -> "
-          f"{d['p_chosen']:.2f}, p(rejected) {result['sft']['p_rejected']:.2f} -> {d['p_rejected']:.2f}, "
-          f"reward accuracy {d['reward_accuracy']:.2f}; {out / SUMMARY}")
+    print(_final_line(result, out))
     return result
+
+
+def _finished(out: Path) -> dict | None:
+    """The summary of a finished demo in `out`, or None (an unreadable or partial summary counts as unfinished)."""
+    try:
+        summary = json.loads((out / SUMMARY).read_text())
+        _final_line(summary, out)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return summary
+
+
+def _final_line(result: dict, out: Path) -> str:
+    s, d = result["sft"], result["dpo"]
+    return (f"demo done in {result['total_seconds']:.0f}s: held-out p(chosen) {s['p_chosen']:.2f} -> "
+            f"{d['p_chosen']:.2f}, p(rejected) {s['p_rejected']:.2f} -> {d['p_rejected']:.2f}, "
+            f"reward accuracy {d['reward_accuracy']:.2f}; {out / SUMMARY}")

@@ -3,9 +3,11 @@ format."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pickle
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,24 +15,63 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError, PreftuneError
+from ..io import follow_umask
 
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 _MARKERS = {"model": ("config.json", "adapter_config.json"), "tokenizer": ("tokenizer_config.json", "tokenizer.json")}
+# owner/name or a bare legacy name such as "gpt2": the shape of a Hugging Face Hub model id.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _check_local(name_or_path: str, what: str) -> None:
-    """A path that looks local must be a folder save_pretrained wrote; anything else is tried as a Hub id."""
-    path = Path(name_or_path)
-    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
-    if looks_local:
-        if not path.exists():
-            raise ModelError(f"{what} {name_or_path}: folder not found")
+def looks_like_hub_id(name: str) -> bool:
+    """True for a name shaped like a Hub id that is not a path on this machine."""
+    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def check_source(name_or_path: str, what: str = "model", flag: str = "--model") -> None:
+    """Fail in seconds, naming `flag`, unless `name_or_path` is a Hugging Face folder here or a Hub repository
+    that can be had (cached, or the Hub answers that it exists). Without this, a mistyped folder name is taken
+    for a Hub id and transformers retries the network for most of a minute before a message about something
+    else. `what`: "model" or "tokenizer", the kind of folder expected."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
         markers = _MARKERS[what]
-        if path.is_dir() and not any((path / m).is_file() for m in markers):
-            raise ModelError(f"{what} {name_or_path}: no {markers[0]} in this folder; point to a Hugging Face "
+        if not path.is_dir():
+            raise ModelError(f"{flag} {name_or_path}: is a file; point to the folder save_pretrained wrote")
+        if not any((path / m).is_file() for m in markers):
+            raise ModelError(f"{flag} {name_or_path}: no {markers[0]} in this folder; point to a Hugging Face "
                              f"{what} folder (the one save_pretrained wrote)")
+        return
+    if not _HUB_ID.match(name_or_path) or name_or_path.startswith("."):
+        raise ModelError(f"{flag} {name_or_path}: folder not found")
+    _check_hub(name_or_path, flag, _MARKERS[what])
+
+
+@functools.lru_cache(maxsize=None)  # the tokenizer and the model of one id ask once
+def _check_hub(repo: str, flag: str, markers: tuple[str, ...]) -> None:
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    if any(isinstance(try_to_load_from_cache(repo, m), str) for m in markers):
+        return  # in the local Hub cache: loads without the network
+    head = f"{flag} {repo}: no local folder of that name"
+    if constants.is_offline_mode():
+        raise ModelError(f"{head}, and the Hub is not consulted (HF_HUB_OFFLINE is set) and has no cached copy")
+    try:  # one request, no retries: a machine without network answers at once
+        HfApi().model_info(repo, timeout=10)
+    except GatedRepoError:
+        raise ModelError(f"{flag} {repo}: a gated Hub repository; accept its terms on huggingface.co and log in "
+                         f"(hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"{head}, and no Hub repository of that name either (if it is private, log in with "
+                         f"hf auth login)") from None
+    except HFValidationError:
+        raise ModelError(f"{head}, and it is not a valid Hub id either") from None
+    except Exception as exc:  # connection refused, DNS, timeouts, proxies: whatever the HTTP stack raises
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"{head}, and the Hub could not be reached ({first})") from None
 
 
 def _quiet_transformers() -> None:
@@ -41,25 +82,27 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, flag: str = "--model"):
+    """The tokenizer of a folder or Hub id; `flag` is the option that named it, for messages."""
     from transformers import AutoTokenizer
 
     _quiet_transformers()
 
-    _check_local(name_or_path, "tokenizer")
+    check_source(name_or_path, "tokenizer", flag)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"tokenizer {name_or_path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
-    return ensure_pad_token(tok, name_or_path)
+        raise ModelError(f"{flag} {name_or_path}: its tokenizer cannot be loaded ({str(exc).splitlines()[0]})"
+                         ) from None
+    return ensure_pad_token(tok, f"{flag} {name_or_path}:")
 
 
 def ensure_pad_token(tok, name: str):
-    """`tok`, given a pad token if it has none (set in place)."""
+    """`tok`, given a pad token if it has none (set in place); `name` starts the message if it has neither."""
     if tok.pad_token_id is None:
         # Padding positions are masked everywhere, so any id works; EOS is the customary stand-in.
         if tok.eos_token is None:
-            raise ModelError(f"tokenizer {name}: has neither a pad nor an EOS token; add one")
+            raise ModelError(f"{name} its tokenizer has neither a pad nor an EOS token; add one")
         tok.pad_token = tok.eos_token
     return tok
 
@@ -89,7 +132,7 @@ def _load_error(name_or_path: str, exc: Exception, config=None) -> ModelError:
 
 
 def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
-               quantization_config=None):
+               quantization_config=None, flag: str = "--model"):
     """A causal LM, on `device` in `dtype`. Remote code runs only with `trust_remote_code`.
 
     Weights come from safetensors when the folder has them. A folder with only pickled weights
@@ -99,7 +142,7 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _quiet_transformers()
-    _check_local(name_or_path, "model")
+    check_source(name_or_path, "model", flag)
     if is_adapter_folder(name_or_path):  # a LoRA run folder: its base model plus the adapter
         return load_adapter_model(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     try:
@@ -153,7 +196,8 @@ def load_adapter_model(path: str | Path, *, device: torch.device, dtype: torch.d
     except (OSError, ValueError, KeyError):
         raise ModelError(f"model {path}: {ADAPTER_CONFIG} does not name its base model "
                          f"(base_model_name_or_path)") from None
-    base = load_model(base_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    base = load_model(base_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                      flag=f"{path / ADAPTER_CONFIG}: base_model_name_or_path")
     with quiet_peft():
         return peft.PeftModel.from_pretrained(base, str(path)).to(device)
 
@@ -183,3 +227,4 @@ def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
+    follow_umask(out_dir)  # safetensors writes weights 0600

@@ -78,9 +78,10 @@ def write_merged(run_dir: Path, tokenizer, *, dtype: torch.dtype, trust_remote_c
     Built from the saved adapter and a fresh full-precision base on the CPU, so a QLoRA run merges into
     unquantised weights and the trained model in memory is left as it was.
     """
+    from .models import save_model
+
     model = load_adapter_model(run_dir, device=torch.device("cpu"), dtype=dtype, trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload()
     out = run_dir / MERGED
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    save_model(merged, tokenizer, out)
     return out

@@ -2,32 +2,58 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 from typing import Sequence
 
 import yaml
 
-from ..version import __version__
 from ..config import TrainConfig
 from ..io import atomic_write_text
+from ..models.load import looks_like_hub_id
+from ..version import __version__
 from .plots import PLOT_NAMES, PLOTS_DIR
 
-# owner/name or a bare legacy name such as "gpt2": what the Hub accepts as `base_model`.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# The eval numbers that describe a run, in the order shown; training means are the fallback.
+HEADLINE_EVAL = ("eval_loss", "eval_reward_accuracy", "eval_reward_margin")
+RECENT_PREFIX = "mean_"  # training metrics averaged over the last steps (tracking.recent_means)
 
 
-def write_model_card(run_dir: Path, config: TrainConfig, final_metrics: dict, command: str | Sequence[str]) -> Path:
-    """Write RUN/README.md: metadata block, what was trained, config, final metrics, plots, the command.
+def headline(final_metrics: dict) -> dict[str, float]:
+    """The numbers that describe a finished run: its eval metrics when it had eval data, else its training
+    metrics averaged over the last steps. Never the last batch alone: on 4 pairs its reward accuracy is 0, 0.25,
+    ... or 1.0 by chance."""
+    evals = {k: final_metrics[k] for k in HEADLINE_EVAL if k in final_metrics}
+    if evals:
+        return evals
+    return {k: v for k, v in final_metrics.items() if k.startswith(RECENT_PREFIX) and k != "mean_over_steps"}
+
+
+def headline_text(final_metrics: dict) -> str:
+    """`headline` as one line: `eval_loss=0.6123  eval_reward_accuracy=0.5900`."""
+    shown = "  ".join(f"{k}={v:.4f}" for k, v in headline(final_metrics).items())
+    steps = final_metrics.get("mean_over_steps")
+    if shown and steps and not any(k.startswith("eval_") for k in headline(final_metrics)):
+        shown += f"  (training, mean of the last {steps} steps)"
+    return shown
+
+
+def write_model_card(run_dir: Path, config: TrainConfig, final_metrics: dict, command: str | Sequence[str],
+                     data_stats: dict | None = None) -> Path:
+    """Write RUN/README.md: metadata block, what was trained, data counts, headline and final metrics, config,
+    plots, the command.
 
     `command` is the command line that reproduces the run: a string as typed, or an argv list that is
-    shell-quoted here. Plots are linked only if they exist, so write the plots first.
+    shell-quoted here. `data_stats` is what run_dir writes to data_stats.json. Plots are linked only if they
+    exist, so write the plots first.
     """
     run_dir = Path(run_dir)
     sections = [
         _front_matter(config),
         f"# {run_dir.resolve().name}\n\n{_summary(config)}",
+        *(["## Data\n\n" + _data_counts(data_stats)] if data_stats else []),
+        "## Results\n\n" + _results(final_metrics),
         "## Training config\n\n```yaml\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "```",
         "## Final metrics\n\n" + _metrics_table(final_metrics),
         "## Plots\n\n" + _plot_links(run_dir),
@@ -41,9 +67,9 @@ def write_model_card(run_dir: Path, config: TrainConfig, final_metrics: dict, co
 def _front_matter(config: TrainConfig) -> str:
     meta: dict = {}
     # The Hub rejects a card whose base_model is not a model id; a local folder is named in the text instead.
-    if _is_hub_id(config.model):
-        meta["base_model"] = config.model
-    meta["datasets"] = [config.data]
+    if base := base_model(config.model):
+        meta["base_model"] = base
+    meta["datasets"] = [_dataset_name(config.data)]
     meta["library_name"] = "preftune"
     meta["pipeline_tag"] = "text-generation"
     meta["tags"] = ["preftune", config.stage] + (["lora"] if config.lora_r else [])
@@ -86,5 +112,45 @@ def _plot_links(run_dir: Path) -> str:
     return "\n\n".join(f"![{p.stem.replace('_', ' ')}]({PLOTS_DIR}/{p.name})" for p in plots)
 
 
-def _is_hub_id(model: str) -> bool:
-    return bool(_HUB_ID.match(model)) and not Path(model).expanduser().exists()
+def base_model(model: str) -> str | None:
+    """The Hub id the run started from: `model` itself, or, when it is a local preftune run folder (DPO after
+    SFT), the model that run started from, followed back. None when the chain ends in a local folder."""
+    for _ in range(8):  # a chain of runs; the bound only guards against a folder naming itself
+        if looks_like_hub_id(model):
+            return model
+        try:
+            model = yaml.safe_load((Path(model).expanduser() / "config.yaml").read_text())["model"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            return None
+        if not isinstance(model, str):
+            return None
+    return None
+
+
+def _dataset_name(data: str) -> str:
+    """A Hub dataset id as it is; a local file by its name only (a path on this machine means nothing on the Hub)."""
+    return data if looks_like_hub_id(data) else Path(data).name
+
+
+def _data_counts(stats: dict) -> str:
+    train = stats.get("train", {})
+    lines = [f"- format: {stats.get('format')}",
+             f"- training records: {train.get('total', 0)}, of which {train.get('truncated', 0)} truncated to fit "
+             f"max_length and {train.get('dropped', 0)} dropped (prompt alone longer than max_length)",
+             f"- records skipped as malformed: {stats.get('skipped_records', 0)}"]
+    if "eval" in stats:
+        ev = stats["eval"]
+        lines.append(f"- eval records: {ev.get('total', 0)}, of which {ev.get('truncated', 0)} truncated and "
+                     f"{ev.get('dropped', 0)} dropped")
+    return "\n".join(lines)
+
+
+def _results(final_metrics: dict) -> str:
+    numbers = headline(final_metrics)
+    if not numbers:
+        return "No metrics were recorded."
+    if any(k.startswith("eval_") for k in numbers):
+        where = "On the held-out pairs at the end of training:"
+    else:
+        where = f"Training metrics, mean of the last {final_metrics.get('mean_over_steps')} steps (no eval data):"
+    return where + "\n\n" + "\n".join(f"- {k}: {v:.4g}" for k, v in numbers.items())

@@ -122,6 +122,8 @@ def _eval_grid(train: list[dict], evals: list[dict]) -> Figure | None:
     panels = [panel for panel in _EVAL_PANELS if any(_has(evals, key) for key in panel[2])]
     if len(panels) < 2:  # a lone eval loss is already on the loss figure
         return None
+    if len({row["step"] for row in evals}) < 2:  # one point a panel shows no trend; the numbers are in the card
+        return None
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig = _new_figure(width=4.4 * cols, height=3.3 * rows)

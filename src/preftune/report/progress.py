@@ -22,7 +22,6 @@ _FIELDS = (
 
 # The line printed after each evaluation, and the one a finished run ends with.
 EVAL_KEYS = ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logratio_chosen")
-FINAL_KEYS = ("loss", "reward_accuracy", "eval_reward_accuracy", "eval_loss")
 
 
 def describe_eval(row: dict) -> str:
@@ -31,8 +30,11 @@ def describe_eval(row: dict) -> str:
 
 
 def describe_final(output_dir, final: dict) -> str:
-    """`done: RUN  loss=0.5123  reward_accuracy=...`: the run folder and the final metrics it has."""
-    return f"done: {output_dir}  " + "  ".join(f"{k}={final[k]:.4f}" for k in FINAL_KEYS if k in final)
+    """`done: RUN  eval_loss=0.6123  ...`: the run folder and its headline (report/card.py's `headline_text`):
+    eval metrics when there was eval data, else training metrics averaged over the last steps."""
+    from .card import headline_text
+
+    return f"done: {output_dir}  {headline_text(final)}"
 
 
 class Progress:

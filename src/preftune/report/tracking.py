@@ -8,6 +8,7 @@ the model card are drawn from it, so TensorBoard and Weights & Biases are extras
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,21 @@ def parse_sinks(report_to: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def check_sinks(report_to: str) -> None:
+    """Fail now, before a run writes anything, if a sink in `report_to` is unknown or its package is missing."""
+    import importlib.util
+
+    for name in parse_sinks(report_to):
+        module, extra = _SINK_PACKAGES[name]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(f"report_to: {name} is not installed; pip install preftune[{extra}], or drop it from "
+                              f"--report-to")
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of RUN/metrics.jsonl, training and eval split apart, sorted by step, one of each kind per step.
 
@@ -105,6 +121,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not latest:
         raise PreftuneError(f"{path}: empty; the run logged no metrics yet")
     return [latest[key] for key in sorted(latest, key=lambda key: (key[1], key[0]))]
+
+
+def recent_means(rows: list[dict], steps: int = 10) -> dict[str, float]:
+    """Training metrics of `rows` (metrics.jsonl's) averaged over the last `steps` logged steps, as `mean_<name>`
+    plus `mean_over_steps`: a run's summary that one lucky or unlucky last batch does not decide. Non-finite values
+    are left out."""
+    train = [row for row in rows if not any(k.startswith(EVAL_PREFIX) for k in row)][-steps:]
+    out: dict[str, float] = {}
+    for key in ("loss", "reward_accuracy", "reward_margin"):
+        values = [row[key] for row in train if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
+        if values:
+            out[f"mean_{key}"] = sum(values) / len(values)
+    if out:
+        out["mean_over_steps"] = len(train)
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -155,3 +186,5 @@ class _WandB:
 
 
 _SINKS = {"tensorboard": _TensorBoard, "wandb": _WandB}
+# The module each sink imports, and the extra that installs it.
+_SINK_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}

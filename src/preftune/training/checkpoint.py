@@ -43,7 +43,7 @@ from ..config import TrainConfig, load_yaml_mapping
 from ..dist import fsdp
 from ..dist.env import DistEnv, all_reduce_sum, barrier
 from ..errors import NonFiniteError, PreftuneError
-from ..io import atomic_write_json, file_sha256
+from ..io import atomic_write_json, file_sha256, follow_umask
 from .run_dir import CHECKPOINTS as FOLDER, resolved
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,7 @@ def save(out_dir: Path, state: RunState, cfg: TrainConfig, env: DistEnv, metrics
         (tmp / STATE).write_text(json.dumps(trainer))
         (tmp / CONFIG).write_text(yaml.safe_dump(resolved(cfg).to_dict(), sort_keys=False))
         files = [WEIGHTS, OPTIMIZER, STATE, CONFIG]
+        follow_umask(tmp)  # safetensors writes weights 0600
         for name in files:
             _fsync(tmp / name)
         manifest = {"step": state.step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)}

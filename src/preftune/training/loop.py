@@ -24,7 +24,7 @@ from ..errors import NonFiniteError, PreftuneError
 from ..metrics import evaluate_during
 from ..models.precision import pick_device, pick_precision
 from ..report.progress import Progress, describe_eval
-from ..report.tracking import METRICS_FILE, Tracker
+from ..report.tracking import METRICS_FILE, Tracker, check_sinks, read_metrics, recent_means
 from . import checkpoint as ckpt
 from . import run_dir as rundir
 from .objectives import make_objective
@@ -119,6 +119,12 @@ def _finite_or_skipped(step: int, metrics: dict, grad_norm: torch.Tensor, record
 def _planned_steps(cfg: TrainConfig, setup, env: DistEnv) -> int:
     global_batch = cfg.batch_size * env.world_size
     if len(setup.train_items) < global_batch:
+        if setup.stats.dropped:  # the batch size is not what went wrong
+            raise PreftuneError(
+                f"{cfg.data}: {setup.stats.dropped} of {setup.stats.total} examples dropped because the prompt "
+                f"alone is longer than --max-length {cfg.max_length} tokens, leaving {len(setup.train_items)} "
+                f"(fewer than one batch of {global_batch}); raise --max-length, or set --max-prompt-length to cut "
+                f"long prompts from the left")
         raise PreftuneError(f"{cfg.data}: {len(setup.train_items)} usable examples, fewer than one batch of "
                             f"{global_batch}; lower --batch-size or add data")
     return total_steps(len(setup.train_items), global_batch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
@@ -152,25 +158,35 @@ def execute(cfg: TrainConfig, *, command: str, inputs=None, callbacks=(), in_mem
     """
     if not in_memory:
         cfg.require_paths()
+    check_sinks(cfg.report_to)  # everything checkable is checked before the first file is written
     device = pick_device(cfg.device)
     env = init_from_env(device.type)
     device = rank_device(device, env)
     precision = pick_precision(cfg.dtype, device)
     out_dir = Path(cfg.output_dir)
-    writes = env.is_main and not in_memory  # only the main process of a run with a folder writes files
     if not in_memory and cfg.resume and (done := rundir.finished_results(out_dir)) is not None:
         # A job script that always passes --resume may run once more after the run finished: nothing to do.
         if env.is_main and not cfg.quiet:
             print(f"preftune: resume: the run in {out_dir} has finished; nothing to do", file=sys.stderr)
         return Outcome(done, [])
-    created = not in_memory and not out_dir.exists()
-    if not in_memory:
-        rundir.prepare(out_dir, cfg, env)
-    torch.manual_seed(cfg.seed)
+    if in_memory:
+        return _train(cfg, command, env, device, precision, out_dir, inputs, callbacks, in_memory, resume_hint)
+    created = not out_dir.exists()
+    rundir.prepare(out_dir, cfg, env)
+    # A failure from here on (bad data or model, a full disk, a crash in step 1) leaves nothing behind that would
+    # block the corrected rerun; once a checkpoint exists, the run stays for --resume.
+    with rundir.removed_on_failure(out_dir, env, created, resumed=cfg.resume):
+        return _train(cfg, command, env, device, precision, out_dir, inputs, callbacks, in_memory, resume_hint)
 
-    with rundir.removed_if_left_empty(out_dir, env, created):  # bad data or model: no empty run folder stays behind
-        setup = build(cfg, device=device, precision=precision, env=env, inputs=inputs)
-        steps = _planned_steps(cfg, setup, env)
+
+def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_dir: Path, inputs, callbacks,
+           in_memory: bool, resume_hint: str | None) -> Outcome:
+    writes = env.is_main and not in_memory  # only the main process of a run with a folder writes files
+    torch.manual_seed(cfg.seed)
+    setup = build(cfg, device=device, precision=precision, env=env, inputs=inputs)
+    steps = _planned_steps(cfg, setup, env)
+    if writes:
+        ckpt.check_room(out_dir, setup.policy, cfg)
     policy, tokenizer, reference = setup.policy, setup.tokenizer, setup.reference
     train_items, eval_items = setup.train_items, setup.eval_items
     pad_id = tokenizer.pad_token_id
@@ -183,8 +199,6 @@ def execute(cfg: TrainConfig, *, command: str, inputs=None, callbacks=(), in_mem
     objective = make_objective(cfg, env)
     policy_logps: AnswerLogpModule = setup.policy_logps
     params = [p for p in policy.parameters() if p.requires_grad]
-    if writes:
-        ckpt.check_room(out_dir, policy, cfg)
     optimizer, scheduler = build_optimizer(params, cfg, steps)
     cursor = DataCursor(len(train_items), global_batch, cfg.seed, cfg.group_by_length)
     state = ckpt.RunState(policy, optimizer, scheduler, cursor, objective, sharded=policy_logps.sharded)
@@ -259,6 +273,7 @@ def execute(cfg: TrainConfig, *, command: str, inputs=None, callbacks=(), in_mem
     ckpt.require_finite(policy, "final model", env)
     # Sharded weights are gathered whole by every rank together; rank 0 alone writes them.
     full_weights = full_state_dict(policy) if policy_logps.sharded and not in_memory else None
+    final.update(recent_means(read_metrics(out_dir) if writes else history))
     if writes:
         rundir.finish(out_dir, cfg, setup, final, command, state_dict=full_weights)
     shutdown(env)

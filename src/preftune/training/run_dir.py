@@ -55,14 +55,26 @@ def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
     barrier(env)
 
 
+# What a run writes at its top level besides the model files (which only a finished run has).
+RUN_FILES = (CONFIG, DATA_STATS, METRICS_FILE, RESULTS, "README.md", "plots", "tensorboard", "wandb")
+
+
 @contextmanager
-def removed_if_left_empty(out_dir: Path, env: DistEnv, created: bool):
-    """If what runs inside fails and the folder was made by this run and is still empty, remove it again."""
+def removed_on_failure(out_dir: Path, env: DistEnv, created: bool, resumed: bool):
+    """If what runs inside fails before a checkpoint exists, remove what this run wrote, so the corrected rerun
+    is not refused as 'already holds a run'. A folder this run made goes whole; in a folder that was there
+    before, only the run's own files go. A run with a checkpoint is kept (--resume continues it), and so is a
+    resumed run's folder."""
     try:
         yield
     except BaseException:
-        if created and env.is_main and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        if env.is_main and not resumed and out_dir.is_dir() and not (out_dir / CHECKPOINTS).exists():
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            else:
+                for name in RUN_FILES:
+                    path = out_dir / name
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         raise
 
 
@@ -106,7 +118,8 @@ def finish(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str, *,
 
         write_merged(out_dir, setup.tokenizer, dtype=setup.dtype, trust_remote_code=cfg.trust_remote_code)
     write_plots(out_dir)
-    write_model_card(out_dir, resolved(cfg), final, command)
+    data_stats = json.loads((out_dir / DATA_STATS).read_text())  # written by write_start
+    write_model_card(out_dir, resolved(cfg), final, command, data_stats=data_stats)
     atomic_write_json(out_dir / RESULTS, {k: v for k, v in final.items() if _jsonable(v)})
 
 

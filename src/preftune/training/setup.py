@@ -21,7 +21,7 @@ from ..logps.parts import set_compute_dtype
 from ..inputs import RunInputs, frozen, is_peft_model, policy_in_place
 from ..losses import needs_reference
 from ..models import lora
-from ..models.load import disable_dropout, ensure_pad_token, freeze, load_model, load_tokenizer
+from ..models.load import check_source, disable_dropout, ensure_pad_token, freeze, load_model, load_tokenizer
 from ..models.precision import Precision, hold_frozen
 from .reference import AdaptersOffReference, CachedReference, FrozenReference
 
@@ -63,10 +63,15 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     """`inputs`: objects used in place of the config's paths (a model, tokenizer, reference, records)."""
     inputs = inputs or RunInputs()
     lora.check_request(cfg, device)
+    if inputs.model is None:  # every model named, before minutes of data and weights loading
+        check_source(cfg.model, "model", "--model")
+    if uses_reference(cfg) and cfg.ref_model and inputs.ref_model is None:
+        check_source(cfg.ref_model, "model", "--ref-model")
     if inputs.tokenizer is not None:
-        tokenizer = ensure_pad_token(inputs.tokenizer, cfg.tokenizer or "given")
+        tokenizer = ensure_pad_token(inputs.tokenizer, "the tokenizer given:")
     else:
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                   flag="--tokenizer" if cfg.tokenizer else "--model")
     records, report = load_records(cfg, cfg.data if inputs.data is None else inputs.data)
     for note in (report.detection, report.unused_line()):
         if note and env.is_main:
@@ -152,7 +157,7 @@ def _load_reference(cfg: TrainConfig, device, precision: Precision, given=None):
         model = frozen(given, device, precision.frozen, copied=False)
     else:
         model = load_model(cfg.ref_model or cfg.model, device=device, dtype=precision.trained,
-                           trust_remote_code=cfg.trust_remote_code)
+                           trust_remote_code=cfg.trust_remote_code, flag="--ref-model" if cfg.ref_model else "--model")
         hold_frozen(model, precision)
         freeze(model)
     set_compute_dtype(model, precision.compute)
