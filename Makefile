@@ -1,5 +1,6 @@
 # Two entry points on a fresh clone: `make demo` and `make test`. Each makes the virtual environment if it is
-# missing and installs only what it needs (the demo: preftune alone; the tests: plus pytest, hypothesis, peft);
+# missing and installs only what it needs (the demo: preftune alone; the tests: plus pytest, hypothesis, peft, and
+# TRL, which the tests compare losses with);
 # run again, each skips what is already installed.
 # TORCH is the pip requirement for PyTorch; TORCH_INDEX, when set, is the package index it comes from. A plain
 # `torch==2.13.0` from PyPI is the CUDA build on Linux (large; runs on a CPU too). For the CPU-only build there:
@@ -21,7 +22,7 @@ $(VENV)/.demo: $(VENV)/.torch pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e ".[test,lora]"
+	$(PIP) install -q -e ".[test,lora,bench]"
 	touch $@
 
 $(VENV)/.bench: $(VENV)/.torch pyproject.toml
