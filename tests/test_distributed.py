@@ -197,7 +197,9 @@ def test_bco_running_mean_is_the_same_on_every_rank(single, parallel):
     exactly as an uninterrupted one."""
     runs, proc = parallel
     assert_same_steps(single["bco"], runs["bco-ddp"])
-    assert_same_weights(single["bco"], runs["bco-ddp"])
+    # One process of 8 and two of 4 plan their batches differently (groups, layouts): the same function with other
+    # rounding, up to 1.1e-5 here after 3 steps. A rank-local running mean (the bug this guards) was 2.5e-4 off.
+    assert_same_weights(single["bco"], runs["bco-ddp"], tol=3e-5)
     assert_same_steps(runs["bco-ddp"], runs["bco-ddp-resumed"], tol=1e-6)
     assert_same_weights(runs["bco-ddp"], runs["bco-ddp-resumed"], tol=1e-6)
 

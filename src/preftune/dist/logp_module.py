@@ -16,7 +16,7 @@ from .fsdp import fully_shard_model
 
 def sharded_logps_module(model, *, prefix_sharing: bool = True, chunk_size: int = 1024) -> LogpsForward:
     """A frozen model's log-prob module sharded with FSDP2 (for a reference); `answer_logps` accepts it."""
-    return fully_shard_model(LogpsForward(model, prefix_sharing, chunk_size), model, frozen=True)
+    return fully_shard_model(LogpsForward(model, prefix_sharing, chunk_size, uniform_calls=True), model, frozen=True)
 
 
 class AnswerLogpModule:
@@ -24,9 +24,9 @@ class AnswerLogpModule:
 
     def __init__(self, model, *, prefix_sharing: bool = True, chunk_size: int = 1024, trim_padding: bool = True,
                  env=None, fsdp: bool = False):
-        self.inner = LogpsForward(model, prefix_sharing, chunk_size, trim_padding)
-        self.runner = self.inner
         self.sharded = bool(fsdp and env is not None and env.enabled)
+        self.inner = LogpsForward(model, prefix_sharing, chunk_size, trim_padding, uniform_calls=self.sharded)
+        self.runner = self.inner
         if self.sharded:
             fully_shard_model(self.inner, model)
         elif env is not None and env.enabled:

@@ -21,32 +21,33 @@ _SAID: set[tuple[str, str]] = set()
 
 
 def answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool = True, chunk_size: int = 1024,
-                 trim_padding: bool = True) -> AnswerLogps:
+                 trim_padding: bool = True, uniform_calls: bool = False) -> AnswerLogps:
     """Summed log-probs of every answer in `batch` under `model`; prefix sharing when the model allows it.
 
     `trim_padding` runs the batch as sub-batches of similar length (same numbers, less padding computed).
     A model that cannot continue answers from a prompt cache falls back to the plain layout, with one warning.
     `model` may also be the module form below (sharded by FSDP, its forward is what gathers the weights).
+    `uniform_calls`: take the layout `prefix_sharing` names whatever the planner's cost says (see LogpsForward).
     """
     if isinstance(model, LogpsForward):
         logps, lengths = model(batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size, trim_padding=trim_padding)
         return AnswerLogps(logps, lengths)
     with compute_precision(model), attention_backends(batch.answer_ids.device):
         return _answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
-                             trim_padding=trim_padding)
+                             trim_padding=trim_padding, uniform_calls=uniform_calls)
 
 
 def _answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool, chunk_size: int,
-                  trim_padding: bool) -> AnswerLogps:
+                  trim_padding: bool, uniform_calls: bool = False) -> AnswerLogps:
     limits = limits_of(model)
     parts = exact_parts(batch, limits)
     if len(parts) == 1 and parts[0].answer_rows is None:
         return _layout_logps(model, batch, limits, share=prefix_sharing and parts[0].shareable,
-                             chunk_size=chunk_size, trim_padding=trim_padding)
+                             chunk_size=chunk_size, trim_padding=trim_padding, uniform_calls=uniform_calls)
     logps = None
     for part in parts:
         out = _layout_logps(model, part.batch, limits, share=prefix_sharing and part.shareable,
-                            chunk_size=chunk_size, trim_padding=trim_padding).logps
+                            chunk_size=chunk_size, trim_padding=trim_padding, uniform_calls=uniform_calls).logps
         if logps is None:
             logps = out.new_zeros(batch.answer_ids.shape[0])
         logps = logps.index_copy(0, part.answer_rows, out)
@@ -54,7 +55,7 @@ def _answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool, chun
 
 
 def _layout_logps(model, batch: PromptAnswerBatch, limits: Limits, *, share: bool, chunk_size: int,
-                  trim_padding: bool) -> AnswerLogps:
+                  trim_padding: bool, uniform_calls: bool = False) -> AnswerLogps:
     name = type(unwrap(model)).__name__
     plain_groups = None
     if share and batch.k > 1:
@@ -62,7 +63,7 @@ def _layout_logps(model, batch: PromptAnswerBatch, limits: Limits, *, share: boo
         shared_groups, shared_cost = plan_layout(batch, shared=True, trim_padding=trim_padding, max_span=limits.window)
         plain_groups, plain_cost = plan_layout(batch, shared=False, trim_padding=trim_padding)
         key = f"{name}/checkpointing" if checkpointing(model) else name
-        if key not in _WARNED and shared_cost <= plain_cost:
+        if key not in _WARNED and (uniform_calls or shared_cost <= plain_cost):
             try:
                 out = shared_prefix_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding,
                                           max_span=limits.window, groups=shared_groups)
@@ -86,19 +87,26 @@ def _say_once(name: str, layout: str, limits: Limits) -> None:
 
 
 class LogpsForward(LMWrapper):
-    """Module form of `answer_logps`, so data-parallel wrappers see the whole computation as one forward."""
+    """Module form of `answer_logps`, so data-parallel wrappers see the whole computation as one forward.
 
-    def __init__(self, model, prefix_sharing: bool, chunk_size: int, trim_padding: bool = True):
+    `uniform_calls`: every rank must make the same sequence of decoder calls (FSDP gathers each layer's weights
+    in a collective at every call), so the batch runs as one group in the layout the flag names, never split by
+    the planner, whose choices depend on each rank's own lengths.
+    """
+
+    def __init__(self, model, prefix_sharing: bool, chunk_size: int, trim_padding: bool = True,
+                 uniform_calls: bool = False):
         super().__init__(model)
         self.prefix_sharing = prefix_sharing
         self.chunk_size = chunk_size
-        self.trim_padding = trim_padding
+        self.trim_padding = trim_padding and not uniform_calls
+        self.uniform_calls = uniform_calls
 
     def forward(self, batch: PromptAnswerBatch, prefix_sharing: bool | None = None, chunk_size: int | None = None,
                 trim_padding: bool | None = None):
+        trim = self.trim_padding if trim_padding is None else trim_padding
         out = answer_logps(self.model, batch,
                            prefix_sharing=self.prefix_sharing if prefix_sharing is None else prefix_sharing,
-                           chunk_size=chunk_size or self.chunk_size,
-                           trim_padding=self.trim_padding if trim_padding is None else trim_padding)
+                           chunk_size=chunk_size or self.chunk_size, trim_padding=trim and not self.uniform_calls,
+                           uniform_calls=self.uniform_calls)
         return out.logps, out.lengths
-
