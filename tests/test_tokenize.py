@@ -81,7 +81,7 @@ def test_sft_text_trains_on_every_token_after_the_first(tok):
 
 
 def test_chat_data_without_a_template_is_a_human_assistant_transcript():
-    from preftune.data.formats import parse_hh
+    from preftune.data.fields import parse_hh
 
     tok = make_tokenizer()
     tok.chat_template = None  # a base model's tokenizer

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import DataError
-from .formats import hh_transcript
+from .fields import hh_transcript
 from .records import Content, Messages, PreferencePair, SFTExample
 
 log = logging.getLogger("preftune")
