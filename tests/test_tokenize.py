@@ -7,7 +7,8 @@ import pytest
 from tinylm import make_tokenizer
 
 from preftune.data.records import PreferencePair, SFTExample
-from preftune.data.tokenize import encode_prompt_answer, tokenize_all, tokenize_example, tokenize_pair
+from preftune.data.encode import encode_prompt_answer
+from preftune.data.tokenize import tokenize_all, tokenize_example, tokenize_pair
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ def read_sft(value: Any, where: str) -> tuple[SFTExample, list[str]]:
     """`to_sft`, plus the keys of the record that were not used.
 
     A conversation's completion is every turn from the first assistant turn on (the loss covers each assistant
-    turn in it; see tokenize.py), its prompt the turns before."""
+    turn in it; see encode.py), its prompt the turns before."""
     row = new_row(value, where, "sft")
     if row.has("label") and row.get("label") in (False, 0, "false", "False"):
         # Unpaired feedback marks this completion undesirable; SFT would teach it like any other.
