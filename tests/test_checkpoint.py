@@ -22,6 +22,7 @@ from preftune.io import file_sha256
 from preftune.models.load import load_model
 from preftune.training import checkpoint as ckpt
 from preftune.training import loop as train
+from preftune.training import run_state
 from preftune.training.objectives import PreferenceObjective
 from preftune.training.optim import build_optimizer
 from test_resume import config, final_weights, metric_rows
@@ -39,7 +40,7 @@ class RunsCode:
         return os.system, (self.command,)
 
 
-def small_state(cfg: TrainConfig, seed: int = 0) -> ckpt.RunState:
+def small_state(cfg: TrainConfig, seed: int = 0) -> run_state.RunState:
     """A two-layer net whose first layer is frozen (as base weights are under LoRA), after one AdamW step."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
@@ -51,7 +52,7 @@ def small_state(cfg: TrainConfig, seed: int = 0) -> ckpt.RunState:
     cursor = train.DataCursor(n_items=10, global_batch=2, seed=0, group_by_length=False, epoch=1, position=3)
     objective = PreferenceObjective(cfg)
     objective.reward_sum, objective.reward_count = 0.75, 3
-    return ckpt.RunState(model, optimizer, scheduler, cursor, objective, step=1)
+    return run_state.RunState(model, optimizer, scheduler, cursor, objective, step=1)
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def cfg(tmp_path) -> TrainConfig:
     return TrainConfig(model="m", data="d", output_dir=str(tmp_path / "run"), lr=0.1, keep_checkpoints=2)
 
 
-def save_at(cfg: TrainConfig, state: ckpt.RunState, step: int) -> Path:
+def save_at(cfg: TrainConfig, state: run_state.RunState, step: int) -> Path:
     state.step = step
     return ckpt.save(Path(cfg.output_dir), state, cfg, ENV, Path(cfg.output_dir) / "metrics.jsonl")
 
@@ -93,10 +94,10 @@ def test_checkpoint_round_trips_every_part_of_the_state(cfg):
 
 
 def test_random_states_round_trip():
-    state = ckpt.rng_state()
+    state = run_state.rng_state()
     json.dumps(state)  # plain values only
     draws = (random.random(), float(np.random.rand()), torch.rand(3))
-    ckpt.set_rng_state(json.loads(json.dumps(state)))
+    run_state.set_rng_state(json.loads(json.dumps(state)))
     again = (random.random(), float(np.random.rand()), torch.rand(3))
     assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
 

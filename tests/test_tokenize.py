@@ -7,7 +7,8 @@ import pytest
 from tinylm import make_tokenizer
 
 from preftune.data.records import PreferencePair, SFTExample
-from preftune.data.tokenize import encode_prompt_answer, tokenize_all, tokenize_example, tokenize_pair
+from preftune.data.encode import encode_prompt_answer
+from preftune.data.tokenize import tokenize_all, tokenize_example, tokenize_pair
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_sft_text_trains_on_every_token_after_the_first(tok):
 
 
 def test_chat_data_without_a_template_is_a_human_assistant_transcript():
-    from preftune.data.formats import parse_hh
+    from preftune.data.fields import parse_hh
 
     tok = make_tokenizer()
     tok.chat_template = None  # a base model's tokenizer

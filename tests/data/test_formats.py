@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from preftune.data.formats import FORMAT_NAMES, detect_format, to_pair, to_sft
+from preftune.data.detect import FORMAT_NAMES, detect_format
+from preftune.data.formats import to_pair, to_sft
 from preftune.data.records import PreferencePair, SFTExample
 from preftune.errors import DataError
 

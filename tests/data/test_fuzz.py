@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from preftune.data.formats import FORMAT_NAMES, detect_format, to_pair, to_sft
+from preftune.data.detect import FORMAT_NAMES, detect_format
+from preftune.data.formats import to_pair, to_sft
 from preftune.data.load import load_pairs, load_sft, read_unpaired_source
 from preftune.data.unpaired import UNPAIRED_FORMATS, read_unpaired
 from preftune.errors import DataError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from preftune.data.formats import hh_transcript
+from preftune.data.fields import hh_transcript
 from preftune.data.load import load_pairs
 
 NAME = "hh-rlhf-harmless-base-test.jsonl.gz"

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from preftune.data.check import check_pairs
-from preftune.data.formats import detect, read_pair
+from preftune.data.detect import detect
+from preftune.data.formats import read_pair
 from preftune.data.load import load_pairs, load_sft, read_unpaired_source
 from preftune.data.records import PreferencePair, UnpairedExample
 from preftune.errors import DataError

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..data.check import check_pairs, render_report
-from ..data.formats import FORMAT_NAMES
+from ..data.detect import FORMAT_NAMES
 from ..data.load import load_pairs
 from ..data.unpaired import UNPAIRED_FORMATS
 from ..errors import ModelError

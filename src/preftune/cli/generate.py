@@ -71,7 +71,7 @@ def _show(rows: list[dict], columns: list[str]) -> None:
 
 def _prompts(args: argparse.Namespace, tokenizer) -> list[tuple[str, list[int]]]:
     """(display text, prompt ids) for each prompt; a plain --prompt is a user turn when there is a template."""
-    from ..data.tokenize import encode_prompt
+    from ..data.encode import encode_prompt
 
     if args.prompt is not None:
         prompt = args.prompt

@@ -6,7 +6,8 @@ import random
 from typing import Any, Callable, TypeVar
 
 from ..errors import DataError
-from .formats import FORMAT_NAMES, SCORED_FORMATS, detect, read_pair, read_sft, unknown_format_message
+from .detect import FORMAT_NAMES, detect, unknown_format_message
+from .formats import SCORED_FORMATS, read_pair, read_sft
 from .records import LoadReport, PreferencePair, SFTExample, UnpairedExample
 from .rows import require_mapping
 from .sources import read_rows

@@ -1,10 +1,4 @@
-"""Records -> token ids, by the convention TRL uses so that numbers compare (README.md, "Data").
-
-Text:  prompt ids = tokenizer(prompt) with the tokenizer's own special tokens;
-       answer ids = tokenizer(answer, add_special_tokens=False) + [eos].
-Chat:  prompt = chat template of the prompt turns with the generation prompt; answer = the template of the whole
-       conversation minus the rendered prompt. BOS is added only when the tokenizer wants one and the template did
-       not already write it; EOS is appended only when the rendered answer does not already end with it.
+"""Records -> token ids for training: pairs and SFT examples, encoded by encode.py (the TRL convention), then cut.
 
 Truncation: prompts lose tokens from the left (the latest turns survive), answers from the right; a pair whose
 prompt alone leaves no room for an answer token is dropped.
@@ -12,15 +6,11 @@ prompt alone leaves no room for an answer token is dropped.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..errors import DataError
-from .formats import hh_transcript
-from .records import Content, Messages, PreferencePair, SFTExample
-
-log = logging.getLogger("preftune")
+from .encode import encode_masked, encode_prompt_answer, has_template, transcript
+from .records import PreferencePair, SFTExample
 
 
 @dataclass
@@ -43,184 +33,6 @@ class TokenizedExample:
     truncated: bool = False
     index: int = 0
     answer_mask: list[int] | None = None
-
-
-def _messages(system: str | None, turns: Content) -> list[dict]:
-    head = [{"role": "system", "content": system}] if system else []
-    return head + list(turns)
-
-
-def _note_transcript() -> None:
-    global _TRANSCRIPT_NOTED
-    if not _TRANSCRIPT_NOTED:
-        _TRANSCRIPT_NOTED = True
-        log.warning("the tokenizer has no chat template: chat data is written as Human/Assistant transcripts")
-
-
-_TRANSCRIPT_NOTED = False
-
-
-def _chat_template(tokenizer, messages, *, generation_prompt: bool, where: str, tools=None) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
-    except Exception as exc:  # templates raise their own errors for odd role orders
-        raise DataError(f"{where}: the chat template rejected these messages ({exc})") from None
-
-
-def _wants_bos(tokenizer) -> bool:
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-
-
-def _plain_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _has_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def transcript(system: str | None, prompt: Messages, answer: Messages | None = None) -> tuple[str, str]:
-    """Chat turns as plain text for a tokenizer without a chat template (a base model): the Human/Assistant
-    transcript of HH-RLHF, which is how such models were trained on it. Returns (prompt text ending in
-    "\n\nAssistant:", answer text starting with the space after it)."""
-    head = hh_transcript(prompt, system) + "\n\nAssistant:"
-    if answer is None:
-        return head, ""
-    full = hh_transcript(list(prompt) + list(answer), system)
-    if not full.startswith(head):
-        raise DataError("the answer must start with an assistant turn")
-    return head, full[len(head):]
-
-
-def _uses_tools(turns: Messages, tools) -> bool:
-    return bool(tools) or any(t["role"] == "tool" or t.get("tool_calls") for t in turns)
-
-
-def _renderer(tokenizer, system: str | None, tools, turns: Messages, where: str):
-    """`render(turns, generation_prompt) -> text`: the chat template, or the Human/Assistant transcript when
-    the tokenizer has none. Tool calls and tool schemas need a template that knows them."""
-    if _has_template(tokenizer):
-        head = _messages(system, [])
-
-        def render(part: Messages, generation_prompt: bool) -> str:
-            if not head and not part:
-                return ""
-            return _chat_template(tokenizer, head + list(part), generation_prompt=generation_prompt, where=where,
-                                  tools=tools)
-        return render
-    if _uses_tools(turns, tools):
-        raise DataError(f"{where}: this record has tool calls or tool schemas, and the tokenizer has no chat "
-                        "template to render them; use a model whose chat template supports tools")
-    _note_transcript()
-    return lambda part, generation_prompt: hh_transcript(part, system) + (
-        "\n\nAssistant:" if generation_prompt else "")
-
-
-def _check_tools_rendered(text: str, turns: Messages, tools, where: str) -> None:
-    """A template without tool support silently leaves tools out: refuse rather than train on a lie."""
-    wanted = [("tool schema", t.get("function", t)["name"]) for t in tools or []]
-    for turn in turns:
-        wanted += [("tool call", call["function"]["name"]) for call in turn.get("tool_calls", [])]
-        if turn["role"] == "tool":
-            wanted.append(("tool result", turn["content"]))
-    for what, piece in wanted:
-        if piece not in text:
-            raise DataError(f"{where}: the chat template does not render this {what} ({piece!r:.40} is missing from "
-                            "its output), so it has no tool support; use a model whose chat template supports tools")
-
-
-def encode_prompt(tokenizer, prompt: Content, system: str | None = None, where: str = "", tools=None) -> list[int]:
-    """Prompt ids exactly as training sees them (chat prompts end with the generation prompt)."""
-    if isinstance(prompt, list):
-        render = _renderer(tokenizer, system, tools, prompt, where)
-        return _prompt_ids(tokenizer, render(prompt, True), render(prompt, True))
-    return tokenizer(f"{system}\n\n{prompt}" if system else prompt)["input_ids"]
-
-
-def _prompt_ids(tokenizer, text: str, full_text: str) -> list[int]:
-    """Rendered prompt ids. BOS is added only if the tokenizer wants one and the rendering (judged on
-    `full_text`, the whole conversation, when the prompt renders empty) did not write it."""
-    ids = _plain_ids(tokenizer, text) if text else []
-    bos_text = tokenizer.bos_token
-    rendered = text or full_text or ""
-    if _wants_bos(tokenizer) and not (bos_text and rendered.startswith(bos_text)):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
-
-
-def _pieces(render, prompt: Messages, answer: Messages, full: str, start: int, every_turn: bool, where: str):
-    """The answer text cut into (text, trained) pieces. With `every_turn`, each assistant turn is trained (from
-    just after its generation prompt to the end of its turn) and the other turns in between are not."""
-    if not every_turn:
-        return [(full[start:], True)]
-    cuts, turns = [], list(prompt)  # (offset in `full`, whether an assistant turn starts there)
-    for turn in answer:
-        if turn["role"] == "assistant":
-            cuts.append((_offset(render(turns, True), full, where), True))
-        turns.append(turn)
-        cuts.append((_offset(render(turns, False), full, where), False))
-    pieces, at, trained = [], start, False
-    for end, opens in cuts:
-        if end > at:
-            pieces.append((full[at:end], trained))
-            at = end
-        trained = opens
-    if at < len(full):
-        pieces.append((full[at:], False))
-    return pieces
-
-
-def _offset(prefix: str, full: str, where: str) -> int:
-    if not full.startswith(prefix):
-        raise DataError(f"{where}: the chat template renders the earlier turns differently inside the whole "
-                        "conversation, so the assistant turns cannot be located; check the template or the roles")
-    return len(prefix)
-
-
-def encode_prompt_answer(tokenizer, prompt: Content | None, answer: Content, system: str | None = None,
-                         where: str = "", tools=None) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids) for one prompt/answer, untruncated. `prompt=None` means no prompt (SFT on text)."""
-    return encode_masked(tokenizer, prompt, answer, system, where, tools)[:2]
-
-
-def encode_masked(tokenizer, prompt: Content | None, answer: Content, system: str | None = None,
-                  where: str = "", tools=None, every_turn: bool = False):
-    """(prompt ids, answer ids, answer mask) for one prompt/answer, untruncated. `prompt=None` means no prompt
-    (SFT on text). The mask marks the answer tokens in the loss; None means all of them. It only has zeros for
-    a chat answer of several turns with `every_turn`: the user and tool turns between assistant turns."""
-    eos = tokenizer.eos_token_id
-    if isinstance(answer, list):
-        turns = list(prompt or [])
-        render = _renderer(tokenizer, system, tools, turns + list(answer), where)
-        full_text = render(turns + list(answer), False)
-        prompt_text = render(turns, True)
-        if _uses_tools(turns + list(answer), tools) and _has_template(tokenizer):
-            _check_tools_rendered(full_text, turns + list(answer), tools, where)
-        if not full_text.startswith(prompt_text):
-            raise DataError(f"{where}: the chat template renders the prompt differently inside the whole "
-                            f"conversation, so the answer cannot be separated; check the template or the roles")
-        if _has_template(tokenizer):
-            prompt_ids = _prompt_ids(tokenizer, prompt_text, full_text)
-        else:
-            prompt_ids = tokenizer(prompt_text)["input_ids"]
-        answer_ids, mask = [], []
-        for text, trained in _pieces(render, turns, list(answer), full_text, len(prompt_text), every_turn, where):
-            ids = _plain_ids(tokenizer, text)
-            answer_ids += ids
-            mask += [int(trained)] * len(ids)
-        eos_text = tokenizer.eos_token
-        if eos is not None and not (eos_text and full_text[len(prompt_text):].rstrip().endswith(eos_text)):
-            answer_ids.append(eos)
-            mask.append(1)
-        return prompt_ids, answer_ids, (None if all(mask) else mask)
-    if prompt is None:
-        ids = tokenizer(answer)["input_ids"] + ([eos] if eos is not None else [])
-        return ids[:1], ids[1:], None
-    prompt_ids = encode_prompt(tokenizer, prompt, system, where)
-    answer_ids = _plain_ids(tokenizer, answer) + ([eos] if eos is not None else [])
-    return prompt_ids, answer_ids, None
 
 
 def text_form(pair: PreferencePair) -> PreferencePair:
@@ -252,7 +64,7 @@ def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_promp
 
     Turns that came from text fields (orca, alpaca) go through the chat template when the tokenizer has one,
     and are written back as text with `raw_text_prompts` or without a template."""
-    if pair.text_fields and (raw_text_prompts or not _has_template(tokenizer)):
+    if pair.text_fields and (raw_text_prompts or not has_template(tokenizer)):
         pair = text_form(pair)
     prompt_ids, chosen = encode_prompt_answer(tokenizer, pair.prompt, pair.chosen, pair.system, pair.where,
                                               pair.tools)

@@ -28,13 +28,10 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -42,9 +39,11 @@ import yaml
 from ..config import TrainConfig, load_yaml_mapping
 from ..dist import fsdp
 from ..dist.env import DistEnv, all_reduce_sum, barrier
-from ..errors import NonFiniteError, PreftuneError
+from ..errors import PreftuneError
 from ..io import atomic_write_json, file_sha256, follow_umask
 from .run_dir import CHECKPOINTS as FOLDER, resolved
+from .run_state import (RunState, all_rng_states, gather_optimizer_state, gather_trainable_state,
+                        require_finite, set_rng_state)
 
 log = logging.getLogger(__name__)
 
@@ -60,31 +59,7 @@ class CheckpointError(PreftuneError):
     """A checkpoint cannot be used: written by another program, for another config, or damaged."""
 
 
-@dataclass
-class RunState:
-    """Everything that changes while a run trains, kept together so that a checkpoint misses nothing."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    cursor: object          # loop.DataCursor
-    objective: object       # objectives.*Objective
-    step: int = 0           # optimizer steps done
-    skipped_steps: int = 0  # steps dropped by --skip-nonfinite
-    sharded: bool = False   # the model's weights are split across ranks by FSDP2
-
-
-# ---------------------------------------------------------------------------------------------- what is saved
-# Called on every rank: under FSDP gathering is a collective, and only rank 0 gets the tensors ({} elsewhere).
-
-def gather_trainable_state(model: torch.nn.Module, sharded: bool = False) -> dict[str, torch.Tensor]:
-    """{parameter name: tensor on the CPU} for every parameter that trains; frozen weights are not saved."""
-    if sharded:
-        return fsdp.full_trainable_state(model)
-    return {name: p.detach().to("cpu", copy=True).contiguous()
-            for name, p in model.named_parameters() if p.requires_grad}
-
-
+# ---------------------------------------------------------------------------------------------- weights
 def check_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     """Refuse saved weights whose names or (whole) shapes are not those of the parameters this run trains."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -104,66 +79,6 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(state[name])
-
-
-def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None,
-                           sharded: bool = False) -> dict:
-    """`optimizer.state_dict()`; under FSDP the same layout with whole tensors, on rank 0 only."""
-    return fsdp.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
-
-
-def rng_state() -> dict:
-    """The state of every random generator a step can draw from, as plain JSON values."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {"python": [version, list(internal), gauss],
-             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        saved = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
-        if len(saved) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(saved)
-        else:
-            log.warning("checkpoint holds random states of %d GPUs, this machine has %d; dropout will not "
-                        "repeat exactly", len(saved), torch.cuda.device_count())
-
-
-def _all_rng_states(env: DistEnv) -> list[dict]:
-    """Every rank's random states, on every rank (each rank may have drawn differently)."""
-    mine = rng_state()
-    if not env.enabled:
-        return [mine]
-    states: list = [None] * env.world_size
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def require_finite(model: torch.nn.Module, what: str, env: DistEnv = DistEnv()) -> None:
-    """Refuse to save weights that are NaN or infinite: such a model would load and then produce garbage.
-
-    Under FSDP each rank sees only its shards, so the ranks add up their findings: all of them stop, or none
-    (one rank leaving alone would leave the others waiting in the next collective).
-    """
-    named = list(model.named_parameters())
-    local = [fsdp.local_part(p.detach()) for _, p in named]
-    flags = torch.tensor([not torch.isfinite(t).all() for t in local], dtype=torch.float32)
-    if any(fsdp.is_sharded(p) for _, p in named):
-        flags = all_reduce_sum(flags, env)
-    bad = [name for (name, _), flag in zip(named, flags.tolist()) if flag]
-    if bad:
-        raise NonFiniteError(f"{what}: {len(bad)} weight tensors hold NaN or infinite values (first: {bad[0]}); "
-                             f"not saved. Lower --lr or resume from an earlier checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -186,7 +101,7 @@ def save(out_dir: Path, state: RunState, cfg: TrainConfig, env: DistEnv, metrics
     require_finite(state.model, f"checkpoint at step {state.step}", env)
     weights = gather_trainable_state(state.model, state.sharded)
     optim = gather_optimizer_state(state.optimizer, state.model, state.sharded)
-    rngs = _all_rng_states(env)
+    rngs = all_rng_states(env)
     final = step_dir(out_dir, state.step)
     if env.is_main:
         root = final.parent

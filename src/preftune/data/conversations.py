@@ -1,0 +1,101 @@
+"""Preference layouts whose answers are message lists: chat, OpenAI messages, ShareGPT, UltraFeedback.
+
+Each layout is a function `row -> (pair, score_gap)` (see formats.py). The prompt is either given or the run of
+turns both answers share; a leading system turn is kept apart as the pair's system prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .records import Messages, PreferencePair
+from .rows import Row
+from .turns import sharegpt_messages
+
+Converted = tuple[PreferencePair, "float | None"]  # (pair, chosen minus rejected score or None)
+
+
+def split_system(messages: Messages) -> tuple[str | None, Messages]:
+    """A leading system turn goes to `system`: the pair keeps it apart from the prompt."""
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return None, messages
+
+
+def shared_turns(a: Messages, b: Messages) -> int:
+    """How many leading turns two conversations share as their prompt.
+
+    At least one turn is left to each answer, and the prompt ends on a user turn, so both answers start with
+    the assistant speaking (the prompt is rendered with the generation prompt)."""
+    n, limit = 0, min(len(a), len(b)) - 1
+    while n < limit and a[n] == b[n]:
+        n += 1
+    while n > 0 and a[n - 1]["role"] != "user":
+        n -= 1
+    return n
+
+
+def _conversations(row: Row, chosen: Messages, rejected: Messages) -> PreferencePair:
+    """Implicit-prompt chat: two whole conversations; the prompt is the run of turns they share."""
+    system, chosen = split_system(chosen)
+    other_system, rejected = split_system(rejected)
+    if system != other_system:
+        raise row.error("chosen and rejected start with different system turns")
+    n = shared_turns(chosen, rejected)
+    return PreferencePair(chosen[:n], chosen[n:], rejected[n:], system, row.where)
+
+
+def _strip_prefix(answer: Messages, prompt: Messages) -> Messages:
+    return answer[len(prompt):] if prompt and answer[:len(prompt)] == prompt else answer
+
+
+# --------------------------------------------------------------------------- one function a layout
+def _chat(row: Row) -> Converted:
+    return _message_pair(row, row.messages("chosen"), row.messages("rejected"),
+                         row.messages("prompt") if row.has("prompt") else None), None
+
+
+def _message_pair(row: Row, chosen: Messages, rejected: Messages, full_prompt: Messages | None) -> PreferencePair:
+    """A pair of message lists, with the prompt given or (None) the run of turns the answers share."""
+    if full_prompt is None:
+        pair = _conversations(row, chosen, rejected)
+    else:
+        system, prompt = split_system(full_prompt)
+        # Answers may repeat the prompt (whole conversations) or hold only the assistant turns.
+        chosen = _strip_prefix(_strip_prefix(chosen, full_prompt), prompt)
+        rejected = _strip_prefix(_strip_prefix(rejected, full_prompt), prompt)
+        pair = PreferencePair(prompt, chosen, rejected, system, row.where)
+    pair.tools = row.tools()
+    return pair
+
+
+def _ultrafeedback(row: Row) -> Converted:
+    chosen, rejected = row.messages("chosen"), row.messages("rejected")
+    if chosen and chosen[0]["role"] == "assistant":  # answers alone: the prompt string is the user turn
+        prompt = [{"role": "user", "content": row.text("prompt")}]
+        pair = PreferencePair(prompt, chosen, rejected, None, row.where)
+    else:
+        pair = _conversations(row, chosen, rejected)
+    gap = None
+    if row.has("score_chosen") or row.has("score_rejected"):
+        gap = row.number("score_chosen") - row.number("score_rejected")
+    return pair, gap
+
+
+def _sharegpt(row: Row) -> Converted:
+    system, prompt = split_system(sharegpt_messages(row, "conversations"))
+    if row.has("system"):  # LLaMA-Factory's system column
+        if system is not None:
+            raise row.error("the system prompt is given twice: in the 'system' key and as a system turn")
+        system = row.optional_text("system")
+    chosen, rejected = sharegpt_messages(row, "chosen"), sharegpt_messages(row, "rejected")
+    return PreferencePair(prompt, chosen, rejected, system, row.where, row.tools()), None
+
+
+def _openai(row: Row) -> Converted:
+    prompt = row.messages("messages")
+    return _message_pair(row, row.messages("chosen"), row.messages("rejected"), prompt), None
+
+
+MESSAGE_LAYOUTS: dict[str, Callable[[Row], Converted]] = {
+    "chat": _chat, "ultrafeedback": _ultrafeedback, "sharegpt": _sharegpt, "openai": _openai}

@@ -1,0 +1,94 @@
+"""Tell a preference record's format from its keys (and, where keys are shared, its value types).
+
+`FORMAT_KEYS` says what each format reads, for detection messages and `--data-format` help; the conversion of
+each format lives in conversations.py (message-list layouts) and fields.py (string-field layouts), and
+formats.py turns a record into a pair with them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .rows import type_name
+
+# What each format reads, for detection messages and `--data-format` help.
+FORMAT_KEYS = {
+    "text": "prompt, chosen, rejected (strings), optional system",
+    "implicit": "chosen, rejected (whole texts sharing a prompt)",
+    "chat": "chosen, rejected (message lists), optional prompt (message list), optional tools",
+    "hh": "chosen, rejected (\\n\\nHuman: / \\n\\nAssistant: transcripts)",
+    "ultrafeedback": "prompt (string), chosen, rejected (message lists), score_chosen, score_rejected",
+    "orca": "system, question or input, chosen, rejected (strings)",
+    "alpaca": "instruction, optional input, chosen, rejected (strings), optional system, history ([user, assistant] "
+              "pairs)",
+    "sharegpt": "conversations [{from, value}], chosen, rejected ({from, value} or strings), optional system, tools",
+    "openai": "messages [{role, content}], chosen, rejected ({role, content} or lists of them), optional tools",
+    "medicalgpt": "question, response_chosen, response_rejected, optional system, history ([user, assistant] pairs)",
+    "stack_exchange": "question, response_j (preferred), response_k",
+    "shp": "history, human_ref_A, human_ref_B, labels (1 = A preferred)",
+}
+FORMAT_NAMES = tuple(FORMAT_KEYS)
+
+
+def _strings(value: dict, *keys: str) -> bool:
+    return all(isinstance(value.get(k), str) for k in keys)
+
+
+def _hh_texts(value: dict) -> bool:
+    texts = [t for t in (value["chosen"], value["rejected"]) if isinstance(t, str)]
+    return bool(texts) and all("\n\nHuman:" in t and "\n\nAssistant:" in t for t in texts)
+
+
+# (format, why, test of the record's keys and value types), first match wins. `why` is said when the record
+# also fits a later rule, so a choice between two readings is never silent.
+_RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
+    ("sharegpt", "it has 'conversations'", lambda v, k: "conversations" in k),
+    ("openai", "it has 'messages'", lambda v, k: "messages" in k),
+    ("medicalgpt", "it has response_chosen/response_rejected", lambda v, k: {"response_chosen",
+                                                                             "response_rejected"} <= k),
+    ("stack_exchange", "it has response_j/response_k", lambda v, k: {"response_j", "response_k"} <= k),
+    ("shp", "it has human_ref_A/human_ref_B", lambda v, k: {"human_ref_A", "human_ref_B"} <= k),
+    ("alpaca", "it has 'instruction'", lambda v, k: "instruction" in k),
+    ("orca", "it has 'question', or 'input' without 'prompt'",
+     lambda v, k: "question" in k or ("input" in k and not {"prompt", "instruction"} & k)),
+    ("ultrafeedback", "its prompt is a string and its answers message lists",
+     lambda v, k: isinstance(v.get("prompt"), str) and isinstance(v["chosen"], list)),
+    ("chat", "its answers are message lists", lambda v, k: isinstance(v["chosen"], list)),
+    ("text", "it has a string 'prompt'", lambda v, k: "prompt" in k),
+    ("hh", "its answers are Human/Assistant transcripts", lambda v, k: _strings(v, "chosen") and _hh_texts(v)),
+    ("implicit", "its answers are strings", lambda v, k: _strings(v, "chosen")),
+]
+_PAIRED_ELSEWHERE = ("medicalgpt", "stack_exchange", "shp")  # their answers are not called chosen/rejected
+
+
+def detect(value: Any) -> tuple[str | None, str | None]:
+    """(format, note): the format a record looks like from its keys (and, where keys are shared, its value
+    types), or None; the note says why when another layout's keys are present too, else None."""
+    if not isinstance(value, dict):
+        return None, None
+    keys = set(value)
+    paired = {"chosen", "rejected"} <= keys
+    fits = [(fmt, why) for fmt, why, test in _RULES
+            if (paired or fmt in _PAIRED_ELSEWHERE) and test(value, keys)]
+    if not fits:
+        return None, None
+    fmt, why = fits[0]
+    # Later rules that test value types (chat, text, hh, implicit) fit almost anything; only key-based rivals
+    # are a real second reading.
+    rivals = [f"{other} ({reason})" for other, reason in fits[1:]
+              if other not in ("ultrafeedback", "chat", "text", "hh", "implicit")]
+    note = (f"read as {fmt!r} because {why}; the keys fit {', '.join(rivals)} too (pass --data-format to choose)"
+            if rivals else None)
+    return fmt, note
+
+
+def detect_format(value: Any) -> str | None:
+    """The format a record looks like, from its keys (and, where keys are shared, its value types); else None."""
+    return detect(value)[0]
+
+
+def unknown_format_message(value: Any, where: str) -> str:
+    seen = ", ".join(map(str, value)) if isinstance(value, dict) else type_name(value)
+    known = "; ".join(f"{name} ({keys})" for name, keys in FORMAT_KEYS.items())
+    return (f"{where}: cannot tell the data format from the keys seen ({seen}). Known formats: {known}. "
+            "Rename the keys, or pass --data-format to force one")

@@ -1,0 +1,125 @@
+"""Preference layouts whose prompt and answers are strings: text, implicit, HH-RLHF, Orca, Alpaca, MedicalGPT,
+Stack Exchange, SHP.
+
+Each layout is a function `row -> (pair, score_gap)` (see formats.py). HH-RLHF transcripts are kept lossless:
+each turn's content is the exact text between two `"\\n\\nHuman: "` / `"\\n\\nAssistant: "` markers (leading and
+trailing spaces, empty turns and a stray "Human:" inside an answer included), so `hh_transcript(prompt + chosen)`
+gives back the original string.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable
+
+from .conversations import Converted, shared_turns
+from .records import Messages, PreferencePair
+from .rows import Row
+from .turns import history_turns, user_turn
+
+# Turn boundaries for an implicit text prompt, most specific first; the prompt keeps the marker.
+_TEXT_BOUNDARIES = ("\n\nAssistant:", "Assistant:", "### Response:", "\n")
+
+
+def _shared_text_prompt(chosen: str, rejected: str) -> str:
+    common = os.path.commonprefix([chosen, rejected])
+    for marker in _TEXT_BOUNDARIES:
+        cut = common.rfind(marker)
+        if cut >= 0:
+            return common[:cut + len(marker)]
+    return ""  # no recognisable boundary: the texts are trained on whole
+
+
+# --------------------------------------------------------------------------- HH-RLHF transcripts
+_HH_MARKER = re.compile(r"\n\n(Human|Assistant): ")
+_HH_ROLE = {"Human": "user", "Assistant": "assistant"}
+_HH_SPEAKER = {"user": "Human", "assistant": "Assistant"}
+
+
+def parse_hh(text: str) -> tuple[str, Messages]:
+    """Split a transcript into (text before the first turn, turns). Contents are kept exactly."""
+    if text.startswith(("Human: ", "Assistant: ")):
+        text = "\n\n" + text  # some copies drop the leading blank line; write-back restores the canonical form
+    parts = _HH_MARKER.split(text)
+    turns = [{"role": _HH_ROLE[speaker], "content": content} for speaker, content in zip(parts[1::2], parts[2::2])]
+    return parts[0], turns
+
+
+def hh_transcript(messages: Messages, system: str | None = None) -> str:
+    """The inverse of `parse_hh`: turns written back as an HH-RLHF transcript."""
+    return (system or "") + "".join(f"\n\n{_HH_SPEAKER[m['role']]}: {m['content']}" for m in messages)
+
+
+# --------------------------------------------------------------------------- one function a layout
+def _text(row: Row) -> Converted:
+    pair = PreferencePair(row.text("prompt"), row.text("chosen"), row.text("rejected"),
+                          row.optional_text("system"), row.where)
+    return pair, None
+
+
+def _implicit(row: Row) -> Converted:
+    chosen, rejected = row.text("chosen"), row.text("rejected")
+    prompt = _shared_text_prompt(chosen, rejected)
+    return PreferencePair(prompt, chosen[len(prompt):], rejected[len(prompt):], None, row.where), None
+
+
+def _hh(row: Row) -> Converted:
+    for name in ("chosen", "rejected"):
+        if row.text(name).endswith("\n\nAssistant:"):  # the marker's space is missing when the reply is empty
+            raise row.error(f"{name} answer is empty (the transcript ends with an 'Assistant:' that says nothing)")
+    preamble, chosen = parse_hh(row.text("chosen"))
+    other, rejected = parse_hh(row.text("rejected"))
+    if preamble != other:
+        raise row.error("chosen and rejected have different text before their first turn")
+    n = shared_turns(chosen, rejected)
+    return PreferencePair(chosen[:n], chosen[n:], rejected[n:], preamble or None, row.where), None
+
+
+def _answer(row: Row, key: str) -> Messages:
+    return [{"role": "assistant", "content": row.text(key)}]
+
+
+def _turn_fields(row: Row, prompt: Messages, chosen: str, rejected: str) -> Converted:
+    """A record whose text fields are turns: system, earlier turns, the user turn, the two answers."""
+    pair = PreferencePair(prompt, _answer(row, chosen), _answer(row, rejected), row.optional_text("system"),
+                          row.where, text_fields=True)
+    return pair, None
+
+
+def _orca(row: Row) -> Converted:
+    prompt = row.text("question") if row.has("question") else row.text("input")
+    return _turn_fields(row, [{"role": "user", "content": prompt}], "chosen", "rejected")
+
+
+def _alpaca(row: Row) -> Converted:
+    return _turn_fields(row, history_turns(row) + [user_turn(row, "instruction", "input")], "chosen", "rejected")
+
+
+def _medicalgpt(row: Row) -> Converted:
+    prompt = history_turns(row) + [{"role": "user", "content": row.text("question")}]
+    return _turn_fields(row, prompt, "response_chosen", "response_rejected")
+
+
+def _stack_exchange(row: Row) -> Converted:
+    pair = PreferencePair(row.text("question"), row.text("response_j"), row.text("response_k"), None, row.where)
+    return pair, None
+
+
+def _shp(row: Row) -> Converted:
+    a, b = row.text("human_ref_A"), row.text("human_ref_B")
+    label = row.get("labels")
+    if isinstance(label, str) and label.strip() in ("0", "1"):  # CSV cells are strings
+        label = int(label)
+    if isinstance(label, bool) or label not in (0, 1):
+        raise row.error(f"'labels' must be 1 (A preferred) or 0 (B preferred), got {label!r:.40}")
+    chosen, rejected = (a, b) if label == 1 else (b, a)
+    gap = None
+    if row.has("score_A") and row.has("score_B"):
+        gap = abs(row.number("score_A") - row.number("score_B"))
+    return PreferencePair(row.text("history"), chosen, rejected, None, row.where), gap
+
+
+FIELD_LAYOUTS: dict[str, Callable[[Row], Converted]] = {
+    "text": _text, "implicit": _implicit, "hh": _hh, "orca": _orca, "alpaca": _alpaca, "medicalgpt": _medicalgpt,
+    "stack_exchange": _stack_exchange, "shp": _shp}
