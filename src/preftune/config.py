@@ -99,6 +99,9 @@ class TrainConfig:
     disable_dropout: bool = _f(True, "DPO: turn the model's dropout off in policy and reference (as TRL does), so a "
                                      "policy equal to its reference gives loss log 2; --no-disable-dropout keeps it.")
     compile: bool = _f(False, "torch.compile the model.")
+    router_aux_loss_coef: float | None = _f(None, "Mixture-of-experts models: weight of the router load-balancing "
+                                                  "loss added to the training loss and logged as aux_loss (as TRL "
+                                                  "does); default: the model config's coefficient; 0 turns it off.")
     # --- LoRA and scale
     lora_r: int = _f(0, "LoRA rank; 0 trains all weights.")
     lora_alpha: float = _f(16.0, "LoRA alpha.")
@@ -143,6 +146,8 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise ConfigError(f"router_aux_loss_coef: must not be negative, got {self.router_aux_loss_coef}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"max_steps: must be positive, or -1 to use epochs; got {self.max_steps}")
         if self.max_steps == -1 and self.epochs <= 0:

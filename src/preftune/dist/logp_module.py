@@ -23,7 +23,8 @@ class AnswerLogpModule:
     """The policy's answer log-probs as the training loop calls them, data-parallel under torchrun."""
 
     def __init__(self, model, *, prefix_sharing: bool = True, chunk_size: int = 1024, trim_padding: bool = True,
-                 env=None, fsdp: bool = False):
+                 env=None, fsdp: bool = False, router_aux: bool = False):
+        self.router_aux = router_aux  # also return the router load-balancing loss (mixture of experts)
         self.sharded = bool(fsdp and env is not None and env.enabled)
         self.inner = LogpsForward(model, prefix_sharing, chunk_size, trim_padding, uniform_calls=self.sharded)
         self.runner = self.inner
@@ -42,8 +43,7 @@ class AnswerLogpModule:
         return self.inner if self.sharded else self.inner.model
 
     def __call__(self, batch: PromptAnswerBatch) -> AnswerLogps:
-        logps, lengths = self.runner(batch)
-        return AnswerLogps(logps, lengths)
+        return AnswerLogps(*self.runner(batch, router_aux=self.router_aux))
 
     def sync(self, last: bool):
         """Gradient all-reduce (DDP) or reduce-scatter (FSDP2) only on the last micro-batch of a step."""

@@ -13,6 +13,7 @@ from .layouts import AnswerLogps, plain_logps, shared_prefix_logps
 from .limits import Limits, exact_parts, limits_of
 from .parts import LMWrapper, attention_backends, checkpointing, compute_precision, unwrap
 from .planner import plan_layout
+from .router import RouterLogits
 
 log = logging.getLogger(__name__)
 
@@ -21,33 +22,41 @@ _SAID: set[tuple[str, str]] = set()
 
 
 def answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool = True, chunk_size: int = 1024,
-                 trim_padding: bool = True, uniform_calls: bool = False) -> AnswerLogps:
+                 trim_padding: bool = True, router_aux: bool = False, uniform_calls: bool = False) -> AnswerLogps:
     """Summed log-probs of every answer in `batch` under `model`; prefix sharing when the model allows it.
 
     `trim_padding` runs the batch as sub-batches of similar length (same numbers, less padding computed).
+    `router_aux` (a mixture-of-experts model) also returns the router load-balancing loss of the batch's
+    sequences `prompt + answer` (router.py), in `aux_loss`.
     A model that cannot continue answers from a prompt cache falls back to the plain layout, with one warning.
     `model` may also be the module form below (sharded by FSDP, its forward is what gathers the weights).
     `uniform_calls`: take the layout `prefix_sharing` names whatever the planner's cost says (see LogpsForward).
     """
     if isinstance(model, LogpsForward):
-        logps, lengths = model(batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size, trim_padding=trim_padding)
-        return AnswerLogps(logps, lengths)
+        return AnswerLogps(*model(batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
+                                  trim_padding=trim_padding, router_aux=router_aux))
     with compute_precision(model), attention_backends(batch.answer_ids.device):
-        return _answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
-                             trim_padding=trim_padding, uniform_calls=uniform_calls)
+        router = RouterLogits() if router_aux else None
+        out = _answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
+                            trim_padding=trim_padding, router=router, uniform_calls=uniform_calls)
+        if router is not None:
+            out.aux_loss = router.loss(model)
+        return out
 
 
 def _answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool, chunk_size: int,
-                  trim_padding: bool, uniform_calls: bool = False) -> AnswerLogps:
+                  trim_padding: bool, router: RouterLogits | None, uniform_calls: bool = False) -> AnswerLogps:
     limits = limits_of(model)
     parts = exact_parts(batch, limits)
     if len(parts) == 1 and parts[0].answer_rows is None:
         return _layout_logps(model, batch, limits, share=prefix_sharing and parts[0].shareable,
-                             chunk_size=chunk_size, trim_padding=trim_padding, uniform_calls=uniform_calls)
+                             chunk_size=chunk_size, trim_padding=trim_padding, router=router,
+                             uniform_calls=uniform_calls)
     logps = None
     for part in parts:
         out = _layout_logps(model, part.batch, limits, share=prefix_sharing and part.shareable,
-                            chunk_size=chunk_size, trim_padding=trim_padding, uniform_calls=uniform_calls).logps
+                            chunk_size=chunk_size, trim_padding=trim_padding, router=router,
+                            uniform_calls=uniform_calls).logps
         if logps is None:
             logps = out.new_zeros(batch.answer_ids.shape[0])
         logps = logps.index_copy(0, part.answer_rows, out)
@@ -55,7 +64,7 @@ def _answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool, chun
 
 
 def _layout_logps(model, batch: PromptAnswerBatch, limits: Limits, *, share: bool, chunk_size: int,
-                  trim_padding: bool, uniform_calls: bool = False) -> AnswerLogps:
+                  trim_padding: bool, router: RouterLogits | None, uniform_calls: bool = False) -> AnswerLogps:
     name = type(unwrap(model)).__name__
     plain_groups = None
     if share and batch.k > 1:
@@ -64,17 +73,21 @@ def _layout_logps(model, batch: PromptAnswerBatch, limits: Limits, *, share: boo
         plain_groups, plain_cost = plan_layout(batch, shared=False, trim_padding=trim_padding)
         key = f"{name}/checkpointing" if checkpointing(model) else name
         if key not in _WARNED and (uniform_calls or shared_cost <= plain_cost):
+            gathered = len(router.parts) if router is not None else 0
             try:
                 out = shared_prefix_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding,
-                                          max_span=limits.window, groups=shared_groups)
+                                          max_span=limits.window, groups=shared_groups, router=router)
                 _say_once(name, "prefix-shared", limits)
                 return out
             except (TypeError, ValueError, NotImplementedError, AttributeError) as exc:
+                if router is not None:
+                    del router.parts[gathered:]  # the plain path below gathers this part's tokens again
                 _WARNED.add(key)
                 log.warning("%s cannot continue answers from a shared prompt cache (%s); using the plain path",
                             name, exc)
     _say_once(name, "plain", limits)
-    return plain_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding, groups=plain_groups)
+    return plain_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding, groups=plain_groups,
+                       router=router)
 
 
 def _say_once(name: str, layout: str, limits: Limits) -> None:
@@ -103,10 +116,10 @@ class LogpsForward(LMWrapper):
         self.uniform_calls = uniform_calls
 
     def forward(self, batch: PromptAnswerBatch, prefix_sharing: bool | None = None, chunk_size: int | None = None,
-                trim_padding: bool | None = None):
+                trim_padding: bool | None = None, router_aux: bool = False):
         trim = self.trim_padding if trim_padding is None else trim_padding
         out = answer_logps(self.model, batch,
                            prefix_sharing=self.prefix_sharing if prefix_sharing is None else prefix_sharing,
                            chunk_size=chunk_size or self.chunk_size, trim_padding=trim and not self.uniform_calls,
-                           uniform_calls=self.uniform_calls)
-        return out.logps, out.lengths
+                           router_aux=router_aux, uniform_calls=self.uniform_calls)
+        return (out.logps, out.lengths) if out.aux_loss is None else (out.logps, out.lengths, out.aux_loss)

@@ -18,12 +18,14 @@ from ..data.batching import PromptAnswerBatch
 from .parts import Head, body_of, cache_kwarg, checkpointing, unwrap
 from .planner import length_groups
 from .projection import token_logps
+from .router import RouterLogits
 
 
 @dataclass
 class AnswerLogps:
     logps: torch.Tensor    # [B*k] summed log-prob of each answer
     lengths: torch.Tensor  # [B*k] answer tokens counted
+    aux_loss: torch.Tensor | None = None  # router load-balancing loss (mixture of experts), when asked for
 
 
 def _answer_mask(batch: PromptAnswerBatch) -> torch.Tensor:
@@ -31,12 +33,14 @@ def _answer_mask(batch: PromptAnswerBatch) -> torch.Tensor:
     return torch.arange(width, device=batch.answer_ids.device)[None, :] < batch.answer_lens[:, None]
 
 
-def _run_grouped(model, batch: PromptAnswerBatch, groups: list[list[int]], layout, chunk_size: int) -> AnswerLogps:
+def _run_grouped(model, batch: PromptAnswerBatch, groups: list[list[int]], layout, chunk_size: int,
+                 router: RouterLogits | None) -> AnswerLogps:
     """Run `layout` on each group's sub-batch, then project all answer predictors together, in chunks.
 
-    `layout(model, sub, prompt_embeds, answer_embeds)` returns (predictor hidden states [T, H], target ids [T],
+    `layout(model, sub, prompt_embeds, answer_embeds, router)` returns (predictor hidden states [T, H], target ids [T],
     answer row in `sub` [T]). The token embeddings are looked up once for the whole batch: the backward of an
     embedding builds a dense [vocab, hidden] gradient per call, which would otherwise be paid once per group.
+    `router`, when given, collects the router logits of every body call.
     """
     dev, k = batch.answer_ids.device, batch.k
     embed = unwrap(model).get_input_embeddings()
@@ -51,7 +55,7 @@ def _run_grouped(model, batch: PromptAnswerBatch, groups: list[list[int]], layou
             answer_rows = (idx[:, None] * k + torch.arange(k, device=dev)).reshape(-1)
             p_emb = prompt_embeds[idx, : sub.prompt_ids.shape[1]]
             a_emb = answer_embeds[answer_rows, : sub.answer_ids.shape[1]]
-        h, t, r = layout(model, sub, p_emb, a_emb)
+        h, t, r = layout(model, sub, p_emb, a_emb, router)
         hidden.append(h)
         targets.append(t)
         rows.append(r if len(groups) == 1 else answer_rows[r])
@@ -75,7 +79,12 @@ def _column_order(rows: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- the two layouts
-def _plain_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, answer_embeds: torch.Tensor):
+def _router_kwargs(router: RouterLogits | None) -> dict:
+    return {} if router is None else {"output_router_logits": True}
+
+
+def _plain_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, answer_embeds: torch.Tensor,
+                  router: RouterLogits | None = None):
     """Each answer row as its own right-padded sequence `prompt + answer`."""
     k, dev = batch.k, batch.answer_ids.device
     n_rows = batch.answer_ids.shape[0]
@@ -90,7 +99,10 @@ def _plain_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, 
     row = torch.arange(n_rows, device=dev)[:, None]
     embeds = torch.where(in_prompt[..., None], prompt_embeds[row // k, p_col], answer_embeds[row, a_col])
     attn = (pos < total[:, None]).long()
-    hidden = body_of(model)(inputs_embeds=embeds, attention_mask=attn, use_cache=False).last_hidden_state
+    out = body_of(model)(inputs_embeds=embeds, attention_mask=attn, use_cache=False, **_router_kwargs(router))
+    if router is not None:
+        router.add(out, attn.bool())
+    hidden = out.last_hidden_state
     amask = _answer_mask(batch)
     # The answer token at column c is predicted by the hidden state at position p_len + c - 1.
     src = (p_lens[:, None] - 1 + torch.arange(amask.shape[1], device=dev)[None, :])[amask]
@@ -178,14 +190,16 @@ def _layers_keep_cache(body):
             body.gradient_checkpointing = body_flag
 
 
-def _shared_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, answer_embeds: torch.Tensor):
+def _shared_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, answer_embeds: torch.Tensor,
+                   router: RouterLogits | None = None):
     """Prompts once; each answer slot (chosen, then rejected) continues from the prompts' key/value cache.
 
     The prompt block stays right-padded in the cache; the attention mask hides the padding and explicit position
     ids continue each row at its true prompt length, so every answer sees exactly its prompt. The slots run one
     after another, each from a cache that holds the prompt states, so the cache is never copied k times and each
     slot is padded only to its own longest answer. Padding columns repeat their row's last position, so a call's
-    largest position is that of a real token (rope that picks factors by it, see limits.py).
+    largest position is that of a real token (rope that picks factors by it, see limits.py). The router logits
+    of a prompt count once per answer slot, as each answer row's sequence holds its prompt.
     """
     body, k, dev = body_of(model), batch.k, batch.answer_ids.device
     cache_name = cache_kwarg(body)
@@ -194,7 +208,9 @@ def _shared_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor,
     with _layers_keep_cache(body) if checkpointing(model) else nullcontext():
         cache = _pinned_cache(model, None, 0, p_width)
         out = body(inputs_embeds=prompt_embeds, attention_mask=p_mask.long(), use_cache=True,
-                   **{cache_name: cache})
+                   **{cache_name: cache}, **_router_kwargs(router))
+        if router is not None:
+            router.add(out, p_mask, times=k)
         if cache.get_seq_length() != p_width:
             raise TypeError("the prompt's key/value cache came back empty")
         prompt_states = [(layer.keys, layer.values) for layer in cache.layers]
@@ -211,8 +227,12 @@ def _shared_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor,
             amask = cols < lens[:, None]
             positions = batch.prompt_lens[:, None] + torch.minimum(cols, (lens[:, None] - 1).clamp(min=0))
             attn = torch.cat([p_mask, amask], dim=1).long()
-            ans = body(inputs_embeds=embeds, attention_mask=attn, position_ids=positions, use_cache=True,
-                       **{cache_name: _pinned_cache(model, prompt_states, p_width, p_width + width)}).last_hidden_state
+            ans_out = body(inputs_embeds=embeds, attention_mask=attn, position_ids=positions, use_cache=True,
+                           **{cache_name: _pinned_cache(model, prompt_states, p_width, p_width + width)},
+                           **_router_kwargs(router))
+            if router is not None:
+                router.add(ans_out, amask)
+            ans = ans_out.last_hidden_state
             predictors = torch.cat([first[:, None], ans[:, :-1]], dim=1)
             hidden.append(predictors[amask])
             targets.append(ids[amask])
@@ -222,18 +242,19 @@ def _shared_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor,
 
 
 def plain_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024, trim_padding: bool = True,
-                groups: list[list[int]] | None = None) -> AnswerLogps:
+                groups: list[list[int]] | None = None, router: RouterLogits | None = None) -> AnswerLogps:
     """Each answer row as its own sequence `prompt + answer` (the prompt is computed once per answer)."""
     groups = groups or length_groups(batch, shared=False, trim_padding=trim_padding)
-    return _run_grouped(model, batch, groups, _plain_layout, chunk_size)
+    return _run_grouped(model, batch, groups, _plain_layout, chunk_size, router)
 
 
 def shared_prefix_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024, trim_padding: bool = True,
-                        max_span: int | None = None, groups: list[list[int]] | None = None) -> AnswerLogps:
+                        max_span: int | None = None, groups: list[list[int]] | None = None,
+                        router: RouterLogits | None = None) -> AnswerLogps:
     """Prompts once; the k answers of each prompt continue from its key/value cache.
 
     `max_span`: the longest prompt width + answer width a group may have (a sliding window; see limits.py).
     """
     groups = groups or length_groups(batch, shared=True, trim_padding=trim_padding, max_span=max_span)
-    return _run_grouped(model, batch, groups, _shared_layout, chunk_size)
+    return _run_grouped(model, batch, groups, _shared_layout, chunk_size, router)
 

@@ -23,11 +23,28 @@ class Contribution:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # detached metric sums over the same units
 
 
+def with_router_loss(c: Contribution, policy: AnswerLogps, coef: float, units: float) -> Contribution:
+    """`c` plus `coef` times the micro-batch's router load-balancing loss (mixture of experts), logged as `aux_loss`.
+
+    The router loss is a mean over the micro-batch's tokens; it enters the summed loss times the micro-batch's
+    units, so once the step divides by all its units the step adds `coef` times the units-weighted mean of its
+    micro-batches' router losses (exactly `coef * aux_loss` for a step of one micro-batch, as in TRL).
+    """
+    if policy.aux_loss is None or not coef:
+        return c
+    aux = policy.aux_loss * units
+    sums = {**c.sums, "loss": c.sums["loss"] + coef * aux.detach(), "aux_loss": aux.detach()}
+    return Contribution(c.loss_sum + coef * aux, sums)
+
+
 class SFTObjective:
     """Mean negative log-likelihood per answer token."""
 
     # The metrics key of throughput: examples (batch rows) per second. The loss itself is per token (`units`).
     throughput_key = "samples_per_s"
+
+    def __init__(self, router_aux_coef: float = 0.0):
+        self.router_aux_coef = router_aux_coef
 
     def units(self, batch: PromptAnswerBatch) -> float:
         """What the step's summed loss is divided by: the answer tokens in the loss (the mask's, for multi-turn)."""
@@ -35,7 +52,8 @@ class SFTObjective:
 
     def __call__(self, policy: AnswerLogps, batch: PromptAnswerBatch, ref_logps=None) -> Contribution:
         loss = -policy.logps.sum()
-        return Contribution(loss, {"loss": loss.detach()})
+        return with_router_loss(Contribution(loss, {"loss": loss.detach()}), policy, self.router_aux_coef,
+                                self.units(batch))
 
     def finish(self, sums: dict[str, float], count: float) -> dict[str, float]:
         return {k: v / count for k, v in sums.items()}
@@ -56,9 +74,10 @@ class PreferenceObjective:
         """What the step's summed loss is divided by: pairs."""
         return float(batch.size)
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv = DistEnv()):
+    def __init__(self, cfg: TrainConfig, env: DistEnv = DistEnv(), router_aux_coef: float = 0.0):
         self.cfg = cfg
         self.env = env
+        self.router_aux_coef = router_aux_coef
         self.tracks_shift = any(name == "bco_pair" for name, _ in parse_loss_spec(cfg.loss))
         # Running mean of batch rewards, the shift `delta` of BCO (the paper's; earlier TRL releases kept it, TRL 1.16
         # has none); part of the state so a resumed run matches. Each batch's mean is taken over all ranks, so every
@@ -92,7 +111,7 @@ class PreferenceObjective:
             "chosen_logp": pc.detach().sum(),
             "rejected_logp": pr.detach().sum(),
         }
-        return Contribution(losses.sum(), sums)
+        return with_router_loss(Contribution(losses.sum(), sums), policy, self.router_aux_coef, self.units(batch))
 
     def pair_losses(self, pc, pr, rc, rr, len_c, len_r):
         """(per-pair losses, chosen rewards, rejected rewards) of the training objective with the current BCO
@@ -115,5 +134,8 @@ class PreferenceObjective:
         self.reward_sum, self.reward_count = state["reward_sum"], state["reward_count"]
 
 
-def make_objective(cfg: TrainConfig, env: DistEnv = DistEnv()):
-    return SFTObjective() if cfg.stage == "sft" else PreferenceObjective(cfg, env)
+def make_objective(cfg: TrainConfig, env: DistEnv = DistEnv(), router_aux_coef: float = 0.0):
+    """The stage's objective; `router_aux_coef` weighs the policy's router loss (see `with_router_loss`)."""
+    if cfg.stage == "sft":
+        return SFTObjective(router_aux_coef)
+    return PreferenceObjective(cfg, env, router_aux_coef)

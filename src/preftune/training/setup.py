@@ -14,6 +14,7 @@ from ..data.records import LoadReport
 from ..data.tokenize import TokenizeStats, tokenize_all
 from ..dist.env import DistEnv
 from ..dist.logp_module import AnswerLogpModule, sharded_logps_module
+from ..logps.router import router_aux_coef
 from ..errors import ConfigError
 from ..metrics import table_of
 from ..logps.limits import layout_note
@@ -43,6 +44,7 @@ class Setup:
     notes: list[str] = field(default_factory=list)
     policy_logps: AnswerLogpModule | None = None  # the policy's log-probs as the loop runs them (DDP / FSDP2)
     dtype: torch.dtype = torch.float32
+    router_aux_coef: float = 0.0  # weight of the policy's router load-balancing loss; 0 for none (logps/router.py)
 
     def where(self, item) -> str:
         return self.records[item.index].where or f"record {item.index + 1}"
@@ -128,8 +130,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
         from ..logps.parts import body_of
 
         body_of(policy).compile(dynamic=True)
+    router_coef = router_aux_coef(policy, cfg.router_aux_loss_coef)
     logp = AnswerLogpModule(policy, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
-                            trim_padding=cfg.trim_padding, env=env, fsdp=cfg.fsdp)
+                            trim_padding=cfg.trim_padding, env=env, fsdp=cfg.fsdp, router_aux=router_coef != 0)
     if uses_reference(cfg) and not cfg.precompute_ref:
         if adapters and not (cfg.ref_model or inputs.ref_model is not None):
             # The base weights under the adapters are the starting model: no second copy.
@@ -148,7 +151,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
                                          batch_size=cfg.batch_size)
     notes = [layout_note(policy, cfg.prefix_sharing)]
     return Setup(tokenizer, policy, reference, train_items, eval_items, records, report, stats, eval_stats,
-                 eval_table, notes=notes, policy_logps=logp, dtype=dtype)
+                 eval_table, notes=notes, policy_logps=logp, dtype=dtype, router_aux_coef=router_coef)
 
 
 def _load_reference(cfg: TrainConfig, device, precision: Precision, given=None):
