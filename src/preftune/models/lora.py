@@ -14,7 +14,7 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import ConfigError, PreftuneError
-from .load import load_adapter_model, quiet_peft, require_peft
+from .load import load_adapter_model, quiet_peft, require_peft, save_model
 
 MERGED = "merged"
 
@@ -78,8 +78,6 @@ def write_merged(run_dir: Path, tokenizer, *, dtype: torch.dtype, trust_remote_c
     Built from the saved adapter and a fresh full-precision base on the CPU, so a QLoRA run merges into
     unquantised weights and the trained model in memory is left as it was.
     """
-    from .models import save_model
-
     model = load_adapter_model(run_dir, device=torch.device("cpu"), dtype=dtype, trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload()
     out = run_dir / MERGED
