@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from tinylm import fact_pairs, make_model_dir, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,16 +22,6 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("e2e")
-    make_model_dir(d / "base")
-    pairs = fact_pairs(32)
-    write_jsonl(d / "pairs.jsonl", pairs)
-    write_jsonl(d / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs])
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tinylm import fact_pairs, make_model_dir, write_jsonl
+from tinylm import fact_pairs, write_jsonl
 from .userland import assert_one_line_error, run_cli, user_env
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("edges")
-    make_model_dir(d / "base")
-    pairs = fact_pairs(32)
-    write_jsonl(d / "pairs.jsonl", pairs)
-    write_jsonl(d / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs])
-    return d
 
 
 @pytest.fixture(scope="module")
