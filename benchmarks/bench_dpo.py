@@ -234,7 +234,8 @@ def measure(args, fixture: Path, bs: int, variants: dict[str, list[str]]) -> lis
     lengths = pair_lengths(fixture, bs * (args.steps + 1), args.max_length)
     for r in rows:
         tool = "trl" if r["name"].startswith("TRL") else "preftune"
-        r["useful_flops_per_step"] = bs * mean_pair_flops(shape, lengths, tool=tool)
+        cached = "--precompute-ref" in variants.get(r["name"], [])  # no reference forward: not counted as work
+        r["useful_flops_per_step"] = bs * mean_pair_flops(shape, lengths, tool=tool, reference=not cached)
         r["utilization"] = r["useful_flops_per_step"] * r["pairs_per_s"] / bs / args.rate
     return rows
 

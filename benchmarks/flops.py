@@ -41,8 +41,9 @@ def _positions(start: int, stop: int) -> int:
     return (stop * (stop + 1) - start * (start + 1)) // 2
 
 
-def pair_flops(shape: Shape, prompt: int, chosen: int, rejected: int, *, tool: str) -> float:
-    """Useful FLOPs of one pair in one step: policy forward+backward and reference forward."""
+def pair_flops(shape: Shape, prompt: int, chosen: int, rejected: int, *, tool: str, reference: bool = True) -> float:
+    """Useful FLOPs of one pair in one step: policy forward+backward, and the reference forward unless its
+    log-probs come from a cache (`reference=False`)."""
     if tool == "preftune":
         tokens = prompt + chosen + rejected
         projected = chosen + rejected
@@ -54,11 +55,11 @@ def pair_flops(shape: Shape, prompt: int, chosen: int, rejected: int, *, tool: s
     else:
         raise ValueError(tool)
     per_pass = 2 * shape.layer_params * tokens + 2 * shape.head_params * projected + 4 * shape.layers * shape.attn_dim * keys
-    return 4 * per_pass  # trained policy (3 passes' worth) + frozen reference (1)
+    return (4 if reference else 3) * per_pass  # trained policy (3 passes' worth) + frozen reference (1)
 
 
-def mean_pair_flops(shape: Shape, lengths: list[tuple[int, int, int]], *, tool: str) -> float:
-    return sum(pair_flops(shape, p, c, r, tool=tool) for p, c, r in lengths) / len(lengths)
+def mean_pair_flops(shape: Shape, lengths: list[tuple[int, int, int]], *, tool: str, reference: bool = True) -> float:
+    return sum(pair_flops(shape, p, c, r, tool=tool, reference=reference) for p, c, r in lengths) / len(lengths)
 
 
 def matmul_rate(dtype_name: str = "float32", size: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
