@@ -159,9 +159,12 @@ def _load_reference(cfg: TrainConfig, device, precision: Precision, given=None):
     if given is not None:
         model = frozen(given, device, precision.frozen, copied=False)
     else:
-        model = load_model(cfg.ref_model or cfg.model, device=device, dtype=precision.trained,
+        # Read in the trained dtype and stored as `hold_frozen` says on the CPU, so the device never holds the
+        # transient full-precision copy; only the final, mostly-bf16 reference moves there.
+        model = load_model(cfg.ref_model or cfg.model, device=torch.device("cpu"), dtype=precision.trained,
                            trust_remote_code=cfg.trust_remote_code, flag="--ref-model" if cfg.ref_model else "--model")
         hold_frozen(model, precision)
+        model.to(device)
         freeze(model)
     set_compute_dtype(model, precision.compute)
     if cfg.disable_dropout:
