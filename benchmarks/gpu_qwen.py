@@ -54,6 +54,7 @@ RUNS = {  # id: (row label, tool, flags)
     "pt-noshare": ("preftune defaults, no prefix sharing", "preftune", ["--no-prefix-sharing"]),
     "pt-notrim": ("preftune defaults, no padding trim", "preftune", ["--no-trim-padding"]),
     "pt-padded": ("preftune defaults, one padded batch (neither)", "preftune", ["--no-prefix-sharing", "--no-trim-padding"]),
+    "pt-precompute": ("preftune defaults, --precompute-ref", "preftune", ["--precompute-ref"]),
     "pt-compile": ("preftune defaults, --compile", "preftune", ["--compile"]),
     # Probes: settings tried on the GPU before they became (or did not become) defaults.
     "pt-padded-nocudnn": ("preftune one padded batch, cuDNN attention off", "preftune",
@@ -187,8 +188,20 @@ def worker_profile(args) -> dict:
     train_mod.train_step = stepped
     work = Path(tempfile.mkdtemp(prefix="gpu-prof-"))
     args.steps = max(args.steps, 2 + 1 + active + 1)
-    with prof:
+    import warnings
+
+    # Every host wait on the device inside the active steps, by the line that caused it.
+    syncs: dict[str, int] = {}
+    if torch.cuda.is_available():
+        torch.cuda.set_sync_debug_mode("warn")
+    with prof, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         run(_preftune_config(args, work, args.flags), command="bench")
+    torch.cuda.set_sync_debug_mode(0) if torch.cuda.is_available() else None
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            syncs[where] = syncs.get(where, 0) + 1
     wall = marks[2 + 1 + active - 1] - marks[2 + 1 - 1]  # the active steps (step() runs after each step)
     events = prof.key_averages()
     sort = "self_cpu_time_total"
@@ -204,10 +217,14 @@ def worker_profile(args) -> dict:
         table = f"({e})\n" + events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:40]
     table += "\n\nkernels by total time over the active steps (us):\n" + "\n".join(f"{v:12.0f}  {k[:150]}" for k, v in top)
+    steps_run = args.steps
+    table += "\n\nhost waits on the device over the whole run of %d steps, by source line:\n" % steps_run
+    table += "\n".join(f"{n:8d}  {k}" for k, n in sorted(syncs.items(), key=lambda kv: -kv[1])[:30])
     (args.out_dir / "profile.txt").write_text(table)
     busy = sum(kernels.values())
     mm = sum(v for k, v in kernels.items() if any(s in k.lower() for s in ("gemm", "nvjet", "cutlass", "xmma")))
     return {"active_steps": active, "wall_ms_per_step": 1e3 * wall / active,
+            "host_waits_per_step": sum(syncs.values()) / steps_run,
             "gpu_busy_ms_per_step": busy / 1e3 / active, "matmul_ms_per_step": mm / 1e3 / active}
 
 

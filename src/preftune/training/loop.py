@@ -98,7 +98,7 @@ def train_step(policy_logps: AnswerLogpModule, reference, objective, micro: list
             sums[k] = sums.get(k, 0.0) + v.double()
     names = sorted(sums)
     reduced = all_reduce_sum(torch.stack([sums[k] for k in names]), env) if names else []
-    metrics = objective.finish(dict(zip(names, (float(v) for v in reduced))), units)
+    metrics = objective.finish(dict(zip(names, reduced.tolist() if names else [])), units)  # one device read
     return metrics, _grad_norm(params, cfg.max_grad_norm), units
 
 
