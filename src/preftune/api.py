@@ -61,7 +61,7 @@ class EvalReport:
 
 def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=None, output_dir=None,
           callbacks: Iterable[Callback] | None = None, config=None, **fields: Any) -> TrainResult:
-    """Train `model` on `data` with `stage` ("sft" or "dpo"); returns a `TrainResult`.
+    """Train `model` on `data` with `stage` ("sft", "dpo" or "kto"); returns a `TrainResult`.
 
     model, ref_model: a transformers causal LM, a peft model, or a path / Hub id. A model object is trained
         in place (as in TRL): it is moved to the run's device, cast to its dtype (a peft model keeps its

@@ -16,23 +16,36 @@ import yaml
 
 from .errors import ConfigError
 
-STAGES = ("sft", "dpo")
+STAGES = ("sft", "dpo", "kto")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "mixed", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # A stage's learning rate when none is given: SFT moves weights a lot, DPO gently (Rafailov et al. use 5e-7..1e-6).
-DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7}
+DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7, "kto": 1e-6}  # KTO: TRL's KTOConfig default
 
 
 # Fields that only the DPO stage reads: set to anything but their default on an SFT run, they are an error
 # rather than a setting silently ignored.
-DPO_ONLY = ("ref_model", "data_format", "min_score_gap", "loss", "beta", "label_smoothing", "simpo_gamma",
-            "sft_weight", "precompute_ref", "ref_cache_dir")
+DPO_ONLY = ("min_score_gap", "loss", "label_smoothing", "simpo_gamma", "sft_weight")
+# Fields of both stages that train against a reference (DPO and KTO), and of KTO alone.
+REFERENCE_STAGES = ("ref_model", "data_format", "beta", "precompute_ref", "ref_cache_dir")
+KTO_ONLY = ("desirable_weight", "undesirable_weight", "paired_as_unpaired")
+
+
+def stages_of(name: str) -> tuple[str, ...]:
+    """The stages on which the field `name` has an effect."""
+    if name in DPO_ONLY:
+        return ("dpo",)
+    if name in REFERENCE_STAGES:
+        return ("dpo", "kto")
+    if name in KTO_ONLY:
+        return ("kto",)
+    return STAGES
 
 
 def applies_to(name: str, stage: str) -> bool:
     """Whether the field `name` has any effect on a run of `stage`."""
-    return stage == "dpo" or name not in DPO_ONLY
+    return stage in stages_of(name)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -44,7 +57,7 @@ class TrainConfig:
     """Everything a training run needs. Units: steps are optimizer steps; lengths are tokens."""
 
     # --- what to train, on what, where
-    stage: str = _f("dpo", "Training stage: sft or dpo.", choices=STAGES)
+    stage: str = _f("dpo", "Training stage: sft, dpo or kto.", choices=STAGES)
     model: str = _f("", "Model to start from: a local Hugging Face folder or a Hub id.")
     data: str = _f("", "Training data: a file (.jsonl/.json/.parquet/.csv, optionally .gz), a folder or a Hub id.")
     output_dir: str = _f("", "Run folder: the final model, config.yaml, metrics.jsonl and plots go here.")
@@ -68,7 +81,8 @@ class TrainConfig:
     epochs: float = _f(1.0, "Passes over the data when --max-steps is -1.")
     batch_size: int = _f(8, "Pairs (DPO) or sequences (SFT) per micro-batch, per process.")
     grad_accum: int = _f(1, "Micro-batches accumulated into one optimizer step.")
-    lr: float | None = _f(None, "Peak learning rate; the default depends on the stage (2e-5 SFT, 5e-7 DPO).")
+    lr: float | None = _f(None, "Peak learning rate; the default depends on the stage (2e-5 SFT, 5e-7 DPO, 1e-6 "
+                                "KTO).")
     warmup_steps: int = _f(0, "Steps of linear warmup from 0 to --lr.")
     scheduler: str = _f("cosine", "Decay after warmup: cosine, linear or constant.", choices=SCHEDULERS)
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -83,6 +97,11 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "Assumed rate of flipped labels (conservative DPO, robust DPO).")
     simpo_gamma: float = _f(0.5, "Target reward margin of SimPO.")
     sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen answers (RPO).")
+    # --- KTO (unpaired feedback)
+    desirable_weight: float = _f(1.0, "KTO: weight of the loss on desirable answers.")
+    undesirable_weight: float = _f(1.0, "KTO: weight of the loss on undesirable answers.")
+    paired_as_unpaired: bool = _f(False, "KTO: read a file of preference pairs as unpaired feedback, each pair "
+                                         "giving one desirable (chosen) and one undesirable (rejected) example.")
     # --- model, precision, speed
     dtype: str = _f("auto", "Precision: mixed (fp32 trained weights, bf16 compute, bf16 frozen weights), float32, "
                             "bfloat16, float16; auto = mixed on bf16 GPUs, float32 elsewhere.", choices=DTYPES)
@@ -130,8 +149,10 @@ class TrainConfig:
     def validate(self) -> None:
         for f in fields(self):
             if not applies_to(f.name, self.stage) and getattr(self, f.name) != f.default:
-                raise ConfigError(f"{f.name}: applies to DPO only, and this is a {self.stage} run; drop "
-                                  f"--{f.name.replace('_', '-')} (or run `preftune dpo`)")
+                stages = stages_of(f.name)
+                raise ConfigError(f"{f.name}: applies to {' and '.join(s.upper() for s in stages)} only, and this "
+                                  f"is a {self.stage} run; drop --{f.name.replace('_', '-')} (or run "
+                                  f"`preftune {stages[0]}`)")
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -154,6 +175,13 @@ class TrainConfig:
             raise ConfigError(f"epochs: must be positive, got {self.epochs}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr: must be positive, got {self.lr}")
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ConfigError("desirable_weight, undesirable_weight: must be positive, got "
+                              f"{self.desirable_weight:g} and {self.undesirable_weight:g}")
+        if self.stage == "kto" and self.batch_size < 2:
+            # Its KL estimate pairs each prompt with another example's answer from the same batch (as TRL does).
+            raise ConfigError("batch_size: KTO needs at least 2 examples a batch, to estimate its KL term from "
+                              f"mismatched prompt/answer pairs; got {self.batch_size}")
         if self.beta <= 0:
             raise ConfigError(f"beta: must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:

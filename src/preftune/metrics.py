@@ -86,6 +86,8 @@ def evaluate_during(model, reference_table, eval_items, cfg: TrainConfig, pad_id
     if cfg.stage == "sft":
         tokens = sum(len(it.answer_ids) for it in eval_items)
         return {"eval_loss": float(-policy.sum() / max(tokens, 1))}
+    if hasattr(objective, "evaluate"):  # an objective with its own held-out metrics (KTO)
+        return {f"eval_{k}": v for k, v in objective.evaluate(policy, reference_table, eval_items).items()}
     metrics = preference_metrics(policy, reference_table, cfg.beta)
     lengths = torch.tensor([[len(it.chosen_ids), len(it.rejected_ids)] for it in eval_items], dtype=torch.float32)
     ref = (None, None) if reference_table is None else (reference_table[:, 0], reference_table[:, 1])

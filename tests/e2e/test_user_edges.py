@@ -130,13 +130,13 @@ def test_loss_dpo_is_sigmoid(workdir):
                                          (["--precompute-ref"], "precompute_ref")])
 def test_sft_refuses_dpo_settings(workdir, flags, name):
     r = run_cli("sft", "--model", "base", "--data", "sft.jsonl", "--output-dir", "sft-x", *flags, cwd=workdir)
-    assert_one_line_error(r, f"{name}:", "DPO only", "sft")
+    assert_one_line_error(r, f"{name}:", "applies to DPO", "sft")
     assert not (workdir / "sft-x").exists()
 
 
 def test_sft_refuses_dpo_settings_from_a_config_file(workdir):
     (workdir / "sft-beta.yaml").write_text("model: base\ndata: sft.jsonl\noutput_dir: sft-y\nbeta: 0.3\n")
-    assert_one_line_error(run_cli("sft", "--config", "sft-beta.yaml", cwd=workdir), "beta", "DPO only")
+    assert_one_line_error(run_cli("sft", "--config", "sft-beta.yaml", cwd=workdir), "beta", "applies to DPO")
     assert "--beta" not in run_cli("sft", "--help", cwd=workdir).stdout
 
 

@@ -1,4 +1,4 @@
-"""`preftune sft` and `preftune dpo`: a TrainConfig from a YAML file and flags (one flag per config field), then
+"""`preftune sft`, `preftune dpo` and `preftune kto`: a TrainConfig from a YAML file and flags (one flag per config field), then
 a training run."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from ..config import TrainConfig, applies_to, field_type, flag_help, load_yaml_m
 from ..errors import PreftuneError
 
 STAGES = (("sft", "Supervised fine-tuning on text or conversations."),
-          ("dpo", "Preference optimisation on chosen/rejected pairs."))
+          ("dpo", "Preference optimisation on chosen/rejected pairs."),
+          ("kto", "KTO on unpaired feedback: answers each rated desirable or undesirable."))
 
 
 def register(subparsers) -> None:

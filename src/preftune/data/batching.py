@@ -1,6 +1,7 @@
 """Token ids -> padded tensors, and the order in which examples are visited.
 
-Every batch is "prompts with k answers each": k=2 for preference pairs (chosen, rejected), k=1 for SFT.
+Every batch is "prompts with k answers each": k=2 for preference pairs (chosen, rejected), k=1 for SFT, k=2
+for KTO (the rated answer, then the mismatched answer of its KL term; `labels` [B] bool, True = desirable).
 SFT conversations of several assistant turns also carry `answer_mask` [B, A] (1 = in the loss), zero on the
 user turns between the assistant turns; it is None when every answer token is in the loss.
 Example, two pairs with prompts [5 6 7] and [8], answers c0=[1 2], r0=[3], c1=[4], r1=[9 9 9], pad=0:
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tokenize import TokenizedExample, TokenizedPair
+from .tokenize import TokenizedExample, TokenizedPair, TokenizedUnpaired
 
 
 @dataclass
@@ -32,6 +33,7 @@ class PromptAnswerBatch:
     # The two length vectors as Python lists, kept from the CPU tensors they came from: planning a batch on a GPU
     # reads them here instead of copying them back from the device, which would wait for all queued work.
     host_lens: tuple[list[int], list[int]] | None = None
+    labels: torch.Tensor | None = None  # [B] bool: KTO's desirable (True) / undesirable; None for other stages
 
     def answer_tokens(self) -> float:
         """Answer tokens in the loss (those the mask keeps)."""
@@ -52,9 +54,10 @@ class PromptAnswerBatch:
     def to(self, device) -> "PromptAnswerBatch":
         host = self.lengths() if self.prompt_lens.device.type == "cpu" else self.host_lens
         mask = None if self.answer_mask is None else self.answer_mask.to(device)
+        labels = None if self.labels is None else self.labels.to(device)
         return PromptAnswerBatch(self.prompt_ids.to(device), self.prompt_lens.to(device),
                                  self.answer_ids.to(device), self.answer_lens.to(device), self.k, self.index, mask,
-                                 host)
+                                 host, labels)
 
     def tokens(self) -> int:
         """Tokens actually attended to (no padding): prompts once plus every answer."""
@@ -70,9 +73,10 @@ class PromptAnswerBatch:
         rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
         answers_t = torch.tensor(answer_rows, dtype=torch.long, device=dev)
         mask = None if self.answer_mask is None else self.answer_mask[answers_t, : max(a)]
+        labels = None if self.labels is None else self.labels[rows_t]
         return PromptAnswerBatch(self.prompt_ids[rows_t, : max(p)], self.prompt_lens[rows_t],
                                  self.answer_ids[answers_t, : max(a)], self.answer_lens[answers_t], self.k,
-                                 self.index[torch.tensor(rows, dtype=torch.long)], mask, (p, a))
+                                 self.index[torch.tensor(rows, dtype=torch.long)], mask, (p, a), labels)
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -83,13 +87,18 @@ def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
     return out
 
 
-def collate(items: list[TokenizedPair] | list[TokenizedExample], pad_id: int) -> PromptAnswerBatch:
-    if isinstance(items[0], TokenizedPair):
-        answers = [a for it in items for a in (it.chosen_ids, it.rejected_ids)]
-        k = 2
-    else:
-        answers = [it.answer_ids for it in items]
-        k = 1
+def answers_of(item) -> tuple[list[int], ...]:
+    """The answer rows a tokenised item contributes to a batch, in order."""
+    if isinstance(item, TokenizedPair):
+        return item.chosen_ids, item.rejected_ids
+    if isinstance(item, TokenizedUnpaired):
+        return item.completion_ids, item.kl_ids
+    return (item.answer_ids,)
+
+
+def collate(items: list, pad_id: int) -> PromptAnswerBatch:
+    answers = [a for it in items for a in answers_of(it)]
+    k = len(answers_of(items[0]))
     prompts = [it.prompt_ids for it in items]
     masks = [getattr(it, "answer_mask", None) for it in items]
     answer_mask = None
@@ -103,13 +112,12 @@ def collate(items: list[TokenizedPair] | list[TokenizedExample], pad_id: int) ->
         k=k,
         index=torch.tensor([it.index for it in items], dtype=torch.long),
         answer_mask=answer_mask,
+        labels=torch.tensor([it.label for it in items]) if isinstance(items[0], TokenizedUnpaired) else None,
     )
 
 
-def example_length(item: TokenizedPair | TokenizedExample) -> int:
-    if isinstance(item, TokenizedPair):
-        return len(item.prompt_ids) + max(len(item.chosen_ids), len(item.rejected_ids))
-    return len(item.prompt_ids) + len(item.answer_ids)
+def example_length(item) -> int:
+    return len(item.prompt_ids) + max(len(a) for a in answers_of(item))
 
 
 def epoch_order(items: list, *, batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:

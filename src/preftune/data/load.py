@@ -62,7 +62,7 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
                 if unpaired:
                     raise UnpairedData(f"{where}: this is unpaired feedback ({UNPAIRED_KEYS[unpaired]}): each "
                                        "record rates one answer, so there are no chosen/rejected pairs for DPO; "
-                                       "it is data for KTO")
+                                       "it is data for KTO: run `preftune kto`")
                 raise SourceError(unknown_format_message(value, where))
             _check_scored(report.format, min_score_gap, source)
         pair, gap, unused = read_pair(value, report.format, where)
@@ -93,9 +93,49 @@ def load_sft(source: str, *, split: str = "train",
     return examples, report
 
 
+class PairedData(SourceError):
+    """The source holds preference pairs where unpaired feedback was expected (KTO without --paired-as-unpaired)."""
+
+
+PAIRED_AS_UNPAIRED_HINT = ("pass --paired-as-unpaired to train on each pair as one desirable (chosen) and one "
+                           "undesirable (rejected) example")
+
+
+def load_unpaired(source: str, *, data_format: str | None = None, split: str = "train",
+                  skip_bad_records: bool = False,
+                  paired_as_unpaired: bool = False) -> tuple[list[UnpairedExample], LoadReport]:
+    """Unpaired feedback for KTO from `source`, in file order.
+
+    An unpaired layout (`prompt`/`completion`/`label`, or `kto_tag`) is read as it is. A file of preference pairs
+    is refused with `PairedData`, unless `paired_as_unpaired`: then each pair gives two examples, its chosen
+    answer desirable and its rejected answer undesirable (their `where` says which). Raises `DataError` if no
+    example is left."""
+    paired = data_format is not None and data_format not in UNPAIRED_FORMATS
+    if not paired:
+        try:
+            examples, report = read_unpaired_source(source, data_format=data_format, split=split,
+                                                    skip_bad_records=skip_bad_records)
+        except PairedData:
+            if not paired_as_unpaired:
+                raise
+            paired = True
+    if paired:
+        if not paired_as_unpaired:
+            raise PairedData(f"--data-format {data_format}: is a format of preference pairs, and KTO trains on "
+                             f"unpaired feedback; {PAIRED_AS_UNPAIRED_HINT}")
+        pairs, report = read_pairs(source, data_format=data_format, split=split, skip_bad_records=skip_bad_records)
+        examples = [UnpairedExample(p.prompt, answer, label, p.system, f"{p.where} ({name})", p.tools,
+                                    p.text_fields)
+                    for p in pairs for name, answer, label in (("chosen", p.chosen, True),
+                                                               ("rejected", p.rejected, False))]
+    _require_some(examples, report)
+    return examples, report
+
+
 def read_unpaired_source(source: str, *, data_format: str | None = None, split: str = "train",
                          skip_bad_records: bool = False) -> tuple[list[UnpairedExample], LoadReport]:
-    """Unpaired feedback examples from `source` (for `data check`); the format is detected or given."""
+    """Unpaired feedback examples from `source` (for `data check`); the format is detected or given. A source of
+    preference pairs raises `PairedData`."""
     if data_format is not None and data_format not in UNPAIRED_FORMATS:
         raise DataError(f"--data-format: {data_format!r} is not an unpaired format; use one of "
                         f"{', '.join(UNPAIRED_FORMATS)}")
@@ -105,6 +145,10 @@ def read_unpaired_source(source: str, *, data_format: str | None = None, split: 
         if not report.format:
             report.format = detect_unpaired(require_mapping(value, where)) or ""
             if not report.format:
+                paired = detect(value)[0]
+                if paired:
+                    raise PairedData(f"{where}: this is a preference pair (format {paired!r}), and KTO trains on "
+                                     f"unpaired feedback; {PAIRED_AS_UNPAIRED_HINT}")
                 raise SourceError(unknown_format_message(value, where))
         example, unused = read_unpaired(value, report.format, where)
         report.unused_keys.update(unused)

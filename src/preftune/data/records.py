@@ -53,7 +53,8 @@ class SFTExample:
 
 @dataclass
 class UnpairedExample:
-    """One unpaired feedback record (for KTO): a completion rated desirable (`label` True) or not."""
+    """One unpaired feedback record (for KTO): a completion rated desirable (`label` True) or not.
+    `text_fields` as for `PreferencePair` (an example unpaired from an orca/alpaca pair)."""
 
     prompt: Content
     completion: Content
@@ -61,6 +62,7 @@ class UnpairedExample:
     system: str | None = None
     where: str = ""
     tools: list[dict] | None = None
+    text_fields: bool = False
 
 
 @dataclass

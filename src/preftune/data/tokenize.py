@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .encode import encode_masked, encode_prompt_answer, has_template, transcript
-from .records import PreferencePair, SFTExample
+from .records import PreferencePair, SFTExample, UnpairedExample
 
 
 @dataclass
@@ -33,6 +33,22 @@ class TokenizedExample:
     truncated: bool = False
     index: int = 0
     answer_mask: list[int] | None = None
+
+
+@dataclass
+class TokenizedUnpaired:
+    """A KTO example: the prompt with its own rated answer and a mismatched answer for the KL estimate.
+
+    `kl_ids` is the answer of another example (see `assign_kl_answers`): the policy and reference log-probs of
+    prompt + `kl_ids` estimate the KL term, as TRL's KTOTrainer does. `label` True = desirable."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    kl_ids: list[int]
+    label: bool
+    truncated: bool = False
+    index: int = 0
+    cut: tuple[bool, ...] = (False, False, False)  # which of prompt, completion, KL answer were truncated
 
 
 def text_form(pair: PreferencePair) -> PreferencePair:
@@ -92,6 +108,44 @@ def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_pro
     return TokenizedExample(prompt_ids, answer, any(cut), index, None if mask is None else mask[:len(answer)])
 
 
+def assign_kl_answers(encoded: list[tuple[list[int], list[int]]], chunk: int) -> list[list[int]]:
+    """For each (prompt ids, answer ids), in order, the answer its KL sequence uses: within consecutive chunks of
+    `chunk` examples, the previous example's answer (the first takes the chunk's last), as TRL's KTOTrainer
+    rotates completions by one within each batch of `per_device_train_batch_size`."""
+    answers = [answer for _, answer in encoded]
+    out = []
+    for start in range(0, len(answers), chunk):
+        part = answers[start:start + chunk]
+        out += part[-1:] + part[:-1]
+    return out
+
+
+def tokenize_unpaired_all(tokenizer, examples: Sequence[UnpairedExample], *, max_length: int,
+                          max_prompt_length: int | None = None, raw_text_prompts: bool = False,
+                          kl_chunk: int = 8):
+    """Tokenise KTO examples: (list of `TokenizedUnpaired`, stats). Examples whose prompt alone does not fit are
+    dropped first; the KL answers are then assigned among the kept ones (`assign_kl_answers`), untruncated, and
+    the prompt, answer and KL answer are cut together to fit."""
+    encoded, kept = [], []
+    for i, ex in enumerate(examples):
+        prompt, completion, system = ex.prompt, ex.completion, ex.system
+        if ex.text_fields and (raw_text_prompts or not has_template(tokenizer)):
+            pair = text_form(PreferencePair(prompt, completion, completion, system, ex.where))
+            prompt, completion, system = pair.prompt, pair.chosen, pair.system
+        prompt_ids, answer = encode_prompt_answer(tokenizer, prompt, completion, system, ex.where, ex.tools)
+        if _fit(prompt_ids, (answer,), max_length, max_prompt_length) is None:
+            continue
+        encoded.append((prompt_ids, answer))
+        kept.append(i)
+    stats = TokenizeStats(total=len(examples), dropped=len(examples) - len(kept))
+    out = []
+    for i, (prompt_ids, answer), kl in zip(kept, encoded, assign_kl_answers(encoded, kl_chunk)):
+        prompt_ids, (answer, kl), cut = _fit(prompt_ids, (answer, kl), max_length, max_prompt_length)
+        stats.truncated += any(cut[:2])
+        out.append(TokenizedUnpaired(prompt_ids, answer, kl, examples[i].label, any(cut[:2]), i, cut))
+    return out, stats
+
+
 @dataclass
 class TokenizeStats:
     total: int = 0
@@ -103,8 +157,12 @@ class TokenizeStats:
 
 
 def tokenize_all(tokenizer, items: Sequence, *, max_length: int, max_prompt_length: int | None = None,
-                 raw_text_prompts: bool = False, last_turn_only: bool = False):
-    """Tokenise pairs or SFT examples; returns (tokenized, stats). Indexes are positions in `items`."""
+                 raw_text_prompts: bool = False, last_turn_only: bool = False, kl_chunk: int = 8):
+    """Tokenise pairs, SFT examples or KTO examples (`kl_chunk`: see `tokenize_unpaired_all`); returns
+    (tokenized, stats). Indexes are positions in `items`."""
+    if items and isinstance(items[0], UnpairedExample):
+        return tokenize_unpaired_all(tokenizer, items, max_length=max_length, max_prompt_length=max_prompt_length,
+                                     raw_text_prompts=raw_text_prompts, kl_chunk=kl_chunk)
     if items and isinstance(items[0], PreferencePair):
         fn, options = tokenize_pair, {"raw_text_prompts": raw_text_prompts}
     else:

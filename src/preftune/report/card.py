@@ -82,6 +82,10 @@ def _summary(config: TrainConfig) -> str:
     if config.stage == "dpo":
         what = (f"Preference-tuned with DPO (loss `{config.loss}`, β = {config.beta:g}) against the reference model "
                 f"`{config.ref_model or config.model}`")
+    elif config.stage == "kto":
+        what = (f"Tuned on unpaired feedback with KTO (β = {config.beta:g}, desirable weight "
+                f"{config.desirable_weight:g}, undesirable weight {config.undesirable_weight:g}) against the "
+                f"reference model `{config.ref_model or config.model}`")
     else:
         what = "Supervised fine-tuning (SFT)"
     return (f"{what}, starting from `{config.model}` on `{config.data}`. Trained {weights} for {steps} at a peak "

@@ -75,10 +75,14 @@ def weights_digest(name_or_path: str, memo: dict | None = None) -> str:
 
 
 def data_digest(items) -> str:
-    """sha256 over every dataset position and token id of tokenised pairs, in order."""
+    """sha256 over every dataset position and token id of tokenised items (their prompt and answers), in order."""
+    from ..data.batching import answers_of
+
     h = hashlib.sha256()
     for it in items:
-        ids = [it.index, len(it.prompt_ids), *it.prompt_ids, -1, *it.chosen_ids, -2, *it.rejected_ids, -3]
+        ids = [it.index, len(it.prompt_ids), *it.prompt_ids, -1]
+        for j, answer in enumerate(answers_of(it)):  # pairs: -1 chosen -2 rejected -3, as before
+            ids += [*answer, -(j + 2)]
         h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()
 
@@ -111,11 +115,13 @@ def load_table(path: Path, items) -> torch.Tensor | None:
 
 def compute_table(model, items, *, pad_id: int, device, batch_size: int, prefix_sharing: bool,
                   chunk_size: int) -> torch.Tensor:
-    """[rows, 2] reference log-probs by dataset position; NaN where no item has that position."""
+    """[rows, k] reference log-probs by dataset position; NaN where no item has that position."""
     from ..metrics import logps_table
 
     # Similar lengths together: little padding on any device. Rows go back to their positions below.
-    order = sorted(items, key=lambda it: len(it.prompt_ids) + max(len(it.chosen_ids), len(it.rejected_ids)))
+    from ..data.batching import example_length
+
+    order = sorted(items, key=example_length)
     values = logps_table(model, order, pad_id=pad_id, device=device, batch_size=batch_size,
                          prefix_sharing=prefix_sharing, chunk_size=chunk_size)
     table = torch.full((max(it.index for it in items) + 1, values.shape[1]), float("nan"))

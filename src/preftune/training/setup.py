@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..data.load import load_pairs, load_sft, split_eval
+from ..data.load import load_pairs, load_sft, load_unpaired, split_eval
 from ..data.records import LoadReport
 from ..data.tokenize import TokenizeStats, tokenize_all
 from ..dist.env import DistEnv
@@ -20,6 +20,7 @@ from ..metrics import table_of
 from ..logps.limits import layout_note
 from ..logps.parts import set_compute_dtype
 from ..inputs import RunInputs, frozen, is_peft_model, policy_in_place
+from ..kto_loss import imbalance_advice
 from ..losses import needs_reference
 from ..models import lora
 from ..models.load import check_source, disable_dropout, ensure_pad_token, freeze, load_model, load_tokenizer
@@ -53,12 +54,15 @@ class Setup:
 def load_records(cfg: TrainConfig, source: str):
     if cfg.stage == "sft":
         return load_sft(source, split=cfg.split, skip_bad_records=cfg.skip_bad_records)
+    if cfg.stage == "kto":
+        return load_unpaired(source, data_format=cfg.data_format, split=cfg.split,
+                             skip_bad_records=cfg.skip_bad_records, paired_as_unpaired=cfg.paired_as_unpaired)
     return load_pairs(source, data_format=cfg.data_format, split=cfg.split, skip_bad_records=cfg.skip_bad_records,
                       min_score_gap=cfg.min_score_gap)
 
 
 def uses_reference(cfg: TrainConfig) -> bool:
-    return cfg.stage == "dpo" and needs_reference(cfg.loss)
+    return cfg.stage == "kto" or (cfg.stage == "dpo" and needs_reference(cfg.loss))
 
 
 def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, inputs: RunInputs | None = None) -> Setup:
@@ -84,9 +88,15 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     elif cfg.eval_split:
         records, eval_records = split_eval(records, cfg.eval_split, cfg.seed)
     options = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-               "raw_text_prompts": cfg.raw_text_prompts, "last_turn_only": cfg.sft_last_turn_only}
+               "raw_text_prompts": cfg.raw_text_prompts, "last_turn_only": cfg.sft_last_turn_only,
+               "kl_chunk": cfg.batch_size}
     train_items, stats = tokenize_all(tokenizer, records, **options)
     eval_items, eval_stats = tokenize_all(tokenizer, eval_records, **options) if eval_records else ([], None)
+    if cfg.stage == "kto" and env.is_main:
+        n_good = sum(it.label for it in train_items)
+        advice = imbalance_advice(n_good, len(train_items) - n_good, cfg.desirable_weight, cfg.undesirable_weight)
+        if advice:
+            log.warning(advice)
     sharded = cfg.fsdp and env.enabled
     if sharded and cfg.precompute_ref and uses_reference(cfg):
         raise ConfigError("--precompute-ref: not yet with --fsdp (each rank would need the whole reference); "
@@ -114,7 +124,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
                             quantization_config=lora.quantization_config(cfg, precision.compute or dtype))
     adapters = bool(cfg.lora_r) or is_peft_model(policy)
     set_compute_dtype(policy, precision.compute)
-    if cfg.stage == "dpo" and cfg.disable_dropout:
+    if cfg.stage != "sft" and cfg.disable_dropout:
         disable_dropout(policy)
     if cfg.gradient_checkpointing:
         enable = getattr(policy, "activation_checkpointing_enable", None)  # the newer name, transformers >= 5.x
