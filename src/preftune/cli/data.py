@@ -14,7 +14,7 @@ from typing import Any
 from ..config import TrainConfig
 from ..data.check import check_pairs, render_report
 from ..data.detect import FORMAT_NAMES
-from ..data.load import load_pairs
+from ..data.load import UnpairedData, load_pairs, read_unpaired_source
 from ..data.unpaired import UNPAIRED_FORMATS
 from ..errors import ModelError
 
@@ -32,7 +32,8 @@ def register(subparsers: Any) -> None:
     _add_length_args(check)
     check.set_defaults(func=run_check)
 
-    show = commands.add_parser("show", help="Print a few pairs as the model will see them, with token counts.")
+    show = commands.add_parser("show", help="Print a few pairs (or unpaired examples) as the model will see them, "
+                                            "with token counts.")
     _add_source_args(show)
     show.add_argument("-n", type=int, default=3, help="How many pairs (default: %(default)s).")
     show.add_argument("--model", help="Model or tokenizer folder whose chat template to apply (adds token counts).")
@@ -70,7 +71,12 @@ def run_show(args: argparse.Namespace) -> int:
     from ..data.tokenize import tokenize_pair
 
     tokenizer = local_tokenizer(args.model) if args.model else None
-    pairs, report = load_pairs(args.file, data_format=args.data_format, split=args.split, skip_bad_records=True)
+    try:
+        if args.data_format in UNPAIRED_FORMATS:
+            raise UnpairedData("forced")
+        pairs, report = load_pairs(args.file, data_format=args.data_format, split=args.split, skip_bad_records=True)
+    except UnpairedData:
+        return _show_unpaired(args, tokenizer)
     print(f"format: {report.format}; showing {min(args.n, len(pairs))} of {len(pairs)} pairs")
     for note in (report.detection, report.unused_line()):
         if note:
@@ -94,6 +100,43 @@ def run_show(args: argparse.Namespace) -> int:
             continue
         for name, cut in zip(("prompt", "chosen", "rejected"), tokens.cut):
             ids = getattr(tokens, f"{name}_ids")
+            limit = "--max-prompt-length" if name == "prompt" else "--max-length"
+            print(f"--- {name}: {len(ids)} tokens{f' (truncated to fit {limit})' if cut else ''}")
+            print(tokenizer.decode(ids, skip_special_tokens=False))
+    return 0
+
+
+def _show_unpaired(args: argparse.Namespace, tokenizer) -> int:
+    """`data show` for unpaired feedback (KTO data): each example's prompt and rated answer."""
+    from ..data.tokenize import tokenize_unpaired_all
+
+    examples, report = read_unpaired_source(args.file, data_format=args.data_format, split=args.split,
+                                            skip_bad_records=True)
+    shown = examples[:args.n]
+    print(f"format: {report.format} (unpaired feedback, for KTO); showing {len(shown)} of {len(examples)} examples")
+    if report.unused_line():
+        print(f"({report.unused_line()})")
+    if report.skipped:
+        print(f"({len(report.skipped)} records skipped as unreadable; `preftune data check` lists them)")
+    if tokenizer is None:
+        print("(the records as read; pass --model DIR to see them through its chat template, with token counts)")
+    # Each example alone (a chunk of one): its own answer stands in for the KL answer, which only training pairs.
+    tokens = tokenize_unpaired_all(tokenizer, shown, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                   raw_text_prompts=args.raw_text_prompts, kl_chunk=1)[0] if tokenizer else []
+    by_index = {t.index: t for t in tokens}
+    for i, example in enumerate(shown):
+        label = "desirable" if example.label else "undesirable"
+        print(f"\n=== {example.where} ({label})")
+        if tokenizer is None:
+            if example.system:
+                print(f"--- system\n{example.system}")
+            print(f"--- prompt\n{_as_text(example.prompt)}\n--- completion\n{_as_text(example.completion)}")
+            continue
+        tok = by_index.get(i)
+        if tok is None:
+            print(f"(dropped: the prompt alone does not fit in --max-length {args.max_length})")
+            continue
+        for name, ids, cut in (("prompt", tok.prompt_ids, tok.cut[0]), ("completion", tok.completion_ids, tok.cut[1])):
             limit = "--max-prompt-length" if name == "prompt" else "--max-length"
             print(f"--- {name}: {len(ids)} tokens{f' (truncated to fit {limit})' if cut else ''}")
             print(tokenizer.decode(ids, skip_special_tokens=False))
