@@ -30,6 +30,7 @@ def write_plots(run_dir: Path) -> list[Path]:
 
     A DPO run gets loss, reward accuracy, rewards (chosen, rejected and the margin between them) and answer
     log-probs; eval rows are drawn on the matching figure and, when there are more than a loss, on eval.png.
+    A KTO run gets loss and kto.png (rewards of desirable and undesirable answers, and the KL estimate).
     An SFT run, which logs no rewards, gets the loss figure only. Raises PreftuneError on a missing or empty
     metrics file.
     """
@@ -106,6 +107,26 @@ def _logps(train: list[dict], evals: list[dict]) -> Figure | None:
     return fig
 
 
+def _kto(train: list[dict], evals: list[dict]) -> Figure | None:
+    """KTO: rewards of desirable and undesirable answers, and the KL estimate they are measured against."""
+    if not (_has(train, "desirable_reward") or _has(train, "undesirable_reward")):
+        return None
+    fig = _new_figure(height=6.4)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    top.set_title("KTO rewards β·log(π/π_ref)")
+    _noisy(top, train, "desirable_reward", "desirable", CHOSEN)
+    _noisy(top, train, "undesirable_reward", "undesirable", REJECTED)
+    _points(top, evals, "eval_desirable_reward", "eval desirable", CHOSEN, marker="s")
+    _points(top, evals, "eval_undesirable_reward", "eval undesirable", REJECTED, marker="s")
+    top.axhline(0, color="grey", linewidth=0.8)
+    _labels(top, "reward (nats)", xlabel=None)
+    _noisy(bottom, train, "kl", "train", MARGIN)
+    _points(bottom, evals, "eval_kl", "eval", EVAL)
+    bottom.set_title("KL estimate (mismatched prompt/answer pairs, clamped at 0)", fontsize=11)
+    _labels(bottom, "KL (nats)")
+    return fig
+
+
 # The eval panels, in reading order: (title, y label, keys). Chosen/rejected pairs share a panel. Other eval keys
 # (pair counts, the reference's fixed log-probs) are bookkeeping, not curves, and are left out.
 _EVAL_PANELS = (
@@ -145,7 +166,7 @@ def _eval_grid(train: list[dict], evals: list[dict]) -> Figure | None:
 
 
 _FIGURES = (("loss", _loss), ("reward_accuracy", _accuracy), ("rewards", _rewards), ("logps", _logps),
-            ("eval", _eval_grid))
+            ("kto", _kto), ("eval", _eval_grid))
 PLOT_NAMES = tuple(name for name, _ in _FIGURES)
 
 
