@@ -36,15 +36,22 @@ def sft_rows(n: int = 32):
             for i in range(n)]
 
 
+def unpaired_rows(n: int = 32):
+    """KTO examples, two thirds desirable, so ranks hold different class counts."""
+    return [{"prompt": p["prompt"], "completion": p["chosen"] if i % 3 else p["rejected"], "label": bool(i % 3)}
+            for i, p in enumerate(fact_pairs(n))]
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     return {"model": make_model_dir(root / "model"), "pairs": write_jsonl(root / "pairs.jsonl", fact_pairs(32)),
-            "sft": write_jsonl(root / "sft.jsonl", sft_rows()), "root": root}
+            "sft": write_jsonl(root / "sft.jsonl", sft_rows()),
+            "kto": write_jsonl(root / "unpaired.jsonl", unpaired_rows()), "root": root}
 
 
 def args(files, stage: str, out: Path, *extra: str) -> list[str]:
-    data = files["pairs"] if stage == "dpo" else files["sft"]
+    data = files[{"dpo": "pairs", "sft": "sft", "kto": "kto"}[stage]]
     return [stage, "--model", str(files["model"]), "--data", str(data), "--output-dir", str(out),
             "--max-steps", str(STEPS), "--lr", LR, "--dtype", "float32", "--device", "cpu", "--quiet", *extra]
 
@@ -92,7 +99,8 @@ def single(files):
     runs = {"dpo": args(files, "dpo", root / "dpo-single", "--batch-size", "8", "--save-every", str(STOP)),
             "sft": args(files, "sft", root / "sft-single", "--batch-size", "8"),
             "lora": args(files, "dpo", root / "lora-single", "--batch-size", "8", "--lora-r", "4"),
-            "bco": args(files, "dpo", root / "bco-single", "--batch-size", "8", *BCO)}
+            "bco": args(files, "dpo", root / "bco-single", "--batch-size", "8", *BCO),
+            "kto": args(files, "kto", root / "kto-single", "--batch-size", "8")}
     for cli_args in runs.values():
         run_single(cli_args)
     start, end = load_file(files["model"] / "model.safetensors"), load_file(root / "dpo-single" / "model.safetensors")
@@ -121,7 +129,8 @@ def parallel(files):
             "lora-fsdp-resumed": stopped_then_resumed(args(files, "dpo", root / "lora-fsdp-resumed", *lora_fsdp)),
             "bco-ddp": [args(files, "dpo", root / "bco-ddp", "--batch-size", "4", *BCO)],
             "bco-ddp-resumed": stopped_then_resumed(args(files, "dpo", root / "bco-ddp-resumed", "--batch-size", "4",
-                                                         *BCO))}
+                                                         *BCO)),
+            "kto-ddp": [args(files, "kto", root / "kto-ddp", "--batch-size", "4")]}
     proc = run_torchrun([entry for entries in runs.values() for entry in entries])
     return {name: root / name for name in runs}, proc
 
@@ -143,6 +152,15 @@ def test_fsdp_two_ranks_match_one_process_and_save_one_ordinary_folder(single, p
     assert_same_weights(single["dpo"], out)
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]  # whole, not shards
     AutoModelForCausalLM.from_pretrained(out)  # loads with no preftune code at all
+
+
+@pytest.mark.slow
+def test_kto_ddp_matches_one_process_with_the_whole_batch(single, parallel):
+    """KTO's KL estimate is a mean over the ranks' batches and its mismatched answers come from the global batch,
+    so two ranks of four examples train as one process of eight."""
+    assert_same_steps(single["kto"], parallel[0]["kto-ddp"])
+    assert_same_weights(single["kto"], parallel[0]["kto-ddp"])
+    assert any(row["kl"] > 0 for row in metrics(single["kto"]))
 
 
 @pytest.mark.slow

@@ -237,3 +237,17 @@ def test_first_step_equals_trl_kto_trainer(layout, tmp_path, tiny_model_dir, sec
             assert ours[key] == pytest.approx(value, abs=1e-5), key
         klm.append(ours["kl"])
     assert max(klm) > 0.01 and min(klm) == 0.0
+
+
+def test_python_api_trains_kto_in_memory(tiny_model_dir):
+    """`preftune.train("kto", ...)` on objects and a list of dicts trains in memory, the model in place."""
+    import preftune
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    result = preftune.train("kto", model=model, tokenizer=tok, data=unpaired_rows(8), max_steps=2, batch_size=4,
+                            lr=1e-3, max_length=64, device="cpu", dtype="float32", seed=3)
+    assert result.model is model and [row["step"] for row in result.history] == [1, 2]
+    assert result.history[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert result.history[1]["loss"] < 0.5

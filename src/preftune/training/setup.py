@@ -89,7 +89,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
         records, eval_records = split_eval(records, cfg.eval_split, cfg.seed)
     options = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
                "raw_text_prompts": cfg.raw_text_prompts, "last_turn_only": cfg.sft_last_turn_only,
-               "kl_chunk": cfg.batch_size}
+               # KTO's mismatched answers come from the same global batch, so a run on N processes equals one
+               # process with N times the batch (TRL pairs within each device's batch; on one process they agree).
+               "kl_chunk": cfg.batch_size * env.world_size}
     train_items, stats = tokenize_all(tokenizer, records, **options)
     eval_items, eval_stats = tokenize_all(tokenizer, eval_records, **options) if eval_records else ([], None)
     if cfg.stage == "kto" and env.is_main:
