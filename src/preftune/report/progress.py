@@ -1,6 +1,7 @@
 """What a person watching a run sees: a live bar on a terminal, plain periodic lines in a log file.
 
-The line is the same in both: step/total, loss, reward accuracy and margin (DPO), throughput and time left.
+The line is the same in both: step/total, loss, reward accuracy and margin (DPO), KL (KTO), throughput and time
+left.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ _FIELDS = (
     ("loss", "loss {:.4f}"),
     ("reward_accuracy", "acc {:.1%}"),
     ("reward_margin", "margin {:.3f}"),
+    ("kl", "kl {:.3f}"),  # KTO's KL estimate
     ("pairs_per_s", "{:.1f} pairs/s"),
     ("samples_per_s", "{:.1f} samples/s"),
 )
