@@ -16,12 +16,12 @@ import yaml
 
 from .errors import ConfigError
 
-STAGES = ("sft", "dpo")
+STAGES = ("sft", "dpo", "rm")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "mixed", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # A stage's learning rate when none is given: SFT moves weights a lot, DPO gently (Rafailov et al. use 5e-7..1e-6).
-DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7}
+DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7, "rm": 1e-4}  # rm: TRL RewardConfig's default
 
 
 # Fields that only the DPO stage reads: set to anything but their default on an SFT run, they are an error
@@ -30,9 +30,16 @@ DPO_ONLY = ("ref_model", "data_format", "min_score_gap", "loss", "beta", "label_
             "sft_weight", "precompute_ref", "ref_cache_dir")
 
 
+# Fields only the reward-model stage reads; of DPO's, it reads the ones about pairs.
+RM_ONLY = ("center_rewards",)
+RM_READS = ("data_format", "min_score_gap")
+
+
 def applies_to(name: str, stage: str) -> bool:
     """Whether the field `name` has any effect on a run of `stage`."""
-    return stage == "dpo" or name not in DPO_ONLY
+    if name in RM_ONLY:
+        return stage == "rm"
+    return stage == "dpo" or name not in DPO_ONLY or (stage == "rm" and name in RM_READS)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -44,7 +51,7 @@ class TrainConfig:
     """Everything a training run needs. Units: steps are optimizer steps; lengths are tokens."""
 
     # --- what to train, on what, where
-    stage: str = _f("dpo", "Training stage: sft or dpo.", choices=STAGES)
+    stage: str = _f("dpo", "Training stage: sft, dpo or rm (reward model).", choices=STAGES)
     model: str = _f("", "Model to start from: a local Hugging Face folder or a Hub id.")
     data: str = _f("", "Training data: a file (.jsonl/.json/.parquet/.csv, optionally .gz), a folder or a Hub id.")
     output_dir: str = _f("", "Run folder: the final model, config.yaml, metrics.jsonl and plots go here.")
@@ -83,6 +90,8 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "Assumed rate of flipped labels (conservative DPO, robust DPO).")
     simpo_gamma: float = _f(0.5, "Target reward margin of SimPO.")
     sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen answers (RPO).")
+    center_rewards: float = _f(0.0, "Reward model: weight of coef * mean((r_chosen + r_rejected)^2), which pulls "
+                                    "rewards toward zero mean (TRL's center_rewards_coefficient; 0.01 is usual).")
     # --- model, precision, speed
     dtype: str = _f("auto", "Precision: mixed (fp32 trained weights, bf16 compute, bf16 frozen weights), float32, "
                             "bfloat16, float16; auto = mixed on bf16 GPUs, float32 elsewhere.", choices=DTYPES)
@@ -130,8 +139,9 @@ class TrainConfig:
     def validate(self) -> None:
         for f in fields(self):
             if not applies_to(f.name, self.stage) and getattr(self, f.name) != f.default:
-                raise ConfigError(f"{f.name}: applies to DPO only, and this is a {self.stage} run; drop "
-                                  f"--{f.name.replace('_', '-')} (or run `preftune dpo`)")
+                owner = "rm" if f.name in RM_ONLY else "dpo"
+                raise ConfigError(f"{f.name}: applies to {owner.upper()} only, and this is a {self.stage} run; drop "
+                                  f"--{f.name.replace('_', '-')} (or run `preftune {owner}`)")
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -142,7 +152,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         non_negative = ("warmup_steps", "weight_decay", "max_grad_norm", "label_smoothing", "sft_weight",
-                        "eval_every", "save_every", "lora_r", "lora_dropout")
+                        "center_rewards", "eval_every", "save_every", "lora_r", "lora_dropout")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
@@ -166,6 +176,9 @@ class TrainConfig:
         from .losses import parse_loss_spec
 
         parse_loss_spec(self.loss)  # an unknown loss name fails here, listing the known ones
+        if self.stage == "rm" and self.fsdp:
+            raise ConfigError("fsdp: not yet for reward models; train rm on one process or with plain data "
+                              "parallelism (torchrun without --fsdp)")
         if self.merge and not self.lora_r:
             raise ConfigError("merge: only makes sense with LoRA; set --lora-r too")
         if self.load_in_4bit and not self.lora_r:

@@ -10,7 +10,8 @@ from ..config import TrainConfig, applies_to, field_type, flag_help, load_yaml_m
 from ..errors import PreftuneError
 
 STAGES = (("sft", "Supervised fine-tuning on text or conversations."),
-          ("dpo", "Preference optimisation on chosen/rejected pairs."))
+          ("dpo", "Preference optimisation on chosen/rejected pairs."),
+          ("rm", "A Bradley-Terry reward model (a scalar head on a causal LM) on chosen/rejected pairs."))
 
 
 def register(subparsers) -> None:

@@ -63,7 +63,10 @@ def add_adapters(model, cfg: TrainConfig):
     if cfg.load_in_4bit:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     lora_cfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                               target_modules=target_modules(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
+                               target_modules=target_modules(cfg.lora_targets), bias="none",
+                               # A reward model's new score head trains whole beside the adapters (peft keeps it
+                               # in modules_to_save for SEQ_CLS) and is saved with them.
+                               task_type="SEQ_CLS" if cfg.stage == "rm" else "CAUSAL_LM")
     try:
         with quiet_peft():
             return peft.get_peft_model(model, lora_cfg)
