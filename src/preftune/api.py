@@ -1,4 +1,4 @@
-"""The Python API: `train`, `evaluate`, `load_pairs`. The command line is a thin layer over these.
+"""The Python API: `train`, `evaluate`, `score`, `load_pairs`. The command line is a thin layer over these.
 
 Models, tokenizers and data may be objects built in code or paths; a call with paths computes exactly what the
 matching `preftune` command computes (same losses, same weights). Errors are `preftune.errors` exceptions
@@ -25,6 +25,7 @@ from .inputs import RunInputs, check_model_object, is_peft_model, placeholder
 from .models.load import check_source, ensure_pad_token, freeze, load_model, load_tokenizer
 from .models.precision import pick_device, pick_dtype
 from .report.tracking import METRICS_FILE
+from .scoring import ScoreReport, score_records
 from .training.loop import execute
 
 Callback = Callable[[dict], Any]
@@ -183,6 +184,45 @@ def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, 
     summary["dropped_pairs"] = stats.dropped
     summary["truncated_pairs"] = stats.truncated
     return EvalReport(summary, per_pair_rows(policy, ref, items))
+
+
+def score(model, data, *, tokenizer=None, batch_size: int = 8, max_length: int = 1024,
+          max_prompt_length: int | None = None, data_format: str | None = None, split: str = "train",
+          limit: int | None = None, device: str = "auto", dtype: str = "auto",
+          trust_remote_code: bool = False) -> ScoreReport:
+    """The reward of every answer in `data` under the reward model `model`: `preftune score`.
+
+    model: a reward-model folder / Hub id (what `preftune rm` saves: a scalar `score` head; a plain causal LM is
+        refused with `ModelError`), or an `AutoModelForSequenceClassification` object with num_labels=1 (then
+        `tokenizer` is required; it is scored where it is). data: pairs in any layout `preftune data check` knows,
+        or single answers (prompt/completion, with or without a label; messages), as a list of dicts, a
+        `datasets.Dataset` or a path. Returns a `ScoreReport`: `.summary` (for pairs, `agreement`: the fraction
+        of pairs whose chosen answer gets the higher reward, and `mean_margin`), `.rows` one dict an answer or pair.
+    """
+    from .reward import load_reward_model, set_pad_token
+
+    if is_path(model):
+        run_device = pick_device(device)
+        rm, tok = load_reward_model(os.fspath(model), device=run_device, dtype=pick_dtype(dtype, run_device),
+                                    trust_remote_code=trust_remote_code)
+        if tokenizer is not None:
+            tok = load_tokenizer(os.fspath(tokenizer), flag="tokenizer") if is_path(tokenizer) else tokenizer
+    else:
+        rm = check_model_object(model, "model")
+        name = type(rm).__name__
+        if not name.endswith("ForSequenceClassification") or getattr(rm.config, "num_labels", None) != 1:
+            raise ConfigError(f"model: a {name} is not a reward model (AutoModelForSequenceClassification with "
+                              "num_labels=1)")
+        if tokenizer is None:
+            raise ConfigError("tokenizer: required when model is an object (pass the reward model's tokenizer)")
+        tok = load_tokenizer(os.fspath(tokenizer), flag="tokenizer") if is_path(tokenizer) else tokenizer
+        tok = ensure_pad_token(tok, "the tokenizer given:")
+        if rm.config.pad_token_id is None:
+            set_pad_token(rm, tok)
+        run_device = next(rm.parameters()).device
+    return score_records(rm, tok, as_source(data, "data"), device=run_device, batch_size=batch_size,
+                         max_length=max_length, max_prompt_length=max_prompt_length, data_format=data_format,
+                         split=split, limit=limit)
 
 
 def load_pairs(source, data_format: str | None = None, *, split: str = "train", skip_bad_records: bool = False,

@@ -104,8 +104,9 @@ def start_reward_model(name_or_path: str, *, device, dtype, trust_remote_code: b
     transformers from the torch random state (seed it first, as TRL does); its LM head is left out."""
     from transformers import AutoConfig
 
-    from .models.load import _load_error
+    from .models.load import _load_error, _quiet_transformers
 
+    _quiet_transformers()
     check_source(name_or_path, "model", flag)
     if is_adapter_folder(name_or_path):
         raise ModelError(f"{flag} {name_or_path}: a LoRA adapter folder; train a reward model from a full model "
@@ -140,8 +141,11 @@ def load_reward_model(name_or_path: str | Path, *, device=None, dtype=torch.floa
     The folder must hold a scalar head: a `...ForSequenceClassification` config with `num_labels=1` and its
     `score` weights, or a LoRA adapter of `preftune rm` (task SEQ_CLS, the head saved with it). A plain causal LM
     is refused (`ModelError`): scoring with a random head would give numbers that mean nothing."""
+    from .models.load import _quiet_transformers
+
     name = str(name_or_path)
     device = torch.device("cpu") if device is None else torch.device(device)
+    _quiet_transformers()
     check_source(name, "model", flag)
     if is_adapter_folder(name):
         model = _load_adapter_reward_model(Path(name), device, dtype, trust_remote_code, flag)
