@@ -62,7 +62,10 @@ class EvalReport:
 
 def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=None, output_dir=None,
           callbacks: Iterable[Callback] | None = None, config=None, **fields: Any) -> TrainResult:
-    """Train `model` on `data` with `stage` ("sft" or "dpo"); returns a `TrainResult`.
+    """Train `model` on `data` with `stage` ("sft", "dpo" or "rm"); returns a `TrainResult`.
+
+    "rm" trains a reward model: `model` a causal LM path (a scalar head is added) or an
+    AutoModelForSequenceClassification object with num_labels=1; see `preftune.score` to use it.
 
     model, ref_model: a transformers causal LM, a peft model, or a path / Hub id. A model object is trained
         in place (as in TRL): it is moved to the run's device, cast to its dtype (a peft model keeps its
@@ -317,6 +320,11 @@ def _command(cfg: TrainConfig, inputs: RunInputs | None) -> str:
 
 def _load_finished(cfg: TrainConfig):
     device = pick_device(cfg.device)
+    if cfg.stage == "rm":
+        from .reward import load_reward_model
+
+        return load_reward_model(cfg.output_dir, device=device, dtype=pick_dtype(cfg.dtype, device),
+                                 trust_remote_code=cfg.trust_remote_code)
     model = load_model(cfg.output_dir, device=device, dtype=pick_dtype(cfg.dtype, device),
                        trust_remote_code=cfg.trust_remote_code)
     return model, load_tokenizer(cfg.output_dir, trust_remote_code=cfg.trust_remote_code)

@@ -75,13 +75,15 @@ def add_adapters(model, cfg: TrainConfig):
                           f"({str(exc).splitlines()[0]})") from None
 
 
-def write_merged(run_dir: Path, tokenizer, *, dtype: torch.dtype, trust_remote_code: bool = False) -> Path:
+def write_merged(run_dir: Path, tokenizer, *, dtype: torch.dtype, trust_remote_code: bool = False,
+                 load=load_adapter_model) -> Path:
     """`run_dir/merged/`: base + adapter folded into ordinary weights, in `dtype`.
 
     Built from the saved adapter and a fresh full-precision base on the CPU, so a QLoRA run merges into
-    unquantised weights and the trained model in memory is left as it was.
+    unquantised weights and the trained model in memory is left as it was. `load(path, device=, dtype=,
+    trust_remote_code=)` reads the adapter folder back (a reward model's has its own loader).
     """
-    model = load_adapter_model(run_dir, device=torch.device("cpu"), dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load(run_dir, device=torch.device("cpu"), dtype=dtype, trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload()
     out = run_dir / MERGED
     save_model(merged, tokenizer, out)

@@ -71,7 +71,7 @@ def _front_matter(config: TrainConfig) -> str:
         meta["base_model"] = base
     meta["datasets"] = [_dataset_name(config.data)]
     meta["library_name"] = "preftune"
-    meta["pipeline_tag"] = "text-generation"
+    meta["pipeline_tag"] = "text-classification" if config.stage == "rm" else "text-generation"
     meta["tags"] = ["preftune", config.stage] + (["lora"] if config.lora_r else [])
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---"
 
@@ -82,6 +82,10 @@ def _summary(config: TrainConfig) -> str:
     if config.stage == "dpo":
         what = (f"Preference-tuned with DPO (loss `{config.loss}`, β = {config.beta:g}) against the reference model "
                 f"`{config.ref_model or config.model}`")
+    elif config.stage == "rm":
+        what = ("A Bradley-Terry reward model (a scalar score head; load it with "
+                "AutoModelForSequenceClassification)" + (f", rewards centred with coefficient {config.center_rewards:g}"
+                                                          if config.center_rewards else ""))
     else:
         what = "Supervised fine-tuning (SFT)"
     return (f"{what}, starting from `{config.model}` on `{config.data}`. Trained {weights} for {steps} at a peak "
