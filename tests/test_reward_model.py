@@ -79,6 +79,17 @@ def test_the_margin_column_is_read_not_reported_unused(tmp_path):
     assert not report.unused_keys
 
 
+def test_sequences_join_each_prompt_to_its_answers():
+    from preftune.data.batching import collate
+    from preftune.data.tokenize import TokenizedPair
+    from preftune.reward import sequences
+
+    ids, mask = sequences(collate([TokenizedPair([5, 6, 7], [1, 2], [3]), TokenizedPair([8], [4], [9, 9, 9])], 0),
+                          pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 1, 2], [5, 6, 7, 3, 0], [8, 4, 0, 0, 0], [8, 9, 9, 9, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]
+
+
 # ------------------------------------------------------------------------------------------ parity with TRL
 
 def test_first_step_loss_equals_trl_reward_trainer(tiny_model_dir, tmp_path):

@@ -28,18 +28,20 @@ _HEAD_SUFFIX = "ForSequenceClassification"
 
 
 def sequences(batch: PromptAnswerBatch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), each [B*k, L]: row j is prompt j // k followed by answer j, right-padded."""
-    p_lens, a_lens = batch.lengths()
+    """(input_ids, attention_mask), each [B*k, L]: row j is prompt j // k followed by answer j, right-padded.
+
+    Built with gathers on the batch's device (no per-row copies, which on a GPU would be a launch each)."""
+    p_host, a_host = batch.lengths()
     k = batch.k
-    width = max(p_lens[j // k] + a for j, a in enumerate(a_lens))
-    ids = batch.answer_ids.new_full((len(a_lens), width), pad_id)
-    mask = torch.zeros_like(ids)
-    for j, a in enumerate(a_lens):
-        p = p_lens[j // k]
-        ids[j, :p] = batch.prompt_ids[j // k, :p]
-        ids[j, p:p + a] = batch.answer_ids[j, :a]
-        mask[j, :p + a] = 1
-    return ids, mask
+    width = max(p_host[j // k] + a for j, a in enumerate(a_host))
+    rows = torch.arange(len(a_host), device=batch.answer_ids.device) // k
+    t = torch.arange(width, device=rows.device)[None, :]
+    p = batch.prompt_lens[rows][:, None]
+    end = p + batch.answer_lens[:, None]
+    prompt_part = batch.prompt_ids[rows].gather(1, t.clamp(max=batch.prompt_ids.shape[1] - 1).expand(len(rows), -1))
+    answer_part = batch.answer_ids.gather(1, (t - p).clamp(0, batch.answer_ids.shape[1] - 1))
+    ids = torch.where(t < p, prompt_part, torch.where(t < end, answer_part, torch.full_like(answer_part, pad_id)))
+    return ids, (t < end).long()
 
 
 def batch_rewards(model, batch: PromptAnswerBatch) -> torch.Tensor:
