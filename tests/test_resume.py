@@ -35,6 +35,13 @@ def pairs_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def margin_file(tmp_path_factory) -> Path:
+    """Pairs with a per-pair margin, for reward models."""
+    rows = [{**row, "margin": (i % 3) * 0.5} for i, row in enumerate(fact_pairs(24))]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "margins.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
 def sft_file(tmp_path_factory) -> Path:
     rows = [{"text": f"{p['prompt']}{p['chosen']}"} for p in fact_pairs(24)]
     return write_jsonl(tmp_path_factory.mktemp("data") / "sft.jsonl", rows)
@@ -47,7 +54,8 @@ def metric_rows(run: Path) -> list[dict]:
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "model.safetensors"))
+    adapter = run / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.exists() else run / "model.safetensors"))
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -96,14 +104,16 @@ CASES = {
     "dpo-grad-accum": dict(grad_accum=2, batch_size=2),
     "bco-running-mean": dict(loss="bco_pair"),
     "dpo-dropout-eval": dict(eval_split=0.25, eval_every=2),
+    "rm-margins-centering-eval": dict(stage="rm", center_rewards=0.01, eval_split=0.25, eval_every=2),
+    "rm-lora": dict(stage="rm", lora_r=4),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_resumed_run_equals_uninterrupted(case, tmp_path, monkeypatch, tiny_model_dir, dropout_model_dir,
-                                          pairs_file, sft_file):
+                                          pairs_file, sft_file, margin_file):
     overrides = dict(CASES[case])
-    data = sft_file if overrides.get("stage") == "sft" else pairs_file
+    data = {"sft": sft_file, "rm": margin_file}.get(overrides.get("stage"), pairs_file)
     model = dropout_model_dir if "dropout" in case else tiny_model_dir
     train.run(config(model, data, tmp_path / "whole", **overrides), command="preftune")
     interrupted_then_resumed(monkeypatch, config(model, data, tmp_path / "parts", **overrides), k=3)

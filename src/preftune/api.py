@@ -1,4 +1,4 @@
-"""The Python API: `train`, `evaluate`, `load_pairs`. The command line is a thin layer over these.
+"""The Python API: `train`, `evaluate`, `score`, `load_pairs`. The command line is a thin layer over these.
 
 Models, tokenizers and data may be objects built in code or paths; a call with paths computes exactly what the
 matching `preftune` command computes (same losses, same weights). Errors are `preftune.errors` exceptions
@@ -25,6 +25,7 @@ from .inputs import RunInputs, check_model_object, is_peft_model, placeholder
 from .models.load import check_source, ensure_pad_token, freeze, load_model, load_tokenizer
 from .models.precision import pick_device, pick_dtype
 from .report.tracking import METRICS_FILE
+from .scoring import ScoreReport, score_records
 from .training.loop import execute
 
 Callback = Callable[[dict], Any]
@@ -61,7 +62,10 @@ class EvalReport:
 
 def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=None, output_dir=None,
           callbacks: Iterable[Callback] | None = None, config=None, **fields: Any) -> TrainResult:
-    """Train `model` on `data` with `stage` ("sft", "dpo" or "kto"); returns a `TrainResult`.
+    """Train `model` on `data` with `stage` ("sft", "dpo", "kto" or "rm"); returns a `TrainResult`.
+
+    "rm" trains a reward model: `model` a causal LM path (a scalar head is added) or an
+    AutoModelForSequenceClassification object with num_labels=1; see `preftune.score` to use it.
 
     model, ref_model: a transformers causal LM, a peft model, or a path / Hub id. A model object is trained
         in place (as in TRL): it is moved to the run's device, cast to its dtype (a peft model keeps its
@@ -185,6 +189,45 @@ def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, 
     return EvalReport(summary, per_pair_rows(policy, ref, items))
 
 
+def score(model, data, *, tokenizer=None, batch_size: int = 8, max_length: int = 1024,
+          max_prompt_length: int | None = None, data_format: str | None = None, split: str = "train",
+          limit: int | None = None, device: str = "auto", dtype: str = "auto",
+          trust_remote_code: bool = False) -> ScoreReport:
+    """The reward of every answer in `data` under the reward model `model`: `preftune score`.
+
+    model: a reward-model folder / Hub id (what `preftune rm` saves: a scalar `score` head; a plain causal LM is
+        refused with `ModelError`), or an `AutoModelForSequenceClassification` object with num_labels=1 (then
+        `tokenizer` is required; it is scored where it is). data: pairs in any layout `preftune data check` knows,
+        or single answers (prompt/completion, with or without a label; messages), as a list of dicts, a
+        `datasets.Dataset` or a path. Returns a `ScoreReport`: `.summary` (for pairs, `agreement`: the fraction
+        of pairs whose chosen answer gets the higher reward, and `mean_margin`), `.rows` one dict an answer or pair.
+    """
+    from .reward import load_reward_model, set_pad_token
+
+    if is_path(model):
+        run_device = pick_device(device)
+        rm, tok = load_reward_model(os.fspath(model), device=run_device, dtype=pick_dtype(dtype, run_device),
+                                    trust_remote_code=trust_remote_code)
+        if tokenizer is not None:
+            tok = load_tokenizer(os.fspath(tokenizer), flag="tokenizer") if is_path(tokenizer) else tokenizer
+    else:
+        rm = check_model_object(model, "model")
+        name = type(rm).__name__
+        if not name.endswith("ForSequenceClassification") or getattr(rm.config, "num_labels", None) != 1:
+            raise ConfigError(f"model: a {name} is not a reward model (AutoModelForSequenceClassification with "
+                              "num_labels=1)")
+        if tokenizer is None:
+            raise ConfigError("tokenizer: required when model is an object (pass the reward model's tokenizer)")
+        tok = load_tokenizer(os.fspath(tokenizer), flag="tokenizer") if is_path(tokenizer) else tokenizer
+        tok = ensure_pad_token(tok, "the tokenizer given:")
+        if rm.config.pad_token_id is None:
+            set_pad_token(rm, tok)
+        run_device = next(rm.parameters()).device
+    return score_records(rm, tok, as_source(data, "data"), device=run_device, batch_size=batch_size,
+                         max_length=max_length, max_prompt_length=max_prompt_length, data_format=data_format,
+                         split=split, limit=limit)
+
+
 def load_pairs(source, data_format: str | None = None, *, split: str = "train", skip_bad_records: bool = False,
                min_score_gap: float | None = None) -> list[PreferencePair]:
     """The preference pairs in `source` as preftune reads them, for inspection.
@@ -277,6 +320,11 @@ def _command(cfg: TrainConfig, inputs: RunInputs | None) -> str:
 
 def _load_finished(cfg: TrainConfig):
     device = pick_device(cfg.device)
+    if cfg.stage == "rm":
+        from .reward import load_reward_model
+
+        return load_reward_model(cfg.output_dir, device=device, dtype=pick_dtype(cfg.dtype, device),
+                                 trust_remote_code=cfg.trust_remote_code)
     model = load_model(cfg.output_dir, device=device, dtype=pick_dtype(cfg.dtype, device),
                        trust_remote_code=cfg.trust_remote_code)
     return model, load_tokenizer(cfg.output_dir, trust_remote_code=cfg.trust_remote_code)

@@ -16,31 +16,30 @@ import yaml
 
 from .errors import ConfigError
 
-STAGES = ("sft", "dpo", "kto")
+STAGES = ("sft", "dpo", "kto", "rm")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "mixed", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # A stage's learning rate when none is given: SFT moves weights a lot, DPO gently (Rafailov et al. use 5e-7..1e-6).
-DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7, "kto": 1e-6}  # KTO: TRL's KTOConfig default
+# KTO and rm: the defaults of TRL's KTOConfig and RewardConfig.
+DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7, "kto": 1e-6, "rm": 1e-4}
 
 
-# Fields that only the DPO stage reads: set to anything but their default on an SFT run, they are an error
-# rather than a setting silently ignored.
-DPO_ONLY = ("min_score_gap", "loss", "label_smoothing", "simpo_gamma", "sft_weight")
-# Fields of both stages that train against a reference (DPO and KTO), and of KTO alone.
-REFERENCE_STAGES = ("ref_model", "data_format", "beta", "precompute_ref", "ref_cache_dir")
-KTO_ONLY = ("desirable_weight", "undesirable_weight", "paired_as_unpaired")
+# The stages on which a field has an effect, for the fields that not every stage reads. Set to anything but its
+# default on another stage's run, such a field is an error rather than a setting silently ignored.
+FIELD_STAGES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("loss", "label_smoothing", "simpo_gamma", "sft_weight"), ("dpo",)),
+    **dict.fromkeys(("ref_model", "beta", "precompute_ref", "ref_cache_dir"), ("dpo", "kto")),
+    "data_format": ("dpo", "kto", "rm"),
+    "min_score_gap": ("dpo", "rm"),
+    **dict.fromkeys(("desirable_weight", "undesirable_weight", "paired_as_unpaired"), ("kto",)),
+    "center_rewards": ("rm",),
+}
 
 
 def stages_of(name: str) -> tuple[str, ...]:
     """The stages on which the field `name` has an effect."""
-    if name in DPO_ONLY:
-        return ("dpo",)
-    if name in REFERENCE_STAGES:
-        return ("dpo", "kto")
-    if name in KTO_ONLY:
-        return ("kto",)
-    return STAGES
+    return FIELD_STAGES.get(name, STAGES)
 
 
 def applies_to(name: str, stage: str) -> bool:
@@ -57,7 +56,7 @@ class TrainConfig:
     """Everything a training run needs. Units: steps are optimizer steps; lengths are tokens."""
 
     # --- what to train, on what, where
-    stage: str = _f("dpo", "Training stage: sft, dpo or kto.", choices=STAGES)
+    stage: str = _f("dpo", "Training stage: sft, dpo, kto or rm (reward model).", choices=STAGES)
     model: str = _f("", "Model to start from: a local Hugging Face folder or a Hub id.")
     data: str = _f("", "Training data: a file (.jsonl/.json/.parquet/.csv, optionally .gz), a folder or a Hub id.")
     output_dir: str = _f("", "Run folder: the final model, config.yaml, metrics.jsonl and plots go here.")
@@ -102,6 +101,9 @@ class TrainConfig:
     undesirable_weight: float = _f(1.0, "KTO: weight of the loss on undesirable answers.")
     paired_as_unpaired: bool = _f(False, "KTO: read a file of preference pairs as unpaired feedback, each pair "
                                          "giving one desirable (chosen) and one undesirable (rejected) example.")
+    # --- reward model
+    center_rewards: float = _f(0.0, "Reward model: weight of coef * mean((r_chosen + r_rejected)^2), which pulls "
+                                    "rewards toward zero mean (TRL's center_rewards_coefficient; 0.01 is usual).")
     # --- model, precision, speed
     dtype: str = _f("auto", "Precision: mixed (fp32 trained weights, bf16 compute, bf16 frozen weights), float32, "
                             "bfloat16, float16; auto = mixed on bf16 GPUs, float32 elsewhere.", choices=DTYPES)
@@ -163,7 +165,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         non_negative = ("warmup_steps", "weight_decay", "max_grad_norm", "label_smoothing", "sft_weight",
-                        "eval_every", "save_every", "lora_r", "lora_dropout")
+                        "center_rewards", "eval_every", "save_every", "lora_r", "lora_dropout")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
@@ -194,6 +196,9 @@ class TrainConfig:
         from .losses import parse_loss_spec
 
         parse_loss_spec(self.loss)  # an unknown loss name fails here, listing the known ones
+        if self.stage == "rm" and self.fsdp:
+            raise ConfigError("fsdp: not yet for reward models; train rm on one process or with plain data "
+                              "parallelism (torchrun without --fsdp)")
         if self.merge and not self.lora_r:
             raise ConfigError("merge: only makes sense with LoRA; set --lora-r too")
         if self.load_in_4bit and not self.lora_r:

@@ -79,7 +79,11 @@ def per_pair_rows(policy: torch.Tensor, ref: torch.Tensor | None, items) -> list
 def evaluate_during(model, reference_table, eval_items, cfg: TrainConfig, pad_id: int, device, objective) -> dict:
     """Held-out metrics during training, keys prefixed `eval_`: token NLL for SFT; for DPO the preference
     metrics and the loss, against the reference log-probs computed once before training. The loss is
-    `objective`'s (BCO's running shift and the RPO term included), so eval_loss and loss measure the same thing."""
+    `objective`'s (BCO's running shift and the RPO term included), so eval_loss and loss measure the same thing.
+    A reward model's objective evaluates itself (rewards, not log-probs)."""
+    if cfg.stage == "rm":
+        metrics = objective.evaluate(model, eval_items, pad_id=pad_id, device=device, batch_size=cfg.batch_size)
+        return {f"eval_{k}": v for k, v in metrics.items()}
     policy = logps_table(model, eval_items, pad_id=pad_id, device=device, batch_size=cfg.batch_size,
                          prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
                          trim_padding=cfg.trim_padding)

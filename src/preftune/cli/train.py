@@ -11,7 +11,8 @@ from ..errors import PreftuneError
 
 STAGES = (("sft", "Supervised fine-tuning on text or conversations."),
           ("dpo", "Preference optimisation on chosen/rejected pairs."),
-          ("kto", "KTO on unpaired feedback: answers each rated desirable or undesirable."))
+          ("kto", "KTO on unpaired feedback: answers each rated desirable or undesirable."),
+          ("rm", "A Bradley-Terry reward model (a scalar head on a causal LM) on chosen/rejected pairs."))
 
 
 def register(subparsers) -> None:

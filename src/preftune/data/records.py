@@ -30,6 +30,7 @@ class PreferencePair:
     where: str = ""
     tools: list[dict] | None = None
     text_fields: bool = False
+    margin: float | None = None  # the record's `margin`: how much more chosen is preferred (reward models use it)
 
     @property
     def is_chat(self) -> bool:

@@ -11,6 +11,7 @@ from contextlib import contextmanager, nullcontext
 from ..data.batching import PromptAnswerBatch
 from ..logps.answer import LogpsForward
 from ..logps.layouts import AnswerLogps
+from ..reward import RewardForward
 from .fsdp import fully_shard_model
 
 
@@ -60,3 +61,30 @@ class AnswerLogpModule:
             return deferred()
         no_sync = getattr(self.runner, "no_sync", None)
         return nullcontext() if no_sync is None else no_sync()
+
+
+class RewardModule:
+    """A reward model's rewards (`reward.batch_rewards`) as the training loop calls them: the interface of
+    `AnswerLogpModule`, data-parallel (DDP) under torchrun; no sharding."""
+
+    sharded = False
+
+    def __init__(self, model, *, env=None):
+        self.inner = RewardForward(model)
+        self.runner = self.inner
+        if env is not None and env.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [env.local_rank] if next(model.parameters()).is_cuda else None
+            self.runner = DistributedDataParallel(self.inner, device_ids=device_ids)
+
+    @property
+    def eval_model(self):
+        return self.inner.model
+
+    def __call__(self, batch: PromptAnswerBatch):
+        return self.runner(batch)
+
+    def sync(self, last: bool):
+        no_sync = getattr(self.runner, "no_sync", None)
+        return nullcontext() if last or no_sync is None else no_sync()

@@ -63,7 +63,10 @@ def add_adapters(model, cfg: TrainConfig):
     if cfg.load_in_4bit:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     lora_cfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                               target_modules=target_modules(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
+                               target_modules=target_modules(cfg.lora_targets), bias="none",
+                               # A reward model's new score head trains whole beside the adapters (peft keeps it
+                               # in modules_to_save for SEQ_CLS) and is saved with them.
+                               task_type="SEQ_CLS" if cfg.stage == "rm" else "CAUSAL_LM")
     try:
         with quiet_peft():
             return peft.get_peft_model(model, lora_cfg)
@@ -72,13 +75,15 @@ def add_adapters(model, cfg: TrainConfig):
                           f"({str(exc).splitlines()[0]})") from None
 
 
-def write_merged(run_dir: Path, tokenizer, *, dtype: torch.dtype, trust_remote_code: bool = False) -> Path:
+def write_merged(run_dir: Path, tokenizer, *, dtype: torch.dtype, trust_remote_code: bool = False,
+                 load=load_adapter_model) -> Path:
     """`run_dir/merged/`: base + adapter folded into ordinary weights, in `dtype`.
 
     Built from the saved adapter and a fresh full-precision base on the CPU, so a QLoRA run merges into
-    unquantised weights and the trained model in memory is left as it was.
+    unquantised weights and the trained model in memory is left as it was. `load(path, device=, dtype=,
+    trust_remote_code=)` reads the adapter folder back (a reward model's has its own loader).
     """
-    model = load_adapter_model(run_dir, device=torch.device("cpu"), dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load(run_dir, device=torch.device("cpu"), dtype=dtype, trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload()
     out = run_dir / MERGED
     save_model(merged, tokenizer, out)

@@ -71,7 +71,7 @@ def _front_matter(config: TrainConfig) -> str:
         meta["base_model"] = base
     meta["datasets"] = [_dataset_name(config.data)]
     meta["library_name"] = "preftune"
-    meta["pipeline_tag"] = "text-generation"
+    meta["pipeline_tag"] = "text-classification" if config.stage == "rm" else "text-generation"
     meta["tags"] = ["preftune", config.stage] + (["lora"] if config.lora_r else [])
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---"
 
@@ -86,6 +86,10 @@ def _summary(config: TrainConfig) -> str:
         what = (f"Tuned on unpaired feedback with KTO (β = {config.beta:g}, desirable weight "
                 f"{config.desirable_weight:g}, undesirable weight {config.undesirable_weight:g}) against the "
                 f"reference model `{config.ref_model or config.model}`")
+    elif config.stage == "rm":
+        what = ("A Bradley-Terry reward model (a scalar score head; load it with "
+                "AutoModelForSequenceClassification)" + (f", rewards centred with coefficient {config.center_rewards:g}"
+                                                          if config.center_rewards else ""))
     else:
         what = "Supervised fine-tuning (SFT)"
     return (f"{what}, starting from `{config.model}` on `{config.data}`. Trained {weights} for {steps} at a peak "

@@ -196,7 +196,7 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
         if not cfg.quiet:
             print("\n".join([described, *setup.notes]), flush=True)
 
-    objective = make_objective(cfg, env, router_aux_coef=setup.router_aux_coef)
+    objective = make_objective(cfg, env, router_aux_coef=setup.router_aux_coef, margins=setup.margins)
     policy_logps: AnswerLogpModule = setup.policy_logps
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg, steps)

@@ -114,9 +114,15 @@ def finish(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str, *,
 
     save_model(setup.policy, setup.tokenizer, out_dir, state_dict=state_dict)
     if cfg.merge:
+        from ..models.load import load_adapter_model
         from ..models.lora import write_merged
+        from ..reward import load_reward_model
 
-        write_merged(out_dir, setup.tokenizer, dtype=setup.dtype, trust_remote_code=cfg.trust_remote_code)
+        def load_rm(path, **kw):
+            return load_reward_model(path, **kw)[0]
+
+        write_merged(out_dir, setup.tokenizer, dtype=setup.dtype, trust_remote_code=cfg.trust_remote_code,
+                     load=load_rm if cfg.stage == "rm" else load_adapter_model)
     write_plots(out_dir)
     data_stats = json.loads((out_dir / DATA_STATS).read_text())  # written by write_start
     write_model_card(out_dir, resolved(cfg), final, command, data_stats=data_stats)

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..data.load import load_pairs, load_sft, load_unpaired, split_eval
+from ..data.load import UnpairedData, load_pairs, load_sft, load_unpaired, split_eval
 from ..data.records import LoadReport
 from ..data.tokenize import TokenizeStats, tokenize_all
 from ..dist.env import DistEnv
-from ..dist.logp_module import AnswerLogpModule, sharded_logps_module
+from ..dist.logp_module import AnswerLogpModule, RewardModule, sharded_logps_module
 from ..logps.router import router_aux_coef
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..metrics import table_of
 from ..logps.limits import layout_note
 from ..logps.parts import set_compute_dtype
@@ -25,6 +25,7 @@ from ..losses import needs_reference
 from ..models import lora
 from ..models.load import check_source, disable_dropout, ensure_pad_token, freeze, load_model, load_tokenizer
 from ..models.precision import Precision, hold_frozen
+from ..reward import set_pad_token, start_reward_model
 from .reference import AdaptersOffReference, CachedReference, FrozenReference
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class Setup:
     policy_logps: AnswerLogpModule | None = None  # the policy's log-probs as the loop runs them (DDP / FSDP2)
     dtype: torch.dtype = torch.float32
     router_aux_coef: float = 0.0  # weight of the policy's router load-balancing loss; 0 for none (logps/router.py)
+    # Reward models: [N] margins of the training and held-out records by position, None where no record has one.
+    margins: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     def where(self, item) -> str:
         return self.records[item.index].where or f"record {item.index + 1}"
@@ -57,8 +60,22 @@ def load_records(cfg: TrainConfig, source: str):
     if cfg.stage == "kto":
         return load_unpaired(source, data_format=cfg.data_format, split=cfg.split,
                              skip_bad_records=cfg.skip_bad_records, paired_as_unpaired=cfg.paired_as_unpaired)
-    return load_pairs(source, data_format=cfg.data_format, split=cfg.split, skip_bad_records=cfg.skip_bad_records,
-                      min_score_gap=cfg.min_score_gap)
+    try:
+        return load_pairs(source, data_format=cfg.data_format, split=cfg.split,
+                          skip_bad_records=cfg.skip_bad_records, min_score_gap=cfg.min_score_gap)
+    except UnpairedData as exc:
+        if cfg.stage != "rm":
+            raise
+        where = str(exc).split(": this is", 1)[0]
+        raise DataError(f"{where}: unpaired feedback (one rated answer a record); a reward model trains on "
+                        "chosen/rejected pairs. Score single answers with `preftune score`") from None
+
+
+def margins_of(records) -> torch.Tensor | None:
+    """[N] the records' margins (0 where a record has none), or None when no record has one."""
+    if not any(getattr(r, "margin", None) is not None for r in records):
+        return None
+    return torch.tensor([r.margin or 0.0 for r in records], dtype=torch.float32)
 
 
 def uses_reference(cfg: TrainConfig) -> bool:
@@ -82,6 +99,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     for note in (report.detection, report.unused_line()):
         if note and env.is_main:
             log.warning(note)
+    if cfg.stage == "dpo" and margins_of(records) is not None and env.is_main:
+        log.warning(f"{cfg.data}: the records' margin column is read by reward models (preftune rm) only; "
+                    "DPO ignores it")
     eval_records: list = []
     if cfg.eval_data or inputs.eval_data is not None:
         eval_records, _ = load_records(cfg, cfg.eval_data if inputs.eval_data is None else inputs.eval_data)
@@ -121,9 +141,17 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
             # Taken before adapters, checkpointing or compilation change the policy: the starting model.
             start_copy = frozen(policy, load_device, precision.frozen, copied=True)
             set_compute_dtype(start_copy, precision.compute)
+    elif cfg.stage == "rm":
+        torch.manual_seed(cfg.seed)  # a new score head is drawn from the torch random state, as in TRL
+        policy = start_reward_model(cfg.model, device=load_device, dtype=dtype,
+                                    trust_remote_code=cfg.trust_remote_code,
+                                    quantization_config=lora.quantization_config(cfg, precision.compute or dtype))
     else:
         policy = load_model(cfg.model, device=load_device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                             quantization_config=lora.quantization_config(cfg, precision.compute or dtype))
+    if cfg.stage == "rm":
+        _check_reward_model(policy)
+        set_pad_token(policy, tokenizer)
     adapters = bool(cfg.lora_r) or is_peft_model(policy)
     set_compute_dtype(policy, precision.compute)
     if cfg.stage != "sft" and cfg.disable_dropout:
@@ -142,9 +170,13 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
         from ..logps.parts import body_of
 
         body_of(policy).compile(dynamic=True)
-    router_coef = router_aux_coef(policy, cfg.router_aux_loss_coef)
-    logp = AnswerLogpModule(policy, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
-                            trim_padding=cfg.trim_padding, env=env, fsdp=cfg.fsdp, router_aux=router_coef != 0)
+    if cfg.stage == "rm":
+        router_coef = 0.0
+        logp = RewardModule(policy, env=env)
+    else:
+        router_coef = router_aux_coef(policy, cfg.router_aux_loss_coef)
+        logp = AnswerLogpModule(policy, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
+                                trim_padding=cfg.trim_padding, env=env, fsdp=cfg.fsdp, router_aux=router_coef != 0)
     if uses_reference(cfg) and not cfg.precompute_ref:
         if adapters and not (cfg.ref_model or inputs.ref_model is not None):
             # The base weights under the adapters are the starting model: no second copy.
@@ -161,9 +193,19 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
         if eval_items:
             eval_table = table_of(reference.logps, eval_items, pad_id=tokenizer.pad_token_id, device=device,
                                          batch_size=cfg.batch_size)
-    notes = [layout_note(policy, cfg.prefix_sharing)]
+    notes = [layout_note(policy, cfg.prefix_sharing)] if cfg.stage != "rm" else []
+    margins = (margins_of(records), margins_of(eval_records)) if cfg.stage == "rm" else (None, None)
     return Setup(tokenizer, policy, reference, train_items, eval_items, records, report, stats, eval_stats,
-                 eval_table, notes=notes, policy_logps=logp, dtype=dtype, router_aux_coef=router_coef)
+                 eval_table, notes=notes, policy_logps=logp, dtype=dtype, router_aux_coef=router_coef,
+                 margins=margins)
+
+
+def _check_reward_model(model) -> None:
+    """A model object given to a reward-model run must already carry the scalar head (as TRL requires)."""
+    name = type(model).__name__
+    if not name.endswith("ForSequenceClassification") or getattr(model.config, "num_labels", None) != 1:
+        raise ConfigError(f"model: a {name} is not a reward model; pass AutoModelForSequenceClassification."
+                          "from_pretrained(path, num_labels=1), or the path")
 
 
 def _load_reference(cfg: TrainConfig, device, precision: Precision, given=None):
