@@ -61,7 +61,7 @@ class EvalReport:
 
 def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=None, output_dir=None,
           callbacks: Iterable[Callback] | None = None, config=None, **fields: Any) -> TrainResult:
-    """Train `model` on `data` with `stage` ("sft" or "dpo"); returns a `TrainResult`.
+    """Train `model` on `data` with `stage` ("sft", "dpo" or "online"); returns a `TrainResult`.
 
     model, ref_model: a transformers causal LM, a peft model, or a path / Hub id. A model object is trained
         in place (as in TRL): it is moved to the run's device, cast to its dtype (a peft model keeps its
@@ -81,8 +81,16 @@ def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=
         by name: beta=0.1, max_steps=100, lr=5e-7, lora_r=16, ...) override it.
     quiet: True unless passed as quiet=False (or set in a dict / YAML config): no progress, no output.
 
+    stage "online" runs `preftune online` (see `online.api.train_online`): `data` holds prompts, and a `judge`
+    field names the judge (or is a function).
+
     Raises `preftune.PreftuneError` subclasses (`ConfigError`, `DataError`, `ModelError`, ...).
     """
+    if stage == "online":
+        from .online.api import train_online
+
+        return train_online(model=model, data=data, tokenizer=tokenizer, ref_model=ref_model, eval_data=eval_data,
+                            output_dir=output_dir, callbacks=callbacks, config=config, **fields)
     values = _config_values(config, stage)
     values.update(fields)
     inputs = RunInputs()
