@@ -1,5 +1,5 @@
 """The prompts of online training: a JSONL / JSON file (or a list in memory) of records with `prompt` (text or
-a list of {role, content} messages) and an optional `system`; a plain string record is a text prompt. Any other
+a list of {role, content} messages) and an optional `system`; a bare string or message list is a prompt too. Any other
 key is an error rather than silently ignored (preference files work too: see `read_prompts`)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def read_prompts(source, what: str = "--prompts") -> tuple[list[dict], int]:
         name = what
     records, with_answers = [], 0
     for where, row in rows:
-        if isinstance(row, str):
+        if isinstance(row, str) or _messages(row):
             row = {"prompt": row}
         if not isinstance(row, dict) or "prompt" not in row:
             raise DataError(f"{where}: expected a string or a record with 'prompt', got "
@@ -44,6 +44,12 @@ def read_prompts(source, what: str = "--prompts") -> tuple[list[dict], int]:
         records.append({"prompt": prompt, "system": row.get("system"), "where": where})
     if not records:
         raise DataError(f"{name}: no prompts")
+    kinds = [isinstance(r["prompt"], list) for r in records]
+    if any(k != kinds[0] for k in kinds):
+        odd = records[kinds.index(not kinds[0])]
+        raise DataError(f"{odd['where']}: a {'message-list' if not kinds[0] else 'text'} prompt among "
+                        f"{'text' if not kinds[0] else 'message-list'} prompts; give all prompts of a run as text, "
+                        f"or all as message lists")
     return records, with_answers
 
 

@@ -74,9 +74,6 @@ def run_online(cfg: OnlineConfig, *, judge: Judge | None = None, prompts=None, e
     used instead of the files. `callbacks` see every training row of every round (with its "round") and every
     round row; one returning "stop" stops the run after that step with a checkpoint, as SIGTERM does.
     """
-    from ..models.load import load_tokenizer
-    from ..models.precision import pick_device
-
     out = Path(cfg.output_dir)
     if not cfg.prompts and prompts is not None:
         cfg.prompts = "<prompts>"
@@ -87,7 +84,26 @@ def run_online(cfg: OnlineConfig, *, judge: Judge | None = None, prompts=None, e
         if not cfg.quiet:
             print(f"preftune: resume: the run in {out} has finished; nothing to do", file=sys.stderr)
         return _load_final(cfg, out, done)
+    created = not out.exists()
     _prepare(out, cfg)
+    # A failure before any round has trained (bad prompts, judge, model) leaves nothing that blocks the rerun.
+    try:
+        return _rounds(cfg, out, judge, prompts, eval_prompts, callbacks, resume_hint)
+    except BaseException:
+        if not cfg.resume and not any(out.glob(f"{ROUNDS}/*/{TRAIN}")):
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for name in ("config.yaml", METRICS_FILE):
+                    (out / name).unlink(missing_ok=True)
+                shutil.rmtree(out / ROUNDS, ignore_errors=True)
+        raise
+
+
+def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callbacks, resume_hint) -> OnlineResult:
+    from ..models.load import load_tokenizer
+    from ..models.precision import pick_device
+
     train_prompts, held_out, notes = _prompt_sets(cfg, prompts, eval_prompts)
     device = pick_device(cfg.train_config(output_dir="", model=cfg.model).device)
     judge = judge or make_judge(cfg.judge, device=device)

@@ -1,0 +1,99 @@
+"""Online runs on a tiny random model: what the judge sees, what the rounds write, exact resume inside a round,
+one-line failures of a bad judge."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import preftune
+from preftune.errors import JudgeError
+from preftune.online.rounds import round_dir
+
+PROMPTS = ["the capital of france is", "cats chase", "the sky is", "water boils at", "dogs chase cats and",
+           "Human: what is the capital of spain ? Assistant:", "grass is", "the capital of italy is"]
+EVAL = ["what is the capital of spain ?", "the sky is blue and"]
+SETTINGS = dict(samples=3, rounds=2, steps_per_round=3, max_new_tokens=6, batch_size=4, lr=1e-3, beta=0.1,
+                generation_batch_size=4)
+
+
+class LengthJudge:
+    """Scores answers by length (a deterministic judge) and records every call."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def __call__(self, prompt, answers):
+        self.calls.append((prompt, list(answers)))
+        return [len(a) for a in answers]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    judge = LengthJudge()
+    out = tmp_path_factory.mktemp("online") / "run"
+    result = preftune.train("online", model=tiny_model_dir, data=PROMPTS, eval_data=EVAL, output_dir=out,
+                            judge=judge, save_every=1, **SETTINGS)
+    return result, judge, out
+
+
+def test_judge_sees_each_prompt_with_its_samples_and_pairs_follow_its_scores(uninterrupted, tiny_model_dir):
+    result, judge, out = uninterrupted
+    # Calls: held-out greedy answers of the start (one each), then per round the samples then the greedy answers.
+    per_round = len(PROMPTS) + len(EVAL)
+    assert len(judge.calls) == len(EVAL) + SETTINGS["rounds"] * per_round
+    for r in (1, 2):
+        start = len(EVAL) + (r - 1) * per_round
+        sampled = judge.calls[start:start + len(PROMPTS)]
+        greedy = judge.calls[start + len(PROMPTS):start + per_round]
+        assert [p for p, _ in sampled] == PROMPTS and [p for p, _ in greedy] == EVAL
+        assert all(len(a) == SETTINGS["samples"] for _, a in sampled) and all(len(a) == 1 for _, a in greedy)
+        samples = _rows(round_dir(out, r) / "samples.jsonl")
+        assert [s["answers"] for s in samples] == [a for _, a in sampled]
+        scores = [[float(len(x)) for x in a] for _, a in sampled]
+        assert [s["scores"] for s in samples] == scores
+        pairs = _rows(round_dir(out, r) / "pairs.jsonl")
+        expected = []
+        for i, (prompt, answers) in enumerate(sampled):
+            lengths = [len(a) for a in answers]
+            if max(lengths) == min(lengths):
+                continue
+            best, worst = answers[lengths.index(max(lengths))], answers[lengths.index(min(lengths))]
+            as_turn = isinstance(prompt, list)
+            expected.append((i, [{"role": "assistant", "content": best}] if as_turn else best,
+                             [{"role": "assistant", "content": worst}] if as_turn else worst,
+                             max(lengths), min(lengths)))
+        assert [(p["prompt_index"], p["chosen"], p["rejected"], p["score_chosen"], p["score_rejected"])
+                for p in pairs] == expected
+        row = result.history[r]
+        flat = [s for group in scores for s in group]
+        assert row["round"] == r and row["pairs"] == len(expected)
+        assert row["tied_groups"] == len(PROMPTS) - len(expected)
+        assert row["pair_share"] == pytest.approx(len(expected) / len(PROMPTS))
+        assert row["score_mean"] == pytest.approx(statistics.fmean(flat))
+        assert row["score_std"] == pytest.approx(statistics.pstdev(flat))
+        assert row["eval_score"] == pytest.approx(statistics.fmean(len(a[0]) for _, a in greedy))
+        assert row["train_loss"] > 0
+    assert result.history[0]["round"] == 0
+    assert result.history[0]["eval_score"] == pytest.approx(statistics.fmean(len(a[0]) for _, a in
+                                                                            judge.calls[:len(EVAL)]))
+    assert _rows(out / "metrics.jsonl") == result.history
+    assert (out / "plots" / "online.png").stat().st_size > 0
+    assert (out / "model.safetensors").exists() and (out / "results.json").exists()
+    # The final model is round 2's; each round moved the weights it started from.
+    final, w2 = load_file(out / "model.safetensors"), load_file(round_dir(out, 2) / "train" / "model.safetensors")
+    assert all(torch.equal(final[k], w2[k]) for k in w2)
+    w1 = load_file(round_dir(out, 1) / "train" / "model.safetensors")
+    w0 = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(w0[k], w1[k]) for k in w1) and any(not torch.equal(w1[k], w2[k]) for k in w1)
