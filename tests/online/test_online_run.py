@@ -97,3 +97,59 @@ def test_judge_sees_each_prompt_with_its_samples_and_pairs_follow_its_scores(uni
     w1 = load_file(round_dir(out, 1) / "train" / "model.safetensors")
     w0 = load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(w0[k], w1[k]) for k in w1) and any(not torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_resume_inside_a_round_equals_the_uninterrupted_run(uninterrupted, tiny_model_dir, tmp_path):
+    _, _, whole = uninterrupted
+    out = tmp_path / "run"
+
+    def stop_in_round_2(row):
+        return "stop" if row.get("round") == 2 and row.get("step") == 1 and "loss" in row else None
+
+    first = preftune.train("online", model=tiny_model_dir, data=PROMPTS, eval_data=EVAL, output_dir=out,
+                           judge=LengthJudge(), save_every=1, callbacks=[stop_in_round_2], **SETTINGS)
+    assert first.stopped_at_step == 1 and first.metrics["stopped_at_round"] == 2
+    assert not (out / "results.json").exists()
+    # Generation is seeded: a round whose pairs were lost makes the same pairs again.
+    (round_dir(out, 2) / "pairs.jsonl").unlink()
+    (round_dir(out, 2) / "samples.jsonl").unlink()
+    resumed = preftune.train("online", model=tiny_model_dir, data=PROMPTS, eval_data=EVAL, output_dir=out,
+                             judge=LengthJudge(), save_every=1, resume=True, **SETTINGS)
+    for r in (1, 2):
+        for name in ("samples.jsonl", "pairs.jsonl"):
+            assert (round_dir(out, r) / name).read_text() == (round_dir(whole, r) / name).read_text()
+    assert _rows(out / "metrics.jsonl") == _rows(whole / "metrics.jsonl") == resumed.history
+    a, b = load_file(out / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A finished run resumed again has nothing to do.
+    again = preftune.train("online", model=tiny_model_dir, data=PROMPTS, eval_data=EVAL, output_dir=out,
+                           judge=LengthJudge(), save_every=1, resume=True, **SETTINGS)
+    assert again.history == resumed.history
+
+
+def test_a_failing_judge_is_one_line_naming_the_prompt_and_leaves_nothing(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    judge = tmp_path / "judge.py"
+    judge.write_text("def score(prompt, answers):\n"
+                     "    return [1.0] if prompt == 'cats chase' else [float(len(a)) for a in answers]\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "preftune", "online", "--model", str(tiny_model_dir), "--prompts", str(prompts),
+           "--output-dir", str(out), "--judge", f"python:{judge}:score", "--samples", "3", "--rounds", "1",
+           "--steps-per-round", "1", "--max-new-tokens", "4", "--batch-size", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (f"preftune: error: {prompts}:2: the judge returned 1 scores "
+                                                    f"for 3 answers")
+    assert "Traceback" not in done.stderr
+    assert not out.exists()  # the corrected rerun is not refused
+
+
+def test_judge_error_from_the_api_and_a_judge_spec_checked_before_loading(tiny_model_dir, tmp_path):
+    with pytest.raises(JudgeError, match="--prompts record 1: the judge raised ValueError: no"):
+        preftune.train("online", model=tiny_model_dir, data=PROMPTS[:2], output_dir=tmp_path / "a",
+                       judge=lambda p, a: (_ for _ in ()).throw(ValueError("no")), **SETTINGS)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(preftune.errors.ConfigError, match="rule:longest is not a built-in rule"):
+        preftune.train("online", model=tiny_model_dir, data=PROMPTS, output_dir=tmp_path / "b",
+                       judge="rule:longest", **SETTINGS)
