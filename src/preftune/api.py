@@ -89,8 +89,12 @@ def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=
     if stage == "online":
         from .online.api import train_online
 
-        return train_online(model=model, data=data, tokenizer=tokenizer, ref_model=ref_model, eval_data=eval_data,
-                            output_dir=output_dir, callbacks=callbacks, config=config, **fields)
+        out = train_online(model=model, data=data, tokenizer=tokenizer, ref_model=ref_model, eval_data=eval_data,
+                           output_dir=output_dir, callbacks=callbacks, config=config, **fields)
+        metrics, step = out.metrics, None if out.stopped_at is None else out.stopped_at[1]
+        if out.stopped_at is not None:
+            metrics.update(stopped_at_round=out.stopped_at[0], stopped_at_step=step)
+        return TrainResult(out.model, out.tokenizer, metrics, out.history, out.output_dir, step)
     values = _config_values(config, stage)
     values.update(fields)
     inputs = RunInputs()

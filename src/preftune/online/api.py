@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..api import TrainResult
 from ..errors import ConfigError
 
 
@@ -15,7 +14,7 @@ def train_online(*, model, data, tokenizer=None, ref_model=None, eval_data=None,
     / strings); `eval_data`: held-out prompts. `judge` (a field) is a spec string (`rule:...`, `python:...`,
     `reward-model:DIR`) or a function `(prompt, answers) -> list[float]`. `output_dir` is required: each round
     trains in a run folder of its own. `config`: a dict or YAML path of `preftune online` settings; `fields`
-    override it. Returns an `api.TrainResult` whose `history` holds one row per round."""
+    override it. Returns `rounds.OnlineResult` (api.train hands it on as a `TrainResult`)."""
     from ..config import load_yaml_mapping
     from ..data.memory import is_path
     from .config import OnlineConfig
@@ -48,10 +47,5 @@ def train_online(*, model, data, tokenizer=None, ref_model=None, eval_data=None,
         eval_prompts = list(eval_data)
     values.update(model=os.fspath(model), output_dir=os.fspath(output_dir))
     cfg = OnlineConfig.from_dict(values, where="train()")
-    out = run_online(cfg, judge=judge if callable(judge) else None, prompts=prompts, eval_prompts=eval_prompts,
-                     callbacks=callbacks or ())
-    stopped = None if out.stopped_at is None else out.stopped_at[1]
-    metrics = out.metrics
-    if out.stopped_at is not None:
-        metrics.update(stopped_at_round=out.stopped_at[0], stopped_at_step=stopped)
-    return TrainResult(out.model, out.tokenizer, metrics, out.history, out.output_dir, stopped)
+    return run_online(cfg, judge=judge if callable(judge) else None, prompts=prompts, eval_prompts=eval_prompts,
+                      callbacks=callbacks or ())

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..api import train_from_config
 from ..data.encode import encode_prompt
 from ..data.memory import as_source
 from ..inputs import RunInputs
 from ..errors import PreftuneError
 from ..io import append_jsonl, atomic_write_json, write_jsonl
 from ..report.tracking import METRICS_FILE
+from ..training.loop import execute
 from ..training.signals import StopOnSignal
 from .config import OnlineConfig
 from .judges import Judge, judged, make_judge
@@ -80,10 +80,10 @@ def run_online(cfg: OnlineConfig, *, judge: Judge | None = None, prompts=None, e
     if not cfg.judge and judge is not None:
         cfg.judge = "<judge>"
     cfg.require_paths()
-    if cfg.resume and (done := _finished(out)) is not None:
+    if cfg.resume and _finished(out) is not None:
         if not cfg.quiet:
             print(f"preftune: resume: the run in {out} has finished; nothing to do", file=sys.stderr)
-        return _load_final(cfg, out, done)
+        return _load_final(cfg, out)
     created = not out.exists()
     _prepare(out, cfg)
     # A failure before any round has trained (bad prompts, judge, model) leaves nothing that blocks the rerun.
@@ -197,8 +197,21 @@ def _train_round(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, start:
     inputs = RunInputs(model=policy, tokenizer=tokenizer,
                        data=as_source([training_record(p) for p in made.pairs], "data"))
     tagged = [lambda row, fn=fn: fn({**row, "round": r}) for fn in callbacks]
-    return train_from_config(tcfg, inputs=inputs, callbacks=tagged, command=f"# round {r} of an online run in {out}",
-                             resume_hint=None)
+    outcome = execute(tcfg, command=f"# round {r} of an online run in {out}", inputs=inputs, callbacks=tagged)
+    if outcome.setup is not None:
+        trained = outcome.setup.policy
+        trained.config.use_cache = True  # training turned the KV cache off; the next round generates with it
+    else:  # resume found the round's training finished: its saved model is the round's policy
+        trained = _load_policy(cfg, str(train_dir), policy.device)
+    trained.eval()
+    return RoundTrained(trained, outcome.final, outcome.stopped_at)
+
+
+@dataclass
+class RoundTrained:
+    model: object
+    metrics: dict
+    stopped_at_step: int | None
 
 
 def _eval_score(cfg: OnlineConfig, policy, tokenizer, judge: Judge, prompts: list[dict], device) -> dict:
@@ -249,6 +262,7 @@ def _prompt_sets(cfg: OnlineConfig, prompts, eval_prompts) -> tuple[list[dict], 
 
 
 def _load_policy(cfg: OnlineConfig, path: str, device):
+    """A round's starting policy from its folder, in the dtype training keeps its weights in."""
     from ..models.load import load_model
     from ..models.precision import pick_precision
 
@@ -283,7 +297,7 @@ def _finish(out: Path, policy, tokenizer, history: list[dict]) -> None:
     atomic_write_json(out / RESULTS, history[-1] if history else {})
 
 
-def _load_final(cfg: OnlineConfig, out: Path, done: dict) -> OnlineResult:
+def _load_final(cfg: OnlineConfig, out: Path) -> OnlineResult:
     from ..models.load import load_tokenizer
     from ..models.precision import pick_device
 
