@@ -126,7 +126,7 @@ def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callback
     with StopOnSignal() as stop:
         if 0 not in done_rounds and held_out:
             policy = _load_policy(cfg, cfg.model, device)
-            log({"round": 0, "step": 0, **_eval_score(cfg, policy, tokenizer, judge, held_out, device)})
+            log({"round": 0, "step": 0, **greedy_score(cfg, policy, tokenizer, judge, held_out, device)})
             del policy
         policy = None
         for r in range(1, cfg.rounds + 1):
@@ -149,7 +149,7 @@ def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callback
                    **{f"train_{k}": v for k, v in result.metrics.items()
                       if k in ("loss", "reward_accuracy", "reward_margin")}}
             if held_out:
-                row.update(_eval_score(cfg, policy, tokenizer, judge, held_out, device))
+                row.update(greedy_score(cfg, policy, tokenizer, judge, held_out, device))
             log(row)
             if not cfg.quiet:
                 print(_describe(row), flush=True)
@@ -214,8 +214,9 @@ class RoundTrained:
     stopped_at_step: int | None
 
 
-def _eval_score(cfg: OnlineConfig, policy, tokenizer, judge: Judge, prompts: list[dict], device) -> dict:
-    """Greedy answers to the held-out prompts, judged: their mean score (and spread)."""
+def greedy_score(cfg: OnlineConfig, policy, tokenizer, judge: Judge, prompts: list[dict], device) -> dict:
+    """Greedy answers of `policy` to `prompts` (records from `read_prompts`), judged: their mean score and spread
+    as {"eval_score", "eval_score_std"}."""
     from ..generate import sample_groups
 
     ids = [encode_prompt(tokenizer, p["prompt"], p["system"], p["where"]) for p in prompts]
