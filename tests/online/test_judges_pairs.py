@@ -105,3 +105,32 @@ def test_prompts_file_and_list(tmp_path):
     assert len(train) == 8 and len(held) == 2
     assert sorted(r["prompt"] for r in train + held) == [str(i) for i in range(10)]
     assert split_prompts([{"prompt": str(i)} for i in range(10)], 0.2, seed=3) == (train, held)
+
+
+def test_reward_model_judge_scores_prompt_plus_answer_as_a_plain_forward(tmp_path):
+    import torch
+    from tinylm import make_tokenizer
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, num_labels=1, pad_token_id=tok.pad_token_id)
+    rm = LlamaForSequenceClassification(config).eval()
+    rm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    judge = make_judge(f"reward-model:{tmp_path}")
+    prompt, answers = "the capital of france is", [" paris .", " rome", " the sky is blue and grass is green ."]
+    scores = judge(prompt, answers)
+    with torch.no_grad():  # one unpadded row at a time: the logit at the last token
+        plain = [float(rm(torch.tensor([tok(prompt + a, add_special_tokens=False)["input_ids"]])).logits[0, 0])
+                 for a in answers]
+    assert scores == pytest.approx(plain, abs=1e-5)
+    assert len(set(scores)) == 3
+    chat = [{"role": "user", "content": "capital of france ?"}]
+    text = tok.apply_chat_template([*chat, {"role": "assistant", "content": " paris"}], tokenize=False)
+    with torch.no_grad():
+        expected = float(rm(torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])).logits[0, 0])
+    assert judge(chat, [" paris"]) == pytest.approx([expected], abs=1e-5)
+    with pytest.raises(ConfigError, match="not a model folder"):
+        make_judge(f"reward-model:{tmp_path / 'missing'}")

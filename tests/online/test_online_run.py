@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import preftune
@@ -91,6 +92,10 @@ def test_judge_sees_each_prompt_with_its_samples_and_pairs_follow_its_scores(uni
     assert _rows(out / "metrics.jsonl") == result.history
     assert (out / "plots" / "online.png").stat().st_size > 0
     assert (out / "model.safetensors").exists() and (out / "results.json").exists()
+    # Each round's DPO steps are a DPO run referenced to the starting model (the default --ref-update none).
+    for r in (1, 2):
+        resolved = yaml.safe_load((round_dir(out, r) / "train" / "config.yaml").read_text())
+        assert (resolved["stage"], resolved["ref_model"], resolved["max_steps"]) == ("dpo", str(tiny_model_dir), 3)
     # The final model is round 2's; each round moved the weights it started from.
     final, w2 = load_file(out / "model.safetensors"), load_file(round_dir(out, 2) / "train" / "model.safetensors")
     assert all(torch.equal(final[k], w2[k]) for k in w2)

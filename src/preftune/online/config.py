@@ -108,7 +108,7 @@ class OnlineConfig:
         """The TrainConfig of one round's DPO steps."""
         values = {**self.dpo, "stage": "dpo", "model": model, "ref_model": ref_model, "data": "<round pairs>",
                   "output_dir": output_dir, "max_steps": self.steps_per_round, "resume": resume,
-                  "quiet": self.dpo.get("quiet", self.quiet)}
+                  "quiet": self.quiet}
         return TrainConfig.from_dict(values, where="online")
 
     @property
@@ -125,13 +125,11 @@ class OnlineConfig:
         dpo.update({k: v for k, v in values.items() if k not in own and k != "dpo"})
         if dpo.get("stage") == "online":
             del dpo["stage"]
-        if "quiet" in values:
-            dpo.setdefault("quiet", values["quiet"])
         return cls(**mine, dpo=dpo)
 
     def to_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "dpo"}
-        return {"stage": "online", **values, **{k: v for k, v in self.dpo.items() if k != "quiet"}}
+        return {"stage": "online", **values, **self.dpo}
 
     def to_yaml(self, path: Path) -> None:
         from ..io import atomic_write_text
