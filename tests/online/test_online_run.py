@@ -158,3 +158,32 @@ def test_judge_error_from_the_api_and_a_judge_spec_checked_before_loading(tiny_m
     with pytest.raises(preftune.errors.ConfigError, match="rule:longest is not a built-in rule"):
         preftune.train("online", model=tiny_model_dir, data=PROMPTS, output_dir=tmp_path / "b",
                        judge="rule:longest", **SETTINGS)
+
+
+def test_sigterm_during_sampling_stops_cleanly_and_resume_finishes(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    judge = tmp_path / "judge.py"
+    marker = tmp_path / "signalled"
+    # The first call signals the process itself, as a cluster would, while the round is being judged.
+    judge.write_text("import os, signal, pathlib\n"
+                     f"MARK = pathlib.Path({str(marker)!r})\n"
+                     "def score(prompt, answers):\n"
+                     "    if not MARK.exists():\n"
+                     "        MARK.write_text('x')\n"
+                     "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                     "    return [float(len(a)) for a in answers]\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "preftune", "online", "--model", str(tiny_model_dir), "--prompts", str(prompts),
+           "--output-dir", str(out), "--judge", f"python:{judge}:score", "--samples", "3", "--rounds", "1",
+           "--steps-per-round", "2", "--max-new-tokens", "6", "--batch-size", "4", "--quiet"]
+    stopped = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "SIGTERM received" in stopped.stderr
+    assert "stopped in round 1 after step 0 of 2; resume with:" in stopped.stdout and "--resume" in stopped.stdout
+    pairs = (round_dir(out, 1) / "pairs.jsonl").read_text()
+    assert pairs and not (round_dir(out, 1) / "train").exists() and not (out / "results.json").exists()
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (round_dir(out, 1) / "pairs.jsonl").read_text() == pairs  # the written pairs were trained on
+    assert _rows(out / "metrics.jsonl")[-1]["round"] == 1 and (out / "results.json").exists()

@@ -59,7 +59,7 @@ def _cmd_online(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     command = shlex.join(["preftune", *sys.argv[1:]])
     result = run_online(cfg, resume_hint=resume_command(command))
-    if result.stopped_at is None and not cfg.quiet:
+    if result.stopped_at is None:  # the final line, quiet or not
         row = result.metrics
         score = f"; held-out greedy score {row['eval_score']:.4g}" if "eval_score" in row else ""
         print(f"done: {cfg.rounds} rounds in {cfg.output_dir}{score}")
