@@ -170,6 +170,9 @@ def _round_pairs(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, judge:
     folder = round_dir(out, r)
     if (folder / PAIRS).exists():
         samples = [json.loads(line) for line in (folder / SAMPLES).read_text().splitlines()]
+        if [s["prompt"] for s in samples] != [p["prompt"] for p in prompts]:
+            raise PreftuneError(f"{folder / SAMPLES}: its prompts are not the run's prompts; resume with the "
+                                f"prompts the run started with, or start afresh with --overwrite")
         return best_vs_worst(prompts, [s["answers"] for s in samples], [s["scores"] for s in samples])
     ids = [encode_prompt(tokenizer, p["prompt"], p["system"], p["where"]) for p in prompts]
     answers = sample_groups(policy, tokenizer, ids, samples=cfg.samples, max_new_tokens=cfg.max_new_tokens,
