@@ -62,7 +62,7 @@ class EvalReport:
 
 def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=None, output_dir=None,
           callbacks: Iterable[Callback] | None = None, config=None, **fields: Any) -> TrainResult:
-    """Train `model` on `data` with `stage` ("sft", "dpo", "kto" or "rm"); returns a `TrainResult`.
+    """Train `model` on `data` with `stage` ("sft", "dpo", "kto", "rm" or "online"); returns a `TrainResult`.
 
     "rm" trains a reward model: `model` a causal LM path (a scalar head is added) or an
     AutoModelForSequenceClassification object with num_labels=1; see `preftune.score` to use it.
@@ -85,8 +85,20 @@ def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=
         by name: beta=0.1, max_steps=100, lr=5e-7, lora_r=16, ...) override it.
     quiet: True unless passed as quiet=False (or set in a dict / YAML config): no progress, no output.
 
+    stage "online" runs `preftune online` (see `online.api.train_online`): `data` holds prompts, and a `judge`
+    field names the judge (or is a function).
+
     Raises `preftune.PreftuneError` subclasses (`ConfigError`, `DataError`, `ModelError`, ...).
     """
+    if stage == "online":
+        from .online.api import train_online
+
+        out = train_online(model=model, data=data, tokenizer=tokenizer, ref_model=ref_model, eval_data=eval_data,
+                           output_dir=output_dir, callbacks=callbacks, config=config, **fields)
+        metrics, step = out.metrics, None if out.stopped_at is None else out.stopped_at[1]
+        if out.stopped_at is not None:
+            metrics.update(stopped_at_round=out.stopped_at[0], stopped_at_step=step)
+        return TrainResult(out.model, out.tokenizer, metrics, out.history, out.output_dir, step)
     values = _config_values(config, stage)
     values.update(fields)
     inputs = RunInputs()

@@ -231,7 +231,7 @@ class TrainConfig:
                 hint = difflib.get_close_matches(str(key), known, n=1)
                 tip = f"; did you mean {hint[0]!r}?" if hint else ""
                 raise ConfigError(f"{where}: unknown key {key!r}{tip}")
-        coerced = {key: _coerce(known[key], value, where) for key, value in values.items()}
+        coerced = {key: coerce_field(known[key], value, where) for key, value in values.items()}
         return cls(**coerced)
 
     @classmethod
@@ -283,7 +283,8 @@ def field_type(f: dataclasses.Field) -> type:
     raise TypeError(f"unsupported config field type {f.type!r}")
 
 
-def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+def coerce_field(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """`value` as the type of config field `f` (YAML and flags give strings, ints for floats, ...)."""
     typ = field_type(f)
     if value is None:
         if "None" in str(f.type):

@@ -23,3 +23,7 @@ class ModelError(PreftuneError):
 
 class NonFiniteError(PreftuneError):
     """Loss, gradients or weights became NaN or infinite."""
+
+
+class JudgeError(PreftuneError):
+    """A judge of online training failed: it raised, or returned scores that cannot be used. Names the prompt."""

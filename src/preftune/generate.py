@@ -20,3 +20,47 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], *, max_new_toke
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
     return answers
+
+
+@torch.no_grad()
+def sample_groups(model, tokenizer, prompts: list[list[int]], *, samples: int, max_new_tokens: int,
+                  temperature: float, top_p: float, seed: int, device, batch_size: int = 16) -> list[list[str]]:
+    """`samples` answers to each prompt (a list of `samples` strings per prompt), generated in batches of
+    `batch_size` prompts with the KV cache; temperature 0 decodes greedily (then `samples` should be 1).
+
+    Prompts are padded on the left so every row continues from its last prompt token. The generator is reseeded
+    per batch with `seed` + the batch's index, so the same call gives the same answers (a resumed round
+    regenerates what the interrupted one did).
+    """
+    pad = tokenizer.pad_token_id
+    sample = temperature > 0
+    was_training, use_cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True
+    groups: list[list[str]] = []
+    try:
+        for b, start in enumerate(range(0, len(prompts), batch_size)):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(ids) for ids in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            torch.manual_seed(seed + b)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=sample, temperature=temperature if sample else None,
+                                 top_p=top_p if sample else None, top_k=None, num_return_sequences=samples,
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            texts = [_answer_text(tokenizer, row[width:]) for row in out]
+            groups.extend(texts[i * samples:(i + 1) * samples] for i in range(len(chunk)))
+    finally:
+        model.train(was_training)
+        model.config.use_cache = use_cache
+    return groups
+
+
+def _answer_text(tokenizer, ids: torch.Tensor) -> str:
+    """The answer's text: the generated tokens up to (not including) the first end-of-sequence token."""
+    ids = ids.tolist()
+    eos = tokenizer.eos_token_id
+    if eos in ids:
+        ids = ids[:ids.index(eos)]
+    return tokenizer.decode(ids, skip_special_tokens=True)

@@ -89,3 +89,16 @@ def test_a_partial_summary_counts_as_unfinished(tmp_path):
              "dpo": {"p_chosen": 0.7, "p_rejected": 0.2, "reward_accuracy": 1.0}}
     (tmp_path / SUMMARY).write_text(json.dumps(whole))
     assert _finished(tmp_path) == whole
+
+
+def test_the_online_judge_knows_each_capital():
+    from preftune.demo.corpus import load_facts, prompt_text
+    from preftune.demo.online import capital_judge
+
+    book = load_facts()
+    judge = capital_judge(book)
+    fact = book.facts[0]
+    for template in book.templates:
+        prompt = prompt_text(template, fact)
+        assert judge(prompt, [f" {fact.capital}", f" {fact.wrong}", "", f" {fact.capital} and more"]) == [
+            1.0, 0.0, 0.0, 1.0]

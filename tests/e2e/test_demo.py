@@ -50,7 +50,7 @@ def recomputed(finished, held_out) -> dict[str, list[tuple[float, float]]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = {}
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "dpo", "online"):
         tok = AutoTokenizer.from_pretrained(finished / stage)
         model = AutoModelForCausalLM.from_pretrained(finished / stage).eval()
         probs = []
@@ -78,6 +78,13 @@ def test_summary_reports_every_held_out_pair_as_a_plain_forward_gives_it(summary
             assert row[f"{stage}_p_rejected"] == pytest.approx(wrong, rel=1e-4), (stage, i)
         assert summary[stage]["p_chosen"] == pytest.approx(sum(r for r, _ in recomputed[stage]) / 96, rel=1e-4)
         assert summary[stage]["p_rejected"] == pytest.approx(sum(w for _, w in recomputed[stage]) / 96, rel=1e-4)
+    online = summary["online"]
+    assert online["p_chosen"] == pytest.approx(sum(r for r, _ in recomputed["online"]) / 96, rel=1e-4)
+    assert online["p_rejected"] == pytest.approx(sum(w for _, w in recomputed["online"]) / 96, rel=1e-4)
+    # The online rounds trained on pairs (right city against wrong), as many steps in all as offline DPO.
+    rounds = online["rounds"][1:]
+    assert len(rounds) == 2 and all(r["pairs"] >= 16 for r in rounds)
+    assert rounds[-1]["step"] == summary["dpo_steps"]
     assert (finished / "probabilities.png").is_file()
 
 

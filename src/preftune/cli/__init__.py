@@ -11,7 +11,7 @@ import os
 import sys
 
 from ..errors import PreftuneError
-from . import data, demo, generate, plot, score, train
+from . import data, demo, generate, online, plot, score, train
 from . import eval as eval_command  # `eval` alone would read as the builtin
 
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="preftune", description="Fine-tune language models on preferences: SFT, then DPO.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (train, eval_command, score, demo, data, plot, generate):  # the order of `preftune --help`
+    for command in (train, online, eval_command, score, demo, data, plot, generate):  # the order of `preftune --help`
         command.register(sub)
     return parser
 

@@ -21,6 +21,7 @@ from ..io import atomic_write_json
 from . import report
 from .base import TinySize, write_base_model
 from .corpus import load_facts, pairs, sft_texts, write_demo_data
+from .online import online_run
 
 PLAN = "demo_plan.json"
 SUMMARY = "summary.json"
@@ -44,13 +45,17 @@ class DemoPlan:
     dpo_lr: float = 1e-4
     beta: float = 0.1
     warmup_steps: int = 20
+    # The online part: rounds x steps = dpo_steps, so online and offline DPO take the same number of steps.
+    online_rounds: int = 4
+    online_samples: int = 4
+    online_temperature: float = 1.0
     # Matrices this small gain little from a second thread, and on cores shared with other work a second OMP
     # thread made steps up to 10x slower (measured); one thread keeps the demo's time predictable.
     threads: int = 1
 
 
 FULL = DemoPlan()
-FAST = DemoPlan(sft_steps=300, dpo_steps=50)  # SFT half-learns the mixture; DPO still moves it
+FAST = DemoPlan(sft_steps=300, dpo_steps=50, online_rounds=2)  # SFT half-learns the mixture; DPO still moves it
 
 
 def check_out(out: Path) -> None:
@@ -113,19 +118,43 @@ def _run(out: Path, plan: DemoPlan, *, quiet: bool, fast: bool) -> dict:
         run(cfg, command=COMMAND)
         timings[f"{cfg.stage}_seconds"] = round(time.perf_counter() - t0, 1)
 
+    say(f"demo: online DPO from the SFT model ({plan.online_rounds} rounds x "
+        f"{plan.dpo_steps // plan.online_rounds} steps, {plan.online_samples} samples a prompt) -> {out / 'online'}")
+    t0 = time.perf_counter()
+    online_rows = online_run(out / "online", book, sft_dir=out / "sft", rounds=plan.online_rounds,
+                             steps=plan.dpo_steps // plan.online_rounds, samples=plan.online_samples,
+                             temperature=plan.online_temperature, batch_size=plan.dpo_batch, lr=plan.dpo_lr,
+                             beta=plan.beta, seed=SEED)
+    timings["online_seconds"] = round(time.perf_counter() - t0, 1)
     held_out = pairs(book, book.held_out_templates)
     sft_logps = report.held_out_logps(out / "sft", held_out)
     dpo_logps = report.held_out_logps(out / "dpo", held_out)
+    online_logps = report.held_out_logps(out / "online", held_out)
+    p_online = online_logps.exp().mean(dim=0).tolist()
+    online = {"p_chosen": p_online[0], "p_rejected": p_online[1], "rounds": online_rows}
     table = report.rows(held_out, sft_logps, dpo_logps)
     result = report.summary(table, sft_logps, dpo_logps, plan.beta)
     shown = report.pick(table, 8)
     plot_demo_probabilities([{k: r[k] for k in ("prompt", "sft_p_chosen", "sft_p_rejected", "dpo_p_chosen",
                                                   "dpo_p_rejected")} for r in shown], out / "probabilities.png")
-    result = {"fast": fast, **timings, "total_seconds": round(time.perf_counter() - started, 1), **result}
+    result = {"fast": fast, **timings, "total_seconds": round(time.perf_counter() - started, 1), **result,
+              "dpo_steps": plan.dpo_steps, "online": online}
     atomic_write_json(out / SUMMARY, result)
     say(report.format_table(shown, result))
+    say(_online_lines(result))
     print(_final_line(result, out))
     return result
+
+
+def _online_lines(result: dict) -> str:
+    """Offline against online DPO (same steps) on the held-out pairs, and the online rounds."""
+    d, o = result["dpo"], result["online"]
+    lines = [f"held-out p(right) / p(wrong) after the same {result['dpo_steps']} DPO steps: offline "
+             f"{d['p_chosen']:.3f} / {d['p_rejected']:.3f}, online {o['p_chosen']:.3f} / {o['p_rejected']:.3f}"]
+    for row in o["rounds"][1:]:
+        lines.append(f"  online round {row['round']}: {row['pairs']} pairs ({row['pair_share']:.0%} of prompts), "
+                     f"share of samples right {row['score_mean']:.3f}")
+    return "\n".join(lines)
 
 
 def _finished(out: Path) -> dict | None:

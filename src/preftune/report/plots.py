@@ -214,6 +214,29 @@ def _short(prompt: str, width: int = 18, lines: int = 3) -> str:
     return "\n".join(textwrap.wrap(flat, width, max_lines=lines, placeholder="…")) or "(empty)"
 
 
+# ---------------------------------------------------------------------- online rounds
+def plot_online_rounds(rows: list[dict], path: Path) -> Path:
+    """Judged scores of an online run's policy after each round: the mean score of the samples the next round
+    drew from it (with their spread) and the mean score of its greedy answers to held-out prompts. `rows`: the run's metrics rows, one per round
+    ({"round", "score_mean", "score_std", "eval_score"}, each but "round" optional)."""
+    with _style():
+        fig, ax = _figure("Online DPO: judged score by round")
+        sampled = [r for r in rows if "score_mean" in r]
+        if sampled:
+            xs = [r["round"] - 1 for r in sampled]  # round r samples the policy of r - 1 rounds
+            mean = [float(r["score_mean"]) for r in sampled]
+            std = [float(r["score_std"]) for r in sampled]
+            ax.plot(xs, mean, color=MARGIN, marker="o", linewidth=1.5, label="samples (mean ± sd)")
+            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=MARGIN, alpha=0.15)
+        held = [r for r in rows if "eval_score" in r]
+        if held:
+            ax.plot([r["round"] for r in held], [float(r["eval_score"]) for r in held], color=EVAL, marker="s",
+                    linewidth=1.5, label="held-out prompts, greedy")
+        _labels(ax, "judge score", "rounds of training done")
+        return _save(fig, Path(path))
+
+
 # ---------------------------------------------------------------------- drawing helpers
 def _style():
     """Our fonts and grid for the figures drawn inside, leaving the caller's matplotlib settings alone."""

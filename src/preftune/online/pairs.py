@@ -1,0 +1,55 @@
+"""Pairs from judged groups: each prompt's best answer against its worst; a group whose scores are all equal
+gives no pair and is counted."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass
+class RoundPairs:
+    """The pairs of one round and what the judging of its samples looked like."""
+
+    pairs: list[dict]        # {prompt, chosen, rejected, system?, score_chosen, score_rejected, prompt_index}
+    groups: int              # prompts judged
+    tied_groups: int         # prompts skipped: best and worst scored the same (all answers equal)
+    score_mean: float        # over every sample of every prompt
+    score_std: float         # population standard deviation of the same
+
+    @property
+    def pair_share(self) -> float:
+        return len(self.pairs) / self.groups if self.groups else 0.0
+
+
+def best_vs_worst(prompts: list[dict], answers: list[list[str]], scores: list[list[float]]) -> RoundPairs:
+    """One pair per prompt whose answers do not all score the same: the first highest-scoring answer chosen, the
+    first lowest-scoring one rejected. `prompts[i]` is a prompt record ({prompt, system?}); `answers[i]` and
+    `scores[i]` its samples and their scores."""
+    pairs, tied = [], 0
+    for i, (record, group, group_scores) in enumerate(zip(prompts, answers, scores)):
+        hi = max(range(len(group)), key=lambda j: (group_scores[j], -j))
+        lo = min(range(len(group)), key=lambda j: (group_scores[j], j))
+        if group_scores[hi] == group_scores[lo]:
+            tied += 1
+            continue
+        pair = {"prompt": record["prompt"], "chosen": _answer(record, group[hi]),
+                "rejected": _answer(record, group[lo])}
+        if record.get("system") is not None:
+            pair["system"] = record["system"]
+        pair.update(score_chosen=group_scores[hi], score_rejected=group_scores[lo], prompt_index=i)
+        pairs.append(pair)
+    flat = [s for group_scores in scores for s in group_scores]
+    mean = statistics.fmean(flat) if flat else 0.0
+    std = statistics.pstdev(flat) if flat else 0.0
+    return RoundPairs(pairs, len(prompts), tied, mean, std)
+
+
+def training_record(pair: dict) -> dict:
+    """A pair as the DPO stage reads it: prompt, chosen, rejected (and system); the scores stay in pairs.jsonl."""
+    return {k: pair[k] for k in ("prompt", "chosen", "rejected", "system") if k in pair}
+
+
+def _answer(record: dict, text: str):
+    """An answer in the prompt's shape: text for a text prompt, one assistant turn for a message-list prompt."""
+    return [{"role": "assistant", "content": text}] if isinstance(record["prompt"], list) else text

@@ -1,0 +1,43 @@
+"""Online settings: one flat mapping split into the rounds' settings and the DPO steps' TrainConfig."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from preftune.cli import build_parser
+from preftune.cli.online import config_from_args
+from preftune.errors import ConfigError
+from preftune.online.config import OnlineConfig
+
+
+def test_flags_split_into_rounds_and_dpo_settings_and_yaml_takes_them_back(tmp_path):
+    args = build_parser().parse_args(["online", "--model", "m", "--prompts", "p.jsonl", "--output-dir", "o",
+                                      "--judge", "rule:shorter", "--samples", "6", "--ref-update", "round",
+                                      "--beta", "0.25", "--loss", "ipo", "--lr", "1e-6", "--batch-size", "2"])
+    cfg = config_from_args(args)
+    assert (cfg.samples, cfg.ref_update, cfg.judge) == (6, "round", "rule:shorter")
+    round_cfg = cfg.train_config(output_dir="o/rounds/001/train", model="<policy>", ref_model="m")
+    assert (round_cfg.stage, round_cfg.beta, round_cfg.loss, round_cfg.lr, round_cfg.batch_size) == (
+        "dpo", 0.25, "ipo", 1e-6, 2)
+    assert round_cfg.max_steps == cfg.steps_per_round and round_cfg.ref_model == "m"
+    cfg.to_yaml(tmp_path / "config.yaml")
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert written["stage"] == "online" and written["beta"] == 0.25 and written["samples"] == 6
+    again = config_from_args(build_parser().parse_args(["online", "--config", str(tmp_path / "config.yaml")]))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"data": "x.jsonl"}, "data: not a setting of online training"),
+    ({"max_steps": 5}, "use --steps-per-round"),
+    ({"lora_r": 8}, "train all weights for now"),
+    ({"samples": 1}, "samples: must be at least 2"),
+    ({"temperature": 0.0}, "temperature: must be positive"),
+    ({"eval_prompts": "e.jsonl", "eval_split": 0.1}, "not both"),
+    ({"beta": -1.0}, "beta: must be positive"),
+    ({"betta": 0.1}, "did you mean 'beta'"),
+])
+def test_wrong_settings_are_one_line_config_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        OnlineConfig.from_dict(values)
