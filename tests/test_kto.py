@@ -3,7 +3,6 @@ strategies, exact resume, and parity with TRL 1.16's KTOTrainer on the first ste
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from preftune.errors import ConfigError
 from preftune.kto_loss import imbalance_advice, kl_estimate, kto_loss
 from preftune.logps.layouts import AnswerLogps
 from preftune.training import loop as train
-from preftune.training.objectives import KTOObjective
+from preftune.training.kto_objective import KTOObjective
 
 
 def sig(x: float) -> float:

@@ -13,7 +13,7 @@ import torch
 from tinylm import fact_pairs, write_jsonl
 import preftune
 from preftune.errors import ConfigError, DataError, ModelError
-from preftune.training.objectives import RewardObjective, reward_model_losses
+from preftune.training.reward_objective import RewardObjective, reward_model_losses
 from preftune.config import TrainConfig
 
 

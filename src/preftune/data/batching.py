@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tokenize import TokenizedExample, TokenizedPair, TokenizedUnpaired
+from .tokenize import TokenizedPair, TokenizedUnpaired
 
 
 @dataclass
