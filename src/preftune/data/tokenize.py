@@ -6,10 +6,12 @@ prompt alone leaves no room for an answer token is dropped.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from .encode import encode_masked, encode_prompt_answer, has_template, transcript
+from .encode import (encode_masked, encode_prompt, encode_prompt_answer, has_template, text_answer_ids,
+                     transcript)
 from .records import PreferencePair, SFTExample
 
 
@@ -66,9 +68,15 @@ def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_promp
     and are written back as text with `raw_text_prompts` or without a template."""
     if pair.text_fields and (raw_text_prompts or not has_template(tokenizer)):
         pair = text_form(pair)
-    prompt_ids, chosen = encode_prompt_answer(tokenizer, pair.prompt, pair.chosen, pair.system, pair.where,
-                                              pair.tools)
-    _, rejected = encode_prompt_answer(tokenizer, pair.prompt, pair.rejected, pair.system, pair.where, pair.tools)
+    if isinstance(pair.prompt, str) and isinstance(pair.chosen, str) and isinstance(pair.rejected, str):
+        # Text: the prompt's ids do not depend on the answer, so it is encoded once for both.
+        prompt_ids = encode_prompt(tokenizer, pair.prompt, pair.system, pair.where)
+        chosen, rejected = text_answer_ids(tokenizer, pair.chosen), text_answer_ids(tokenizer, pair.rejected)
+    else:
+        prompt_ids, chosen = encode_prompt_answer(tokenizer, pair.prompt, pair.chosen, pair.system, pair.where,
+                                                  pair.tools)
+        _, rejected = encode_prompt_answer(tokenizer, pair.prompt, pair.rejected, pair.system, pair.where,
+                                           pair.tools)
     fitted = _fit(prompt_ids, (chosen, rejected), max_length, max_prompt_length)
     if fitted is None:
         return None
@@ -103,14 +111,44 @@ class TokenizeStats:
 
 
 def tokenize_all(tokenizer, items: Sequence, *, max_length: int, max_prompt_length: int | None = None,
-                 raw_text_prompts: bool = False, last_turn_only: bool = False):
-    """Tokenise pairs or SFT examples; returns (tokenized, stats). Indexes are positions in `items`."""
+                 raw_text_prompts: bool = False, last_turn_only: bool = False, procs: int = 1):
+    """Tokenise pairs or SFT examples; returns (tokenized, stats). Indexes are positions in `items`.
+
+    With `procs` > 1, contiguous slices go to that many worker processes (parallel.py); the result is the
+    serial one, item for item. 0 means `auto_procs(len(items))`."""
+    options = {"max_length": max_length, "max_prompt_length": max_prompt_length,
+               "raw_text_prompts": raw_text_prompts, "last_turn_only": last_turn_only}
+    procs = auto_procs(len(items)) if procs == 0 else procs
+    if procs > 1 and len(items) > 1:
+        from .parallel import tokenize_parallel
+
+        return tokenize_parallel(tokenizer, items, procs, options)
+    return tokenize_range(tokenizer, items, 0, **options)
+
+
+PARALLEL_FROM = 10_000  # records: below this, starting worker processes costs more than it saves
+
+
+def auto_procs(n_items: int) -> int:
+    """Worker processes for `n_items` records: one per usable CPU core (at most 8) from PARALLEL_FROM up."""
+    if n_items < PARALLEL_FROM:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def tokenize_range(tokenizer, items: Sequence, start: int, *, max_length: int, max_prompt_length: int | None,
+                   raw_text_prompts: bool, last_turn_only: bool):
+    """`tokenize_all` serially over `items`, whose first one is at dataset position `start`."""
     if items and isinstance(items[0], PreferencePair):
         fn, options = tokenize_pair, {"raw_text_prompts": raw_text_prompts}
     else:
         fn, options = tokenize_example, {"last_turn_only": last_turn_only}
     out, stats = [], TokenizeStats(total=len(items))
-    for i, item in enumerate(items):
+    for i, item in enumerate(items, start=start):
         tok = fn(tokenizer, item, max_length=max_length, max_prompt_length=max_prompt_length, index=i, **options)
         if tok is None:
             stats.dropped += 1
