@@ -132,10 +132,3 @@ def test_show_kto_tag_records_through_the_model(jsonl_file, tiny_model_dir, caps
     assert f"--- completion (undesirable): {blue} tokens (would be cut to fit --max-length)" in out
     assert "blue<eos>" in out
 
-
-def test_dpo_still_refuses_unpaired_feedback(jsonl_file, tiny_model_dir, tmp_path, capsys):
-    rows = [{"prompt": "the sky is", "completion": " blue .", "label": True}]
-    code = main(["dpo", "--model", str(tiny_model_dir), "--data", jsonl_file(rows), "--output-dir",
-                 str(tmp_path / "out"), "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert code == 2 and "unpaired feedback" in err and err.count("\n") == 1

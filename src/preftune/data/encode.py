@@ -110,7 +110,10 @@ def encode_prompt(tokenizer, prompt: Content, system: str | None = None, where: 
     """Prompt ids exactly as training sees them (chat prompts end with the generation prompt)."""
     if isinstance(prompt, list):
         render = _renderer(tokenizer, system, tools, prompt, where)
-        return _prompt_ids(tokenizer, render(prompt, True), render(prompt, True))
+        text = render(prompt, True)
+        if _uses_tools(prompt, tools) and has_template(tokenizer):
+            _check_tools_rendered(text, prompt, tools, where)
+        return _prompt_ids(tokenizer, text, text)
     return tokenizer(f"{system}\n\n{prompt}" if system else prompt)["input_ids"]
 
 

@@ -60,6 +60,14 @@ def _fit(prompt: list[int], answers: Sequence[list[int]], max_length: int, max_p
     return prompt, [answer[:room] for answer in answers], flags
 
 
+def prompt_ids_of(tokenizer, pair: PreferencePair, *, raw_text_prompts: bool = False) -> list[int]:
+    """The prompt ids of a pair exactly as training sees them (before truncation): system, tools and text fields
+    treated as `tokenize_pair` treats them. For generating answers to the prompts of a data file."""
+    if pair.text_fields and (raw_text_prompts or not has_template(tokenizer)):
+        pair = text_form(pair)
+    return encode_prompt(tokenizer, pair.prompt, pair.system, pair.where, pair.tools)
+
+
 def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_prompt_length: int | None = None,
                   index: int = 0, raw_text_prompts: bool = False) -> TokenizedPair | None:
     """Token ids of one preference pair, or None when its prompt alone does not fit in `max_length`.
