@@ -93,9 +93,18 @@ def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_promp
 
 
 def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_prompt_length: int | None = None,
-                     index: int = 0, last_turn_only: bool = False) -> TokenizedExample | None:
+                     index: int = 0, last_turn_only: bool = False,
+                     raw_text_prompts: bool = False) -> TokenizedExample | None:
     """Token ids of one SFT example. A conversation trains on every assistant turn after the prompt; with
-    `last_turn_only`, on the last one alone (the turns before it become the prompt)."""
+    `last_turn_only`, on the last one alone (the turns before it become the prompt). A one-turn answer whose
+    turns came from text fields (alpaca) is written back as text as `tokenize_pair` does it; with history, the
+    turns go through the template, or the Human/Assistant transcript without one."""
+    single_turn = isinstance(example.completion, list) and len(example.completion) == 1
+    if example.text_fields and single_turn and (raw_text_prompts or not has_template(tokenizer)):
+        # The pair's text form, with the output as both answers: one rule for preference and SFT records.
+        as_pair = text_form(PreferencePair(example.prompt, example.completion, example.completion, example.system,
+                                           example.where))
+        example = SFTExample(as_pair.chosen, as_pair.prompt, as_pair.system, example.where)
     prompt, completion = example.prompt, example.completion
     if last_turn_only and isinstance(completion, list):
         prompt, completion = list(prompt or []) + completion[:-1], completion[-1:]
@@ -154,7 +163,7 @@ def tokenize_range(tokenizer, items: Sequence, start: int, *, max_length: int, m
     if items and isinstance(items[0], PreferencePair):
         fn, options = tokenize_pair, {"raw_text_prompts": raw_text_prompts}
     else:
-        fn, options = tokenize_example, {"last_turn_only": last_turn_only}
+        fn, options = tokenize_example, {"last_turn_only": last_turn_only, "raw_text_prompts": raw_text_prompts}
     out, stats = [], TokenizeStats(total=len(items))
     for i, item in enumerate(items, start=start):
         tok = fn(tokenizer, item, max_length=max_length, max_prompt_length=max_prompt_length, index=i, **options)
