@@ -110,7 +110,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=200_000)
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "preftune-first-step"))
     ap.add_argument("--out")
-    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--runs", default="preftune,serial,trl",
+                    help="Which runs, comma-separated: preftune (cold, then warm), serial (cold, one process), trl "
+                         "(cold, then warm).")
     ap.add_argument("--worker"), ap.add_argument("--data"), ap.add_argument("--cache")
     ap.add_argument("--extra", action="append", default=[])
     args = ap.parse_args()
@@ -127,13 +129,15 @@ def main() -> None:
         rows.append((name, result))
         print(f"{name}: {result['seconds']:.1f}s {' '.join(result['notes'])}", flush=True)
 
-    stamp = time.strftime("%H%M%S")
-    cache = work / f"preftune-cache-{stamp}"
-    run("preftune, cold cache (auto processes)", "preftune", cache)
-    run("preftune, warm cache", "preftune", cache)
-    run("preftune, cold cache, --tokenize-procs 1", "preftune", work / f"preftune-serial-{stamp}",
-        ["--tokenize-procs", "1"])
-    if not args.skip_trl:
+    stamp, runs = time.strftime("%H%M%S"), args.runs.split(",")
+    if "preftune" in runs:
+        cache = work / f"preftune-cache-{stamp}"
+        run("preftune, cold cache (auto processes)", "preftune", cache)
+        run("preftune, warm cache", "preftune", cache)
+    if "serial" in runs:
+        run("preftune, cold cache, --tokenize-procs 1", "preftune", work / f"preftune-serial-{stamp}",
+            ["--tokenize-procs", "1"])
+    if "trl" in runs:
         trl_cache = work / f"hf-datasets-{stamp}"
         run("TRL DPOTrainer, cold datasets cache", "trl", trl_cache)
         run("TRL DPOTrainer, warm datasets cache", "trl", trl_cache)

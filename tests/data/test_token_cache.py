@@ -13,6 +13,7 @@ from preftune.data import token_cache
 from preftune.data.load import load_pairs, load_sft
 from preftune.data.records import PreferencePair, SFTExample
 from preftune.data.token_cache import tokenize_cached
+from preftune.data.parallel import tokenize_parallel
 from preftune.data.tokenize import tokenize_all, tokenize_example, tokenize_pair
 from preftune.errors import DataError
 
@@ -65,7 +66,7 @@ def _serial_pairs(tok, pairs):
 def test_parallel_pairs_equal_serial(tok):
     pairs = _pairs()
     expected = _serial_pairs(tok, pairs)
-    items, stats = tokenize_all(tok, pairs, **OPTIONS, procs=3)
+    items, stats = tokenize_parallel(tok, pairs, 3, OPTIONS)
     assert items == expected
     assert 0 < len(items) < len(pairs)  # the fixture does drop some, so positions are not just 0..n-1
     assert stats.as_dict() == {"total": 40, "truncated": sum(t.truncated for t in expected),
@@ -77,7 +78,7 @@ def test_parallel_sft_equals_serial_with_masks(tok):
     examples = _examples()
     expected = [tokenize_example(tok, e, max_length=48, index=i) for i, e in enumerate(examples)]
     expected = [t for t in expected if t is not None]
-    items, stats = tokenize_all(tok, examples, max_length=48, procs=2)
+    items, stats = tokenize_parallel(tok, examples, 2, {**OPTIONS, "max_length": 48})
     assert stats.truncated > 0
     assert items == expected
     assert any(t.answer_mask is not None and 0 in t.answer_mask for t in items)  # masks travel too
@@ -90,9 +91,9 @@ def test_parallel_raises_the_first_bad_record_as_serial_does(tok):
         pairs[i] = PreferencePair([{"role": "user", "content": "hi"}], [{"role": "user", "content": "x"}],
                                   [{"role": "assistant", "content": "y"}], where=f"line {i + 1}")
     with pytest.raises(DataError) as serial:
-        tokenize_all(tok, pairs, **OPTIONS, procs=1)
+        tokenize_all(tok, pairs, **OPTIONS)
     with pytest.raises(DataError) as parallel:
-        tokenize_all(tok, pairs, **OPTIONS, procs=3)
+        tokenize_parallel(tok, pairs, 3, OPTIONS)
     assert "line 6" in str(serial.value)
     assert str(parallel.value) == str(serial.value)
 
@@ -249,3 +250,10 @@ def test_under_torchrun_the_main_process_writes_and_the_others_read(tok, pairs_f
     monkeypatch.setattr(token_cache, "tokenize_packed", real)
     alone, _, _ = _run(tok, pairs_file, tmp_path / "not-shared", is_main=False)
     assert alone == items and not (tmp_path / "not-shared").exists()
+
+
+def test_small_data_stays_in_one_process():
+    from preftune.data.parallel import PARALLEL_FROM, auto_procs
+
+    assert auto_procs(PARALLEL_FROM - 1) == 1
+    assert 1 <= auto_procs(PARALLEL_FROM) <= 8

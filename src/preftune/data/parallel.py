@@ -8,6 +8,7 @@ The first error, in record order, is the one raised, as in the serial path.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
 
@@ -15,6 +16,18 @@ from .packed import concat, kind_of, pack, unpack
 from .tokenize import TokenizeStats, tokenize_range
 
 _WORKER: dict = {}  # the tokenizer and options of this worker process
+PARALLEL_FROM = 10_000  # records: below this, starting worker processes costs more than it saves
+
+
+def auto_procs(n_items: int) -> int:
+    """Worker processes for `n_items` records: one per usable CPU core (at most 8) from PARALLEL_FROM up."""
+    if n_items < PARALLEL_FROM:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
 
 
 def _start(tokenizer, options: dict) -> None:

@@ -24,8 +24,8 @@ import numpy as np
 
 from ..io import atomic_write_bytes, file_sha256
 from .packed import ARRAYS, kind_of, unpack
-from .parallel import tokenize_packed
-from .tokenize import TokenizeStats, auto_procs
+from .parallel import auto_procs, tokenize_packed
+from .tokenize import TokenizeStats
 
 log = logging.getLogger("preftune")
 

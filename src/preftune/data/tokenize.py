@@ -6,7 +6,6 @@ prompt alone leaves no room for an answer token is dropped.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -128,33 +127,11 @@ class TokenizeStats:
 
 
 def tokenize_all(tokenizer, items: Sequence, *, max_length: int, max_prompt_length: int | None = None,
-                 raw_text_prompts: bool = False, last_turn_only: bool = False, procs: int = 1):
+                 raw_text_prompts: bool = False, last_turn_only: bool = False):
     """Tokenise pairs or SFT examples; returns (tokenized, stats). Indexes are positions in `items`.
-
-    With `procs` > 1, contiguous slices go to that many worker processes (parallel.py); the result is the
-    serial one, item for item. 0 means `auto_procs(len(items))`."""
-    options = {"max_length": max_length, "max_prompt_length": max_prompt_length,
-               "raw_text_prompts": raw_text_prompts, "last_turn_only": last_turn_only}
-    procs = auto_procs(len(items)) if procs == 0 else procs
-    if procs > 1 and len(items) > 1:
-        from .parallel import tokenize_parallel
-
-        return tokenize_parallel(tokenizer, items, procs, options)
-    return tokenize_range(tokenizer, items, 0, **options)
-
-
-PARALLEL_FROM = 10_000  # records: below this, starting worker processes costs more than it saves
-
-
-def auto_procs(n_items: int) -> int:
-    """Worker processes for `n_items` records: one per usable CPU core (at most 8) from PARALLEL_FROM up."""
-    if n_items < PARALLEL_FROM:
-        return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    parallel.py does the same in worker processes, token_cache.py keeps the result on disk."""
+    return tokenize_range(tokenizer, items, 0, max_length=max_length, max_prompt_length=max_prompt_length,
+                          raw_text_prompts=raw_text_prompts, last_turn_only=last_turn_only)
 
 
 def tokenize_range(tokenizer, items: Sequence, start: int, *, max_length: int, max_prompt_length: int | None,
