@@ -257,3 +257,44 @@ def test_small_data_stays_in_one_process():
 
     assert auto_procs(PARALLEL_FROM - 1) == 1
     assert 1 <= auto_procs(PARALLEL_FROM) <= 8
+
+
+def _rank_main(rank: int, port: int, path: str, cache: str, out: str) -> None:
+    """One of two processes of a gloo group; rank 1 may not tokenise, only read what rank 0 wrote."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        if rank == 1:
+            def refuse(*a, **k):
+                raise AssertionError("rank 1 tokenised")
+            token_cache.tokenize_packed = refuse
+        items, _, _ = _run(make_tokenizer(), path, Path(cache), is_main=rank == 0, barrier=dist.barrier)
+        rows = [[it.index, it.prompt_ids, it.chosen_ids, it.rejected_ids] for it in items]
+        Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_tokenise_once(pairs_file, tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = tmp_path / "cache"
+    tmp.start_processes(_rank_main, args=(port, str(pairs_file), str(cache), str(tmp_path)), nprocs=2,
+                        start_method="fork")
+    records, _ = load_pairs(str(pairs_file))
+    expected = [[it.index, it.prompt_ids, it.chosen_ids, it.rejected_ids] for it in _serial_pairs(make_tokenizer(),
+                                                                                                  records)]
+    assert json.loads((tmp_path / "rank0.json").read_text()) == expected
+    assert json.loads((tmp_path / "rank1.json").read_text()) == expected
+    assert len(list(cache.glob("*.safetensors"))) == 1
