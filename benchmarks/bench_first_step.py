@@ -57,8 +57,9 @@ def worker_preftune(args) -> None:
         os._exit(0)
 
     loop.train_step = first_step
-    argv = ["dpo", "--model", str(Path(args.fixture, "model")), "--data", args.data, "--output-dir",
-            tempfile.mkdtemp(prefix="first-step-", dir=Path(args.cache).parent), "--max-steps", "1", "--batch-size", "8", "--max-length", "512",
+    run_dir = tempfile.mkdtemp(prefix="first-step-", dir=Path(args.cache).parent)
+    argv = ["dpo", "--model", str(Path(args.fixture, "model")), "--data", args.data, "--output-dir", run_dir,
+            "--max-steps", "1", "--batch-size", "8", "--max-length", "512",
             "--lr", "1e-6", "--dtype", "float32", "--device", "cpu", "--token-cache-dir", args.cache, *args.extra]
     sys.exit(main(argv))
 
@@ -81,7 +82,8 @@ def worker_trl(args) -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ref = AutoModelForCausalLM.from_pretrained(model_dir)
-    cfg = DPOConfig(output_dir=tempfile.mkdtemp(prefix="first-step-trl-", dir=Path(args.cache).parent), per_device_train_batch_size=8,
+    run_dir = tempfile.mkdtemp(prefix="first-step-trl-", dir=Path(args.cache).parent)
+    cfg = DPOConfig(output_dir=run_dir, per_device_train_batch_size=8,
                     max_steps=1, max_length=512, learning_rate=1e-6, beta=0.1, report_to=[], bf16=False,
                     use_cpu=True, save_strategy="no", dataloader_num_workers=0, seed=0)
     DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=ds, processing_class=tok,
