@@ -250,3 +250,30 @@ def test_public_names_are_exported_and_documented():
             assert obj.__doc__, name
     assert preftune.preference_loss is preftune.losses.preference_loss
     assert callable(preftune.train) and callable(preftune.evaluate)
+
+
+def test_eval_data_keys_not_used_are_warned_like_training_data(tiny_model_dir, pairs, tmp_path, caplog):
+    train = write_jsonl(tmp_path / "train.jsonl", [{**p, "source": "web"} for p in pairs[:8]])
+    held = write_jsonl(tmp_path / "held.jsonl", [{**p, "note": "x"} for p in pairs[8:11]])
+    with caplog.at_level("WARNING", logger="preftune"):
+        preftune.train("dpo", model=tiny_model_dir, data=train, eval_data=held, **{**SETTINGS, "max_steps": 1})
+    warned = [r.getMessage() for r in caplog.records if "keys not used" in r.getMessage()]
+    assert any(m.startswith(str(train)) and "source (8)" in m for m in warned)
+    assert any(m.startswith(str(held)) and "note (3)" in m for m in warned)
+
+
+def test_a_run_from_the_token_cache_trains_exactly_as_one_that_tokenised(tiny_model_dir, pairs_file, tmp_path,
+                                                                       monkeypatch):
+    from preftune.data import token_cache
+
+    settings = {**SETTINGS, "max_steps": 2, "eval_split": 0.25, "token_cache_dir": str(tmp_path / "cache")}
+    plain = preftune.train("dpo", model=tiny_model_dir, data=pairs_file, **{**settings, "token_cache": False})
+    assert not (tmp_path / "cache").exists()
+    first = preftune.train("dpo", model=tiny_model_dir, data=pairs_file, **settings)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # the training part and the held-out part
+
+    def refuse(*a, **k):
+        raise AssertionError("tokenised again although the cache holds the data")
+    monkeypatch.setattr(token_cache, "tokenize_packed", refuse)
+    again = preftune.train("dpo", model=tiny_model_dir, data=pairs_file, **settings)
+    assert untimed(again.history) == untimed(first.history) == untimed(plain.history)

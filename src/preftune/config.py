@@ -75,6 +75,11 @@ class TrainConfig:
                                        "as raw text instead of through the tokenizer's chat template.")
     sft_last_turn_only: bool = _f(False, "SFT on a conversation trains on the last assistant turn only, not on "
                                          "every assistant turn.")
+    tokenize_procs: int = _f(0, "Processes that tokenise the data; 0 = auto (one per CPU core, at most 8, from "
+                                "10,000 records up), 1 = in this process.")
+    token_cache: bool = _f(True, "Keep tokenised data on disk, keyed by tokenizer, data file and settings, so the "
+                                 "next run on the same data starts at once; --no-token-cache turns it off.")
+    token_cache_dir: str | None = _f(None, "Where tokenised data is kept (default: ~/.cache/preftune/tokenized).")
     # --- optimisation
     max_steps: int = _f(-1, "Optimizer steps to run; -1 runs --epochs over the data.")
     epochs: float = _f(1.0, "Passes over the data when --max-steps is -1.")
@@ -160,6 +165,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+        if self.tokenize_procs < 0:
+            raise ConfigError(f"tokenize_procs: must be 0 (auto) or more, got {self.tokenize_procs}")
         positive = ("batch_size", "grad_accum", "max_length", "logits_chunk_size", "log_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:

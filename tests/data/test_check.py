@@ -108,3 +108,27 @@ def test_show_without_a_model_prints_the_records_as_read(jsonl_file, capsys):
     code, out, _ = _run(capsys, "show", jsonl_file([chat]))
     assert code == 0
     assert "[user] capital of france?" in out and "[assistant] paris" in out and "[assistant] rome" in out
+
+
+def test_show_prints_unpaired_feedback_with_its_rating(jsonl_file, capsys):
+    rows = [{"prompt": "the sky is", "completion": " blue .", "label": True},
+            {"prompt": "the sky is", "completion": " green .", "label": False}]
+    code, out, _ = _run(capsys, "show", jsonl_file(rows))
+    assert code == 0
+    assert "format: unpaired; showing 2 of 2 records" in out and "data for KTO, not for DPO" in out
+    assert "--- prompt\nthe sky is\n--- completion (desirable)\n blue ." in out
+    assert "--- completion (undesirable)\n green ." in out
+
+
+def test_show_kto_tag_records_through_the_model(jsonl_file, tiny_model_dir, capsys):
+    rows = [{"instruction": "the sky is", "input": "", "output": "blue", "kto_tag": False, "note": "x"}]
+    code, out, _ = _run(capsys, "show", jsonl_file(rows), "--model", str(tiny_model_dir), "--max-length", "6")
+    assert code == 0
+    assert "(note (1))" in out.replace("ignored (records holding each): ", "(")  # the unused key is reported
+    assert "<bos><|user|>the sky is<eos><|assistant|>" in out
+    from transformers import AutoTokenizer
+
+    blue = len(AutoTokenizer.from_pretrained(tiny_model_dir)("blue", add_special_tokens=False)["input_ids"]) + 1
+    assert f"--- completion (undesirable): {blue} tokens (would be cut to fit --max-length)" in out
+    assert "blue<eos>" in out
+

@@ -236,3 +236,33 @@ def test_dpo_on_unpaired_feedback_is_one_line_exit_2_and_no_run_folder(jsonl_fil
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "unpaired feedback" in err and "for KTO" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_generate_gives_the_model_a_records_tools_and_system(jsonl_file, tiny_model_dir, tmp_path, monkeypatch):
+    """`preftune generate --data` prompts the model with exactly the ids training puts before the answer."""
+    import shutil
+
+    from tinylm import make_tokenizer
+
+    import preftune.generate
+    from preftune.cli import main
+
+    model = tmp_path / "tools-model"
+    shutil.copytree(tiny_model_dir, model)
+    tok = make_tokenizer()
+    tok.chat_template = TOOLS_TEMPLATE
+    tok.save_pretrained(model)
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        seen.extend(prompts)
+        return ["-"] * len(prompts)
+    monkeypatch.setattr(preftune.generate, "generate_answers", fake_generate)
+    orca = {"system": "be brief", "question": "the sky is", "chosen": "blue", "rejected": "red"}
+    assert main(["generate", "--model", str(model), "--data", jsonl_file([TOOL_CONVERSATION["chat"]]),
+                 "--device", "cpu"]) == 0
+    assert main(["generate", "--model", str(model), "--data", jsonl_file([orca]), "--device", "cpu"]) == 0
+    tools_prompt = ('<|tools|>get_weather;<eos><|user|>Weather in Paris?<eos><|assistant|>call get_weather '
+                    '{"city": "Paris"}<eos><|tool|>{"sky": "sunny"}<eos><|assistant|>')
+    assert seen[0] == tok(tools_prompt, add_special_tokens=False)["input_ids"]
+    assert seen[1] == tok("<|system|>be brief<eos><|user|>the sky is<eos><|assistant|>")["input_ids"]

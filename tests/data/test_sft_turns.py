@@ -73,3 +73,48 @@ def test_masked_log_probs_sum_only_the_assistant_turns(tok, prefix_sharing):
             expected = sum(float(lp) for lp, k in zip(per_token, keep) if k)
             assert abs(float(got[row]) - expected) < 1e-4
     assert batch.answer_tokens() == sum(items[0].answer_mask) + len(items[1].answer_ids)
+
+
+ALPACA = {"system": "Be brief.", "history": [["hi", "hello ."]], "instruction": "Add the numbers.", "input": "2 + 2",
+          "output": "4 ."}
+SAME_AS_MESSAGES = {"messages": [{"role": "system", "content": "Be brief."}, U("hi"), A("hello ."),
+                                 U("Add the numbers.\n2 + 2"), A("4 .")]}
+
+
+def test_alpaca_sft_records_read_as_the_conversation_they_write():
+    from preftune.data.formats import read_sft
+
+    example, unused = read_sft(ALPACA, "f line 1")
+    assert (example.prompt, example.completion, example.system) == (
+        [U("hi")], [A("hello ."), U("Add the numbers.\n2 + 2"), A("4 .")], "Be brief.")
+    assert unused == []
+    one, _ = read_sft({"instruction": "Name a colour.", "input": "", "output": "blue"}, "f line 2")
+    assert (one.prompt, one.completion, one.system) == ([U("Name a colour.")], [A("blue")], None)
+    with_text, unused = read_sft({"instruction": "Name a colour.", "output": "blue", "text": "### Instruction..."},
+                                 "f line 3")
+    assert with_text.completion == [A("blue")] and unused == ["text"]  # reported, not trained on
+
+
+@pytest.mark.parametrize("last_turn_only", [False, True])
+def test_alpaca_sft_trains_what_the_same_messages_record_trains(tok, last_turn_only):
+    alpaca = tokenize_example(tok, to_sft(ALPACA, "w"), max_length=512, last_turn_only=last_turn_only)
+    messages = tokenize_example(tok, to_sft(SAME_AS_MESSAGES, "w"), max_length=512, last_turn_only=last_turn_only)
+    assert (alpaca.prompt_ids, alpaca.answer_ids, alpaca.answer_mask) == (
+        messages.prompt_ids, messages.answer_ids, messages.answer_mask)
+    trained = [t for t, m in zip(alpaca.answer_ids, alpaca.answer_mask or [1] * len(alpaca.answer_ids)) if m]
+    expected = ("" if last_turn_only else "hello .<eos>") + "4 .<eos>"
+    assert trained == _ids(tok, expected)
+
+
+def test_alpaca_sft_without_a_template_is_the_text_a_pair_would_be(tok):
+    """One turn, no chat template (or --raw-text-prompts): system and instruction as prompt text, the output as
+    the answer, exactly the chosen side of the alpaca preference record."""
+    from preftune.data.formats import read_pair
+    from preftune.data.tokenize import tokenize_pair
+
+    record = {"system": "Be brief.", "instruction": "Add the numbers.", "input": "2 + 2", "output": "4 ."}
+    pair, _, _ = read_pair({**record, "chosen": "4 .", "rejected": "5 ."}, "alpaca", "w")
+    raw = tokenize_example(tok, to_sft(record, "w"), max_length=512, raw_text_prompts=True)
+    assert raw.prompt_ids == tok("Be brief.\n\nAdd the numbers.\n2 + 2")["input_ids"]
+    assert raw.answer_ids == _ids(tok, "4 .") + [tok.eos_token_id] and raw.answer_mask is None
+    assert raw.prompt_ids == tokenize_pair(tok, pair, max_length=512, raw_text_prompts=True).prompt_ids

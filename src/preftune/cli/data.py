@@ -68,16 +68,27 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from ..data.tokenize import tokenize_pair
-
     tokenizer = local_tokenizer(args.model) if args.model else None
     try:
         if args.data_format in UNPAIRED_FORMATS:
             raise UnpairedData("forced")
         pairs, report = load_pairs(args.file, data_format=args.data_format, split=args.split, skip_bad_records=True)
     except UnpairedData:
-        return _show_unpaired(args, tokenizer)
-    print(f"format: {report.format}; showing {min(args.n, len(pairs))} of {len(pairs)} pairs")
+        examples, report = read_unpaired_source(args.file, data_format=args.data_format, split=args.split,
+                                                skip_bad_records=True)
+        _show_header(args, report, "records", len(examples), tokenizer)
+        print("(unpaired feedback: each record rates one answer; it is data for KTO, not for DPO)")
+        for example in examples[:args.n]:
+            _show_unpaired(example, tokenizer, args)
+        return 0
+    _show_header(args, report, "pairs", len(pairs), tokenizer)
+    for pair in pairs[:args.n]:
+        _show_pair(pair, tokenizer, args)
+    return 0
+
+
+def _show_header(args: argparse.Namespace, report, noun: str, count: int, tokenizer) -> None:
+    print(f"format: {report.format}; showing {min(args.n, count)} of {count} {noun}")
     for note in (report.detection, report.unused_line()):
         if note:
             print(f"({note})")
@@ -85,62 +96,53 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"({len(report.skipped)} records skipped as unreadable; `preftune data check` lists them)")
     if tokenizer is None:
         print("(the records as read; pass --model DIR to see them through its chat template, with token counts)")
-    for pair in pairs[:args.n]:
-        print(f"\n=== {pair.where}")
-        if tokenizer is None:
-            if pair.system:
-                print(f"--- system\n{pair.system}")
-            for name in ("prompt", "chosen", "rejected"):
-                print(f"--- {name}\n{_as_text(getattr(pair, name))}")
-            continue
-        tokens = tokenize_pair(tokenizer, pair, max_length=args.max_length,
-                               max_prompt_length=args.max_prompt_length, raw_text_prompts=args.raw_text_prompts)
-        if tokens is None:
-            print(f"(dropped: the prompt alone does not fit in --max-length {args.max_length})")
-            continue
-        for name, cut in zip(("prompt", "chosen", "rejected"), tokens.cut):
-            ids = getattr(tokens, f"{name}_ids")
-            limit = "--max-prompt-length" if name == "prompt" else "--max-length"
-            print(f"--- {name}: {len(ids)} tokens{f' (truncated to fit {limit})' if cut else ''}")
-            print(tokenizer.decode(ids, skip_special_tokens=False))
-    return 0
 
 
-def _show_unpaired(args: argparse.Namespace, tokenizer) -> int:
-    """`data show` for unpaired feedback (KTO data): each example's prompt and rated answer."""
-    from ..data.tokenize import tokenize_unpaired_all
+def _show_pair(pair, tokenizer, args: argparse.Namespace) -> None:
+    from ..data.tokenize import tokenize_pair
 
-    examples, report = read_unpaired_source(args.file, data_format=args.data_format, split=args.split,
-                                            skip_bad_records=True)
-    shown = examples[:args.n]
-    print(f"format: {report.format} (unpaired feedback, for KTO); showing {len(shown)} of {len(examples)} examples")
-    if report.unused_line():
-        print(f"({report.unused_line()})")
-    if report.skipped:
-        print(f"({len(report.skipped)} records skipped as unreadable; `preftune data check` lists them)")
+    print(f"\n=== {pair.where}")
     if tokenizer is None:
-        print("(the records as read; pass --model DIR to see them through its chat template, with token counts)")
-    # Each example alone (a chunk of one): its own answer stands in for the KL answer, which only training pairs.
-    tokens = tokenize_unpaired_all(tokenizer, shown, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                   raw_text_prompts=args.raw_text_prompts, kl_chunk=1)[0] if tokenizer else []
-    by_index = {t.index: t for t in tokens}
-    for i, example in enumerate(shown):
-        label = "desirable" if example.label else "undesirable"
-        print(f"\n=== {example.where} ({label})")
-        if tokenizer is None:
-            if example.system:
-                print(f"--- system\n{example.system}")
-            print(f"--- prompt\n{_as_text(example.prompt)}\n--- completion\n{_as_text(example.completion)}")
-            continue
-        tok = by_index.get(i)
-        if tok is None:
-            print(f"(dropped: the prompt alone does not fit in --max-length {args.max_length})")
-            continue
-        for name, ids, cut in (("prompt", tok.prompt_ids, tok.cut[0]), ("completion", tok.completion_ids, tok.cut[1])):
-            limit = "--max-prompt-length" if name == "prompt" else "--max-length"
-            print(f"--- {name}: {len(ids)} tokens{f' (truncated to fit {limit})' if cut else ''}")
-            print(tokenizer.decode(ids, skip_special_tokens=False))
-    return 0
+        if pair.system:
+            print(f"--- system\n{pair.system}")
+        for name in ("prompt", "chosen", "rejected"):
+            print(f"--- {name}\n{_as_text(getattr(pair, name))}")
+        return
+    tokens = tokenize_pair(tokenizer, pair, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                           raw_text_prompts=args.raw_text_prompts)
+    if tokens is None:
+        print(f"(dropped: the prompt alone does not fit in --max-length {args.max_length})")
+        return
+    for name, cut in zip(("prompt", "chosen", "rejected"), tokens.cut):
+        ids = getattr(tokens, f"{name}_ids")
+        limit = "--max-prompt-length" if name == "prompt" else "--max-length"
+        print(f"--- {name}: {len(ids)} tokens{f' (truncated to fit {limit})' if cut else ''}")
+        print(tokenizer.decode(ids, skip_special_tokens=False))
+
+
+def _show_unpaired(example, tokenizer, args: argparse.Namespace) -> None:
+    """One rated answer; with a tokenizer, its prompt and completion ids as a pair's would be (untruncated, with
+    a note where --max-length / --max-prompt-length would cut them)."""
+    from ..data.encode import encode_prompt_answer
+
+    rating = "desirable" if example.label else "undesirable"
+    print(f"\n=== {example.where}")
+    if tokenizer is None:
+        if example.system:
+            print(f"--- system\n{example.system}")
+        print(f"--- prompt\n{_as_text(example.prompt)}")
+        print(f"--- completion ({rating})\n{_as_text(example.completion)}")
+        return
+    prompt_ids, answer_ids = encode_prompt_answer(tokenizer, example.prompt, example.completion, example.system,
+                                                  example.where, example.tools)
+    long_prompt = args.max_prompt_length is not None and len(prompt_ids) > args.max_prompt_length
+    prompt_kept = min(len(prompt_ids), args.max_prompt_length) if long_prompt else len(prompt_ids)
+    print(f"--- prompt: {len(prompt_ids)} tokens{' (longer than --max-prompt-length)' if long_prompt else ''}")
+    print(tokenizer.decode(prompt_ids, skip_special_tokens=False))
+    long_answer = prompt_kept + len(answer_ids) > args.max_length
+    print(f"--- completion ({rating}): {len(answer_ids)} tokens"
+          f"{' (would be cut to fit --max-length)' if long_answer else ''}")
+    print(tokenizer.decode(answer_ids, skip_special_tokens=False))
 
 
 def _as_text(content) -> str:

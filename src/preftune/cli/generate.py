@@ -79,9 +79,11 @@ def _prompts(args: argparse.Namespace, tokenizer) -> list[tuple[str, list[int]]]
         return [(prompt, encode_prompt(tokenizer, content, where="--prompt"))]
     from ..data.load import load_pairs
 
+    from ..data.tokenize import prompt_ids_of
+
     pairs, _ = load_pairs(args.data, data_format=args.data_format, split=args.split)
     out = []
     for pair in pairs[: args.n]:
         shown = pair.prompt if isinstance(pair.prompt, str) else pair.prompt[-1]["content"]
-        out.append((shown, encode_prompt(tokenizer, pair.prompt, pair.system, pair.where)))
+        out.append((shown, prompt_ids_of(tokenizer, pair)))
     return out

@@ -110,7 +110,10 @@ def encode_prompt(tokenizer, prompt: Content, system: str | None = None, where: 
     """Prompt ids exactly as training sees them (chat prompts end with the generation prompt)."""
     if isinstance(prompt, list):
         render = _renderer(tokenizer, system, tools, prompt, where)
-        return _prompt_ids(tokenizer, render(prompt, True), render(prompt, True))
+        text = render(prompt, True)
+        if _uses_tools(prompt, tools) and has_template(tokenizer):
+            _check_tools_rendered(text, prompt, tools, where)
+        return _prompt_ids(tokenizer, text, text)
     return tokenizer(f"{system}\n\n{prompt}" if system else prompt)["input_ids"]
 
 
@@ -193,6 +196,10 @@ def encode_masked(tokenizer, prompt: Content | None, answer: Content, system: st
     if prompt is None:
         ids = tokenizer(answer)["input_ids"] + ([eos] if eos is not None else [])
         return ids[:1], ids[1:], None
-    prompt_ids = encode_prompt(tokenizer, prompt, system, where)
-    answer_ids = _plain_ids(tokenizer, answer) + ([eos] if eos is not None else [])
-    return prompt_ids, answer_ids, None
+    return encode_prompt(tokenizer, prompt, system, where), text_answer_ids(tokenizer, answer), None
+
+
+def text_answer_ids(tokenizer, answer: str) -> list[int]:
+    """A text answer's ids: the text without special tokens, then EOS."""
+    eos = tokenizer.eos_token_id
+    return _plain_ids(tokenizer, answer) + ([eos] if eos is not None else [])

@@ -16,9 +16,10 @@ from .detect import FORMAT_KEYS, FORMAT_NAMES
 from .fields import FIELD_LAYOUTS
 from .records import Messages, PreferencePair, SFTExample
 from .rows import Row
-from .turns import sharegpt_messages
+from .turns import history_turns, sharegpt_messages, user_turn
 
-SFT_KEYS = "messages (message list), prompt + completion (strings or message lists), conversations, or text"
+SFT_KEYS = ("messages (message list), prompt + completion (strings or message lists), conversations, "
+            "instruction + output (alpaca: optional input, system, history), or text")
 # Keys that hold (part of) a prompt in some layout: a pair with an empty prompt beside one of them lost it.
 PROMPT_KEYS = ("prompt", "instruction", "input", "question", "query", "conversations", "messages", "history",
                "context")
@@ -76,7 +77,8 @@ def _require_prompt(row: Row, prompt: Any) -> None:
 
 
 def to_sft(value: Any, where: str) -> SFTExample:
-    """Normalise one SFT record: `messages`, `prompt`/`completion`, `conversations` (ShareGPT) or `text`."""
+    """Normalise one SFT record: `messages`, `prompt`/`completion`, `conversations` (ShareGPT), alpaca
+    `instruction`/`input`/`output` or `text`."""
     return read_sft(value, where)[0]
 
 
@@ -104,6 +106,15 @@ def read_sft(value: Any, where: str) -> tuple[SFTExample, list[str]]:
             example = SFTExample(row.messages("completion"), prompt or None, system, where)
         else:
             example = SFTExample(row.text("completion"), row.optional_text("prompt"), None, where)
+    elif row.has("instruction") and row.has("output"):
+        # Alpaca (LLaMA-Factory's rule, as for preference records): history, then instruction + input as the
+        # user turn, then the output: the conversation a `messages` record would hold, trained the same way
+        # (every assistant turn, the history's too). A `text` column beside them (the original Alpaca release
+        # pre-renders the prompt into it) is reported unused, not trained on twice.
+        turns = history_turns(row) + [user_turn(row, "instruction", "input"),
+                                      {"role": "assistant", "content": row.text("output")}]
+        example = _sft_from_messages(row, turns, row.optional_text("system"))
+        example.text_fields = True
     elif row.has("text"):
         example = SFTExample(row.text("text"), None, None, where)
     else:

@@ -39,13 +39,15 @@ class PreferencePair:
 
 @dataclass
 class SFTExample:
-    """One SFT record: a completion after an optional prompt. With no prompt, every token is trained on."""
+    """One SFT record: a completion after an optional prompt. With no prompt, every token is trained on.
+    `text_fields` marks turns that the source wrote as text fields (alpaca), as for `PreferencePair`."""
 
     completion: Content
     prompt: Content | None = None
     system: str | None = None
     where: str = ""
     tools: list[dict] | None = None
+    text_fields: bool = False
 
     @property
     def is_chat(self) -> bool:

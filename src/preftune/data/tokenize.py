@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .encode import encode_masked, encode_prompt_answer, has_template, transcript
+from .encode import (encode_masked, encode_prompt, encode_prompt_answer, has_template, text_answer_ids,
+                     transcript)
 from .records import PreferencePair, SFTExample, UnpairedExample
 
 
@@ -74,6 +75,14 @@ def _fit(prompt: list[int], answers: Sequence[list[int]], max_length: int, max_p
     return prompt, [answer[:room] for answer in answers], flags
 
 
+def prompt_ids_of(tokenizer, pair: PreferencePair, *, raw_text_prompts: bool = False) -> list[int]:
+    """The prompt ids of a pair exactly as training sees them (before truncation): system, tools and text fields
+    treated as `tokenize_pair` treats them. For generating answers to the prompts of a data file."""
+    if pair.text_fields and (raw_text_prompts or not has_template(tokenizer)):
+        pair = text_form(pair)
+    return encode_prompt(tokenizer, pair.prompt, pair.system, pair.where, pair.tools)
+
+
 def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_prompt_length: int | None = None,
                   index: int = 0, raw_text_prompts: bool = False) -> TokenizedPair | None:
     """Token ids of one preference pair, or None when its prompt alone does not fit in `max_length`.
@@ -82,9 +91,15 @@ def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_promp
     and are written back as text with `raw_text_prompts` or without a template."""
     if pair.text_fields and (raw_text_prompts or not has_template(tokenizer)):
         pair = text_form(pair)
-    prompt_ids, chosen = encode_prompt_answer(tokenizer, pair.prompt, pair.chosen, pair.system, pair.where,
-                                              pair.tools)
-    _, rejected = encode_prompt_answer(tokenizer, pair.prompt, pair.rejected, pair.system, pair.where, pair.tools)
+    if isinstance(pair.prompt, str) and isinstance(pair.chosen, str) and isinstance(pair.rejected, str):
+        # Text: the prompt's ids do not depend on the answer, so it is encoded once for both.
+        prompt_ids = encode_prompt(tokenizer, pair.prompt, pair.system, pair.where)
+        chosen, rejected = text_answer_ids(tokenizer, pair.chosen), text_answer_ids(tokenizer, pair.rejected)
+    else:
+        prompt_ids, chosen = encode_prompt_answer(tokenizer, pair.prompt, pair.chosen, pair.system, pair.where,
+                                                  pair.tools)
+        _, rejected = encode_prompt_answer(tokenizer, pair.prompt, pair.rejected, pair.system, pair.where,
+                                           pair.tools)
     fitted = _fit(prompt_ids, (chosen, rejected), max_length, max_prompt_length)
     if fitted is None:
         return None
@@ -93,9 +108,18 @@ def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_promp
 
 
 def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_prompt_length: int | None = None,
-                     index: int = 0, last_turn_only: bool = False) -> TokenizedExample | None:
+                     index: int = 0, last_turn_only: bool = False,
+                     raw_text_prompts: bool = False) -> TokenizedExample | None:
     """Token ids of one SFT example. A conversation trains on every assistant turn after the prompt; with
-    `last_turn_only`, on the last one alone (the turns before it become the prompt)."""
+    `last_turn_only`, on the last one alone (the turns before it become the prompt). A one-turn answer whose
+    turns came from text fields (alpaca) is written back as text as `tokenize_pair` does it; with history, the
+    turns go through the template, or the Human/Assistant transcript without one."""
+    single_turn = isinstance(example.completion, list) and len(example.completion) == 1
+    if example.text_fields and single_turn and (raw_text_prompts or not has_template(tokenizer)):
+        # The pair's text form, with the output as both answers: one rule for preference and SFT records.
+        as_pair = text_form(PreferencePair(example.prompt, example.completion, example.completion, example.system,
+                                           example.where))
+        example = SFTExample(as_pair.chosen, as_pair.prompt, as_pair.system, example.where)
     prompt, completion = example.prompt, example.completion
     if last_turn_only and isinstance(completion, list):
         prompt, completion = list(prompt or []) + completion[:-1], completion[-1:]
@@ -159,16 +183,25 @@ class TokenizeStats:
 def tokenize_all(tokenizer, items: Sequence, *, max_length: int, max_prompt_length: int | None = None,
                  raw_text_prompts: bool = False, last_turn_only: bool = False, kl_chunk: int = 8):
     """Tokenise pairs, SFT examples or KTO examples (`kl_chunk`: see `tokenize_unpaired_all`); returns
-    (tokenized, stats). Indexes are positions in `items`."""
+    (tokenized, stats). Indexes are positions in `items`. parallel.py does the same for pairs and SFT examples in
+    worker processes, token_cache.py keeps the result on disk."""
     if items and isinstance(items[0], UnpairedExample):
         return tokenize_unpaired_all(tokenizer, items, max_length=max_length, max_prompt_length=max_prompt_length,
                                      raw_text_prompts=raw_text_prompts, kl_chunk=kl_chunk)
+    return tokenize_range(tokenizer, items, 0, max_length=max_length, max_prompt_length=max_prompt_length,
+                          raw_text_prompts=raw_text_prompts, last_turn_only=last_turn_only)
+
+
+def tokenize_range(tokenizer, items: Sequence, start: int, *, max_length: int, max_prompt_length: int | None,
+                   raw_text_prompts: bool, last_turn_only: bool):
+    """`tokenize_all` of pairs or SFT examples, serially over `items`, whose first one is at dataset position
+    `start`."""
     if items and isinstance(items[0], PreferencePair):
         fn, options = tokenize_pair, {"raw_text_prompts": raw_text_prompts}
     else:
-        fn, options = tokenize_example, {"last_turn_only": last_turn_only}
+        fn, options = tokenize_example, {"last_turn_only": last_turn_only, "raw_text_prompts": raw_text_prompts}
     out, stats = [], TokenizeStats(total=len(items))
-    for i, item in enumerate(items):
+    for i, item in enumerate(items, start=start):
         tok = fn(tokenizer, item, max_length=max_length, max_prompt_length=max_prompt_length, index=i, **options)
         if tok is None:
             stats.dropped += 1

@@ -52,7 +52,8 @@ WEIGHTS, OPTIMIZER, STATE, CONFIG = "weights.safetensors", "optimizer.pt", "trai
 _NAME = re.compile(r"^step-(\d{8,})$")
 # Settings that may change between a run and its resumption without changing what it computes.
 MAY_CHANGE_ON_RESUME = {"output_dir", "resume", "overwrite", "save_every", "keep_checkpoints", "quiet", "log_every",
-                        "report_to", "skip_nonfinite", "eval_every", "device", "ref_cache_dir"}
+                        "report_to", "skip_nonfinite", "eval_every", "device", "ref_cache_dir",
+                        "tokenize_procs", "token_cache", "token_cache_dir"}
 
 
 class CheckpointError(PreftuneError):

@@ -11,6 +11,7 @@ import torch
 from ..config import TrainConfig
 from ..data.load import UnpairedData, load_pairs, load_sft, load_unpaired, split_eval
 from ..data.records import LoadReport
+from ..data.token_cache import default_cache_dir as default_token_cache_dir, tokenize_cached
 from ..data.tokenize import TokenizeStats, tokenize_all
 from ..dist.env import DistEnv
 from ..dist.logp_module import AnswerLogpModule, RewardModule, sharded_logps_module
@@ -78,6 +79,32 @@ def margins_of(records) -> torch.Tensor | None:
     return torch.tensor([r.margin or 0.0 for r in records], dtype=torch.float32)
 
 
+def _tokenize(cfg: TrainConfig, tokenizer, records: list, source, part: str, env: DistEnv):
+    """(items, stats) of `records`, tokenised in parallel and cached on disk as the config says (token_cache.py).
+    `part` names which records of `source` these are: "all", or "train" / "eval" of --eval-split."""
+    from ..dist.env import barrier
+
+    settings = {"stage": cfg.stage, "data_format": cfg.data_format, "split": cfg.split, "part": part,
+                "skip_bad_records": cfg.skip_bad_records, "min_score_gap": cfg.min_score_gap}
+    if part != "all":
+        settings.update(eval_split=cfg.eval_split, seed=cfg.seed)
+    options = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+               "raw_text_prompts": cfg.raw_text_prompts, "last_turn_only": cfg.sft_last_turn_only}
+    if cfg.stage == "kto":
+        # Serial and not cached: each example's mismatched answer is drawn from its global batch, so a run on N
+        # processes equals one process with N times the batch (TRL pairs within each device's batch).
+        return tokenize_all(tokenizer, records, **options, kl_chunk=cfg.batch_size * env.world_size)
+    cache_dir = None
+    if cfg.token_cache:
+        cache_dir = Path(cfg.token_cache_dir).expanduser() if cfg.token_cache_dir else default_token_cache_dir()
+    items, stats, message = tokenize_cached(tokenizer, records, source=source, settings=settings, options=options,
+                                            procs=cfg.tokenize_procs, cache_dir=cache_dir, is_main=env.is_main,
+                                            barrier=lambda: barrier(env))
+    if message and env.is_main and not cfg.quiet:
+        print(message, flush=True)
+    return items, stats
+
+
 def uses_reference(cfg: TrainConfig) -> bool:
     return cfg.stage == "kto" or (cfg.stage == "dpo" and needs_reference(cfg.loss))
 
@@ -95,7 +122,8 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     else:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
                                    flag="--tokenizer" if cfg.tokenizer else "--model")
-    records, report = load_records(cfg, cfg.data if inputs.data is None else inputs.data)
+    source = cfg.data if inputs.data is None else inputs.data
+    records, report = load_records(cfg, source)
     for note in (report.detection, report.unused_line()):
         if note and env.is_main:
             log.warning(note)
@@ -103,17 +131,19 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
         log.warning(f"{cfg.data}: the records' margin column is read by reward models (preftune rm) only; "
                     "DPO ignores it")
     eval_records: list = []
+    eval_source, parts = None, ("all", "")
     if cfg.eval_data or inputs.eval_data is not None:
-        eval_records, _ = load_records(cfg, cfg.eval_data if inputs.eval_data is None else inputs.eval_data)
+        eval_source = cfg.eval_data if inputs.eval_data is None else inputs.eval_data
+        eval_records, eval_report = load_records(cfg, eval_source)
+        for note in (eval_report.detection, eval_report.unused_line()):
+            if note and env.is_main:
+                log.warning(note)
     elif cfg.eval_split:
         records, eval_records = split_eval(records, cfg.eval_split, cfg.seed)
-    options = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-               "raw_text_prompts": cfg.raw_text_prompts, "last_turn_only": cfg.sft_last_turn_only,
-               # KTO's mismatched answers come from the same global batch, so a run on N processes equals one
-               # process with N times the batch (TRL pairs within each device's batch; on one process they agree).
-               "kl_chunk": cfg.batch_size * env.world_size}
-    train_items, stats = tokenize_all(tokenizer, records, **options)
-    eval_items, eval_stats = tokenize_all(tokenizer, eval_records, **options) if eval_records else ([], None)
+        eval_source, parts = source, ("train", "eval")
+    train_items, stats = _tokenize(cfg, tokenizer, records, source, parts[0], env)
+    eval_items, eval_stats = (_tokenize(cfg, tokenizer, eval_records, eval_source, parts[1], env) if eval_records
+                              else ([], None))
     if cfg.stage == "kto" and env.is_main:
         n_good = sum(it.label for it in train_items)
         advice = imbalance_advice(n_good, len(train_items) - n_good, cfg.desirable_weight, cfg.undesirable_weight)
