@@ -32,3 +32,17 @@ def with_router_loss(c: Contribution, policy: AnswerLogps, coef: float, units: f
     aux = policy.aux_loss * units
     sums = {**c.sums, "loss": c.sums["loss"] + coef * aux.detach(), "aux_loss": aux.detach()}
     return Contribution(c.loss_sum + coef * aux, sums)
+
+
+class StatelessObjective:
+    """The parts every objective without state between steps shares: metrics are sums over the step's units, and
+    a checkpoint holds nothing of the objective."""
+
+    def finish(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        return {k: v / count for k, v in sums.items()}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -9,10 +9,10 @@ from ..data.batching import PromptAnswerBatch
 from ..dist.env import DistEnv, all_reduce_sum
 from ..kto_loss import kl_estimate, kto_loss
 from ..logps.layouts import AnswerLogps
-from .contribution import Contribution, with_router_loss
+from .contribution import Contribution, StatelessObjective, with_router_loss
 
 
-class KTOObjective:
+class KTOObjective(StatelessObjective):
     """The KTO loss (kto_loss.py) over unpaired examples. A batch holds k=2 answers a prompt: the rated answer,
     then the mismatched answer whose log-ratio estimates the KL term; `batch.labels` says which are desirable.
 
@@ -84,9 +84,3 @@ class KTOObjective:
             for k, v in part.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return self.finish(sums, float(len(items)))
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

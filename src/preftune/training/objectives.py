@@ -15,12 +15,12 @@ from ..data.batching import PromptAnswerBatch
 from ..dist.env import DistEnv, all_reduce_sum
 from ..logps.layouts import AnswerLogps
 from ..losses import parse_loss_spec, preference_loss
-from .contribution import Contribution, with_router_loss
+from .contribution import Contribution, StatelessObjective, with_router_loss
 from .kto_objective import KTOObjective
 from .reward_objective import RewardObjective
 
 
-class SFTObjective:
+class SFTObjective(StatelessObjective):
     """Mean negative log-likelihood per answer token."""
 
     # The metrics key of throughput: examples (batch rows) per second. The loss itself is per token (`units`).
@@ -37,15 +37,6 @@ class SFTObjective:
         loss = -policy.logps.sum()
         return with_router_loss(Contribution(loss, {"loss": loss.detach()}), policy, self.router_aux_coef,
                                 self.units(batch))
-
-    def finish(self, sums: dict[str, float], count: float) -> dict[str, float]:
-        return {k: v / count for k, v in sums.items()}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class PreferenceObjective:

@@ -7,7 +7,7 @@ import torch
 from ..config import TrainConfig
 from ..data.batching import PromptAnswerBatch
 from ..reward import rewards_table
-from .contribution import Contribution
+from .contribution import Contribution, StatelessObjective
 
 
 def reward_model_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -25,7 +25,7 @@ def reward_model_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: to
     return losses
 
 
-class RewardObjective:
+class RewardObjective(StatelessObjective):
     """A reward model on pairs (Bradley-Terry): the loss of `reward_model_losses`, per pair.
 
     `margins`, `eval_margins`: [N] the margins of the training and held-out records by dataset position (None
@@ -57,15 +57,6 @@ class RewardObjective:
         losses = reward_model_losses(table[:, 0], table[:, 1], margin, self.center)
         sums = _reward_sums(losses, table[:, 0], table[:, 1])
         return {k: float(v) / len(items) for k, v in sums.items()}
-
-    def finish(self, sums: dict[str, float], count: float) -> dict[str, float]:
-        return {k: v / count for k, v in sums.items()}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def _reward_sums(losses, chosen, rejected) -> dict[str, torch.Tensor]:
