@@ -156,6 +156,21 @@ def test_fused_projection_equals_autograd_log_softmax():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_in_place_logsumexp_gives_torchs_bits_and_infinite_rows():
+    from preftune.logps.projection import _logsumexp_
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 1000) * 30
+    logits[1] = float("-inf")                # no finite logit: -inf, as torch gives
+    logits[2, 7] = float("inf")              # an infinite logit: +inf
+    logits[3, :500] = float("-inf")          # some masked out
+    expected = torch.logsumexp(logits, dim=-1)
+    got = _logsumexp_(logits.clone())
+    assert torch.equal(got[[0, 3, 4, 5]], expected[[0, 3, 4, 5]])  # the same bits, not just close
+    assert got[1] == float("-inf") and got[2] == float("inf")
+    assert torch.equal(expected[1:3], got[1:3])
+
+
 def test_left_padding_tokenizer_changes_nothing():
     tok = make_tokenizer()
     records = [PreferencePair("the capital of france is", " paris .", " rome", None, "r1"),

@@ -38,13 +38,17 @@ def _run_grouped(model, batch: PromptAnswerBatch, groups: list[list[int]], layou
     """Run `layout` on each group's sub-batch, then project all answer predictors together, in chunks.
 
     `layout(model, sub, prompt_embeds, answer_embeds, router)` returns (predictor hidden states [T, H], target ids [T],
-    answer row in `sub` [T]). The token embeddings are looked up once for the whole batch: the backward of an
-    embedding builds a dense [vocab, hidden] gradient per call, which would otherwise be paid once per group.
+    answer row in `sub` [T]). The token embeddings of prompts and answers are looked up in one call for the whole
+    batch: the backward of an embedding builds a dense [vocab, hidden] gradient per call (zero-filled, then added
+    to the others), which would otherwise be paid once per group, or twice per batch.
     `router`, when given, collects the router logits of every body call.
     """
     dev, k = batch.answer_ids.device, batch.k
     embed = unwrap(model).get_input_embeddings()
-    prompt_embeds, answer_embeds = embed(batch.prompt_ids), embed(batch.answer_ids)
+    n_prompt = batch.prompt_ids.numel()
+    embeds = embed(torch.cat([batch.prompt_ids.reshape(-1), batch.answer_ids.reshape(-1)]))
+    prompt_embeds = embeds[:n_prompt].view(*batch.prompt_ids.shape, -1)
+    answer_embeds = embeds[n_prompt:].view(*batch.answer_ids.shape, -1)
     hidden, targets, rows = [], [], []
     for group in groups:
         if len(groups) == 1:

@@ -17,6 +17,15 @@ def _token_logps(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> tor
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """`torch.logsumexp(logits, -1)` with the same operations in the same order (so the same bits), but computed
+    in `logits`' own memory, which it overwrites: on a CPU the [chunk, vocab] temporary of `logits - max` was a
+    tenth of a DPO step (a fresh allocation of that size is page-faulted in each time)."""
+    m = logits.amax(-1, keepdim=True)
+    m.masked_fill_(m.abs() == float("inf"), 0)  # as torch does: an all -inf row gives -inf, not nan
+    return logits.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+
+
 class _LinearTokenLogps(torch.autograd.Function):
     """log softmax(hidden @ weight.T)[target] per row, `chunk` rows at a time, for a plain bias-free projection.
 
@@ -32,8 +41,9 @@ class _LinearTokenLogps(torch.autograd.Function):
         lse = torch.empty_like(out)
         for s in range(0, hidden.shape[0], chunk):
             logits = (hidden[s:s + chunk] @ weight.t()).float()
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            out[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+            picked = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1)
+            lse[s:s + chunk] = _logsumexp_(logits)
+            out[s:s + chunk] = picked - lse[s:s + chunk]
         return out, lse
 
     @staticmethod
@@ -57,7 +67,7 @@ class _LinearTokenLogps(torch.autograd.Function):
     def _backward(ctx, grad, hidden, weight, targets, lse, amp):
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_w = None  # the first chunk's product, then accumulated into: no zero-filled [vocab, hidden] pass
         for s in range(0, hidden.shape[0], ctx.chunk):
             h, g = hidden[s:s + ctx.chunk], grad[s:s + ctx.chunk].float()
             logits = (h @ weight.t()).float()
@@ -69,13 +79,14 @@ class _LinearTokenLogps(torch.autograd.Function):
                 if need_h:
                     grad_h[s:s + ctx.chunk] = dlogits @ weight
                 if need_w:
-                    grad_w += dlogits.t() @ h
+                    part = (dlogits.t() @ h).to(weight.dtype)
+                    grad_w = part if grad_w is None else grad_w.add_(part)
                 continue
             dlogits = dlogits.to(weight.dtype)
             if need_h:
                 torch.mm(dlogits, weight, out=grad_h[s:s + ctx.chunk])
             if need_w:
-                grad_w.addmm_(dlogits.t(), h)
+                grad_w = dlogits.t() @ h if grad_w is None else grad_w.addmm_(dlogits.t(), h)
         return grad_h, grad_w, None, None
 
 
