@@ -143,8 +143,8 @@ def main() -> None:
     trl = rows[1][1]
     lines = [f"Measured {started} on {os.cpu_count()} cores ({platform.machine()}), {args.threads} threads; "
              f"{args.steps} steps per run, batch {args.bs} examples, max_length {args.max_length}, fp32. "
-             f"1-minute load average {load_before:.1f} before and {load_after:.1f} after (other jobs share the "
-             "cores).", "",
+             f"1-minute load average {load_before:.1f} before and {load_after:.1f} after (the runs' own {args.threads} "
+             "threads count toward it).", "",
              "| run | examples/s | median examples/s | peak RSS MB | first loss | first KL | speed vs TRL | RSS vs TRL |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in rows:
