@@ -134,3 +134,19 @@ def test_reward_model_judge_scores_prompt_plus_answer_as_a_plain_forward(tmp_pat
     assert judge(chat, [" paris"]) == pytest.approx([expected], abs=1e-5)
     with pytest.raises(ConfigError, match="not a model folder"):
         make_judge(f"reward-model:{tmp_path / 'missing'}")
+
+
+def test_empty_answers_to_text_prompts_are_judged_but_never_paired():
+    # The policy may end at once: an empty text answer is no DPO answer (the data reader refuses it), so the pair
+    # is built from the non-empty answers; a chat answer of empty content stays a candidate (one end-of-turn).
+    prompts = [{"prompt": "p0", "system": None}, {"prompt": "p1", "system": None},
+               {"prompt": [{"role": "user", "content": "p2"}], "system": None}]
+    answers = [["", "a", " ", "b"], ["", "c", "  "], ["", "d"]]
+    scores = [[-5.0, 1.0, 9.0, 2.0],  # the empty answers score lowest and highest; the pair is b over a
+              [0.0, 1.0, 2.0],        # one usable answer: no pair
+              [0.0, 1.0]]             # chat: the empty turn is the rejected answer
+    made = best_vs_worst(prompts, answers, scores)
+    assert [(p["prompt_index"], p["chosen"], p["rejected"]) for p in made.pairs] == [
+        (0, "b", "a"), (2, [{"role": "assistant", "content": "d"}], [{"role": "assistant", "content": ""}])]
+    assert made.empty_answers == 4 and made.short_groups == 1 and made.tied_groups == 0
+    assert made.score_mean == pytest.approx(sum(sum(s) for s in scores) / 9)

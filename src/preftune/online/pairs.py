@@ -1,5 +1,6 @@
 """Pairs from judged groups: each prompt's best answer against its worst; a group whose scores are all equal
-gives no pair and is counted."""
+gives no pair and is counted. An empty answer to a text prompt (the policy ended at once) cannot be trained on,
+so it is judged and counted but never paired."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ class RoundPairs:
     tied_groups: int         # prompts skipped: best and worst scored the same (all answers equal)
     score_mean: float        # over every sample of every prompt
     score_std: float         # population standard deviation of the same
+    empty_answers: int = 0   # empty answers to text prompts: judged, never paired
+    short_groups: int = 0    # prompts skipped: fewer than two answers that could be paired
 
     @property
     def pair_share(self) -> float:
@@ -26,10 +29,15 @@ def best_vs_worst(prompts: list[dict], answers: list[list[str]], scores: list[li
     """One pair per prompt whose answers do not all score the same: the first highest-scoring answer chosen, the
     first lowest-scoring one rejected. `prompts[i]` is a prompt record ({prompt, system?}); `answers[i]` and
     `scores[i]` its samples and their scores."""
-    pairs, tied = [], 0
+    pairs, tied, empty, short = [], 0, 0, 0
     for i, (record, group, group_scores) in enumerate(zip(prompts, answers, scores)):
-        hi = max(range(len(group)), key=lambda j: (group_scores[j], -j))
-        lo = min(range(len(group)), key=lambda j: (group_scores[j], j))
+        usable = [j for j in range(len(group)) if isinstance(record["prompt"], list) or group[j].strip()]
+        empty += len(group) - len(usable)
+        if len(usable) < 2:
+            short += 1
+            continue
+        hi = max(usable, key=lambda j: (group_scores[j], -j))
+        lo = min(usable, key=lambda j: (group_scores[j], j))
         if group_scores[hi] == group_scores[lo]:
             tied += 1
             continue
@@ -42,7 +50,7 @@ def best_vs_worst(prompts: list[dict], answers: list[list[str]], scores: list[li
     flat = [s for group_scores in scores for s in group_scores]
     mean = statistics.fmean(flat) if flat else 0.0
     std = statistics.pstdev(flat) if flat else 0.0
-    return RoundPairs(pairs, len(prompts), tied, mean, std)
+    return RoundPairs(pairs, len(prompts), tied, mean, std, empty, short)
 
 
 def training_record(pair: dict) -> dict:

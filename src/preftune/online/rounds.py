@@ -145,7 +145,8 @@ def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callback
             policy = result.model
             row = {"round": r, "step": r * cfg.steps_per_round, "score_mean": made.score_mean,
                    "score_std": made.score_std, "pair_share": made.pair_share, "pairs": len(made.pairs),
-                   "tied_groups": made.tied_groups,
+                   "tied_groups": made.tied_groups, "empty_answers": made.empty_answers,
+                   "short_groups": made.short_groups,
                    **{f"train_{k}": v for k, v in result.metrics.items()
                       if k in ("loss", "reward_accuracy", "reward_margin")}}
             if held_out:
@@ -191,7 +192,8 @@ def _train_round(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, start:
     batch = cfg.train_config(output_dir="", model=cfg.model).batch_size
     if len(made.pairs) < batch:
         raise PreftuneError(f"round {r}: {len(made.pairs)} of {made.groups} prompts gave a pair ({made.tied_groups} "
-                            f"had answers the judge scored all the same), fewer than one batch of {batch}; add "
+                            f"had answers the judge scored all the same, {made.short_groups} fewer than two non-empty "
+                            f"answers), fewer than one batch of {batch}; add "
                             f"prompts, raise --samples or --temperature, lower --batch-size, or check the judge")
     train_dir = round_dir(out, r) / TRAIN
     ref = cfg.model if cfg.ref_update == "none" else start
