@@ -69,14 +69,15 @@ def _pair_report(table: torch.Tensor, items, records, common: dict) -> ScoreRepo
     chosen, rejected = table[:, 0], table[:, 1]
     diff = chosen - rejected
     rows = []
-    for i, item in enumerate(items):
+    # One read of the device tensors, not three per row.
+    for item, c, r, d in zip(items, chosen.tolist(), rejected.tolist(), diff.tolist()):
         record = records[item.index]
-        row = {"index": item.index, "where": record.where, "chosen_reward": float(chosen[i]),
-               "rejected_reward": float(rejected[i]), "reward_margin": float(diff[i]), "agrees": bool(diff[i] > 0)}
+        row = {"index": item.index, "where": record.where, "chosen_reward": c, "rejected_reward": r,
+               "reward_margin": d, "agrees": d > 0}
         if record.margin is not None:
             row["margin"] = record.margin
         rows.append(row)
-    summary = {"pairs": len(items), "agreement": float((diff > 0).float().mean()), "mean_margin": float(diff.mean()),
+    summary = {"pairs": len(items), "agreement": sum(row["agrees"] for row in rows) / len(rows) if rows else 0.0, "mean_margin": float(diff.mean()),
                "chosen_reward": float(chosen.mean()), "rejected_reward": float(rejected.mean()), **common}
     return ScoreReport(summary, rows)
 
@@ -84,8 +85,8 @@ def _pair_report(table: torch.Tensor, items, records, common: dict) -> ScoreRepo
 def _answer_report(table: torch.Tensor, items, records, labels: list, common: dict) -> ScoreReport:
     rewards = table[:, 0]
     rows = []
-    for i, item in enumerate(items):
-        row = {"index": item.index, "where": records[item.index].where, "reward": float(rewards[i])}
+    for item, reward in zip(items, rewards.tolist()):
+        row = {"index": item.index, "where": records[item.index].where, "reward": reward}
         if labels[item.index] is not None:
             row["label"] = labels[item.index]
         rows.append(row)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """--model (required) and --ref-model, and how to load them: --device, --dtype, --trust-remote-code."""
-    parser.add_argument("--model", required=True, help="Model folder or Hub id.")
-    parser.add_argument("--ref-model", help="Reference model (folder or Hub id), compared with --model.")
+def add_model_flags(parser: argparse.ArgumentParser, *, reference: bool = True,
+                    model_help: str = "Model folder or Hub id.") -> None:
+    """--model (required) and, with `reference`, --ref-model, and how to load them: --device, --dtype,
+    --trust-remote-code."""
+    parser.add_argument("--model", required=True, help=model_help)
+    if reference:
+        parser.add_argument("--ref-model", help="Reference model (folder or Hub id), compared with --model.")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps "
                                                          "(default: %(default)s).")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bfloat16 on GPUs that "

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..io import write_jsonl
-from .flags import add_data_flags
+from .flags import add_data_flags, add_model_flags
 
 
 def register(subparsers) -> None:
@@ -15,12 +15,7 @@ def register(subparsers) -> None:
                               description="The reward of every answer in --data under the reward model --model "
                                           "(a `preftune rm` run folder). For pairs, whether the reward model "
                                           "agrees with the label; the summary goes to stdout as JSON.")
-    p.add_argument("--model", required=True, help="Reward model folder or Hub id (a scalar score head).")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps "
-                                                    "(default: %(default)s).")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: %(default)s).")
-    p.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the folder or Hub to "
-                                                                    "run.")
+    add_model_flags(p, reference=False, model_help="Reward model folder or Hub id (a scalar score head).")
     add_data_flags(p, required=True, help="Preference pairs, or single answers (prompt/completion, with or "
                                            "without a label).")
     p.add_argument("--output", metavar="FILE.jsonl", help="Write one row per pair (or answer) with its rewards.")
