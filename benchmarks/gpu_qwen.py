@@ -56,6 +56,9 @@ RUNS = {  # id: (row label, tool, flags)
     "pt-padded": ("preftune defaults, one padded batch (neither)", "preftune", ["--no-prefix-sharing", "--no-trim-padding"]),
     "pt-precompute": ("preftune defaults, --precompute-ref", "preftune", ["--precompute-ref"]),
     "pt-compile": ("preftune defaults, --compile", "preftune", ["--compile"]),
+    "pt-compile-padded": ("preftune defaults, --compile, one padded batch", "preftune",
+                          ["--compile", "--no-trim-padding"]),
+    "pt-bf16-compile": ("preftune pure bf16, --compile", "preftune", ["--dtype", "bfloat16", "--compile"]),
     # Probes: settings tried on the GPU before they became (or did not become) defaults.
     "pt-padded-nocudnn": ("preftune one padded batch, cuDNN attention off", "preftune",
                           ["--no-prefix-sharing", "--no-trim-padding", "probe:no-cudnn-sdp"]),
@@ -301,7 +304,7 @@ WORKERS = {"preftune": worker_preftune, "trl": worker_trl, "profile": worker_pro
 
 
 # ------------------------------------------------------------------------------------------- driver
-def _spawn(args, mode: str, model: Path, max_length: int, flags: list[str]) -> dict:
+def _spawn(args, mode: str, model: Path, max_length: int, flags: list[str], tag: str = "") -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--fixture", str(args.fixture), "--model", str(model),
            "--steps", str(args.steps), "--bs", str(args.bs), "--max-length", str(max_length),
            "--device", args.device, "--out-dir", str(args.out_dir), *(["--smoke"] if args.smoke else [])]
@@ -311,6 +314,8 @@ def _spawn(args, mode: str, model: Path, max_length: int, flags: list[str]) -> d
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout)
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"timed out after {args.run_timeout} s\n{(e.stderr or b'')[-2000:]!r}")
+    if tag and out.stderr.strip():  # warnings, recompilations (TORCH_LOGS): kept beside the results
+        (args.out_dir / f"stderr-{tag}.txt").write_text(out.stderr[-20000:])
     found = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if out.returncode or not found:
         raise RuntimeError(f"exit {out.returncode}\n{out.stdout[-1500:]}\n{out.stderr[-3000:]}")
@@ -388,7 +393,7 @@ def main() -> None:
             print(f"{name}: skipped (liger-kernel is not installed)", flush=True)
             continue
         try:
-            r = _spawn(args, tool, model, length, flags)
+            r = _spawn(args, tool, model, length, flags, tag=f"{run_id}-{length}")
         except RuntimeError as e:
             print(f"{name} @ {length}: failed: {e}", flush=True)
             record(name, length, {"error": str(e)[-1500:]})

@@ -44,3 +44,19 @@ def test_the_run_log_says_which_layout_the_model_takes(tmp_path, capsys):
     first_step(tmp_path, model, quiet=False)
     assert "layout: MistralForCausalLM: prefix-shared; sliding window 16: pairs whose prompt + answer fit it" \
         in capsys.readouterr().out
+
+
+def test_compile_compiles_both_decoders_and_takes_the_plain_layout(tmp_path, monkeypatch, capsys):
+    from preftune.logps import answer
+    from preftune.training import setup
+
+    compiled, layouts = [], []
+    monkeypatch.setattr(setup, "_compile_body", lambda model: compiled.append(model))  # compiling takes minutes
+    plain = answer.plain_logps
+    monkeypatch.setattr(answer, "shared_prefix_logps", lambda *a, **k: layouts.append("shared"))
+    monkeypatch.setattr(answer, "plain_logps", lambda *a, **k: layouts.append("plain") or plain(*a, **k))
+    model = model_dir(tmp_path, "mistral")
+    row = first_step(tmp_path, model, quiet=False, compile=True)
+    assert len(compiled) == 2 and compiled[0] is not compiled[1]  # the policy, then the frozen reference
+    assert "layout: MistralForCausalLM: plain (--compile)" in capsys.readouterr().out
+    assert set(layouts) == {"plain"} and row["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -124,7 +124,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     disable_dropout: bool = _f(True, "DPO: turn the model's dropout off in policy and reference (as TRL does), so a "
                                      "policy equal to its reference gives loss log 2; --no-disable-dropout keeps it.")
-    compile: bool = _f(False, "torch.compile the model.")
+    compile: bool = _f(False, "torch.compile the decoders of policy and reference (plain layout; takes minutes).")
     router_aux_loss_coef: float | None = _f(None, "Mixture-of-experts models: weight of the router load-balancing "
                                                   "loss added to the training loss and logged as aux_loss (as TRL "
                                                   "does); default: the model config's coefficient; 0 turns it off.")

@@ -102,10 +102,11 @@ def _plain_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, 
     a_col = (pos - p_lens[:, None]).clamp(0, batch.answer_ids.shape[1] - 1)
     row = torch.arange(n_rows, device=dev)[:, None]
     embeds = torch.where(in_prompt[..., None], prompt_embeds[row // k, p_col], answer_embeds[row, a_col])
-    attn = (pos < total[:, None]).long()
-    out = body_of(model)(inputs_embeds=embeds, attention_mask=attn, use_cache=False, **_router_kwargs(router))
+    # No attention mask: each row is right-padded, so under causal attention no real token sees a padding column
+    # (padding only follows it). The decoder then builds no padding mask and attention may take its causal kernel.
+    out = body_of(model)(inputs_embeds=embeds, use_cache=False, **_router_kwargs(router))
     if router is not None:
-        router.add(out, attn.bool())
+        router.add(out, pos < total[:, None])
     hidden = out.last_hidden_state
     amask = _answer_mask(batch)
     # The answer token at column c is predicted by the hidden state at position p_len + c - 1.
@@ -211,7 +212,8 @@ def _shared_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor,
     p_mask = torch.arange(p_width, device=dev)[None, :] < batch.prompt_lens[:, None]
     with _layers_keep_cache(body) if checkpointing(model) else nullcontext():
         cache = _pinned_cache(model, None, 0, p_width)
-        out = body(inputs_embeds=prompt_embeds, attention_mask=p_mask.long(), use_cache=True,
+        # Right-padded prompts need no mask here (nothing real follows a padding column); the answers' calls do.
+        out = body(inputs_embeds=prompt_embeds, use_cache=True,
                    **{cache_name: cache}, **_router_kwargs(router))
         if router is not None:
             router.add(out, p_mask, times=k)

@@ -44,11 +44,11 @@ class Limits:
         return "; ".join(parts)
 
 
-def layout_note(model, prefix_sharing: bool) -> str:
-    """One line for the run's log: the layout a model's rows take and why."""
+def layout_note(model, prefix_sharing: bool, why: str = "--no-prefix-sharing") -> str:
+    """One line for the run's log: the layout a model's rows take and why (`why`: what switched sharing off)."""
     name = type(unwrap(model)).__name__
     if not prefix_sharing:
-        return f"layout: {name}: plain (--no-prefix-sharing)"
+        return f"layout: {name}: plain ({why})"
     why = limits_of(model).describe()
     return f"layout: {name}: prefix-shared" + (f"; {why}" if why else "")
 

@@ -195,39 +195,49 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     policy.config.use_cache = False
     if cfg.lora_r:
         policy = lora.add_adapters(policy, cfg)
+    # Compiled decoders take the plain layout: one call per group, no key/value cache, so one graph without breaks.
+    sharing = cfg.prefix_sharing and not cfg.compile
     if cfg.compile:
-        # The decoder body only: the answer-only projection stays eager. Lengths vary per batch, hence dynamic.
-        from ..logps.parts import body_of
-
-        body_of(policy).compile(dynamic=True)
+        _compile_body(policy)
     if cfg.stage == "rm":
         router_coef = 0.0
         logp = RewardModule(policy, env=env)
     else:
         router_coef = router_aux_coef(policy, cfg.router_aux_loss_coef)
-        logp = AnswerLogpModule(policy, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
+        logp = AnswerLogpModule(policy, prefix_sharing=sharing, chunk_size=cfg.logits_chunk_size,
                                 trim_padding=cfg.trim_padding, env=env, fsdp=cfg.fsdp, router_aux=router_coef != 0)
     if uses_reference(cfg) and not cfg.precompute_ref:
         if adapters and not (cfg.ref_model or inputs.ref_model is not None):
             # The base weights under the adapters are the starting model: no second copy.
-            reference = AdaptersOffReference(logp.eval_model, prefix_sharing=cfg.prefix_sharing,
+            reference = AdaptersOffReference(logp.eval_model, prefix_sharing=sharing,
                                              chunk_size=cfg.logits_chunk_size, trim_padding=cfg.trim_padding)
         else:
             ref_model = start_copy if start_copy is not None else _load_reference(cfg, load_device, precision,
                                                                                   inputs.ref_model)
+            if cfg.compile:
+                _compile_body(ref_model)
             if sharded:
-                ref_model = sharded_logps_module(ref_model, prefix_sharing=cfg.prefix_sharing,
+                ref_model = sharded_logps_module(ref_model, prefix_sharing=sharing,
                                                  chunk_size=cfg.logits_chunk_size)
-            reference = FrozenReference(ref_model, prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
+            reference = FrozenReference(ref_model, prefix_sharing=sharing, chunk_size=cfg.logits_chunk_size,
                                         trim_padding=cfg.trim_padding)
         if eval_items:
             eval_table = table_of(reference.logps, eval_items, pad_id=tokenizer.pad_token_id, device=device,
                                          batch_size=cfg.batch_size)
-    notes = [layout_note(policy, cfg.prefix_sharing)] if cfg.stage != "rm" else []
+    why_plain = "--compile" if cfg.compile else "--no-prefix-sharing"
+    notes = [layout_note(policy, sharing, why=why_plain)] if cfg.stage != "rm" else []
     margins = (margins_of(records), margins_of(eval_records)) if cfg.stage == "rm" else (None, None)
     return Setup(tokenizer, policy, reference, train_items, eval_items, records, report, stats, eval_stats,
                  eval_table, notes=notes, policy_logps=logp, dtype=dtype, router_aux_coef=router_coef,
                  margins=margins)
+
+
+def _compile_body(model) -> None:
+    """torch.compile the decoder body in place; the answer-only projection stays eager. Lengths vary from batch
+    to batch, hence dynamic shapes: one compilation serves them all."""
+    from ..logps.parts import body_of
+
+    body_of(model).compile(dynamic=True)
 
 
 def _check_reward_model(model) -> None:
