@@ -60,3 +60,12 @@ def test_compile_compiles_both_decoders_and_takes_the_plain_layout(tmp_path, mon
     assert len(compiled) == 2 and compiled[0] is not compiled[1]  # the policy, then the frozen reference
     assert "layout: MistralForCausalLM: plain (--compile)" in capsys.readouterr().out
     assert set(layouts) == {"plain"} and row["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_compile_takes_the_decoder_layer_by_layer():
+    from preftune.training.setup import _compile_body
+
+    model = tiny("mistral")
+    _compile_body(model)  # lazy: nothing compiles before a forward
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert model.model._compiled_call_impl is None  # one graph for all layers, not the whole body's

@@ -298,14 +298,15 @@ def test_text_tokenisation_matches_trl_and_a_direct_forward():
 
 @pytest.mark.skipif(not os.environ.get("PREFTUNE_SLOW_TESTS"), reason="torch.compile takes a minute on a CPU; "
                                                                       "set PREFTUNE_SLOW_TESTS=1 to run it")
-def test_compiled_body_gives_the_same_numbers():
-    from preftune.logps.parts import body_of
+def test_compiled_decoder_gives_the_same_numbers():
+    from preftune.training.setup import _compile_body
 
     m = model()
     batch = collate(pairs(SHAPES), pad_id=0)
     plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
-    body_of(m).compile(dynamic=True)
-    assert_close(logps_and_grads(m, lambda: answer_logps(m, batch, chunk_size=3)), plain)
+    _compile_body(m)
+    for sharing in (False, True):  # --compile takes the plain layout; the shared one still gives the same numbers
+        assert_close(logps_and_grads(m, lambda: answer_logps(m, batch, chunk_size=3, prefix_sharing=sharing)), plain)
 
 
 def test_plan_groups_keeps_every_group_inside_the_span():
