@@ -63,9 +63,11 @@ def test_compile_compiles_both_decoders_and_takes_the_plain_layout(tmp_path, mon
 
 
 def test_compile_takes_the_decoder_layer_by_layer():
+    from preftune.logps.parts import width_multiple
     from preftune.training.setup import _compile_body
 
     model = tiny("mistral")
     _compile_body(model)  # lazy: nothing compiles before a forward
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
     assert model.model._compiled_call_impl is None  # one graph for all layers, not the whole body's
+    assert width_multiple(model) == 8  # aligned widths: the graph is not recompiled for every other length

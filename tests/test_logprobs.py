@@ -309,6 +309,23 @@ def test_compiled_decoder_gives_the_same_numbers():
         assert_close(logps_and_grads(m, lambda: answer_logps(m, batch, chunk_size=3, prefix_sharing=sharing)), plain)
 
 
+def test_plain_layout_padded_to_a_width_multiple_gives_the_same_numbers():
+    from preftune.logps.layouts import plain_logps
+    from preftune.logps.parts import WIDTH_MULTIPLE, body_of
+
+    m = model()
+    batch = collate(pairs(SHAPES), pad_id=0)
+    plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
+    widths = []
+    body = body_of(m)
+    hook = body.register_forward_pre_hook(lambda mod, args, kw: widths.append(kw["inputs_embeds"].shape[1]),
+                                          with_kwargs=True)
+    setattr(body, WIDTH_MULTIPLE, 8)  # what --compile sets
+    assert_close(logps_and_grads(m, lambda: plain_logps(m, batch, chunk_size=3)), plain)
+    hook.remove()
+    assert widths and all(w % 8 == 0 for w in widths)
+
+
 def test_plan_groups_keeps_every_group_inside_the_span():
     widths = [(3, 1, 2), (4, 9, 1), (10, 2, 2), (12, 1, 4)]  # each fits a span of 16 alone
     groups = plan_groups(widths, call_cost=1e9, max_span=16)

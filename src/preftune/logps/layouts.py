@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.batching import PromptAnswerBatch
-from .parts import Head, body_of, cache_kwarg, checkpointing, unwrap
+from .parts import Head, body_of, cache_kwarg, checkpointing, unwrap, width_multiple
 from .planner import length_groups
 from .projection import token_logps
 from .router import RouterLogits
@@ -95,7 +95,8 @@ def _plain_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, 
     p_lens = batch.prompt_lens.repeat_interleave(k)
     total = p_lens + batch.answer_lens
     p_host, a_host = batch.lengths()
-    pos = torch.arange(max(p_host[j // k] + a for j, a in enumerate(a_host)), device=dev)[None, :]
+    width, multiple = max(p_host[j // k] + a for j, a in enumerate(a_host)), width_multiple(model)
+    pos = torch.arange(-(-width // multiple) * multiple, device=dev)[None, :]
     in_prompt = pos < p_lens[:, None]
     # Column c of the answer block sits at sequence position p_len + c.
     p_col = pos.clamp(max=batch.prompt_ids.shape[1] - 1).expand_as(in_prompt)

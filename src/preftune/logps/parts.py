@@ -30,6 +30,17 @@ def unwrap(model):
     return model
 
 
+# Set on a decoder body whose layers are compiled: the plain layout pads each call's width up to a multiple of it.
+# A compiled graph is specialised on whether a width is a multiple of 8 (memory alignment); arbitrary widths
+# would recompile it every few batches.
+WIDTH_MULTIPLE = "_preftune_width_multiple"
+
+
+def width_multiple(model) -> int:
+    """What the plain layout rounds each call's sequence width up to for this model (1: nothing)."""
+    return getattr(body_of(model), WIDTH_MULTIPLE, 1)
+
+
 class Head:
     """The output projection of a causal LM, with the logit transforms some architectures apply after it."""
 

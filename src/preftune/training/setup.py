@@ -237,14 +237,16 @@ def _compile_body(model) -> None:
 
     The layers share their code, so one compilation serves all of them (the whole body as one graph took over
     200 s for a 24-layer model on an H100 host; a layer takes seconds). Lengths vary from batch to batch, hence
-    dynamic shapes. A body without a list of layers is compiled whole.
+    dynamic shapes, and the plain layout pads each call's width to a multiple of 8 (parts.WIDTH_MULTIPLE), on
+    which the compiled graph is specialised. A body without a list of layers is compiled whole.
     """
-    from ..logps.parts import body_of
+    from ..logps.parts import WIDTH_MULTIPLE, body_of
 
     body = body_of(model)
     layers = next((m for m in body.children() if isinstance(m, torch.nn.ModuleList) and len(m)), None)
     for part in layers if layers is not None else [body]:
         part.compile(dynamic=True)
+    setattr(body, WIDTH_MULTIPLE, 8)
 
 
 def _check_reward_model(model) -> None:
