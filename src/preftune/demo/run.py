@@ -20,8 +20,8 @@ from ..config import TrainConfig
 from ..errors import PreftuneError
 from ..io import atomic_write_json, write_jsonl
 from . import report
-from .base import TinySize, write_base_model
 from .accuracy import sampled_accuracy
+from .base import TinySize, write_base_model
 from .corpus import load_facts, pairs, sft_texts, write_demo_data
 from .online import capital_judge, online_run
 
@@ -175,11 +175,11 @@ def _sampled_accuracy(out: Path, plan: DemoPlan, book, prompts: list[str]) -> di
 def _online_lines(result: dict) -> str:
     """Offline against online DPO (same steps) on the held-out prompts, and the online rounds."""
     d, o, a = result["dpo"], result["online"], result["sampled_accuracy"]
-    lines = [f"held-out p(right) / p(wrong) after the same {result['dpo_steps']} DPO steps: offline "
-             f"{d['p_chosen']:.3f} / {d['p_rejected']:.3f}, online {o['p_chosen']:.3f} / {o['p_rejected']:.3f}",
-             f"held-out accuracy of sampled answers ({a['samples']} a prompt, temperature {a['temperature']:g}, "
-             f"judged): SFT {a['sft']['accuracy']:.3f}, offline DPO {a['dpo']['accuracy']:.3f}, "
-             f"online DPO {a['online']['accuracy']:.3f}"]
+    lines = [(f"held-out p(right) / p(wrong) after the same {result['dpo_steps']} DPO steps: offline "
+              f"{d['p_chosen']:.3f} / {d['p_rejected']:.3f}, online {o['p_chosen']:.3f} / {o['p_rejected']:.3f}"),
+             (f"held-out accuracy of sampled answers ({a['samples']} a prompt, temperature {a['temperature']:g}, "
+              f"judged): SFT {a['sft']['accuracy']:.3f}, offline DPO {a['dpo']['accuracy']:.3f}, "
+              f"online DPO {a['online']['accuracy']:.3f}")]
     for row in o["rounds"][1:]:
         lines.append(f"  online round {row['round']}: {row['pairs']} pairs ({row['pair_share']:.0%} of prompts), "
                      f"share of samples right {row['score_mean']:.3f}")
