@@ -1,4 +1,4 @@
-"""`preftune demo`: the offline demo (preftune/demo/) from the command line."""
+"""`preftune demo`: the demo (preftune/demo/) from the command line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="Offline demo: a tiny model, SFT then DPO on a CPU in a few minutes.")
+    p = subparsers.add_parser("demo", help="Demo: a tiny model, SFT then offline and online DPO on a CPU in about "
+                                            "a minute.")
     p.add_argument("--out", default="demo-run", help="Folder for the demo's runs and summary.json.")
     p.add_argument("--quiet", action="store_true", help="Print only the final summary.")
     p.add_argument("--fast", action="store_true", help="Fewer steps (for tests); numbers move less.")

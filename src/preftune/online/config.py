@@ -10,11 +10,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from ..config import TrainConfig, coerce_field
+from ..config import TrainConfig, _f, coerce_field
 from ..errors import ConfigError
 
 REF_UPDATES = ("none", "round")
@@ -44,10 +43,6 @@ NOT_DPO_KEYS = {
     "precompute_ref": "each round's pairs are new, so a cache would not be reused",
     "ref_cache_dir": "each round's pairs are new, so a cache would not be reused",
 }
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
