@@ -1,0 +1,106 @@
+"""Cheaper equal forms of a decoder's elementwise work: RMS norms with a hand-written backward.
+
+A Llama-style decoder normalises the residual stream twice a layer (and Qwen3 also its queries and keys), and
+Hugging Face's `*RMSNorm.forward` is six tensor operations (upcast, pow, mean, rsqrt, two multiplies) whose
+backward autograd assembles from about sixteen more. On a CPU each is a pass over memory, and where the two
+PyTorch threads share cores with other work each is also a wait for both threads, so these norms were a large
+part of a small model's step (benchmarks/results/cpu-profile.md). `torch.nn.functional.rms_norm` does not help
+there: in torch 2.13 its CPU path is the same decomposition run from C++, and its backward is autograd's
+(benchmarks/results/cpu-fused.md).
+
+`use_fused_norms(model)` gives each RMS norm module of a known formula a forward with the same arithmetic and a
+backward written out by hand (five passes instead of about sixteen), on that module instance only: other models,
+and norms of other formulas, are left as they are. The forward's output is bit-identical to Hugging Face's in
+float32; gradients equal autograd's up to float rounding.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+# Norm classes whose `__init__` and `forward` are exactly LlamaRMSNorm's (read off transformers 5.24), by the
+# transformers.models package that defines them: `weight * (x * rsqrt(mean(x^2, -1) + eps))`, statistics in
+# float32. Gemma's `(1 + weight)`, OLMo-2's weight-before-cast, Cohere's and StableLM's layer norms and every other
+# variant are not here, so their modules keep their own forward.
+LLAMA_STYLE_NORMS: dict[str, tuple[str, ...]] = {
+    "llama": ("LlamaRMSNorm",), "mistral": ("MistralRMSNorm",), "mixtral": ("MixtralRMSNorm",),
+    "ministral": ("MinistralRMSNorm",), "ministral3": ("Ministral3RMSNorm",), "qwen2": ("Qwen2RMSNorm",),
+    "qwen2_moe": ("Qwen2MoeRMSNorm",), "qwen3": ("Qwen3RMSNorm",), "qwen3_moe": ("Qwen3MoeRMSNorm",),
+    "phi3": ("Phi3RMSNorm",), "granite": ("GraniteRMSNorm",), "granitemoe": ("GraniteMoeRMSNorm",),
+    "smollm3": ("SmolLM3RMSNorm",), "deepseek_v2": ("DeepseekV2RMSNorm",), "deepseek_v3": ("DeepseekV3RMSNorm",),
+    "glm": ("GlmRMSNorm",), "glm4": ("Glm4RMSNorm",), "glm4_moe": ("Glm4MoeRMSNorm",),
+    "ernie4_5": ("Ernie4_5RMSNorm",), "exaone4": ("Exaone4RMSNorm",), "seed_oss": ("SeedOssRMSNorm",),
+    "arcee": ("ArceeRMSNorm",), "apertus": ("ApertusRMSNorm",), "hunyuan_v1_dense": ("HunYuanDenseV1RMSNorm",),
+    "hunyuan_v1_moe": ("HunYuanMoEV1RMSNorm",), "bitnet": ("BitNetRMSNorm",), "jetmoe": ("JetMoeRMSNorm",),
+    "dots1": ("Dots1RMSNorm",), "minimax": ("MiniMaxRMSNorm",),
+}
+_QUALIFIED = frozenset(f"transformers.models.{family}.modeling_{family}.{name}"
+                       for family, names in LLAMA_STYLE_NORMS.items() for name in names)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = w * (x * r), r = rsqrt(mean(x^2) + eps) over the last dimension; x and w float32.
+
+    Backward, with x_hat = x * r and g_hat = g * w:
+        dL/dw = sum over rows of g * x_hat
+        dL/dx = r * (g_hat - x_hat * mean(g_hat * x_hat))
+    Saves x_hat and r (autograd's form of Hugging Face's norm saves x, r and x_hat)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        x_hat = x * r
+        ctx.save_for_backward(x_hat, r, weight)
+        return weight * x_hat
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x_hat, r, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * x_hat).reshape(-1, x_hat.shape[-1]).sum(0)
+        if ctx.needs_input_grad[0]:
+            g_hat = grad * weight
+            dot = torch.linalg.vecdot(g_hat, x_hat).unsqueeze(-1).div_(x_hat.shape[-1])
+            grad_x = torch.addcmul(g_hat, x_hat, dot, value=-1).mul_(r)
+        return grad_x, grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's Llama RMS norm of `x` [..., hidden] with `weight` [hidden], both float32."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    # Other dtypes round the normalised value to the input's dtype before the weight: the class's own arithmetic.
+    return type(self).forward(self, hidden_states)
+
+
+def is_llama_style_norm(module: torch.nn.Module) -> bool:
+    cls = type(module)
+    return (f"{cls.__module__}.{cls.__qualname__}" in _QUALIFIED
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1
+            and isinstance(getattr(module, "variance_epsilon", None), float))
+
+
+def use_fused_norms(model: torch.nn.Module) -> int:
+    """Give `model`'s Llama-style RMS norms the fused forward (on these module instances only); returns how many.
+    Idempotent. Float32 inputs and weights take the fused path; other dtypes keep the class's forward."""
+    count = 0
+    for module in model.modules():
+        if is_llama_style_norm(module):
+            if getattr(module.forward, "__func__", None) is not _fused_forward:
+                module.forward = types.MethodType(_fused_forward, module)
+            count += 1
+    return count
+
+
+def use_plain_norms(model: torch.nn.Module) -> None:
+    """Undo `use_fused_norms`: every norm module runs its class's forward again."""
+    for module in model.modules():
+        if getattr(module.forward, "__func__", None) is _fused_forward:
+            del module.forward
