@@ -1,7 +1,7 @@
 """Two preftune settings side by side on the benchmark fixture: runs alternate A, B, A, B, ... so a shared
 machine's drifting load falls on both alike.
 
-    python benchmarks/ab_flags.py --b-flag=--no-fused-norms [--a-flag=...] [--rounds 3] [--steps 8] [--bs 8]
+    python benchmarks/ab_flags.py --b-flag=--fused-norms [--a-flag=...] [--rounds 3] [--steps 8] [--bs 8]
 
 Each run is `bench_dpo.py`'s preftune worker (its own subprocess: default settings plus the flags given, fp32,
 2 threads, max_length 512). Per setting: the median of every steady step (the first step of each run left out)

@@ -129,7 +129,7 @@ def main() -> None:
     uptime = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
     lines = [f"torch {torch.__version__}, {args.threads} threads.", "",
              "| input | pass | form | median us | Hugging Face / form |", "| --- | --- | --- | ---: | ---: |"]
-    for tokens, hidden in ((2048, 256), (2048, 896)):
+    for tokens, hidden in ((64, 256), (1024, 256), (2048, 896)):
         for shape, kind, name, us, ratio in norm_alone(tokens, hidden, args.reps):
             lines.append(f"| {shape} | {kind} | {name} | {us:.0f} | {ratio:.2f}x |")
     wall, cpu, ops = fixture_step(Path(args.fixture), args.iters)

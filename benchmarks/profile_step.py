@@ -141,8 +141,8 @@ def report(res: dict, args, uptime: str, started: str) -> str:
         f"Profiled {started} on {cpu}. Load before: `{uptime[0].strip()}`; after: `{uptime[1].strip()}`.",
         *([args.note] if args.note else []),
         "",
-        f"preftune's default DPO step (prefix sharing, trimmed padding, live reference, fused AdamW, fused RMS "
-        f"norms){''.join(' ' + f for f in args.flags)}, fp32, "
+        f"preftune's default DPO step (prefix sharing, trimmed padding, live reference, fused AdamW)"
+        f"{''.join(' ' + f for f in args.flags)}, fp32, "
         f"{args.threads} threads, batch {args.bs}, max_length {args.max_length}, fixture `{args.fixture}`; "
         f"{steps} steps recorded after 2 unrecorded ones. Times are self CPU time (wall time inside an operator, "
         f"its callees excluded, on the calling thread), per step.",
@@ -176,7 +176,7 @@ def main() -> None:
     ap.add_argument("--out", default="", help="Also write the report (markdown) here.")
     ap.add_argument("--note", default="", help="A line written under the header (how busy the machine was).")
     ap.add_argument("--flag", dest="flags", action="append", default=[],
-                    help="A preftune flag added to the default settings (repeat it), e.g. --flag=--no-fused-norms.")
+                    help="A preftune flag added to the default settings (repeat it), e.g. --flag=--fused-norms.")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
