@@ -10,9 +10,9 @@ per row. It works on those module instances only: other models, and norms of oth
 forward; inputs or weights in other dtypes take the class's forward.
 
 What it buys on the CPU benchmark (benchmarks/results/cpu-fused.md, 2 threads, quiet machine): the norm's
-forward+backward alone runs 1.1x faster on 64 rows and 2.3x on 1,024 and more; a batch of the fixture runs 5%
-fewer operators and keeps one fewer [tokens, hidden] tensor per norm for backward; its step time does not change
-(plain / fused 0.99, range 0.95-1.02), as the norms are a small part of the work. Hence off by default
+forward+backward alone runs 1.05x faster on 64 rows and 2.0-2.2x from 1,024 rows on; a batch of the fixture
+runs 5% fewer operators and keeps one fewer [tokens, hidden] tensor per norm for backward; its step time does not
+change (plain / fused 0.99 and 1.02 in two runs), as the norms are a small part of the work. Hence off by default
 (`--fused-norms` turns it on); where elementwise passes weigh more (long rows, a GPU) it may pay, unmeasured.
 """
 
