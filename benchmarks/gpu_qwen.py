@@ -59,6 +59,7 @@ RUNS = {  # id: (row label, tool, flags)
     "pt-compile-padded": ("preftune defaults, --compile, one padded batch", "preftune",
                           ["--compile", "--no-trim-padding"]),
     "pt-bf16-compile": ("preftune pure bf16, --compile", "preftune", ["--dtype", "bfloat16", "--compile"]),
+    "pt-fused-norms": ("preftune defaults, --fused-norms", "preftune", ["--fused-norms"]),
     # Probes: settings tried on the GPU before they became (or did not become) defaults.
     "pt-padded-nocudnn": ("preftune one padded batch, cuDNN attention off", "preftune",
                           ["--no-prefix-sharing", "--no-trim-padding", "probe:no-cudnn-sdp"]),

@@ -101,7 +101,7 @@ def worker(args) -> None:
     argv = ["dpo", "--model", str(Path(args.fixture, "model")), "--data", str(data), "--output-dir",
             str(work / "run"), "--max-steps", str(warm + args.steps), "--batch-size", str(args.bs), "--max-length",
             str(args.max_length), "--lr", "1e-6", "--beta", "0.1", "--dtype", "float32", "--device", "cpu",
-            "--scheduler", "linear", "--seed", "0", "--quiet", "--skip-bad-records"]
+            "--scheduler", "linear", "--seed", "0", "--quiet", "--skip-bad-records", *args.flags]
     cfg = config_from_args(build_parser().parse_args(argv), "dpo")
     # The loop's callback runs after each step's optimizer update: it advances the profiler's schedule, so the
     # recorded window is whole steps. Setup and step 1 fall in "wait", step 2 in "warmup".
@@ -141,7 +141,8 @@ def report(res: dict, args, uptime: str, started: str) -> str:
         f"Profiled {started} on {cpu}. Load before: `{uptime[0].strip()}`; after: `{uptime[1].strip()}`.",
         *([args.note] if args.note else []),
         "",
-        f"preftune's default DPO step (prefix sharing, trimmed padding, live reference, fused AdamW), fp32, "
+        f"preftune's default DPO step (prefix sharing, trimmed padding, live reference, fused AdamW)"
+        f"{''.join(' ' + f for f in args.flags)}, fp32, "
         f"{args.threads} threads, batch {args.bs}, max_length {args.max_length}, fixture `{args.fixture}`; "
         f"{steps} steps recorded after 2 unrecorded ones. Times are self CPU time (wall time inside an operator, "
         f"its callees excluded, on the calling thread), per step.",
@@ -174,6 +175,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default="", help="Also write the report (markdown) here.")
     ap.add_argument("--note", default="", help="A line written under the header (how busy the machine was).")
+    ap.add_argument("--flag", dest="flags", action="append", default=[],
+                    help="A preftune flag added to the default settings (repeat it), e.g. --flag=--fused-norms.")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -182,7 +185,8 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     uptime = [subprocess.run(["uptime"], capture_output=True, text=True).stdout]
     cmd = [sys.executable, __file__, "--worker", "--fixture", args.fixture, "--steps", str(args.steps), "--bs",
-           str(args.bs), "--max-length", str(args.max_length), "--threads", str(args.threads)]
+           str(args.bs), "--max-length", str(args.max_length), "--threads", str(args.threads),
+           *[f"--flag={f}" for f in args.flags]]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]

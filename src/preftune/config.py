@@ -125,6 +125,9 @@ class TrainConfig:
     disable_dropout: bool = _f(True, "DPO: turn the model's dropout off in policy and reference (as TRL does), so a "
                                      "policy equal to its reference gives loss log 2; --no-disable-dropout keeps it.")
     compile: bool = _f(False, "torch.compile the decoders of policy and reference (plain layout; takes minutes).")
+    fused_norms: bool = _f(False, "Run the RMS norms of Llama-style families (Llama, Mistral, Qwen2/3, Phi-3, ...) "
+                                  "with a hand-written backward: equal results, fewer operators and saved "
+                                  "activations; off unless asked, as the CPU benchmark's step time does not change.")
     router_aux_loss_coef: float | None = _f(None, "Mixture-of-experts models: weight of the router load-balancing "
                                                   "loss added to the training loss and logged as aux_loss (as TRL "
                                                   "does); default: the model config's coefficient; 0 turns it off.")
