@@ -57,8 +57,8 @@ def test_share_of_sampled_answers_the_judge_scores_right_is_counted_by_hand(book
     assert (australia.capital, canada.capital) == ("Canberra", "Ottawa")
     template = book.held_out_templates[0]
     a, c = prompt_text(template, australia), prompt_text(template, canada)
-    script = {a: [" Canberra", " Sydney", " Canberra", " Canberra"],   # 3 right
-              c: [" Toronto", "", " Ottawa", " Ottaw"]}                # 1 right: empty and cut-off answers are wrong
+    script = {a: [" Canberra", " Sydney", " Canberra Sydney", " Canberra"],  # 2 right: more after the city is wrong
+              c: [" Toronto", "", " Ottawa", " Ottaw"]}                  # 1 right: empty and cut-off answers are wrong
     calls = []
     capitals = capital_judge(book)
 
@@ -71,9 +71,9 @@ def test_share_of_sampled_answers_the_judge_scores_right_is_counted_by_hand(book
                            device="cpu")
     assert calls == [(a, script[a]), (c, script[c])]          # every prompt judged once, with its own answers
     assert got.answers == [script[a], script[c]]
-    assert got.scores == [[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
-    assert (got.right, got.total) == (4, 8)
-    assert got.accuracy == 0.5
+    assert got.scores == [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
+    assert (got.right, got.total) == (3, 8)
+    assert got.accuracy == 3 / 8
     assert [call["do_sample"] for call in model.calls] == [True]  # sampled, at the temperature asked for
     assert model.calls[0]["temperature"] == 1.0 and model.calls[0]["max_new_tokens"] == 4
     assert got.records("sft")[1] == {"stage": "sft", "prompt": c, "answers": script[c],

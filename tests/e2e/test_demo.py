@@ -90,8 +90,8 @@ def test_summary_reports_every_held_out_pair_as_a_plain_forward_gives_it(summary
 
 def test_held_out_accuracy_counts_the_sampled_answers_that_name_the_capital(summary, finished, held_out):
     """The accuracy in summary.json, recounted from the answers in held_out_samples.jsonl with a plain string test
-    (the answer, stripped, starts with the pair's right city), and online DPO ahead of offline with the same steps.
-    Fast mode, seed 0, measured: SFT 0.695, offline 0.817, online 0.864 of 1536 answers each."""
+    (the answer, stripped, is the pair's right city), and online DPO ahead of offline with the same steps.
+    Fast mode, seed 0, measured: SFT 0.695, offline 0.816, online 0.859 of 1536 answers each."""
     acc = summary["sampled_accuracy"]
     right_city = {p["prompt"]: p["chosen"].strip() for p in held_out}
     rows = [json.loads(line) for line in (finished / "held_out_samples.jsonl").read_text().splitlines()]
@@ -100,7 +100,7 @@ def test_held_out_accuracy_counts_the_sampled_answers_that_name_the_capital(summ
         mine = [r for r in rows if r["stage"] == stage]
         assert [r["prompt"] for r in mine] == [p["prompt"] for p in held_out]
         assert all(len(r["answers"]) == len(r["scores"]) == acc["samples"] == 16 for r in mine)
-        right = sum(a.strip().startswith(right_city[r["prompt"]]) for r in mine for a in r["answers"])
+        right = sum(a.strip() == right_city[r["prompt"]] for r in mine for a in r["answers"])
         assert (acc[stage]["right"], acc[stage]["answers"]) == (right, 96 * 16), stage
         assert acc[stage]["accuracy"] == right / (96 * 16)
     assert acc["dpo"]["accuracy"] > acc["sft"]["accuracy"] + 0.06

@@ -1,7 +1,8 @@
 """The demo's online part: online DPO from the SFT model against the offline DPO run, with the same number of steps.
 
 Prompts are the DPO phrasings of every fact; a rule judge that knows each capital scores a sampled answer 1 when
-it names the right city, else 0; each round pairs a right answer against a wrong one where the samples hold both.
+it is exactly the right city, else 0; each round pairs a right answer against a wrong one where the samples hold
+both.
 run.py compares the online model with the offline one on the held-out phrasings, by the probability of the right
 and of the wrong city, as it compares SFT and DPO.
 """
@@ -16,11 +17,15 @@ from .corpus import FactBook, prompt_text
 
 
 def capital_judge(book: FactBook):
-    """(prompt, answers) -> 1.0 for each answer that starts with the prompt's capital, else 0.0."""
+    """(prompt, answers) -> 1.0 for each answer that is the prompt's capital and nothing more, else 0.0.
+
+    Exact on purpose: a judge that only asked for the capital at the start was gamed by online DPO within 100
+    steps (a third of its held-out answers went on with other words after the city, and were counted right).
+    """
     capital = {prompt_text(t, f): f.capital for t in book.templates for f in book.facts}
 
     def judge(prompt: str, answers: list[str]) -> list[float]:
-        return [float(a.strip().startswith(capital[prompt])) for a in answers]
+        return [float(a.strip() == capital[prompt]) for a in answers]
 
     return judge
 
