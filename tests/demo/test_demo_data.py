@@ -100,5 +100,6 @@ def test_the_online_judge_knows_each_capital():
     fact = book.facts[0]
     for template in book.templates:
         prompt = prompt_text(template, fact)
-        assert judge(prompt, [f" {fact.capital}", f" {fact.wrong}", "", f" {fact.capital} and more"]) == [
-            1.0, 0.0, 0.0, 1.0]
+        # Exact: the capital and nothing more (more words after it would let online DPO game the rule).
+        assert judge(prompt, [f" {fact.capital}", f"{fact.capital} ", f" {fact.wrong}", "",
+                              f" {fact.capital} and more"]) == [1.0, 1.0, 0.0, 0.0, 0.0]
