@@ -172,7 +172,6 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
             # Taken before adapters, checkpointing or compilation change the policy: the starting model.
             start_copy = frozen(policy, load_device, precision.frozen, copied=True)
             set_compute_dtype(start_copy, precision.compute)
-            _fuse(cfg, start_copy)
     elif cfg.stage == "rm":
         torch.manual_seed(cfg.seed)  # a new score head is drawn from the torch random state, as in TRL
         policy = start_reward_model(cfg.model, device=load_device, dtype=dtype,
@@ -186,7 +185,8 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
         set_pad_token(policy, tokenizer)
     adapters = bool(cfg.lora_r) or is_peft_model(policy)
     set_compute_dtype(policy, precision.compute)
-    _fuse(cfg, policy)
+    if cfg.fused_norms:  # the policy only: a frozen reference has no backward, and the fused norm is one
+        use_fused_norms(policy)
     if cfg.stage != "sft" and cfg.disable_dropout:
         disable_dropout(policy)
     if cfg.gradient_checkpointing:
@@ -275,14 +275,7 @@ def _load_reference(cfg: TrainConfig, device, precision: Precision, given=None):
     set_compute_dtype(model, precision.compute)
     if cfg.disable_dropout:
         disable_dropout(model)
-    _fuse(cfg, model)
     return model
-
-
-def _fuse(cfg: TrainConfig, model) -> None:
-    """The fused RMS norms (models/fused.py) on `model`, unless the config turns them off."""
-    if cfg.fused_norms:
-        use_fused_norms(model)
 
 
 def _copies_reference(cfg: TrainConfig, policy, inputs: RunInputs) -> bool:
