@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.batching import PromptAnswerBatch
-from .parts import Head, body_of, cache_kwarg, checkpointing, unwrap, width_multiple
+from .parts import Head, body_of, cache_kwarg, checkpointing, embed_tokens, unwrap, width_multiple
 from .planner import length_groups
 from .projection import token_logps
 from .router import RouterLogits
@@ -39,14 +39,13 @@ def _run_grouped(model, batch: PromptAnswerBatch, groups: list[list[int]], layou
 
     `layout(model, sub, prompt_embeds, answer_embeds, router)` returns (predictor hidden states [T, H], target ids [T],
     answer row in `sub` [T]). The token embeddings of prompts and answers are looked up in one call for the whole
-    batch: the backward of an embedding builds a dense [vocab, hidden] gradient per call (zero-filled, then added
-    to the others), which would otherwise be paid once per group, or twice per batch.
+    batch: where the gradient of an embedding is dense, its backward builds a [vocab, hidden] matrix per call
+    (zero-filled, then added to the others), which would otherwise be paid once per group, or twice per batch.
     `router`, when given, collects the router logits of every body call.
     """
     dev, k = batch.answer_ids.device, batch.k
-    embed = unwrap(model).get_input_embeddings()
     n_prompt = batch.prompt_ids.numel()
-    embeds = embed(torch.cat([batch.prompt_ids.reshape(-1), batch.answer_ids.reshape(-1)]))
+    embeds = embed_tokens(model, torch.cat([batch.prompt_ids.reshape(-1), batch.answer_ids.reshape(-1)]))
     prompt_embeds = embeds[:n_prompt].view(*batch.prompt_ids.shape, -1)
     answer_embeds = embeds[n_prompt:].view(*batch.answer_ids.shape, -1)
     hidden, targets, rows = [], [], []

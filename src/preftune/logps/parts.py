@@ -41,6 +41,37 @@ def width_multiple(model) -> int:
     return getattr(body_of(model), WIDTH_MULTIPLE, 1)
 
 
+# Set on an input embedding whose lookups should give its weight a row-sparse gradient (see `embed_tokens`).
+SPARSE_GRAD = "_preftune_sparse_grad"
+
+
+def sparse_embedding_grad(model, on: bool) -> bool:
+    """Let `model`'s token lookups give a row-sparse gradient when `on` and the embedding allows it; returns
+    whether they will.
+
+    A batch looks up a few thousand of the vocabulary's rows, but the dense gradient of an embedding is the
+    whole [vocab, hidden] matrix, zero-filled on every step (155 MB for a 151,936-token vocabulary at hidden
+    256). Allowed for a plain `nn.Embedding` that trains and is not tied to the output head (whose gradient is
+    dense anyway); `training.optim.AdamW` steps such a gradient exactly as a dense one.
+    """
+    hf = unwrap(model)
+    embed = hf.get_input_embeddings()
+    head = hf.get_output_embeddings()
+    allowed = (type(embed) is torch.nn.Embedding and embed.weight.requires_grad and embed.max_norm is None
+               and not embed.scale_grad_by_freq and (head is None or head.weight is not embed.weight))
+    if isinstance(embed, torch.nn.Module):
+        setattr(embed, SPARSE_GRAD, bool(on and allowed))
+    return bool(on and allowed)
+
+
+def embed_tokens(model, ids: torch.Tensor) -> torch.Tensor:
+    """The token embeddings of `ids`, with a row-sparse weight gradient where `sparse_embedding_grad` set it."""
+    embed = unwrap(model).get_input_embeddings()
+    if getattr(embed, SPARSE_GRAD, False):
+        return torch.nn.functional.embedding(ids, embed.weight, embed.padding_idx, sparse=True)
+    return embed(ids)
+
+
 class Head:
     """The output projection of a causal LM, with the logit transforms some architectures apply after it."""
 

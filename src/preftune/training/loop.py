@@ -28,7 +28,7 @@ from ..report.tracking import METRICS_FILE, Tracker, check_sinks, read_metrics, 
 from . import checkpoint as ckpt
 from . import run_dir as rundir
 from .objectives import make_objective
-from .optim import build_optimizer
+from .optim import build_optimizer, clip_grad_norm
 from .setup import build
 from .signals import StopOnSignal, resume_command
 
@@ -75,7 +75,7 @@ def _step_batches(cursor: DataCursor, items, cfg: TrainConfig, env: DistEnv, pad
 
 def _grad_norm(params, max_norm: float) -> torch.Tensor:
     # Under FSDP the norm comes back sharded: make it the whole model's norm on every rank.
-    return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+    return full_tensor(clip_grad_norm(params, max_norm))
 
 
 def train_step(policy_logps: AnswerLogpModule, reference, objective, micro: list[PromptAnswerBatch], env: DistEnv,

@@ -19,7 +19,7 @@ from ..logps.router import router_aux_coef
 from ..errors import ConfigError, DataError
 from ..metrics import table_of
 from ..logps.limits import layout_note
-from ..logps.parts import set_compute_dtype
+from ..logps.parts import set_compute_dtype, sparse_embedding_grad
 from ..inputs import RunInputs, frozen, is_peft_model, policy_in_place
 from ..kto_loss import imbalance_advice
 from ..losses import needs_reference
@@ -202,6 +202,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     sharing = cfg.prefix_sharing and not cfg.compile
     if cfg.compile:
         _compile_body(policy)
+    # A single process steps the embedding's row-sparse gradient itself (training.optim.AdamW); DDP and FSDP
+    # reduce dense gradients.
+    sparse_embedding_grad(policy, cfg.stage != "rm" and not env.enabled)
     if cfg.stage == "rm":
         router_coef = 0.0
         logp = RewardModule(policy, env=env)
