@@ -151,3 +151,28 @@ def test_run_with_sparse_embedding_gradient_equals_dense(overrides, tmp_path, mo
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
     for name in dense_w:
         torch.testing.assert_close(sparse_w[name], dense_w[name], rtol=0, atol=2e-6, msg=name)
+
+
+def test_only_an_untied_plain_embedding_that_trains_takes_sparse_gradients():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model(**kw):
+        cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, **kw)
+        return LlamaForCausalLM(cfg)
+
+    untied = model(tie_word_embeddings=False)
+    assert parts.sparse_embedding_grad(untied, True)
+    assert not parts.sparse_embedding_grad(untied, False)  # switched back off, as a later run may need
+    tied = model(tie_word_embeddings=True)
+    assert not parts.sparse_embedding_grad(tied, True)  # the head's gradient fills every row anyway
+    frozen = model(tie_word_embeddings=False)
+    frozen.get_input_embeddings().weight.requires_grad_(False)
+    assert not parts.sparse_embedding_grad(frozen, True)
+    ids = torch.tensor([[1, 2, 2, 7]])
+    parts.sparse_embedding_grad(untied, True)
+    out = parts.embed_tokens(untied, ids)
+    assert torch.equal(out, untied.get_input_embeddings()(ids))
+    out.sum().backward()
+    grad = untied.get_input_embeddings().weight.grad
+    assert grad.is_sparse and torch.equal(grad.to_dense()[2], torch.full((16,), 2.0))
