@@ -114,6 +114,39 @@ def test_kto_batch_layout_and_objective_metrics():
     assert m["reward_margin"] == pytest.approx(0.2 * 0.25 + 0.2)
 
 
+@pytest.mark.parametrize("sharing", [True, False], ids=["shared", "plain"])
+def test_kl_answers_run_without_autograd_and_change_nothing(sharing, tiny_model_dir):
+    """KTO's KL answers (slot 1) feed a detached estimate: the policy computes them without a graph, and the
+    log-probs and the gradient of the own answers are those of a pass that tracks every answer."""
+    import dataclasses
+
+    from preftune.logps.answer import answer_logps
+    from preftune.models.load import load_model
+
+    model = load_model(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32)
+    items = [TokenizedUnpaired([5, 6, 7], [8, 9], [10, 11, 12], True, index=0),
+             TokenizedUnpaired([13], [14, 15, 16], [8, 9], False, index=1),
+             TokenizedUnpaired([17, 18], [10, 11, 12], [14, 15, 16], True, index=2)]
+    batch = collate(items, pad_id=0)
+    assert batch.no_grad_slots == (1,)
+    runs = []
+    for b in (batch, dataclasses.replace(batch, no_grad_slots=())):
+        model.zero_grad()
+        out = answer_logps(model, b, prefix_sharing=sharing, trim_padding=True)
+        out.logps[0::2].sum().backward()
+        runs.append((out.logps.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (skipped, grads_skipped), (tracked, grads_tracked) = runs
+    torch.testing.assert_close(skipped, tracked, rtol=1e-6, atol=1e-6)
+    assert len(grads_skipped) == len(grads_tracked)
+    for a, b in zip(grads_skipped, grads_tracked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for b, tracked_kl in ((batch, False), (dataclasses.replace(batch, no_grad_slots=()), True)):
+        kl_rows = answer_logps(model, b, prefix_sharing=sharing).logps[1::2]
+        grads = torch.autograd.grad(kl_rows.sum(), params, allow_unused=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in grads) == tracked_kl
+
+
 def test_kto_needs_two_examples_a_batch():
     with pytest.raises(ConfigError, match="at least 2"):
         TrainConfig(stage="kto", batch_size=1)

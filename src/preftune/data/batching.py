@@ -34,6 +34,9 @@ class PromptAnswerBatch:
     # reads them here instead of copying them back from the device, which would wait for all queued work.
     host_lens: tuple[list[int], list[int]] | None = None
     labels: torch.Tensor | None = None  # [B] bool: KTO's desirable (True) / undesirable; None for other stages
+    # Answer slots whose log-probs the loss uses without a gradient (KTO's KL answers): the policy may compute
+    # them without autograd.
+    no_grad_slots: tuple[int, ...] = ()
 
     def answer_tokens(self) -> float:
         """Answer tokens in the loss (those the mask keeps)."""
@@ -57,7 +60,7 @@ class PromptAnswerBatch:
         labels = None if self.labels is None else self.labels.to(device)
         return PromptAnswerBatch(self.prompt_ids.to(device), self.prompt_lens.to(device),
                                  self.answer_ids.to(device), self.answer_lens.to(device), self.k, self.index, mask,
-                                 host, labels)
+                                 host, labels, self.no_grad_slots)
 
     def tokens(self) -> int:
         """Tokens actually attended to (no padding): prompts once plus every answer."""
@@ -76,7 +79,8 @@ class PromptAnswerBatch:
         labels = None if self.labels is None else self.labels[rows_t]
         return PromptAnswerBatch(self.prompt_ids[rows_t, : max(p)], self.prompt_lens[rows_t],
                                  self.answer_ids[answers_t, : max(a)], self.answer_lens[answers_t], self.k,
-                                 self.index[torch.tensor(rows, dtype=torch.long)], mask, (p, a), labels)
+                                 self.index[torch.tensor(rows, dtype=torch.long)], mask, (p, a), labels,
+                                 self.no_grad_slots)
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -99,6 +103,7 @@ def answers_of(item) -> tuple[list[int], ...]:
 def collate(items: list, pad_id: int) -> PromptAnswerBatch:
     answers = [a for it in items for a in answers_of(it)]
     k = len(answers_of(items[0]))
+    unpaired = isinstance(items[0], TokenizedUnpaired)
     prompts = [it.prompt_ids for it in items]
     masks = [getattr(it, "answer_mask", None) for it in items]
     answer_mask = None
@@ -112,7 +117,8 @@ def collate(items: list, pad_id: int) -> PromptAnswerBatch:
         k=k,
         index=torch.tensor([it.index for it in items], dtype=torch.long),
         answer_mask=answer_mask,
-        labels=torch.tensor([it.label for it in items]) if isinstance(items[0], TokenizedUnpaired) else None,
+        labels=torch.tensor([it.label for it in items]) if unpaired else None,
+        no_grad_slots=(1,) if unpaired else (),  # the KL estimate is detached
     )
 
 

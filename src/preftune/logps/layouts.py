@@ -63,13 +63,33 @@ def _run_grouped(model, batch: PromptAnswerBatch, groups: list[list[int]], layou
         targets.append(t)
         rows.append(r if len(groups) == 1 else answer_rows[r])
     hidden_all = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
-    per_token = token_logps(Head(model), hidden_all, torch.cat(targets), chunk_size)
     rows_all = torch.cat(rows)
+    per_token = _project(Head(model), hidden_all, torch.cat(targets), rows_all, batch, router, chunk_size)
     if batch.answer_mask is not None:
         # Each row's tokens come in column order (both layouts select them row by row, columns ascending).
         per_token = per_token * batch.answer_mask[_answer_mask(batch)].to(per_token.dtype)[_column_order(rows_all)]
     sums = torch.zeros(batch.answer_ids.shape[0], dtype=per_token.dtype, device=dev)
     return AnswerLogps(sums.index_add(0, rows_all, per_token), batch.answer_lens)
+
+
+def _skips_grad(batch: PromptAnswerBatch, router: RouterLogits | None) -> bool:
+    """Whether this call computes `batch.no_grad_slots` without autograd. Not with router logits gathered: a
+    mixture of experts' balancing loss takes those slots' router logits with their gradient."""
+    return bool(batch.no_grad_slots) and router is None and torch.is_grad_enabled()
+
+
+def _project(head: Head, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, batch: PromptAnswerBatch,
+             router: RouterLogits | None, chunk_size: int) -> torch.Tensor:
+    """log p(target) of each token; those of `batch.no_grad_slots` projected without autograd (their backward
+    would only multiply zeros)."""
+    if not _skips_grad(batch, router):
+        return token_logps(head, hidden, targets, chunk_size)
+    still = torch.isin(rows % batch.k, torch.tensor(batch.no_grad_slots, device=rows.device))
+    live, fixed = (~still).nonzero().squeeze(1), still.nonzero().squeeze(1)
+    out = token_logps(head, hidden[live], targets[live], chunk_size)
+    with torch.no_grad():
+        rest = token_logps(head, hidden[fixed], targets[fixed], chunk_size)
+    return torch.cat([out, rest])[torch.argsort(torch.cat([live, fixed]))]
 
 
 def _column_order(rows: torch.Tensor) -> torch.Tensor:
@@ -233,9 +253,11 @@ def _shared_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor,
             amask = cols < lens[:, None]
             positions = batch.prompt_lens[:, None] + torch.minimum(cols, (lens[:, None] - 1).clamp(min=0))
             attn = torch.cat([p_mask, amask], dim=1).long()
-            ans_out = body(inputs_embeds=embeds, attention_mask=attn, position_ids=positions, use_cache=True,
-                           **{cache_name: _pinned_cache(model, prompt_states, p_width, p_width + width)},
-                           **_router_kwargs(router))
+            frozen = s in batch.no_grad_slots and _skips_grad(batch, router)
+            with torch.no_grad() if frozen else nullcontext():
+                ans_out = body(inputs_embeds=embeds, attention_mask=attn, position_ids=positions, use_cache=True,
+                               **{cache_name: _pinned_cache(model, prompt_states, p_width, p_width + width)},
+                               **_router_kwargs(router))
             if router is not None:
                 router.add(ans_out, amask)
             ans = ans_out.last_hidden_state
