@@ -56,6 +56,22 @@ def test_row_sparse_step_equals_dense_adamw(weight_decay, fused):
     torch.testing.assert_close(sparse_p.data[untouched], expected, rtol=1e-6, atol=0)
 
 
+def test_bf16_rows_round_once_as_torchs_fused_step():
+    start = torch.randn(V, H, generator=torch.Generator().manual_seed(0)).bfloat16()
+    sparse_p, dense_p = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    kw = dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    ours, plain = AdamW([sparse_p], **kw), torch.optim.AdamW([dense_p], **kw)
+    for step, rows in enumerate(STEPS):
+        grad = sparse_grad(rows, seed=step).bfloat16()
+        sparse_p.grad, dense_p.grad = grad, grad.to_dense()
+        ours.step()
+        plain.step()
+    assert ours.state[sparse_p]["exp_avg"].dtype == torch.bfloat16
+    differ = (sparse_p.data != dense_p.data).float().mean().item()
+    assert differ < 0.01, f"{differ:.1%} of the weights differ from torch's fused bf16 step"
+    torch.testing.assert_close(sparse_p.data, dense_p.data, rtol=1e-2, atol=1e-3)
+
+
 def test_dense_gradients_take_torchs_step_alongside():
     torch.manual_seed(0)
     emb, lin = torch.nn.Parameter(torch.randn(V, H)), torch.nn.Parameter(torch.randn(3, H))

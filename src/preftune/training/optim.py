@@ -32,7 +32,7 @@ def build_optimizer(params, cfg: TrainConfig, total_steps: int):
     # so a sharded run's optimizer state matches a single process's.
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     opt = AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
-                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused or None)
+                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=total_steps, kind=cfg.scheduler))
     return opt, sched
@@ -87,19 +87,27 @@ class AdamW(torch.optim.AdamW):
                 grown = torch.cat([state[key], state[key].new_zeros(len(new), *p.shape[1:])])
                 state[key] = grown[order]
             state["rows"] = rows = merged
-        g = torch.zeros_like(state["exp_avg"])
-        g[torch.searchsorted(rows, seen)] = grad.values()
+        # bf16/fp16 parameters: the arithmetic in fp32 and one rounding at the end, as torch's fused step does
+        work = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+        g = torch.zeros(len(rows), *p.shape[1:], dtype=work, device=p.device)
+        g[torch.searchsorted(rows, seen)] = grad.values().to(work)
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         state["step"] += 1
         step = float(state["step"])
-        if wd:
-            p.mul_(1 - lr * wd)  # decoupled decay touches every row, seen or not
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m, v = state["exp_avg"].to(work), state["exp_avg_sq"].to(work)  # the moments themselves in fp32
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if work != p.dtype:
+            state["exp_avg"].copy_(m)
+            state["exp_avg_sq"].copy_(v)
+        moved = p[rows].to(work)
+        if wd:  # decoupled decay touches every row, seen or not
+            p.mul_(1 - lr * wd)
+            moved.mul_(1 - lr * wd)
         denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
-        p.index_add_(0, rows, m / denom, alpha=-lr / (1 - beta1 ** step))
+        moved.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+        p.index_copy_(0, rows, moved.to(p.dtype))
 
     def state_dict(self) -> dict:
         """torch's state dict, with row-sparse moments written out dense: checkpoints look the same whichever way
