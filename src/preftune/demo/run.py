@@ -53,10 +53,9 @@ class DemoPlan:
     online_samples: int = 4
     online_temperature: float = 1.0
     # Tuned on held-out sampled accuracy (exact rule), seed 0, 100 steps from the same SFT model: online 0.853 at
-    # lr 1e-4 (below offline's 0.877 there) and 0.931 at 3e-4; offline gives 0.883 at 2e-4 and 0.839 at 3e-4 (at
-    # 2e-4 and above its outcome swings with rounding: 0.760 and 0.764 before the row-sparse embedding step), so
-    # online's lead is not its larger lr alone. Its later rounds pair only the prompts whose samples still hold a
-    # wrong answer, so its steps go where the errors are.
+    # lr 1e-4 (below offline's 0.871 there) and 0.935 at 3e-4; offline gives 0.887 at 2e-4 and 0.880 at 3e-4, so
+    # online's lead is not its larger lr alone (these move with last-bit rounding: README, "Why DPO"). Its later
+    # rounds pair only the prompts whose samples still hold a wrong answer, so its steps go where the errors are.
     online_lr: float = 3e-4
     # Held-out accuracy: answers sampled per held-out prompt from each model (seeded), at this temperature.
     eval_samples: int = 16
