@@ -156,19 +156,33 @@ def test_fused_projection_equals_autograd_log_softmax():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_in_place_logsumexp_gives_torchs_bits_and_infinite_rows():
-    from preftune.logps.projection import _logsumexp_
+def test_projection_in_the_reused_buffer_gives_the_same_bits():
+    """Inside `reused_logits_buffer` every chunk's logits go to one buffer (the reference's inference-mode
+    forward first, then the policy's forward and backward); the results are those of fresh tensors."""
+    from preftune.logps.projection import reused_logits_buffer
 
     torch.manual_seed(0)
-    logits = torch.randn(6, 1000) * 30
-    logits[1] = float("-inf")                # no finite logit: -inf, as torch gives
-    logits[2, 7] = float("inf")              # an infinite logit: +inf
-    logits[3, :500] = float("-inf")          # some masked out
-    expected = torch.logsumexp(logits, dim=-1)
-    got = _logsumexp_(logits.clone())
-    assert torch.equal(got[[0, 3, 4, 5]], expected[[0, 3, 4, 5]])  # the same bits, not just close
-    assert got[1] == float("-inf") and got[2] == float("inf")
-    assert torch.equal(expected[1:3], got[1:3])
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(11, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (11,))
+
+    class _Model:
+        config = type("C", (), {})()
+
+        def get_output_embeddings(self):
+            return head
+
+    def step():
+        with torch.inference_mode():
+            ref = token_logps(Head(_Model()), hidden.detach()[:5], targets[:5], chunk_size=4)
+        out = token_logps(Head(_Model()), hidden, targets, chunk_size=3)
+        return [ref, out.detach(), *torch.autograd.grad(out.sum(), [hidden, head.weight])]
+
+    fresh = step()
+    with reused_logits_buffer():
+        reused = step()
+    for a, b in zip(fresh, reused):
+        assert torch.equal(a, b)
 
 
 def test_left_padding_tokenizer_changes_nothing():

@@ -21,6 +21,7 @@ from ..dist.env import DistEnv, all_reduce_sum, init_from_env, rank_device, rank
 from ..dist.fsdp import full_state_dict, full_tensor
 from ..dist.logp_module import AnswerLogpModule
 from ..errors import NonFiniteError, PreftuneError
+from ..logps.projection import reused_logits_buffer
 from ..metrics import evaluate_during
 from ..models.precision import pick_device, pick_precision
 from ..report.progress import Progress, describe_eval
@@ -85,6 +86,11 @@ def train_step(policy_logps: AnswerLogpModule, reference, objective, micro: list
     Each micro-batch's summed loss is divided by the units of the whole step on all ranks (pairs, or answer
     tokens for SFT), so accumulation and data parallelism give the gradient of one big batch.
     """
+    with reused_logits_buffer():
+        return _train_step(policy_logps, reference, objective, micro, env, params, cfg)
+
+
+def _train_step(policy_logps, reference, objective, micro, env, params, cfg):
     local_units = sum(objective.units(b) for b in micro)
     units = float(all_reduce_sum(torch.tensor(local_units, dtype=torch.float64), env))
     sums: dict[str, torch.Tensor] = {}
