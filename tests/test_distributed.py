@@ -85,7 +85,13 @@ def assert_same_steps(a: Path, b: Path, tol: float = 1e-5) -> None:
             assert x[k] == pytest.approx(y[k], abs=tol), (x["step"], k)
 
 
-def assert_same_weights(a: Path, b: Path, name: str = "model.safetensors", tol: float = 1e-5) -> None:
+# One process of 8 and two of 4 sum the same gradients in other orders, and three AdamW steps at lr 1e-2 grow that
+# float32 noise: the largest weight difference was 4e-6 to 8e-6 with one projection kernel and 1.2e-5 to 1.4e-5
+# with another of equal accuracy (both 1.7e-6 from a float64 reference). A wrong reduction is 2.5e-4 or more off.
+WEIGHT_TOL = 3e-5
+
+
+def assert_same_weights(a: Path, b: Path, name: str = "model.safetensors", tol: float = WEIGHT_TOL) -> None:
     wa, wb = load_file(a / name), load_file(b / name)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -223,10 +229,10 @@ def test_bco_running_mean_is_the_same_on_every_rank(single, parallel):
 
 
 def _close(a, b) -> None:
-    """Equal structure, numbers equal, tensors within 1e-5 (two ranks of 4 pairs against one process of 8)."""
+    """Equal structure, numbers equal, tensors within WEIGHT_TOL (two ranks of 4 pairs against one process of 8)."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a, b, atol=WEIGHT_TOL, rtol=0)
     elif isinstance(a, dict):
         assert a.keys() == b.keys()
         for k in a:
