@@ -132,9 +132,6 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(params, limit)
     for p in sparse:
         p.grad = p.grad.coalesce()  # repeated rows summed, so the values' norm is the gradient's
-    grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads, 2.0)
-    coef = torch.clamp(limit / (total + 1e-6), max=1.0)  # torch's formula
-    for g in grads:
-        g.mul_(coef)
+    total = torch.nn.utils.get_total_norm([p.grad._values() if p.grad.is_sparse else p.grad for p in params], 2.0)
+    torch.nn.utils.clip_grads_with_norm_(params, limit, total)  # scales sparse gradients too
     return total
