@@ -42,6 +42,24 @@ def test_every_problem_is_listed_with_its_line(jsonl_file, capsys):
         assert f"{path} line {line}: {words}" in out
 
 
+def test_the_file_may_be_named_with_data_as_in_training(jsonl_file, capsys):
+    """`--data FILE` as `preftune dpo` spells it: once read as an abbreviation of --data-format, which named the
+    file an invalid format."""
+    path = jsonl_file(GOOD)
+    code, out, _ = _run(capsys, "check", "--data", path)
+    assert code == 0 and "2 usable pairs" in out
+    code, out, err = _run(capsys, "check", path, "--data", path + ".other")
+    assert code == 2 and out == "" and "two data files" in err and err.count("\n") == 1
+    code, out, err = _run(capsys, "show")
+    assert code == 2 and "name the data file" in err
+
+
+def test_flags_are_not_abbreviated(jsonl_file, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["data", "check", jsonl_file(GOOD), "--data-form", "text"])
+    assert stop.value.code == 2 and "unrecognized arguments: --data-form" in capsys.readouterr().err
+
+
 def test_fatal_problems_exit_2_with_one_line(tmp_path, capsys):
     code, out, err = _run(capsys, "check", str(tmp_path / "missing.jsonl"))
     assert code == 2 and out == ""

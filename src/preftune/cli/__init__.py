@@ -16,7 +16,14 @@ from . import eval as eval_command  # `eval` alone would read as the builtin
 
 
 class _Parser(argparse.ArgumentParser):
-    """A usage mistake is one line, like every other error: what was wrong and where to read more."""
+    """A usage mistake is one line, like every other error: what was wrong and where to read more.
+
+    Flags are taken only as spelt: with argparse's prefix matching, `data check --data FILE` read `--data` as
+    `--data-format` and named FILE an invalid format."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")

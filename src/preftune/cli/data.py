@@ -16,7 +16,7 @@ from ..data.check import check_pairs, render_report
 from ..data.detect import FORMAT_NAMES
 from ..data.load import UnpairedData, load_pairs, read_unpaired_source
 from ..data.unpaired import UNPAIRED_FORMATS
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 
 _DEFAULT_MAX_LENGTH = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "max_length")
 
@@ -42,7 +42,10 @@ def register(subparsers: Any) -> None:
 
 
 def _add_source_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="Data file (.jsonl/.json/.parquet/.csv, optionally .gz), folder or Hub id.")
+    parser.add_argument("file", nargs="?", help="Data file (.jsonl/.json/.parquet/.csv, optionally .gz), folder "
+                        "or Hub id.")
+    parser.add_argument("--data", dest="data_file", metavar="FILE", help="The same, named as the training "
+                        "commands name it.")
     parser.add_argument("--data-format", choices=FORMAT_NAMES + UNPAIRED_FORMATS,
                         help="Force a format instead of detecting it.")
     parser.add_argument("--split", default="train", help="Split of a saved dataset or Hub id (default: train).")
@@ -56,7 +59,17 @@ def _add_length_args(parser: argparse.ArgumentParser) -> None:
                         help="Feed orca/alpaca-style records as raw text, not through the chat template.")
 
 
+def _source(args: argparse.Namespace) -> str:
+    """The data file, given as the positional argument or as --data (once)."""
+    if args.file and args.data_file and args.file != args.data_file:
+        raise ConfigError(f"two data files ({args.file}, --data {args.data_file}): name one")
+    if not (args.file or args.data_file):
+        raise ConfigError(f"data {args.data_command}: name the data file (preftune data {args.data_command} FILE)")
+    return args.file or args.data_file
+
+
 def run_check(args: argparse.Namespace) -> int:
+    args.file = _source(args)
     tokenizer = local_tokenizer(args.model) if args.model else None
     result = check_pairs(args.file, data_format=args.data_format, split=args.split, tokenizer=tokenizer,
                          max_length=args.max_length, max_prompt_length=args.max_prompt_length,
@@ -68,6 +81,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    args.file = _source(args)
     tokenizer = local_tokenizer(args.model) if args.model else None
     try:
         if args.data_format in UNPAIRED_FORMATS:
