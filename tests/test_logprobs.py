@@ -185,6 +185,59 @@ def test_projection_in_the_reused_buffer_gives_the_same_bits():
         assert torch.equal(a, b)
 
 
+def test_one_chunk_backward_reuses_the_forward_log_probs_while_nothing_overwrote_them(monkeypatch):
+    """A one-chunk policy forward in the reused buffer leaves its log-probs there; backward exponentiates them
+    instead of a second product. Its gradients equal autograd through the plain log-softmax to rounding, and
+    when another projection wrote the buffer in between, backward recomputes and gives the fresh bits."""
+    from preftune.logps import projection
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(11, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (11,))
+    weights = torch.randn(11)
+
+    class _Model:
+        config = type("C", (), {})()
+
+        def get_output_embeddings(self):
+            return head
+
+    products = []
+    real = projection._chunk_logits
+    monkeypatch.setattr(projection, "_chunk_logits", lambda h, w: products.append(h.shape[0]) or real(h, w))
+
+    def grads(out):
+        return [out.detach(), *torch.autograd.grad((out * weights).sum(), [hidden, head.weight])]
+
+    logits = hidden @ head.weight.t()
+    plain = grads(logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1))
+    fresh = grads(token_logps(Head(_Model()), hidden, targets, chunk_size=16))
+    assert products == [11, 11]
+
+    products.clear()
+    with projection.reused_logits_buffer():
+        kept = grads(token_logps(Head(_Model()), hidden, targets, chunk_size=16))
+    assert products == [11]  # no product in backward
+    for a, b in zip(kept, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    products.clear()
+    with projection.reused_logits_buffer():
+        out = token_logps(Head(_Model()), hidden, targets, chunk_size=16)
+        with torch.no_grad():
+            token_logps(Head(_Model()), hidden[:4], targets[:4], chunk_size=16)  # overwrites the buffer
+        overwritten = grads(out)
+    assert products == [11, 4, 11]
+    for a, b in zip(overwritten, fresh):
+        assert torch.equal(a, b)
+
+    with projection.reused_logits_buffer():  # backward after the step's buffer is gone recomputes too
+        out = token_logps(Head(_Model()), hidden, targets, chunk_size=16)
+    for a, b in zip(grads(out), fresh):
+        assert torch.equal(a, b)
+
+
 def test_left_padding_tokenizer_changes_nothing():
     tok = make_tokenizer()
     records = [PreferencePair("the capital of france is", " paris .", " rome", None, "r1"),

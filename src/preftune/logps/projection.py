@@ -23,6 +23,16 @@ def _token_logps(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> tor
 _workspace = threading.local()
 
 
+class _Buffer:
+    """One device's reused logits memory. `stamp` counts the writes into it, so a forward that left its
+    log-probs there can tell in backward whether they are still the buffer's contents."""
+
+    def __init__(self, numel: int, device):
+        with torch.inference_mode(False):  # the reference's forward may come first; the policy's writes it too
+            self.tensor: torch.Tensor | None = torch.empty(numel, dtype=torch.float32, device=device)
+        self.stamp = 0
+
+
 @contextmanager
 def reused_logits_buffer():
     """Within it, the fused projection on a CPU in fp32 writes every chunk's logits into one buffer, kept from
@@ -30,28 +40,57 @@ def reused_logits_buffer():
 
     A fresh [chunk, vocab] tensor is larger than glibc keeps for reuse (32 MB), so each one is mapped anew and
     page-faulted in as it is written: on the benchmark fixture (750 rows x 32,000) that made the product
-    ~1.5x slower than the same product into a buffer written before. A training step runs inside one.
+    ~1.5x slower than the same product into a buffer written before. When the policy's answer rows fit in one
+    chunk, its backward also finds its forward's log-probs still there and skips recomputing the logits. A
+    training step runs inside one.
     """
     outer = getattr(_workspace, "buffers", None)
-    _workspace.buffers = {} if outer is None else outer
+    mine = {} if outer is None else outer
+    _workspace.buffers = mine
     try:
         yield
     finally:
         _workspace.buffers = outer
+        if outer is None:
+            for buf in mine.values():  # a graph kept past the step recomputes instead of holding the memory
+                buf.tensor = None
+
+
+def _reusable(h: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (getattr(_workspace, "buffers", None) is not None and h.device.type == "cpu"
+            and h.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(h @ weight.T) as float32 [rows, vocab]; in the reused buffer where `reused_logits_buffer` allows it."""
-    buffers = getattr(_workspace, "buffers", None)
-    if (buffers is None or h.device.type != "cpu" or h.dtype != torch.float32 or weight.dtype != torch.float32
-            or torch.is_autocast_enabled("cpu")):
+    if not _reusable(h, weight):
         return (h @ weight.t()).float()
     need = h.shape[0] * weight.shape[0]
+    buffers = _workspace.buffers
     buf = buffers.get(h.device)
-    if buf is None or buf.numel() < need:
-        with torch.inference_mode(False):  # the reference's forward may come first; the policy's writes it too
-            buffers[h.device] = buf = torch.empty(need, dtype=torch.float32, device=h.device)
-    return torch.mm(h, weight.t(), out=buf[:need].view(h.shape[0], weight.shape[0]))
+    if buf is None or buf.tensor is None or buf.tensor.numel() < need:
+        buffers[h.device] = buf = _Buffer(need, h.device)
+    buf.stamp += 1
+    return torch.mm(h, weight.t(), out=buf.tensor[:need].view(h.shape[0], weight.shape[0]))
+
+
+def _kept_logps(hidden: torch.Tensor, weight: torch.Tensor):
+    """After a one-chunk `project` into the reused buffer: (buffer, stamp) to find its log-probs by in backward."""
+    if not _reusable(hidden, weight):
+        return None
+    buf = _workspace.buffers.get(hidden.device)
+    return None if buf is None else (buf, buf.stamp)
+
+
+def _still_kept(kept, rows: int, vocab: int) -> torch.Tensor | None:
+    """The forward's log-probs [rows, vocab] when nothing has written the buffer since; else None."""
+    if kept is None:
+        return None
+    buf, stamp = kept
+    if buf.stamp != stamp or buf.tensor is None:
+        return None
+    buf.stamp += 1  # backward turns them into the logit gradient
+    return buf.tensor[:rows * vocab].view(rows, vocab)
 
 
 class _LinearTokenLogps(torch.autograd.Function):
@@ -59,7 +98,8 @@ class _LinearTokenLogps(torch.autograd.Function):
 
     Forward keeps nothing of a chunk's logits; backward recomputes them and turns them into the logit gradient
     in place (softmax, scaled, minus one-hot), so a chunk needs one [chunk, vocab] buffer and no zero-filled
-    scatter tensors. Softmax and log-softmax run in the logits' own memory, row by row: each row's passes stay in
+    scatter tensors. The exception costs no memory: a one-chunk forward into the reused buffer leaves its
+    log-probs there, and when nothing has overwritten them backward exponentiates them instead. Softmax and log-softmax run in the logits' own memory, row by row: each row's passes stay in
     the CPU's cache, where a logsumexp over the whole chunk went to memory four times. Same numbers as autograd
     through `_token_logps`, to rounding.
     """
@@ -79,6 +119,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         out = _LinearTokenLogps.project(hidden, weight, targets, chunk)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk = chunk
+        ctx.kept = _kept_logps(hidden, weight) if hidden.shape[0] <= chunk else None
         # Backward recomputes the logits: it must do so at the precision forward used (mixed precision).
         dev = hidden.device.type
         ctx.amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
@@ -98,9 +139,13 @@ class _LinearTokenLogps(torch.autograd.Function):
         grad_w = None  # the first chunk's product, then accumulated into: no zero-filled [vocab, hidden] pass
         for s in range(0, hidden.shape[0], ctx.chunk):
             h, g = hidden[s:s + ctx.chunk], grad[s:s + ctx.chunk].float()
-            logits = _chunk_logits(h, weight)
+            logps = _still_kept(ctx.kept, h.shape[0], weight.shape[0]) if s == 0 else None
             # d logp(t) / d logits = onehot(t) - softmax(logits)
-            dlogits = torch.softmax(logits, dim=-1, out=logits).mul_(-g[:, None])
+            if logps is not None:
+                dlogits = logps.exp_().mul_(-g[:, None])
+            else:
+                logits = _chunk_logits(h, weight)
+                dlogits = torch.softmax(logits, dim=-1, out=logits).mul_(-g[:, None])
             rows = torch.arange(h.shape[0], device=h.device)
             dlogits.index_put_((rows, targets[s:s + ctx.chunk]), g, accumulate=True)
             if amp is not None:  # the two products in the compute dtype, accumulated in the weights' dtype
