@@ -169,6 +169,18 @@ def test_non_finite_weights_are_never_checkpointed(cfg):
     assert not (Path(cfg.output_dir) / "checkpoints" / "step-00000001").exists()
 
 
+@pytest.mark.parametrize("where", [0, 7, 8, 19])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finiteness_is_checked_block_by_block_over_every_element(where, bad):
+    from preftune.training.run_state import _all_finite
+
+    t = torch.randn(4, 5)
+    assert _all_finite(t, block=8)
+    t.view(-1)[where] = bad
+    assert not _all_finite(t, block=8)
+    assert not _all_finite(t.t(), block=8)  # not contiguous
+
+
 # ------------------------------------------------------------------ the run folder
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
