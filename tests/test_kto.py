@@ -115,7 +115,7 @@ def test_kto_batch_layout_and_objective_metrics():
 
 
 @pytest.mark.parametrize("sharing", [True, False], ids=["shared", "plain"])
-def test_kl_answers_run_without_autograd_and_change_nothing(sharing, tiny_model_dir):
+def test_kl_answers_run_without_autograd_and_change_nothing(sharing, tiny_model_dir, monkeypatch):
     """KTO's KL answers (slot 1) feed a detached estimate: the policy computes them without a graph, and the
     log-probs and the gradient of the own answers are those of a pass that tracks every answer."""
     import dataclasses
@@ -140,6 +140,22 @@ def test_kl_answers_run_without_autograd_and_change_nothing(sharing, tiny_model_
     assert len(grads_skipped) == len(grads_tracked)
     for a, b in zip(grads_skipped, grads_tracked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # In a training step's reused buffer the KL rows are projected first, so the own answers' backward finds
+    # their log-probs still there and runs no second vocabulary product.
+    from preftune.logps import projection
+
+    products = []
+    real = projection._chunk_logits
+    monkeypatch.setattr(projection, "_chunk_logits", lambda h, w: products.append(h.shape[0]) or real(h, w))
+    model.zero_grad()
+    with projection.reused_logits_buffer():
+        out = answer_logps(model, batch, prefix_sharing=sharing, trim_padding=True)
+        forward_products = len(products)
+        out.logps[0::2].sum().backward()
+    assert forward_products == 2 and len(products) == 2
+    torch.testing.assert_close(out.logps.detach(), tracked, rtol=1e-6, atol=1e-6)
+    for p, b in zip([p for p in model.parameters() if p.grad is not None], grads_tracked):
+        torch.testing.assert_close(p.grad, b, rtol=1e-5, atol=1e-7)
     params = [p for p in model.parameters() if p.requires_grad]
     for b, tracked_kl in ((batch, False), (dataclasses.replace(batch, no_grad_slots=()), True)):
         kl_rows = answer_logps(model, b, prefix_sharing=sharing).logps[1::2]

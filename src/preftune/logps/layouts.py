@@ -86,9 +86,9 @@ def _project(head: Head, hidden: torch.Tensor, targets: torch.Tensor, rows: torc
         return token_logps(head, hidden, targets, chunk_size)
     still = torch.isin(rows % batch.k, torch.tensor(batch.no_grad_slots, device=rows.device))
     live, fixed = (~still).nonzero().squeeze(1), still.nonzero().squeeze(1)
-    out = token_logps(head, hidden[live], targets[live], chunk_size)
-    with torch.no_grad():
+    with torch.no_grad():  # first: the live rows' projection then leaves its log-probs for backward to reuse
         rest = token_logps(head, hidden[fixed], targets[fixed], chunk_size)
+    out = token_logps(head, hidden[live], targets[live], chunk_size)
     return torch.cat([out, rest])[torch.argsort(torch.cat([live, fixed]))]
 
 
