@@ -86,3 +86,66 @@ def test_sliding_models_share_inside_the_window_and_run_plain_past_it(family, mo
         answer_logps(m, batch_of(SHAPES))
     past = len(SHAPES) - len(INSIDE)
     assert past > 0 and ran == {"shared": [len(INSIDE)] * 2, "plain": [past]}
+
+
+@pytest.mark.parametrize("family", ["phi3-longrope", "mistral"])
+def test_conversation_masks_hold_when_rows_are_cut_at_the_switch_or_window(family):
+    """SFT conversations of several assistant turns carry an answer mask (0 on the user turns between them). Rows
+    past longrope's switch run as answer rows of their own, and rows past a window run apart: the mask must
+    travel with them, or the user turns would enter the loss."""
+    from preftune.data.tokenize import TokenizedExample
+
+    m = tiny(family).eval()
+    g = torch.Generator().manual_seed(3)
+
+    def ids(n):
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    # prompt + answer ends at 9 (inside), 25 and 30 (past 16); the masks zero a middle stretch
+    items = [TokenizedExample(ids(3), ids(6), index=0, answer_mask=[1, 1, 0, 0, 1, 1]),
+             TokenizedExample(ids(5), ids(20), index=1, answer_mask=[1] * 6 + [0] * 8 + [1] * 6),
+             TokenizedExample(ids(10), ids(20), index=2, answer_mask=[1] * 4 + [0] * 10 + [1] * 6)]
+    batch = collate(items, pad_id=0)
+    with torch.no_grad():
+        ref = full_logits_logps(m, batch).logps
+        unmasked = full_logits_logps(m, collate([TokenizedExample(i.prompt_ids, i.answer_ids, index=i.index)
+                                                  for i in items], pad_id=0)).logps
+        assert (ref - unmasked).abs().min() > 1e-3  # the mask matters in every row
+        for sharing in (True, False):
+            torch.testing.assert_close(answer_logps(m, batch, prefix_sharing=sharing).logps, ref,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_kto_kl_rows_past_the_longrope_switch_still_run_without_autograd():
+    """KTO's KL answers (slot 1) past the switch run as k=1 parts of their own, marked to skip autograd: same
+    log-probs and gradients as a pass that tracks them, and no gradient through them."""
+    import dataclasses
+
+    from preftune.data.tokenize import TokenizedUnpaired
+
+    m = tiny("phi3-longrope")
+    g = torch.Generator().manual_seed(4)
+
+    def ids(n):
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    # prompt + answer / prompt + KL answer: 8 / 24, 22 / 9, 13 / 18 (both sides of 16)
+    items = [TokenizedUnpaired(ids(4), ids(4), ids(20), True, index=0),
+             TokenizedUnpaired(ids(6), ids(16), ids(3), False, index=1),
+             TokenizedUnpaired(ids(9), ids(4), ids(9), True, index=2)]
+    batch = collate(items, pad_id=0)
+    assert batch.no_grad_slots == (1,)
+    params = [p for p in m.parameters() if p.requires_grad]
+    runs = []
+    for b in (batch, dataclasses.replace(batch, no_grad_slots=())):
+        out = answer_logps(m, b)
+        runs.append((out.logps.detach(), torch.autograd.grad(out.logps[0::2].sum(), params, allow_unused=True)))
+        kl_grads = torch.autograd.grad(answer_logps(m, b).logps[1::2].sum(), params, allow_unused=True)
+        assert any(x is not None and x.abs().sum() > 0 for x in kl_grads) == (b is not batch)
+    (skipped, g_skipped), (tracked, g_tracked) = runs
+    torch.testing.assert_close(skipped, tracked, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_skipped, g_tracked):
+        if a is None or b is None:
+            assert (a is None or not a.abs().sum()) and (b is None or not b.abs().sum())
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -94,13 +94,25 @@ class Part:
     shareable: bool
 
 
-def _rows_as_batch(batch: PromptAnswerBatch, answer_rows: torch.Tensor) -> PromptAnswerBatch:
-    """Answer rows as a k=1 batch, each with its own copy of its prompt (trimmed of all-padding columns)."""
+def _rows_as_batch(batch: PromptAnswerBatch, answer_rows: torch.Tensor, no_grad: bool) -> PromptAnswerBatch:
+    """Answer rows as a k=1 batch, each with its own copy of its prompt (trimmed of all-padding columns) and its
+    row of the answer mask; `no_grad` when they all belong to `batch.no_grad_slots`."""
     prompts = torch.div(answer_rows, batch.k, rounding_mode="floor")
     p, a = batch.prompt_lens[prompts], batch.answer_lens[answer_rows]
-    return PromptAnswerBatch(batch.prompt_ids[prompts, : int(p.max())], p,
-                             batch.answer_ids[answer_rows, : int(a.max())], a, 1,
-                             batch.index[prompts.to(batch.index.device)])
+    width = int(a.max())
+    mask = None if batch.answer_mask is None else batch.answer_mask[answer_rows, :width]
+    return PromptAnswerBatch(batch.prompt_ids[prompts, : int(p.max())], p, batch.answer_ids[answer_rows, :width],
+                             a, 1, batch.index[prompts.to(batch.index.device)], mask,
+                             no_grad_slots=(0,) if no_grad else ())
+
+
+def _row_parts(batch: PromptAnswerBatch, answer_rows: torch.Tensor) -> list[Part]:
+    """`answer_rows` as k=1 parts: the rows of `batch.no_grad_slots` apart, so they still run without autograd."""
+    if not batch.no_grad_slots:
+        return [Part(_rows_as_batch(batch, answer_rows, False), answer_rows, False)]
+    still = torch.isin(answer_rows % batch.k, torch.tensor(batch.no_grad_slots, device=answer_rows.device))
+    return [Part(_rows_as_batch(batch, rows, no_grad), rows, False)
+            for rows, no_grad in ((answer_rows[~still], False), (answer_rows[still], True)) if len(rows)]
 
 
 def exact_parts(batch: PromptAnswerBatch, limits: Limits) -> list[Part]:
@@ -129,10 +141,10 @@ def exact_parts(batch: PromptAnswerBatch, limits: Limits) -> list[Part]:
         before = (rest & (totals <= limits.rope_switch)).nonzero().squeeze(1)
         past = (rest & (totals > limits.rope_switch)).nonzero().squeeze(1)
         if len(before):
-            parts.append(Part(_rows_as_batch(batch, before), before, False))
+            parts += _row_parts(batch, before)
         if limits.rope_by_length:
             groups = [row[None] for row in past[torch.argsort(totals[past], stable=True)]]
         else:
             groups = [past] if len(past) else []
-        parts += [Part(_rows_as_batch(batch, rows), rows, False) for rows in groups]
+        parts += [part for rows in groups for part in _row_parts(batch, rows)]
     return parts
