@@ -96,12 +96,12 @@ def _still_kept(kept, rows: int, vocab: int) -> torch.Tensor | None:
 class _LinearTokenLogps(torch.autograd.Function):
     """log softmax(hidden @ weight.T)[target] per row, `chunk` rows at a time, for a plain bias-free projection.
 
-    Forward keeps nothing of a chunk's logits; backward recomputes them and turns them into the logit gradient
-    in place (softmax, scaled, minus one-hot), so a chunk needs one [chunk, vocab] buffer and no zero-filled
-    scatter tensors. The exception costs no memory: a one-chunk forward into the reused buffer leaves its
-    log-probs there, and when nothing has overwritten them backward exponentiates them instead. Softmax and log-softmax run in the logits' own memory, row by row: each row's passes stay in
-    the CPU's cache, where a logsumexp over the whole chunk went to memory four times. Same numbers as autograd
-    through `_token_logps`, to rounding.
+    Forward keeps nothing of a chunk's logits; backward recomputes them and turns them into the logit gradient in
+    place (softmax, scaled, minus one-hot), so a chunk needs one [chunk, vocab] buffer and no zero-filled scatter
+    tensors. The exception costs no memory: a one-chunk forward into the reused buffer leaves its log-probs there,
+    and when nothing has overwritten them backward exponentiates them instead. Softmax and log-softmax run in the
+    logits' own memory, row by row: each row's passes stay in the CPU's cache, where a logsumexp over the whole
+    chunk went to memory four times. Same numbers as autograd through `_token_logps`, to rounding.
     """
 
     @staticmethod
