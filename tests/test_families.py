@@ -29,12 +29,14 @@ INSIDE = [s for s in SHAPES if s[0] + max(s[1:]) <= WINDOW]
 assert WINDOW == ORIGINAL_MAX
 
 
-def batch_of(shapes, seed: int = 1):
+def id_source(seed: int):
+    """n -> n random token ids, from a generator seeded with `seed`."""
     g = torch.Generator().manual_seed(seed)
+    return lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
 
-    def ids(n):
-        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
 
+def batch_of(shapes, seed: int = 1):
+    ids = id_source(seed)
     return collate([TokenizedPair(ids(p), ids(c), ids(r), index=i) for i, (p, c, r) in enumerate(shapes)], pad_id=0)
 
 
@@ -96,10 +98,7 @@ def test_conversation_masks_hold_when_rows_are_cut_at_the_switch_or_window(famil
     from preftune.data.tokenize import TokenizedExample
 
     m = tiny(family).eval()
-    g = torch.Generator().manual_seed(3)
-
-    def ids(n):
-        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+    ids = id_source(3)
 
     # prompt + answer ends at 9 (inside), 25 and 30 (past 16); the masks zero a middle stretch
     items = [TokenizedExample(ids(3), ids(6), index=0, answer_mask=[1, 1, 0, 0, 1, 1]),
@@ -124,10 +123,7 @@ def test_kto_kl_rows_past_the_longrope_switch_still_run_without_autograd():
     from preftune.data.tokenize import TokenizedUnpaired
 
     m = tiny("phi3-longrope")
-    g = torch.Generator().manual_seed(4)
-
-    def ids(n):
-        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+    ids = id_source(4)
 
     # prompt + answer / prompt + KL answer: 8 / 24, 22 / 9, 13 / 18 (both sides of 16)
     items = [TokenizedUnpaired(ids(4), ids(4), ids(20), True, index=0),

@@ -143,10 +143,9 @@ def test_kl_answers_run_without_autograd_and_change_nothing(sharing, tiny_model_
     # In a training step's reused buffer the KL rows are projected first, so the own answers' backward finds
     # their log-probs still there and runs no second vocabulary product.
     from preftune.logps import projection
+    from test_logprobs import counted_products
 
-    products = []
-    real = projection._chunk_logits
-    monkeypatch.setattr(projection, "_chunk_logits", lambda h, w: products.append(h.shape[0]) or real(h, w))
+    products = counted_products(monkeypatch)
     model.zero_grad()
     with projection.reused_logits_buffer():
         out = answer_logps(model, batch, prefix_sharing=sharing, trim_padding=True)

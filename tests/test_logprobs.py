@@ -134,6 +134,28 @@ def test_no_grad_paths_agree_too():
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+def head_of(linear: torch.nn.Linear) -> Head:
+    """`Head` of just enough of a causal LM: `linear` as its output projection."""
+
+    class _Model:
+        config = type("C", (), {})()
+
+        def get_output_embeddings(self):
+            return linear
+
+    return Head(_Model())
+
+
+def counted_products(monkeypatch) -> list[int]:
+    """The rows of each vocabulary product the fused projection runs from now on, in order."""
+    from preftune.logps import projection
+
+    products = []
+    real = projection._chunk_logits
+    monkeypatch.setattr(projection, "_chunk_logits", lambda h, w: products.append(h.shape[0]) or real(h, w))
+    return products
+
+
 def test_fused_projection_equals_autograd_log_softmax():
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False)
@@ -141,13 +163,8 @@ def test_fused_projection_equals_autograd_log_softmax():
     targets = torch.randint(0, 50, (11,))
     weights = torch.randn(11)
 
-    class _Model:  # just enough of a causal LM for `Head`
-        config = type("C", (), {})()
 
-        def get_output_embeddings(self):
-            return head
-
-    fast = token_logps(Head(_Model()), hidden, targets, chunk_size=3)
+    fast = token_logps(head_of(head), hidden, targets, chunk_size=3)
     g_fast = torch.autograd.grad((fast * weights).sum(), [hidden, head.weight])
     plain = F.log_softmax(hidden @ head.weight.t(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
     g_plain = torch.autograd.grad((plain * weights).sum(), [hidden, head.weight])
@@ -166,16 +183,11 @@ def test_projection_in_the_reused_buffer_gives_the_same_bits():
     hidden = torch.randn(11, 8, requires_grad=True)
     targets = torch.randint(0, 50, (11,))
 
-    class _Model:
-        config = type("C", (), {})()
-
-        def get_output_embeddings(self):
-            return head
 
     def step():
         with torch.inference_mode():
-            ref = token_logps(Head(_Model()), hidden.detach()[:5], targets[:5], chunk_size=4)
-        out = token_logps(Head(_Model()), hidden, targets, chunk_size=3)
+            ref = token_logps(head_of(head), hidden.detach()[:5], targets[:5], chunk_size=4)
+        out = token_logps(head_of(head), hidden, targets, chunk_size=3)
         return [ref, out.detach(), *torch.autograd.grad(out.sum(), [hidden, head.weight])]
 
     fresh = step()
@@ -197,43 +209,36 @@ def test_one_chunk_backward_reuses_the_forward_log_probs_while_nothing_overwrote
     targets = torch.randint(0, 50, (11,))
     weights = torch.randn(11)
 
-    class _Model:
-        config = type("C", (), {})()
 
-        def get_output_embeddings(self):
-            return head
-
-    products = []
-    real = projection._chunk_logits
-    monkeypatch.setattr(projection, "_chunk_logits", lambda h, w: products.append(h.shape[0]) or real(h, w))
+    products = counted_products(monkeypatch)
 
     def grads(out):
         return [out.detach(), *torch.autograd.grad((out * weights).sum(), [hidden, head.weight])]
 
     logits = hidden @ head.weight.t()
     plain = grads(logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1))
-    fresh = grads(token_logps(Head(_Model()), hidden, targets, chunk_size=16))
+    fresh = grads(token_logps(head_of(head), hidden, targets, chunk_size=16))
     assert products == [11, 11]
 
     products.clear()
     with projection.reused_logits_buffer():
-        kept = grads(token_logps(Head(_Model()), hidden, targets, chunk_size=16))
+        kept = grads(token_logps(head_of(head), hidden, targets, chunk_size=16))
     assert products == [11]  # no product in backward
     for a, b in zip(kept, plain):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
     products.clear()
     with projection.reused_logits_buffer():
-        out = token_logps(Head(_Model()), hidden, targets, chunk_size=16)
+        out = token_logps(head_of(head), hidden, targets, chunk_size=16)
         with torch.no_grad():
-            token_logps(Head(_Model()), hidden[:4], targets[:4], chunk_size=16)  # overwrites the buffer
+            token_logps(head_of(head), hidden[:4], targets[:4], chunk_size=16)  # overwrites the buffer
         overwritten = grads(out)
     assert products == [11, 4, 11]
     for a, b in zip(overwritten, fresh):
         assert torch.equal(a, b)
 
     with projection.reused_logits_buffer():  # backward after the step's buffer is gone recomputes too
-        out = token_logps(Head(_Model()), hidden, targets, chunk_size=16)
+        out = token_logps(head_of(head), hidden, targets, chunk_size=16)
     for a, b in zip(grads(out), fresh):
         assert torch.equal(a, b)
 

@@ -62,6 +62,11 @@ class PromptAnswerBatch:
                                  self.answer_ids.to(device), self.answer_lens.to(device), self.k, self.index, mask,
                                  host, labels, self.no_grad_slots)
 
+    def in_no_grad_slot(self, answer_rows: torch.Tensor) -> torch.Tensor:
+        """[N] bool: which of these answer rows (indices into `answer_ids`) belong to `no_grad_slots`."""
+        slots = torch.tensor(self.no_grad_slots, dtype=torch.long, device=answer_rows.device)
+        return torch.isin(answer_rows % self.k, slots)
+
     def tokens(self) -> int:
         """Tokens actually attended to (no padding): prompts once plus every answer."""
         p, a = self.lengths()

@@ -84,7 +84,7 @@ def _project(head: Head, hidden: torch.Tensor, targets: torch.Tensor, rows: torc
     would only multiply zeros)."""
     if not _skips_grad(batch, router):
         return token_logps(head, hidden, targets, chunk_size)
-    still = torch.isin(rows % batch.k, torch.tensor(batch.no_grad_slots, device=rows.device))
+    still = batch.in_no_grad_slot(rows)
     live, fixed = (~still).nonzero().squeeze(1), still.nonzero().squeeze(1)
     with torch.no_grad():  # first: the live rows' projection then leaves its log-probs for backward to reuse
         rest = token_logps(head, hidden[fixed], targets[fixed], chunk_size)

@@ -110,7 +110,7 @@ def _row_parts(batch: PromptAnswerBatch, answer_rows: torch.Tensor) -> list[Part
     """`answer_rows` as k=1 parts: the rows of `batch.no_grad_slots` apart, so they still run without autograd."""
     if not batch.no_grad_slots:
         return [Part(_rows_as_batch(batch, answer_rows, False), answer_rows, False)]
-    still = torch.isin(answer_rows % batch.k, torch.tensor(batch.no_grad_slots, device=answer_rows.device))
+    still = batch.in_no_grad_slot(answer_rows)
     return [Part(_rows_as_batch(batch, rows, no_grad), rows, False)
             for rows, no_grad in ((answer_rows[~still], False), (answer_rows[still], True)) if len(rows)]
 

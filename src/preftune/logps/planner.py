@@ -12,10 +12,11 @@ from ..data.batching import PromptAnswerBatch
 
 # What one extra forward call costs, in tokens of work: Python and kernel-launch overhead. On a CPU a forward is
 # cheap to start, so a batch splits into several groups of similar length (on the CPU benchmark's fixture, 2
-# threads, a quiet machine: 128 ran its passes 3.6% faster than 32, 64 and 256 in between). On a GPU a small
-# model's step is bound by launches and host work: on an H100 with a 0.5B model and batches of 8 HH pairs, one padded plain batch ran
-# 38 pairs/s where exact-length groups in the shared layout ran 20 (benchmarks/results/gpu-h100/), so a call
-# weighs as much as several thousand tokens there.
+# threads, a quiet machine: 128 ran its passes 3.6% faster than 32, 64 and 256 in between; after the projection
+# changes, 64 ran as fast as 128 and 32 4-10% slower). On a GPU a small model's step is bound by launches and host
+# work: on an H100 with a 0.5B model and batches of 8 HH pairs, one padded plain batch ran 38 pairs/s where
+# exact-length groups in the shared layout ran 20 (benchmarks/results/gpu-h100/), so a call weighs as much as
+# several thousand tokens there.
 CALL_COST_TOKENS = {"cpu": 128, "cuda": 8192}
 DEFAULT_CALL_COST = 512
 
