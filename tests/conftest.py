@@ -34,3 +34,11 @@ def sharing_is_cheap(monkeypatch):
     from preftune.logps import planner
 
     monkeypatch.setitem(planner.CALL_COST_TOKENS, "cpu", 0)
+
+
+@pytest.fixture
+def padded_layouts(monkeypatch):
+    """No packed layout: for tests of the padded layouts (shared and plain) and of the planner between them."""
+    from preftune.logps import answer
+
+    monkeypatch.setattr(answer, "packs", lambda model: False)

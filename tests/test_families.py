@@ -46,21 +46,31 @@ def _fresh_warnings(monkeypatch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_layout_equals_the_whole_model_forward(family, caplog):
+def test_every_layout_equals_the_whole_model_forward(family, caplog, monkeypatch):
     m = tiny(family, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) if family == "gpt2" else tiny(family)
     batch = batch_of(SHAPES)
     plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
+    packs, packed = answer.packs, answer.packed_logps
+    ran = []
+    monkeypatch.setattr(answer, "packed_logps", lambda mm, b, **kw: ran.append(b.size) or packed(mm, b, **kw))
     with caplog.at_level(logging.WARNING, logger="preftune.logps.answer"):
-        for sharing in (True, False):
-            for trim in (True, False):
-                fast = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=sharing, trim_padding=trim,
-                                                               chunk_size=5))
-                assert_close(fast, plain)
+        for packing in (True, False):  # packed where the model's attention takes it; then the padded layouts
+            monkeypatch.setattr(answer, "packs", packs if packing else lambda model: False)
+            for sharing in (True, False):
+                for trim in (True, False):
+                    fast = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=sharing,
+                                                                   trim_padding=trim, chunk_size=5))
+                    assert_close(fast, plain)
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        fast = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=True))
-        assert_close(fast, plain)
-    # No family falls back: every one continues answers from a shared prompt cache, checkpointed or not.
-    assert not [r.getMessage() for r in caplog.records if "plain path" in r.getMessage()]
+        for packing in (True, False):
+            monkeypatch.setattr(answer, "packs", packs if packing else lambda model: False)
+            fast = logps_and_grads(m, lambda: answer_logps(m, batch, prefix_sharing=True))
+            assert_close(fast, plain)
+    # No family falls back: every one continues answers from a shared prompt cache, checkpointed or not, and
+    # every one with "sdpa" attention through Hugging Face's attention table runs packed.
+    assert not [r.getMessage() for r in caplog.records if "plain path" in r.getMessage() or "packed" in r.getMessage()]
+    assert bool(ran) == packs(m)
+    assert packs(m) == (family not in ("gemma2", "bloom", "stablelm", "falcon-alibi"))
 
 
 def test_the_longrope_pairs_do_cross_the_switch():
@@ -75,7 +85,7 @@ def test_the_longrope_pairs_do_cross_the_switch():
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "cohere2", "starcoder2", "qwen2-window", "phi3-window"])
-def test_sliding_models_share_inside_the_window_and_run_plain_past_it(family, monkeypatch):
+def test_sliding_models_share_inside_the_window_and_run_plain_past_it(family, monkeypatch, padded_layouts):
     m = tiny(family).eval()
     assert limits_of(m).window == WINDOW
     ran = {"shared": [], "plain": []}
@@ -88,6 +98,22 @@ def test_sliding_models_share_inside_the_window_and_run_plain_past_it(family, mo
         answer_logps(m, batch_of(SHAPES))
     past = len(SHAPES) - len(INSIDE)
     assert past > 0 and ran == {"shared": [len(INSIDE)] * 2, "plain": [past]}
+
+
+@pytest.mark.parametrize("family", ["mistral", "cohere2", "starcoder2", "qwen2-window", "phi3-window"])
+def test_sliding_models_pack_inside_the_window_and_run_plain_past_it(family, monkeypatch):
+    """Packed attention runs per pair without the window, which is exact while a pair fits it."""
+    m = tiny(family).eval()
+    ran = {"packed": [], "plain": []}
+    packed, plain = answer.packed_logps, answer.plain_logps
+    monkeypatch.setattr(answer, "packed_logps", lambda mm, b, **kw: ran["packed"].append(b.size) or packed(mm, b, **kw))
+    monkeypatch.setattr(answer, "plain_logps", lambda mm, b, **kw: ran["plain"].append(b.size) or plain(mm, b, **kw))
+    batch = batch_of(SHAPES)
+    with torch.no_grad():
+        out = answer_logps(m, batch).logps
+        torch.testing.assert_close(out, full_logits_logps(m, batch).logps, rtol=1e-5, atol=1e-5)
+    past = len(SHAPES) - len(INSIDE)
+    assert ran == {"packed": [len(INSIDE)], "plain": [past]}
 
 
 @pytest.mark.parametrize("family", ["phi3-longrope", "mistral"])

@@ -76,7 +76,8 @@ def test_fast_paths_equal_the_whole_model_forward(layout, trim_padding, chunk_si
 
 @pytest.mark.parametrize("call_cost,prompt,expected", [(0, 4, "shared"), (32, 40, "shared"), (32, 2, "plain"),
                                                        (10_000, 40, "plain")])
-def test_the_cheaper_layout_is_taken_and_gives_the_same_numbers(monkeypatch, call_cost, prompt, expected):
+def test_the_cheaper_layout_is_taken_and_gives_the_same_numbers(monkeypatch, call_cost, prompt, expected,
+                                                                padded_layouts):
     # Shared: each prompt once + 3 calls; plain: each prompt twice in 1 call. Long prompts and cheap calls favour
     # sharing; short prompts or dear calls (a GPU's launches) favour one plain batch.
     monkeypatch.setitem(planner.CALL_COST_TOKENS, "cpu", call_cost)
@@ -259,7 +260,8 @@ def test_left_padding_tokenizer_changes_nothing():
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_a_model_without_a_reusable_cache_falls_back_with_one_warning(monkeypatch, caplog, sharing_is_cheap):
+def test_a_model_without_a_reusable_cache_falls_back_with_one_warning(monkeypatch, caplog, sharing_is_cheap,
+                                                                     padded_layouts):
     def no_cache(*args, **kwargs):
         raise TypeError("no cache here")
 
@@ -278,7 +280,8 @@ def test_a_model_without_a_reusable_cache_falls_back_with_one_warning(monkeypatc
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, caplog, reentrant, sharing_is_cheap):
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, caplog, reentrant, sharing_is_cheap,
+                                                         padded_layouts):
     monkeypatch.setattr(answer, "_WARNED", set())
     m = model()
     batch = collate(pairs(SHAPES), pad_id=0)

@@ -7,10 +7,14 @@ Under data parallelism the computation must be one module's forward (DDP and FSD
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
+
+import torch
 
 from ..data.batching import PromptAnswerBatch
-from .layouts import AnswerLogps, plain_logps, shared_prefix_logps
-from .limits import Limits, exact_parts, limits_of
+from .layouts import AnswerLogps, plain_logps, shared_prefix_logps, skips_grad
+from .limits import Limits, exact_parts, limits_of, row_parts
+from .packed import packed_logps, packs
 from .parts import LMWrapper, attention_backends, checkpointing, compute_precision, unwrap
 from .planner import plan_layout
 from .router import RouterLogits
@@ -66,12 +70,24 @@ def _answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool, chun
 def _layout_logps(model, batch: PromptAnswerBatch, limits: Limits, *, share: bool, chunk_size: int,
                   trim_padding: bool, router: RouterLogits | None, uniform_calls: bool = False) -> AnswerLogps:
     name = type(unwrap(model)).__name__
+    key = f"{name}/checkpointing" if checkpointing(model) else name
+    if share and trim_padding and not uniform_calls and f"{key}/packed" not in _WARNED and packs(model):
+        # One call on real tokens only: no padding, and no planner needed (see packed.py).
+        gathered = len(router.parts) if router is not None else 0
+        try:
+            out = _packed(model, batch, chunk_size, router)
+            _say_once(name, "packed", limits)
+            return out
+        except (TypeError, ValueError, NotImplementedError, AttributeError) as exc:
+            if router is not None:
+                del router.parts[gathered:]
+            _WARNED.add(f"{key}/packed")
+            log.warning("%s cannot run answers packed in one row (%s); using the padded layouts", name, exc)
     plain_groups = None
     if share and batch.k > 1:
         # Both layouts give the same numbers; the planner's cost says which is cheaper for this batch on this device.
         shared_groups, shared_cost = plan_layout(batch, shared=True, trim_padding=trim_padding, max_span=limits.window)
         plain_groups, plain_cost = plan_layout(batch, shared=False, trim_padding=trim_padding)
-        key = f"{name}/checkpointing" if checkpointing(model) else name
         if key not in _WARNED and (uniform_calls or shared_cost <= plain_cost):
             gathered = len(router.parts) if router is not None else 0
             try:
@@ -88,6 +104,21 @@ def _layout_logps(model, batch: PromptAnswerBatch, limits: Limits, *, share: boo
     _say_once(name, "plain", limits)
     return plain_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding, groups=plain_groups,
                        router=router)
+
+
+def _packed(model, batch: PromptAnswerBatch, chunk_size: int, router: RouterLogits | None) -> AnswerLogps:
+    """The packed layout; slots that skip autograd (KTO's KL answers) in a call of their own without it, their
+    prompts computed again there (a forward without autograd costs a third of one with it)."""
+    if not skips_grad(batch, router):
+        return packed_logps(model, batch, chunk_size=chunk_size, router=router)
+    rows = torch.arange(batch.answer_ids.shape[0], device=batch.answer_ids.device)
+    logps = None
+    for part in reversed(row_parts(batch, rows)):  # without autograd first: see layouts._project
+        with torch.no_grad() if part.batch.no_grad_slots else nullcontext():
+            out = packed_logps(model, part.batch, chunk_size=chunk_size, router=router).logps
+        logps = out.new_zeros(len(rows)) if logps is None else logps
+        logps = logps.index_copy(0, part.answer_rows, out)
+    return AnswerLogps(logps, batch.answer_lens)
 
 
 def _say_once(name: str, layout: str, limits: Limits) -> None:

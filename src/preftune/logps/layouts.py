@@ -4,7 +4,8 @@
 - prefix-shared: the prompts run once, and all k answers of a prompt continue from its key/value cache.
 
 Either way only the hidden states that predict answer tokens are projected to the vocabulary (projection.py),
-and a batch runs as sub-batches of similar length (planner.py, `trim_padding`).
+and a batch runs as sub-batches of similar length (planner.py, `trim_padding`). On a CPU a third layout,
+packed.py, runs the batch without padding where the model's attention allows it; these two are the rest.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _answer_mask(batch: PromptAnswerBatch) -> torch.Tensor:
     return torch.arange(width, device=batch.answer_ids.device)[None, :] < batch.answer_lens[:, None]
 
 
-def _run_grouped(model, batch: PromptAnswerBatch, groups: list[list[int]], layout, chunk_size: int,
+def run_grouped(model, batch: PromptAnswerBatch, groups: list[list[int]], layout, chunk_size: int,
                  router: RouterLogits | None) -> AnswerLogps:
     """Run `layout` on each group's sub-batch, then project all answer predictors together, in chunks.
 
@@ -72,7 +73,7 @@ def _run_grouped(model, batch: PromptAnswerBatch, groups: list[list[int]], layou
     return AnswerLogps(sums.index_add(0, rows_all, per_token), batch.answer_lens)
 
 
-def _skips_grad(batch: PromptAnswerBatch, router: RouterLogits | None) -> bool:
+def skips_grad(batch: PromptAnswerBatch, router: RouterLogits | None) -> bool:
     """Whether this call computes `batch.no_grad_slots` without autograd. Not with router logits gathered: a
     mixture of experts' balancing loss takes those slots' router logits with their gradient."""
     return bool(batch.no_grad_slots) and router is None and torch.is_grad_enabled()
@@ -82,7 +83,7 @@ def _project(head: Head, hidden: torch.Tensor, targets: torch.Tensor, rows: torc
              router: RouterLogits | None, chunk_size: int) -> torch.Tensor:
     """log p(target) of each token; those of `batch.no_grad_slots` projected without autograd (their backward
     would only multiply zeros)."""
-    if not _skips_grad(batch, router):
+    if not skips_grad(batch, router):
         return token_logps(head, hidden, targets, chunk_size)
     still = batch.in_no_grad_slot(rows)
     live, fixed = (~still).nonzero().squeeze(1), still.nonzero().squeeze(1)
@@ -253,7 +254,7 @@ def _shared_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor,
             amask = cols < lens[:, None]
             positions = batch.prompt_lens[:, None] + torch.minimum(cols, (lens[:, None] - 1).clamp(min=0))
             attn = torch.cat([p_mask, amask], dim=1).long()
-            frozen = s in batch.no_grad_slots and _skips_grad(batch, router)
+            frozen = s in batch.no_grad_slots and skips_grad(batch, router)
             with torch.no_grad() if frozen else nullcontext():
                 ans_out = body(inputs_embeds=embeds, attention_mask=attn, position_ids=positions, use_cache=True,
                                **{cache_name: _pinned_cache(model, prompt_states, p_width, p_width + width)},
@@ -273,7 +274,7 @@ def plain_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024, trim
                 groups: list[list[int]] | None = None, router: RouterLogits | None = None) -> AnswerLogps:
     """Each answer row as its own sequence `prompt + answer` (the prompt is computed once per answer)."""
     groups = groups or length_groups(batch, shared=False, trim_padding=trim_padding)
-    return _run_grouped(model, batch, groups, _plain_layout, chunk_size, router)
+    return run_grouped(model, batch, groups, _plain_layout, chunk_size, router)
 
 
 def shared_prefix_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 1024, trim_padding: bool = True,
@@ -284,5 +285,5 @@ def shared_prefix_logps(model, batch: PromptAnswerBatch, *, chunk_size: int = 10
     `max_span`: the longest prompt width + answer width a group may have (a sliding window; see limits.py).
     """
     groups = groups or length_groups(batch, shared=True, trim_padding=trim_padding, max_span=max_span)
-    return _run_grouped(model, batch, groups, _shared_layout, chunk_size, router)
+    return run_grouped(model, batch, groups, _shared_layout, chunk_size, router)
 

@@ -44,12 +44,18 @@ class Limits:
         return "; ".join(parts)
 
 
-def layout_note(model, prefix_sharing: bool, why: str = "--no-prefix-sharing") -> str:
-    """One line for the run's log: the layout a model's rows take and why (`why`: what switched sharing off)."""
+def layout_note(model, prefix_sharing: bool, why: str = "--no-prefix-sharing", packing: bool = True) -> str:
+    """One line for the run's log: the layout a model's rows take and why (`why`: what switched sharing off;
+    `packing`: whether the packed layout may be taken, i.e. padding is trimmed and calls need not be uniform)."""
+    from .packed import packs
+
     name = type(unwrap(model)).__name__
     if not prefix_sharing:
         return f"layout: {name}: plain ({why})"
     why = limits_of(model).describe()
+    if packing and packs(model):
+        return f"layout: {name}: packed (prompts once, answers after them, one row without padding)" + (
+            f"; {why}" if why else "")
     return f"layout: {name}: prefix-shared" + (f"; {why}" if why else "")
 
 
@@ -106,7 +112,7 @@ def _rows_as_batch(batch: PromptAnswerBatch, answer_rows: torch.Tensor, no_grad:
                              no_grad_slots=(0,) if no_grad else ())
 
 
-def _row_parts(batch: PromptAnswerBatch, answer_rows: torch.Tensor) -> list[Part]:
+def row_parts(batch: PromptAnswerBatch, answer_rows: torch.Tensor) -> list[Part]:
     """`answer_rows` as k=1 parts: the rows of `batch.no_grad_slots` apart, so they still run without autograd."""
     if not batch.no_grad_slots:
         return [Part(_rows_as_batch(batch, answer_rows, False), answer_rows, False)]
@@ -141,10 +147,10 @@ def exact_parts(batch: PromptAnswerBatch, limits: Limits) -> list[Part]:
         before = (rest & (totals <= limits.rope_switch)).nonzero().squeeze(1)
         past = (rest & (totals > limits.rope_switch)).nonzero().squeeze(1)
         if len(before):
-            parts += _row_parts(batch, before)
+            parts += row_parts(batch, before)
         if limits.rope_by_length:
             groups = [row[None] for row in past[torch.argsort(totals[past], stable=True)]]
         else:
             groups = [past] if len(past) else []
-        parts += [part for rows in groups for part in _row_parts(batch, rows)]
+        parts += [part for rows in groups for part in row_parts(batch, rows)]
     return parts

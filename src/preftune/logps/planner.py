@@ -3,7 +3,8 @@
 A batch of mixed lengths padded to its longest row computes mostly padding; one forward per row pays a call's
 overhead per row. The plan weighs one against the other with a cost in tokens of work, and the same cost picks
 the layout: the shared one computes each prompt once but makes 1 + k forward calls per group, the plain one
-computes each prompt k times in a single call.
+computes each prompt k times in a single call. (A CPU model whose attention takes the packed layout, packed.py,
+pays neither and needs no plan.)
 """
 
 from __future__ import annotations
