@@ -35,7 +35,8 @@ HH = "data/hh-rlhf-harmless-base-test.jsonl.gz"
 VARIANTS = {
     "plain rows (padded batch), answer-only chunked logits": ["--no-prefix-sharing", "--no-trim-padding"],
     "+ padding trimmed (length groups inside the batch)": ["--no-prefix-sharing"],
-    "+ prefix sharing (default settings)": [],
+    "+ prefix sharing (padded length groups)": ["--no-packing"],
+    "+ packed rows, no padding (default settings)": [],
     "+ reference log-probs cached (--precompute-ref, reused)": ["--precompute-ref"],
 }
 

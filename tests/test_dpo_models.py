@@ -44,8 +44,9 @@ def test_the_run_log_says_which_layout_the_model_takes(tmp_path, capsys):
     first_step(tmp_path, model, quiet=False)
     assert ("layout: MistralForCausalLM: packed (prompts once, answers after them, one row without padding); "
             "sliding window 16: pairs whose prompt + answer fit it") in capsys.readouterr().out
-    first_step(tmp_path, model, quiet=False, trim_padding=False)
-    assert "layout: MistralForCausalLM: prefix-shared; sliding window 16" in capsys.readouterr().out
+    for off in ({"packing": False}, {"trim_padding": False}):
+        first_step(tmp_path, model, quiet=False, **off)
+        assert "layout: MistralForCausalLM: prefix-shared; sliding window 16" in capsys.readouterr().out
 
 
 def test_compile_compiles_both_decoders_and_takes_the_plain_layout(tmp_path, monkeypatch, capsys):

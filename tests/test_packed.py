@@ -93,6 +93,17 @@ def test_checkpointed_layers_replay_the_packed_attention(monkeypatch, caplog, re
     assert ran == [len(SHAPES)] and not caplog.records
 
 
+def test_packing_off_takes_the_padded_layouts(monkeypatch):
+    m = tiny("llama")
+    batch = pair_batch(SHAPES)
+    ran = spy(monkeypatch)
+    with torch.no_grad():
+        off = answer_logps(m, batch, packing=False).logps
+        on = answer_logps(m, batch).logps
+    assert ran == [len(SHAPES)]
+    torch.testing.assert_close(off, on, rtol=1e-5, atol=1e-5)
+
+
 def test_a_layer_that_drops_the_structure_makes_the_model_fall_back_once(monkeypatch, caplog):
     """A decoder layer that does not pass unknown keyword arguments on to its attention would attend across the
     whole row: the count of attention calls catches it, and the model takes the padded layouts from then on."""

@@ -118,6 +118,9 @@ class TrainConfig:
                                     "cheaper than one plain batch (nearly always on a CPU).")
     logits_chunk_size: int = _f(1024, "Answer tokens projected to the vocabulary at a time.")
     trim_padding: bool = _f(True, "Run each batch as sub-batches of similar length so padding is not computed.")
+    packing: bool = _f(True, "On a CPU, run each batch as one row without padding (prompts once, answers after "
+                             "them, attention per pair) where the model's attention allows it; needs prefix sharing "
+                             "and trimmed padding. --no-packing takes the padded layouts.")
     precompute_ref: bool = _f(False, "Compute reference log-probs once before training and cache them on disk.")
     ref_cache_dir: str | None = _f(None, "Where cached reference log-probs live (default: ~/.cache/preftune/ref).")
     group_by_length: bool = _f(False, "Batch pairs of similar length together to cut padding.")

@@ -21,14 +21,14 @@ def table_of(logps_fn, items, *, pad_id: int, device, batch_size: int) -> torch.
 
 
 def logps_table(model, items, *, pad_id: int, device, batch_size: int = 8, prefix_sharing: bool = True,
-                chunk_size: int = 1024, trim_padding: bool = True) -> torch.Tensor:
+                chunk_size: int = 1024, trim_padding: bool = True, packing: bool = True) -> torch.Tensor:
     """`table_of` for a model, in eval mode (no dropout) for the duration."""
     was_training = model.training
     model.eval()
     try:
         def logps(batch):
             return answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
-                                trim_padding=trim_padding).logps
+                                trim_padding=trim_padding, packing=packing).logps
 
         return table_of(logps, items, pad_id=pad_id, device=device, batch_size=batch_size)
     finally:
@@ -86,7 +86,7 @@ def evaluate_during(model, reference_table, eval_items, cfg: TrainConfig, pad_id
         return {f"eval_{k}": v for k, v in metrics.items()}
     policy = logps_table(model, eval_items, pad_id=pad_id, device=device, batch_size=cfg.batch_size,
                          prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
-                         trim_padding=cfg.trim_padding)
+                         trim_padding=cfg.trim_padding, packing=cfg.packing)
     if cfg.stage == "sft":
         tokens = sum(len(it.answer_ids) for it in eval_items)
         return {"eval_loss": float(-policy.sum() / max(tokens, 1))}

@@ -24,10 +24,11 @@ class AnswerLogpModule:
     """The policy's answer log-probs as the training loop calls them, data-parallel under torchrun."""
 
     def __init__(self, model, *, prefix_sharing: bool = True, chunk_size: int = 1024, trim_padding: bool = True,
-                 env=None, fsdp: bool = False, router_aux: bool = False):
+                 env=None, fsdp: bool = False, router_aux: bool = False, packing: bool = True):
         self.router_aux = router_aux  # also return the router load-balancing loss (mixture of experts)
         self.sharded = bool(fsdp and env is not None and env.enabled)
-        self.inner = LogpsForward(model, prefix_sharing, chunk_size, trim_padding, uniform_calls=self.sharded)
+        self.inner = LogpsForward(model, prefix_sharing, chunk_size, trim_padding, uniform_calls=self.sharded,
+                                  packing=packing)
         self.runner = self.inner
         if self.sharded:
             fully_shard_model(self.inner, model)

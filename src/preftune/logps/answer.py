@@ -26,10 +26,12 @@ _SAID: set[tuple[str, str]] = set()
 
 
 def answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool = True, chunk_size: int = 1024,
-                 trim_padding: bool = True, router_aux: bool = False, uniform_calls: bool = False) -> AnswerLogps:
+                 trim_padding: bool = True, router_aux: bool = False, uniform_calls: bool = False,
+                 packing: bool = True) -> AnswerLogps:
     """Summed log-probs of every answer in `batch` under `model`; prefix sharing when the model allows it.
 
     `trim_padding` runs the batch as sub-batches of similar length (same numbers, less padding computed).
+    `packing` (with sharing and trimming) lets a CPU model run the batch as one row without padding (packed.py).
     `router_aux` (a mixture-of-experts model) also returns the router load-balancing loss of the batch's
     sequences `prompt + answer` (router.py), in `aux_loss`.
     A model that cannot continue answers from a prompt cache falls back to the plain layout, with one warning.
@@ -38,29 +40,31 @@ def answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool = True
     """
     if isinstance(model, LogpsForward):
         return AnswerLogps(*model(batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
-                                  trim_padding=trim_padding, router_aux=router_aux))
+                                  trim_padding=trim_padding, router_aux=router_aux, packing=packing))
     with compute_precision(model), attention_backends(batch.answer_ids.device):
         router = RouterLogits() if router_aux else None
         out = _answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
-                            trim_padding=trim_padding, router=router, uniform_calls=uniform_calls)
+                            trim_padding=trim_padding, router=router, uniform_calls=uniform_calls,
+                            packing=packing)
         if router is not None:
             out.aux_loss = router.loss(model)
         return out
 
 
 def _answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool, chunk_size: int,
-                  trim_padding: bool, router: RouterLogits | None, uniform_calls: bool = False) -> AnswerLogps:
+                  trim_padding: bool, router: RouterLogits | None, uniform_calls: bool = False,
+                  packing: bool = True) -> AnswerLogps:
     limits = limits_of(model)
     parts = exact_parts(batch, limits)
     if len(parts) == 1 and parts[0].answer_rows is None:
         return _layout_logps(model, batch, limits, share=prefix_sharing and parts[0].shareable,
                              chunk_size=chunk_size, trim_padding=trim_padding, router=router,
-                             uniform_calls=uniform_calls)
+                             uniform_calls=uniform_calls, packing=packing)
     logps = None
     for part in parts:
         out = _layout_logps(model, part.batch, limits, share=prefix_sharing and part.shareable,
                             chunk_size=chunk_size, trim_padding=trim_padding, router=router,
-                            uniform_calls=uniform_calls).logps
+                            uniform_calls=uniform_calls, packing=packing).logps
         if logps is None:
             logps = out.new_zeros(batch.answer_ids.shape[0])
         logps = logps.index_copy(0, part.answer_rows, out)
@@ -68,10 +72,12 @@ def _answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool, chun
 
 
 def _layout_logps(model, batch: PromptAnswerBatch, limits: Limits, *, share: bool, chunk_size: int,
-                  trim_padding: bool, router: RouterLogits | None, uniform_calls: bool = False) -> AnswerLogps:
+                  trim_padding: bool, router: RouterLogits | None, uniform_calls: bool = False,
+                  packing: bool = True) -> AnswerLogps:
     name = type(unwrap(model)).__name__
     key = f"{name}/checkpointing" if checkpointing(model) else name
-    if share and trim_padding and not uniform_calls and f"{key}/packed" not in _WARNED and packs(model):
+    if (packing and share and trim_padding and not uniform_calls and f"{key}/packed" not in _WARNED
+            and packs(model)):
         # One call on real tokens only: no padding, and no planner needed (see packed.py).
         gathered = len(router.parts) if router is not None else 0
         try:
@@ -139,12 +145,13 @@ class LogpsForward(LMWrapper):
     """
 
     def __init__(self, model, prefix_sharing: bool, chunk_size: int, trim_padding: bool = True,
-                 uniform_calls: bool = False):
+                 uniform_calls: bool = False, packing: bool = True):
         super().__init__(model)
         self.prefix_sharing = prefix_sharing
         self.chunk_size = chunk_size
         self.trim_padding = trim_padding and not uniform_calls
         self.uniform_calls = uniform_calls
+        self.packing = packing
 
     def forward(self, batch: PromptAnswerBatch, prefix_sharing: bool | None = None, chunk_size: int | None = None,
                 trim_padding: bool | None = None, router_aux: bool = False):
@@ -152,5 +159,5 @@ class LogpsForward(LMWrapper):
         out = answer_logps(self.model, batch,
                            prefix_sharing=self.prefix_sharing if prefix_sharing is None else prefix_sharing,
                            chunk_size=chunk_size or self.chunk_size, trim_padding=trim and not self.uniform_calls,
-                           router_aux=router_aux, uniform_calls=self.uniform_calls)
+                           router_aux=router_aux, uniform_calls=self.uniform_calls, packing=self.packing)
         return (out.logps, out.lengths) if out.aux_loss is None else (out.logps, out.lengths, out.aux_loss)

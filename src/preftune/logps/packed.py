@@ -133,10 +133,9 @@ def packs(model) -> bool:
             and getattr(hf, "_supports_attention_backend", False))
 
 
-def _layer_count(model) -> int:
+def _text_config(model):
     cfg = unwrap(model).config
-    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-    return int(cfg.num_hidden_layers)
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
 def packed_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, answer_embeds: torch.Tensor,
@@ -154,11 +153,15 @@ def packed_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, 
     p_of_row = batch.prompt_lens.repeat_interleave(k)
     positions = torch.cat([pmask.nonzero()[:, 1], p_of_row[a_cols[:, 0]] + a_cols[:, 1]])
     rows = TreeRows(p_host, a_host, k, dev)
+    cfg = _text_config(model)
+    chunk = getattr(cfg, "attention_chunk_size", None)  # Llama 4's chunked layers: attention restarts per chunk
+    if chunk and rows.longest > chunk:
+        raise ValueError(f"a pair of {rows.longest} tokens is longer than its attention chunks of {chunk}")
     with _masks_off():
         out = body_of(model)(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
                              **{KWARG: rows}, **({} if router is None else {"output_router_logits": True}))
-    if rows.calls != _layer_count(model):
-        raise TypeError(f"{rows.calls} of its {_layer_count(model)} layers took the packed attention")
+    if rows.calls != cfg.num_hidden_layers:
+        raise TypeError(f"{rows.calls} of its {cfg.num_hidden_layers} layers took the packed attention")
     n_prompt = sum(p_host)
     if router is not None:  # a prompt counts once per answer, as in the sequences `prompt + answer`
         in_prompt = torch.arange(len(embeds), device=dev)[None, :] < n_prompt

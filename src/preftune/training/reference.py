@@ -19,11 +19,13 @@ class FrozenReference:
     # A separate frozen model only ever runs without gradients, so inference mode's cheaper bookkeeping is safe.
     _no_grad = staticmethod(torch.inference_mode)
 
-    def __init__(self, model, *, prefix_sharing: bool = True, chunk_size: int = 1024, trim_padding: bool = True):
+    def __init__(self, model, *, prefix_sharing: bool = True, chunk_size: int = 1024, trim_padding: bool = True,
+                 packing: bool = True):
         self.model = model
         self.prefix_sharing = prefix_sharing
         self.chunk_size = chunk_size
         self.trim_padding = trim_padding
+        self.packing = packing
 
     def _context(self):
         return nullcontext()
@@ -32,7 +34,7 @@ class FrozenReference:
         """[B*k] summed answer log-probs under the reference."""
         with self._no_grad(), self._context():
             out = answer_logps(self.model, batch, prefix_sharing=self.prefix_sharing, chunk_size=self.chunk_size,
-                               trim_padding=self.trim_padding).logps
+                               trim_padding=self.trim_padding, packing=self.packing).logps
         return out.clone()  # an ordinary tensor: losses may save it for backward, which inference tensors forbid
 
 

@@ -211,12 +211,14 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     else:
         router_coef = router_aux_coef(policy, cfg.router_aux_loss_coef)
         logp = AnswerLogpModule(policy, prefix_sharing=sharing, chunk_size=cfg.logits_chunk_size,
-                                trim_padding=cfg.trim_padding, env=env, fsdp=cfg.fsdp, router_aux=router_coef != 0)
+                                trim_padding=cfg.trim_padding, env=env, fsdp=cfg.fsdp, router_aux=router_coef != 0,
+                                packing=cfg.packing)
     if uses_reference(cfg) and not cfg.precompute_ref:
         if adapters and not (cfg.ref_model or inputs.ref_model is not None):
             # The base weights under the adapters are the starting model: no second copy.
             reference = AdaptersOffReference(logp.eval_model, prefix_sharing=sharing,
-                                             chunk_size=cfg.logits_chunk_size, trim_padding=cfg.trim_padding)
+                                             chunk_size=cfg.logits_chunk_size, trim_padding=cfg.trim_padding,
+                                             packing=cfg.packing)
         else:
             ref_model = start_copy if start_copy is not None else _load_reference(cfg, load_device, precision,
                                                                                   inputs.ref_model)
@@ -226,12 +228,12 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
                 ref_model = sharded_logps_module(ref_model, prefix_sharing=sharing,
                                                  chunk_size=cfg.logits_chunk_size)
             reference = FrozenReference(ref_model, prefix_sharing=sharing, chunk_size=cfg.logits_chunk_size,
-                                        trim_padding=cfg.trim_padding)
+                                        trim_padding=cfg.trim_padding, packing=cfg.packing)
         if eval_items:
             eval_table = table_of(reference.logps, eval_items, pad_id=tokenizer.pad_token_id, device=device,
                                          batch_size=cfg.batch_size)
     why_plain = "--compile" if cfg.compile else "--no-prefix-sharing"
-    notes = [layout_note(policy, sharing, why=why_plain, packing=cfg.trim_padding and not sharded)] if cfg.stage != "rm" else []
+    notes = [layout_note(policy, sharing, why=why_plain, packing=cfg.packing and cfg.trim_padding and not sharded)] if cfg.stage != "rm" else []
     margins = (margins_of(records), margins_of(eval_records)) if cfg.stage == "rm" else (None, None)
     return Setup(tokenizer, policy, reference, train_items, eval_items, records, report, stats, eval_stats,
                  eval_table, notes=notes, policy_logps=logp, dtype=dtype, router_aux_coef=router_coef,
