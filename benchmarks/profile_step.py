@@ -2,8 +2,8 @@
 
     python benchmarks/profile_step.py [--fixture FX] [--steps 4] [--out benchmarks/results/cpu-profile.md]
 
-The run is `bench_dpo.py`'s preftune run with default settings (prefix sharing, trimmed padding, live reference,
-fused AdamW), fp32, 2 threads, batch 8, max_length 512. The first two steps are not recorded (allocator and
+The run is `bench_dpo.py`'s preftune run with default settings (packed rows: prefix sharing without padding;
+live reference, fused AdamW), fp32, 2 threads, batch 8, max_length 512. The first two steps are not recorded (allocator and
 planner warm-up); the next `--steps` steps are, each from the start of its forward to the end of its optimizer
 step. Writes the top operators by self CPU time, their shares grouped by kind, and the share of the profiled
 time outside matrix products, with the machine's load (`uptime`) before and after. The profiler adds a few microseconds per operator, so absolute times are a little
@@ -141,7 +141,7 @@ def report(res: dict, args, uptime: str, started: str) -> str:
         f"Profiled {started} on {cpu}. Load before: `{uptime[0].strip()}`; after: `{uptime[1].strip()}`.",
         *([args.note] if args.note else []),
         "",
-        f"preftune's default DPO step (prefix sharing, trimmed padding, live reference, fused AdamW)"
+        f"preftune's default DPO step (packed rows: prefix sharing without padding; live reference, fused AdamW)"
         f"{''.join(' ' + f for f in args.flags)}, fp32, "
         f"{args.threads} threads, batch {args.bs}, max_length {args.max_length}, fixture `{args.fixture}`; "
         f"{steps} steps recorded after 2 unrecorded ones. Times are self CPU time (wall time inside an operator, "
