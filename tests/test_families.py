@@ -40,6 +40,16 @@ def batch_of(shapes, seed: int = 1):
     return collate([TokenizedPair(ids(p), ids(c), ids(r), index=i) for i, (p, c, r) in enumerate(shapes)], pad_id=0)
 
 
+def spy_on(monkeypatch, *names) -> dict[str, list[int]]:
+    """The batch sizes each of these layout functions of `answer` (`packed_logps`, ...) is called with."""
+    ran = {name: [] for name in names}
+    for name in names:
+        real = getattr(answer, name)
+        monkeypatch.setattr(answer, name, lambda mm, b, _real=real, _name=name, **kw:
+                            ran[_name].append(b.size) or _real(mm, b, **kw))
+    return ran
+
+
 @pytest.fixture(autouse=True)
 def _fresh_warnings(monkeypatch):
     monkeypatch.setattr(answer, "_WARNED", set())
@@ -50,9 +60,8 @@ def test_every_layout_equals_the_whole_model_forward(family, caplog, monkeypatch
     m = tiny(family, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) if family == "gpt2" else tiny(family)
     batch = batch_of(SHAPES)
     plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
-    packs, packed = answer.packs, answer.packed_logps
-    ran = []
-    monkeypatch.setattr(answer, "packed_logps", lambda mm, b, **kw: ran.append(b.size) or packed(mm, b, **kw))
+    packs = answer.packs
+    ran = spy_on(monkeypatch, "packed_logps")["packed_logps"]
     with caplog.at_level(logging.WARNING, logger="preftune.logps.answer"):
         for packing in (True, False):  # packed where the model's attention takes it; then the padded layouts
             monkeypatch.setattr(answer, "packs", packs if packing else lambda model: False)
@@ -88,32 +97,26 @@ def test_the_longrope_pairs_do_cross_the_switch():
 def test_sliding_models_share_inside_the_window_and_run_plain_past_it(family, monkeypatch, padded_layouts):
     m = tiny(family).eval()
     assert limits_of(m).window == WINDOW
-    ran = {"shared": [], "plain": []}
-    shared, plain = answer.shared_prefix_logps, answer.plain_logps
-    monkeypatch.setattr(answer, "shared_prefix_logps", lambda mm, b, **kw: ran["shared"].append(b.size) or shared(mm, b, **kw))
-    monkeypatch.setattr(answer, "plain_logps", lambda mm, b, **kw: ran["plain"].append(b.size) or plain(mm, b, **kw))
+    ran = spy_on(monkeypatch, "shared_prefix_logps", "plain_logps")
     with torch.no_grad():
         answer_logps(m, batch_of(INSIDE))
-        assert ran == {"shared": [len(INSIDE)], "plain": []}
+        assert ran == {"shared_prefix_logps": [len(INSIDE)], "plain_logps": []}
         answer_logps(m, batch_of(SHAPES))
     past = len(SHAPES) - len(INSIDE)
-    assert past > 0 and ran == {"shared": [len(INSIDE)] * 2, "plain": [past]}
+    assert past > 0 and ran == {"shared_prefix_logps": [len(INSIDE)] * 2, "plain_logps": [past]}
 
 
 @pytest.mark.parametrize("family", ["mistral", "cohere2", "starcoder2", "qwen2-window", "phi3-window"])
 def test_sliding_models_pack_inside_the_window_and_run_plain_past_it(family, monkeypatch):
     """Packed attention runs per pair without the window, which is exact while a pair fits it."""
     m = tiny(family).eval()
-    ran = {"packed": [], "plain": []}
-    packed, plain = answer.packed_logps, answer.plain_logps
-    monkeypatch.setattr(answer, "packed_logps", lambda mm, b, **kw: ran["packed"].append(b.size) or packed(mm, b, **kw))
-    monkeypatch.setattr(answer, "plain_logps", lambda mm, b, **kw: ran["plain"].append(b.size) or plain(mm, b, **kw))
+    ran = spy_on(monkeypatch, "packed_logps", "plain_logps")
     batch = batch_of(SHAPES)
     with torch.no_grad():
         out = answer_logps(m, batch).logps
         torch.testing.assert_close(out, full_logits_logps(m, batch).logps, rtol=1e-5, atol=1e-5)
     past = len(SHAPES) - len(INSIDE)
-    assert ran == {"packed": [len(INSIDE)], "plain": [past]}
+    assert ran == {"packed_logps": [len(INSIDE)], "plain_logps": [past]}
 
 
 @pytest.mark.parametrize("family", ["phi3-longrope", "mistral"])

@@ -15,7 +15,7 @@ from preftune.data.tokenize import TokenizedExample, TokenizedPair
 from preftune.logps import answer, packed
 from preftune.logps.answer import answer_logps
 from preftune.logps.packed import TreeRows, packed_logps
-from test_families import id_source
+from test_families import id_source, spy_on
 from test_logprobs import assert_close, logps_and_grads
 
 # (prompt, chosen, rejected): one-token prompts and answers, chosen longer and shorter than rejected
@@ -49,13 +49,6 @@ def masked_sft_batch(seed: int = 3):
     return collate(items, pad_id=0)
 
 
-def spy(monkeypatch) -> list[int]:
-    """Sizes of the batches the packed layout ran, through `answer_logps`."""
-    ran, real = [], answer.packed_logps
-    monkeypatch.setattr(answer, "packed_logps", lambda m, b, **kw: ran.append(b.size) or real(m, b, **kw))
-    return ran
-
-
 def test_the_tree_mask_of_two_answers():
     rows = TreeRows([2], [2, 1], 2, torch.device("cpu"))
     # Keys: the prompt's 2 tokens, then answer 0's 2 tokens, then answer 1's token. Each answer token sees the
@@ -86,7 +79,7 @@ def test_checkpointed_layers_replay_the_packed_attention(monkeypatch, caplog, re
     batch = pair_batch(SHAPES)
     plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    ran = spy(monkeypatch)
+    ran = spy_on(monkeypatch, "packed_logps")["packed_logps"]
     with caplog.at_level(logging.WARNING, logger="preftune.logps.answer"):
         fast = logps_and_grads(m, lambda: answer_logps(m, batch))
     assert_close(fast, plain)
@@ -96,7 +89,7 @@ def test_checkpointed_layers_replay_the_packed_attention(monkeypatch, caplog, re
 def test_packing_off_takes_the_padded_layouts(monkeypatch):
     m = tiny("llama")
     batch = pair_batch(SHAPES)
-    ran = spy(monkeypatch)
+    ran = spy_on(monkeypatch, "packed_logps")["packed_logps"]
     with torch.no_grad():
         off = answer_logps(m, batch, packing=False).logps
         on = answer_logps(m, batch).logps

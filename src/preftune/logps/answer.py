@@ -79,37 +79,43 @@ def _layout_logps(model, batch: PromptAnswerBatch, limits: Limits, *, share: boo
     if (packing and share and trim_padding and not uniform_calls and f"{key}/packed" not in _WARNED
             and packs(model)):
         # One call on real tokens only: no padding, and no planner needed (see packed.py).
-        gathered = len(router.parts) if router is not None else 0
-        try:
-            out = _packed(model, batch, chunk_size, router)
-            _say_once(name, "packed", limits)
+        out = _attempt(lambda: _packed(model, batch, chunk_size, router), name, "packed", limits, router,
+                       f"{key}/packed", "cannot run answers packed in one row", "using the padded layouts")
+        if out is not None:
             return out
-        except (TypeError, ValueError, NotImplementedError, AttributeError) as exc:
-            if router is not None:
-                del router.parts[gathered:]
-            _WARNED.add(f"{key}/packed")
-            log.warning("%s cannot run answers packed in one row (%s); using the padded layouts", name, exc)
     plain_groups = None
     if share and batch.k > 1:
         # Both layouts give the same numbers; the planner's cost says which is cheaper for this batch on this device.
         shared_groups, shared_cost = plan_layout(batch, shared=True, trim_padding=trim_padding, max_span=limits.window)
         plain_groups, plain_cost = plan_layout(batch, shared=False, trim_padding=trim_padding)
         if key not in _WARNED and (uniform_calls or shared_cost <= plain_cost):
-            gathered = len(router.parts) if router is not None else 0
-            try:
-                out = shared_prefix_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding,
-                                          max_span=limits.window, groups=shared_groups, router=router)
-                _say_once(name, "prefix-shared", limits)
+            out = _attempt(lambda: shared_prefix_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding,
+                                                       max_span=limits.window, groups=shared_groups, router=router),
+                           name, "prefix-shared", limits, router, key,
+                           "cannot continue answers from a shared prompt cache", "using the plain path")
+            if out is not None:
                 return out
-            except (TypeError, ValueError, NotImplementedError, AttributeError) as exc:
-                if router is not None:
-                    del router.parts[gathered:]  # the plain path below gathers this part's tokens again
-                _WARNED.add(key)
-                log.warning("%s cannot continue answers from a shared prompt cache (%s); using the plain path",
-                            name, exc)
     _say_once(name, "plain", limits)
     return plain_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding, groups=plain_groups,
                        router=router)
+
+
+def _attempt(run, name: str, layout: str, limits: Limits, router: RouterLogits | None, warned: str,
+             cannot: str, instead: str) -> AnswerLogps | None:
+    """`run()`, logged once as `layout`; or None, with one warning, where the model cannot take that layout.
+    Then `warned` is remembered (the layout is not tried again for this model class) and the router logits the
+    attempt gathered are dropped: the next layout gathers them again."""
+    gathered = len(router.parts) if router is not None else 0
+    try:
+        out = run()
+    except (TypeError, ValueError, NotImplementedError, AttributeError) as exc:
+        if router is not None:
+            del router.parts[gathered:]
+        _WARNED.add(warned)
+        log.warning("%s %s (%s); %s", name, cannot, exc, instead)
+        return None
+    _say_once(name, layout, limits)
+    return out
 
 
 def _packed(model, batch: PromptAnswerBatch, chunk_size: int, router: RouterLogits | None) -> AnswerLogps:

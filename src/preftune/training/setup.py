@@ -233,7 +233,8 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
             eval_table = table_of(reference.logps, eval_items, pad_id=tokenizer.pad_token_id, device=device,
                                          batch_size=cfg.batch_size)
     why_plain = "--compile" if cfg.compile else "--no-prefix-sharing"
-    notes = [layout_note(policy, sharing, why=why_plain, packing=cfg.packing and cfg.trim_padding and not sharded)] if cfg.stage != "rm" else []
+    packing = cfg.packing and cfg.trim_padding and not sharded
+    notes = [layout_note(policy, sharing, why=why_plain, packing=packing)] if cfg.stage != "rm" else []
     margins = (margins_of(records), margins_of(eval_records)) if cfg.stage == "rm" else (None, None)
     return Setup(tokenizer, policy, reference, train_items, eval_items, records, report, stats, eval_stats,
                  eval_table, notes=notes, policy_logps=logp, dtype=dtype, router_aux_coef=router_coef,
