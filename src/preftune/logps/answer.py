@@ -35,12 +35,13 @@ def answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool = True
     `router_aux` (a mixture-of-experts model) also returns the router load-balancing loss of the batch's
     sequences `prompt + answer` (router.py), in `aux_loss`.
     A model that cannot continue answers from a prompt cache falls back to the plain layout, with one warning.
-    `model` may also be the module form below (sharded by FSDP, its forward is what gathers the weights).
+    `model` may also be the module form below (sharded by FSDP, its forward is what gathers the weights; its own
+    `packing` holds).
     `uniform_calls`: take the layout `prefix_sharing` names whatever the planner's cost says (see LogpsForward).
     """
     if isinstance(model, LogpsForward):
         return AnswerLogps(*model(batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
-                                  trim_padding=trim_padding, router_aux=router_aux, packing=packing))
+                                  trim_padding=trim_padding, router_aux=router_aux))
     with compute_precision(model), attention_backends(batch.answer_ids.device):
         router = RouterLogits() if router_aux else None
         out = _answer_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size,
