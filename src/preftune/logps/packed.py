@@ -64,12 +64,17 @@ def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
 
 
-def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-               **kwargs):
-    rows = kwargs.get(KWARG)
+def _attention(*args, **kwargs):
+    """The "sdpa" entry: the packed row's attention when the call carries its `TreeRows`, else the stock one with
+    the arguments as given."""
+    rows = kwargs.pop(KWARG, None)
     if rows is None:
-        return _STOCK["attention"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                   **kwargs)
+        return _STOCK["attention"](*args, **kwargs)
+    return _tree_attention(rows, *args, **kwargs)
+
+
+def _tree_attention(rows: TreeRows, module, query, key, value, attention_mask=None, dropout: float = 0.0,
+                    scaling: float | None = None, **kwargs):
     for name in ("softcap", "s_aux", "position_bias", "sinks"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"its attention takes {name}")
