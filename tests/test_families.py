@@ -79,7 +79,9 @@ def test_every_layout_equals_the_whole_model_forward(family, caplog, monkeypatch
     # every one with "sdpa" attention through Hugging Face's attention table runs packed.
     assert not [r.getMessage() for r in caplog.records if "plain path" in r.getMessage() or "packed" in r.getMessage()]
     assert bool(ran) == packs(m)
-    assert packs(m) == (family not in ("gemma2", "bloom", "stablelm", "falcon-alibi"))
+    # These four have eager attention or their own attention code in transformers 5.24; a later release may
+    # bring them to the shared attention table, and then they pack too.
+    assert packs(m) or family in ("gemma2", "bloom", "stablelm", "falcon-alibi")
 
 
 def test_the_longrope_pairs_do_cross_the_switch():
