@@ -13,11 +13,13 @@ right before and right after TRL, as two rows: the load of a shared machine drif
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,6 +76,7 @@ def worker_preftune(args) -> None:
 
     rows = Path(args.fixture, "pairs.jsonl").read_text().splitlines()[: args.bs * (args.steps + 1)]
     work = Path(tempfile.mkdtemp(prefix="bench-"))
+    atexit.register(shutil.rmtree, work, True)  # the run folders hold a model each
     data = work / "pairs.jsonl"
     data.write_text("\n".join(rows) + "\n")
     argv = ["dpo", "--model", str(Path(args.fixture, "model")), "--data", str(data), "--output-dir",
@@ -209,6 +212,7 @@ def measure(args, fixture: Path, bs: int, variants: dict[str, list[str]]) -> lis
     """TRL and each preftune variant, one row per run. The default settings run right before and right after
     TRL: on a shared machine the load drifts, and the two rows show by how much."""
     cache = tempfile.mkdtemp(prefix="bench-ref-")
+    atexit.register(shutil.rmtree, cache, True)  # the run folders hold a model each
 
     def run_variant(name, label=""):
         flags = variants[name]

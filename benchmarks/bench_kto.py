@@ -14,10 +14,12 @@ after TRL, as two rows: the load of a shared machine drifts between them.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,6 +54,7 @@ def worker_preftune(args) -> None:
     from preftune.training.loop import run
 
     work = Path(tempfile.mkdtemp(prefix="bench-kto-"))
+    atexit.register(shutil.rmtree, work, True)  # the run folders hold a model each
     data = work / "unpaired.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in unpaired_rows(Path(args.fixture), args.bs * (args.steps + 1))))
     argv = ["kto", "--model", str(Path(args.fixture, "model")), "--data", str(data), "--output-dir", str(work / "run"),

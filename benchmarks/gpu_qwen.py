@@ -23,9 +23,11 @@ the fast log-prob paths against a whole-model forward on the GPU come first. Res
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -162,6 +164,7 @@ def worker_preftune(args) -> dict:
     from preftune.training.loop import run
 
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # the run folders hold a model each
     run(_preftune_config(args, work, _probes(args.flags)), command="bench")
     steps = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if "pairs_per_s" in s]
@@ -191,6 +194,7 @@ def worker_profile(args) -> dict:
 
     train_mod.train_step = stepped
     work = Path(tempfile.mkdtemp(prefix="gpu-prof-"))
+    atexit.register(shutil.rmtree, work, True)  # the run folders hold a model each
     args.steps = max(args.steps, 2 + 1 + active + 1)
     import warnings
 

@@ -13,9 +13,11 @@ high and small operators weigh a little more than they do unprofiled.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,6 +98,7 @@ def worker(args) -> None:
     n = args.bs * (warm + args.steps + 1)
     rows = Path(args.fixture, "pairs.jsonl").read_text().splitlines()[:n]
     work = Path(tempfile.mkdtemp(prefix="profile-"))
+    atexit.register(shutil.rmtree, work, True)  # the run folders hold a model each
     data = work / "pairs.jsonl"
     data.write_text("\n".join(rows) + "\n")
     argv = ["dpo", "--model", str(Path(args.fixture, "model")), "--data", str(data), "--output-dir",
