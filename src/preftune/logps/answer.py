@@ -61,11 +61,16 @@ def _answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool, chun
         return _layout_logps(model, batch, limits, share=prefix_sharing and parts[0].shareable,
                              chunk_size=chunk_size, trim_padding=trim_padding, router=router,
                              uniform_calls=uniform_calls, packing=packing)
+    return _by_parts(batch, parts, lambda part: _layout_logps(
+        model, part.batch, limits, share=prefix_sharing and part.shareable, chunk_size=chunk_size,
+        trim_padding=trim_padding, router=router, uniform_calls=uniform_calls, packing=packing))
+
+
+def _by_parts(batch: PromptAnswerBatch, parts, run) -> AnswerLogps:
+    """`run(part)` on each part in turn, its log-probs put back at the part's answer rows of `batch`."""
     logps = None
     for part in parts:
-        out = _layout_logps(model, part.batch, limits, share=prefix_sharing and part.shareable,
-                            chunk_size=chunk_size, trim_padding=trim_padding, router=router,
-                            uniform_calls=uniform_calls, packing=packing).logps
+        out = run(part).logps
         if logps is None:
             logps = out.new_zeros(batch.answer_ids.shape[0])
         logps = logps.index_copy(0, part.answer_rows, out)
@@ -124,14 +129,12 @@ def _packed(model, batch: PromptAnswerBatch, chunk_size: int, router: RouterLogi
     prompts computed again there (a forward without autograd costs a third of one with it)."""
     if not skips_grad(batch, router):
         return packed_logps(model, batch, chunk_size=chunk_size, router=router)
-    rows = torch.arange(batch.answer_ids.shape[0], device=batch.answer_ids.device)
-    logps = None
-    for part in reversed(row_parts(batch, rows)):  # without autograd first: see layouts._project
+    def run(part):
         with torch.no_grad() if part.batch.no_grad_slots else nullcontext():
-            out = packed_logps(model, part.batch, chunk_size=chunk_size, router=router).logps
-        logps = out.new_zeros(len(rows)) if logps is None else logps
-        logps = logps.index_copy(0, part.answer_rows, out)
-    return AnswerLogps(logps, batch.answer_lens)
+            return packed_logps(model, part.batch, chunk_size=chunk_size, router=router)
+
+    rows = torch.arange(batch.answer_ids.shape[0], device=batch.answer_ids.device)
+    return _by_parts(batch, reversed(row_parts(batch, rows)), run)  # without autograd first: see layouts._project
 
 
 def _say_once(name: str, layout: str, limits: Limits) -> None:

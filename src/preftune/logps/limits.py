@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.batching import PromptAnswerBatch
-from .parts import unwrap
+from .parts import text_config, unwrap
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,7 @@ def _rope_params(cfg) -> list[dict]:
 
 
 def limits_of(model) -> Limits:
-    cfg = unwrap(model).config
-    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    cfg = text_config(model)
     window = None
     types = getattr(cfg, "layer_types", None)
     if getattr(cfg, "sliding_window", None) and (types is None or "sliding_attention" in types):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..data.batching import PromptAnswerBatch
 from .layouts import AnswerLogps, run_grouped
-from .parts import body_of, unwrap
+from .parts import body_of, text_config, unwrap
 
 KWARG = "preftune_tree_rows"
 _MASKS_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("preftune_masks_off", default=False)
@@ -57,13 +57,6 @@ class TreeRows:
         self.calls = 0  # attention calls that took this structure (checked against the layer count)
 
 
-def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return x
-    b, h, t, d = x.shape
-    return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
-
-
 def _attention(*args, **kwargs):
     """The "sdpa" entry: the packed row's attention when the call carries its `TreeRows`, else the stock one with
     the arguments as given."""
@@ -84,10 +77,12 @@ def _tree_attention(rows: TreeRows, module, query, key, value, attention_mask=No
     if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True) or query.shape[0] != 1:
         raise NotImplementedError("its attention is not causal self-attention over one row")
     rows.calls += 1
+    from transformers.integrations.sdpa_attention import repeat_kv
+
     groups = getattr(module, "num_key_value_groups", 1)
     q = query.split(rows.sizes, dim=2)
-    k = _repeat_heads(key, groups).split(rows.sizes, dim=2)
-    v = _repeat_heads(value, groups).split(rows.sizes, dim=2)
+    k = repeat_kv(key, groups).split(rows.sizes, dim=2)
+    v = repeat_kv(value, groups).split(rows.sizes, dim=2)
     b = rows.pairs
     out = [F.scaled_dot_product_attention(q[i], k[i], v[i], dropout_p=dropout, is_causal=True, scale=scaling)
            if rows.sizes[i] else q[i] for i in range(b)]
@@ -138,11 +133,6 @@ def packs(model) -> bool:
             and getattr(hf, "_supports_attention_backend", False))
 
 
-def _text_config(model):
-    cfg = unwrap(model).config
-    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-
-
 def packed_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, answer_embeds: torch.Tensor,
                   router=None):
     """(predictor hidden states [T, H], target ids [T], answer row [T]) from one packed decoder call."""
@@ -158,7 +148,7 @@ def packed_layout(model, batch: PromptAnswerBatch, prompt_embeds: torch.Tensor, 
     p_of_row = batch.prompt_lens.repeat_interleave(k)
     positions = torch.cat([pmask.nonzero()[:, 1], p_of_row[a_cols[:, 0]] + a_cols[:, 1]])
     rows = TreeRows(p_host, a_host, k, dev)
-    cfg = _text_config(model)
+    cfg = text_config(model)
     chunk = getattr(cfg, "attention_chunk_size", None)  # Llama 4's chunked layers: attention restarts per chunk
     if chunk and rows.longest > chunk:
         raise ValueError(f"a pair of {rows.longest} tokens is longer than its attention chunks of {chunk}")

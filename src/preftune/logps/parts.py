@@ -94,6 +94,12 @@ class Head:
         return out
 
 
+def text_config(model):
+    """The config of `model`'s text decoder (a multimodal model's text part; else the model's own)."""
+    cfg = unwrap(model).config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
 def body_of(model):
     """The decoder stack (everything before the output projection)."""
     hf = unwrap(model)
