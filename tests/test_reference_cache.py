@@ -44,6 +44,27 @@ def test_cached_logps_equal_live_reference_logps(tiny_model_dir):
         torch.testing.assert_close(cached.logps(batch), plain, rtol=1e-5, atol=1e-5)
 
 
+def test_the_table_is_computed_in_the_layout_the_run_asks_for(tiny_model_dir, monkeypatch, sharing_is_cheap):
+    from test_families import spy_on
+
+    tok, items = items_for(tiny_model_dir)
+    model = load_model(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32)
+    names = ("packed_logps", "shared_prefix_logps", "plain_logps")
+    ran = spy_on(monkeypatch, *names)
+    tables = {}
+    for packing, trim in ((True, True), (False, True), (True, False)):
+        for calls in ran.values():
+            calls.clear()
+        tables[packing, trim] = rc.compute_table(model, items, pad_id=tok.pad_token_id, device="cpu", batch_size=5,
+                                                 prefix_sharing=True, chunk_size=7, trim_padding=trim,
+                                                 packing=packing)
+        # Packing needs trimmed padding: without either, the padded prefix-shared layout
+        took = {name for name in names if ran[name]}
+        assert took == ({"packed_logps"} if packing and trim else {"shared_prefix_logps"})
+    for table in tables.values():
+        torch.testing.assert_close(table, tables[True, True], rtol=1e-5, atol=1e-5)
+
+
 def test_the_key_follows_weights_data_and_settings(tmp_path, tiny_model_dir):
     _, items = items_for(tiny_model_dir)
     weights = rc.weights_digest(str(tiny_model_dir))

@@ -114,7 +114,7 @@ def load_table(path: Path, items) -> torch.Tensor | None:
 
 
 def compute_table(model, items, *, pad_id: int, device, batch_size: int, prefix_sharing: bool,
-                  chunk_size: int) -> torch.Tensor:
+                  chunk_size: int, trim_padding: bool = True, packing: bool = True) -> torch.Tensor:
     """[rows, k] reference log-probs by dataset position; NaN where no item has that position."""
     from ..metrics import logps_table
 
@@ -123,7 +123,8 @@ def compute_table(model, items, *, pad_id: int, device, batch_size: int, prefix_
 
     order = sorted(items, key=example_length)
     values = logps_table(model, order, pad_id=pad_id, device=device, batch_size=batch_size,
-                         prefix_sharing=prefix_sharing, chunk_size=chunk_size)
+                         prefix_sharing=prefix_sharing, chunk_size=chunk_size, trim_padding=trim_padding,
+                         packing=packing)
     table = torch.full((max(it.index for it in items) + 1, values.shape[1]), float("nan"))
     table[[it.index for it in order]] = values
     return table

@@ -305,7 +305,8 @@ def _cached_reference(cfg: TrainConfig, tokenizer, train_items, eval_items, devi
     def compute(model, items):
         mine = items[env.rank::env.world_size]
         part = compute_table(model, mine, pad_id=tokenizer.pad_token_id, device=device, batch_size=cfg.batch_size,
-                             prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
+                             prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
+                             trim_padding=cfg.trim_padding, packing=cfg.packing)
         rows = max(it.index for it in items) + 1
         table, filled = torch.zeros(rows, part.shape[1], dtype=torch.float64), torch.zeros(rows, dtype=torch.float64)
         idx = [it.index for it in mine]
