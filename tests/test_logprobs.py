@@ -292,7 +292,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, caplog, re
 
     def counted(*args):
         out = shared_layout(*args)
-        shared_calls.append(1)
+        if torch.is_grad_enabled():  # not the first call's check of the layouts (route.py), which runs without
+            shared_calls.append(1)
         return out
 
     monkeypatch.setattr(layouts, "_shared_layout", counted)

@@ -17,7 +17,9 @@ from .limits import Limits, exact_parts, limits_of, row_parts
 from .packed import packed_logps, packs
 from .parts import LMWrapper, attention_backends, checkpointing, compute_precision, unwrap
 from .planner import plan_layout
+from .route import FALLBACK, route_of
 from .router import RouterLogits
+from .whole import whole_logps
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,12 @@ def answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool = True
 def _answer_logps(model, batch: PromptAnswerBatch, *, prefix_sharing: bool, chunk_size: int,
                   trim_padding: bool, router: RouterLogits | None, uniform_calls: bool = False,
                   packing: bool = True) -> AnswerLogps:
+    if not uniform_calls:  # FSDP's ranks must make the same calls: a probe of each rank's own batch would not
+        route = route_of(model, batch, share=prefix_sharing, packing=packing and trim_padding)
+        if route.whole:
+            return whole_logps(model, batch, router)
+        prefix_sharing = prefix_sharing and route.takes("prefix-shared")
+        packing = packing and route.takes("packed")
     limits = limits_of(model)
     parts = exact_parts(batch, limits)
     if len(parts) == 1 and parts[0].answer_rows is None:
@@ -86,7 +94,7 @@ def _layout_logps(model, batch: PromptAnswerBatch, limits: Limits, *, share: boo
             and packs(model)):
         # One call on real tokens only: no padding, and no planner needed (see packed.py).
         out = _attempt(lambda: _packed(model, batch, chunk_size, router), name, "packed", limits, router,
-                       f"{key}/packed", "cannot run answers packed in one row", "using the padded layouts")
+                       f"{key}/packed", *FALLBACK["packed"])
         if out is not None:
             return out
     plain_groups = None
@@ -97,8 +105,7 @@ def _layout_logps(model, batch: PromptAnswerBatch, limits: Limits, *, share: boo
         if key not in _WARNED and (uniform_calls or shared_cost <= plain_cost):
             out = _attempt(lambda: shared_prefix_logps(model, batch, chunk_size=chunk_size, trim_padding=trim_padding,
                                                        max_span=limits.window, groups=shared_groups, router=router),
-                           name, "prefix-shared", limits, router, key,
-                           "cannot continue answers from a shared prompt cache", "using the plain path")
+                           name, "prefix-shared", limits, router, key, *FALLBACK["prefix-shared"])
             if out is not None:
                 return out
     _say_once(name, "plain", limits)

@@ -71,6 +71,8 @@ def _tree_attention(rows: TreeRows, module, query, key, value, attention_mask=No
     for name in ("softcap", "s_aux", "position_bias", "sinks"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"its attention takes {name}")
+    if attention_mask is not None:  # masks are off while a packed row runs: this one is the model's own bias
+        raise NotImplementedError("its attention takes a mask or bias of its own")
     window = kwargs.get("sliding_window")
     if window is not None and rows.longest > window:
         raise ValueError(f"a pair of {rows.longest} tokens does not fit its sliding window of {window}")
@@ -79,7 +81,7 @@ def _tree_attention(rows: TreeRows, module, query, key, value, attention_mask=No
     rows.calls += 1
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    groups = getattr(module, "num_key_value_groups", 1)
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention; latent attention gives every head its own
     q = query.split(rows.sizes, dim=2)
     k = repeat_kv(key, groups).split(rows.sizes, dim=2)
     v = repeat_kv(value, groups).split(rows.sizes, dim=2)

@@ -79,7 +79,10 @@ class Head:
         hf = unwrap(model)
         self.linear = hf.get_output_embeddings()
         cfg = hf.config
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        # Gemma 2/3, RecurrentGemma and xLSTM cap the logits by tanh, under three names
+        self.softcap = next((getattr(cfg, name) for name in ("final_logit_softcapping", "logits_soft_cap",
+                                                              "output_logit_soft_cap") if getattr(cfg, name, None)),
+                            None)
         self.scale = getattr(cfg, "logit_scale", None)            # Cohere multiplies
         self.divide = getattr(cfg, "logits_scaling", None)        # Granite divides
 
@@ -103,9 +106,11 @@ def text_config(model):
 def body_of(model):
     """The decoder stack (everything before the output projection)."""
     hf = unwrap(model)
-    body = hf.get_decoder() if hasattr(hf, "get_decoder") else None
-    if body is None:
-        body = getattr(hf, hf.base_model_prefix, None)
+    # `get_decoder` falls back to the model itself where `base_model_prefix` names no attribute (Llama 4's text
+    # model keeps its body as `.model`)
+    found = (hf.get_decoder() if hasattr(hf, "get_decoder") else None,
+             getattr(hf, hf.base_model_prefix, None), getattr(hf, "model", None))
+    body = next((m for m in found if m is not None and m is not hf), None)
     if body is None:
         raise TypeError(f"{type(hf).__name__}: cannot find the decoder body")
     return body
