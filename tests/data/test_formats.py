@@ -115,6 +115,41 @@ def test_hh_and_implicit_are_told_apart_by_the_markers():
     assert detect_format({"chosen": "Human: a Assistant: b", "rejected": "Human: a Assistant: c"}) == "implicit"
 
 
+def test_hh_copies_without_the_leading_blank_line_are_hh():
+    record = {"chosen": "Human: hi\n\nAssistant: hello", "rejected": "Human: hi\n\nAssistant: what?"}
+    assert detect_format(record) == "hh"
+    pair, _ = to_pair(record, "hh", "w")
+    assert (pair.prompt, pair.chosen, pair.rejected) == ([U("hi")], [A("hello")], [A("what?")])
+
+
+def test_ultrafeedback_binarized_with_its_messages_column_is_ultrafeedback():
+    """HuggingFaceH4/ultrafeedback_binarized: `messages` repeats the chosen conversation; it is not a prompt."""
+    chosen, rejected = [U("q"), A("good")], [U("q"), A("bad")]
+    record = {"prompt": "q", "prompt_id": "x1", "chosen": chosen, "rejected": rejected, "messages": chosen,
+              "score_chosen": 9.0, "score_rejected": 3.0}
+    assert detect_format(record) == "ultrafeedback"
+    pair, gap = to_pair(record, "ultrafeedback", "w")
+    assert (pair.prompt, pair.chosen, pair.rejected, gap) == ([U("q")], [A("good")], [A("bad")], 6.0)
+    # The OpenAI layout keeps its reading: `messages` is the prompt, the answers are assistant turns.
+    assert detect_format({"messages": [U("q")], "chosen": A("good"), "rejected": A("bad")}) == "openai"
+
+
+def test_a_question_key_beside_message_list_answers_is_not_orca():
+    """mlabonne/orpo-dpo-mix-40k: a `question` string beside chosen/rejected conversations."""
+    record = {"source": "s", "prompt": "q", "question": "q", "chosen": [U("q"), A("good")],
+              "rejected": [U("q"), A("bad")]}
+    assert detect_format(record) == "ultrafeedback"
+    assert detect_format({"system": "", "question": "q", "chosen": "good", "rejected": "bad"}) == "orca"
+
+
+def test_numbers_written_as_strings_are_read_as_numbers():
+    """CSV cells are strings: scores and margins written there still count."""
+    shp = {"history": "q", "human_ref_A": "a", "human_ref_B": "b", "labels": "1", "score_A": "12", "score_B": "3.5"}
+    assert to_pair(shp, "shp", "w") == (PreferencePair("q", "a", "b", None, "w"), 8.5)
+    with pytest.raises(DataError, match="'score_A' must be a number"):
+        to_pair({**shp, "score_A": "many"}, "shp", "w")
+
+
 @pytest.mark.parametrize("record", [{}, {"foo": 1}, {"chosen": 1, "rejected": 2}, [1, 2], "text"])
 def test_unknown_shapes_are_not_detected(record):
     assert detect_format(record) is None

@@ -36,21 +36,32 @@ def _strings(value: dict, *keys: str) -> bool:
 
 def _hh_texts(value: dict) -> bool:
     texts = [t for t in (value["chosen"], value["rejected"]) if isinstance(t, str)]
-    return bool(texts) and all("\n\nHuman:" in t and "\n\nAssistant:" in t for t in texts)
+    # some copies drop the blank line before the first turn (parse_hh reads them too)
+    return bool(texts) and all(("\n\nHuman:" in t or t.startswith("Human: ")) and "\n\nAssistant:" in t
+                               for t in texts)
+
+
+def _whole_conversations(value: dict) -> bool:
+    """Whether `chosen` is a message list holding a user or system turn: the whole conversation, not an answer."""
+    chosen = value.get("chosen")
+    return isinstance(chosen, list) and any(isinstance(m, dict) and m.get("role") in ("user", "system")
+                                            for m in chosen)
 
 
 # (format, why, test of the record's keys and value types), first match wins. `why` is said when the record
 # also fits a later rule, so a choice between two readings is never silent.
 _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("sharegpt", "it has 'conversations'", lambda v, k: "conversations" in k),
-    ("openai", "it has 'messages'", lambda v, k: "messages" in k),
+    # UltraFeedback-binarized copies carry `messages` too, a copy of the chosen conversation: not a prompt
+    ("openai", "it has 'messages'", lambda v, k: "messages" in k and not _whole_conversations(v)),
     ("medicalgpt", "it has response_chosen/response_rejected", lambda v, k: {"response_chosen",
                                                                              "response_rejected"} <= k),
     ("stack_exchange", "it has response_j/response_k", lambda v, k: {"response_j", "response_k"} <= k),
     ("shp", "it has human_ref_A/human_ref_B", lambda v, k: {"human_ref_A", "human_ref_B"} <= k),
     ("alpaca", "it has 'instruction'", lambda v, k: "instruction" in k),
     ("orca", "it has 'question', or 'input' without 'prompt'",
-     lambda v, k: "question" in k or ("input" in k and not {"prompt", "instruction"} & k)),
+     lambda v, k: ("question" in k or ("input" in k and not {"prompt", "instruction"} & k))
+     and not isinstance(v["chosen"], list)),
     ("ultrafeedback", "its prompt is a string and its answers message lists",
      lambda v, k: isinstance(v.get("prompt"), str) and isinstance(v["chosen"], list)),
     ("chat", "its answers are message lists", lambda v, k: isinstance(v["chosen"], list)),

@@ -59,6 +59,11 @@ class Row:
 
     def number(self, key: str) -> float:
         value = self.get(key)
+        if isinstance(value, str):  # CSV cells are strings
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(f"{key!r} must be a number, got {type_name(value)}")
         return float(value)
