@@ -157,6 +157,8 @@ UNPAIRED = [
      UnpairedExample([U("Add.\n2+2")], [A("4")], True)),
     ({"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "5"}], "kto_tag": False},
      UnpairedExample([U("2+2?")], [A("5")], False)),
+    # LLaMA-Factory's kto_en_demo.json: `messages` with the tag renamed `label` by its dataset_info
+    ({"messages": [U("2+2?"), A("4")], "label": True}, UnpairedExample([U("2+2?")], [A("4")], True)),
 ]
 
 

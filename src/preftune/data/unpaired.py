@@ -15,7 +15,8 @@ from .turns import history_turns, sharegpt_messages, user_turn
 
 UNPAIRED_KEYS = {
     "unpaired": "prompt, completion, label (true = desirable)",
-    "kto_tag": "kto_tag (true = desirable) with instruction/input/output, or with conversations",
+    "kto_tag": "kto_tag (true = desirable) with instruction/input/output, or with conversations; or label with "
+               "conversations or messages (LLaMA-Factory's KTO demo)",
 }
 UNPAIRED_FORMATS = tuple(UNPAIRED_KEYS)
 
@@ -23,10 +24,13 @@ UNPAIRED_FORMATS = tuple(UNPAIRED_KEYS)
 def detect_unpaired(value: Any) -> str | None:
     if not isinstance(value, dict) or {"chosen", "rejected"} <= set(value):
         return None
-    if "kto_tag" in value:
+    keys = set(value)
+    if "kto_tag" in keys:
         return "kto_tag"
-    if {"completion", "label"} <= set(value):
+    if {"completion", "label"} <= keys:
         return "unpaired"
+    if "label" in keys and {"messages", "conversations"} & keys:  # LLaMA-Factory's tag, renamed by its dataset_info
+        return "kto_tag"
     return None
 
 
@@ -53,14 +57,15 @@ def read_unpaired(value: Any, fmt: str, where: str) -> tuple[UnpairedExample, li
         else:
             example = UnpairedExample(row.optional_text("prompt") or "", row.text("completion"),
                                       _label(row, "label"), None, where)
-    elif row.has("conversations"):
-        turns = sharegpt_messages(row, "conversations")
+    elif row.has("conversations") or row.has("messages"):
+        tag = "kto_tag" if row.has("kto_tag") else "label"
+        turns = sharegpt_messages(row, "conversations") if row.has("conversations") else row.messages("messages")
         if not turns or turns[-1]["role"] != "assistant":
             raise row.error("the conversation must end with the assistant turn being rated")
         system = row.optional_text("system")
         if turns[0]["role"] == "system":
             system, turns = turns[0]["content"], turns[1:]
-        example = UnpairedExample(turns[:-1], turns[-1:], _label(row, "kto_tag"), system, where, row.tools())
+        example = UnpairedExample(turns[:-1], turns[-1:], _label(row, tag), system, where, row.tools())
     else:
         prompt = history_turns(row) + [user_turn(row, "instruction", "input")]
         answer = [{"role": "assistant", "content": row.text("output")}]
