@@ -42,6 +42,16 @@ def test_every_problem_is_listed_with_its_line(jsonl_file, capsys):
         assert f"{path} line {line}: {words}" in out
 
 
+def test_implicit_pairs_without_a_prompt_boundary_are_said(jsonl_file, capsys):
+    rows = [{"chosen": "Q: sky?\nA: blue", "rejected": "Q: sky?\nA: green"},
+            {"chosen": "The capital of France is Paris.", "rejected": "The capital of France is Rome."}]
+    path = jsonl_file(rows)
+    code, out, _ = _run(capsys, "check", path)
+    assert code == 1 and "problems: 1" in out
+    assert (f"{path} line 2: no prompt was found before the answers; chosen and rejected are trained as whole "
+            f"texts") in out
+
+
 def test_the_file_may_be_named_with_data_as_in_training(jsonl_file, capsys):
     """`--data FILE` as `preftune dpo` spells it: once read as an abbreviation of --data-format, which named the
     file an invalid format."""

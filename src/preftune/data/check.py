@@ -82,6 +82,9 @@ def content_problems(pairs: list[PreferencePair]) -> list[tuple[str, str]]:
     """Pairs that read fine but teach nothing, or teach the same thing twice."""
     problems, seen = [], {}
     for pair in pairs:
+        if not pair.prompt and not pair.system:
+            problems.append(("no prompt", f"{pair.where}: no prompt was found before the answers; chosen and "
+                                          f"rejected are trained as whole texts"))
         if pair.chosen == pair.rejected:
             problems.append(("identical answers",
                              f"{pair.where}: chosen is identical to rejected; the pair carries no preference"))
@@ -161,7 +164,7 @@ def render_report(result: CheckResult, *, forced: bool, show_all: bool = False) 
     if report.unused_keys:
         keys = ", ".join(f"{key} ({count})" for key, count in report.unused_keys.most_common())
         lines.append(f"unused keys (not read by format {result.format!r}; records holding each): {keys}")
-    if result.lengths:
+    if result.lengths and any(result.lengths.values()):
         lines.append("token lengths:")
         for name, values in result.lengths.items():
             stats = "  ".join(f"{key} {value}" for key, value in percentiles(values).items())
