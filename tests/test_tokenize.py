@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from tinylm import make_tokenizer
 
-from preftune.data.records import PreferencePair, SFTExample
+from preftune.data.records import PreferencePair, SFTExample, UnpairedExample
 from preftune.data.encode import encode_prompt_answer
 from preftune.data.tokenize import tokenize_all, tokenize_example, tokenize_pair
+from preftune.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,25 @@ def test_pair_whose_prompt_fills_max_length_is_dropped(tok):
     assert tokenize_pair(tok, pair, max_length=n + 1) is not None
     items, stats = tokenize_all(tok, [pair, pair], max_length=n)
     assert items == [] and stats.dropped == 2
+
+
+def test_an_empty_prompt_without_bos_takes_the_answers_shared_first_token(tok):
+    """TRL scores every token but a sequence's first: with no prompt token, the answers' first one goes unscored
+    there, and here it becomes the prompt when both answers share it."""
+    assert tok("")["input_ids"] == []  # this tokenizer adds no BOS
+    chosen, rejected = tok("the sky is blue", add_special_tokens=False)["input_ids"], \
+        tok("the sky is green", add_special_tokens=False)["input_ids"]
+    item = tokenize_pair(tok, PreferencePair("", "the sky is blue", "the sky is green", None, "line 3"),
+                         max_length=64)
+    assert item.prompt_ids == chosen[:1]
+    assert item.chosen_ids == chosen[1:] + [tok.eos_token_id] and item.rejected_ids == rejected[1:] + [tok.eos_token_id]
+    with pytest.raises(DataError, match="line 4: the prompt is empty and the tokenizer adds no BOS token"):
+        tokenize_pair(tok, PreferencePair("", "cats chase mice", "dogs chase cats", None, "line 4"), max_length=64)
+    with pytest.raises(DataError, match="line 5: the prompt is empty and the tokenizer adds no BOS token"):
+        tokenize_all(tok, [UnpairedExample("", "cats chase mice", True, None, "line 5")], max_length=64)
+    sft = tokenize_example(tok, SFTExample("cats chase mice", "", None, "line 6"), max_length=64)
+    text = tokenize_example(tok, SFTExample("cats chase mice", None, None, "line 7"), max_length=64)
+    assert (sft.prompt_ids, sft.answer_ids) == (text.prompt_ids, text.answer_ids)
 
 
 def test_sft_text_trains_on_every_token_after_the_first(tok):

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from .encode import (encode_masked, encode_prompt, encode_prompt_answer, has_template, text_answer_ids,
                      transcript)
+from ..errors import DataError
 from .records import PreferencePair, SFTExample, UnpairedExample
 
 
@@ -83,6 +84,13 @@ def prompt_ids_of(tokenizer, pair: PreferencePair, *, raw_text_prompts: bool = F
     return encode_prompt(tokenizer, pair.prompt, pair.system, pair.where, pair.tools)
 
 
+def _require_prompt(ok, where: str, what: str) -> None:
+    """An empty prompt and no BOS token leave an answer's first token nothing to be predicted from."""
+    if not ok:
+        raise DataError(f"{where}: the prompt is empty and the tokenizer adds no BOS token, so {what} have nothing "
+                        f"to be predicted from; give the record a prompt")
+
+
 def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_prompt_length: int | None = None,
                   index: int = 0, raw_text_prompts: bool = False) -> TokenizedPair | None:
     """Token ids of one preference pair, or None when its prompt alone does not fit in `max_length`.
@@ -100,6 +108,10 @@ def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_promp
                                                   pair.tools)
         _, rejected = encode_prompt_answer(tokenizer, pair.prompt, pair.rejected, pair.system, pair.where,
                                            pair.tools)
+    if not prompt_ids:
+        # TRL never scores a sequence's first token: a first token both answers share becomes the prompt.
+        _require_prompt(chosen[:1] and chosen[:1] == rejected[:1], pair.where, "the answers' first tokens")
+        prompt_ids, chosen, rejected = chosen[:1], chosen[1:], rejected[1:]
     fitted = _fit(prompt_ids, (chosen, rejected), max_length, max_prompt_length)
     if fitted is None:
         return None
@@ -125,6 +137,8 @@ def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_pro
         prompt, completion = list(prompt or []) + completion[:-1], completion[-1:]
     prompt_ids, answer, mask = encode_masked(tokenizer, prompt, completion, example.system, example.where,
                                              example.tools, every_turn=True)
+    if not prompt_ids and answer:  # as for SFT on text (and in TRL): the first token is the prompt, never scored
+        prompt_ids, answer, mask = answer[:1], answer[1:], None if mask is None else mask[1:]
     fitted = _fit(prompt_ids, (answer,), max_length, max_prompt_length)
     if fitted is None:
         return None
@@ -157,6 +171,7 @@ def tokenize_unpaired_all(tokenizer, examples: Sequence[UnpairedExample], *, max
             pair = text_form(PreferencePair(prompt, completion, completion, system, ex.where))
             prompt, completion, system = pair.prompt, pair.chosen, pair.system
         prompt_ids, answer = encode_prompt_answer(tokenizer, prompt, completion, system, ex.where, ex.tools)
+        _require_prompt(prompt_ids, ex.where, "its answer's first token and its KL answer's")
         if _fit(prompt_ids, (answer,), max_length, max_prompt_length) is None:
             continue
         encoded.append((prompt_ids, answer))
