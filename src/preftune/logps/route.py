@@ -25,7 +25,7 @@ from ..data.batching import PromptAnswerBatch
 from .layouts import plain_logps, shared_prefix_logps
 from .limits import limits_of
 from .packed import packed_logps, packs
-from .parts import compute_precision, unwrap
+from .parts import compute_precision, unwrap, width_multiple
 from .whole import whole_logps
 
 log = logging.getLogger("preftune.logps.answer")
@@ -69,9 +69,18 @@ def route_of(model, batch: PromptAnswerBatch, *, share: bool, packing: bool) -> 
     if packing and share and packs(model):
         wanted.append("packed")
     todo = [layout for layout in wanted if layout not in route.layouts]
-    if todo and not route.whole:
+    if todo and not route.whole and not _compiled(model):
         _check(model, _probe(batch), todo, route)
     return route
+
+
+def _compiled(model) -> bool:
+    """Whether the decoder's layers are compiled (setup._compile_body): a probe of other shapes and modes would
+    compile them again, so such a model is not checked."""
+    try:
+        return width_multiple(model) != 1
+    except TypeError:  # no decoder body found: the check will say so
+        return False
 
 
 def _probe(batch: PromptAnswerBatch) -> PromptAnswerBatch:
