@@ -208,6 +208,51 @@ def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path, tiny_mode
     assert not (tmp_path / "run" / "checkpoints").exists()  # the old run's checkpoints are gone
 
 
+def test_a_failed_run_keeps_the_files_that_were_in_its_folder_before(tmp_path, tiny_model_dir, pairs_file):
+    out = tmp_path / "project"
+    (out / "plots").mkdir(parents=True)
+    (out / "README.md").write_text("# my project\n")
+    (out / "plots" / "arch.png").write_text("x")
+    with pytest.raises(ModelError):
+        train.run(small_run(tmp_path / "typo", pairs_file, out), command="preftune")
+    assert (out / "README.md").read_text() == "# my project\n" and (out / "plots" / "arch.png").exists()
+    assert not (out / "config.yaml").exists()  # what the failed run wrote is gone: the rerun is not refused
+    train.run(small_run(tiny_model_dir, pairs_file, out), command="preftune")
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_loaded(tmp_path, tiny_model_dir, pairs_file):
+    out = tmp_path / "run"
+    train.run(small_run(tiny_model_dir, pairs_file, out, save_every=1), command="preftune")
+    before = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "results.json", "config.yaml")}
+    with pytest.raises(ModelError):
+        train.run(small_run(tmp_path / "typo", pairs_file, out, overwrite=True), command="preftune")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert (out / "checkpoints").is_dir()
+
+
+def test_a_model_folder_is_not_taken_as_the_output_folder(tmp_path, tiny_model_dir, pairs_file):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = file_sha256(model / "model.safetensors")
+    with pytest.raises(PreftuneError, match="holds a model \\(config.json\\).*--overwrite"):
+        train.run(small_run(model, pairs_file, model), command="preftune")
+    assert file_sha256(model / "model.safetensors") == weights
+
+
+def test_an_interrupt_after_logged_steps_keeps_the_run(tmp_path, tiny_model_dir, pairs_file):
+    """Ctrl-C outside the steps' own signal handling (while the final model is written, say) must not delete a
+    run that has trained."""
+    out = tmp_path / "run"
+
+    def interrupt(row):
+        if row.get("step") == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.execute(small_run(tiny_model_dir, pairs_file, out), command="preftune", callbacks=[interrupt])
+    assert len(metric_rows(out)) >= 1 and (out / "config.yaml").exists()
+
+
 def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, tiny_model_dir, pairs_file, capsys):
     fresh = tmp_path / "fresh"
     train.run(small_run(tiny_model_dir, pairs_file, fresh), command="preftune")

@@ -181,18 +181,21 @@ def execute(cfg: TrainConfig, *, command: str, inputs=None, callbacks=(), in_mem
     rundir.prepare(out_dir, cfg, env)
     # A failure from here on (bad data or model, a full disk, a crash in step 1) leaves nothing behind that would
     # block the corrected rerun; once a checkpoint exists, the run stays for --resume.
-    with rundir.removed_on_failure(out_dir, env, created, resumed=cfg.resume):
-        return _train(cfg, command, env, device, precision, out_dir, inputs, callbacks, in_memory, resume_hint)
+    with rundir.removed_on_failure(out_dir, env, created, resumed=cfg.resume) as kept:
+        return _train(cfg, command, env, device, precision, out_dir, inputs, callbacks, in_memory, resume_hint,
+                      kept)
 
 
 def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_dir: Path, inputs, callbacks,
-           in_memory: bool, resume_hint: str | None) -> Outcome:
+           in_memory: bool, resume_hint: str | None, kept: set[str] | None = None) -> Outcome:
     writes = env.is_main and not in_memory  # only the main process of a run with a folder writes files
     torch.manual_seed(cfg.seed)
     setup = build(cfg, device=device, precision=precision, env=env, inputs=inputs)
     steps = _planned_steps(cfg, setup, env)
     if writes:
         ckpt.check_room(out_dir, setup.policy, cfg)
+    if not in_memory:
+        rundir.clear_previous(out_dir, cfg, env, kept)
     policy, tokenizer, reference = setup.policy, setup.tokenizer, setup.reference
     train_items, eval_items = setup.train_items, setup.eval_items
     pad_id = tokenizer.pad_token_id

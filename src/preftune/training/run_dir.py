@@ -39,6 +39,9 @@ def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
     if holds_run(out_dir) and not (cfg.overwrite or cfg.resume):
         raise PreftuneError(f"--output-dir {out_dir}: already holds a run; choose another folder, pass --resume to "
                             f"continue it, or --overwrite to start afresh")
+    if (out_dir / "config.json").is_file() and not holds_run(out_dir) and not cfg.overwrite:
+        raise PreftuneError(f"--output-dir {out_dir}: holds a model (config.json), which the finished run's model "
+                            f"would overwrite; choose another folder, or --overwrite to replace it")
     if env.is_main:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -47,12 +50,21 @@ def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
             probe.unlink()
         except OSError as exc:
             raise PreftuneError(f"--output-dir {out_dir}: cannot write there ({exc.strerror})") from None
-        if cfg.overwrite and not cfg.resume:
+    barrier(env)
+
+
+def clear_previous(out_dir: Path, cfg: TrainConfig, env: DistEnv, kept: set[str]) -> None:
+    """With --overwrite, remove the previous run's results and checkpoints: called once the new run's model and
+    data have loaded, so a mistake in the new command leaves the old run whole. From then on the run files in
+    the folder are this run's (`kept` empties: a failure removes them)."""
+    if cfg.overwrite and not cfg.resume:
+        if env.is_main:
             for name in (METRICS_FILE, RESULTS):
                 (out_dir / name).unlink(missing_ok=True)
             for name in ("plots", CHECKPOINTS):  # old checkpoints must never be resumed into the new run
                 shutil.rmtree(out_dir / name, ignore_errors=True)
-    barrier(env)
+        kept.clear()
+        barrier(env)
 
 
 # What a run writes at its top level besides the model files (which only a finished run has).
@@ -63,19 +75,31 @@ RUN_FILES = (CONFIG, DATA_STATS, METRICS_FILE, RESULTS, "README.md", "plots", "t
 def removed_on_failure(out_dir: Path, env: DistEnv, created: bool, resumed: bool):
     """If what runs inside fails before a checkpoint exists, remove what this run wrote, so the corrected rerun
     is not refused as 'already holds a run'. A folder this run made goes whole; in a folder that was there
-    before, only the run's own files go. A run with a checkpoint is kept (--resume continues it), and so is a
-    resumed run's folder."""
+    before, only the run files this run wrote go: names that were there before (a README, plots of the user's
+    own, a previous run's files under --overwrite until `clear_previous`) stay. Yields that set of names. A run
+    with a checkpoint is kept (--resume continues it), and so is a resumed run's folder; an interrupt (Ctrl-C)
+    after steps were logged keeps the folder too."""
+    kept = {name for name in RUN_FILES if (out_dir / name).exists()}
     try:
-        yield
-    except BaseException:
-        if env.is_main and not resumed and out_dir.is_dir() and not (out_dir / CHECKPOINTS).exists():
+        yield kept
+    except BaseException as exc:
+        interrupted_late = not isinstance(exc, Exception) and _logged_steps(out_dir)
+        if (env.is_main and not resumed and not interrupted_late and out_dir.is_dir()
+                and not (out_dir / CHECKPOINTS).exists()):
             if created:
                 shutil.rmtree(out_dir, ignore_errors=True)
             else:
-                for name in RUN_FILES:
+                for name in set(RUN_FILES) - kept:
                     path = out_dir / name
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         raise
+
+
+def _logged_steps(out_dir: Path) -> bool:
+    try:
+        return (out_dir / METRICS_FILE).stat().st_size > 0
+    except OSError:
+        return False
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
