@@ -105,3 +105,13 @@ def test_generate_side_by_side(tiny_model_dir, tmp_path, capsys):
     assert row["prompt"] == "the capital of france is"
     assert row["policy"] == row["reference"]             # same weights, greedy: same answer
     assert "policy" in capsys.readouterr().out
+
+
+def test_eval_output_never_replaces_its_data_file(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", fact_pairs(4))
+    before = data.read_bytes()
+    for output, words in ((data, "is the --data file"), (tmp_path, "is a folder")):
+        code = main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(output)])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and "Traceback" not in err
+    assert data.read_bytes() == before

@@ -25,3 +25,22 @@ def add_data_flags(parser: argparse.ArgumentParser, *, required: bool, help: str
     parser.add_argument("--data", required=required, help=help)
     parser.add_argument("--data-format", help="Force a data format instead of detecting it.")
     parser.add_argument("--split", default="train", help="Split of a saved dataset or Hub id (default: %(default)s).")
+
+
+def checked_output(args: argparse.Namespace):
+    """`--output` as a Path, checked before any work: not a folder, and never the `--data` file it is computed from
+    (writing the rows there would replace the data). None when not given."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+
+    if not args.output:
+        return None
+    out = Path(args.output)
+    if out.is_dir():
+        raise ConfigError(f"--output {out}: is a folder; give a file name (rows.jsonl)")
+    data = Path(str(args.data))
+    if out.exists() and data.exists() and out.resolve() == data.resolve():
+        raise ConfigError(f"--output {out}: is the --data file; writing the rows there would replace the data, so "
+                          f"give another file name")
+    return out

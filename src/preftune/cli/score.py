@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..io import write_jsonl
-from .flags import add_data_flags, add_model_flags
+from .flags import add_data_flags, add_model_flags, checked_output
 
 
 def register(subparsers) -> None:
@@ -31,10 +30,11 @@ def register(subparsers) -> None:
 def _cmd_score(args: argparse.Namespace) -> int:
     from ..api import score  # torch and transformers load only when a command needs them, not for `--help`
 
+    output = checked_output(args)
     report = score(args.model, args.data, data_format=args.data_format, split=args.split,
                    batch_size=args.batch_size, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                    limit=args.limit, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    if args.output:
-        write_jsonl(Path(args.output), report.rows)
+    if output is not None:
+        write_jsonl(output, report.rows)
     print(json.dumps(report.summary, indent=2))
     return 0
