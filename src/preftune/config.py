@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,19 @@ class TrainConfig:
             raise ConfigError(f"max_steps: must be positive, or -1 to use epochs; got {self.max_steps}")
         if self.max_steps == -1 and self.epochs <= 0:
             raise ConfigError(f"epochs: must be positive, got {self.epochs}")
+        floats = [f.name for f in fields(self) if isinstance(getattr(self, f.name), float)]
+        for name in floats:  # NaN passes every comparison below, and infinity trains nothing
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr: must be positive, got {self.lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps < 0:
+            raise ConfigError(f"adam_eps: must not be negative, got {self.adam_eps}")
+        if not -2 ** 63 <= self.seed < 2 ** 64:  # what torch.manual_seed takes
+            raise ConfigError(f"seed: must be a 64-bit integer, got {self.seed}")
         if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
             raise ConfigError("desirable_weight, undesirable_weight: must be positive, got "
                               f"{self.desirable_weight:g} and {self.undesirable_weight:g}")
