@@ -34,3 +34,15 @@ def test_missing_and_wrong_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no config.json"):
         load_model(str(tmp_path / "empty"), device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_a_reference_with_another_vocabulary_is_refused(tiny_model_dir):
+    """Its log-probs would score the policy's token ids as other tokens: rewards silently wrong."""
+    import preftune
+    from preftune.demo.base import tiny_llama
+    from tinylm import fact_pairs
+
+    other = tiny_llama(len(make_tokenizer()) + 64, hidden=32, layers=2, heads=4, pad_id=0)
+    with pytest.raises(ModelError, match="its vocabulary has 364 tokens and the policy's 300"):
+        preftune.train("dpo", model=str(tiny_model_dir), ref_model=other, data=fact_pairs(8), output_dir=None,
+                       max_steps=1, batch_size=4)

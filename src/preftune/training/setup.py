@@ -16,10 +16,10 @@ from ..data.tokenize import TokenizeStats, tokenize_all
 from ..dist.env import DistEnv
 from ..dist.logp_module import AnswerLogpModule, RewardModule, sharded_logps_module
 from ..logps.router import router_aux_coef
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, ModelError
 from ..metrics import table_of
 from ..logps.limits import layout_note
-from ..logps.parts import set_compute_dtype, sparse_embedding_grad
+from ..logps.parts import set_compute_dtype, sparse_embedding_grad, unwrap
 from ..inputs import RunInputs, frozen, is_peft_model, policy_in_place
 from ..kto_loss import imbalance_advice
 from ..losses import needs_reference
@@ -222,6 +222,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
         else:
             ref_model = start_copy if start_copy is not None else _load_reference(cfg, load_device, precision,
                                                                                   inputs.ref_model)
+            _check_same_vocabulary(policy, ref_model, cfg.ref_model or "the ref_model object")
             if cfg.compile:
                 _compile_body(ref_model)
             if sharded:
@@ -282,6 +283,18 @@ def _load_reference(cfg: TrainConfig, device, precision: Precision, given=None):
     if cfg.disable_dropout:
         disable_dropout(model)
     return model
+
+
+def _vocabulary(model) -> int:
+    return unwrap(model).get_input_embeddings().weight.shape[0]
+
+
+def _check_same_vocabulary(policy, reference, name: str) -> None:
+    """A reference scores the policy's token ids: a vocabulary of another size is another tokenizer."""
+    if _vocabulary(reference) != _vocabulary(policy):
+        raise ModelError(f"--ref-model {name}: its vocabulary has {_vocabulary(reference):,} tokens and the "
+                         f"policy's {_vocabulary(policy):,}; the reference must use the policy's tokenizer (the "
+                         f"model it was trained from, or a copy of it)")
 
 
 def _copies_reference(cfg: TrainConfig, policy, inputs: RunInputs) -> bool:
