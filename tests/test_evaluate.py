@@ -115,3 +115,20 @@ def test_eval_output_never_replaces_its_data_file(tiny_model_dir, tmp_path, caps
         err = capsys.readouterr().err
         assert code == 2 and words in err and "Traceback" not in err
     assert data.read_bytes() == before
+
+
+@pytest.mark.parametrize("command, flags, words", [
+    ("eval", ["--batch-size", "0"], "batch_size: must be at least 1"),
+    ("eval", ["--limit=-3"], "limit: must be at least 1"),
+    ("eval", ["--beta", "0"], "beta: must be a positive number"),
+    ("eval", ["--dtype", "float99"], "--dtype float99: not one of auto, mixed"),
+    ("eval", ["--device", "tpu"], "--device tpu: not a device name"),
+    ("generate", ["--max-new-tokens", "0"], "--max-new-tokens: must be at least 1"),
+    ("generate", ["--top-p", "2"], "--top-p: must be in (0, 1]"),
+    ("generate", ["--temperature=-1"], "--temperature: must be 0 (greedy) or more"),
+])
+def test_bad_values_for_eval_and_generate_are_one_line(tiny_model_dir, tmp_path, capsys, command, flags, words):
+    data = write_jsonl(tmp_path / "pairs.jsonl", fact_pairs(4))
+    code = main([command, "--model", str(tiny_model_dir), "--data", str(data), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -9,6 +9,7 @@ carrying the command line's one-line messages; nothing here exits the process, a
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,20 @@ def train_from_config(cfg: TrainConfig, *, inputs: RunInputs | None = None,
     return TrainResult(model, tokenizer, metrics, history, out_dir, outcome.stopped_at)
 
 
+def _check_reading(*, batch_size: int, max_length: int, limit: int | None, device: str, dtype: str,
+                   beta: float = 1.0) -> None:
+    """The numbers and names `evaluate` and `score` take, checked before any model or data is read."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: must be at least 1, got {batch_size}")
+    if max_length < 2:
+        raise ConfigError(f"max_length: must be at least 2 (a prompt token and an answer token), got {max_length}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit: must be at least 1 (or left out for every pair), got {limit}")
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ConfigError(f"beta: must be a positive number, got {beta}")
+    pick_dtype(dtype, pick_device(device))
+
+
 def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, batch_size: int = 8,
              max_length: int = 1024, max_prompt_length: int | None = None, data_format: str | None = None,
              split: str = "train", limit: int | None = None, device: str = "auto", dtype: str = "auto",
@@ -159,6 +174,7 @@ def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, 
         without a reference. Returns an `EvalReport`: `.summary` is what `preftune eval` prints, `.rows` what
         it writes with --output.
     """
+    _check_reading(batch_size=batch_size, max_length=max_length, limit=limit, device=device, dtype=dtype, beta=beta)
     if not is_path(model):
         check_model_object(model, "model")
         if tokenizer is None:
@@ -216,6 +232,7 @@ def score(model, data, *, tokenizer=None, batch_size: int = 8, max_length: int =
     """
     from .reward import load_reward_model, set_pad_token
 
+    _check_reading(batch_size=batch_size, max_length=max_length, limit=limit, device=device, dtype=dtype)
     if is_path(model):
         run_device = pick_device(device)
         rm, tok = load_reward_model(os.fspath(model), device=run_device, dtype=pick_dtype(dtype, run_device),

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import PreftuneError
 from ..io import write_jsonl
-from .flags import add_data_flags, add_model_flags
+from .flags import add_data_flags, add_model_flags, checked_output
 
 
 def register(subparsers) -> None:
@@ -33,6 +32,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if (args.prompt is None) == (args.data is None):
         raise PreftuneError("generate: give exactly one of --prompt TEXT or --data FILE")
+    checks = {"--max-new-tokens": (args.max_new_tokens >= 1, "at least 1"), "-n": (args.n >= 1, "at least 1"),
+              "--temperature": (args.temperature >= 0, "0 (greedy) or more"),
+              "--top-p": (0 < args.top_p <= 1, "in (0, 1]"), "--seed": (0 <= args.seed < 2 ** 63, "0 to 2**63 - 1")}
+    for flag, (ok, want) in checks.items():
+        if not ok:
+            raise PreftuneError(f"{flag}: must be {want}")
+    output = checked_output(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -51,8 +57,8 @@ def run_generate(args: argparse.Namespace) -> int:
             row[column] = answer
         del model
     _show(rows, list(columns))
-    if args.output:
-        write_jsonl(Path(args.output), rows)
+    if output is not None:
+        write_jsonl(output, rows)
     return 0
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,7 +24,10 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ModelError("--device cuda: no CUDA device is visible; use --device auto or cpu")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ModelError("--device mps: MPS is not available here; use --device auto or cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ModelError(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ def pick_precision(name: str, device: torch.device) -> Precision:
         name = "mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if name == "mixed":
         return Precision(torch.float32, torch.bfloat16, torch.bfloat16)
+    if name not in _DTYPES:
+        raise ConfigError(f"--dtype {name}: not one of auto, mixed, {', '.join(_DTYPES)}")
     return Precision(_DTYPES[name], _DTYPES[name])
 
 
