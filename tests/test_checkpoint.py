@@ -253,6 +253,24 @@ def test_an_interrupt_after_logged_steps_keeps_the_run(tmp_path, tiny_model_dir,
     assert len(metric_rows(out)) >= 1 and (out / "config.yaml").exists()
 
 
+def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir,
+                                                                                     pairs_file, monkeypatch):
+    out = tmp_path / "run"
+    real = torch.save
+
+    def full_at_step_2(obj, path, *args, **kwargs):
+        if ckpt.step_dir(out, 2).name in str(path):  # torch.save's own words on a full disk; the disk is full now
+            monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("Usage", "total used free")(1, 1, 0))
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 123 vs 456")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_at_step_2)
+    with pytest.raises(PreftuneError, match="checkpoint at step 2: cannot be written to .*no space left"):
+        train.run(small_run(tiny_model_dir, pairs_file, out, save_every=1), command="preftune")
+    root = out / "checkpoints"
+    assert [p.name for p in root.iterdir()] == [ckpt.step_dir(out, 1).name]  # no half-written folder beside it
+
+
 def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, tiny_model_dir, pairs_file, capsys):
     fresh = tmp_path / "fresh"
     train.run(small_run(tiny_model_dir, pairs_file, fresh), command="preftune")

@@ -36,6 +36,17 @@ def test_missing_and_wrong_folders(tmp_path):
         load_model(str(tmp_path / "empty"), device=torch.device("cpu"), dtype=torch.float32)
 
 
+def test_a_truncated_weights_file_is_one_error(tmp_path, tiny_model_dir):
+    import shutil
+
+    copy = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelError, match=f"model {copy}: cannot be loaded"):
+        load_model(str(copy), device=torch.device("cpu"), dtype=torch.float32)
+
+
 def test_a_reference_with_another_vocabulary_is_refused(tiny_model_dir):
     """Its log-probs would score the policy's token ids as other tokens: rewards silently wrong."""
     import preftune

@@ -7,10 +7,13 @@ and renaming it into place would otherwise leave weights and results unreadable 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -73,3 +76,25 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def reported_if_disk_full(folder: Path, what: str):
+    """Writes inside: a full disk (or quota) becomes one `PreftuneError` naming `what` and `folder`, whatever
+    layer noticed it (an OSError, torch.save's RuntimeError, safetensors' own error). Other failures pass."""
+    from .errors import PreftuneError
+
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - told apart below: only a full disk is reworded
+        full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(exc)
+        if not full:
+            try:
+                full = shutil.disk_usage(folder).free < 1 << 20
+            except OSError:
+                full = False
+        if not full:
+            raise
+        raise PreftuneError(f"{what}: cannot be written to {folder}: no space left on the device; free some space "
+                            f"(or choose another --output-dir) and run again; --resume continues from the last checkpoint, if "
+                            f"one was written") from None

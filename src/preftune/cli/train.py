@@ -63,6 +63,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..training.signals import resume_command
 
     cfg = config_from_args(args, args.stage)
+    cfg.require_paths()  # from the shell a run without --output-dir would train and keep nothing
     command = shlex.join(["preftune", *sys.argv[1:]])
     result = train_from_config(cfg, command=command, resume_hint=resume_command(command), load_finished=False)
     if not cfg.quiet and result.metrics and result.stopped_at_step is None and is_main_process():

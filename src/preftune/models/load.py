@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import ModelError, PreftuneError
 from ..io import follow_umask
@@ -154,7 +155,7 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
             quantization_config=quantization_config, use_safetensors=None, weights_only=True)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, SafetensorError) as exc:  # the last: a truncated or damaged weights file
         raise _load_error(name_or_path, exc, config) from None
     except pickle.UnpicklingError:
         raise ModelError(f"model {name_or_path}: refused; its pickled weights file holds Python objects other than "

@@ -40,7 +40,7 @@ from ..config import TrainConfig, load_yaml_mapping
 from ..dist import fsdp
 from ..dist.env import DistEnv, all_reduce_sum, barrier
 from ..errors import PreftuneError
-from ..io import atomic_write_json, file_sha256, follow_umask
+from ..io import atomic_write_json, file_sha256, follow_umask, reported_if_disk_full
 from .run_dir import CHECKPOINTS as FOLDER, resolved
 from .run_state import (RunState, all_rng_states, gather_optimizer_state, gather_trainable_state,
                         require_finite, set_rng_state)
@@ -97,8 +97,6 @@ def step_dir(out_dir: Path, step: int) -> Path:
 
 def save(out_dir: Path, state: RunState, cfg: TrainConfig, env: DistEnv, metrics_path: Path) -> Path:
     """Write the checkpoint of `state.step` (rank 0 writes; every rank must call) and keep the newest ones."""
-    from safetensors.torch import save_file
-
     require_finite(state.model, f"checkpoint at step {state.step}", env)
     weights = gather_trainable_state(state.model, state.sharded)
     optim = gather_optimizer_state(state.optimizer, state.model, state.sharded)
@@ -109,23 +107,12 @@ def save(out_dir: Path, state: RunState, cfg: TrainConfig, env: DistEnv, metrics
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(weights, str(tmp / WEIGHTS))
-        torch.save(optim, tmp / OPTIMIZER)
-        trainer = {"step": state.step, "skipped_steps": state.skipped_steps,
-                   "scheduler": state.scheduler.state_dict(), "cursor": state.cursor.state_dict(),
-                   "objective": state.objective.state_dict(), "rng": rngs, "world_size": env.world_size,
-                   "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0}
-        (tmp / STATE).write_text(json.dumps(trainer))
-        (tmp / CONFIG).write_text(yaml.safe_dump(resolved(cfg).to_dict(), sort_keys=False))
-        files = [WEIGHTS, OPTIMIZER, STATE, CONFIG]
-        follow_umask(tmp)  # safetensors writes weights 0600
-        for name in files:
-            _fsync(tmp / name)
-        manifest = {"step": state.step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)}
-                                                  for n in files}}
-        atomic_write_json(tmp / MANIFEST, manifest)
-        _fsync(tmp)
+        with reported_if_disk_full(root, f"checkpoint at step {state.step}"):
+            try:
+                _write(tmp, weights, optim, state, cfg, env, rngs, metrics_path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay whole
+                raise
         if final.exists():  # a damaged folder of the same step from an earlier attempt
             _discard(final)
         os.replace(tmp, final)
@@ -133,6 +120,29 @@ def save(out_dir: Path, state: RunState, cfg: TrainConfig, env: DistEnv, metrics
         _prune(root, cfg.keep_checkpoints)
     barrier(env)
     return final
+
+
+def _write(tmp: Path, weights, optim, state: RunState, cfg: TrainConfig, env: DistEnv, rngs, metrics_path: Path):
+    """The checkpoint's files, each fsynced, and their manifest, into the hidden folder `tmp`."""
+    from safetensors.torch import save_file
+
+    tmp.mkdir()
+    save_file(weights, str(tmp / WEIGHTS))
+    torch.save(optim, tmp / OPTIMIZER)
+    trainer = {"step": state.step, "skipped_steps": state.skipped_steps,
+               "scheduler": state.scheduler.state_dict(), "cursor": state.cursor.state_dict(),
+               "objective": state.objective.state_dict(), "rng": rngs, "world_size": env.world_size,
+               "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0}
+    (tmp / STATE).write_text(json.dumps(trainer))
+    (tmp / CONFIG).write_text(yaml.safe_dump(resolved(cfg).to_dict(), sort_keys=False))
+    files = [WEIGHTS, OPTIMIZER, STATE, CONFIG]
+    follow_umask(tmp)  # safetensors writes weights 0600
+    for name in files:
+        _fsync(tmp / name)
+    manifest = {"step": state.step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)}
+                                              for n in files}}
+    atomic_write_json(tmp / MANIFEST, manifest)
+    _fsync(tmp)
 
 
 def _discard(folder: Path) -> None:

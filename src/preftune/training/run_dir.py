@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config import TrainConfig
 from ..dist.env import DistEnv, barrier
 from ..errors import PreftuneError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, reported_if_disk_full
 from ..models.load import save_model
 from ..report.tracking import METRICS_FILE
 
@@ -133,6 +133,11 @@ def finish(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str, *,
     With LoRA the model is the adapter (plus `merged/` with --merge); `state_dict` holds the gathered
     weights of a sharded model.
     """
+    with reported_if_disk_full(out_dir, "the final model"):
+        _write_final(out_dir, cfg, setup, final, command, state_dict)
+
+
+def _write_final(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str, state_dict) -> None:
     from ..report.card import write_model_card
     from ..report.plots import write_plots
 
