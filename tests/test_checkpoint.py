@@ -152,6 +152,18 @@ def test_resume_with_other_settings_is_refused(cfg):
         ckpt.restore(folder, small_state(other), other, ENV)
 
 
+def test_resume_after_the_data_file_changed_is_refused(cfg, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", fact_pairs(4))
+    cfg = TrainConfig(**{**cfg.to_dict(), "data": str(data)})
+    folder = save_at(cfg, small_state(cfg), 1)
+    ckpt.restore(folder, small_state(cfg), cfg, ENV)  # the same bytes: fine
+    rows = fact_pairs(4)
+    rows[0] = {**rows[0], "chosen": rows[0]["rejected"], "rejected": rows[0]["chosen"]}  # one preference flipped
+    write_jsonl(data, rows)
+    with pytest.raises(ckpt.CheckpointError, match="other contents of --data .*the file has changed since"):
+        ckpt.restore(folder, small_state(cfg), cfg, ENV)
+
+
 def test_resume_into_a_model_with_other_trainable_parameters_is_refused(cfg):
     folder = save_at(cfg, small_state(cfg), 1)
     state = small_state(cfg)

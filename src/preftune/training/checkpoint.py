@@ -132,7 +132,8 @@ def _write(tmp: Path, weights, optim, state: RunState, cfg: TrainConfig, env: Di
     trainer = {"step": state.step, "skipped_steps": state.skipped_steps,
                "scheduler": state.scheduler.state_dict(), "cursor": state.cursor.state_dict(),
                "objective": state.objective.state_dict(), "rng": rngs, "world_size": env.world_size,
-               "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0}
+               "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
+               "data_sha256": data_digest(cfg)}
     (tmp / STATE).write_text(json.dumps(trainer))
     (tmp / CONFIG).write_text(yaml.safe_dump(resolved(cfg).to_dict(), sort_keys=False))
     files = [WEIGHTS, OPTIMIZER, STATE, CONFIG]
@@ -259,9 +260,30 @@ def _restore_sharded(folder: Path, state: RunState, env: DistEnv) -> None:
     fsdp.load_full_optimizer_state(state.model, state.optimizer, optim)
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def data_digest(cfg: TrainConfig) -> str:
+    """sha256 of the --data file's bytes (a local file; else ""), computed once per file version: a resumed run
+    must read the data its checkpoint was written with, not only a file of the same name."""
+    path = Path(str(cfg.data)) if cfg.data else None
+    if path is None or not path.is_file():
+        return ""
+    info = path.stat()
+    key = (str(path.resolve()), info.st_size, info.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(path)
+    return _DIGESTS[key]
+
+
 def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> dict:
     """Load a verified checkpoint into `state` (every rank); returns its trainer state."""
     _check_same_config(folder, cfg)
+    saved = json.loads((folder / STATE).read_text()).get("data_sha256")
+    if saved and saved != data_digest(cfg):
+        raise CheckpointError(f"{folder}: was written with other contents of --data {cfg.data} (the file has "
+                              f"changed since); resume with the data it was written with, or pass --overwrite "
+                              f"instead of --resume to start afresh")
     if state.sharded:
         _restore_sharded(folder, state, env)
     else:
