@@ -251,6 +251,24 @@ def test_a_model_folder_is_not_taken_as_the_output_folder(tmp_path, tiny_model_d
     assert file_sha256(model / "model.safetensors") == weights
 
 
+def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path, tiny_model_dir, pairs_file):
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".preftune.lock"
+    lock.write_text(f"{os.getpid()} {socket.gethostname()}")  # a live process holds it
+    with pytest.raises(PreftuneError, match="another run .* is writing there"):
+        train.run(small_run(tiny_model_dir, pairs_file, out), command="preftune")
+    assert lock.exists() and not (out / "config.yaml").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{gone.stdout.strip()} {socket.gethostname()}")  # left by a process that has ended
+    train.run(small_run(tiny_model_dir, pairs_file, out), command="preftune")
+    assert (out / "results.json").exists() and not lock.exists()
+
+
 def test_an_interrupt_after_logged_steps_keeps_the_run(tmp_path, tiny_model_dir, pairs_file):
     """Ctrl-C outside the steps' own signal handling (while the final model is written, say) must not delete a
     run that has trained."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,6 +102,52 @@ def _logged_steps(out_dir: Path) -> bool:
         return (out_dir / METRICS_FILE).stat().st_size > 0
     except OSError:
         return False
+
+
+LOCK = ".preftune.lock"
+
+
+@contextmanager
+def locked(out_dir: Path, env: DistEnv):
+    """One run at a time writes a folder: a second one started into it is refused instead of interleaving its
+    metrics and checkpoints with the first's. The lock file names its process; one left by a process that no
+    longer runs (killed) is taken over."""
+    path = out_dir / LOCK
+    if env.is_main:
+        me = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = path.read_text(errors="replace").split() if path.exists() else []
+                if holder and _running(holder):
+                    raise PreftuneError(f"--output-dir {out_dir}: another run (process {' on '.join(holder)}) is "
+                                        f"writing there; wait for it to end, or choose another folder (delete "
+                                        f"{LOCK} there if no run is)") from None
+                path.unlink(missing_ok=True)  # left by a process that is gone
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(me)
+            break
+    try:
+        yield
+    finally:
+        if env.is_main:
+            path.unlink(missing_ok=True)
+
+
+def _running(holder: list[str]) -> bool:
+    """Whether the process a lock file names still runs (on another machine: assumed so)."""
+    pid, host = (holder + [""])[:2]
+    if host and host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
