@@ -63,9 +63,18 @@ def test_empty_file(tmp_path, content):
 
 
 def test_unknown_format_lists_formats_and_keys(jsonl_file):
-    message = _error(jsonl_file([{"instruction": "x", "output": "y"}]), skip_bad_records=True)
-    assert "line 1: cannot tell the data format from the keys seen (instruction, output)" in message
+    message = _error(jsonl_file([{"instruction": "x", "answer": "y"}]), skip_bad_records=True)
+    assert "line 1: cannot tell the data format from the keys seen (instruction, answer)" in message
     assert "stack_exchange (question, response_j" in message and "--data-format" in message
+
+
+@pytest.mark.parametrize("record", [{"instruction": "x", "output": "y"}, {"text": "a whole text"},
+                                    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant",
+                                                                                      "content": "a"}]}])
+def test_sft_data_given_for_pairs_names_preftune_sft(jsonl_file, record):
+    message = _error(jsonl_file([record]), skip_bad_records=True)
+    assert "line 1: this is SFT data" in message and "train it with `preftune sft`" in message
+    assert "\n" not in message
 
 
 def test_unknown_forced_format(jsonl_file):

@@ -63,6 +63,10 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
                     raise UnpairedData(f"{where}: this is unpaired feedback ({UNPAIRED_KEYS[unpaired]}): each "
                                        "record rates one answer, so there are no chosen/rejected pairs for DPO; "
                                        "it is data for KTO: run `preftune kto`")
+                if _looks_like_sft(value):
+                    raise SourceError(f"{where}: this is SFT data (one answer a record, keys "
+                                      f"{', '.join(map(str, value))}), with no chosen/rejected pair to prefer; "
+                                      f"train it with `preftune sft`, or give preference pairs")
                 raise SourceError(unknown_format_message(value, where))
             _check_scored(report.format, min_score_gap, source)
         pair, gap, unused = read_pair(value, report.format, where)
@@ -155,6 +159,12 @@ def read_unpaired_source(source: str, *, data_format: str | None = None, split: 
         return example
 
     return _collect(source, split, skip_bad_records, report, convert), report
+
+
+def _looks_like_sft(value: dict) -> bool:
+    """A record with an SFT layout's keys and no answer pair (`read_sft` would take it)."""
+    keys = set(value)
+    return bool({"messages", "conversations", "completion", "text"} & keys or {"instruction", "output"} <= keys)
 
 
 def _collect(source: str, split: str, skip_bad_records: bool, report: LoadReport,
