@@ -34,6 +34,8 @@ def test_flags_override_file(tmp_path):
     ({"adam_beta1": 1.5}, "adam_beta1: must be in [0, 1), got 1.5"),
     ({"adam_eps": -1.0}, "adam_eps: must not be negative"),
     ({"seed": 10 ** 20}, "seed: must be a 64-bit integer"),
+    ({"eval_data": "held.jsonl", "eval_split": 0.1}, "eval_split: with --eval-data"),
+    ({"lora_r": 8, "lora_alpha": 0.0}, "lora_alpha: must be positive"),
     ({"loss": "sigmoidd"}, "sigmoidd"),
     ({"scheduler": "step"}, "scheduler: 'step' is not one of cosine, linear, constant"),
     ({"max_prompt_length": 2048, "max_length": 1024}, "max_prompt_length"),

@@ -187,6 +187,11 @@ class TrainConfig:
             raise ConfigError(f"router_aux_loss_coef: must not be negative, got {self.router_aux_loss_coef}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"max_steps: must be positive, or -1 to use epochs; got {self.max_steps}")
+        if self.eval_data and self.eval_split:
+            raise ConfigError("eval_split: with --eval-data the held-out pairs come from that file; drop "
+                              "--eval-split (or --eval-data to hold out part of --data)")
+        if self.lora_r and self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha: must be positive, got {self.lora_alpha:g}")
         if self.max_steps == -1 and self.epochs <= 0:
             raise ConfigError(f"epochs: must be positive, got {self.epochs}")
         floats = [f.name for f in fields(self) if isinstance(getattr(self, f.name), float)]
