@@ -39,8 +39,8 @@ def checked_output(args: argparse.Namespace):
     out = Path(args.output)
     if out.is_dir():
         raise ConfigError(f"--output {out}: is a folder; give a file name (rows.jsonl)")
-    data = Path(str(args.data))
-    if out.exists() and data.exists() and out.resolve() == data.resolve():
+    data = Path(args.data) if getattr(args, "data", None) else None  # generate may take --prompt instead
+    if out.exists() and data is not None and data.exists() and out.resolve() == data.resolve():
         raise ConfigError(f"--output {out}: is the --data file; writing the rows there would replace the data, so "
                           f"give another file name")
     return out

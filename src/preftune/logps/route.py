@@ -28,6 +28,7 @@ from .packed import packed_logps, packs
 from .parts import compute_precision, unwrap, width_multiple
 from .whole import whole_logps
 
+# The layouts' other fallback warnings are logged under answer.py's name: one logger to filter or capture.
 log = logging.getLogger("preftune.logps.answer")
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # relative to 1 + |sum|; other dtypes: HALF

@@ -279,7 +279,8 @@ def data_digest(cfg: TrainConfig) -> str:
 def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> dict:
     """Load a verified checkpoint into `state` (every rank); returns its trainer state."""
     _check_same_config(folder, cfg)
-    saved = json.loads((folder / STATE).read_text()).get("data_sha256")
+    trainer = json.loads((folder / STATE).read_text())
+    saved = trainer.get("data_sha256")  # absent in checkpoints written before it was recorded
     if saved and saved != data_digest(cfg):
         raise CheckpointError(f"{folder}: was written with other contents of --data {cfg.data} (the file has "
                               f"changed since); resume with the data it was written with, or pass --overwrite "
@@ -289,7 +290,6 @@ def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> di
     else:
         load_trainable_state(state.model, _read_weights(folder), folder)
         state.optimizer.load_state_dict(_load_pickled_tensors(folder / OPTIMIZER))
-    trainer = json.loads((folder / STATE).read_text())
     state.scheduler.load_state_dict(trainer["scheduler"])
     state.cursor.load_state_dict(trainer["cursor"])
     state.objective.load_state_dict(trainer["objective"])

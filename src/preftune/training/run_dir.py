@@ -113,27 +113,33 @@ def locked(out_dir: Path, env: DistEnv):
     metrics and checkpoints with the first's. The lock file names its process; one left by a process that no
     longer runs (killed) is taken over."""
     path = out_dir / LOCK
-    if env.is_main:
-        me = f"{os.getpid()} {socket.gethostname()}"
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = path.read_text(errors="replace").split() if path.exists() else []
-                if holder and _running(holder):
-                    raise PreftuneError(f"--output-dir {out_dir}: another run (process {' on '.join(holder)}) is "
-                                        f"writing there; wait for it to end, or choose another folder (delete "
-                                        f"{LOCK} there if no run is)") from None
-                path.unlink(missing_ok=True)  # left by a process that is gone
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(me)
-            break
+    if env.is_main and not _take(path):
+        holder = " on ".join(path.read_text(errors="replace").split()) if path.exists() else "?"
+        raise PreftuneError(f"--output-dir {out_dir}: another run (process {holder}) is writing there; wait for it "
+                            f"to end, or choose another folder (delete {LOCK} there if no run is)")
     try:
         yield
     finally:
         if env.is_main:
             path.unlink(missing_ok=True)
+
+
+def _take(path: Path) -> bool:
+    """Create the lock file naming this process; a lock whose process is gone is removed and taken. False when a
+    running process holds it."""
+    for _ in range(2):  # the second try follows the removal of a lock left behind
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = path.read_text(errors="replace").split() if path.exists() else []
+            if holder and _running(holder):
+                return False
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()} {socket.gethostname()}")
+        return True
+    return False
 
 
 def _running(holder: list[str]) -> bool:
