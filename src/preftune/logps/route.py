@@ -33,10 +33,10 @@ log = logging.getLogger("preftune.logps.answer")
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # relative to 1 + |sum|; other dtypes: HALF
 HALF = 5e-2
-PROBE_PROMPT, PROBE_ANSWER = 8, 6
+PROBE_PROMPT, PROBE_ANSWER = 8, 6  # tokens kept of each probe pair's prompt and answers
 # layout -> (what the model cannot do, what runs instead), for the warning when a layout is not taken
 FALLBACK = {"packed": ("cannot run answers packed in one row", "using the padded layouts"),
-            "prefix-shared": ("cannot continue answers from a shared prompt cache", "using the plain path")}  # tokens kept of each probe pair's prompt and answers
+            "prefix-shared": ("cannot continue answers from a shared prompt cache", "using the plain path")}
 
 
 class Route:
