@@ -96,5 +96,5 @@ def reported_if_disk_full(folder: Path, what: str):
         if not full:
             raise
         raise PreftuneError(f"{what}: cannot be written to {folder}: no space left on the device; free some space "
-                            f"(or choose another --output-dir) and run again; --resume continues from the last checkpoint, if "
-                            f"one was written") from None
+                            f"(or choose another --output-dir) and run again; --resume continues from the last "
+                            f"checkpoint, if one was written") from None
