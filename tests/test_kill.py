@@ -106,3 +106,29 @@ def test_sigint_stops_like_sigterm(tmp_path, tiny_model_dir, monkeypatch, capsys
     assert result == {"stopped_at_step": 2}
     assert (out / "checkpoints" / "step-00000002" / "manifest.json").exists()
     assert "Resume with: preftune dpo --resume" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("during", ["last step", "final write"])
+def test_a_signal_after_the_last_step_began_lets_the_run_finish(tmp_path, tiny_model_dir, monkeypatch, capfd,
+                                                                  during):
+    """A preemption notice that comes once no checkpoint follows (the last step, the final model's write) must
+    not kill the run there: the run finishes and its model is whole; before, the write died half-done."""
+    from preftune.training import run_dir
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", fact_pairs(16))
+    if during == "last step":
+        stop_at(monkeypatch, 4, signal.SIGINT)
+    else:
+        real = run_dir.save_model
+
+        def signalled_save(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)  # Python's own SIGINT handler would raise KeyboardInterrupt here
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(run_dir, "save_model", signalled_save)
+    out = tmp_path / "run"
+    result = train.run(config(tiny_model_dir, data, out, max_steps=4), command="preftune dpo")
+    assert "stopped_at_step" not in result and result["step"] == 4
+    assert (out / "results.json").is_file() and (out / "model.safetensors").is_file()
+    assert "SIGINT received; finishing the run and writing its final model" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -229,9 +229,10 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
     last: dict = {}
     stopped = False
     policy.train()
-    with Progress(steps, quiet=cfg.quiet or not env.is_main, stage=cfg.stage, log_every=cfg.log_every) as bar, \
-            StopOnSignal() as stop:
+    stop = StopOnSignal()  # its handlers are in place from the first step until the final model is written
+    with Progress(steps, quiet=cfg.quiet or not env.is_main, stage=cfg.stage, log_every=cfg.log_every) as bar, stop:
         for step in range(state.step + 1, steps + 1):
+            stop.finishing = step == steps  # a signal from here on lets the run finish instead
             t0 = time.perf_counter()
             micro, indices = _step_batches(cursor, train_items, cfg, env, pad_id, device)
             metrics, grad_norm, units = train_step(policy_logps, reference, objective, micro, env, params, cfg)
@@ -272,18 +273,21 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
             log(eval_row)
             bar.print(describe_eval(eval_row))
             final.update(eval_row)
-    tracker.close()
     if stopped:
+        tracker.close()
         if writes and resume_hint is not None:
             print(f"preftune: stopped after step {state.step} of {steps}; checkpoint written. Resume with: "
                   f"{resume_hint}", flush=True)
         shutdown(env)
         return Outcome(final, history, setup, stopped_at=state.step)
-    ckpt.require_finite(policy, "final model", env)
-    # Sharded weights are gathered whole by every rank together; rank 0 alone writes them.
-    full_weights = full_state_dict(policy) if policy_logps.sharded and not in_memory else None
-    final.update(recent_means(read_metrics(out_dir) if writes else history))
-    if writes:
-        rundir.finish(out_dir, cfg, setup, final, command, state_dict=full_weights)
+    with stop:  # a preemption notice while the final model is written lets the write finish (a second aborts)
+        stop.finishing = True
+        tracker.close()
+        ckpt.require_finite(policy, "final model", env)
+        # Sharded weights are gathered whole by every rank together; rank 0 alone writes them.
+        full_weights = full_state_dict(policy) if policy_logps.sharded and not in_memory else None
+        final.update(recent_means(read_metrics(out_dir) if writes else history))
+        if writes:
+            rundir.finish(out_dir, cfg, setup, final, command, state_dict=full_weights)
     shutdown(env)
     return Outcome(final, history, setup)

@@ -1,4 +1,5 @@
-"""Stop cleanly on SIGTERM or SIGINT: the loop finishes its step, writes a checkpoint and exits 0.
+"""Stop cleanly on SIGTERM or SIGINT: the loop finishes its step, writes a checkpoint and exits 0. Once the last
+step is done, a signal lets the final model be written whole instead (a preempted job loses nothing).
 
 Clusters send SIGTERM before they preempt a job, and people press Ctrl-C; either should cost at most one step.
 A second signal aborts at once (KeyboardInterrupt), for when the clean stop itself is too slow.
@@ -24,6 +25,7 @@ class StopOnSignal:
     def __init__(self):
         self.signum: int | None = None
         self.asked = False  # a stop asked for by the program itself (a callback), not by a signal
+        self.finishing = False  # set once the last step is done: what remains is the final eval and model
         self._previous: dict = {}
 
     def __enter__(self) -> "StopOnSignal":
@@ -41,8 +43,10 @@ class StopOnSignal:
             raise KeyboardInterrupt
         self.signum = signum
         # os.write, not print: a handler can run while the main code is inside a print to the same stream.
-        os.write(2, f"preftune: {signal.Signals(signum).name} received; finishing this step and writing a "
-                    f"checkpoint (send it again to abort now)\n".encode())
+        doing = "finishing the run and writing its final model" if self.finishing else \
+            "finishing this step and writing a checkpoint"
+        os.write(2, f"preftune: {signal.Signals(signum).name} received; {doing} (send it again to abort now)\n"
+                 .encode())
 
     def request(self) -> None:
         """Stop after this step, as if signalled."""
