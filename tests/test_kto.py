@@ -70,7 +70,8 @@ def test_imbalance_advice_follows_the_papers_range():
     line = imbalance_advice(10, 30, 1.0, 1.0)                  # ratio 1/3: raise desirable_weight to [3, 4]
     assert "--desirable-weight in [3, 4]" in line and "--undesirable-weight in [0.25, 0.333]" in line
     assert imbalance_advice(10, 30, 3.5, 1.0) is None          # 3.5*10 / 30 = 1.17
-    assert imbalance_advice(5, 0, 1.0, 1.0) is None
+    assert imbalance_advice(5, 0, 1.0, 1.0).startswith("kto: all 5 examples are desirable and none undesirable")
+    assert "pushes those answers down" in imbalance_advice(0, 3, 1.0, 1.0)
 
 
 # ------------------------------------------------------------------------------------------- data and batches

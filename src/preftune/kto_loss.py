@@ -46,10 +46,16 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl: Tensor
 
 def imbalance_advice(n_desirable: int, n_undesirable: int, desirable_weight: float,
                      undesirable_weight: float) -> str | None:
-    """One line of the paper's advice when λ_D n_D / (λ_U n_U) lies outside [1, 4/3]; None when inside, or when
-    one class is missing (its weight then has nothing to balance)."""
+    """One line of the paper's advice when λ_D n_D / (λ_U n_U) lies outside [1, 4/3], or when one class is
+    missing (no weight can balance that, and all-one-label data is more often a misread label); None when
+    inside."""
     if not n_desirable or not n_undesirable:
-        return None
+        if not n_desirable and not n_undesirable:
+            return None
+        have, lack = ("desirable", "undesirable") if n_desirable else ("undesirable", "desirable")
+        return (f"kto: all {n_desirable + n_undesirable} examples are {have} and none {lack}: the loss only "
+                f"pushes those answers {'up' if n_desirable else 'down'} against the KL baseline; check the "
+                f"data's labels (`preftune data show`)")
     ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
     low, high = BALANCE_RANGE
     if low <= ratio <= high:
