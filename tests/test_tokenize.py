@@ -115,3 +115,48 @@ def test_chat_data_without_a_template_is_a_human_assistant_transcript():
     assert out.prompt_ids == tok(head)["input_ids"]
     assert out.chosen_ids == tok(" rome.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert out.rejected_ids == tok(" milan.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def _variant(template: str, adds_bos: bool):
+    """The tiny tokenizer with another chat template, and (`adds_bos`) a BOS put before every encoded text."""
+    from tokenizers import processors
+
+    tok = make_tokenizer()
+    if adds_bos:
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+        assert tok("a")["input_ids"][0] == tok.bos_token_id
+    tok.chat_template = template
+    return tok
+
+
+def _chat_ids(tok, messages, generation_prompt=False):
+    """What the template alone gives: `apply_chat_template(tokenize=True)`, which TRL 1.16 tokenises with."""
+    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True)
+    return list(out["input_ids"])
+
+
+@pytest.mark.parametrize("template", [
+    # no BOS written, while the tokenizer adds one to plain text (Phi-3 style)
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    # turns end with a marker that is not the EOS token (ChatML on a base model, whose EOS is another token)
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<pad>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+])
+def test_chat_ids_are_the_templates_own_special_tokens_added_to_nothing(template):
+    tok = _variant(template, adds_bos=True)
+    prompt = [{"role": "user", "content": "the capital of france ?"}]
+    chosen = [{"role": "assistant", "content": "paris"}]
+    p, a = encode_prompt_answer(tok, prompt, chosen)
+    assert p == _chat_ids(tok, prompt, generation_prompt=True)
+    assert p + a == _chat_ids(tok, prompt + chosen)
+    assert tok.bos_token_id not in p and a.count(tok.eos_token_id) == template.count("eos_token")
+
+
+def test_a_text_answer_that_ends_with_eos_gets_no_second_one(tok):
+    pair = PreferencePair("the capital of france is", " paris .<eos>", " rome .")
+    out = tokenize_pair(tok, pair, max_length=100)
+    eos = tok.eos_token_id
+    assert out.chosen_ids == tok(" paris .<eos>", add_special_tokens=False)["input_ids"] and out.chosen_ids[-2] != eos
+    assert out.rejected_ids == tok(" rome .", add_special_tokens=False)["input_ids"] + [eos]

@@ -2,11 +2,13 @@
 "Data").
 
 Text:  prompt ids = tokenizer(prompt) with the tokenizer's own special tokens;
-       answer ids = tokenizer(answer, add_special_tokens=False) + [eos].
+       answer ids = tokenizer(answer, add_special_tokens=False) + [eos] (not when it already ends with EOS).
 Chat:  prompt = chat template of the prompt turns with the generation prompt; answer = the template of the whole
-       conversation minus the rendered prompt. BOS is added only when the tokenizer wants one and the template did
-       not already write it; EOS is appended only when the rendered answer does not already end with it.
-       A tokenizer without a chat template gets the Human/Assistant transcript of HH-RLHF instead.
+       conversation minus the rendered prompt. The template alone decides the special tokens, as
+       `apply_chat_template(tokenize=True)` and TRL do: no BOS or EOS is added to what it writes (a template that
+       writes no BOS gets none, and a turn that ends with <|im_end|> is not followed by a different EOS).
+       A tokenizer without a chat template gets the Human/Assistant transcript of HH-RLHF instead, tokenised as
+       text (its own special tokens, EOS after the answer).
 """
 
 from __future__ import annotations
@@ -41,11 +43,6 @@ def _chat_template(tokenizer, messages, *, generation_prompt: bool, where: str, 
                                              add_generation_prompt=generation_prompt)
     except Exception as exc:  # templates raise their own errors for odd role orders
         raise DataError(f"{where}: the chat template rejected these messages ({exc})") from None
-
-
-def _wants_bos(tokenizer) -> bool:
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def _plain_ids(tokenizer, text: str) -> list[int]:
@@ -113,19 +110,16 @@ def encode_prompt(tokenizer, prompt: Content, system: str | None = None, where: 
         text = render(prompt, True)
         if _uses_tools(prompt, tools) and has_template(tokenizer):
             _check_tools_rendered(text, prompt, tools, where)
-        return _prompt_ids(tokenizer, text, text)
+        return _rendered_prompt_ids(tokenizer, text)
     return tokenizer(f"{system}\n\n{prompt}" if system else prompt)["input_ids"]
 
 
-def _prompt_ids(tokenizer, text: str, full_text: str) -> list[int]:
-    """Rendered prompt ids. BOS is added only if the tokenizer wants one and the rendering (judged on
-    `full_text`, the whole conversation, when the prompt renders empty) did not write it."""
-    ids = _plain_ids(tokenizer, text) if text else []
-    bos_text = tokenizer.bos_token
-    rendered = text or full_text or ""
-    if _wants_bos(tokenizer) and not (bos_text and rendered.startswith(bos_text)):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
+def _rendered_prompt_ids(tokenizer, text: str) -> list[int]:
+    """A rendered chat prompt's ids: a template's output as it is (it writes its own BOS, if any); a transcript
+    (no template) as text, with the tokenizer's own special tokens."""
+    if has_template(tokenizer):
+        return _plain_ids(tokenizer, text) if text else []
+    return tokenizer(text)["input_ids"]
 
 
 def _pieces(render, prompt: Messages, answer: Messages, full: str, start: int, every_turn: bool, where: str):
@@ -179,27 +173,30 @@ def encode_masked(tokenizer, prompt: Content | None, answer: Content, system: st
         if not full_text.startswith(prompt_text):
             raise DataError(f"{where}: the chat template renders the prompt differently inside the whole "
                             f"conversation, so the answer cannot be separated; check the template or the roles")
-        if has_template(tokenizer):
-            prompt_ids = _prompt_ids(tokenizer, prompt_text, full_text)
-        else:
-            prompt_ids = tokenizer(prompt_text)["input_ids"]
+        prompt_ids = _rendered_prompt_ids(tokenizer, prompt_text)
         answer_ids, mask = [], []
         for text, trained in _pieces(render, turns, list(answer), full_text, len(prompt_text), every_turn, where):
             ids = _plain_ids(tokenizer, text)
             answer_ids += ids
             mask += [int(trained)] * len(ids)
         eos_text = tokenizer.eos_token
-        if eos is not None and not (eos_text and full_text[len(prompt_text):].rstrip().endswith(eos_text)):
-            answer_ids.append(eos)
+        if (eos is not None and not has_template(tokenizer)
+                and not (eos_text and full_text[len(prompt_text):].rstrip().endswith(eos_text))):
+            answer_ids.append(eos)  # a transcript's answer ends like a text answer
             mask.append(1)
         return prompt_ids, answer_ids, (None if all(mask) else mask)
     if prompt is None:
-        ids = tokenizer(answer)["input_ids"] + ([eos] if eos is not None else [])
+        ids = _with_eos(tokenizer, tokenizer(answer)["input_ids"])
         return ids[:1], ids[1:], None
     return encode_prompt(tokenizer, prompt, system, where), text_answer_ids(tokenizer, answer), None
 
 
 def text_answer_ids(tokenizer, answer: str) -> list[int]:
-    """A text answer's ids: the text without special tokens, then EOS."""
+    """A text answer's ids: the text without special tokens, then EOS unless the text already ends with it (as
+    TRL adds it: once)."""
+    return _with_eos(tokenizer, _plain_ids(tokenizer, answer))
+
+
+def _with_eos(tokenizer, ids: list[int]) -> list[int]:
     eos = tokenizer.eos_token_id
-    return _plain_ids(tokenizer, answer) + ([eos] if eos is not None else [])
+    return ids + [eos] if eos is not None and ids[-1:] != [eos] else ids
