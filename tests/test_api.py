@@ -206,6 +206,13 @@ def test_config_then_keywords_and_quiet_by_default(tiny_model_dir, pairs, tmp_pa
     assert capsys.readouterr() == ("", "")                          # the library printed nothing
 
 
+def test_in_memory_runs_say_their_data_counts_and_what_an_epoch_leaves_out(tiny_model_dir, pairs, capsys):
+    preftune.train("dpo", model=tiny_model_dir, data=pairs[:10], quiet=False, **{**SETTINGS, "max_steps": 1})
+    out = capsys.readouterr().out
+    assert "data: 10 records (text) -> 10 used, 0 truncated, 0 dropped" in out
+    assert "an epoch takes 8 of the 10 in steps of 4 (the other 2, drawn anew each epoch, are left out of it)" in out
+
+
 def test_a_trainconfig_object_takes_the_stage_of_the_call(tiny_model_dir, pairs, capsys):
     config = preftune.TrainConfig(max_steps=1, batch_size=4, device="cpu", max_length=64)  # stage defaults to dpo
     sft_rows = [{"text": p["prompt"] + p["chosen"]} for p in pairs]
@@ -222,6 +229,7 @@ def test_a_trainconfig_object_takes_the_stage_of_the_call(tiny_model_dir, pairs,
     (dict(data=[]), preftune.DataError, "data: no records"),
     (dict(save_every=1), preftune.ConfigError, "save_every: needs a run folder"),
     (dict(bta=0.2), preftune.ConfigError, "did you mean 'beta'"),
+    (dict(learning_rate=1e-3), preftune.ConfigError, "unknown key 'learning_rate'; that is TRL's name: here it is 'lr'"),
     (dict(model=3), preftune.ConfigError, "model: expected a transformers model"),
     (dict(config={"stage": "sft"}), preftune.ConfigError, "is a sft config"),
 ])

@@ -52,6 +52,21 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+# Names from TRL's and transformers' training arguments, and what this config calls them (for the error a
+# key of theirs meets here).
+TRL_NAMES = {
+    "learning_rate": "'lr'", "per_device_train_batch_size": "'batch_size' (per process)",
+    "gradient_accumulation_steps": "'grad_accum'", "num_train_epochs": "'epochs'",
+    "lr_scheduler_type": "'scheduler' (constant, linear or cosine)", "loss_type": "'loss'",
+    "rpo_alpha": "'sft_weight'", "logging_steps": "'log_every'", "save_steps": "'save_every'",
+    "eval_steps": "'eval_every'", "save_total_limit": "'keep_checkpoints'", "bf16": "dtype='bfloat16'",
+    "fp16": "dtype='float16'", "precompute_ref_log_probs": "'precompute_ref'", "padding_free": "'packing'",
+    "center_rewards_coefficient": "'center_rewards'", "dataset_num_proc": "'tokenize_procs'",
+    "warmup_ratio": "'warmup_steps' (a number of steps)", "max_completion_length": "'max_length' (prompt + answer)",
+    "model_name_or_path": "'model'", "ref_model_name_or_path": "'ref_model'", "dataset_name": "'data'",
+}
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Units: steps are optimizer steps; lengths are tokens."""
@@ -83,7 +98,9 @@ class TrainConfig:
     token_cache_dir: str | None = _f(None, "Where tokenised data is kept (default: ~/.cache/preftune/tokenized).")
     # --- optimisation
     max_steps: int = _f(-1, "Optimizer steps to run; -1 runs --epochs over the data.")
-    epochs: float = _f(1.0, "Passes over the data when --max-steps is -1.")
+    epochs: float = _f(1.0, "Passes over the data when --max-steps is -1. An epoch is whole steps: the examples "
+                            "short of a full last step are left out of it (others each epoch), and data smaller "
+                            "than one step is refused.")
     batch_size: int = _f(8, "Pairs (DPO) or sequences (SFT) per micro-batch, per process.")
     grad_accum: int = _f(1, "Micro-batches accumulated into one optimizer step.")
     lr: float | None = _f(None, "Peak learning rate; the default depends on the stage (2e-5 SFT, 5e-7 DPO, 1e-6 "
@@ -260,6 +277,8 @@ class TrainConfig:
             if key not in known:
                 hint = difflib.get_close_matches(str(key), known, n=1)
                 tip = f"; did you mean {hint[0]!r}?" if hint else ""
+                if key in TRL_NAMES:
+                    tip = f"; that is TRL's name: here it is {TRL_NAMES[key]}"
                 raise ConfigError(f"{where}: unknown key {key!r}{tip}")
         coerced = {key: coerce_field(known[key], value, where) for key, value in values.items()}
         return cls(**coerced)

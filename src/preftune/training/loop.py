@@ -201,9 +201,10 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
     pad_id = tokenizer.pad_token_id
     global_batch = cfg.batch_size * env.world_size
     if writes:
-        described = rundir.write_start(out_dir, cfg, setup, steps)
-        if not cfg.quiet:
-            print("\n".join([described, *setup.notes]), flush=True)
+        rundir.write_start(out_dir, cfg, setup, steps)
+    if env.is_main and not cfg.quiet:  # in memory too: the counts of truncated and dropped examples are said
+        print("\n".join([rundir.describe_start(cfg, setup, steps, global_batch * cfg.grad_accum), *setup.notes]),
+              flush=True)
 
     objective = make_objective(cfg, env, router_aux_coef=setup.router_aux_coef, margins=setup.margins)
     policy_logps: AnswerLogpModule = setup.policy_logps

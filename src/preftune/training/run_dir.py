@@ -164,20 +164,28 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def write_start(out_dir: Path, cfg: TrainConfig, setup, steps: int) -> str:
-    """Write the resolved config and the data counts; return a one-line description of the data for the log."""
+def write_start(out_dir: Path, cfg: TrainConfig, setup, steps: int) -> None:
+    """Write the resolved config and the data counts."""
     resolved(cfg).to_yaml(out_dir / CONFIG)
     stats = {"train": setup.stats.as_dict(), "skipped_records": len(setup.report.skipped),
              "format": setup.report.format, "steps": steps}
     if setup.eval_stats is not None:
         stats["eval"] = setup.eval_stats.as_dict()
     atomic_write_json(out_dir / DATA_STATS, stats)
-    s = setup.stats
-    line = (f"data: {s.total} records ({setup.report.format}) -> {len(setup.train_items)} used, {s.truncated} "
+
+
+def describe_start(cfg: TrainConfig, setup, steps: int, per_step: int) -> str:
+    """One line for the log: the data counts and the steps (`per_step`: examples an optimizer step takes)."""
+    s, used = setup.stats, len(setup.train_items)
+    line = (f"data: {s.total} records ({setup.report.format}) -> {used} used, {s.truncated} "
             f"truncated, {s.dropped} dropped (prompt alone over --max-length), {len(setup.report.skipped)} skipped")
     if setup.eval_items:
         line += f"; {len(setup.eval_items)} held out for eval"
-    return line + f"; {steps} steps"
+    line += f"; {steps} steps"
+    if used % per_step:  # an epoch is whole steps; the examples that would make a partial one wait for the next
+        line += (f"; an epoch takes {used - used % per_step} of the {used} in steps of {per_step} (the other "
+                 f"{used % per_step}, drawn anew each epoch, are left out of it)")
+    return line
 
 
 def finish(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str, *,
