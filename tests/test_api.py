@@ -157,6 +157,46 @@ def test_a_peft_model_trains_its_own_adapters_with_a_folder(tiny_model_dir, pair
     assert result.history[-1]["reward_margin"] > 0
 
 
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_model_dir, pairs, tmp_path_factory) -> Path:
+    """An SFT LoRA run folder (an adapter over the tiny model), its adapters well away from their zero start."""
+    out = tmp_path_factory.mktemp("sft-lora") / "run"
+    rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
+    preftune.train("sft", model=tiny_model_dir, data=rows, output_dir=out, lora_r=4,
+                   **{**SETTINGS, "lr": 3e-2, "max_steps": 6})
+    return out
+
+
+def test_dpo_from_an_sft_lora_run_trains_its_adapter_against_the_sft_model(sft_adapter, tiny_model_dir, pairs,
+                                                                          tmp_path):
+    import peft
+
+    # The SFT model's own log-probs, by a plain forward of the adapter folder, differ from the base model's.
+    sft = peft.PeftModel.from_pretrained(load(tiny_model_dir)[0], str(sft_adapter)).eval()
+    report = preftune.evaluate(model=sft, ref_model=tiny_model_dir, tokenizer=load(tiny_model_dir)[1], data=pairs)
+    row = report.rows[0]
+    assert abs(row["policy_chosen_logp"] - row["ref_chosen_logp"]) > 1e-2
+    # The folder as the model: its adapter trains on, and the reference is the SFT model it starts as (the base
+    # model with adapters off would make the first step's rewards non-zero).
+    whole = preftune.train("dpo", model=sft_adapter, data=pairs, output_dir=tmp_path / "whole", **SETTINGS)
+    first = whole.history[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["reward_margin"] == pytest.approx(0, abs=1e-6) and first["chosen_reward"] == pytest.approx(0, abs=1e-6)
+    assert whole.history[-1]["loss"] < first["loss"]
+    # A resumed run keeps that reference (taken before the checkpoint loads) and ends where the whole run does.
+    out = tmp_path / "stopped"
+    preftune.train("dpo", model=sft_adapter, data=pairs, output_dir=out, **SETTINGS,
+                   callbacks=[lambda row: "stop" if row["step"] == 2 else None])
+    resumed = preftune.train("dpo", model=sft_adapter, data=pairs, output_dir=out, resume=True, **SETTINGS)
+    assert untimed(resumed.history) == untimed(whole.history)
+    # An object loaded frozen (peft's default) trains the same way, in memory.
+    frozen_sft = peft.PeftModel.from_pretrained(load(tiny_model_dir)[0], str(sft_adapter))
+    in_memory = preftune.train("dpo", model=frozen_sft, tokenizer=load(tiny_model_dir)[1], data=pairs, **SETTINGS)
+    assert untimed(in_memory.history) == untimed(whole.history)
+    with pytest.raises(preftune.ConfigError, match="already carries LoRA adapters"):
+        preftune.train("dpo", model=sft_adapter, data=pairs, lora_r=8, **SETTINGS)
+
+
 # ---------------------------------------------------------------------------------- callbacks
 
 def test_a_callback_sees_every_row_train_and_eval(tiny_model_dir, pairs, tmp_path):
@@ -229,7 +269,7 @@ def test_a_trainconfig_object_takes_the_stage_of_the_call(tiny_model_dir, pairs,
     (dict(data=[]), preftune.DataError, "data: no records"),
     (dict(save_every=1), preftune.ConfigError, "save_every: needs a run folder"),
     (dict(bta=0.2), preftune.ConfigError, "did you mean 'beta'"),
-    (dict(learning_rate=1e-3), preftune.ConfigError, "unknown key 'learning_rate'; that is TRL's name: here it is 'lr'"),
+    (dict(learning_rate=1e-3), preftune.ConfigError, "'learning_rate'; that is TRL's name: here it is 'lr'"),
     (dict(model=3), preftune.ConfigError, "model: expected a transformers model"),
     (dict(config={"stage": "sft"}), preftune.ConfigError, "is a sft config"),
 ])

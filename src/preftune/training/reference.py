@@ -2,12 +2,14 @@
 
 - `FrozenReference`: a separate frozen model (the starting model or `--ref-model`);
 - `AdaptersOffReference`: the policy itself with its LoRA adapters switched off (no second copy);
+- `StartAdaptersReference`: the policy itself with its adapters as they started (a peft model that comes with
+  trained adapters, such as an SFT LoRA run: switching them off would give the base model, not the start);
 - `CachedReference`: log-probs computed once per dataset and read back by dataset position.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -56,6 +58,31 @@ class AdaptersOffReference(FrozenReference):
             return super().logps(batch)
         finally:
             self.model.train(was_training)
+
+
+class StartAdaptersReference(AdaptersOffReference):
+    """The policy network with its trainable weights (the adapters) as they were when the run started: those
+    values are kept aside and copied in for each reference pass, then the current ones copied back. The frozen
+    base is shared, so the only copy is of the adapters. Taken before a resume loads a checkpoint, so the
+    reference stays the run's start. Between micro-batches no autograd graph holds the adapters, so copying
+    into them there is safe."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(model, **kwargs)
+        self.start = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    @contextmanager
+    def _context(self):
+        now = [p.detach().clone() for p, _ in self.start]
+        with torch.no_grad():
+            for p, start in self.start:
+                p.copy_(start)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (p, _), current in zip(self.start, now):
+                    p.copy_(current)
 
 
 class CachedReference:

@@ -28,7 +28,7 @@ from ..models.fused import use_fused_norms
 from ..models.load import check_source, disable_dropout, ensure_pad_token, freeze, load_model, load_tokenizer
 from ..models.precision import Precision, hold_frozen
 from ..reward import set_pad_token, start_reward_model
-from .reference import AdaptersOffReference, CachedReference, FrozenReference
+from .reference import AdaptersOffReference, CachedReference, FrozenReference, StartAdaptersReference
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,10 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     if cfg.stage == "rm":
         _check_reward_model(policy)
         set_pad_token(policy, tokenizer)
-    adapters = bool(cfg.lora_r) or is_peft_model(policy)
+    given_adapters = is_peft_model(policy)  # a peft model passed in or an adapter folder: its adapters may be trained
+    if given_adapters:
+        _train_given_adapters(policy, cfg)
+    adapters = bool(cfg.lora_r) or given_adapters
     set_compute_dtype(policy, precision.compute)
     if cfg.fused_norms:  # the policy only: a frozen reference has no backward, and the fused norm is one
         use_fused_norms(policy)
@@ -215,10 +218,11 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
                                 packing=cfg.packing)
     if uses_reference(cfg) and not cfg.precompute_ref:
         if adapters and not (cfg.ref_model or inputs.ref_model is not None):
-            # The base weights under the adapters are the starting model: no second copy.
-            reference = AdaptersOffReference(logp.eval_model, prefix_sharing=sharing,
-                                             chunk_size=cfg.logits_chunk_size, trim_padding=cfg.trim_padding,
-                                             packing=cfg.packing)
+            # No second copy: new adapters start at zero, so the base weights alone are the starting model; adapters
+            # that came with the model (an SFT LoRA run) are swapped back to their starting values instead.
+            kind = StartAdaptersReference if given_adapters else AdaptersOffReference
+            reference = kind(logp.eval_model, prefix_sharing=sharing, chunk_size=cfg.logits_chunk_size,
+                             trim_padding=cfg.trim_padding, packing=cfg.packing)
         else:
             ref_model = start_copy if start_copy is not None else _load_reference(cfg, load_device, precision,
                                                                                   inputs.ref_model)
@@ -295,6 +299,18 @@ def _check_same_vocabulary(policy, reference, name: str) -> None:
         raise ModelError(f"--ref-model {name}: its vocabulary has {_vocabulary(reference):,} tokens and the "
                          f"policy's {_vocabulary(policy):,}; the reference must use the policy's tokenizer (the "
                          f"model it was trained from, or a copy of it)")
+
+
+def _train_given_adapters(policy, cfg: TrainConfig) -> None:
+    """A model that comes with LoRA adapters (an SFT LoRA run folder, a peft model) trains those adapters on. peft
+    loads a saved adapter frozen, for inference: its active adapter is made trainable again."""
+    if cfg.lora_r:
+        raise ConfigError(f"lora_r: {cfg.model or 'the model'} already carries LoRA adapters, which this run trains "
+                          f"on; drop lora_r, or merge them into the model first (--merge writes merged/)")
+    if not any(p.requires_grad for p in policy.parameters()):
+        name = policy.active_adapter
+        policy.set_adapter(name)
+        policy.peft_config[name].inference_mode = False
 
 
 def _copies_reference(cfg: TrainConfig, policy, inputs: RunInputs) -> bool:
