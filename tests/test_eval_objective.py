@@ -40,12 +40,13 @@ def softplus(x: float) -> float:
 
 def bco_rpo(policy, ref, lengths, delta: float, rpo: float) -> float:
     """Mean over pairs of paired BCO, -log σ(r_w - δ) - log σ(δ - r_l) = softplus(δ - r_w) + softplus(r_l - δ),
-    plus rpo times the chosen answer's mean per-token NLL."""
+    plus rpo times the NLL per chosen token of the batch (TRL 1.16's "sft" term: all pairs are one batch here)."""
     total = 0.0
-    for (pc, pr), (rc, rr), (lc, _) in zip(policy, ref, lengths):
+    for (pc, pr), (rc, rr) in zip(policy, ref):
         r_w, r_l = BETA * (pc - rc), BETA * (pr - rr)
-        total += softplus(delta - r_w) + softplus(r_l - delta) + rpo * (-pc / lc)
-    return total / len(policy)
+        total += softplus(delta - r_w) + softplus(r_l - delta)
+    nll_per_token = -sum(pc for pc, _ in policy) / sum(lc for lc, _ in lengths)
+    return total / len(policy) + rpo * nll_per_token
 
 
 def test_bco_eval_loss_is_the_training_objective_with_the_running_shift(tmp_path, tiny_model_dir):

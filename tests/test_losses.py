@@ -84,31 +84,41 @@ def _accelerator():
 
 def trl_dpo(trl, loss_type: str, d: dict, *, beta: float = BETA, label_smoothing: float = 0.0,
             discopop_tau: float = 0.05) -> list[float]:
-    """Per-pair loss from TRL's `DPOTrainer._compute_loss`, one pair per call (it returns the batch mean).
+    """Per-pair loss from TRL's `DPOTrainer._compute_loss`, one pair per call (it returns the batch mean)."""
+    keys = ("pc", "pr", "rc", "rr", "lc", "lr")
+    return [trl_dpo_mean(trl, loss_type, dict(zip(keys, ([v] for v in row))), beta=beta,
+                         label_smoothing=label_smoothing, discopop_tau=discopop_tau)
+            for row in zip(*(d[k] for k in keys))]
+
+
+def trl_dpo_mean(trl, loss_type: str, d: dict, *, beta: float = BETA, label_smoothing: float = 0.0,
+                 discopop_tau: float = 0.05) -> float:
+    """The mean loss of the pairs of `d` as one batch, from TRL's `DPOTrainer._compute_loss`.
 
     TRL gets the policy's per-token log-probs from a model forward and sums them over the completion mask; here a
-    stand-in model returns log-probs that sum to the pair's numbers, over masks as long as the answers (IPO
-    normalises by them). The reference log-probs go in precomputed, as with TRL's precompute_ref_log_probs.
+    stand-in model returns log-probs that sum to the pairs' numbers, over masks as long as the answers (IPO
+    normalises by them). The reference log-probs go in precomputed, as with TRL's precompute_ref_log_probs. TRL's
+    rows are the batch's chosen answers, then its rejected ones.
     """
-    out = []
-    for pc, pr, rc, rr, lc, lr in zip(d["pc"], d["pr"], d["rc"], d["rr"], d["lc"], d["lr"]):
-        width = max(lc, lr)
-        per_token = torch.zeros(2, width, dtype=torch.float64)
-        per_token[0, :lc], per_token[1, :lr] = pc / lc, pr / lr
-        mask = torch.zeros(2, width + 1, dtype=torch.long)  # position 0 is the prompt; the answer follows
-        mask[0, 1:lc + 1], mask[1, 1:lr + 1] = 1, 1
-        outputs = SimpleNamespace(log_probs=per_token, entropy=torch.zeros(2, width),
-                                  mean_logits=torch.zeros(2, width), is_top1=torch.zeros(2, width, dtype=torch.bool))
-        inputs = {"input_ids": torch.ones(2, width + 1, dtype=torch.long), "attention_mask": torch.ones(2, width + 1),
-                  "completion_mask": mask, "ref_chosen_logps": torch.tensor([rc], dtype=torch.float64),
-                  "ref_rejected_logps": torch.tensor([rr], dtype=torch.float64)}
-        trainer = SimpleNamespace(
-            model=SimpleNamespace(training=True), accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=None,
-            precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
-            beta=beta, label_smoothing=label_smoothing, args=SimpleNamespace(discopop_tau=discopop_tau),
-            use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
-        out.append(float(trl.dpo._compute_loss(trainer, lambda **_: outputs, inputs, False)))
-    return out
+    n, width = len(d["pc"]), max(d["lc"] + d["lr"])
+    per_token = torch.zeros(2 * n, width, dtype=torch.float64)
+    mask = torch.zeros(2 * n, width + 1, dtype=torch.long)  # position 0 is the prompt; the answer follows
+    for row, (logp, length) in enumerate(zip(d["pc"] + d["pr"], d["lc"] + d["lr"])):
+        per_token[row, :length] = logp / length
+        mask[row, 1:length + 1] = 1
+    outputs = SimpleNamespace(log_probs=per_token, entropy=torch.zeros(2 * n, width),
+                              mean_logits=torch.zeros(2 * n, width),
+                              is_top1=torch.zeros(2 * n, width, dtype=torch.bool))
+    inputs = {"input_ids": torch.ones(2 * n, width + 1, dtype=torch.long),
+              "attention_mask": torch.ones(2 * n, width + 1), "completion_mask": mask,
+              "ref_chosen_logps": torch.tensor(d["rc"], dtype=torch.float64),
+              "ref_rejected_logps": torch.tensor(d["rr"], dtype=torch.float64)}
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
+        beta=beta, label_smoothing=label_smoothing, args=SimpleNamespace(discopop_tau=discopop_tau),
+        use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    return float(trl.dpo._compute_loss(trainer, lambda **_: outputs, inputs, False))
 
 
 def _means(d: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,11 +150,13 @@ TRL_DPO_CASES = {
     "exo_pair eps 0.05": ({"label_smoothing": 0.05}, {"label_smoothing": 0.05}),
     "discopop": ({}, {}),
     "discopop tau 0.5": ({"discopop_tau": 0.5}, {"discopop_tau": 0.5}),
+    "sigmoid_norm": ({}, {}),
 }
+BATCH_LOSSES = ("aot", "aot_unpaired")  # losses of a whole batch (its ranks), compared on whole batches
 
 
 def test_every_registered_loss_is_compared_with_trl():
-    assert {case.split()[0] for case in TRL_DPO_CASES} | {"simpo", "orpo"} == set(LOSSES)
+    assert {case.split()[0] for case in TRL_DPO_CASES} | {"simpo", "orpo", *BATCH_LOSSES} == set(LOSSES)
 
 
 @pytest.mark.parametrize("data", sorted(DATA))
@@ -155,6 +167,19 @@ def test_loss_equals_trl_dpo_trainer(trl, case, data):
     for beta in (BETA, 0.1):
         assert ours(name, DATA[data], beta=beta, **our_kw) == pytest.approx(
             trl_dpo(trl, name, DATA[data], beta=beta, **trl_kw), rel=tol, abs=tol)
+
+
+@pytest.mark.parametrize("data", sorted(DATA))
+@pytest.mark.parametrize("name, eps", [("aot", 0.0), ("aot", 0.1), ("aot_unpaired", 0.0), ("sigmoid", 0.0)])
+def test_batch_losses_equal_trl_on_whole_batches(trl, data, name, eps):
+    """AOT matches the batch's sorted margins by rank: the batch mean is TRL's, and on the wide data (whose
+    ranks mix pairs) differs from the mean of each pair's loss alone."""
+    d = DATA[data]
+    expected = trl_dpo_mean(trl, name, d, label_smoothing=eps)
+    assert sum(ours(name, d, label_smoothing=eps)) / len(d["pc"]) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    if name != "sigmoid" and data == "wide":
+        alone = sum(trl_dpo(trl, name, d, label_smoothing=eps)) / len(d["pc"])
+        assert abs(alone - expected) > 1e-3
 
 
 @pytest.mark.parametrize("data", sorted(DATA))

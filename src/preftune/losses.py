@@ -208,6 +208,29 @@ def discopop_loss(p: Pairs) -> Tensor:
     return (1 - mix) * -F.logsigmoid(z) + torch.exp(F.logsigmoid(z / p.discopop_tau) - z)
 
 
+def sigmoid_norm_loss(p: Pairs) -> Tensor:
+    """Length-normalised DPO: -log σ(β·h̄), h̄ = a/len_w - b/len_l the margin of per-token mean log-ratios (TRL's
+    `sigmoid_norm`). label_smoothing smooths it as it does `sigmoid`. Shape [batch], nats."""
+    margin = p.chosen_logratio / p.chosen_lengths - p.rejected_logratio / p.rejected_lengths
+    return _smoothed_logistic(p.beta * margin, p.label_smoothing)
+
+
+def aot_loss(p: Pairs) -> Tensor:
+    """AOT, paired (Melnyk et al. 2024): the batch's policy margins log π(y_w) - log π(y_l) and reference margins,
+    each sorted, matched by rank: -(1-ε)·log σ(β·d_i) - ε·log σ(-β·d_i), d_i = i-th smallest policy margin minus
+    i-th smallest reference margin. A loss of the batch's distributions: element i belongs to a rank, not to
+    pair i (the mean is what counts). Shape [batch], nats."""
+    ranked = torch.sort(p.policy_chosen - p.policy_rejected).values - torch.sort(p.ref_chosen - p.ref_rejected).values
+    return _smoothed_logistic(p.beta * ranked, p.label_smoothing)
+
+
+def aot_unpaired_loss(p: Pairs) -> Tensor:
+    """AOT, unpaired (Melnyk et al. 2024): the batch's chosen and rejected log-ratios, each sorted, matched by
+    rank: d_i = i-th smallest a minus i-th smallest b, then as `aot`. Shape [batch], nats."""
+    ranked = torch.sort(p.chosen_logratio).values - torch.sort(p.rejected_logratio).values
+    return _smoothed_logistic(p.beta * ranked, p.label_smoothing)
+
+
 def simpo_loss(p: Pairs) -> Tensor:
     """SimPO (Meng et al. 2024): -log σ(β·(logπ(y_w)/len_w - logπ(y_l)/len_l) - γ), γ = simpo_gamma.
     Reference-free; uses per-token mean log-probs. label_smoothing ε > 0 smooths it as conservative DPO (as
@@ -257,6 +280,12 @@ LOSSES: dict[str, LossSpec] = {
                       "reverse KL to the smoothed label instead of DPO's forward KL"),
     "discopop": _spec(discopop_loss, "Chris Lu et al. 2024",
                       "logistic and exponential losses blended by the margin (tau 0.05)"),
+    "sigmoid_norm": _spec(sigmoid_norm_loss, "TRL's length-normalised DPO",
+                          "DPO's logistic loss on the margin of per-token mean log-ratios", lengths=True),
+    "aot": _spec(aot_loss, "Melnyk et al. 2024", "the batch's sorted policy margins against its sorted reference "
+                 "margins (a loss of the batch, not of each pair)"),
+    "aot_unpaired": _spec(aot_unpaired_loss, "Melnyk et al. 2024",
+                          "the batch's sorted chosen log-ratios against its sorted rejected ones"),
     "simpo": _spec(simpo_loss, "Meng et al. 2024", "reference-free margin of mean log-probs minus simpo_gamma",
                    reference=False, lengths=True),
     "orpo": _spec(orpo_loss, "Hong et al. 2024", "chosen NLL plus a log odds-ratio penalty; reference-free",
@@ -284,6 +313,8 @@ def parse_loss_spec(text: str) -> list[tuple[str, float]]:
         if name not in LOSSES:
             hint = difflib.get_close_matches(name, [*LOSSES, *LOSS_ALIASES], n=1)
             tip = f" (did you mean {hint[0]!r}?)" if hint else ""
+            if name == "sft":
+                tip = " (TRL's 'sft' term is --sft-weight here: sft_weight=W for weight W)"
             raise ConfigError(f"loss: unknown loss {name!r} in {text!r}{tip}; known losses: {known}")
         try:
             weight = float(weight_text) if sep else 1.0

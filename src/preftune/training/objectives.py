@@ -94,8 +94,8 @@ class PreferenceObjective:
         losses, chosen_r, rejected_r = preference_loss(
             pc, pr, rc, rr, loss_type=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
             chosen_lengths=len_c, rejected_lengths=len_r, simpo_gamma=cfg.simpo_gamma, bco_delta=self.bco_delta)
-        if cfg.sft_weight:
-            losses = losses + cfg.sft_weight * (-pc / len_c)
+        if cfg.sft_weight:  # TRL's "sft" term: NLL per chosen token of the batch, as each pair's share of it
+            losses = losses + cfg.sft_weight * (-pc * (len(pc) / len_c.sum()))
         return losses, chosen_r, rejected_r
 
     def finish(self, sums: dict[str, float], count: float) -> dict[str, float]:
