@@ -44,11 +44,12 @@ def test_every_problem_is_listed_with_its_line(jsonl_file, capsys):
 
 def test_implicit_pairs_without_a_prompt_boundary_are_said(jsonl_file, capsys):
     rows = [{"chosen": "Q: sky?\nA: blue", "rejected": "Q: sky?\nA: green"},
-            {"chosen": "The capital of France is Paris.", "rejected": "The capital of France is Rome."}]
+            {"chosen": "The capital of France is Paris.", "rejected": "The capital of France is Rome."},
+            {"chosen": "Paris is the capital.", "rejected": "Rome is the capital."}]
     path = jsonl_file(rows)
     code, out, _ = _run(capsys, "check", path)
-    assert code == 1 and "problems: 1" in out
-    assert (f"{path} line 2: no prompt was found before the answers; chosen and rejected are trained as whole "
+    assert code == 1 and "problems: 1" in out  # line 2 shares its first words: they are its prompt
+    assert (f"{path} line 3: no prompt was found before the answers; chosen and rejected are trained as whole "
             f"texts") in out
 
 

@@ -4,8 +4,10 @@ without a word; unpaired feedback is told apart from pairs."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+from tinylm import make_tokenizer
 
 from preftune.data.check import check_pairs
 from preftune.data.detect import detect
@@ -128,6 +130,22 @@ def test_alpaca_read_as_orca_loses_its_prompt_and_says_so():
 def test_whole_texts_without_prompt_keys_may_share_no_prompt():
     pair, _, unused = read_pair({"chosen": "yes", "rejected": "no"}, "implicit", "w")
     assert (pair.prompt, pair.chosen, unused) == ("", "yes", [])
+
+
+def test_whole_texts_without_a_turn_marker_share_the_words_they_share():
+    """The prompt ends at the last space before the texts part; the ids are then the ones TRL 1.16 gets by
+    tokenising each whole text and cutting where its ids leave the tokenised common prefix's."""
+    tok = make_tokenizer()
+    chosen, rejected = "the sky is blue and grass is green .", "the sky is grey and grass is green ."
+    pair, _, _ = read_pair({"chosen": chosen, "rejected": rejected}, "implicit", "w")
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("the sky is", " blue and grass is green .",
+                                                         " grey and grass is green .")
+    prompt_ids = tok(os.path.commonprefix([chosen, rejected]))["input_ids"]
+    for text, answer in ((chosen, pair.chosen), (rejected, pair.rejected)):
+        whole = tok(text)["input_ids"]
+        n = next(i for i, (a, b) in enumerate(zip(prompt_ids, whole)) if a != b)
+        assert tok(pair.prompt)["input_ids"] == whole[:n]
+        assert tok(answer, add_special_tokens=False)["input_ids"] == whole[n:]
 
 
 def test_a_choice_between_two_readings_is_explained():

@@ -23,12 +23,16 @@ _TEXT_BOUNDARIES = ("\n\nAssistant:", "Assistant:", "### Response:", "\n")
 
 
 def _shared_text_prompt(chosen: str, rejected: str) -> str:
+    """The shared start of two whole texts, up to the last turn marker in it; without a marker, up to the last
+    space before they part (the words they share: "The capital is" of "... is Paris." and "... is Rome."), which
+    gives the ids TRL gets by cutting where the joint tokenisations diverge; "" when they differ in their first
+    word (trained whole)."""
     common = os.path.commonprefix([chosen, rejected])
     for marker in _TEXT_BOUNDARIES:
         cut = common.rfind(marker)
         if cut >= 0:
             return common[:cut + len(marker)]
-    return ""  # no recognisable boundary: the texts are trained on whole
+    return common[:max(common.rfind(" "), common.rfind("\t"), 0)]
 
 
 # --------------------------------------------------------------------------- HH-RLHF transcripts
