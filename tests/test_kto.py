@@ -82,12 +82,20 @@ def test_kl_answers_rotate_by_one_within_each_chunk():
 
 
 def test_paired_file_needs_the_flag_and_then_gives_both_answers(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": " a", "rejected": " b"}])
+    rows = [{"prompt": "q", "chosen": " a", "rejected": " b"}, {"prompt": "r", "chosen": " c", "rejected": " d"},
+            {"prompt": "s", "chosen": " e", "rejected": " f"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
     with pytest.raises(PairedData, match="--paired-as-unpaired"):
         load_unpaired(str(path))
     examples, _ = load_unpaired(str(path), paired_as_unpaired=True)
-    assert [(e.prompt, e.completion, e.label) for e in examples] == [("q", " a", True), ("q", " b", False)]
-    assert [e.where for e in examples] == [f"{path} line 1 (chosen)", f"{path} line 1 (rejected)"]
+    # TRL's unpair_preference_dataset order: every chosen answer, then every rejected one.
+    assert [(e.prompt, e.completion, e.label) for e in examples] == [
+        ("q", " a", True), ("r", " c", True), ("s", " e", True), ("q", " b", False), ("r", " d", False),
+        ("s", " f", False)]
+    assert [e.where for e in examples][::3] == [f"{path} line 1 (chosen)", f"{path} line 1 (rejected)"]
+    # So no example's KL answer, the previous example's answer in its batch, is its own pair's other answer.
+    kl = assign_kl_answers([([0], [i]) for i in range(6)], 6)
+    assert all(examples[i].prompt != examples[j[0]].prompt for i, j in enumerate(kl))
 
 
 def test_kto_batch_layout_and_objective_metrics():

@@ -112,8 +112,8 @@ def load_unpaired(source: str, *, data_format: str | None = None, split: str = "
 
     An unpaired layout (`prompt`/`completion`/`label`, or `kto_tag`) is read as it is. A file of preference pairs
     is refused with `PairedData`, unless `paired_as_unpaired`: then each pair gives two examples, its chosen
-    answer desirable and its rejected answer undesirable (their `where` says which). Raises `DataError` if no
-    example is left."""
+    answer desirable and its rejected answer undesirable (their `where` says which), all chosen ones first.
+    Raises `DataError` if no example is left."""
     paired = data_format is not None and data_format not in UNPAIRED_FORMATS
     if not paired:
         try:
@@ -128,10 +128,13 @@ def load_unpaired(source: str, *, data_format: str | None = None, split: str = "
             raise PairedData(f"--data-format {data_format}: is a format of preference pairs, and KTO trains on "
                              f"unpaired feedback; {PAIRED_AS_UNPAIRED_HINT}")
         pairs, report = read_pairs(source, data_format=data_format, split=split, skip_bad_records=skip_bad_records)
+        # Every chosen answer, then every rejected one, as TRL's unpair_preference_dataset orders them: taken
+        # pair by pair, the KL term's previous-example answer of each rejected example would be its own pair's
+        # chosen answer, a matched prompt and answer where the estimate needs mismatched ones.
         examples = [UnpairedExample(p.prompt, answer, label, p.system, f"{p.where} ({name})", p.tools,
                                     p.text_fields)
-                    for p in pairs for name, answer, label in (("chosen", p.chosen, True),
-                                                               ("rejected", p.rejected, False))]
+                    for name, label in (("chosen", True), ("rejected", False))
+                    for p in pairs for answer in (getattr(p, name),)]
     _require_some(examples, report)
     return examples, report
 
