@@ -181,6 +181,27 @@ def test_score_texts_is_the_judge_call(reward_dir):
     assert got == pytest.approx([plain_reward(plain, tok, p, a) for p, a in zip(prompts, answers)], abs=1e-5)
 
 
+def test_score_texts_takes_a_text_answer_after_chat_turns_as_the_assistant_turn(reward_dir):
+    """A judge gets decoded text answers to message prompts: they score as the rendered conversation, what the
+    reward model was trained on (here the turn ends "<|end|>\n", not the prompt's render plus text plus EOS)."""
+    from preftune.reward import load_reward_model, score_texts
+    from transformers import AutoModelForSequenceClassification
+
+    model, tok = load_reward_model(reward_dir)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    prompt = [{"role": "user", "content": "the capital of france is"}]
+    got = score_texts(model, tok, [prompt, prompt], [" paris .", " rome ."])
+    plain = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    expected = []
+    for answer in (" paris .", " rome ."):
+        ids = tok.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=True,
+                                      return_dict=True)["input_ids"]
+        with torch.no_grad():
+            expected.append(float(plain(input_ids=torch.tensor([list(ids)])).logits[0, 0]))
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ training
 
 def test_trained_reward_model_loads_and_prefers_the_chosen_answers(tiny_model_dir, tmp_path):

@@ -234,10 +234,14 @@ def score_texts(model, tokenizer, prompts: Sequence[Content | None], answers: Se
     """The reward of each answer after its prompt, in order: the judge's call.
 
     prompts[i], answers[i]: text, or lists of {role, content} messages (then the chat template renders them);
-    a prompt may be None or "". Tokens past `max_length` are cut from the answer's end; a prompt that alone
-    fills `max_length` raises `PreftuneError`. Runs on the model's device unless `device` says otherwise."""
+    a text answer after a message-list prompt is the assistant's turn, rendered as `preftune rm` and `score`
+    render chat pairs (a generated answer, decoded to text, scores as that conversation). A prompt may be None
+    or "". Tokens past `max_length` are cut from the answer's end; a prompt that alone fills `max_length` raises
+    `PreftuneError`. Runs on the model's device unless `device` says otherwise."""
     if len(prompts) != len(answers):
         raise PreftuneError(f"score_texts: {len(prompts)} prompts but {len(answers)} answers")
+    answers = [[{"role": "assistant", "content": a}] if isinstance(p, list) and isinstance(a, str) else a
+               for p, a in zip(prompts, answers)]
     systems = list(systems) if systems is not None else [None] * len(answers)
     examples = [SFTExample(answer, prompt or None, system, f"answer {i + 1}")
                 for i, (prompt, answer, system) in enumerate(zip(prompts, answers, systems))]
