@@ -107,6 +107,25 @@ def test_generate_side_by_side(tiny_model_dir, tmp_path, capsys):
     assert "policy" in capsys.readouterr().out
 
 
+def test_generate_past_a_learned_position_table_is_one_line(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from tinylm import make_tokenizer
+
+    tok = make_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                               eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    prompt = "the capital of france is"
+    n = len(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True,
+                                    return_dict=True)["input_ids"])  # the prompt as generate renders it
+    capsys.readouterr()
+    code = main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "40"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"a prompt of {n} tokens plus 40 new ones passes the 32 positions" in err and f"at most {32 - n}" in err
+    assert main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--max-new-tokens", str(32 - n)]) == 0
+
+
 def test_eval_output_never_replaces_its_data_file(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", fact_pairs(4))
     before = data.read_bytes()

@@ -4,11 +4,33 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ConfigError
+
+# Module names of learned absolute position tables (GPT-2, OPT, BLOOM-style embeddings, GPT-Neo, ...): generating
+# past their size indexes outside the table.
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings", "pos_emb")
+
+
+def check_positions(model, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse, in one line, prompts that with `max_new_tokens` more tokens would run past a learned position table
+    (rotary and other computed positions extend, as in transformers)."""
+    cfg = model.config
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    learned = any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES
+                  for name, m in model.named_modules())
+    longest = max((len(ids) for ids in prompts), default=0)
+    if learned and limit and longest + max_new_tokens > limit:
+        room = f"at most {limit - longest} here" if longest < limit else "the prompt alone fills them"
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: a prompt of {longest} tokens plus {max_new_tokens} "
+                          f"new ones passes the {limit} positions of this model's position table; lower it "
+                          f"({room})")
+
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
                      top_p: float, seed: int, device) -> list[str]:
     """One answer per prompt; the seed is reset per prompt so two models sample comparably."""
+    check_positions(model, prompts, max_new_tokens)
     answers = []
     for ids in prompts:
         torch.manual_seed(seed)
@@ -32,6 +54,7 @@ def sample_groups(model, tokenizer, prompts: list[list[int]], *, samples: int, m
     per batch with `seed` + the batch's index, so the same call gives the same answers (a resumed round
     regenerates what the interrupted one did).
     """
+    check_positions(model, prompts, max_new_tokens)
     pad = tokenizer.pad_token_id
     sample = temperature > 0
     was_training, use_cache = model.training, model.config.use_cache
