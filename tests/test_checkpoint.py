@@ -164,6 +164,14 @@ def test_resume_after_the_data_file_changed_is_refused(cfg, tmp_path):
         ckpt.restore(folder, small_state(cfg), cfg, ENV)
 
 
+def test_resume_with_another_number_of_processes_is_refused(cfg):
+    """The global batch is the per-process batch times the processes: another count reads other data per step."""
+    folder = save_at(cfg, small_state(cfg), 1)
+    with pytest.raises(ckpt.CheckpointError, match=r"written by 1 process\(es\), this run has 2 \(a global batch "
+                                                  r"of 8 then, 16 now\); resume with as many processes"):
+        ckpt.restore(folder, small_state(cfg), cfg, DistEnv(rank=0, world_size=2))
+
+
 def test_resume_into_a_model_with_other_trainable_parameters_is_refused(cfg):
     folder = save_at(cfg, small_state(cfg), 1)
     state = small_state(cfg)
@@ -299,6 +307,21 @@ def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_last_checkpo
         train.run(small_run(tiny_model_dir, pairs_file, out, save_every=1), command="preftune")
     root = out / "checkpoints"
     assert [p.name for p in root.iterdir()] == [ckpt.step_dir(out, 1).name]  # no half-written folder beside it
+
+
+def test_a_refused_resume_leaves_the_runs_config_and_counts_as_they_were(tmp_path, tiny_model_dir, pairs_file):
+    out = tmp_path / "run"
+    train.run(small_run(tiny_model_dir, pairs_file, out, save_every=1, max_steps=4), command="preftune")
+    (out / "results.json").unlink()  # as if stopped after its last checkpoint
+    before = {name: (out / name).read_bytes() for name in ("config.yaml", "data_stats.json")}
+    with pytest.raises(ckpt.CheckpointError, match="other settings"):
+        train.run(small_run(tiny_model_dir, pairs_file, out, save_every=1, max_steps=4, lr=5e-4, resume=True),
+                  command="preftune")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    # ... so the run's own saved config still resumes it.
+    saved = TrainConfig.from_yaml(out / "config.yaml")
+    train.run(TrainConfig(**{**saved.to_dict(), "resume": True}), command="preftune")
+    assert (out / "results.json").is_file()
 
 
 def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, tiny_model_dir, pairs_file, capsys):

@@ -285,6 +285,12 @@ def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> di
         raise CheckpointError(f"{folder}: was written with other contents of --data {cfg.data} (the file has "
                               f"changed since); resume with the data it was written with, or pass --overwrite "
                               f"instead of --resume to start afresh")
+    written = trainer.get("world_size", len(trainer["rng"]))
+    if written != env.world_size:  # the global batch, and so what each step reads, would change
+        raise CheckpointError(f"{folder}: was written by {written} process(es), this run has {env.world_size} (a "
+                              f"global batch of {written * cfg.batch_size} then, {env.world_size * cfg.batch_size} "
+                              f"now); resume with as many processes (torchrun --nproc-per-node {written}), or pass "
+                              f"--overwrite instead of --resume to start afresh")
     if state.sharded:
         _restore_sharded(folder, state, env)
     else:
@@ -294,11 +300,7 @@ def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> di
     state.cursor.load_state_dict(trainer["cursor"])
     state.objective.load_state_dict(trainer["objective"])
     state.step, state.skipped_steps = trainer["step"], trainer["skipped_steps"]
-    rngs = trainer["rng"]
-    if len(rngs) != env.world_size:
-        log.warning("checkpoint was written by %d processes, this run has %d; random draws (dropout) will not "
-                    "repeat exactly", len(rngs), env.world_size)
-    set_rng_state(rngs[env.rank % len(rngs)])
+    set_rng_state(trainer["rng"][env.rank])
     return trainer
 
 

@@ -200,8 +200,6 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
     train_items, eval_items = setup.train_items, setup.eval_items
     pad_id = tokenizer.pad_token_id
     global_batch = cfg.batch_size * env.world_size
-    if writes:
-        rundir.write_start(out_dir, cfg, setup, steps)
     if env.is_main and not cfg.quiet:  # in memory too: the counts of truncated and dropped examples are said
         print("\n".join([rundir.describe_start(cfg, setup, steps, global_batch * cfg.grad_accum), *setup.notes]),
               flush=True)
@@ -217,6 +215,8 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
         message = ckpt.resume(out_dir, state, cfg, env, metrics_path)
         if env.is_main and not cfg.quiet:
             print(f"preftune: {message}", file=sys.stderr)
+    if writes:  # after the checkpoint is accepted: a refused --resume leaves the run's own config as it was
+        rundir.write_start(out_dir, cfg, setup, steps)
     eval_ref = setup.eval_reference_table
     tracker = Tracker(out_dir, cfg, is_main=writes)
     history: list[dict] = []
@@ -277,8 +277,9 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
     if stopped:
         tracker.close()
         if writes and resume_hint is not None:
+            under = f" (under torchrun with {env.world_size} processes, as now)" if env.world_size > 1 else ""
             print(f"preftune: stopped after step {state.step} of {steps}; checkpoint written. Resume with: "
-                  f"{resume_hint}", flush=True)
+                  f"{resume_hint}{under}", flush=True)
         shutdown(env)
         return Outcome(final, history, setup, stopped_at=state.step)
     with stop:  # a preemption notice while the final model is written lets the write finish (a second aborts)
