@@ -132,3 +132,56 @@ def test_a_signal_after_the_last_step_began_lets_the_run_finish(tmp_path, tiny_m
     assert (out / "results.json").is_file() and (out / "model.safetensors").is_file()
     assert "SIGINT received; finishing the run and writing its final model" in capfd.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+TERM_IN_TOKENISATION = """
+import os, signal, sys, time
+from pathlib import Path
+from preftune.data import parallel
+from preftune.cli import main
+
+pids = Path(sys.argv[1])
+real = parallel._work
+
+
+def work(job):  # each worker notes its pid; the first slice signals the training process, as a scheduler would
+    with open(pids, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    if job[0] == 0:
+        os.kill(os.getppid(), signal.SIGTERM)
+    time.sleep(30)  # the workers would otherwise outlive the process that waits for them
+    return real(job)
+
+
+parallel._work = work
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_before_the_first_step_stops_the_run_and_its_tokenising_workers(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "pairs.jsonl", fact_pairs(24))
+    out, pids = tmp_path / "run", tmp_path / "pids"
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", TERM_IN_TOKENISATION, str(pids), "dpo", "--model",
+                           str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--max-steps", "2",
+                           "--batch-size", "4", "--tokenize-procs", "2", "--no-token-cache", "--device", "cpu"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "SIGTERM received before the first step; stopped" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 25  # the sleeping workers were stopped, not waited for
+    assert not out.exists()  # nothing left that would block the rerun: no run files, no lock
+    workers = {int(p) for p in pids.read_text().split()}
+    assert workers
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -27,3 +27,8 @@ class NonFiniteError(PreftuneError):
 
 class JudgeError(PreftuneError):
     """A judge of online training failed: it raised, or returned scores that cannot be used. Names the prompt."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM before a run's first step (loading, tokenising, building the reference table): there is nothing
+    to checkpoint yet, so the run stops as after Ctrl-C, its files and worker processes cleaned up."""

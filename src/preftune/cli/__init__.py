@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
-from ..errors import PreftuneError
+from ..errors import PreftuneError, Terminated
 from . import data, demo, generate, online, plot, score, train
 from . import eval as eval_command  # `eval` alone would read as the builtin
 
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     except PreftuneError as exc:
         print(f"preftune: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("preftune: SIGTERM received before the first step; stopped (nothing to checkpoint yet)",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)
         return 130

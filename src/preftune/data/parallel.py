@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
 
@@ -31,6 +32,10 @@ def auto_procs(n_items: int) -> int:
 
 
 def _start(tokenizer, options: dict) -> None:
+    # A forked worker inherits the training process's handlers: its stop is the parent's to decide (Ctrl-C
+    # reaches the whole process group), and its SIGTERM, sent by the parent, simply ends it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER.update(tokenizer=tokenizer, options=options)
 
 
@@ -52,9 +57,17 @@ def tokenize_packed(tokenizer, items: Sequence, procs: int, options: dict):
     jobs = [(bounds[k], list(items[bounds[k]:bounds[k + 1]]), kind) for k in range(n_jobs)]
     # fork shares the loaded tokenizer without pickling it; elsewhere (macOS, Windows) it is pickled once per worker
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context(method), initializer=_start,
-                             initargs=(tokenizer, options)) as pool:
+    pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context(method), initializer=_start,
+                               initargs=(tokenizer, options))
+    try:
         results = list(pool.map(_work, jobs))
+    except BaseException:  # an error, Ctrl-C or SIGTERM: stop the workers now, not after every queued slice
+        workers = list((getattr(pool, "_processes", None) or {}).values())  # shutdown forgets them
+        for process in workers:
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     stats = TokenizeStats(total=len(items))
     for _, part in results:
         stats.truncated += part.truncated

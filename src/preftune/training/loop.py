@@ -31,7 +31,7 @@ from . import run_dir as rundir
 from .objectives import make_objective
 from .optim import build_optimizer, clip_grad_norm
 from .setup import build
-from .signals import StopOnSignal, resume_command
+from .signals import StopOnSignal, resume_command, terminated_as_interrupt
 
 STOP = "stop"  # what a callback returns to end the run after the current step
 
@@ -181,7 +181,8 @@ def execute(cfg: TrainConfig, *, command: str, inputs=None, callbacks=(), in_mem
     rundir.prepare(out_dir, cfg, env)
     # A failure from here on (bad data or model, a full disk, a crash in step 1) leaves nothing behind that would
     # block the corrected rerun; once a checkpoint exists, the run stays for --resume.
-    with rundir.locked(out_dir, env), rundir.removed_on_failure(out_dir, env, created, resumed=cfg.resume) as kept:
+    with terminated_as_interrupt(), rundir.locked(out_dir, env), \
+            rundir.removed_on_failure(out_dir, env, created, resumed=cfg.resume) as kept:
         return _train(cfg, command, env, device, precision, out_dir, inputs, callbacks, in_memory, resume_hint,
                       kept)
 

@@ -11,10 +11,12 @@ import os
 import shlex
 import signal
 import threading
+from contextlib import contextmanager
 
 import torch
 
 from ..dist.env import DistEnv, all_reduce_sum
+from ..errors import Terminated
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -55,6 +57,24 @@ class StopOnSignal:
     def requested(self, env: DistEnv) -> bool:
         mine = self.signum is not None or self.asked
         return bool(all_reduce_sum(torch.tensor(float(mine)), env) > 0) if env.enabled else mine
+
+
+@contextmanager
+def terminated_as_interrupt():
+    """Within it, SIGTERM raises `Terminated` instead of killing the process where it stands; `StopOnSignal`
+    takes over from the first step (it restores this handler when it ends)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resume_command(command: str) -> str:
