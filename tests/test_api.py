@@ -253,6 +253,14 @@ def test_in_memory_runs_say_their_data_counts_and_what_an_epoch_leaves_out(tiny_
     assert "an epoch takes 8 of the 10 in steps of 4 (the other 2, drawn anew each epoch, are left out of it)" in out
 
 
+def test_a_tokenizer_without_eos_trains_with_a_warning(tiny_model_dir, pairs, caplog):
+    model, tokenizer = load(tiny_model_dir)
+    tokenizer.eos_token = None
+    with caplog.at_level("WARNING"):
+        preftune.train("dpo", model=model, tokenizer=tokenizer, data=pairs, **{**SETTINGS, "max_steps": 1})
+    assert "the tokenizer has no EOS token: text answers are trained without an end" in caplog.text
+
+
 def test_a_trainconfig_object_takes_the_stage_of_the_call(tiny_model_dir, pairs, capsys):
     config = preftune.TrainConfig(max_steps=1, batch_size=4, device="cpu", max_length=64)  # stage defaults to dpo
     sft_rows = [{"text": p["prompt"] + p["chosen"]} for p in pairs]

@@ -100,6 +100,29 @@ def test_empty_answer(jsonl_file, field):
     assert _error(path).startswith(f"{path} line 1: {field} answer is empty")
 
 
+def test_a_key_given_twice_in_a_record_is_refused_not_halved(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    path.write_text(json.dumps(GOOD) + '\n{"prompt": "q", "chosen": "a", "chosen": "c", "rejected": "b"}\n',
+                    encoding="utf-8")
+    assert _error(str(path)).startswith(f"{path} line 2: the key 'chosen' appears twice in one object (JSON "
+                                        f"readers keep only the last value); keep one")
+    array = tmp_path / "dup.json"
+    array.write_text('[{"prompt": "q", "chosen": "a", "rejected": "b", "rejected": "c"}]', encoding="utf-8")
+    assert "the key 'rejected' appears twice" in _error(str(array))
+
+
+def test_gzip_bytes_read_whatever_the_name_and_a_cut_gzip_says_so(tmp_path):
+    import gzip
+
+    unnamed = tmp_path / "pairs.jsonl"
+    unnamed.write_bytes(gzip.compress((json.dumps(GOOD) + "\n").encode()))
+    assert load_pairs(str(unnamed))[0][0].chosen == "a"
+    cut = tmp_path / "cut.jsonl.gz"
+    whole = gzip.compress((json.dumps(GOOD) + "\n") .encode() * 50)
+    cut.write_bytes(whole[: len(whole) // 2])
+    assert "the gzip data stops before its end (the file is incomplete)" in _error(str(cut))
+
+
 def test_not_gzip(tmp_path):
     path = tmp_path / "fake.jsonl.gz"
     path.write_text("plain", encoding="utf-8")

@@ -66,13 +66,21 @@ def _file_rows(path: Path) -> Rows:
     return _json_rows(path, text)
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _read_bytes(path: Path, compressed: bool) -> bytes:
+    """The file's bytes, unzipped when it is named .gz or its bytes are gzip's (a gzipped file saved without
+    the suffix reads as what it holds)."""
     try:
-        if compressed:
-            with gzip.open(path, "rb") as handle:
-                return handle.read()
-        return path.read_bytes()
-    except (OSError, EOFError, zlib.error) as exc:
+        data = path.read_bytes()
+        if compressed or data[:2] == GZIP_MAGIC:
+            return gzip.decompress(data)
+        return data
+    except EOFError:
+        raise DataError(f"{path}: the gzip data stops before its end (the file is incomplete); copy or download "
+                        f"it again") from None
+    except (OSError, zlib.error) as exc:
         raise DataError(f"{path}: cannot read the file ({exc}); if it ends in .gz it must be gzip-compressed") \
             from None
 
@@ -87,15 +95,39 @@ def _decode(path: Path, data: bytes, line: int | None = None) -> str:
             from None
 
 
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _object(pairs: list) -> dict:
+    """A JSON object whose keys are all different: Python's json would keep a repeated key's last value and
+    drop the others without a word (a record with "chosen" twice would lose one answer)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
+def _repeated(where: str, key: str) -> DataError:
+    return DataError(f"{where}: the key {key!r} appears twice in one object (JSON readers keep only the last "
+                     f"value); keep one")
+
+
 def _jsonl_rows(path: Path, data: bytes) -> Rows:
     for number, raw in enumerate(data.split(NEWLINE), start=1):
         where = f"{path} line {number}"
         if not raw.strip():
             continue  # blank lines, such as a final newline, hold no record
         try:
-            yield where, json.loads(_decode(path, raw, number))
+            yield where, json.loads(_decode(path, raw, number), object_pairs_hook=_object)
         except DataError as exc:
             yield where, exc
+        except _RepeatedKey as exc:
+            yield where, _repeated(where, exc.key)
         except (json.JSONDecodeError, RecursionError) as exc:
             yield where, DataError(f"{where}: not valid JSON ({_json_problem(exc)}); each line must hold one "
                                    "complete JSON object, with newlines inside strings written as \\n")
@@ -109,7 +141,9 @@ def _json_problem(exc: Exception) -> str:
 
 def _json_rows(path: Path, text: str) -> Rows:
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_object)
+    except _RepeatedKey as exc:
+        raise _repeated(str(path), exc.key) from None
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # one value a line: JSON Lines saved as .json
             return _jsonl_rows(path, text.encode("utf-8"))

@@ -123,6 +123,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     else:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
                                    flag="--tokenizer" if cfg.tokenizer else "--model")
+    if tokenizer.eos_token_id is None and env.is_main:
+        log.warning("the tokenizer has no EOS token: text answers are trained without an end, so the model does "
+                    "not learn where an answer stops; give it one (tokenizer.eos_token = ..., then save it)")
     source = cfg.data if inputs.data is None else inputs.data
     records, report = load_records(cfg, source)
     for note in (report.detection, report.unused_line()):
