@@ -160,3 +160,49 @@ def test_a_text_answer_that_ends_with_eos_gets_no_second_one(tok):
     eos = tok.eos_token_id
     assert out.chosen_ids == tok(" paris .<eos>", add_special_tokens=False)["input_ids"] and out.chosen_ids[-2] != eos
     assert out.rejected_ids == tok(" rome .", add_special_tokens=False)["input_ids"] + [eos]
+
+
+def _sentencepiece_style():
+    """A Metaspace tokenizer ("▁" before the first word, as Llama 2, Mistral and Phi-3 tokenizers write), with a
+    Phi-3-style template whose assistant turn starts after a newline: alone, an answer would start "▁The"; in the
+    conversation it follows "\\n" and has no word boundary mark."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    words = "The capital of France is Paris . Rome Thanks hello what is the sky blue green \n"
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<|user|>",
+                                                                   "<|assistant|>", "<|end|>"], show_progress=False)
+    tok.train_from_iterator([words] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    return fast
+
+
+def test_chat_answers_take_their_ids_in_context():
+    tok = _sentencepiece_style()
+    prompt = [{"role": "user", "content": "what is the capital of France ?"}]
+    chosen, rejected = "The capital of France is Paris .", "Rome"
+    pair = tokenize_pair(tok, PreferencePair(prompt, [{"role": "assistant", "content": chosen}],
+                                             [{"role": "assistant", "content": rejected}]), max_length=200)
+    for answer, ids in ((chosen, pair.chosen_ids), (rejected, pair.rejected_ids)):
+        whole = _chat_ids(tok, prompt + [{"role": "assistant", "content": answer}])
+        assert pair.prompt_ids + ids == whole  # what the model reads, and what it generates after the prompt
+        assert ids[:len(tok(answer, add_special_tokens=False)["input_ids"])] != \
+            tok(answer, add_special_tokens=False)["input_ids"]  # alone, the answer would start with "▁"
+    assert pair.prompt_ids == _chat_ids(tok, prompt, generation_prompt=True)
+
+
+def test_sft_turns_in_context_train_exactly_the_assistant_turns():
+    tok = _sentencepiece_style()
+    turns = [{"role": "user", "content": "what is the sky"}, {"role": "assistant", "content": "The sky is blue ."},
+             {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "hello"}]
+    out = tokenize_example(tok, SFTExample(turns[1:], turns[:1]), max_length=200)
+    assert out.prompt_ids + out.answer_ids == _chat_ids(tok, turns)
+    trained = [i for i, m in zip(out.answer_ids, out.answer_mask) if m]
+    assert tok.decode(trained) == tok.decode(_chat_ids(tok, turns[:2])[len(out.prompt_ids):]) + tok.decode(
+        _chat_ids(tok, turns)[len(_chat_ids(tok, turns[:3], generation_prompt=True)):])

@@ -4,7 +4,8 @@
 Text:  prompt ids = tokenizer(prompt) with the tokenizer's own special tokens;
        answer ids = tokenizer(answer, add_special_tokens=False) + [eos] (not when it already ends with EOS).
 Chat:  prompt = chat template of the prompt turns with the generation prompt; answer = the template of the whole
-       conversation minus the rendered prompt. The template alone decides the special tokens, as
+       conversation minus the rendered prompt, its ids taken in context (the whole conversation's ids past the
+       prompt's, as TRL 1.16 cuts them). The template alone decides the special tokens, as
        `apply_chat_template(tokenize=True)` and TRL do: no BOS or EOS is added to what it writes (a template that
        writes no BOS gets none, and a turn that ends with <|im_end|> is not followed by a different EOS).
        A tokenizer without a chat template gets the Human/Assistant transcript of HH-RLHF instead, tokenised as
@@ -151,6 +152,26 @@ def _offset(prefix: str, full: str, where: str) -> int:
     return len(prefix)
 
 
+def _in_context(tokenizer, prompt_text: str, full_text: str, pieces) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, answer ids, answer mask) of a rendered conversation, its answer tokenised in context: the ids
+    of the whole conversation past those of the rendered prompt, as TRL 1.16 and `apply_chat_template` give
+    them. Tokenised alone, an answer can take other ids (a sentencepiece tokenizer starts it with a word
+    boundary "▁" where the conversation has none, after a newline). Where the prompt's last ids merge with the
+    answer's first, the prompt ends where the two sequences part (TRL's cut). A token is trained when the piece
+    its first character lies in is (`pieces`: the answer text as (text, trained), in order)."""
+    whole = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = whole["input_ids"], whole["offset_mapping"]
+    alone = _plain_ids(tokenizer, prompt_text) if prompt_text else []
+    cut = next((i for i, (a, b) in enumerate(zip(alone, ids)) if a != b), min(len(alone), len(ids)))
+    ends, at = [], len(prompt_text)
+    for text, trained in pieces:
+        at += len(text)
+        ends.append((at, trained))
+    mask = [int(next((trained for end, trained in ends if start < end), ends[-1][1] if ends else True))
+            for start, _ in offsets[cut:]]
+    return ids[:cut], ids[cut:], mask
+
+
 def encode_prompt_answer(tokenizer, prompt: Content | None, answer: Content, system: str | None = None,
                          where: str = "", tools=None) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) for one prompt/answer, untruncated. `prompt=None` means no prompt (SFT on text)."""
@@ -173,9 +194,13 @@ def encode_masked(tokenizer, prompt: Content | None, answer: Content, system: st
         if not full_text.startswith(prompt_text):
             raise DataError(f"{where}: the chat template renders the prompt differently inside the whole "
                             f"conversation, so the answer cannot be separated; check the template or the roles")
+        pieces = _pieces(render, turns, list(answer), full_text, len(prompt_text), every_turn, where)
+        if has_template(tokenizer) and getattr(tokenizer, "is_fast", False):
+            prompt_ids, answer_ids, mask = _in_context(tokenizer, prompt_text, full_text, pieces)
+            return prompt_ids, answer_ids, (None if all(mask) else mask)
         prompt_ids = _rendered_prompt_ids(tokenizer, prompt_text)
         answer_ids, mask = [], []
-        for text, trained in _pieces(render, turns, list(answer), full_text, len(prompt_text), every_turn, where):
+        for text, trained in pieces:
             ids = _plain_ids(tokenizer, text)
             answer_ids += ids
             mask += [int(trained)] * len(ids)

@@ -104,10 +104,14 @@ def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_promp
         prompt_ids = encode_prompt(tokenizer, pair.prompt, pair.system, pair.where)
         chosen, rejected = text_answer_ids(tokenizer, pair.chosen), text_answer_ids(tokenizer, pair.rejected)
     else:
-        prompt_ids, chosen = encode_prompt_answer(tokenizer, pair.prompt, pair.chosen, pair.system, pair.where,
+        for_chosen, chosen = encode_prompt_answer(tokenizer, pair.prompt, pair.chosen, pair.system, pair.where,
                                                   pair.tools)
-        _, rejected = encode_prompt_answer(tokenizer, pair.prompt, pair.rejected, pair.system, pair.where,
-                                           pair.tools)
+        for_rejected, rejected = encode_prompt_answer(tokenizer, pair.prompt, pair.rejected, pair.system,
+                                                      pair.where, pair.tools)
+        # Each answer's prompt ends where its ids part from the prompt's own (usually both whole): the shorter
+        # is the pair's, and the other's rest goes to its answer, as TRL cuts.
+        n = min(len(for_chosen), len(for_rejected))
+        prompt_ids, chosen, rejected = for_chosen[:n], for_chosen[n:] + chosen, for_rejected[n:] + rejected
     if not prompt_ids:
         # TRL never scores a sequence's first token: a first token both answers share becomes the prompt.
         _require_prompt(chosen[:1] and chosen[:1] == rejected[:1], pair.where, "the answers' first tokens")
