@@ -206,3 +206,24 @@ def test_sft_turns_in_context_train_exactly_the_assistant_turns():
     trained = [i for i, m in zip(out.answer_ids, out.answer_mask) if m]
     assert tok.decode(trained) == tok.decode(_chat_ids(tok, turns[:2])[len(out.prompt_ids):]) + tok.decode(
         _chat_ids(tok, turns)[len(_chat_ids(tok, turns[:3], generation_prompt=True)):])
+
+
+def test_a_generation_prompt_that_finished_turns_drop_is_cut_where_they_part(caplog):
+    """DeepSeek-R1's templates end the generation prompt with "<think>\\n" but render a finished assistant turn
+    without it: the answer starts where the two part (TRL's cut), said once; a template that renders the prompt
+    turns themselves differently is still refused."""
+    tok = make_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>think:{% endif %}")
+    prompt = [{"role": "user", "content": "the capital of france ?"}]
+    with caplog.at_level("WARNING"):
+        pair = tokenize_pair(tok, PreferencePair(prompt, [{"role": "assistant", "content": "paris"}],
+                                                 [{"role": "assistant", "content": "rome"}]), max_length=200)
+    assert "generation prompt ends with 'think:'" in caplog.text
+    for answer, ids in (("paris", pair.chosen_ids), ("rome", pair.rejected_ids)):
+        whole = _chat_ids(tok, prompt + [{"role": "assistant", "content": answer}])
+        assert pair.prompt_ids + ids == whole and tok.decode(ids).endswith(f"{answer}<eos>")
+    tok.chat_template = ("{% for m in messages %}{% if loop.last and m['role'] == 'user' %}[last]{% endif %}"
+                         "<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}")
+    with pytest.raises(DataError, match="renders the prompt differently inside the whole conversation"):
+        encode_prompt_answer(tok, prompt, [{"role": "assistant", "content": "paris"}], where="w")

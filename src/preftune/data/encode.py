@@ -15,6 +15,7 @@ Chat:  prompt = chat template of the prompt turns with the generation prompt; an
 from __future__ import annotations
 
 import logging
+import os
 
 from ..errors import DataError
 from .fields import hh_transcript
@@ -131,7 +132,7 @@ def _pieces(render, prompt: Messages, answer: Messages, full: str, start: int, e
     cuts, turns = [], list(prompt)  # (offset in `full`, whether an assistant turn starts there)
     for turn in answer:
         if turn["role"] == "assistant":
-            cuts.append((_offset(render(turns, True), full, where), True))
+            cuts.append((_answer_start(render, turns, render(turns, True), full, where), True))
         turns.append(turn)
         cuts.append((_offset(render(turns, False), full, where), False))
     pieces, at, trained = [], start, False
@@ -152,18 +153,45 @@ def _offset(prefix: str, full: str, where: str) -> int:
     return len(prefix)
 
 
-def _in_context(tokenizer, prompt_text: str, full_text: str, pieces) -> tuple[list[int], list[int], list[int]]:
+def _answer_start(render, turns: Messages, prompt_text: str, full_text: str, where: str,
+                  assistant_next: bool = True) -> int:
+    """Where the answer starts in the rendered conversation: after the rendered prompt. Some templates end their
+    generation prompt with text a finished turn does not keep (DeepSeek-R1's "<think>\n"): then the answer starts
+    where the two part, as TRL cuts, provided the prompt's turns themselves render the same inside the whole
+    conversation and an assistant turn comes next (`assistant_next`: the turn the generation prompt opens; said
+    once). Otherwise (a system turn rendered only when the prompt ends the conversation) the answer cannot be
+    located: refused."""
+    if full_text.startswith(prompt_text):
+        return len(prompt_text)
+    bare = render(turns, False) if turns else ""
+    start = len(os.path.commonprefix([prompt_text, full_text]))
+    if not assistant_next or not full_text.startswith(bare) or start < len(bare):
+        raise DataError(f"{where}: the chat template renders the prompt differently inside the whole "
+                        f"conversation, so the answer cannot be separated; check the template or the roles")
+    global _GENERATION_PROMPT_NOTED
+    if not _GENERATION_PROMPT_NOTED:
+        _GENERATION_PROMPT_NOTED = True
+        log.warning(f"the chat template's generation prompt ends with {prompt_text[start:]!r}, which a finished "
+                    f"conversation does not keep; answers start where the two part (as TRL cuts them)")
+    return start
+
+
+_GENERATION_PROMPT_NOTED = False
+
+
+def _in_context(tokenizer, prompt_text: str, full_text: str, start: int,
+                pieces) -> tuple[list[int], list[int], list[int]]:
     """(prompt ids, answer ids, answer mask) of a rendered conversation, its answer tokenised in context: the ids
     of the whole conversation past those of the rendered prompt, as TRL 1.16 and `apply_chat_template` give
     them. Tokenised alone, an answer can take other ids (a sentencepiece tokenizer starts it with a word
     boundary "▁" where the conversation has none, after a newline). Where the prompt's last ids merge with the
     answer's first, the prompt ends where the two sequences part (TRL's cut). A token is trained when the piece
-    its first character lies in is (`pieces`: the answer text as (text, trained), in order)."""
+    its first character lies in is (`pieces`: the answer text from `start` as (text, trained), in order)."""
     whole = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = whole["input_ids"], whole["offset_mapping"]
     alone = _plain_ids(tokenizer, prompt_text) if prompt_text else []
     cut = next((i for i, (a, b) in enumerate(zip(alone, ids)) if a != b), min(len(alone), len(ids)))
-    ends, at = [], len(prompt_text)
+    ends, at = [], start
     for text, trained in pieces:
         at += len(text)
         ends.append((at, trained))
@@ -191,13 +219,13 @@ def encode_masked(tokenizer, prompt: Content | None, answer: Content, system: st
         prompt_text = render(turns, True)
         if _uses_tools(turns + list(answer), tools) and has_template(tokenizer):
             _check_tools_rendered(full_text, turns + list(answer), tools, where)
-        if not full_text.startswith(prompt_text):
-            raise DataError(f"{where}: the chat template renders the prompt differently inside the whole "
-                            f"conversation, so the answer cannot be separated; check the template or the roles")
-        pieces = _pieces(render, turns, list(answer), full_text, len(prompt_text), every_turn, where)
+        start = _answer_start(render, turns, prompt_text, full_text, where,
+                              assistant_next=bool(answer) and answer[0].get("role") == "assistant")
+        pieces = _pieces(render, turns, list(answer), full_text, start, every_turn, where)
         if has_template(tokenizer) and getattr(tokenizer, "is_fast", False):
-            prompt_ids, answer_ids, mask = _in_context(tokenizer, prompt_text, full_text, pieces)
+            prompt_ids, answer_ids, mask = _in_context(tokenizer, prompt_text, full_text, start, pieces)
             return prompt_ids, answer_ids, (None if all(mask) else mask)
+        prompt_text = full_text[:start]
         prompt_ids = _rendered_prompt_ids(tokenizer, prompt_text)
         answer_ids, mask = [], []
         for text, trained in pieces:
