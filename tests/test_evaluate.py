@@ -60,10 +60,12 @@ def test_reference_free_loss_loads_no_reference(tiny_model_dir, tmp_path, monkey
     monkeypatch.setattr(run_setup, "load_model", counting_load)
     from preftune.training.loop import run
 
-    data = write_jsonl(tmp_path / "p.jsonl", fact_pairs(8))
+    # Chosen answers of different lengths, so a token mean and a mean of per-answer means differ.
+    rows = [{**r, "chosen": r["chosen"] + " paris ." * (i % 3)} for i, r in enumerate(fact_pairs(8))]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
     # The one step sees all 8 pairs under the starting weights: its loss is the paper's formula on plain forwards.
     tok = make_tokenizer()
-    items, _ = tokenize_all(tok, [PreferencePair(p["prompt"], p["chosen"], p["rejected"]) for p in fact_pairs(8)],
+    items, _ = tokenize_all(tok, [PreferencePair(p["prompt"], p["chosen"], p["rejected"]) for p in rows],
                             max_length=64)
     model = load_model(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32).eval()
     with torch.no_grad():
@@ -78,9 +80,13 @@ def test_reference_free_loss_loads_no_reference(tiny_model_dir, tmp_path, monkey
         p = math.exp(mean_logp)
         return math.log(p) - math.log1p(-p)
 
+    # ORPO's NLL term as TRL's ORPOTrainer takes it: per chosen token of the batch (a token mean, not a mean of
+    # per-answer means).
+    chosen_tokens = [len(it.chosen_ids) for it in items]
+    nll = -sum(w * n for (w, _), n in zip(means, chosen_tokens)) / sum(chosen_tokens)
     expected = {  # SimPO (Meng et al. 2024, eq. 6); ORPO (Hong et al. 2024, eqs. 4-7)
         "simpo": sum(-log_sigmoid(beta * (w - l) - gamma) for w, l in means) / len(means),
-        "orpo": sum(-w - beta * log_sigmoid(log_odds(w) - log_odds(l)) for w, l in means) / len(means),
+        "orpo": nll + sum(-beta * log_sigmoid(log_odds(w) - log_odds(l)) for w, l in means) / len(means),
     }
     for loss in ("simpo", "orpo"):
         cfg = TrainConfig(stage="dpo", model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / loss),

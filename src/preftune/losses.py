@@ -245,8 +245,8 @@ def orpo_loss(p: Pairs) -> Tensor:
 
     With m = mean per-token log-prob of an answer, odds(y) = p/(1-p) for p = exp(m), so
     log odds(y) = m - log(1 - exp(m)) and the log odds ratio is log odds(y_w) - log odds(y_l).
-    NLL_w is `chosen_nll` when given, else -logπ(y_w)/len_w (each answer's mean per-token NLL). TRL instead
-    averages the NLL over all chosen tokens of the batch; to reproduce that exactly, pass
+    NLL_w is `chosen_nll` when given, else -logπ(y_w)/len_w (each answer's mean per-token NLL). TRL averages
+    the NLL over all chosen tokens of the batch, and so does training here: it passes
     chosen_nll = -logπ(y_w) · batch / (chosen tokens in the batch).
     """
     chosen, rejected = p.policy_chosen_mean, p.policy_rejected_mean

@@ -91,11 +91,14 @@ class PreferenceObjective:
         """(per-pair losses, chosen rewards, rejected rewards) of the training objective with the current BCO
         shift, which this leaves as it is (evaluation computes its loss here too)."""
         cfg = self.cfg
+        # The NLL per chosen token of the batch, as each pair's share of it: TRL's "sft" term and ORPO's NLL.
+        nll_share = -pc * (len(pc) / len_c.sum())
         losses, chosen_r, rejected_r = preference_loss(
             pc, pr, rc, rr, loss_type=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-            chosen_lengths=len_c, rejected_lengths=len_r, simpo_gamma=cfg.simpo_gamma, bco_delta=self.bco_delta)
-        if cfg.sft_weight:  # TRL's "sft" term: NLL per chosen token of the batch, as each pair's share of it
-            losses = losses + cfg.sft_weight * (-pc * (len(pc) / len_c.sum()))
+            chosen_lengths=len_c, rejected_lengths=len_r, simpo_gamma=cfg.simpo_gamma, bco_delta=self.bco_delta,
+            chosen_nll=nll_share)
+        if cfg.sft_weight:
+            losses = losses + cfg.sft_weight * nll_share
         return losses, chosen_r, rejected_r
 
     def finish(self, sums: dict[str, float], count: float) -> dict[str, float]:
