@@ -227,3 +227,17 @@ def test_a_generation_prompt_that_finished_turns_drop_is_cut_where_they_part(cap
                          "<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}")
     with pytest.raises(DataError, match="renders the prompt differently inside the whole conversation"):
         encode_prompt_answer(tok, prompt, [{"role": "assistant", "content": "paris"}], where="w")
+
+
+def test_sft_turns_under_a_template_that_closes_every_conversation_with_eos():
+    """Phi-3's template writes EOS after the last turn when no generation prompt follows, so the earlier turns,
+    rendered alone, end with an EOS the whole conversation has only at its end: each turn ends where it begins."""
+    tok = make_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% else %}{{ eos_token }}{% endif %}")
+    turns = [{"role": "user", "content": "the sky is"}, {"role": "assistant", "content": "blue ."},
+             {"role": "user", "content": "and grass is"}, {"role": "assistant", "content": "green ."}]
+    out = tokenize_example(tok, SFTExample(turns[1:], turns[:1]), max_length=200)
+    assert out.prompt_ids + out.answer_ids == _chat_ids(tok, turns)
+    trained = tok.decode([i for i, m in zip(out.answer_ids, out.answer_mask) if m])
+    assert trained == "blue .<|end|>green .<|end|><eos>"

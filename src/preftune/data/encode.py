@@ -124,7 +124,8 @@ def _rendered_prompt_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-def _pieces(render, prompt: Messages, answer: Messages, full: str, start: int, every_turn: bool, where: str):
+def _pieces(render, prompt: Messages, answer: Messages, full: str, start: int, every_turn: bool, where: str,
+            closing: str = ""):
     """The answer text cut into (text, trained) pieces. With `every_turn`, each assistant turn is trained (from
     just after its generation prompt to the end of its turn) and the other turns in between are not."""
     if not every_turn:
@@ -134,7 +135,7 @@ def _pieces(render, prompt: Messages, answer: Messages, full: str, start: int, e
         if turn["role"] == "assistant":
             cuts.append((_answer_start(render, turns, render(turns, True), full, where), True))
         turns.append(turn)
-        cuts.append((_offset(render(turns, False), full, where), False))
+        cuts.append((_offset(render(turns, False), full, where, closing), False))
     pieces, at, trained = [], start, False
     for end, opens in cuts:
         if end > at:
@@ -146,11 +147,34 @@ def _pieces(render, prompt: Messages, answer: Messages, full: str, start: int, e
     return pieces
 
 
-def _offset(prefix: str, full: str, where: str) -> int:
-    if not full.startswith(prefix):
-        raise DataError(f"{where}: the chat template renders the earlier turns differently inside the whole "
-                        "conversation, so the assistant turns cannot be located; check the template or the roles")
-    return len(prefix)
+CLOSING = 32  # characters: the longest text a template may write only at a conversation's end (an EOS token)
+
+
+def _closing(tokenizer) -> str:
+    """What the chat template writes for no messages at all, when that is short: the text it closes every
+    conversation with (Phi-3 writes EOS when no generation prompt follows); "" when none or not found."""
+    try:  # apply_chat_template refuses an empty conversation; the renderer under it does not
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(conversations=[[]], chat_template=tokenizer.chat_template,
+                                            add_generation_prompt=False, **tokenizer.special_tokens_map)
+        text = rendered[0]
+    except Exception:  # an older transformers, or a template that cannot render no messages
+        return ""
+    return text if isinstance(text, str) and len(text) <= CLOSING else ""
+
+
+def _offset(prefix: str, full: str, where: str, closing: str = "") -> int:
+    """Where the turns rendered as `prefix` end inside the whole conversation `full`. A template that closes
+    every conversation with `closing` writes it after `prefix` too, and in `full` only at the end: the turns end
+    where it begins."""
+    if full.startswith(prefix):
+        return len(prefix)
+    if closing and prefix.endswith(closing) and full.endswith(closing) and \
+            full.startswith(prefix[:len(prefix) - len(closing)]):
+        return len(prefix) - len(closing)
+    raise DataError(f"{where}: the chat template renders the earlier turns differently inside the whole "
+                    "conversation, so the assistant turns cannot be located; check the template or the roles")
 
 
 def _answer_start(render, turns: Messages, prompt_text: str, full_text: str, where: str,
@@ -221,7 +245,8 @@ def encode_masked(tokenizer, prompt: Content | None, answer: Content, system: st
             _check_tools_rendered(full_text, turns + list(answer), tools, where)
         start = _answer_start(render, turns, prompt_text, full_text, where,
                               assistant_next=bool(answer) and answer[0].get("role") == "assistant")
-        pieces = _pieces(render, turns, list(answer), full_text, start, every_turn, where)
+        closing = _closing(tokenizer) if every_turn and has_template(tokenizer) else ""
+        pieces = _pieces(render, turns, list(answer), full_text, start, every_turn, where, closing)
         if has_template(tokenizer) and getattr(tokenizer, "is_fast", False):
             prompt_ids, answer_ids, mask = _in_context(tokenizer, prompt_text, full_text, start, pieces)
             return prompt_ids, answer_ids, (None if all(mask) else mask)
