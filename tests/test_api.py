@@ -250,7 +250,11 @@ def test_in_memory_runs_say_their_data_counts_and_what_an_epoch_leaves_out(tiny_
     preftune.train("dpo", model=tiny_model_dir, data=pairs[:10], quiet=False, **{**SETTINGS, "max_steps": 1})
     out = capsys.readouterr().out
     assert "data: 10 records (text) -> 10 used, 0 truncated, 0 dropped" in out
-    assert "an epoch takes 8 of the 10 in steps of 4 (the other 2, drawn anew each epoch, are left out of it)" in out
+    assert "an epoch takes 8 of the 10 in batches of 4 (the other 2, drawn anew each epoch, are left out of it)" in out
+    # Accumulated micro-batches run on across epochs: 12 examples in batches of 4 leave none out.
+    preftune.train("dpo", model=tiny_model_dir, data=pairs[:12], quiet=False, grad_accum=2,
+                   **{**SETTINGS, "max_steps": 1})
+    assert "left out" not in capsys.readouterr().out
 
 
 def test_a_tokenizer_without_eos_trains_with_a_warning(tiny_model_dir, pairs, caplog):

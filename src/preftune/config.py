@@ -98,9 +98,9 @@ class TrainConfig:
     token_cache_dir: str | None = _f(None, "Where tokenised data is kept (default: ~/.cache/preftune/tokenized).")
     # --- optimisation
     max_steps: int = _f(-1, "Optimizer steps to run; -1 runs --epochs over the data.")
-    epochs: float = _f(1.0, "Passes over the data when --max-steps is -1. An epoch is whole steps: the examples "
-                            "short of a full last step are left out of it (others each epoch), and data smaller "
-                            "than one step is refused.")
+    epochs: float = _f(1.0, "Passes over the data when --max-steps is -1. An epoch is whole batches: the examples "
+                            "short of a full last batch are left out of it (others each epoch), and data smaller "
+                            "than one batch is refused.")
     batch_size: int = _f(8, "Pairs (DPO) or sequences (SFT) per micro-batch, per process.")
     grad_accum: int = _f(1, "Micro-batches accumulated into one optimizer step.")
     lr: float | None = _f(None, "Peak learning rate; the default depends on the stage (2e-5 SFT, 5e-7 DPO, 1e-6 "

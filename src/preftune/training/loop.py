@@ -202,7 +202,7 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
     pad_id = tokenizer.pad_token_id
     global_batch = cfg.batch_size * env.world_size
     if env.is_main and not cfg.quiet:  # in memory too: the counts of truncated and dropped examples are said
-        print("\n".join([rundir.describe_start(cfg, setup, steps, global_batch * cfg.grad_accum), *setup.notes]),
+        print("\n".join([rundir.describe_start(cfg, setup, steps, global_batch), *setup.notes]),
               flush=True)
 
     objective = make_objective(cfg, env, router_aux_coef=setup.router_aux_coef, margins=setup.margins)

@@ -174,17 +174,19 @@ def write_start(out_dir: Path, cfg: TrainConfig, setup, steps: int) -> None:
     atomic_write_json(out_dir / DATA_STATS, stats)
 
 
-def describe_start(cfg: TrainConfig, setup, steps: int, per_step: int) -> str:
-    """One line for the log: the data counts and the steps (`per_step`: examples an optimizer step takes)."""
+def describe_start(cfg: TrainConfig, setup, steps: int, global_batch: int) -> str:
+    """One line for the log: the data counts and the steps (`global_batch`: examples a micro-batch takes over
+    all processes)."""
     s, used = setup.stats, len(setup.train_items)
     line = (f"data: {s.total} records ({setup.report.format}) -> {used} used, {s.truncated} "
             f"truncated, {s.dropped} dropped (prompt alone over --max-length), {len(setup.report.skipped)} skipped")
     if setup.eval_items:
         line += f"; {len(setup.eval_items)} held out for eval"
     line += f"; {steps} steps"
-    if used % per_step:  # an epoch is whole steps; the examples that would make a partial one wait for the next
-        line += (f"; an epoch takes {used - used % per_step} of the {used} in steps of {per_step} (the other "
-                 f"{used % per_step}, drawn anew each epoch, are left out of it)")
+    left = used % global_batch  # an epoch is whole batches (batching.epoch_order): a partial last one is dropped
+    if left:
+        line += (f"; an epoch takes {used - left} of the {used} in batches of {global_batch} (the other {left}, "
+                 f"drawn anew each epoch, are left out of it)")
     return line
 
 
