@@ -29,14 +29,13 @@ def _messages(system: str | None, turns: Content) -> list[dict]:
     return head + list(turns)
 
 
-def _note_transcript() -> None:
-    global _TRANSCRIPT_NOTED
-    if not _TRANSCRIPT_NOTED:
-        _TRANSCRIPT_NOTED = True
-        log.warning("the tokenizer has no chat template: chat data is written as Human/Assistant transcripts")
+_SAID: set[str] = set()  # warnings of this module already given in this process
 
 
-_TRANSCRIPT_NOTED = False
+def _say_once(key: str, message: str) -> None:
+    if key not in _SAID:
+        _SAID.add(key)
+        log.warning(message)
 
 
 def _chat_template(tokenizer, messages, *, generation_prompt: bool, where: str, tools=None) -> str:
@@ -87,7 +86,8 @@ def _renderer(tokenizer, system: str | None, tools, turns: Messages, where: str)
     if _uses_tools(turns, tools):
         raise DataError(f"{where}: this record has tool calls or tool schemas, and the tokenizer has no chat "
                         "template to render them; use a model whose chat template supports tools")
-    _note_transcript()
+    _say_once("transcript", "the tokenizer has no chat template: chat data is written as Human/Assistant "
+                            "transcripts")
     return lambda part, generation_prompt: hh_transcript(part, system) + (
         "\n\nAssistant:" if generation_prompt else "")
 
@@ -125,7 +125,7 @@ def _rendered_prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def _pieces(render, prompt: Messages, answer: Messages, full: str, start: int, every_turn: bool, where: str,
-            closing: str = ""):
+            closing=lambda: ""):
     """The answer text cut into (text, trained) pieces. With `every_turn`, each assistant turn is trained (from
     just after its generation prompt to the end of its turn) and the other turns in between are not."""
     if not every_turn:
@@ -164,12 +164,13 @@ def _closing(tokenizer) -> str:
     return text if isinstance(text, str) and len(text) <= CLOSING else ""
 
 
-def _offset(prefix: str, full: str, where: str, closing: str = "") -> int:
+def _offset(prefix: str, full: str, where: str, closing=lambda: "") -> int:
     """Where the turns rendered as `prefix` end inside the whole conversation `full`. A template that closes
-    every conversation with `closing` writes it after `prefix` too, and in `full` only at the end: the turns end
-    where it begins."""
+    every conversation with the text `closing()` gives (asked only then) writes it after `prefix` too, and in
+    `full` only at the end: the turns end where it begins."""
     if full.startswith(prefix):
         return len(prefix)
+    closing = closing()
     if closing and prefix.endswith(closing) and full.endswith(closing) and \
             full.startswith(prefix[:len(prefix) - len(closing)]):
         return len(prefix) - len(closing)
@@ -192,15 +193,10 @@ def _answer_start(render, turns: Messages, prompt_text: str, full_text: str, whe
     if not assistant_next or not full_text.startswith(bare) or start < len(bare):
         raise DataError(f"{where}: the chat template renders the prompt differently inside the whole "
                         f"conversation, so the answer cannot be separated; check the template or the roles")
-    global _GENERATION_PROMPT_NOTED
-    if not _GENERATION_PROMPT_NOTED:
-        _GENERATION_PROMPT_NOTED = True
-        log.warning(f"the chat template's generation prompt ends with {prompt_text[start:]!r}, which a finished "
-                    f"conversation does not keep; answers start where the two part (as TRL cuts them)")
+    _say_once("generation prompt", f"the chat template's generation prompt ends with {prompt_text[start:]!r}, "
+                                   f"which a finished conversation does not keep; answers start where the two "
+                                   f"part (as TRL cuts them)")
     return start
-
-
-_GENERATION_PROMPT_NOTED = False
 
 
 def _in_context(tokenizer, prompt_text: str, full_text: str, start: int,
@@ -219,8 +215,8 @@ def _in_context(tokenizer, prompt_text: str, full_text: str, start: int,
     for text, trained in pieces:
         at += len(text)
         ends.append((at, trained))
-    mask = [int(next((trained for end, trained in ends if start < end), ends[-1][1] if ends else True))
-            for start, _ in offsets[cut:]]
+    mask = [int(next((trained for end, trained in ends if begin < end), ends[-1][1] if ends else True))
+            for begin, _ in offsets[cut:]]
     return ids[:cut], ids[cut:], mask
 
 
@@ -245,8 +241,8 @@ def encode_masked(tokenizer, prompt: Content | None, answer: Content, system: st
             _check_tools_rendered(full_text, turns + list(answer), tools, where)
         start = _answer_start(render, turns, prompt_text, full_text, where,
                               assistant_next=bool(answer) and answer[0].get("role") == "assistant")
-        closing = _closing(tokenizer) if every_turn and has_template(tokenizer) else ""
-        pieces = _pieces(render, turns, list(answer), full_text, start, every_turn, where, closing)
+        pieces = _pieces(render, turns, list(answer), full_text, start, every_turn, where,
+                         lambda: _closing(tokenizer) if has_template(tokenizer) else "")
         if has_template(tokenizer) and getattr(tokenizer, "is_fast", False):
             prompt_ids, answer_ids, mask = _in_context(tokenizer, prompt_text, full_text, start, pieces)
             return prompt_ids, answer_ids, (None if all(mask) else mask)
