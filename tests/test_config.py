@@ -28,6 +28,8 @@ def test_flags_override_file(tmp_path):
 @pytest.mark.parametrize("values, message", [
     ({"bta": 0.1}, "unknown key 'bta'; did you mean 'beta'?"),
     ({"beta": "high"}, "beta must be float"),
+    ({"batch_size": "two"}, "batch_size must be int, got 'two'"),
+    ({"batch_size": "2.5"}, "batch_size must be int, got '2.5'"),
     ({"batch_size": 0}, "batch_size: must be at least 1"),
     ({"lr": float("nan")}, "lr: must be a finite number, got nan"),
     ({"beta": float("inf")}, "beta: must be a finite number, got inf"),
@@ -45,6 +47,15 @@ def test_bad_values_name_the_key(values, message):
     with pytest.raises(ConfigError) as err:
         TrainConfig.from_dict(values, where="c.yaml")
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_quoted_numbers_read_as_numbers_in_every_field(tmp_path):
+    """YAML gives '1e-6' and any quoted number as a string; an int field takes a quoted whole number as a float
+    field takes a quoted float."""
+    (tmp_path / "c.yaml").write_text('batch_size: "4"\nmax_steps: " 7 "\nlr: 1e-6\neval_split: "0.25"\n')
+    cfg = TrainConfig.from_yaml(tmp_path / "c.yaml")
+    assert (cfg.batch_size, cfg.max_steps, cfg.lr, cfg.eval_split) == (4, 7, 1e-6, 0.25)
+    assert isinstance(cfg.batch_size, int) and isinstance(cfg.max_steps, int)
 
 
 def test_stage_default_learning_rates():

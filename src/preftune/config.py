@@ -352,6 +352,11 @@ def coerce_field(f: dataclasses.Field, value: Any, where: str) -> Any:
             pass
     if typ is int and isinstance(value, int) and not isinstance(value, bool):
         return value
+    if typ is int and isinstance(value, str):
+        try:  # a quoted whole number, as a quoted float above: "2" and 2 mean the same
+            return int(value.strip(), 10)
+        except ValueError:
+            pass
     if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise ConfigError(f"{where}: {f.name} must be {typ.__name__}, got {value!r}")
