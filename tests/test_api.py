@@ -197,6 +197,62 @@ def test_dpo_from_an_sft_lora_run_trains_its_adapter_against_the_sft_model(sft_a
         preftune.train("dpo", model=sft_adapter, data=pairs, lora_r=8, **SETTINGS)
 
 
+def test_dpo_on_an_adapter_folder_merges_and_says_so_in_its_card(sft_adapter, tiny_model_dir, pairs, tmp_path):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    result = preftune.train("dpo", model=sft_adapter, data=pairs, output_dir=out, merge=True, **SETTINGS)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    by_peft = peft.PeftModel.from_pretrained(load(tiny_model_dir)[0], str(out)).merge_and_unload()
+    for name, tensor in by_peft.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], tensor, atol=1e-6, rtol=0, msg=name)
+    trained = dict(result.model.named_parameters())
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in trained.items())
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "- lora" in card and "the LoRA adapters it started with (rank 4" in card
+    with pytest.raises(preftune.ConfigError, match="merge: only makes sense with LoRA"):
+        preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=tmp_path / "full", merge=True, **SETTINGS)
+    assert not (tmp_path / "full" / "config.yaml").exists()
+
+
+def test_local_paths_are_saved_absolute_so_runs_chain_from_any_folder(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    """A run started with relative paths names its inputs by absolute path (config.yaml, the adapter's base), so
+    its config reruns, its adapter loads and the next run's card follows the chain from another folder."""
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "base")
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    monkeypatch.chdir(tmp_path)
+    sft_rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
+    preftune.train("sft", model="models/base", data=sft_rows, output_dir="runs/sft", lora_r=4, **SETTINGS)
+    preftune.train("dpo", model="runs/sft", data="pairs.jsonl", output_dir="runs/dpo", **SETTINGS)
+    adapter = json.loads((tmp_path / "runs" / "sft" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tmp_path / "models" / "base")
+    saved = (tmp_path / "runs" / "dpo" / "config.yaml").read_text()
+    assert f"model: {tmp_path / 'runs' / 'sft'}\n" in saved and f"data: {tmp_path / 'pairs.jsonl'}\n" in saved
+    assert "base_model" not in (tmp_path / "runs" / "dpo" / "README.md").read_text().split("---")[1]
+
+    monkeypatch.chdir(tmp_path / "runs")
+    report = preftune.evaluate(model=tmp_path / "runs" / "sft", data=pairs[:4])
+    assert len(report.rows) == 4
+    from preftune.cli import main
+
+    assert main(["dpo", "--config", str(tmp_path / "runs" / "dpo" / "config.yaml"), "--output-dir", "dpo-again",
+                 "--max-steps", "1"]) == 0
+    first, again = (json.loads((tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()[0])
+                    for name in ("dpo", "dpo-again"))
+    assert again["loss"] == first["loss"] and again["chosen_logp"] == first["chosen_logp"]
+
+
+def test_saved_models_keep_their_kv_cache_setting(tiny_model_dir, pairs, tmp_path):
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tiny_model_dir).use_cache
+    result = preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=tmp_path / "run", **SETTINGS)
+    assert AutoConfig.from_pretrained(tmp_path / "run").use_cache and result.model.config.use_cache
+
+
 # ---------------------------------------------------------------------------------- callbacks
 
 def test_a_callback_sees_every_row_train_and_eval(tiny_model_dir, pairs, tmp_path):

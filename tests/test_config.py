@@ -41,7 +41,6 @@ def test_flags_override_file(tmp_path):
     ({"loss": "sigmoidd"}, "sigmoidd"),
     ({"scheduler": "step"}, "scheduler: 'step' is not one of cosine, linear, constant"),
     ({"max_prompt_length": 2048, "max_length": 1024}, "max_prompt_length"),
-    ({"merge": True}, "merge: only makes sense with LoRA"),
 ])
 def test_bad_values_name_the_key(values, message):
     with pytest.raises(ConfigError) as err:

@@ -23,7 +23,7 @@ from .data.tokenize import tokenize_all
 from .errors import ConfigError, PreftuneError
 from .metrics import logps_table, per_pair_rows, preference_metrics
 from .inputs import RunInputs, check_model_object, is_peft_model, placeholder
-from .models.load import check_source, ensure_pad_token, freeze, load_model, load_tokenizer
+from .models.load import check_source, ensure_pad_token, freeze, load_model, load_tokenizer, restore_cache_setting
 from .models.precision import pick_device, pick_dtype
 from .report.tracking import METRICS_FILE
 from .scoring import ScoreReport, score_records
@@ -125,13 +125,11 @@ def train_from_config(cfg: TrainConfig, *, inputs: RunInputs | None = None,
     if in_memory:
         _refuse_in_memory(cfg)
     given = inputs.model if inputs is not None else None
-    use_cache = getattr(getattr(given, "config", None), "use_cache", None)
     try:
         outcome = execute(cfg, command=command or _command(cfg, inputs), inputs=inputs,
                           callbacks=list(callbacks or ()), in_memory=in_memory, resume_hint=resume_hint)
-    finally:
-        if use_cache is not None:  # training turns the KV cache off; the caller's model generates with it again
-            given.config.use_cache = use_cache
+    finally:  # training turns the KV cache off; the caller's model generates with it again
+        restore_cache_setting(given)
     out_dir = None if in_memory else Path(cfg.output_dir)
     if outcome.setup is not None:
         model, tokenizer = outcome.setup.policy, outcome.setup.tokenizer
@@ -141,6 +139,7 @@ def train_from_config(cfg: TrainConfig, *, inputs: RunInputs | None = None,
         model, tokenizer = _load_finished(cfg) if load_finished else (None, None)
         history = _read_history(out_dir)
     if model is not None:
+        restore_cache_setting(model)
         model.eval()
     metrics = dict(outcome.final)
     if outcome.stopped_at is not None:

@@ -157,7 +157,8 @@ class TrainConfig:
     lora_alpha: float = _f(16.0, "LoRA alpha.")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_targets: str = _f("all-linear", "Comma-separated module names for LoRA, or all-linear.")
-    merge: bool = _f(False, "With LoRA, also save a merged full model.")
+    merge: bool = _f(False, "With LoRA (--lora-r, or a model that brings its adapters), also save a merged full "
+                                 "model.")
     load_in_4bit: bool = _f(False, "Load the base model in 4 bits (QLoRA; CUDA only).")
     fsdp: bool = _f(False, "Shard policy and reference with FSDP2 under torchrun.")
     # --- evaluation, checkpoints, reporting
@@ -246,8 +247,6 @@ class TrainConfig:
         if self.stage == "rm" and self.fsdp:
             raise ConfigError("fsdp: not yet for reward models; train rm on one process or with plain data "
                               "parallelism (torchrun without --fsdp)")
-        if self.merge and not self.lora_r:
-            raise ConfigError("merge: only makes sense with LoRA; set --lora-r too")
         if self.load_in_4bit and not self.lora_r:
             raise ConfigError("load_in_4bit: 4-bit weights cannot be trained directly; set --lora-r too")
 

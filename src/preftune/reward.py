@@ -22,7 +22,8 @@ from .data.records import Content, SFTExample
 from .data.tokenize import tokenize_all
 from .errors import ModelError, PreftuneError
 from .logps.parts import LMWrapper, attention_backends, compute_precision
-from .models.load import ADAPTER_CONFIG, check_source, is_adapter_folder, load_tokenizer, quiet_peft, require_peft
+from .models.load import (ADAPTER_CONFIG, check_source, is_adapter_folder, load_adapter_base, load_tokenizer,
+                          quiet_peft, require_peft)
 
 _HEAD_SUFFIX = "ForSequenceClassification"
 
@@ -106,15 +107,16 @@ def start_reward_model(name_or_path: str, *, device, dtype, trust_remote_code: b
     transformers from the torch random state (seed it first, as TRL does); its LM head is left out."""
     from transformers import AutoConfig
 
-    from .models.load import _load_error, _quiet_transformers
+    from .models.load import _load_error, _quiet_transformers, load_source
 
     _quiet_transformers()
     check_source(name_or_path, "model", flag)
     if is_adapter_folder(name_or_path):
         raise ModelError(f"{flag} {name_or_path}: a LoRA adapter folder; train a reward model from a full model "
                          "(merge the adapter first, e.g. a run's merged/ folder)")
+    source = load_source(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (ValueError, OSError) as exc:
         raise _load_error(name_or_path, exc) from None
     archs = getattr(config, "architectures", None) or []
@@ -126,7 +128,7 @@ def start_reward_model(name_or_path: str, *, device, dtype, trust_remote_code: b
     config.num_labels = 1
     try:
         model = _classification_class().from_pretrained(
-            name_or_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+            source, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
             quantization_config=quantization_config, use_safetensors=None, weights_only=True)
     except (ValueError, OSError) as exc:
         raise ModelError(f"{flag} {name_or_path}: cannot be loaded as a reward model "
@@ -220,8 +222,8 @@ def _load_adapter_reward_model(path: Path, device, dtype, trust_remote_code: boo
     if adapter.get("task_type") != "SEQ_CLS":
         raise ModelError(f"{flag} {path}: a LoRA adapter for {adapter.get('task_type') or 'an unknown task'}, not "
                          "a reward model (task SEQ_CLS, as `preftune rm --lora-r` saves)")
-    base = start_reward_model(base_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                              flag=f"{path / ADAPTER_CONFIG}: base_model_name_or_path")
+    base = load_adapter_base(path, base_name, start_reward_model, device=device, dtype=dtype,
+                             trust_remote_code=trust_remote_code)
     with quiet_peft():
         return peft.PeftModel.from_pretrained(base, str(path)).to(device)
 

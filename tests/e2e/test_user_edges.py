@@ -4,6 +4,7 @@ naming what and where, exit 2, no traceback, in seconds; files follow the umask;
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import stat
 import subprocess
@@ -182,6 +183,16 @@ def test_a_missing_reference_is_named_as_such(workdir):
                 cwd=workdir)
     assert_one_line_error(r, "--ref-model ./gone", "folder not found")
     assert not (workdir / "rr").exists()
+
+
+def test_an_adapter_naming_its_base_by_a_relative_path_says_where_that_is_read_from(workdir):
+    (workdir / "moved-adapter").mkdir()
+    (workdir / "moved-adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "models/base"}')
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # an adapter folder holds its tokenizer
+        shutil.copy(workdir / "base" / name, workdir / "moved-adapter" / name)
+    r = run_cli("eval", "--model", "moved-adapter", "--data", "pairs.jsonl", cwd=workdir)
+    assert_one_line_error(r, "adapter_config.json: base_model_name_or_path models/base", "no local folder",
+                          "read from the current folder")
 
 
 def test_an_unreachable_hub_is_one_quick_attempt(workdir):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import logging
 import pickle
 import re
 import warnings
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,6 +75,14 @@ def _check_hub(repo: str, flag: str, markers: tuple[str, ...]) -> None:
     except Exception as exc:  # connection refused, DNS, timeouts, proxies: whatever the HTTP stack raises
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"{head}, and the Hub could not be reached ({first})") from None
+
+
+def load_source(name_or_path: str) -> str:
+    """What to hand `from_pretrained`: a local folder as an absolute path (the loaded model records it as its
+    `name_or_path`, and peft writes that into an adapter's config as its base, which must be found from any
+    folder), a Hub id as it is."""
+    path = Path(name_or_path).expanduser()
+    return os.path.abspath(path) if path.exists() else name_or_path
 
 
 def _quiet_transformers() -> None:
@@ -146,14 +156,15 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
     check_source(name_or_path, "model", flag)
     if is_adapter_folder(name_or_path):  # a LoRA run folder: its base model plus the adapter
         return load_adapter_model(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    source = load_source(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (ValueError, OSError) as exc:
         raise _load_error(name_or_path, exc) from None
     _check_causal(config, name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+            source, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
             quantization_config=quantization_config, use_safetensors=None, weights_only=True)
     except (ValueError, OSError, SafetensorError) as exc:  # the last: a truncated or damaged weights file
         raise _load_error(name_or_path, exc, config) from None
@@ -197,10 +208,23 @@ def load_adapter_model(path: str | Path, *, device: torch.device, dtype: torch.d
     except (OSError, ValueError, KeyError):
         raise ModelError(f"model {path}: {ADAPTER_CONFIG} does not name its base model "
                          f"(base_model_name_or_path)") from None
-    base = load_model(base_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                      flag=f"{path / ADAPTER_CONFIG}: base_model_name_or_path")
+    base = load_adapter_base(path, base_name, load_model, device=device, dtype=dtype,
+                             trust_remote_code=trust_remote_code)
     with quiet_peft():
         return peft.PeftModel.from_pretrained(base, str(path)).to(device)
+
+
+def load_adapter_base(path: Path, base_name: str, load, **kwargs):
+    """`load(base_name, **kwargs)` for the base model an adapter folder names; a relative name that is not found
+    gets a word on where relative names are read from (peft writes the path its base was loaded by)."""
+    try:
+        return load(base_name, flag=f"{path / ADAPTER_CONFIG}: base_model_name_or_path", **kwargs)
+    except ModelError as exc:
+        if Path(base_name).is_absolute() or Path(base_name).exists() or "no local folder" not in str(exc):
+            raise
+        raise ModelError(f"{exc}. If it names a local folder: a relative base path is read from the current "
+                         f"folder, so run from the folder the adapter was trained in, or write the base's "
+                         f"absolute path there") from None
 
 
 def disable_dropout(model) -> None:
@@ -218,6 +242,40 @@ def freeze(model) -> None:
         p.requires_grad_(False)
 
 
+# The KV-cache setting of each model config before training turned it off, by id (see `cache_off_for_training`).
+_CACHE_BEFORE: dict[int, bool] = {}
+
+
+def cache_off_for_training(model) -> None:
+    """Training never reads a KV cache, so it is turned off in the model's config; `save_model` writes the
+    setting the model came with, so that the saved model generates with its cache as the original does."""
+    config = model.config
+    if id(config) not in _CACHE_BEFORE:
+        _CACHE_BEFORE[id(config)] = config.use_cache
+        weakref.finalize(config, _CACHE_BEFORE.pop, id(config), None)
+    config.use_cache = False
+
+
+def restore_cache_setting(model) -> None:
+    """The model's KV-cache setting back to what it was before `cache_off_for_training` (after a run)."""
+    config = getattr(model, "config", None)
+    if config is not None and id(config) in _CACHE_BEFORE:
+        config.use_cache = _CACHE_BEFORE[id(config)]
+
+
+@contextmanager
+def _cache_as_loaded(model):
+    config = getattr(model, "config", None)
+    if config is None or id(config) not in _CACHE_BEFORE:
+        yield
+        return
+    now, config.use_cache = config.use_cache, _CACHE_BEFORE[id(config)]
+    try:
+        yield
+    finally:
+        config.use_cache = now
+
+
 def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
     """Hugging Face format (safetensors + config + tokenizer): loadable by `AutoModelForCausalLM.from_pretrained`.
 
@@ -226,6 +284,7 @@ def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) 
     """
     _quiet_transformers()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+    with _cache_as_loaded(model):
+        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     follow_umask(out_dir)  # safetensors writes weights 0600

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 from typing import Sequence
@@ -49,9 +50,10 @@ def write_model_card(run_dir: Path, config: TrainConfig, final_metrics: dict, co
     exist, so write the plots first.
     """
     run_dir = Path(run_dir)
+    adapter = _adapter(run_dir)
     sections = [
-        _front_matter(config),
-        f"# {run_dir.resolve().name}\n\n{_summary(config)}",
+        _front_matter(config, adapter),
+        f"# {run_dir.resolve().name}\n\n{_summary(config, adapter)}",
         *(["## Data\n\n" + _data_counts(data_stats)] if data_stats else []),
         "## Results\n\n" + _results(final_metrics),
         "## Training config\n\n```yaml\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "```",
@@ -64,21 +66,36 @@ def write_model_card(run_dir: Path, config: TrainConfig, final_metrics: dict, co
     return path
 
 
-def _front_matter(config: TrainConfig) -> str:
+def _adapter(run_dir: Path) -> dict | None:
+    """The saved adapter's config when the run saved LoRA adapters (with --lora-r, or trained on from an adapter
+    folder it started from), else None."""
+    try:
+        return json.loads((run_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _front_matter(config: TrainConfig, adapter: dict | None = None) -> str:
     meta: dict = {}
     # The Hub rejects a card whose base_model is not a model id; a local folder is named in the text instead.
     if base := base_model(config.model):
         meta["base_model"] = base
     meta["datasets"] = [_dataset_name(config.data)]
-    meta["library_name"] = "preftune"
+    meta["library_name"] = "peft" if adapter is not None else "preftune"  # the Hub loads adapters with peft
     meta["pipeline_tag"] = "text-classification" if config.stage == "rm" else "text-generation"
-    meta["tags"] = ["preftune", config.stage] + (["lora"] if config.lora_r else [])
+    meta["tags"] = ["preftune", config.stage] + (["lora"] if adapter is not None or config.lora_r else [])
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---"
 
 
-def _summary(config: TrainConfig) -> str:
+def _summary(config: TrainConfig, adapter: dict | None = None) -> str:
     steps = f"{config.max_steps} optimizer steps" if config.max_steps > 0 else f"{config.epochs:g} epoch(s)"
-    weights = f"LoRA adapters (rank {config.lora_r}, alpha {config.lora_alpha:g})" if config.lora_r else "all weights"
+    if config.lora_r:
+        weights = f"LoRA adapters (rank {config.lora_r}, alpha {config.lora_alpha:g})"
+    elif adapter is not None:
+        weights = (f"the LoRA adapters it started with (rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}), "
+                   f"over the base model they name")
+    else:
+        weights = "all weights"
     if config.stage == "dpo":
         what = (f"Preference-tuned with DPO (loss `{config.loss}`, β = {config.beta:g}) against the reference model "
                 f"`{config.ref_model or config.model}`")

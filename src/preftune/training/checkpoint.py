@@ -41,7 +41,7 @@ from ..dist import fsdp
 from ..dist.env import DistEnv, all_reduce_sum, barrier
 from ..errors import PreftuneError
 from ..io import atomic_write_json, file_sha256, follow_umask, reported_if_disk_full
-from .run_dir import CHECKPOINTS as FOLDER, resolved
+from .run_dir import CHECKPOINTS as FOLDER, INPUT_PATHS, absolute_if_local, resolved
 from .run_state import (RunState, all_rng_states, gather_optimizer_state, gather_trainable_state,
                         require_finite, set_rng_state)
 
@@ -216,6 +216,9 @@ def _load_pickled_tensors(path: Path):
 def _check_same_config(folder: Path, cfg: TrainConfig) -> None:
     saved = load_yaml_mapping(folder / CONFIG)
     now = resolved(cfg).to_dict()
+    for name in INPUT_PATHS:  # written as given before they were written absolute
+        if isinstance(saved.get(name), str):
+            saved[name] = absolute_if_local(saved[name])
     diffs = [f"{k}={saved[k]!r} then, {now[k]!r} now" for k in now
              if k in saved and k not in MAY_CHANGE_ON_RESUME and saved[k] != now[k]]
     if diffs:

@@ -156,11 +156,26 @@ def _running(holder: list[str]) -> bool:
     return True
 
 
+# The inputs a config names by path. A local one is written as an absolute path, so that the saved config runs
+# from any folder and a later run that starts from this one (its card, its adapter's base) finds them again.
+INPUT_PATHS = ("model", "ref_model", "tokenizer", "data", "eval_data")
+
+
+def absolute_if_local(value: str) -> str:
+    """`value` as an absolute path when it names something on this machine; a Hub id (or nothing) as it is."""
+    if not value or not Path(value).expanduser().exists():
+        return value
+    return os.path.abspath(Path(value).expanduser())
+
+
 def resolved(cfg: TrainConfig) -> TrainConfig:
-    """The config as it ran: defaults that depend on the stage written out, so `--config` reproduces it."""
+    """The config as it ran: defaults that depend on the stage written out and local inputs as absolute paths,
+    so `--config` reproduces it from any folder."""
     values = cfg.to_dict()
     values["lr"] = cfg.learning_rate
     values["overwrite"] = values["resume"] = False
+    for name in INPUT_PATHS:
+        values[name] = absolute_if_local(values[name])
     return TrainConfig.from_dict(values)
 
 

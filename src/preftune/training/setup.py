@@ -25,7 +25,8 @@ from ..kto_loss import imbalance_advice
 from ..losses import needs_reference
 from ..models import lora
 from ..models.fused import use_fused_norms
-from ..models.load import check_source, disable_dropout, ensure_pad_token, freeze, load_model, load_tokenizer
+from ..models.load import (cache_off_for_training, check_source, disable_dropout, ensure_pad_token, freeze, load_model,
+                           load_tokenizer)
 from ..models.precision import Precision, hold_frozen
 from ..reward import set_pad_token, start_reward_model
 from .reference import AdaptersOffReference, CachedReference, FrozenReference, StartAdaptersReference
@@ -190,6 +191,8 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     if given_adapters:
         _train_given_adapters(policy, cfg)
     adapters = bool(cfg.lora_r) or given_adapters
+    if cfg.merge and not adapters:
+        raise ConfigError("merge: only makes sense with LoRA; set --lora-r too (or start from an adapter folder)")
     set_compute_dtype(policy, precision.compute)
     if cfg.fused_norms:  # the policy only: a frozen reference has no backward, and the fused norm is one
         use_fused_norms(policy)
@@ -201,7 +204,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy.config.use_cache = False
+    cache_off_for_training(policy)
     if cfg.lora_r:
         policy = lora.add_adapters(policy, cfg)
     # Compiled decoders take the plain layout: one call per group, no key/value cache, so one graph without breaks.
@@ -309,7 +312,8 @@ def _train_given_adapters(policy, cfg: TrainConfig) -> None:
     loads a saved adapter frozen, for inference: its active adapter is made trainable again."""
     if cfg.lora_r:
         raise ConfigError(f"lora_r: {cfg.model or 'the model'} already carries LoRA adapters, which this run trains "
-                          f"on; drop lora_r, or merge them into the model first (--merge writes merged/)")
+                          f"on; drop lora_r (--merge still writes merged/), or start from a merged model for new "
+                          f"adapters (the run that trained them writes merged/ with --merge)")
     if not any(p.requires_grad for p in policy.parameters()):
         name = policy.active_adapter
         policy.set_adapter(name)
