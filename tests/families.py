@@ -85,6 +85,10 @@ def _entries():
                          "ALiBi, multi-query attention"),
         "bloom": (t.BloomConfig, t.BloomForCausalLM, {**heads, "hidden_size": 32, "n_layer": 2, "n_head": 4},
                   "ALiBi, embedding layer norm, tied embeddings"),
+        "opt": (t.OPTConfig, t.OPTForCausalLM,
+                {**heads, "hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "word_embed_proj_dim": 32, "max_position_embeddings": 128, "dropout": 0.0},
+                "learned positions with an offset, absolute positions from the attention mask"),
     }
 
 

@@ -13,10 +13,10 @@ from preftune.training import loop as train
 from test_resume import config
 
 
-def model_dir(tmp_path, family: str):
+def model_dir(tmp_path, family: str, **overrides):
     tok = make_tokenizer()
     model = tiny(family, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                 bos_token_id=tok.bos_token_id)
+                 bos_token_id=tok.bos_token_id, **overrides)
     model.save_pretrained(tmp_path / family)
     tok.save_pretrained(tmp_path / family)
     return tmp_path / family
@@ -29,9 +29,14 @@ def first_step(tmp_path, model, **overrides) -> dict:
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
 
 
-def test_a_gpt2_policy_equal_to_its_reference_starts_at_log_2(tmp_path):
-    model = model_dir(tmp_path, "gpt2")
-    assert json.loads((model / "config.json").read_text())["resid_pdrop"] == 0.1
+# GPT-2's dropout is in nn.Dropout modules; OPT's rates are floats its modules pass to functional.dropout
+# themselves, and its layerdrop skips whole layers at random.
+@pytest.mark.parametrize("family, rates", [
+    ("gpt2", {}),
+    ("opt", {"dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1, "layerdrop": 0.3})])
+def test_a_policy_equal_to_its_reference_starts_at_log_2_whatever_dropout_its_config_ships(tmp_path, family, rates):
+    model = model_dir(tmp_path, family, **rates)
+    assert json.loads((model / "config.json").read_text())["resid_pdrop" if family == "gpt2" else "dropout"] == 0.1
     row = first_step(tmp_path, model)
     assert row["loss"] == pytest.approx(math.log(2), abs=1e-7) and row["reward_margin"] == 0.0
     # With the dropout the config ships, the two forwards differ: the first loss is noise around log 2.

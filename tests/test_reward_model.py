@@ -220,6 +220,30 @@ def test_trained_reward_model_loads_and_prefers_the_chosen_answers(tiny_model_di
     assert "reward model" in card and "text-classification" in card
 
 
+def test_training_on_a_reward_model_keeps_the_pad_token_it_reads_by(reward_dir, tmp_path):
+    """A reward model whose config names another pad token than its tokenizer's (here EOS, so its reward is read
+    before each answer's final EOS) trains on reading where `preftune score` reads: the first loss is the loss of
+    the scored rewards, and the saved folder's tokenizer pads with the config's token."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    other = tmp_path / "other-pad"
+    model = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+    tok = AutoTokenizer.from_pretrained(reward_dir)
+    assert tok.pad_token_id != tok.eos_token_id
+    model.config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    rows = fact_pairs(4)
+    scored = preftune.score(other, rows, device="cpu", dtype="float32").rows
+    expected = sum(-torch.nn.functional.logsigmoid(torch.tensor(r["chosen_reward"] - r["rejected_reward"])).item()
+                   for r in scored) / 4
+    result = preftune.train("rm", model=str(other), data=rows, output_dir=tmp_path / "rm", max_steps=1,
+                            batch_size=4, lr=1e-6, device="cpu", dtype="float32")
+    assert result.history[0]["loss"] == pytest.approx(expected, abs=1e-6)
+    assert AutoConfig.from_pretrained(tmp_path / "rm").pad_token_id == tok.eos_token_id
+    assert AutoTokenizer.from_pretrained(tmp_path / "rm").pad_token_id == tok.eos_token_id
+
+
 def test_lora_reward_model_saves_its_head_and_merges(tiny_model_dir, tmp_path):
     pytest.importorskip("peft")
     from safetensors import safe_open

@@ -100,6 +100,27 @@ def set_pad_token(model, tokenizer) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
+def training_pad_token(model, tokenizer) -> str | None:
+    """Set the pad token a reward-model run reads by; a note to say when it is not the tokenizer's.
+
+    A model that starts with a new head (a causal LM) takes the tokenizer's pad token, as TRL sets it. A reward
+    model whose config names one keeps it: it was trained to read its reward at the last token that is not that
+    one, and `preftune score` reads it there, so training on takes it too and the tokenizer pads with it (the
+    saved folder then agrees with itself)."""
+    archs = getattr(model.config, "architectures", None) or []
+    named = _pad_id_or_none(model)
+    if named is None or not any(a.endswith(_HEAD_SUFFIX) for a in archs):
+        set_pad_token(model, tokenizer)
+        return None
+    if tokenizer.pad_token_id == named:
+        return None
+    before = tokenizer.pad_token
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(named)
+    return (f"the reward model's config names pad token id {named} ({tokenizer.pad_token!r}), the tokenizer "
+            f"{before!r}: it reads its reward at the last token that is not {tokenizer.pad_token!r}, as it was "
+            f"trained and as `preftune score` reads it, so the tokenizer pads with that one")
+
+
 def start_reward_model(name_or_path: str, *, device, dtype, trust_remote_code: bool = False,
                        quantization_config=None, flag: str = "--model"):
     """A model to train as a reward model: a causal LM checkpoint (or a reward model) loaded as

@@ -228,12 +228,16 @@ def load_adapter_base(path: Path, base_name: str, load, **kwargs):
 
 
 def disable_dropout(model) -> None:
-    """Dropout off in every layer: `nn.Dropout` modules and the attention-dropout rates attention modules read."""
+    """Dropout off in every layer: dropout modules, and the rates modules keep as plain floats and pass to
+    `functional.dropout` themselves (attention dropout in most families; OPT's `dropout`, `activation_dropout`
+    and `layerdrop`, which skips whole layers; GPT-J's `attn_pdrop`, ...): every float attribute named for
+    dropping."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
-        elif isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        for name, value in vars(module).items():
+            if "drop" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def freeze(model) -> None:

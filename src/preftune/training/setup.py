@@ -28,7 +28,7 @@ from ..models.fused import use_fused_norms
 from ..models.load import (cache_off_for_training, check_source, disable_dropout, ensure_pad_token, freeze, load_model,
                            load_tokenizer)
 from ..models.precision import Precision, hold_frozen
-from ..reward import set_pad_token, start_reward_model
+from ..reward import start_reward_model, training_pad_token
 from .reference import AdaptersOffReference, CachedReference, FrozenReference, StartAdaptersReference
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,8 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
                             quantization_config=lora.quantization_config(cfg, precision.compute or dtype))
     if cfg.stage == "rm":
         _check_reward_model(policy)
-        set_pad_token(policy, tokenizer)
+        if note := training_pad_token(policy, tokenizer):
+            log.warning(note)
     given_adapters = is_peft_model(policy)  # a peft model passed in or an adapter folder: its adapters may be trained
     if given_adapters:
         _train_given_adapters(policy, cfg)
