@@ -298,6 +298,7 @@ def test_config_then_keywords_and_quiet_by_default(tiny_model_dir, pairs, tmp_pa
                             device="cpu", output_dir=tmp_path / "run")
     saved = preftune.TrainConfig.from_yaml(tmp_path / "run" / "config.yaml")
     assert (saved.beta, saved.max_steps, saved.batch_size) == (0.5, 1, 4)
+    assert not saved.quiet  # the saved config, rerun by `preftune dpo --config`, prints as a command does
     assert [r["step"] for r in result.history] == [1]
     assert capsys.readouterr() == ("", "")                          # the library printed nothing
 

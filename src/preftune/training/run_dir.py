@@ -174,6 +174,7 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
     values = cfg.to_dict()
     values["lr"] = cfg.learning_rate
     values["overwrite"] = values["resume"] = False
+    values["quiet"] = False  # how a run printed is not part of it (the library runs quiet; its config, rerun, talks)
     for name in INPUT_PATHS:
         values[name] = absolute_if_local(values[name])
     return TrainConfig.from_dict(values)
