@@ -111,7 +111,7 @@ def test_only_the_newest_checkpoints_are_kept(cfg):
 
 
 @pytest.mark.parametrize("damage", ["no manifest", "changed byte", "truncated", "missing file"])
-def test_a_damaged_checkpoint_is_never_used_and_is_removed(cfg, damage):
+def test_a_damaged_checkpoint_is_never_used_and_is_set_aside(cfg, damage):
     state = small_state(cfg)
     older, newer = save_at(cfg, state, 1), save_at(cfg, state, 2)
     if damage == "no manifest":
@@ -128,7 +128,20 @@ def test_a_damaged_checkpoint_is_never_used_and_is_removed(cfg, damage):
     leftover = newer.parent / ".tmp-step-00000003-123"  # a write that was killed half way
     leftover.mkdir()
     assert ckpt.latest(Path(cfg.output_dir)) == older
-    assert sorted(p.name for p in newer.parent.iterdir()) == ["step-00000001"]
+    assert sorted(p.name for p in newer.parent.iterdir()) == ["damaged-step-00000002", "step-00000001"]
+
+
+def test_resume_refuses_when_no_checkpoint_can_be_used_and_keeps_them(cfg):
+    """A config.yaml edited by hand in the only checkpoints: refused, not a silent start from step 0."""
+    state = small_state(cfg)
+    for step in (1, 2):
+        with open(save_at(cfg, state, step) / "config.yaml", "a") as handle:
+            handle.write("# edited\n")
+    root = Path(cfg.output_dir) / "checkpoints"
+    with pytest.raises(ckpt.CheckpointError, match="step-00000002: config.yaml is missing or has the wrong size, and "
+                                                   "no older checkpoint can be used either; restore"):
+        ckpt.latest(Path(cfg.output_dir))
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001", "step-00000002"]
 
 
 def test_a_pickle_with_arbitrary_objects_is_refused_and_not_run(cfg, tmp_path):
@@ -162,6 +175,23 @@ def test_resume_after_the_data_file_changed_is_refused(cfg, tmp_path):
     write_jsonl(data, rows)
     with pytest.raises(ckpt.CheckpointError, match="other contents of --data .*the file has changed since"):
         ckpt.restore(folder, small_state(cfg), cfg, ENV)
+
+
+def test_a_checkpoint_records_the_data_as_the_run_read_it(cfg, tmp_path):
+    """A data file edited while a run trains: its later checkpoints record the bytes it read, so the edited file
+    is refused at resume and the original accepted."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", fact_pairs(4))
+    cfg = TrainConfig(**{**cfg.to_dict(), "data": str(data)})
+    ckpt.pin_data_digest(cfg)  # the run reads its data
+    original = data.read_bytes()
+    rows = fact_pairs(4)
+    rows[0] = {**rows[0], "chosen": rows[0]["rejected"], "rejected": rows[0]["chosen"]}
+    write_jsonl(data, rows)  # edited during the run, before its checkpoint
+    folder = save_at(cfg, small_state(cfg), 1)
+    with pytest.raises(ckpt.CheckpointError, match="other contents of --data"):
+        ckpt.restore(folder, small_state(cfg), cfg, ENV)
+    data.write_bytes(original)
+    ckpt.restore(folder, small_state(cfg), cfg, ENV)
 
 
 def test_resume_with_another_number_of_processes_is_refused(cfg):
@@ -307,6 +337,53 @@ def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_last_checkpo
         train.run(small_run(tiny_model_dir, pairs_file, out, save_every=1), command="preftune")
     root = out / "checkpoints"
     assert [p.name for p in root.iterdir()] == [ckpt.step_dir(out, 1).name]  # no half-written folder beside it
+
+
+def test_a_full_disk_during_the_final_write_leaves_a_folder_the_rerun_takes(tmp_path, tiny_model_dir, pairs_file,
+                                                                             monkeypatch):
+    """A folder the user made (a mount point), no checkpoints: the model files half-written when the disk filled
+    go with the run's other files, and what the user had there stays."""
+    import errno
+
+    from preftune.training import run_dir
+
+    out = tmp_path / "mount"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    real = run_dir.save_model
+
+    def full(model, tokenizer, folder, state_dict=None):
+        (folder / "config.json").write_text("{}")  # what got written before the device filled
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(run_dir, "save_model", full)
+    with pytest.raises(PreftuneError, match="the final model: cannot be written to .*no space left"):
+        train.run(small_run(tiny_model_dir, pairs_file, out), command="preftune")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    monkeypatch.setattr(run_dir, "save_model", real)
+    train.run(small_run(tiny_model_dir, pairs_file, out), command="preftune")  # the corrected rerun is taken
+    assert (out / "results.json").is_file() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_the_folder_failing_under_a_run_is_one_line_and_exit_2(tmp_path, tiny_model_dir, pairs_file, monkeypatch,
+                                                                 capsys):
+    """The output folder removed or turned read-only while a run trains: one line naming the file, no traceback;
+    the run's lock is not what the error is about."""
+    from preftune.cli import main
+    from preftune.report import tracking
+
+    out = tmp_path / "run"
+
+    def read_only(path, row):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(tracking, "append_jsonl", read_only)
+    code = main(["dpo", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output-dir", str(out),
+                 "--max-steps", "2", "--batch-size", "4", "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"preftune: error: {out / 'metrics.jsonl'}: Read-only file system; fix that and run again")
 
 
 def test_a_refused_resume_leaves_the_runs_config_and_counts_as_they_were(tmp_path, tiny_model_dir, pairs_file):

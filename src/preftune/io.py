@@ -69,6 +69,18 @@ def append_jsonl(path: Path, row: dict) -> None:
         os.fsync(handle.fileno())
 
 
+def user_cache_dir(name: str) -> Path | None:
+    """`$XDG_CACHE_HOME/preftune/NAME`, or `~/.cache/preftune/NAME`; None when neither can be had (no
+    XDG_CACHE_HOME, no HOME, and a user id without a passwd entry, as in a container started with --user)."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError):
+            return None
+    return Path(base) / "preftune" / name
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file's bytes, read a block at a time (model weights can be larger than memory)."""
     digest = hashlib.sha256()

@@ -298,3 +298,17 @@ def test_two_processes_tokenise_once(pairs_file, tmp_path):
     assert json.loads((tmp_path / "rank0.json").read_text()) == expected
     assert json.loads((tmp_path / "rank1.json").read_text()) == expected
     assert len(list(cache.glob("*.safetensors"))) == 1
+
+
+def test_without_a_home_directory_the_cache_is_off_not_a_crash(monkeypatch):
+    """No XDG_CACHE_HOME, no HOME and a user id without a passwd entry (a container run with --user)."""
+    from preftune.training import reference_cache
+
+    def no_home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    assert token_cache.default_cache_dir() is None and reference_cache.default_cache_dir() is None
+    monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
+    assert token_cache.default_cache_dir() == Path("/somewhere/preftune/tokenized")

@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     except PreftuneError as exc:
         print(f"preftune: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the machine under the run: a folder removed or turned read-only, a device error
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"preftune: error: {where}{exc.strerror or exc}; fix that and run again (--resume continues from "
+              f"the last checkpoint, if one was written)", file=sys.stderr)
+        return 2
     except Terminated:
         print("preftune: SIGTERM received before the first step; stopped (nothing to checkpoint yet)",
               file=sys.stderr)

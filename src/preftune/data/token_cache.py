@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..io import atomic_write_bytes, file_sha256
+from ..io import atomic_write_bytes, file_sha256, user_cache_dir
 from .packed import ARRAYS, kind_of, unpack
 from .parallel import auto_procs, tokenize_packed
 from .tokenize import TokenizeStats
@@ -32,10 +32,9 @@ log = logging.getLogger("preftune")
 FORMAT = 3  # bump when tokenisation or the layout of an entry changes what a key stands for
 
 
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/preftune/tokenized`, or `~/.cache/preftune/tokenized`."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "preftune" / "tokenized"
+def default_cache_dir() -> Path | None:
+    """`$XDG_CACHE_HOME/preftune/tokenized`, or `~/.cache/preftune/tokenized`; None without a home directory."""
+    return user_cache_dir("tokenized")
 
 
 def tokenizer_digest(tokenizer) -> str | None:

@@ -10,7 +10,8 @@ A checkpoint is a folder `RUN/checkpoints/step-00000042/` holding
     manifest.json         name, size and sha256 of each file above; written last
 
 It is written into a hidden folder beside the others, every file fsynced, then renamed into place in one step.
-A folder whose manifest is missing or does not match its files is never loaded, and is removed on resume.
+A folder whose manifest is missing or does not match its files is never loaded: on resume it is set aside when an
+older checkpoint can be used, and resume is refused when none can.
 
 Under FSDP the files are the same: the trained tensors and their optimizer state are gathered whole onto rank 0,
 which writes them; on resume rank 0 reads them and broadcasts them into every rank's shards (dist/fsdp.py). So a
@@ -133,7 +134,7 @@ def _write(tmp: Path, weights, optim, state: RunState, cfg: TrainConfig, env: Di
                "scheduler": state.scheduler.state_dict(), "cursor": state.cursor.state_dict(),
                "objective": state.objective.state_dict(), "rng": rngs, "world_size": env.world_size,
                "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
-               "data_sha256": data_digest(cfg)}
+               "data_sha256": _read_digest(cfg)}
     (tmp / STATE).write_text(json.dumps(trainer))
     (tmp / CONFIG).write_text(yaml.safe_dump(resolved(cfg).to_dict(), sort_keys=False))
     files = [WEIGHTS, OPTIMIZER, STATE, CONFIG]
@@ -185,21 +186,37 @@ def verify(folder: Path) -> str | None:
     return None
 
 
+DAMAGED = "damaged-"  # the prefix a damaged checkpoint's folder is set aside under
+
+
 def latest(out_dir: Path, *, clean: bool = True) -> Path | None:
-    """The newest complete checkpoint. With `clean`, unfinished writes and damaged checkpoints are removed."""
+    """The newest complete checkpoint; None when there is none.
+
+    With `clean`, unfinished writes are removed, and damaged checkpoints newer than the one returned are set
+    aside (renamed `damaged-step-...`, kept for a look, never loaded or pruned). When checkpoints exist and none
+    can be used, `CheckpointError`: starting from step 0 would quietly drop them (a file edited by hand is
+    enough), so the user decides."""
     root = Path(out_dir) / FOLDER
     if clean and root.is_dir():
         for leftover in root.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         for leftover in root.glob(".trash-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+    damaged = []
     for _, folder in _steps(root):
         problem = verify(folder)
         if problem is None:
+            for bad, why in damaged:
+                aside = f"; set aside as {DAMAGED}{bad.name}" if clean else ""
+                log.warning("%s: not used, %s%s", bad, why, aside)
+                if clean:
+                    os.replace(bad, bad.parent / f"{DAMAGED}{bad.name}")
             return folder
-        log.warning("%s: not used, %s%s", folder, problem, "; removed" if clean else "")
-        if clean:
-            _discard(folder)
+        damaged.append((folder, problem))
+    if damaged:
+        bad, why = damaged[0]
+        raise CheckpointError(f"{bad}: {why}, and no older checkpoint can be used either; restore the file from a "
+                              f"copy, or pass --overwrite instead of --resume to start afresh")
     return None
 
 
@@ -266,9 +283,13 @@ def _restore_sharded(folder: Path, state: RunState, env: DistEnv) -> None:
 _DIGESTS: dict[tuple, str] = {}
 
 
+# The digest of each --data file as the run read it (pin_data_digest), by path: what its checkpoints record.
+_READ: dict[str, str] = {}
+
+
 def data_digest(cfg: TrainConfig) -> str:
-    """sha256 of the --data file's bytes (a local file; else ""), computed once per file version: a resumed run
-    must read the data its checkpoint was written with, not only a file of the same name."""
+    """sha256 of the --data file's bytes now (a local file; else ""), computed once per file version: a resumed
+    run must read the data its checkpoint was written with, not only a file of the same name."""
     path = Path(str(cfg.data)) if cfg.data else None
     if path is None or not path.is_file():
         return ""
@@ -277,6 +298,19 @@ def data_digest(cfg: TrainConfig) -> str:
     if key not in _DIGESTS:
         _DIGESTS[key] = file_sha256(path)
     return _DIGESTS[key]
+
+
+def pin_data_digest(cfg: TrainConfig) -> None:
+    """Take the --data file's digest as the run reads it, so that its checkpoints record the bytes it trained on
+    even if the file is edited while it runs (a resume then compares the file with those)."""
+    if cfg.data:
+        _READ[str(Path(str(cfg.data)).resolve())] = data_digest(cfg)
+
+
+def _read_digest(cfg: TrainConfig) -> str:
+    if not cfg.data:
+        return ""
+    return _READ.get(str(Path(str(cfg.data)).resolve()), None) or data_digest(cfg)
 
 
 def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> dict:
@@ -313,9 +347,17 @@ def resume(out_dir: Path, state: RunState, cfg: TrainConfig, env: DistEnv, metri
     The metrics file is cut back to what it held when the checkpoint was written, so rows of steps that will
     run again are not repeated and the file reads as if the run had never stopped.
     """
-    # Rank 0 picks (and cleans up); the others learn its step, as step + 1 so that 0 can mean "none".
-    folder = latest(out_dir) if env.is_main else None
-    found = int(all_reduce_sum(torch.tensor(_step_of(folder) + 1 if folder else 0), env))
+    # Rank 0 picks (and cleans up); the others learn its step, as step + 1 so that 0 can mean "none" (and -1
+    # that none can be used: every rank raises).
+    problem, folder = None, None
+    if env.is_main:
+        try:
+            folder = latest(out_dir)
+        except CheckpointError as exc:
+            problem = exc
+    found = int(all_reduce_sum(torch.tensor(-1 if problem else _step_of(folder) + 1 if folder else 0), env))
+    if found < 0:
+        raise problem or CheckpointError(f"{Path(out_dir) / FOLDER}: no checkpoint can be used (rank 0 says why)")
     if not found:
         if env.is_main:
             metrics_path.unlink(missing_ok=True)

@@ -191,6 +191,8 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
            in_memory: bool, resume_hint: str | None, kept: set[str] | None = None) -> Outcome:
     writes = env.is_main and not in_memory  # only the main process of a run with a folder writes files
     torch.manual_seed(cfg.seed)
+    if not in_memory and (inputs is None or inputs.data is None):
+        ckpt.pin_data_digest(cfg)  # the bytes build() reads next, which checkpoints record
     setup = build(cfg, device=device, precision=precision, env=env, inputs=inputs)
     steps = _planned_steps(cfg, setup, env)
     if writes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Callable
 import torch
 
 from ..errors import ModelError
-from ..io import atomic_write_bytes, atomic_write_json, file_sha256
+from ..io import atomic_write_bytes, atomic_write_json, file_sha256, user_cache_dir
 
 FORMAT = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -28,10 +27,9 @@ CONFIG_FILES = ("config.json", "adapter_config.json")
 _DIGESTS = "file-digests.json"  # memo of (path, size, mtime) -> sha256, so a large model is hashed once
 
 
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/preftune/ref`, or `~/.cache/preftune/ref`."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "preftune" / "ref"
+def default_cache_dir() -> Path | None:
+    """`$XDG_CACHE_HOME/preftune/ref`, or `~/.cache/preftune/ref`; None without a home directory."""
+    return user_cache_dir("ref")
 
 
 def _file_digest(path: Path, memo: dict) -> str:

@@ -76,12 +76,13 @@ RUN_FILES = (CONFIG, DATA_STATS, METRICS_FILE, RESULTS, "README.md", "plots", "t
 @contextmanager
 def removed_on_failure(out_dir: Path, env: DistEnv, created: bool, resumed: bool):
     """If what runs inside fails before a checkpoint exists, remove what this run wrote, so the corrected rerun
-    is not refused as 'already holds a run'. A folder this run made goes whole; in a folder that was there
-    before, only the run files this run wrote go: names that were there before (a README, plots of the user's
-    own, a previous run's files under --overwrite until `clear_previous`) stay. Yields that set of names. A run
-    with a checkpoint is kept (--resume continues it), and so is a resumed run's folder; an interrupt (Ctrl-C)
-    after steps were logged keeps the folder too."""
+    is not refused as 'already holds a run'. A folder this run made goes whole. In a folder that was there
+    before, what this run added goes (its run files, a model half-written when the disk filled) and names that
+    were there before stay (a README, plots of the user's own, a previous run's files under --overwrite until
+    `clear_previous`). Yields the run files that were there. A run with a checkpoint is kept (--resume continues
+    it), and so is a resumed run's folder; an interrupt (Ctrl-C) after steps were logged keeps the folder too."""
     kept = {name for name in RUN_FILES if (out_dir / name).exists()}
+    before = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set()
     try:
         yield kept
     except BaseException as exc:
@@ -91,9 +92,13 @@ def removed_on_failure(out_dir: Path, env: DistEnv, created: bool, resumed: bool
             if created:
                 shutil.rmtree(out_dir, ignore_errors=True)
             else:
-                for name in set(RUN_FILES) - kept:
-                    path = out_dir / name
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                try:  # a folder gone read-only keeps what it has: the error that stopped the run is the one to tell
+                    new = {p.name for p in out_dir.iterdir()} - before - {LOCK}
+                    for name in (set(RUN_FILES) - kept) | new:
+                        path = out_dir / name
+                        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                except OSError:
+                    pass
         raise
 
 
@@ -121,7 +126,10 @@ def locked(out_dir: Path, env: DistEnv):
         yield
     finally:
         if env.is_main:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # the folder went read-only or away: what failed the run is the error to report
+                pass
 
 
 def _take(path: Path) -> bool:

@@ -99,12 +99,24 @@ def _tokenize(cfg: TrainConfig, tokenizer, records: list, source, part: str, env
     cache_dir = None
     if cfg.token_cache:
         cache_dir = Path(cfg.token_cache_dir).expanduser() if cfg.token_cache_dir else default_token_cache_dir()
+        if cache_dir is None and env.is_main and part != "eval":
+            log.warning("no home directory and no XDG_CACHE_HOME: tokenised data is not cached; set "
+                        "XDG_CACHE_HOME or --token-cache-dir to keep it")
     items, stats, message = tokenize_cached(tokenizer, records, source=source, settings=settings, options=options,
                                             procs=cfg.tokenize_procs, cache_dir=cache_dir, is_main=env.is_main,
                                             barrier=lambda: barrier(env))
     if message and env.is_main and not cfg.quiet:
         print(message, flush=True)
     return items, stats
+
+
+def _ref_cache_dir(cfg: TrainConfig, default: Path | None) -> Path:
+    if cfg.ref_cache_dir:
+        return Path(cfg.ref_cache_dir).expanduser()
+    if (folder := default) is None:
+        raise ConfigError("precompute_ref: no home directory and no XDG_CACHE_HOME to keep the reference's "
+                          "log-probs in; pass --ref-cache-dir")
+    return folder
 
 
 def uses_reference(cfg: TrainConfig) -> bool:
@@ -354,7 +366,7 @@ def _cached_reference(cfg: TrainConfig, tokenizer, train_items, eval_items, devi
     tables, messages = cached_tables(
         [CacheRequest("train", train_items), CacheRequest("eval", eval_items)],
         reference=cfg.ref_model or cfg.model, settings=settings,
-        cache_dir=Path(cfg.ref_cache_dir).expanduser() if cfg.ref_cache_dir else default_cache_dir(),
+        cache_dir=_ref_cache_dir(cfg, default_cache_dir()),
         load_model=lambda: _load_reference(cfg, device, precision), compute=compute, is_main=env.is_main,
         barrier=lambda: barrier(env))
     barrier(env)
