@@ -289,7 +289,7 @@ def test_a_model_folder_is_not_taken_as_the_output_folder(tmp_path, tiny_model_d
     assert file_sha256(model / "model.safetensors") == weights
 
 
-def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path, tiny_model_dir, pairs_file):
+def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path, tiny_model_dir, pairs_file, caplog):
     import socket
     import subprocess
     import sys
@@ -303,8 +303,10 @@ def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path, tiny_mode
     assert lock.exists() and not (out / "config.yaml").exists()
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(f"{gone.stdout.strip()} {socket.gethostname()}")  # left by a process that has ended
-    train.run(small_run(tiny_model_dir, pairs_file, out), command="preftune")
+    with caplog.at_level("WARNING"):
+        train.run(small_run(tiny_model_dir, pairs_file, out), command="preftune")
     assert (out / "results.json").exists() and not lock.exists()
+    assert f"taking over the lock left by process {gone.stdout.strip()} on" in caplog.text
 
 
 def test_an_interrupt_after_logged_steps_keeps_the_run(tmp_path, tiny_model_dir, pairs_file):
@@ -384,6 +386,17 @@ def test_the_folder_failing_under_a_run_is_one_line_and_exit_2(tmp_path, tiny_mo
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"preftune: error: {out / 'metrics.jsonl'}: Read-only file system; fix that and run again")
+
+
+def test_resume_on_a_finished_run_with_other_settings_is_refused(tmp_path, tiny_model_dir, pairs_file):
+    """A sweep that reuses a finished run's folder with another --lr gets an error, not the old run's result."""
+    out = tmp_path / "run"
+    train.run(small_run(tiny_model_dir, pairs_file, out), command="preftune")
+    results = (out / "results.json").read_bytes()
+    assert train.run(small_run(tiny_model_dir, pairs_file, out, resume=True), command="preftune") is not None
+    with pytest.raises(ckpt.CheckpointError, match=r"other settings \(lr=.* then, 0.0005 now\)"):
+        train.run(small_run(tiny_model_dir, pairs_file, out, lr=5e-4, resume=True), command="preftune")
+    assert (out / "results.json").read_bytes() == results
 
 
 def test_a_refused_resume_leaves_the_runs_config_and_counts_as_they_were(tmp_path, tiny_model_dir, pairs_file):

@@ -230,7 +230,8 @@ def _load_pickled_tensors(path: Path):
                               f"resume ({first})") from None
 
 
-def _check_same_config(folder: Path, cfg: TrainConfig) -> None:
+def check_same_config(folder: Path, cfg: TrainConfig) -> None:
+    """Refuse to continue what `folder` (a checkpoint, or a finished run) was written with under other settings."""
     saved = load_yaml_mapping(folder / CONFIG)
     now = resolved(cfg).to_dict()
     for name in INPUT_PATHS:  # written as given before they were written absolute
@@ -315,7 +316,7 @@ def _read_digest(cfg: TrainConfig) -> str:
 
 def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> dict:
     """Load a verified checkpoint into `state` (every rank); returns its trainer state."""
-    _check_same_config(folder, cfg)
+    check_same_config(folder, cfg)
     trainer = json.loads((folder / STATE).read_text())
     saved = trainer.get("data_sha256")  # absent in checkpoints written before it was recorded
     if saved and saved != data_digest(cfg):

@@ -171,7 +171,10 @@ def execute(cfg: TrainConfig, *, command: str, inputs=None, callbacks=(), in_mem
     precision = pick_precision(cfg.dtype, device)
     out_dir = Path(cfg.output_dir)
     if not in_memory and cfg.resume and (done := rundir.finished_results(out_dir)) is not None:
-        # A job script that always passes --resume may run once more after the run finished: nothing to do.
+        # A job script that always passes --resume may run once more after the run finished: nothing to do, if it
+        # asks for the same run (a sweep that reuses the folder with another --lr must not get the old result).
+        if (out_dir / rundir.CONFIG).is_file():
+            ckpt.check_same_config(out_dir, cfg)
         if env.is_main and not cfg.quiet:
             print(f"preftune: resume: the run in {out_dir} has finished; nothing to do", file=sys.stderr)
         return Outcome(done, [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -15,6 +16,8 @@ from ..errors import PreftuneError
 from ..io import atomic_write_json, reported_if_disk_full
 from ..models.load import save_model
 from ..report.tracking import METRICS_FILE
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 RESULTS = "results.json"
@@ -142,6 +145,8 @@ def _take(path: Path) -> bool:
             holder = path.read_text(errors="replace").split() if path.exists() else []
             if holder and _running(holder):
                 return False
+            log.warning("%s: taking over the lock left by process %s, which no longer runs", path.parent,
+                        " on ".join(holder) or "?")
             path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as handle:
