@@ -12,6 +12,8 @@ import importlib
 import pkgutil
 from pathlib import Path
 
+import pytest
+
 import preftune
 
 PACKAGE = "preftune"
@@ -113,3 +115,19 @@ def test_every_module_imports():
     for name in names:
         if name != "preftune.__main__":
             importlib.import_module(name)
+
+
+def test_the_command_line_starts_without_torch_and_the_api_loads_on_use():
+    """`preftune.cli` (what the `preftune` script imports before main runs) brings no torch, so an interrupt while
+    starting reaches main's one-line handler; the API names load on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import preftune.cli; light = 'torch' not in sys.modules; "
+            "from preftune import train, TrainResult; print(light, 'torch' in sys.modules, train.__module__)")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(preftune.__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["True", "True", "preftune.api"], out.stderr
+    assert "train" in dir(preftune)
+    with pytest.raises(AttributeError, match="has no attribute 'trian'"):
+        preftune.trian  # noqa: B018

@@ -10,11 +10,29 @@ The Python API (the `preftune` command is a thin layer over it):
 The training loop itself lives in `preftune.training`, the preference metrics in `preftune.metrics`.
 """
 
-from .api import EvalReport, TrainResult, evaluate, load_pairs, score, train, train_from_config  # noqa: E402
+import importlib
+
 from .config import TrainConfig  # noqa: E402
 from .errors import ConfigError, DataError, ModelError, NonFiniteError, PreftuneError  # noqa: E402
-from .losses import preference_loss  # noqa: E402
 from .version import __version__  # noqa: E402
+
+# Loaded on first use: they bring torch and transformers, which the command line imports only for a command that
+# needs them (`preftune --help` answers at once, and Ctrl-C while starting is the CLI's one line).
+_LAZY = {"train": "api", "evaluate": "api", "score": "api", "load_pairs": "api", "train_from_config": "api",
+         "TrainResult": "api", "EvalReport": "api", "preference_loss": "losses"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "train", "evaluate", "score", "load_pairs", "train_from_config", "TrainResult", "EvalReport", "TrainConfig",

@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     ours = logging.getLogger("preftune")
     ours.handlers, ours.propagate = [handler], False
     ours.setLevel(logging.WARNING)
-    parser = build_parser()
+    try:  # building the parser imports torch (the loss names in --help): a second or so to interrupt
+        parser = build_parser()
+    except KeyboardInterrupt:
+        print("preftune: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
