@@ -110,6 +110,13 @@ def test_a_dataset_reads_the_same_records_as_the_file(tiny_model_dir, pairs, pai
                                   **SETTINGS)
     assert untimed(from_dataset.history) == untimed(from_file.history)
     assert from_dataset.history[-1]["loss"] < from_dataset.history[0]["loss"]
+    # A DatasetDict (what load_dataset returns) is read at `split`, and messages name it by its splits.
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(sft_rows[:2]),
+                                   "test": datasets.Dataset.from_list(sft_rows)})
+    with pytest.raises(preftune.PreftuneError, match=r"^<in-memory data: DatasetDict, splits train, test>: 2 usable"):
+        preftune.train("sft", model=tiny_model_dir, data=splits, **SETTINGS)
+    from_split = preftune.train("sft", model=tiny_model_dir, data=splits, split="test", **SETTINGS)
+    assert untimed(from_split.history) == untimed(from_file.history)
 
 
 def test_evaluate_gives_the_cli_summary_and_rows(cli_dpo, tiny_model_dir, pairs, pairs_file, tmp_path):

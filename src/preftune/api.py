@@ -316,7 +316,7 @@ def _data_arg(data, what: str, inputs: RunInputs) -> str:
     if isinstance(source, str):
         return source
     setattr(inputs, what, source)
-    return f"<in-memory {what}: {len(source)} records>" if hasattr(source.records, "__len__") else f"<{what}>"
+    return source.label()
 
 
 def _check_objects(cfg: TrainConfig, inputs: RunInputs) -> None:

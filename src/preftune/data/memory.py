@@ -26,6 +26,13 @@ class InMemory:
     def __len__(self) -> int:
         return len(self.records)
 
+    def label(self) -> str:
+        """How a config names these records: `<in-memory data: 120 records>` (a DatasetDict by its splits)."""
+        kind = type(self.records).__name__
+        if kind == "DatasetDict":
+            return f"<in-memory {self.name}: DatasetDict, splits {', '.join(self.records)}>"
+        return f"<in-memory {self.name}: {len(self)} records>" if hasattr(self.records, "__len__") else f"<{self.name}>"
+
 
 def is_path(source: Any) -> bool:
     """A file, folder or Hub id (read from disk or the Hub), as opposed to records in memory."""
