@@ -221,6 +221,11 @@ def test_dpo_on_an_adapter_folder_merges_and_says_so_in_its_card(sft_adapter, ti
     with pytest.raises(preftune.ConfigError, match="merge: only makes sense with LoRA"):
         preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=tmp_path / "full", merge=True, **SETTINGS)
     assert not (tmp_path / "full" / "config.yaml").exists()
+    # The same folder overwritten by a run of all weights: its card and files say so, no adapter of the last run.
+    preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=out, overwrite=True, **SETTINGS)
+    card = (out / "README.md").read_text()
+    assert "library_name: preftune" in card and "- lora" not in card and "all weights" in card
+    assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").is_file()
 
 
 def test_local_paths_are_saved_absolute_so_runs_chain_from_any_folder(tiny_model_dir, pairs, tmp_path, monkeypatch):
@@ -250,6 +255,24 @@ def test_local_paths_are_saved_absolute_so_runs_chain_from_any_folder(tiny_model
     first, again = (json.loads((tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()[0])
                     for name in ("dpo", "dpo-again"))
     assert again["loss"] == first["loss"] and again["chosen_logp"] == first["chosen_logp"]
+
+
+def test_a_config_without_a_cache_setting_gets_none_and_paths_keep_their_dots(tmp_path):
+    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+    from preftune.models.load import cache_off_for_training, load_source, restore_cache_setting
+    from preftune.training.run_dir import absolute_if_local
+
+    model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    assert not hasattr(model.config, "use_cache")  # GPT-1 has none: training must not add one
+    cache_off_for_training(model)
+    restore_cache_setting(model)
+    assert not hasattr(model.config, "use_cache")
+    (tmp_path / "real" / "base").mkdir(parents=True)
+    (tmp_path / "top").mkdir()
+    (tmp_path / "top" / "link").symlink_to(tmp_path / "real" / "base")
+    dotted = str(tmp_path / "top" / "link" / ".." / "base")  # through the link: real/base's parent holds base
+    assert Path(dotted).is_dir() and load_source(dotted) == dotted and absolute_if_local(dotted) == dotted
 
 
 def test_saved_models_keep_their_kv_cache_setting(tiny_model_dir, pairs, tmp_path):

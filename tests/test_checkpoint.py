@@ -129,6 +129,11 @@ def test_a_damaged_checkpoint_is_never_used_and_is_set_aside(cfg, damage):
     leftover.mkdir()
     assert ckpt.latest(Path(cfg.output_dir)) == older
     assert sorted(p.name for p in newer.parent.iterdir()) == ["damaged-step-00000002", "step-00000001"]
+    again = save_at(cfg, state, 2)  # the same step written and damaged once more: set aside beside the first
+    (again / "manifest.json").unlink()
+    assert ckpt.latest(Path(cfg.output_dir)) == older
+    assert sorted(p.name for p in newer.parent.iterdir()) == ["damaged-step-00000002", "damaged-step-00000002-2",
+                                                              "step-00000001"]
 
 
 def test_resume_refuses_when_no_checkpoint_can_be_used_and_keeps_them(cfg):
@@ -357,12 +362,13 @@ def test_a_full_disk_during_the_final_write_leaves_a_folder_the_rerun_takes(tmp_
     def full(model, tokenizer, folder, state_dict=None):
         (folder / "config.json").write_text("{}")  # what got written before the device filled
         (folder / "model.safetensors").write_bytes(b"half")
+        (folder / ".ipynb_checkpoints").mkdir()  # the user's, made while the run trained: not the run's to remove
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
 
     monkeypatch.setattr(run_dir, "save_model", full)
     with pytest.raises(PreftuneError, match="the final model: cannot be written to .*no space left"):
         train.run(small_run(tiny_model_dir, pairs_file, out), command="preftune")
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".ipynb_checkpoints", "notes.txt"]
     monkeypatch.setattr(run_dir, "save_model", real)
     train.run(small_run(tiny_model_dir, pairs_file, out), command="preftune")  # the corrected rerun is taken
     assert (out / "results.json").is_file() and (out / "notes.txt").read_text() == "mine"

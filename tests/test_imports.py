@@ -129,5 +129,8 @@ def test_the_command_line_starts_without_torch_and_the_api_loads_on_use():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.split() == ["True", "True", "preftune.api"], out.stderr
     assert "train" in dir(preftune)
+    code = "import preftune; print(preftune.reward.load_reward_model.__module__, preftune.training.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["preftune.reward", "preftune.training"], out.stderr
     with pytest.raises(AttributeError, match="has no attribute 'trian'"):
         preftune.trian  # noqa: B018

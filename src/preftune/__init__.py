@@ -11,6 +11,7 @@ The training loop itself lives in `preftune.training`, the preference metrics in
 """
 
 import importlib
+import importlib.util
 
 from .config import TrainConfig  # noqa: E402
 from .errors import ConfigError, DataError, ModelError, NonFiniteError, PreftuneError  # noqa: E402
@@ -23,9 +24,12 @@ _LAZY = {"train": "api", "evaluate": "api", "score": "api", "load_pairs": "api",
 
 
 def __getattr__(name: str):
-    if name not in _LAZY:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # preftune.reward, preftune.training, ...
+        value = importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     globals()[name] = value
     return value
 

@@ -114,8 +114,11 @@ def training_pad_token(model, tokenizer) -> str | None:
         return None
     if tokenizer.pad_token_id == named:
         return None
-    before = tokenizer.pad_token
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(named)
+    before, token = tokenizer.pad_token, tokenizer.convert_ids_to_tokens(named)
+    if token is None:
+        raise ModelError(f"the reward model's config names pad token id {named}, which its tokenizer does not have "
+                         f"({len(tokenizer)} tokens); set pad_token_id in its config.json to the tokenizer's pad id")
+    tokenizer.pad_token = token
     return (f"the reward model's config names pad token id {named} ({tokenizer.pad_token!r}), the tokenizer "
             f"{before!r}: it reads its reward at the last token that is not {tokenizer.pad_token!r}, as it was "
             f"trained and as `preftune score` reads it, so the tokenizer pads with that one")

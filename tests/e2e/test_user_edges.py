@@ -193,6 +193,9 @@ def test_an_adapter_naming_its_base_by_a_relative_path_says_where_that_is_read_f
     r = run_cli("eval", "--model", "moved-adapter", "--data", "pairs.jsonl", cwd=workdir)
     assert_one_line_error(r, "adapter_config.json: base_model_name_or_path models/base", "no local folder",
                           "read from the current folder")
+    (workdir / "moved-adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "../models/base"}')
+    r = run_cli("eval", "--model", "moved-adapter", "--data", "pairs.jsonl", cwd=workdir)
+    assert_one_line_error(r, "base_model_name_or_path ../models/base: folder not found", "read from the current folder")
 
 
 def test_an_unreachable_hub_is_one_quick_attempt(workdir):

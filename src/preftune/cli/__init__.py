@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except OSError as exc:  # the machine under the run: a folder removed or turned read-only, a device error
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"preftune: error: {where}{exc.strerror or exc}; fix that and run again (--resume continues from "
-              f"the last checkpoint, if one was written)", file=sys.stderr)
+        trains = args.command in ("sft", "dpo", "kto", "rm", "online")
+        resumes = " (--resume continues from the last checkpoint, if one was written)" if trains else ""
+        print(f"preftune: error: {where}{exc.strerror or exc}; fix that and run again{resumes}", file=sys.stderr)
         return 2
     except Terminated:
         print("preftune: SIGTERM received before the first step; stopped (nothing to checkpoint yet)",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import logging
 import pickle
 import re
@@ -82,7 +81,7 @@ def load_source(name_or_path: str) -> str:
     `name_or_path`, and peft writes that into an adapter's config as its base, which must be found from any
     folder), a Hub id as it is."""
     path = Path(name_or_path).expanduser()
-    return os.path.abspath(path) if path.exists() else name_or_path
+    return str(path.absolute()) if path.exists() else name_or_path  # `..` kept: through a link it is not textual
 
 
 def _quiet_transformers() -> None:
@@ -220,7 +219,7 @@ def load_adapter_base(path: Path, base_name: str, load, **kwargs):
     try:
         return load(base_name, flag=f"{path / ADAPTER_CONFIG}: base_model_name_or_path", **kwargs)
     except ModelError as exc:
-        if Path(base_name).is_absolute() or Path(base_name).exists() or "no local folder" not in str(exc):
+        if Path(base_name).expanduser().is_absolute() or Path(base_name).expanduser().exists():
             raise
         raise ModelError(f"{exc}. If it names a local folder: a relative base path is read from the current "
                          f"folder, so run from the folder the adapter was trained in, or write the base's "
@@ -254,6 +253,8 @@ def cache_off_for_training(model) -> None:
     """Training never reads a KV cache, so it is turned off in the model's config; `save_model` writes the
     setting the model came with, so that the saved model generates with its cache as the original does."""
     config = model.config
+    if not hasattr(config, "use_cache"):  # a family without a KV cache setting (GPT-1, Llama 4, ...)
+        return
     if id(config) not in _CACHE_BEFORE:
         _CACHE_BEFORE[id(config)] = config.use_cache
         weakref.finalize(config, _CACHE_BEFORE.pop, id(config), None)
@@ -264,7 +265,7 @@ def restore_cache_setting(model) -> None:
     """The model's KV-cache setting back to what it was before `cache_off_for_training` (after a run)."""
     config = getattr(model, "config", None)
     if config is not None and id(config) in _CACHE_BEFORE:
-        config.use_cache = _CACHE_BEFORE[id(config)]
+        config.use_cache = _CACHE_BEFORE.pop(id(config))
 
 
 @contextmanager

@@ -41,16 +41,17 @@ def headline_text(final_metrics: dict) -> str:
 
 
 def write_model_card(run_dir: Path, config: TrainConfig, final_metrics: dict, command: str | Sequence[str],
-                     data_stats: dict | None = None) -> Path:
+                     data_stats: dict | None = None, adapters: bool = False) -> Path:
     """Write RUN/README.md: metadata block, what was trained, data counts, headline and final metrics, config,
     plots, the command.
 
     `command` is the command line that reproduces the run: a string as typed, or an argv list that is
-    shell-quoted here. `data_stats` is what run_dir writes to data_stats.json. Plots are linked only if they
-    exist, so write the plots first.
+    shell-quoted here. `data_stats` is what run_dir writes to data_stats.json. `adapters`: the run trained LoRA
+    adapters (saved as the folder's adapter_config.json). Plots are linked only if they exist, so write the plots
+    first.
     """
     run_dir = Path(run_dir)
-    adapter = _adapter(run_dir)
+    adapter = _adapter(run_dir) if adapters else None
     sections = [
         _front_matter(config, adapter),
         f"# {run_dir.resolve().name}\n\n{_summary(config, adapter)}",
@@ -66,13 +67,13 @@ def write_model_card(run_dir: Path, config: TrainConfig, final_metrics: dict, co
     return path
 
 
-def _adapter(run_dir: Path) -> dict | None:
-    """The saved adapter's config when the run saved LoRA adapters (with --lora-r, or trained on from an adapter
-    folder it started from), else None."""
+def _adapter(run_dir: Path) -> dict:
+    """The config of the LoRA adapters a run saved (with --lora-r, or trained on from the adapter folder it
+    started from)."""
     try:
         return json.loads((run_dir / "adapter_config.json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 def _front_matter(config: TrainConfig, adapter: dict | None = None) -> str:

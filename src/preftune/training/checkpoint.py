@@ -189,6 +189,15 @@ def verify(folder: Path) -> str | None:
 DAMAGED = "damaged-"  # the prefix a damaged checkpoint's folder is set aside under
 
 
+def _unused_name(root: Path, name: str) -> Path:
+    """root/name, or root/name-2, -3, ... when a checkpoint of that step was set aside before."""
+    path, n = root / name, 1
+    while path.exists():
+        n += 1
+        path = root / f"{name}-{n}"
+    return path
+
+
 def latest(out_dir: Path, *, clean: bool = True) -> Path | None:
     """The newest complete checkpoint; None when there is none.
 
@@ -207,10 +216,12 @@ def latest(out_dir: Path, *, clean: bool = True) -> Path | None:
         problem = verify(folder)
         if problem is None:
             for bad, why in damaged:
-                aside = f"; set aside as {DAMAGED}{bad.name}" if clean else ""
-                log.warning("%s: not used, %s%s", bad, why, aside)
-                if clean:
-                    os.replace(bad, bad.parent / f"{DAMAGED}{bad.name}")
+                if not clean:
+                    log.warning("%s: not used, %s", bad, why)
+                    continue
+                aside = _unused_name(bad.parent, f"{DAMAGED}{bad.name}")
+                log.warning("%s: not used, %s; set aside as %s", bad, why, aside.name)
+                os.replace(bad, aside)
             return folder
         damaged.append((folder, problem))
     if damaged:
@@ -354,7 +365,7 @@ def resume(out_dir: Path, state: RunState, cfg: TrainConfig, env: DistEnv, metri
     if env.is_main:
         try:
             folder = latest(out_dir)
-        except CheckpointError as exc:
+        except (CheckpointError, OSError) as exc:  # every rank must learn of it, or the others wait forever
             problem = exc
     found = int(all_reduce_sum(torch.tensor(-1 if problem else _step_of(folder) + 1 if folder else 0), env))
     if found < 0:

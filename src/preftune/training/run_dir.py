@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from pathlib import Path
 from ..config import TrainConfig
 from ..dist.env import DistEnv, barrier
 from ..errors import PreftuneError
+from ..inputs import is_peft_model
 from ..io import atomic_write_json, reported_if_disk_full
 from ..models.load import save_model
 from ..report.tracking import METRICS_FILE
@@ -64,8 +66,8 @@ def clear_previous(out_dir: Path, cfg: TrainConfig, env: DistEnv, kept: set[str]
     the folder are this run's (`kept` empties: a failure removes them)."""
     if cfg.overwrite and not cfg.resume:
         if env.is_main:
-            for name in (METRICS_FILE, RESULTS):
-                (out_dir / name).unlink(missing_ok=True)
+            for name in (METRICS_FILE, RESULTS, "adapter_config.json", "adapter_model.safetensors"):
+                (out_dir / name).unlink(missing_ok=True)  # a LoRA run's adapter would outlive a full run's model
             for name in ("plots", CHECKPOINTS):  # old checkpoints must never be resumed into the new run
                 shutil.rmtree(out_dir / name, ignore_errors=True)
         kept.clear()
@@ -74,16 +76,21 @@ def clear_previous(out_dir: Path, cfg: TrainConfig, env: DistEnv, kept: set[str]
 
 # What a run writes at its top level besides the model files (which only a finished run has).
 RUN_FILES = (CONFIG, DATA_STATS, METRICS_FILE, RESULTS, "README.md", "plots", "tensorboard", "wandb")
+# The names save_pretrained gives a model, its tokenizer, an adapter and merged/ (the final write).
+_MODEL_FILE = re.compile(r"^(config\.json|generation_config\.json|chat_template\.(jinja|json)|special_tokens_map\.json|"
+                         r"added_tokens\.json|merges\.txt|vocab\..*|tokenizer.*|model.*\.safetensors.*|"
+                         r"pytorch_model.*|adapter_.*|merged)$")
 
 
 @contextmanager
 def removed_on_failure(out_dir: Path, env: DistEnv, created: bool, resumed: bool):
     """If what runs inside fails before a checkpoint exists, remove what this run wrote, so the corrected rerun
     is not refused as 'already holds a run'. A folder this run made goes whole. In a folder that was there
-    before, what this run added goes (its run files, a model half-written when the disk filled) and names that
+    before, what this run wrote goes (its run files, a model half-written when the disk filled) and names that
     were there before stay (a README, plots of the user's own, a previous run's files under --overwrite until
-    `clear_previous`). Yields the run files that were there. A run with a checkpoint is kept (--resume continues
-    it), and so is a resumed run's folder; an interrupt (Ctrl-C) after steps were logged keeps the folder too."""
+    `clear_previous`), as does anything else that appeared meanwhile (the user's own files). Yields the run files
+    that were there. A run with a checkpoint is kept (--resume continues it), and so is a resumed run's folder; an
+    interrupt (Ctrl-C) after steps were logged keeps the folder too."""
     kept = {name for name in RUN_FILES if (out_dir / name).exists()}
     before = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set()
     try:
@@ -96,7 +103,7 @@ def removed_on_failure(out_dir: Path, env: DistEnv, created: bool, resumed: bool
                 shutil.rmtree(out_dir, ignore_errors=True)
             else:
                 try:  # a folder gone read-only keeps what it has: the error that stopped the run is the one to tell
-                    new = {p.name for p in out_dir.iterdir()} - before - {LOCK}
+                    new = {p.name for p in out_dir.iterdir() if _MODEL_FILE.match(p.name)} - before
                     for name in (set(RUN_FILES) - kept) | new:
                         path = out_dir / name
                         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
@@ -138,6 +145,30 @@ def locked(out_dir: Path, env: DistEnv):
 def _take(path: Path) -> bool:
     """Create the lock file naming this process; a lock whose process is gone is removed and taken. False when a
     running process holds it."""
+    with _one_at_a_time(path.parent):
+        return _take_unguarded(path)
+
+
+@contextmanager
+def _one_at_a_time(folder: Path):
+    """Held while a process reads, removes and writes the lock file: two runs started together into a folder with a
+    stale lock would otherwise each remove the other's new lock and both go on. An advisory lock on the folder
+    itself, released when the process closes it or dies."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # no fcntl (Windows), or a folder that cannot be opened: unguarded, as before
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _take_unguarded(path: Path) -> bool:
     for _ in range(2):  # the second try follows the removal of a lock left behind
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -178,7 +209,7 @@ def absolute_if_local(value: str) -> str:
     """`value` as an absolute path when it names something on this machine; a Hub id (or nothing) as it is."""
     if not value or not Path(value).expanduser().exists():
         return value
-    return os.path.abspath(Path(value).expanduser())
+    return str(Path(value).expanduser().absolute())  # `..` kept: through a symbolic link it is not textual
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
@@ -247,7 +278,8 @@ def _write_final(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: s
                      load=load_rm if cfg.stage == "rm" else load_adapter_model)
     write_plots(out_dir)
     data_stats = json.loads((out_dir / DATA_STATS).read_text())  # written by write_start
-    write_model_card(out_dir, resolved(cfg), final, command, data_stats=data_stats)
+    write_model_card(out_dir, resolved(cfg), final, command, data_stats=data_stats,
+                     adapters=is_peft_model(setup.policy))
     atomic_write_json(out_dir / RESULTS, {k: v for k, v in final.items() if _jsonable(v)})
 
 

@@ -25,8 +25,8 @@ from ..kto_loss import imbalance_advice
 from ..losses import needs_reference
 from ..models import lora
 from ..models.fused import use_fused_norms
-from ..models.load import (cache_off_for_training, check_source, disable_dropout, ensure_pad_token, freeze, load_model,
-                           load_tokenizer)
+from ..models.load import (cache_off_for_training, check_source, disable_dropout, ensure_pad_token, freeze,
+                           is_adapter_folder, load_model, load_tokenizer)
 from ..models.precision import Precision, hold_frozen
 from ..reward import start_reward_model, training_pad_token
 from .reference import AdaptersOffReference, CachedReference, FrozenReference, StartAdaptersReference
@@ -129,6 +129,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     lora.check_request(cfg, device)
     if inputs.model is None:  # every model named, before minutes of data and weights loading
         check_source(cfg.model, "model", "--model")
+    brings_adapters = is_peft_model(inputs.model) if inputs.model is not None else is_adapter_folder(cfg.model)
+    if cfg.merge and not cfg.lora_r and not brings_adapters:
+        raise ConfigError("merge: only makes sense with LoRA; set --lora-r too (or start from an adapter folder)")
     if uses_reference(cfg) and cfg.ref_model and inputs.ref_model is None:
         check_source(cfg.ref_model, "model", "--ref-model")
     if inputs.tokenizer is not None:
@@ -204,8 +207,6 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     if given_adapters:
         _train_given_adapters(policy, cfg)
     adapters = bool(cfg.lora_r) or given_adapters
-    if cfg.merge and not adapters:
-        raise ConfigError("merge: only makes sense with LoRA; set --lora-r too (or start from an adapter folder)")
     set_compute_dtype(policy, precision.compute)
     if cfg.fused_norms:  # the policy only: a frozen reference has no backward, and the fused norm is one
         use_fused_norms(policy)
