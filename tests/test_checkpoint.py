@@ -543,3 +543,36 @@ def test_model_code_from_the_folder_runs_only_when_trusted(tmp_path):
     with pytest.raises(ModelError, match="--trust-remote-code"):
         load_model(str(folder), device=torch.device("cpu"), dtype=torch.float32)
     assert not (tmp_path / "code-ran").exists()
+
+
+def _take_lock(path: str, start, results) -> None:
+    from preftune.training import run_dir
+
+    import time
+
+    start.wait()
+    took = run_dir._take(Path(path))
+    results.put(took)
+    if took:
+        time.sleep(2)  # a run holds its lock while it trains: the others must find it alive
+
+
+def test_runs_started_together_on_a_stale_lock_let_one_take_it(tmp_path):
+    """Each reads the stale lock, removes it and writes its own: one at a time, so exactly one goes on."""
+    import multiprocessing
+    import socket
+
+    ctx = multiprocessing.get_context("spawn")
+    for trial in range(3):
+        folder = tmp_path / f"run{trial}"
+        folder.mkdir()
+        (folder / ".preftune.lock").write_text(f"999999999 {socket.gethostname()}")  # no such process
+        start, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_take_lock, args=(str(folder / ".preftune.lock"), start, results))
+                 for _ in range(4)]
+        for p in procs:
+            p.start()
+        taken = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join()
+        assert sum(taken) == 1, taken
