@@ -275,6 +275,32 @@ def test_a_config_without_a_cache_setting_gets_none_and_paths_keep_their_dots(tm
     assert Path(dotted).is_dir() and load_source(dotted) == dotted and absolute_if_local(dotted) == dotted
 
 
+def test_the_callers_model_goes_on_as_a_plain_model_after_a_run_or_a_failure(tiny_model_dir, pairs):
+    """Trained in place, as in TRL, but nothing of the run's own machinery is left on it: no fused norm forwards
+    (they do not pickle), no gradients (a failed step's, row-sparse for the embedding), no autocast dtype. A data
+    mistake found after loading leaves it as it came (no LoRA adapters added, the same trainable weights)."""
+    import pickle
+
+    model, tokenizer = load(tiny_model_dir)
+    trainable = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(preftune.DataError, match="fewer than one batch of 4"):
+        preftune.train("dpo", model=model, tokenizer=tokenizer, data=pairs[:3], lora_r=4, **SETTINGS)
+    assert type(model).__name__ == "LlamaForCausalLM" and not any("lora" in n for n, _ in model.named_parameters())
+    assert [p.requires_grad for p in model.parameters()] == trainable and not model.training
+
+    def fail_at_2(row):
+        if row["step"] == 2:
+            raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        preftune.train("dpo", model=model, tokenizer=tokenizer, data=pairs, fused_norms=True, callbacks=[fail_at_2],
+                       **SETTINGS)
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    result = preftune.train("dpo", model=model, tokenizer=tokenizer, data=pairs, fused_norms=True, **SETTINGS)
+    assert result.model is model and model.preftune_compute_dtype is None
+    assert type(pickle.loads(pickle.dumps(model))).__name__ == "LlamaForCausalLM"
+
+
 def test_saved_models_keep_their_kv_cache_setting(tiny_model_dir, pairs, tmp_path):
     from transformers import AutoConfig
 

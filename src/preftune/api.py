@@ -23,11 +23,12 @@ from .data.tokenize import tokenize_all
 from .errors import ConfigError, PreftuneError
 from .metrics import logps_table, per_pair_rows, preference_metrics
 from .inputs import RunInputs, check_model_object, is_peft_model, placeholder
-from .models.load import check_source, ensure_pad_token, freeze, load_model, load_tokenizer, restore_cache_setting
+from .models.load import check_source, ensure_pad_token, freeze, load_model, load_tokenizer
 from .models.precision import pick_device, pick_dtype
 from .report.tracking import METRICS_FILE
 from .scoring import ScoreReport, score_records
 from .training.loop import execute
+from .training.setup import release
 
 Callback = Callable[[dict], Any]
 _ARGUMENTS = ("model", "data", "tokenizer", "ref_model", "eval_data", "output_dir")
@@ -125,11 +126,17 @@ def train_from_config(cfg: TrainConfig, *, inputs: RunInputs | None = None,
     if in_memory:
         _refuse_in_memory(cfg)
     given = inputs.model if inputs is not None else None
+    was_training = given is not None and given.training
     try:
         outcome = execute(cfg, command=command or _command(cfg, inputs), inputs=inputs,
                           callbacks=list(callbacks or ()), in_memory=in_memory, resume_hint=resume_hint)
-    finally:  # training turns the KV cache off; the caller's model generates with it again
-        restore_cache_setting(given)
+    except BaseException:
+        if given is not None:  # in the mode it came in (a finished run hands it back in eval mode)
+            given.train(was_training)
+        raise
+    finally:  # the caller's model goes on as a plain model (the KV cache back on, no fused norms, ...)
+        if given is not None:
+            release(given)
     out_dir = None if in_memory else Path(cfg.output_dir)
     if outcome.setup is not None:
         model, tokenizer = outcome.setup.policy, outcome.setup.tokenizer
@@ -139,7 +146,7 @@ def train_from_config(cfg: TrainConfig, *, inputs: RunInputs | None = None,
         model, tokenizer = _load_finished(cfg) if load_finished else (None, None)
         history = _read_history(out_dir)
     if model is not None:
-        restore_cache_setting(model)
+        release(model)
         model.eval()
     metrics = dict(outcome.final)
     if outcome.stopped_at is not None:

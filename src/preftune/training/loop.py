@@ -20,7 +20,7 @@ from ..data.batching import PromptAnswerBatch, collate, epoch_order, total_steps
 from ..dist.env import DistEnv, all_reduce_sum, init_from_env, rank_device, rank_slice, shutdown
 from ..dist.fsdp import full_state_dict, full_tensor
 from ..dist.logp_module import AnswerLogpModule
-from ..errors import NonFiniteError, PreftuneError
+from ..errors import NonFiniteError
 from ..logps.projection import reused_logits_buffer
 from ..metrics import evaluate_during
 from ..models.precision import pick_device, pick_precision
@@ -123,16 +123,7 @@ def _finite_or_skipped(step: int, metrics: dict, grad_norm: torch.Tensor, record
 
 
 def _planned_steps(cfg: TrainConfig, setup, env: DistEnv) -> int:
-    global_batch = cfg.batch_size * env.world_size
-    if len(setup.train_items) < global_batch:
-        if setup.stats.dropped:  # the batch size is not what went wrong
-            raise PreftuneError(
-                f"{cfg.data}: {setup.stats.dropped} of {setup.stats.total} examples dropped because the prompt "
-                f"alone is longer than --max-length {cfg.max_length} tokens, leaving {len(setup.train_items)} "
-                f"(fewer than one batch of {global_batch}); raise --max-length, or set --max-prompt-length to cut "
-                f"long prompts from the left")
-        raise PreftuneError(f"{cfg.data}: {len(setup.train_items)} usable examples, fewer than one batch of "
-                            f"{global_batch}; lower --batch-size or add data")
+    global_batch = cfg.batch_size * env.world_size  # at least one batch: setup.build checked it
     return total_steps(len(setup.train_items), global_batch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
 
 
@@ -235,6 +226,7 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
 
     last: dict = {}
     stopped = False
+    optimizer.zero_grad(set_to_none=True)  # a model given in may carry gradients of its own (or of a failed run)
     policy.train()
     stop = StopOnSignal()  # its handlers are in place from the first step until the final model is written
     with Progress(steps, quiet=cfg.quiet or not env.is_main, stage=cfg.stage, log_every=cfg.log_every) as bar, stop:

@@ -26,7 +26,7 @@ from ..losses import needs_reference
 from ..models import lora
 from ..models.fused import use_fused_norms
 from ..models.load import (cache_off_for_training, check_source, disable_dropout, ensure_pad_token, freeze,
-                           is_adapter_folder, load_model, load_tokenizer)
+                           is_adapter_folder, load_model, load_tokenizer, restore_cache_setting)
 from ..models.precision import Precision, hold_frozen
 from ..reward import start_reward_model, training_pad_token
 from .reference import AdaptersOffReference, CachedReference, FrozenReference, StartAdaptersReference
@@ -110,6 +110,19 @@ def _tokenize(cfg: TrainConfig, tokenizer, records: list, source, part: str, env
     return items, stats
 
 
+def _check_one_batch(cfg: TrainConfig, train_items: list, stats: TokenizeStats, env: DistEnv) -> None:
+    global_batch = cfg.batch_size * env.world_size
+    if len(train_items) >= global_batch:
+        return
+    if stats.dropped:  # the batch size is not what went wrong
+        raise DataError(f"{cfg.data}: {stats.dropped} of {stats.total} examples dropped because the prompt alone is "
+                        f"longer than --max-length {cfg.max_length} tokens, leaving {len(train_items)} (fewer than "
+                        f"one batch of {global_batch}); raise --max-length, or set --max-prompt-length to cut long "
+                        f"prompts from the left")
+    raise DataError(f"{cfg.data}: {len(train_items)} usable examples, fewer than one batch of {global_batch}; lower "
+                    f"--batch-size or add data")
+
+
 def _ref_cache_dir(cfg: TrainConfig, default: Path | None) -> Path:
     if cfg.ref_cache_dir:
         return Path(cfg.ref_cache_dir).expanduser()
@@ -164,6 +177,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     train_items, stats = _tokenize(cfg, tokenizer, records, source, parts[0], env)
     eval_items, eval_stats = (_tokenize(cfg, tokenizer, eval_records, eval_source, parts[1], env) if eval_records
                               else ([], None))
+    _check_one_batch(cfg, train_items, stats, env)  # before any model is loaded, or one given is changed
     if cfg.stage == "kto" and env.is_main:
         n_good = sum(it.label for it in train_items)
         advice = imbalance_advice(n_good, len(train_items) - n_good, cfg.desirable_weight, cfg.undesirable_weight)
@@ -264,6 +278,28 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     return Setup(tokenizer, policy, reference, train_items, eval_items, records, report, stats, eval_stats,
                  eval_table, notes=notes, policy_logps=logp, dtype=dtype, router_aux_coef=router_coef,
                  margins=margins)
+
+
+def release(model) -> None:
+    """Undo what a run set on a model object for its own use, so that the caller goes on with a plain model: fused
+    norm forwards (which do not pickle), compiled layers, the autocast dtype preftune's forwards read, gradients
+    (a failed step leaves them, row-sparse for the embedding), and the KV-cache setting. What training means
+    stays: the weights, adapters added with lora_r, dropout turned off (as TRL leaves it)."""
+    from ..logps.parts import WIDTH_MULTIPLE, body_of
+    from ..models.fused import use_plain_norms
+
+    use_plain_norms(model)
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    body = body_of(model)
+    if hasattr(body, WIDTH_MULTIPLE):
+        delattr(body, WIDTH_MULTIPLE)
+    set_compute_dtype(model, None)
+    sparse_embedding_grad(model, False)
+    for p in model.parameters():
+        p.grad = None
+    restore_cache_setting(model)
 
 
 def _compile_body(model) -> None:
