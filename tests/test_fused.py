@@ -147,10 +147,15 @@ def test_training_with_and_without_the_switch_gives_the_same_run(tiny_model_dir)
     for fused in (True, False):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        patched = []
+
+        def norms(row, model=model):  # during the run: afterwards the caller's model is plain again
+            patched.append(["forward" in vars(m) for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"])
+
         runs[fused] = preftune.train("dpo", model=model, tokenizer=tokenizer, data=fact_pairs(16),
-                                     fused_norms=fused, **settings)
-        patched = ["forward" in vars(m) for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
-        assert patched == [fused] * 5
+                                     fused_norms=fused, callbacks=[norms], **settings)
+        assert patched[0] == [fused] * 5
+        assert not any("forward" in vars(m) for m in model.modules())
     on, off = runs[True], runs[False]
     assert [r["step"] for r in on.history] == [r["step"] for r in off.history] == [1, 2, 3]
     for a, b in zip(on.history, off.history):
