@@ -260,8 +260,8 @@ def test_local_paths_are_saved_absolute_so_runs_chain_from_any_folder(tiny_model
 def test_a_config_without_a_cache_setting_gets_none_and_paths_keep_their_dots(tmp_path):
     from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
-    from preftune.models.load import cache_off_for_training, load_source, restore_cache_setting
-    from preftune.training.run_dir import absolute_if_local
+    from preftune.io import absolute_if_local
+    from preftune.models.load import cache_off_for_training, restore_cache_setting
 
     model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2))
     assert not hasattr(model.config, "use_cache")  # GPT-1 has none: training must not add one
@@ -272,7 +272,7 @@ def test_a_config_without_a_cache_setting_gets_none_and_paths_keep_their_dots(tm
     (tmp_path / "top").mkdir()
     (tmp_path / "top" / "link").symlink_to(tmp_path / "real" / "base")
     dotted = str(tmp_path / "top" / "link" / ".." / "base")  # through the link: real/base's parent holds base
-    assert Path(dotted).is_dir() and load_source(dotted) == dotted and absolute_if_local(dotted) == dotted
+    assert Path(dotted).is_dir() and absolute_if_local(dotted) == dotted
 
 
 def test_the_callers_model_goes_on_as_a_plain_model_after_a_run_or_a_failure(tiny_model_dir, pairs):

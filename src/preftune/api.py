@@ -146,7 +146,8 @@ def train_from_config(cfg: TrainConfig, *, inputs: RunInputs | None = None,
         model, tokenizer = _load_finished(cfg) if load_finished else (None, None)
         history = _read_history(out_dir)
     if model is not None:
-        release(model)
+        if model is not given:  # a model loaded from a path, or the peft wrapper lora_r put on the given one
+            release(model)
         model.eval()
     metrics = dict(outcome.final)
     if outcome.stopped_at is not None:

@@ -69,6 +69,17 @@ def append_jsonl(path: Path, row: dict) -> None:
         os.fsync(handle.fileno())
 
 
+def absolute_if_local(name: str) -> str:
+    """`name` as an absolute path when it names something on this machine; a Hub id (or nothing) as it is.
+
+    Inputs are loaded and written so (a model's recorded `name_or_path`, which peft writes into an adapter's config
+    as its base; the run's config.yaml) that they are found again from any folder. `..` is kept: through a
+    symbolic link it is not textual."""
+    if not name or not Path(name).expanduser().exists():
+        return name
+    return str(Path(name).expanduser().absolute())
+
+
 def user_cache_dir(name: str) -> Path | None:
     """`$XDG_CACHE_HOME/preftune/NAME`, or `~/.cache/preftune/NAME`; None when neither can be had (no
     XDG_CACHE_HOME, no HOME, and a user id without a passwd entry, as in a container started with --user)."""

@@ -21,6 +21,7 @@ from .data.batching import PromptAnswerBatch, collate
 from .data.records import Content, SFTExample
 from .data.tokenize import tokenize_all
 from .errors import ModelError, PreftuneError
+from .io import absolute_if_local
 from .logps.parts import LMWrapper, attention_backends, compute_precision
 from .models.load import (ADAPTER_CONFIG, check_source, is_adapter_folder, load_adapter_base, load_tokenizer,
                           quiet_peft, require_peft)
@@ -131,14 +132,14 @@ def start_reward_model(name_or_path: str, *, device, dtype, trust_remote_code: b
     transformers from the torch random state (seed it first, as TRL does); its LM head is left out."""
     from transformers import AutoConfig
 
-    from .models.load import _load_error, _quiet_transformers, load_source
+    from .models.load import _load_error, _quiet_transformers
 
     _quiet_transformers()
     check_source(name_or_path, "model", flag)
     if is_adapter_folder(name_or_path):
         raise ModelError(f"{flag} {name_or_path}: a LoRA adapter folder; train a reward model from a full model "
                          "(merge the adapter first, e.g. a run's merged/ folder)")
-    source = load_source(name_or_path)
+    source = absolute_if_local(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (ValueError, OSError) as exc:

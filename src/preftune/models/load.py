@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import ModelError, PreftuneError
-from ..io import follow_umask
+from ..io import absolute_if_local, follow_umask
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,6 @@ def _check_hub(repo: str, flag: str, markers: tuple[str, ...]) -> None:
     except Exception as exc:  # connection refused, DNS, timeouts, proxies: whatever the HTTP stack raises
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"{head}, and the Hub could not be reached ({first})") from None
-
-
-def load_source(name_or_path: str) -> str:
-    """What to hand `from_pretrained`: a local folder as an absolute path (the loaded model records it as its
-    `name_or_path`, and peft writes that into an adapter's config as its base, which must be found from any
-    folder), a Hub id as it is."""
-    path = Path(name_or_path).expanduser()
-    return str(path.absolute()) if path.exists() else name_or_path  # `..` kept: through a link it is not textual
 
 
 def _quiet_transformers() -> None:
@@ -155,7 +147,7 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
     check_source(name_or_path, "model", flag)
     if is_adapter_folder(name_or_path):  # a LoRA run folder: its base model plus the adapter
         return load_adapter_model(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    source = load_source(name_or_path)
+    source = absolute_if_local(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (ValueError, OSError) as exc:

@@ -41,8 +41,8 @@ from ..config import TrainConfig, load_yaml_mapping
 from ..dist import fsdp
 from ..dist.env import DistEnv, all_reduce_sum, barrier
 from ..errors import PreftuneError
-from ..io import atomic_write_json, file_sha256, follow_umask, reported_if_disk_full
-from .run_dir import CHECKPOINTS as FOLDER, INPUT_PATHS, absolute_if_local, resolved
+from ..io import absolute_if_local, atomic_write_json, file_sha256, follow_umask, reported_if_disk_full
+from .run_dir import CHECKPOINTS as FOLDER, INPUT_PATHS, resolved
 from .run_state import (RunState, all_rng_states, gather_optimizer_state, gather_trainable_state,
                         require_finite, set_rng_state)
 
@@ -295,7 +295,7 @@ def _restore_sharded(folder: Path, state: RunState, env: DistEnv) -> None:
 _DIGESTS: dict[tuple, str] = {}
 
 
-# The digest of each --data file as the run read it (pin_data_digest), by path: what its checkpoints record.
+# The digest of each --data file as the run read it (pin_data_digest), by --data: what its checkpoints record.
 _READ: dict[str, str] = {}
 
 
@@ -315,14 +315,11 @@ def data_digest(cfg: TrainConfig) -> str:
 def pin_data_digest(cfg: TrainConfig) -> None:
     """Take the --data file's digest as the run reads it, so that its checkpoints record the bytes it trained on
     even if the file is edited while it runs (a resume then compares the file with those)."""
-    if cfg.data:
-        _READ[str(Path(str(cfg.data)).resolve())] = data_digest(cfg)
+    _READ[str(cfg.data)] = data_digest(cfg)
 
 
 def _read_digest(cfg: TrainConfig) -> str:
-    if not cfg.data:
-        return ""
-    return _READ.get(str(Path(str(cfg.data)).resolve()), None) or data_digest(cfg)
+    return _READ.get(str(cfg.data)) or data_digest(cfg)
 
 
 def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> dict:

@@ -15,7 +15,7 @@ from ..config import TrainConfig
 from ..dist.env import DistEnv, barrier
 from ..errors import PreftuneError
 from ..inputs import is_peft_model
-from ..io import atomic_write_json, reported_if_disk_full
+from ..io import absolute_if_local, atomic_write_json, reported_if_disk_full
 from ..models.load import save_model
 from ..report.tracking import METRICS_FILE
 
@@ -203,13 +203,6 @@ def _running(holder: list[str]) -> bool:
 # The inputs a config names by path. A local one is written as an absolute path, so that the saved config runs
 # from any folder and a later run that starts from this one (its card, its adapter's base) finds them again.
 INPUT_PATHS = ("model", "ref_model", "tokenizer", "data", "eval_data")
-
-
-def absolute_if_local(value: str) -> str:
-    """`value` as an absolute path when it names something on this machine; a Hub id (or nothing) as it is."""
-    if not value or not Path(value).expanduser().exists():
-        return value
-    return str(Path(value).expanduser().absolute())  # `..` kept: through a symbolic link it is not textual
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:

@@ -19,12 +19,12 @@ from ..logps.router import router_aux_coef
 from ..errors import ConfigError, DataError, ModelError
 from ..metrics import table_of
 from ..logps.limits import layout_note
-from ..logps.parts import set_compute_dtype, sparse_embedding_grad, unwrap
+from ..logps.parts import WIDTH_MULTIPLE, body_of, set_compute_dtype, sparse_embedding_grad, unwrap
 from ..inputs import RunInputs, frozen, is_peft_model, policy_in_place
 from ..kto_loss import imbalance_advice
 from ..losses import needs_reference
 from ..models import lora
-from ..models.fused import use_fused_norms
+from ..models.fused import use_fused_norms, use_plain_norms
 from ..models.load import (cache_off_for_training, check_source, disable_dropout, ensure_pad_token, freeze,
                            is_adapter_folder, load_model, load_tokenizer, restore_cache_setting)
 from ..models.precision import Precision, hold_frozen
@@ -285,9 +285,6 @@ def release(model) -> None:
     norm forwards (which do not pickle), compiled layers, the autocast dtype preftune's forwards read, gradients
     (a failed step leaves them, row-sparse for the embedding), and the KV-cache setting. What training means
     stays: the weights, adapters added with lora_r, dropout turned off (as TRL leaves it)."""
-    from ..logps.parts import WIDTH_MULTIPLE, body_of
-    from ..models.fused import use_plain_norms
-
     use_plain_norms(model)
     for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
@@ -310,8 +307,6 @@ def _compile_body(model) -> None:
     dynamic shapes, and the plain layout pads each call's width to a multiple of 8 (parts.WIDTH_MULTIPLE), on
     which the compiled graph is specialised. A body without a list of layers is compiled whole.
     """
-    from ..logps.parts import WIDTH_MULTIPLE, body_of
-
     body = body_of(model)
     layers = next((m for m in body.children() if isinstance(m, torch.nn.ModuleList) and len(m)), None)
     for part in layers if layers is not None else [body]:
