@@ -109,3 +109,19 @@ def tiny(name: str, seed: int = 0, **overrides):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model.train()
+
+
+def probe_ids(seed: int = 3) -> torch.Tensor:
+    """A [3, 21] batch of token ids (above the special ids) for comparing two forms of one model."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (3, 21), generator=g)
+
+
+def logits_and_grads(model, ids):
+    """The logits of `ids` and every parameter's gradient of a loss that weighs each logit differently, so that
+    every weight's gradient is exercised."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    w = torch.linspace(-1.0, 1.0, logits.numel()).reshape(logits.shape)
+    (logits.float() * w).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

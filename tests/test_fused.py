@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from families import VOCAB, tiny
+from families import logits_and_grads, probe_ids, tiny
 from preftune.models.fused import LLAMA_STYLE_NORMS, rms_norm, use_fused_norms, use_plain_norms
 
 # family -> norms a tiny model has: 2 layers x (input, post-attention) + final, and Qwen3's q/k norms.
@@ -13,20 +13,6 @@ PATCHED = {"llama": 5, "mistral": 5, "qwen2-window": 5, "qwen3": 9, "phi3-window
            "mixtral": 5, "qwen3-moe": 9}
 # Norms of other formulas: Gemma's (1 + weight), OLMo-2's (weight applied before the cast), Cohere's layer norm.
 UNTOUCHED = ["gemma", "gemma2", "olmo2", "cohere", "stablelm"]
-
-
-def _ids(seed: int = 3) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (3, 21), generator=g)
-
-
-def _logits_and_grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids)
-    # A loss that weighs every logit differently, so every weight's gradient is exercised.
-    w = torch.linspace(-1.0, 1.0, out.logits.numel()).reshape(out.logits.shape)
-    (out.logits * w).sum().backward()
-    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _hf_formula(x, weight, eps):
@@ -37,10 +23,10 @@ def _hf_formula(x, weight, eps):
 @pytest.mark.parametrize("family", sorted(PATCHED))
 def test_patched_model_equals_the_unpatched_one(family):
     model = tiny(family)
-    ids = _ids()
-    plain_logits, plain_grads = _logits_and_grads(model, ids)
+    ids = probe_ids()
+    plain_logits, plain_grads = logits_and_grads(model, ids)
     assert use_fused_norms(model) == PATCHED[family]
-    logits, grads = _logits_and_grads(model, ids)
+    logits, grads = logits_and_grads(model, ids)
     # The forward does the same float32 arithmetic in the same order: the logits are the same bits.
     assert torch.equal(logits, plain_logits)
     assert grads.keys() == plain_grads.keys()
@@ -114,7 +100,7 @@ def test_a_non_contiguous_input_and_a_frozen_weight():
 
 def test_other_dtypes_keep_the_class_forward():
     model = tiny("llama").to(torch.bfloat16)
-    ids = _ids()
+    ids = probe_ids()
     with torch.no_grad():
         plain = model(input_ids=ids).logits
         use_fused_norms(model)
@@ -130,33 +116,19 @@ def test_patching_twice_and_copying():
     twin = copy.deepcopy(model)
     norm = twin.model.norm
     assert vars(norm)["forward"].__self__ is norm  # the copy's forward is bound to the copy, not the original
-    ids = _ids()
+    ids = probe_ids()
     with torch.no_grad():
         assert torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_training_with_and_without_the_switch_gives_the_same_run(tiny_model_dir):
-    from tinylm import fact_pairs
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tinylm import train_switched
 
-    import preftune
-
-    settings = {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "max_length": 64, "device": "cpu", "dtype": "float32",
-                "seed": 3, "warmup_steps": 0}
-    runs = {}
-    for fused in (True, False):
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-        patched = []
-
-        def norms(row, model=model):  # during the run: afterwards the caller's model is plain again
-            patched.append(["forward" in vars(m) for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"])
-
-        runs[fused] = preftune.train("dpo", model=model, tokenizer=tokenizer, data=fact_pairs(16),
-                                     fused_norms=fused, callbacks=[norms], **settings)
-        assert patched[0] == [fused] * 5
-        assert not any("forward" in vars(m) for m in model.modules())
-    on, off = runs[True], runs[False]
+    runs = train_switched(tiny_model_dir, "fused_norms", "LlamaRMSNorm")
+    for fused, (_, during, after) in runs.items():
+        assert during == [fused] * 5
+        assert not after  # the caller's model is plain again
+    on, off = runs[True][0], runs[False][0]
     assert [r["step"] for r in on.history] == [r["step"] for r in off.history] == [1, 2, 3]
     for a, b in zip(on.history, off.history):
         for key in ("loss", "chosen_logp", "rejected_logp", "chosen_reward", "grad_norm"):

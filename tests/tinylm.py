@@ -52,3 +52,29 @@ def fact_pairs(n: int = 32):
                "the sky is blue and the capital of france is", "cats chase mice . the capital of france is"]
     return [{"prompt": prompts[i % len(prompts)] + " " * (i % 2), "chosen": " paris .", "rejected": " rome ."}
             for i in range(n)]
+
+
+def train_switched(model_dir: Path, switch: str, patched_class: str) -> dict:
+    """Two 3-step DPO runs of a model object loaded from `model_dir`, with the config field `switch` True, then
+    False. For each: (result, [whether each `patched_class` module had a forward of its own during the run], whether
+    any module still has one after it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import preftune
+
+    settings = {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "max_length": 64, "device": "cpu", "dtype": "float32",
+                "seed": 3, "warmup_steps": 0}
+    out = {}
+    for on in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        during = []
+
+        def look(row, model=model):
+            if not during:
+                during.extend("forward" in vars(m) for m in model.modules() if type(m).__name__ == patched_class)
+
+        result = preftune.train("dpo", model=model, tokenizer=tokenizer, data=fact_pairs(16), callbacks=[look],
+                                **{switch: on}, **settings)
+        out[on] = (result, during, any("forward" in vars(m) for m in model.modules()))
+    return out

@@ -91,20 +91,31 @@ def is_llama_style_norm(module: torch.nn.Module) -> bool:
             and isinstance(getattr(module, "variance_epsilon", None), float))
 
 
-def use_fused_norms(model: torch.nn.Module) -> int:
-    """Give `model`'s Llama-style RMS norms the fused forward (on these module instances only); returns how many.
-    Idempotent. Float32 inputs and weights take the fused path; other dtypes keep the class's forward."""
+def patch_forward(model: torch.nn.Module, applies, forward) -> int:
+    """Bind `forward` as the forward of each module of `model` that `applies(module)` accepts (those instances
+    only, not their class); returns how many. Idempotent; `unpatch_forward` undoes it."""
     count = 0
     for module in model.modules():
-        if is_llama_style_norm(module):
-            if getattr(module.forward, "__func__", None) is not _fused_forward:
-                module.forward = types.MethodType(_fused_forward, module)
+        if applies(module):
+            if getattr(module.forward, "__func__", None) is not forward:
+                module.forward = types.MethodType(forward, module)
             count += 1
     return count
 
 
+def unpatch_forward(model: torch.nn.Module, forward) -> None:
+    """Every module of `model` given `forward` by `patch_forward` runs its class's forward again."""
+    for module in model.modules():
+        if getattr(module.forward, "__func__", None) is forward:
+            del module.forward
+
+
+def use_fused_norms(model: torch.nn.Module) -> int:
+    """Give `model`'s Llama-style RMS norms the fused forward (on these module instances only); returns how many.
+    Idempotent. Float32 inputs and weights take the fused path; other dtypes keep the class's forward."""
+    return patch_forward(model, is_llama_style_norm, _fused_forward)
+
+
 def use_plain_norms(model: torch.nn.Module) -> None:
     """Undo `use_fused_norms`: every norm module runs its class's forward again."""
-    for module in model.modules():
-        if getattr(module.forward, "__func__", None) is _fused_forward:
-            del module.forward
+    unpatch_forward(model, _fused_forward)

@@ -25,6 +25,8 @@ from ..kto_loss import imbalance_advice
 from ..losses import needs_reference
 from ..models import lora
 from ..models.fused import use_fused_norms, use_plain_norms
+from ..models.fused_mlp import use_fused_mlps, use_plain_mlps
+from ..models.narrow import narrow_input_embedding, token_ids_of
 from ..models.load import (cache_off_for_training, check_source, disable_dropout, ensure_pad_token, freeze,
                            is_adapter_folder, load_model, load_tokenizer, restore_cache_setting)
 from ..models.precision import Precision, hold_frozen
@@ -235,6 +237,8 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     cache_off_for_training(policy)
     if cfg.lora_r:
         policy = lora.add_adapters(policy, cfg)
+    if cfg.fused_mlps:  # after adapters: an MLP whose down_proj carries one keeps its own forward
+        use_fused_mlps(policy)
     # Compiled decoders take the plain layout: one call per group, no key/value cache, so one graph without breaks.
     sharing = cfg.prefix_sharing and not cfg.compile
     if cfg.compile:
@@ -261,6 +265,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
             ref_model = start_copy if start_copy is not None else _load_reference(cfg, load_device, precision,
                                                                                   inputs.ref_model)
             _check_same_vocabulary(policy, ref_model, cfg.ref_model or "the ref_model object")
+            if not sharded and (start_copy is not None or inputs.ref_model is None):  # a copy of its own
+                ids = token_ids_of(train_items + eval_items, extra=(tokenizer.pad_token_id, 0))
+                narrow_input_embedding(ref_model, ids)
             if cfg.compile:
                 _compile_body(ref_model)
             if sharded:
@@ -286,6 +293,7 @@ def release(model) -> None:
     (a failed step leaves them, row-sparse for the embedding), and the KV-cache setting. What training means
     stays: the weights, adapters added with lora_r, dropout turned off (as TRL leaves it)."""
     use_plain_norms(model)
+    use_plain_mlps(model)
     for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
