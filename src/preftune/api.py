@@ -97,6 +97,8 @@ def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=
 
         out = train_online(model=model, data=data, tokenizer=tokenizer, ref_model=ref_model, eval_data=eval_data,
                            output_dir=output_dir, callbacks=callbacks, config=config, **fields)
+        if out.model is not None:  # a plain model, as `train` hands back for the other stages
+            release(out.model)
         metrics, step = out.metrics, None if out.stopped_at is None else out.stopped_at[1]
         if out.stopped_at is not None:
             metrics.update(stopped_at_round=out.stopped_at[0], stopped_at_step=step)

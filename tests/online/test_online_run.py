@@ -49,6 +49,18 @@ def uninterrupted(tiny_model_dir, tmp_path_factory):
     return result, judge, out
 
 
+def test_the_model_handed_back_is_a_plain_model(uninterrupted):
+    """As for the other stages: no patched forwards, no row-sparse lookups (a DPO run from it copies it as its
+    reference), and it pickles."""
+    import pickle
+
+    from preftune.logps.parts import SPARSE_GRAD
+
+    model = uninterrupted[0].model
+    assert not any("forward" in vars(m) or getattr(m, SPARSE_GRAD, False) for m in model.modules())
+    pickle.loads(pickle.dumps(model))
+
+
 def test_judge_sees_each_prompt_with_its_samples_and_pairs_follow_its_scores(uninterrupted, tiny_model_dir):
     result, judge, out = uninterrupted
     # Calls: held-out greedy answers of the start (one each), then per round the samples then the greedy answers.
