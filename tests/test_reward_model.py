@@ -169,6 +169,23 @@ def test_score_rows_equal_a_plain_forward(reward_dir, tmp_path):
     assert [row["reward"] for row in bare.rows] == pytest.approx(expected, abs=1e-5)
 
 
+def test_scoring_a_model_object_leaves_its_config_as_it_was(reward_dir):
+    """An object without a pad id is read by the tokenizer's for the call, and handed back without one."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    tok = AutoTokenizer.from_pretrained(reward_dir)
+    rows = fact_pairs(4)
+    by_path = preftune.score(reward_dir, rows, device="cpu", dtype="float32").rows
+    model.config.pad_token_id = None
+    model.config.get_text_config().pad_token_id = None
+    by_object = preftune.score(model, rows, tokenizer=tok).rows
+    assert model.config.pad_token_id is None and model.config.get_text_config().pad_token_id is None
+    for a, b in zip(by_path, by_object):
+        assert a["chosen_reward"] == pytest.approx(b["chosen_reward"], abs=1e-6)
+        assert a["rejected_reward"] == pytest.approx(b["rejected_reward"], abs=1e-6)
+
+
 def test_score_texts_is_the_judge_call(reward_dir):
     from preftune.reward import load_reward_model, score_texts
     from transformers import AutoModelForSequenceClassification

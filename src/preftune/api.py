@@ -245,9 +245,8 @@ def score(model, data, *, tokenizer=None, batch_size: int = 8, max_length: int =
     if is_path(model):
         run_device = pick_device(device)
         rm, tok = load_reward_model(os.fspath(model), device=run_device, dtype=pick_dtype(dtype, run_device),
-                                    trust_remote_code=trust_remote_code)
-        if tokenizer is not None:
-            tok = load_tokenizer(os.fspath(tokenizer), flag="tokenizer") if is_path(tokenizer) else tokenizer
+                                    trust_remote_code=trust_remote_code,
+                                    tokenizer=os.fspath(tokenizer) if is_path(tokenizer) else tokenizer)
     else:
         rm = check_model_object(model, "model")
         name = type(rm).__name__
@@ -258,12 +257,17 @@ def score(model, data, *, tokenizer=None, batch_size: int = 8, max_length: int =
             raise ConfigError("tokenizer: required when model is an object (pass the reward model's tokenizer)")
         tok = load_tokenizer(os.fspath(tokenizer), flag="tokenizer") if is_path(tokenizer) else tokenizer
         tok = ensure_pad_token(tok, "the tokenizer given:")
-        if rm.config.pad_token_id is None:
-            set_pad_token(rm, tok)
         run_device = next(rm.parameters()).device
-    return score_records(rm, tok, as_source(data, "data"), device=run_device, batch_size=batch_size,
-                         max_length=max_length, max_prompt_length=max_prompt_length, data_format=data_format,
-                         split=split, limit=limit)
+    borrowed = not is_path(model) and rm.config.pad_token_id is None
+    if borrowed:  # the caller's model reads by the tokenizer's pad token for this call only
+        set_pad_token(rm, tok)
+    try:
+        return score_records(rm, tok, as_source(data, "data"), device=run_device, batch_size=batch_size,
+                             max_length=max_length, max_prompt_length=max_prompt_length, data_format=data_format,
+                             split=split, limit=limit)
+    finally:
+        if borrowed:
+            set_pad_token(rm, None)
 
 
 def load_pairs(source, data_format: str | None = None, *, split: str = "train", skip_bad_records: bool = False,

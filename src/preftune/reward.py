@@ -96,9 +96,11 @@ def _classification_class():
 
 
 def set_pad_token(model, tokenizer) -> None:
-    """The model reads the reward at the last token that is not the pad token: tell it which one that is."""
-    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
+    """The model reads the reward at the last token that is not the pad token: tell it which one that is
+    (tokenizer None: none)."""
+    pad = None if tokenizer is None else tokenizer.pad_token_id
+    model.config.get_text_config().pad_token_id = pad
+    model.config.pad_token_id = pad
 
 
 def training_pad_token(model, tokenizer) -> str | None:
@@ -164,8 +166,9 @@ def start_reward_model(name_or_path: str, *, device, dtype, trust_remote_code: b
 
 
 def load_reward_model(name_or_path: str | Path, *, device=None, dtype=torch.float32, trust_remote_code: bool = False,
-                      flag: str = "--model"):
-    """(model, tokenizer) of a trained reward model folder (or Hub id), frozen, in eval mode, on `device`.
+                      flag: str = "--model", tokenizer=None):
+    """(model, tokenizer) of a trained reward model folder (or Hub id), frozen, in eval mode, on `device`; the
+    tokenizer is the folder's unless `tokenizer` (a folder, Hub id or tokenizer object) is given.
 
     The folder must hold a scalar head: a `...ForSequenceClassification` config with `num_labels=1` and its
     `score` weights, or a LoRA adapter of `preftune rm` (task SEQ_CLS, the head saved with it). A plain causal LM
@@ -186,7 +189,9 @@ def load_reward_model(name_or_path: str | Path, *, device=None, dtype=torch.floa
         except (ValueError, OSError) as exc:
             raise ModelError(f"{flag} {name}: cannot be loaded ({str(exc).splitlines()[0]})") from None
         model.to(device)
-    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code, flag=flag)
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        where, which = (name, flag) if tokenizer is None else (str(tokenizer), "tokenizer")
+        tokenizer = load_tokenizer(where, trust_remote_code=trust_remote_code, flag=which)
     if _pad_id_or_none(model) is None:
         set_pad_token(model, tokenizer)
     model.eval()

@@ -63,6 +63,33 @@ def test_score_single_answers(rm_run):
     assert summary["desirable_mean_reward"] > summary["undesirable_mean_reward"]
 
 
+def test_score_and_eval_read_a_tokenizer_kept_apart(rm_run):
+    """A model folder without tokenizer files (weights copied on their own) is read with --tokenizer."""
+    import shutil
+
+    bare = rm_run / "rm-bare"
+    bare.mkdir(exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(rm_run / "rm" / name, bare / name)
+    r = cli("score", "--model", "rm-bare", "--data", "margins.jsonl", cwd=rm_run)
+    _one_line_error(r, "rm-bare", "tokenizer")
+    r = cli("score", "--model", "rm-bare", "--tokenizer", "rm", "--data", "margins.jsonl", cwd=rm_run)
+    assert r.returncode == 0, r.stderr
+    whole = json.loads(cli("score", "--model", "rm", "--data", "margins.jsonl", cwd=rm_run).stdout)
+    assert json.loads(r.stdout) == whole
+    lm = rm_run / "base-bare"
+    lm.mkdir(exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(rm_run / "base" / name, lm / name)
+    r = cli("eval", "--model", "base-bare", "--tokenizer", "base", "--data", "margins.jsonl", cwd=rm_run)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == json.loads(cli("eval", "--model", "base", "--data", "margins.jsonl",
+                                                  cwd=rm_run).stdout)
+    r = cli("generate", "--model", "base-bare", "--tokenizer", "base", "--prompt", "the capital of france is",
+            "--max-new-tokens", "3", cwd=rm_run)
+    assert r.returncode == 0, r.stderr
+
+
 def test_refused_inputs(rm_run):
     d = rm_run
     _one_line_error(cli("score", "--model", "base", "--data", "margins.jsonl", cwd=d), "base", "not a reward model")

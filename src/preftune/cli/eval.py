@@ -34,9 +34,10 @@ def run_eval(args: argparse.Namespace) -> dict:
     from ..api import evaluate  # torch and transformers load only when a command needs them, not for `--help`
 
     output = checked_output(args)
-    report = evaluate(model=args.model, ref_model=args.ref_model, data=args.data, data_format=args.data_format,
-                      split=args.split, beta=args.beta, batch_size=args.batch_size, max_length=args.max_length,
-                      max_prompt_length=args.max_prompt_length, limit=args.limit, device=args.device,
+    report = evaluate(model=args.model, ref_model=args.ref_model, tokenizer=args.tokenizer, data=args.data,
+                      data_format=args.data_format, split=args.split, beta=args.beta, batch_size=args.batch_size,
+                      max_length=args.max_length, max_prompt_length=args.max_prompt_length, limit=args.limit,
+                      device=args.device,
                       dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if output is not None:
         write_jsonl(output, report.rows)

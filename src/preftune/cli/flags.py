@@ -7,9 +7,10 @@ import argparse
 
 def add_model_flags(parser: argparse.ArgumentParser, *, reference: bool = True,
                     model_help: str = "Model folder or Hub id.") -> None:
-    """--model (required) and, with `reference`, --ref-model, and how to load them: --device, --dtype,
-    --trust-remote-code."""
+    """--model (required), --tokenizer and, with `reference`, --ref-model, and how to load them: --device,
+    --dtype, --trust-remote-code."""
     parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--tokenizer", help="Tokenizer folder or Hub id, when --model has none (default: --model's).")
     if reference:
         parser.add_argument("--ref-model", help="Reference model (folder or Hub id), compared with --model.")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps "

@@ -41,7 +41,8 @@ def run_generate(args: argparse.Namespace) -> int:
     output = checked_output(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code,
+                               flag="--tokenizer" if args.tokenizer else "--model")
     columns = {"policy": (args.model, "--model")}
     if args.ref_model:
         check_source(args.ref_model, "model", "--ref-model")

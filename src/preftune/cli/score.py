@@ -31,7 +31,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from ..api import score  # torch and transformers load only when a command needs them, not for `--help`
 
     output = checked_output(args)
-    report = score(args.model, args.data, data_format=args.data_format, split=args.split,
+    report = score(args.model, args.data, tokenizer=args.tokenizer, data_format=args.data_format, split=args.split,
                    batch_size=args.batch_size, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                    limit=args.limit, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if output is not None:
