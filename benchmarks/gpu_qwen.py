@@ -62,6 +62,8 @@ RUNS = {  # id: (row label, tool, flags)
                           ["--compile", "--no-trim-padding"]),
     "pt-bf16-compile": ("preftune pure bf16, --compile", "preftune", ["--dtype", "bfloat16", "--compile"]),
     "pt-fused-norms": ("preftune defaults, --fused-norms", "preftune", ["--fused-norms"]),
+    "pt-plain-mlps": ("preftune defaults, --no-fused-mlps (as before 2026-11-27 19:40)", "preftune",
+                      ["--no-fused-mlps"]),
     # Probes: settings tried on the GPU before they became (or did not become) defaults.
     "pt-padded-nocudnn": ("preftune one padded batch, cuDNN attention off", "preftune",
                           ["--no-prefix-sharing", "--no-trim-padding", "probe:no-cudnn-sdp"]),
