@@ -2,10 +2,11 @@
 
 A reference model only ever looks up the tokens of the run's own data: its tokenised prompts and answers, and
 the pad token. The rest of its `[vocab, hidden]` input matrix is never read, yet it is a whole copy of the
-policy's. On the benchmark's 151,936-token vocabulary at hidden 256 that is 156 MB of a ~1.4 GB run; for an
-8B model with a 128,256-token vocabulary, 1 GB of bf16 on the GPU. A corpus rarely holds more than a fraction of a
-large vocabulary, so `narrow_input_embedding` keeps the rows of those ids only, and a lookup maps each id to its kept row first: the embeddings are the same values, copied from
-the same rows. An id outside them is refused, naming it, instead of reading another token's row.
+policy's. On the benchmark's 151,936-token vocabulary at hidden 256 that is 156 MB of live tensors; for an 8B
+model with a 128,256-token vocabulary, 1 GB in bf16 (2 GB in fp32) on the GPU. A corpus rarely holds more than a
+fraction of a large vocabulary, so `narrow_input_embedding` keeps the rows of those ids only, and a lookup maps
+each id to its kept row first: the embeddings are the same values, copied from the same rows. An id outside them
+is refused, naming it, instead of reading another token's row.
 
 Only preftune's own copy of a reference is narrowed (loaded from a path, or copied from a policy object), never
 a model object a caller passed in, and not an embedding tied to the output head (every row of the head is read).
