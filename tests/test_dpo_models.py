@@ -59,7 +59,12 @@ def test_compile_compiles_both_decoders_and_takes_the_plain_layout(tmp_path, mon
     from preftune.training import setup
 
     compiled, layouts = [], []
-    monkeypatch.setattr(setup, "_compile_body", lambda model: compiled.append(model))  # compiling takes minutes
+
+    def compile_body(model):  # compiling takes minutes; the MLPs it gets are the class's (no graph break a layer)
+        compiled.append(model)
+        assert not any("forward" in vars(m) for m in model.modules() if type(m).__name__ == "MistralMLP")
+
+    monkeypatch.setattr(setup, "_compile_body", compile_body)
     plain = answer.plain_logps
     monkeypatch.setattr(answer, "shared_prefix_logps", lambda *a, **k: layouts.append("shared"))
     monkeypatch.setattr(answer, "plain_logps", lambda *a, **k: layouts.append("plain") or plain(*a, **k))

@@ -151,7 +151,8 @@ class TrainConfig:
                                   "activations; off unless asked, as the CPU benchmark's step time does not change.")
     fused_mlps: bool = _f(True, "Run the gated MLPs of Llama-style families (Llama, Mistral, Qwen2/3, Gemma, OLMo, "
                                 "...) keeping two of their four [tokens, intermediate] tensors for backward and "
-                                "recomputing the others: equal results, half the MLPs' activation memory.")
+                                "recomputing the others: equal results, half the MLPs' activation memory (with "
+                                "--compile the compiler decides).")
     router_aux_loss_coef: float | None = _f(None, "Mixture-of-experts models: weight of the router load-balancing "
                                                   "loss added to the training loss and logged as aux_loss (as TRL "
                                                   "does); default: the model config's coefficient; 0 turns it off.")

@@ -237,7 +237,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     cache_off_for_training(policy)
     if cfg.lora_r:
         policy = lora.add_adapters(policy, cfg)
-    if cfg.fused_mlps:  # after adapters: an MLP whose down_proj carries one keeps its own forward
+    # After adapters: an MLP whose down_proj carries one keeps its own forward. Not under --compile: the compiler
+    # chooses what to recompute itself, and the fused backward's autograd.grad would break each layer's graph.
+    if cfg.fused_mlps and not cfg.compile:
         use_fused_mlps(policy)
     # Compiled decoders take the plain layout: one call per group, no key/value cache, so one graph without breaks.
     sharing = cfg.prefix_sharing and not cfg.compile
