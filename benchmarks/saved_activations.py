@@ -78,15 +78,19 @@ def _time(model, batches, amp) -> float:
     return time.perf_counter() - start
 
 
+def _use(model, form: str) -> None:
+    (use_fused_mlps if form == "fused" else use_plain_mlps)(model)
+
+
 def measure(model, batches, amp, iters: int) -> dict:
     result = {}
     for form in FORMS:
-        (use_fused_mlps if form == "fused" else use_plain_mlps)(model)
+        _use(model, form)
         result[form] = {"kept_mb": statistics.mean(_kept_bytes(model, b, amp) for b in batches) / 2 ** 20}
     times = {form: [] for form in FORMS}
     for i in range(iters + 1):
         for form in (FORMS if i % 2 == 0 else FORMS[::-1]):
-            (use_fused_mlps if form == "fused" else use_plain_mlps)(model)
+            _use(model, form)
             t = _time(model, batches, amp)
             if i:  # the first round warms up
                 times[form].append(t / len(batches))

@@ -10,10 +10,10 @@ import torch
 from families import logits_and_grads, probe_ids, tiny
 from preftune.models.fused_mlp import GATED_MLPS, use_fused_mlps, use_plain_mlps
 
-# family -> gated MLPs a tiny model has (2 layers); Qwen3-MoE and Mixtral route to experts of another form.
+# family -> gated MLPs a tiny model has (2 layers); Qwen3-MoE's and Mixtral's experts are of another form.
 PATCHED = {"llama": 2, "mistral": 2, "qwen2-window": 2, "qwen3": 2, "gemma": 2, "gemma2": 2, "gemma3": 2,
            "olmo2": 2, "stablelm": 2, "granite": 2, "cohere": 2, "cohere2": 2}
-UNTOUCHED = ["phi3-window", "gpt2", "gpt-neox", "opt", "mixtral"]
+UNTOUCHED = ["phi3-window", "gpt2", "gpt-neox", "opt", "mixtral", "qwen3-moe"]
 
 
 @pytest.mark.parametrize("family", sorted(PATCHED))
@@ -106,9 +106,11 @@ def test_an_activation_that_returns_fp32_under_autocast_gives_the_same_bits():
         assert torch.equal(g, plain_grads[name]), name
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("family", sorted(GATED_MLPS))
-def test_every_listed_class_gets_the_same_bits(family):
-    """Each listed class, as the installed transformers defines it, against its own forward and autograd."""
+def test_every_listed_class_gets_the_same_bits(family, autocast):
+    """Each listed class, as the installed transformers defines it, against its own forward and autograd, in fp32
+    and under bf16 autocast."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(family).get_text_config()
@@ -119,12 +121,13 @@ def test_every_listed_class_gets_the_same_bits(family):
         mlp = getattr(modeling, name)(config)
         x = torch.randn(3, 5, 24, requires_grad=True)
         params = [x, *mlp.parameters()]
-        plain = mlp(x)
-        g = torch.randn_like(plain)
-        plain_grads = torch.autograd.grad(plain, params, g)
-        assert use_fused_mlps(mlp) == 1, name
-        fused = mlp(x)
-        grads = torch.autograd.grad(fused, params, g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            plain = mlp(x)
+            g = torch.randn_like(plain)
+            plain_grads = torch.autograd.grad(plain, params, g)
+            assert use_fused_mlps(mlp) == 1, name
+            fused = mlp(x)
+            grads = torch.autograd.grad(fused, params, g)
         assert torch.equal(fused, plain), name
         assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads)), name
 
@@ -141,12 +144,17 @@ def _saved_bytes(fn) -> int:
     return sum(total)
 
 
+def _llama_mlp():
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+
+    torch.manual_seed(0)
+    return LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=48, num_attention_heads=4, hidden_act="silu"))
+
+
 def test_half_the_intermediate_tensors_are_kept():
     """What the change is for: per token, the plain MLP keeps four rows of the intermediate width (gate,
     act(gate), up, the product) and the fused one two, besides the input both keep for the gate and up."""
-    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
-
-    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=48, num_attention_heads=4, hidden_act="silu"))
+    mlp = _llama_mlp()
     x = torch.randn(2, 10, 16, requires_grad=True)
     plain = _saved_bytes(lambda: mlp(x))
     use_fused_mlps(mlp)
@@ -155,19 +163,35 @@ def test_half_the_intermediate_tensors_are_kept():
     assert plain - fused == 2 * row
 
 
-def test_frozen_and_no_grad_calls_take_the_class_path():
-    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+def test_calls_without_autograd_skip_the_function_and_frozen_weights_take_it(monkeypatch):
+    """No autograd: the class's arithmetic without the Function. Frozen weights with an input that needs its
+    gradient: the Function, giving the input the class's gradient."""
+    from preftune.models import fused_mlp
 
-    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=48, num_attention_heads=4, hidden_act="silu"))
-    use_fused_mlps(mlp)
+    calls = []
+    apply = fused_mlp._GatedDown.apply
+    monkeypatch.setattr(fused_mlp._GatedDown, "apply", lambda *a: calls.append(1) or apply(*a))
+    mlp = _llama_mlp()
     x = torch.randn(2, 10, 16)
     with torch.no_grad():
-        assert _saved_bytes(lambda: mlp(x)) == 0
+        plain_out = mlp(x)
+        use_fused_mlps(mlp)
+        assert torch.equal(mlp(x), plain_out) and not calls
     for p in mlp.parameters():
         p.requires_grad_(False)
     gx = x.clone().requires_grad_()
-    (g,) = torch.autograd.grad(mlp(gx).sum(), gx)  # only the input's gradient is asked for
-    assert torch.isfinite(g).all()
+    (fused,) = torch.autograd.grad(mlp(gx).sum(), gx)
+    assert calls == [1]
+    use_plain_mlps(mlp)
+    (plain,) = torch.autograd.grad(mlp(gx).sum(), gx)
+    assert torch.equal(fused, plain)
+
+
+def test_a_down_proj_with_a_forward_of_its_own_keeps_the_class_forward():
+    """A hook library (accelerate) may give a layer an instance forward: the fused path would bypass it."""
+    mlp = _llama_mlp()
+    mlp.down_proj.forward = lambda x: torch.nn.functional.linear(x, mlp.down_proj.weight) * 2
+    assert use_fused_mlps(mlp) == 0
 
 
 def test_training_with_and_without_the_switch_gives_the_same_run(tiny_model_dir):

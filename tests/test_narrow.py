@@ -79,7 +79,10 @@ def test_token_ids_of_reads_every_ids_field():
 
 
 SETTINGS = {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "max_length": 64, "device": "cpu", "dtype": "float32",
-            "seed": 3, "warmup_steps": 0, "eval_split": 0.25, "eval_every": 2}
+            "seed": 3, "warmup_steps": 0, "eval_every": 2}
+# Held-out pairs in words the training pairs never use: their ids must be among the reference's rows too.
+EVAL = [{"prompt": "water boils at", "chosen": " one hundred degrees .", "rejected": " madrid ."},
+        {"prompt": "grass is", "chosen": " green .", "rejected": " blue ."}] * 2
 
 
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
@@ -101,15 +104,16 @@ def test_a_run_with_its_own_narrowed_reference_equals_one_with_a_whole_reference
 
     monkeypatch.setattr(setup, "narrow_input_embedding", record)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    pairs = fact_pairs(16)
+    pairs, held_out = fact_pairs(16), EVAL
     if stage == "kto":
-        pairs = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
-                 for p in pairs for k in ("chosen", "rejected")]
-    own = preftune.train(stage, model=str(tiny_model_dir), tokenizer=tokenizer, data=pairs, **SETTINGS)
+        pairs, held_out = ([{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+                            for p in rows for k in ("chosen", "rejected")] for rows in (pairs, held_out))
+    own = preftune.train(stage, model=str(tiny_model_dir), tokenizer=tokenizer, data=pairs, eval_data=held_out,
+                         **SETTINGS)
     assert len(freed) == 1 and freed[0] > 0
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     given = preftune.train(stage, model=str(tiny_model_dir), ref_model=ref, tokenizer=tokenizer, data=pairs,
-                           **SETTINGS)
+                           eval_data=held_out, **SETTINGS)
     assert len(freed) == 1  # the caller's reference object is not narrowed
     assert ref.get_input_embeddings().weight.shape[0] == ref.config.vocab_size
     assert _numbers(own.history) == _numbers(given.history)

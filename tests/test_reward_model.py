@@ -181,6 +181,7 @@ def test_scoring_a_model_object_leaves_its_config_as_it_was(reward_dir):
     model.config.get_text_config().pad_token_id = None
     by_object = preftune.score(model, rows, tokenizer=tok).rows
     assert model.config.pad_token_id is None and model.config.get_text_config().pad_token_id is None
+    assert len(by_path) == len(by_object) == 4
     for a, b in zip(by_path, by_object):
         assert a["chosen_reward"] == pytest.approx(b["chosen_reward"], abs=1e-6)
         assert a["rejected_reward"] == pytest.approx(b["rejected_reward"], abs=1e-6)

@@ -260,6 +260,7 @@ def score(model, data, *, tokenizer=None, batch_size: int = 8, max_length: int =
         run_device = next(rm.parameters()).device
     borrowed = not is_path(model) and rm.config.pad_token_id is None
     if borrowed:  # the caller's model reads by the tokenizer's pad token for this call only
+        before = rm.config.get_text_config().pad_token_id
         set_pad_token(rm, tok)
     try:
         return score_records(rm, tok, as_source(data, "data"), device=run_device, batch_size=batch_size,
@@ -267,7 +268,8 @@ def score(model, data, *, tokenizer=None, batch_size: int = 8, max_length: int =
                              split=split, limit=limit)
     finally:
         if borrowed:
-            set_pad_token(rm, None)
+            rm.config.get_text_config().pad_token_id = before
+            rm.config.pad_token_id = None
 
 
 def load_pairs(source, data_format: str | None = None, *, split: str = "train", skip_bad_records: bool = False,

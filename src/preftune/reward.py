@@ -23,8 +23,8 @@ from .data.tokenize import tokenize_all
 from .errors import ModelError, PreftuneError
 from .io import absolute_if_local
 from .logps.parts import LMWrapper, attention_backends, compute_precision
-from .models.load import (ADAPTER_CONFIG, check_source, is_adapter_folder, load_adapter_base, load_tokenizer,
-                          quiet_peft, require_peft)
+from .models.load import (ADAPTER_CONFIG, check_source, ensure_pad_token, is_adapter_folder, load_adapter_base,
+                          load_tokenizer, quiet_peft, require_peft)
 
 _HEAD_SUFFIX = "ForSequenceClassification"
 
@@ -96,11 +96,9 @@ def _classification_class():
 
 
 def set_pad_token(model, tokenizer) -> None:
-    """The model reads the reward at the last token that is not the pad token: tell it which one that is
-    (tokenizer None: none)."""
-    pad = None if tokenizer is None else tokenizer.pad_token_id
-    model.config.get_text_config().pad_token_id = pad
-    model.config.pad_token_id = pad
+    """The model reads the reward at the last token that is not the pad token: tell it which one that is."""
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def training_pad_token(model, tokenizer) -> str | None:
@@ -190,8 +188,10 @@ def load_reward_model(name_or_path: str | Path, *, device=None, dtype=torch.floa
             raise ModelError(f"{flag} {name}: cannot be loaded ({str(exc).splitlines()[0]})") from None
         model.to(device)
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        where, which = (name, flag) if tokenizer is None else (str(tokenizer), "tokenizer")
-        tokenizer = load_tokenizer(where, trust_remote_code=trust_remote_code, flag=which)
+        source, flag_name = (name, flag) if tokenizer is None else (str(tokenizer), "tokenizer")
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, flag=flag_name)
+    else:
+        tokenizer = ensure_pad_token(tokenizer, "the tokenizer given:")
     if _pad_id_or_none(model) is None:
         set_pad_token(model, tokenizer)
     model.eval()

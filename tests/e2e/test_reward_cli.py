@@ -85,9 +85,10 @@ def test_score_and_eval_read_a_tokenizer_kept_apart(rm_run):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == json.loads(cli("eval", "--model", "base", "--data", "margins.jsonl",
                                                   cwd=rm_run).stdout)
-    r = cli("generate", "--model", "base-bare", "--tokenizer", "base", "--prompt", "the capital of france is",
-            "--max-new-tokens", "3", cwd=rm_run)
+    prompt = ("--prompt", "the capital of france is", "--max-new-tokens", "3")
+    r = cli("generate", "--model", "base-bare", "--tokenizer", "base", *prompt, cwd=rm_run)
     assert r.returncode == 0, r.stderr
+    assert r.stdout.replace("base-bare", "base") == cli("generate", "--model", "base", *prompt, cwd=rm_run).stdout
 
 
 def test_refused_inputs(rm_run):

@@ -81,7 +81,7 @@ def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def _plain_linear(module) -> bool:
     return (type(module) is torch.nn.Linear and module.bias is None and type(module.weight.data) is torch.Tensor
-            and not module._forward_hooks and not module._forward_pre_hooks)
+            and not module._forward_hooks and not module._forward_pre_hooks and "forward" not in vars(module))
 
 
 def is_gated_mlp(module: torch.nn.Module) -> bool:

@@ -2,7 +2,7 @@
 
 A reference model only ever looks up the tokens of the run's own data: its tokenised prompts and answers, and
 the pad token. The rest of its `[vocab, hidden]` input matrix is never read, yet it is a whole copy of the
-policy's. On the benchmark's 151,936-token vocabulary at hidden 256 that is 156 MB of live tensors; for an 8B
+policy's. On the benchmark's 151,936-token vocabulary at hidden 256 that is 148 MB of live tensors; for an 8B
 model with a 128,256-token vocabulary, 1 GB in bf16 (2 GB in fp32) on the GPU. A corpus rarely holds more than a
 fraction of a large vocabulary, so `narrow_input_embedding` keeps the rows of those ids only, and a lookup maps
 each id to its kept row first: the embeddings are the same values, copied from the same rows. An id outside them
@@ -36,27 +36,43 @@ def token_ids_of(items, extra=()) -> torch.Tensor:
 
 def _narrowed_forward(self, ids: torch.Tensor) -> torch.Tensor:
     rows = getattr(self, _ROW_OF)[ids]
-    missing = rows < 0
-    if missing.any():
-        raise ModelError(f"the reference model was narrowed to the run's token ids, and token id "
-                         f"{int(ids[missing][0])} is not among them; this is a bug in preftune, please report it")
+    if rows.device.type != "cpu":  # no host wait on an accelerator: an id left out stops the device instead
+        torch._assert_async(rows.min() >= 0)
+    elif bool((rows < 0).any()):
+        missing = int(ids[rows < 0][0])
+        raise ModelError(f"the reference model was narrowed to the run's token ids, and token id {missing} is not "
+                         f"among them; this is a bug in preftune, please report it")
     return type(self).forward(self, rows)
 
 
-def narrow_input_embedding(model, token_ids: torch.Tensor) -> int:
-    """Keep only the rows `token_ids` of frozen `model`'s input embedding; returns the bytes freed (0: left whole).
-
-    Left whole: a trainable or tied embedding, a module other than a plain `nn.Embedding` (or a subclass that
-    only scales its output), sharded or meta weights, and ids that cover most of the vocabulary anyway."""
+def narrowable(model) -> bool:
+    """Whether `narrow_input_embedding` may narrow frozen `model`'s input embedding: a plain `nn.Embedding` (or a
+    subclass that only scales its output), frozen, neither sharded nor meta, not tied to the output head, and not
+    narrowed already."""
     hf = unwrap(model)
     embed = hf.get_input_embeddings()
     head = hf.get_output_embeddings()
     if not isinstance(embed, torch.nn.Embedding) or embed.max_norm is not None or hasattr(embed, _ROW_OF):
-        return 0
+        return False
     weight = embed.weight
-    if (weight.requires_grad or type(weight.data) is not torch.Tensor or weight.is_meta
-            or (head is not None and getattr(head, "weight", None) is weight)):
+    return not (weight.requires_grad or type(weight.data) is not torch.Tensor or weight.is_meta
+                or (head is not None and getattr(head, "weight", None) is weight))
+
+
+def vocabulary_size(model) -> int:
+    """Rows of `model`'s input embedding, as the vocabulary has them (a narrowed one counts its whole vocabulary)."""
+    embed = unwrap(model).get_input_embeddings()
+    row_of = getattr(embed, _ROW_OF, None)
+    return embed.weight.shape[0] if row_of is None else row_of.numel()
+
+
+def narrow_input_embedding(model, token_ids: torch.Tensor) -> int:
+    """Keep only the rows `token_ids` of frozen `model`'s input embedding; returns the bytes freed (0: left whole,
+    when not `narrowable` or when the ids cover most of the vocabulary anyway)."""
+    if not narrowable(model):
         return 0
+    embed = unwrap(model).get_input_embeddings()
+    weight = embed.weight
     vocab = weight.shape[0]
     keep = token_ids[(token_ids >= 0) & (token_ids < vocab)].unique().to(weight.device)
     if len(keep) > 0.75 * vocab:

@@ -26,7 +26,7 @@ from ..losses import needs_reference
 from ..models import lora
 from ..models.fused import use_fused_norms, use_plain_norms
 from ..models.fused_mlp import use_fused_mlps, use_plain_mlps
-from ..models.narrow import narrow_input_embedding, token_ids_of
+from ..models.narrow import narrow_input_embedding, narrowable, token_ids_of, vocabulary_size
 from ..models.load import (cache_off_for_training, check_source, disable_dropout, ensure_pad_token, freeze,
                            is_adapter_folder, load_model, load_tokenizer, restore_cache_setting)
 from ..models.precision import Precision, hold_frozen
@@ -264,12 +264,16 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
             reference = kind(logp.eval_model, prefix_sharing=sharing, chunk_size=cfg.logits_chunk_size,
                              trim_padding=cfg.trim_padding, packing=cfg.packing)
         else:
-            ref_model = start_copy if start_copy is not None else _load_reference(cfg, load_device, precision,
-                                                                                  inputs.ref_model)
+            # A copy of its own keeps only the input-embedding rows the run's data looks up (models/narrow.py).
+            own = not sharded and (start_copy is not None or inputs.ref_model is None)
+            keep = (lambda: token_ids_of(train_items + eval_items, extra=(tokenizer.pad_token_id, 0))) if own else None
+            if start_copy is not None:
+                ref_model = start_copy
+                if keep is not None and narrowable(ref_model):
+                    narrow_input_embedding(ref_model, keep())
+            else:
+                ref_model = _load_reference(cfg, load_device, precision, inputs.ref_model, keep=keep)
             _check_same_vocabulary(policy, ref_model, cfg.ref_model or "the ref_model object")
-            if not sharded and (start_copy is not None or inputs.ref_model is None):  # a copy of its own
-                ids = token_ids_of(train_items + eval_items, extra=(tokenizer.pad_token_id, 0))
-                narrow_input_embedding(ref_model, ids)
             if cfg.compile:
                 _compile_body(ref_model)
             if sharded:
@@ -291,9 +295,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
 
 def release(model) -> None:
     """Undo what a run set on a model object for its own use, so that the caller goes on with a plain model: fused
-    norm forwards (which do not pickle), compiled layers, the autocast dtype preftune's forwards read, gradients
-    (a failed step leaves them, row-sparse for the embedding), and the KV-cache setting. What training means
-    stays: the weights, adapters added with lora_r, dropout turned off (as TRL leaves it)."""
+    norm and MLP forwards (which do not pickle), compiled layers, the autocast dtype preftune's forwards read,
+    gradients (a failed step leaves them, row-sparse for the embedding), and the KV-cache setting. What training
+    means stays: the weights, adapters added with lora_r, dropout turned off (as TRL leaves it)."""
     use_plain_norms(model)
     use_plain_mlps(model)
     for module in model.modules():
@@ -332,33 +336,33 @@ def _check_reward_model(model) -> None:
                           "from_pretrained(path, num_labels=1), or the path")
 
 
-def _load_reference(cfg: TrainConfig, device, precision: Precision, given=None):
-    """The reference model: `given` (an object, frozen in place) or loaded from `--ref-model` / `--model`."""
+def _load_reference(cfg: TrainConfig, device, precision: Precision, given=None, keep=None):
+    """The reference model: `given` (an object, frozen in place) or loaded from `--ref-model` / `--model`; a loaded
+    one with only the input-embedding rows of the token ids `keep()` gives, when `keep` is given."""
     if given is not None:
         model = frozen(given, device, precision.frozen, copied=False)
     else:
         # Read in the trained dtype and stored as `hold_frozen` says on the CPU, so the device never holds the
-        # transient full-precision copy; only the final, mostly-bf16 reference moves there.
+        # transient full-precision copy (nor the rows of the embedding that narrowing drops); only the final,
+        # mostly-bf16 reference moves there.
         model = load_model(cfg.ref_model or cfg.model, device=torch.device("cpu"), dtype=precision.trained,
                            trust_remote_code=cfg.trust_remote_code, flag="--ref-model" if cfg.ref_model else "--model")
         hold_frozen(model, precision)
-        model.to(device)
         freeze(model)
+        if keep is not None and narrowable(model):
+            narrow_input_embedding(model, keep())
+        model.to(device)
     set_compute_dtype(model, precision.compute)
     if cfg.disable_dropout:
         disable_dropout(model)
     return model
 
 
-def _vocabulary(model) -> int:
-    return unwrap(model).get_input_embeddings().weight.shape[0]
-
-
 def _check_same_vocabulary(policy, reference, name: str) -> None:
     """A reference scores the policy's token ids: a vocabulary of another size is another tokenizer."""
-    if _vocabulary(reference) != _vocabulary(policy):
-        raise ModelError(f"--ref-model {name}: its vocabulary has {_vocabulary(reference):,} tokens and the "
-                         f"policy's {_vocabulary(policy):,}; the reference must use the policy's tokenizer (the "
+    if vocabulary_size(reference) != vocabulary_size(policy):
+        raise ModelError(f"--ref-model {name}: its vocabulary has {vocabulary_size(reference):,} tokens and the "
+                         f"policy's {vocabulary_size(policy):,}; the reference must use the policy's tokenizer (the "
                          f"model it was trained from, or a copy of it)")
 
 
