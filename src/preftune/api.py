@@ -23,7 +23,7 @@ from .data.tokenize import tokenize_all
 from .errors import ConfigError, PreftuneError
 from .metrics import logps_table, per_pair_rows, preference_metrics
 from .inputs import RunInputs, check_model_object, is_peft_model, placeholder
-from .models.load import check_source, ensure_pad_token, freeze, load_model, load_tokenizer
+from .models.load import check_source, freeze, given_tokenizer, load_model, load_tokenizer
 from .models.precision import pick_device, pick_dtype
 from .report.tracking import METRICS_FILE
 from .scoring import ScoreReport, score_records
@@ -189,12 +189,8 @@ def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, 
         if tokenizer is None:
             raise ConfigError("tokenizer: required when model is an object (pass the tokenizer it was trained "
                               "with)")
-    if tokenizer is None or is_path(tokenizer):
-        name = os.fspath(tokenizer if tokenizer is not None else model)
-        tok = load_tokenizer(name, trust_remote_code=trust_remote_code,
-                             flag="--model" if tokenizer is None else "tokenizer")
-    else:
-        tok = ensure_pad_token(tokenizer, "the tokenizer given:")
+    tok = (load_tokenizer(os.fspath(model), trust_remote_code=trust_remote_code) if tokenizer is None
+           else given_tokenizer(tokenizer, trust_remote_code=trust_remote_code))
     if ref_model is not None and is_path(ref_model):  # a mistyped reference fails now, not after the policy's pass
         check_source(os.fspath(ref_model), "model", "--ref-model")
     source = as_source(data, "data")
@@ -245,8 +241,7 @@ def score(model, data, *, tokenizer=None, batch_size: int = 8, max_length: int =
     if is_path(model):
         run_device = pick_device(device)
         rm, tok = load_reward_model(os.fspath(model), device=run_device, dtype=pick_dtype(dtype, run_device),
-                                    trust_remote_code=trust_remote_code,
-                                    tokenizer=os.fspath(tokenizer) if is_path(tokenizer) else tokenizer)
+                                    trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     else:
         rm = check_model_object(model, "model")
         name = type(rm).__name__
@@ -255,8 +250,7 @@ def score(model, data, *, tokenizer=None, batch_size: int = 8, max_length: int =
                               "num_labels=1)")
         if tokenizer is None:
             raise ConfigError("tokenizer: required when model is an object (pass the reward model's tokenizer)")
-        tok = load_tokenizer(os.fspath(tokenizer), flag="tokenizer") if is_path(tokenizer) else tokenizer
-        tok = ensure_pad_token(tok, "the tokenizer given:")
+        tok = given_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         run_device = next(rm.parameters()).device
     borrowed = not is_path(model) and rm.config.pad_token_id is None
     if borrowed:  # the caller's model reads by the tokenizer's pad token for this call only

@@ -23,7 +23,7 @@ from .data.tokenize import tokenize_all
 from .errors import ModelError, PreftuneError
 from .io import absolute_if_local
 from .logps.parts import LMWrapper, attention_backends, compute_precision
-from .models.load import (ADAPTER_CONFIG, check_source, ensure_pad_token, is_adapter_folder, load_adapter_base,
+from .models.load import (ADAPTER_CONFIG, check_source, given_tokenizer, is_adapter_folder, load_adapter_base,
                           load_tokenizer, quiet_peft, require_peft)
 
 _HEAD_SUFFIX = "ForSequenceClassification"
@@ -187,11 +187,8 @@ def load_reward_model(name_or_path: str | Path, *, device=None, dtype=torch.floa
         except (ValueError, OSError) as exc:
             raise ModelError(f"{flag} {name}: cannot be loaded ({str(exc).splitlines()[0]})") from None
         model.to(device)
-    if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        source, flag_name = (name, flag) if tokenizer is None else (str(tokenizer), "tokenizer")
-        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, flag=flag_name)
-    else:
-        tokenizer = ensure_pad_token(tokenizer, "the tokenizer given:")
+    tokenizer = (load_tokenizer(name, trust_remote_code=trust_remote_code, flag=flag) if tokenizer is None
+                 else given_tokenizer(tokenizer, trust_remote_code=trust_remote_code))
     if _pad_id_or_none(model) is None:
         set_pad_token(model, tokenizer)
     model.eval()

@@ -58,14 +58,17 @@ class _GatedDown(torch.autograd.Function):
             with torch.enable_grad():
                 g = gate.detach().requires_grad_(need_gate)
                 a = ctx.act(g)
-            product = a.detach() * up
-            # autograd's linear backward: the input's gradient through the weight, the weight's as grad^T input
-            flat = grad.reshape(-1, grad.shape[-1])
-            grad_w = flat.t().mm(product.reshape(-1, product.shape[-1])).to(weight.dtype) if need_w else None
+            act = a.detach()
+            grad_w = None
+            if need_w:  # the product only for the weight's gradient (a frozen down_proj, as under LoRA, skips it)
+                # autograd's linear backward: the weight's gradient as grad^T input
+                product = act * up
+                flat = grad.reshape(-1, grad.shape[-1])
+                grad_w = flat.t().mm(product.reshape(-1, product.shape[-1])).to(weight.dtype)
             # in the product's dtype, as autograd's backward of autocast's cast gives it (an activation that
             # autocast runs in fp32 makes the product fp32 while its matrix product runs in bf16)
-            grad_p = grad.matmul(weight).to(product.dtype) if (need_gate or need_up) else None
-            grad_up = grad_p * a.detach() if need_up else None
+            grad_p = grad.matmul(weight).to(torch.result_type(act, up)) if (need_gate or need_up) else None
+            grad_up = grad_p * act if need_up else None
             grad_gate = torch.autograd.grad(a, g, grad_p * up)[0] if need_gate else None
         return grad_gate, grad_up, grad_w, None
 

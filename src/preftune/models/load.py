@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import pickle
 import re
 import warnings
@@ -97,6 +98,14 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, flag: 
         raise ModelError(f"{flag} {name_or_path}: its tokenizer cannot be loaded ({str(exc).splitlines()[0]})"
                          ) from None
     return ensure_pad_token(tok, f"{flag} {name_or_path}:")
+
+
+def given_tokenizer(tokenizer, *, trust_remote_code: bool = False):
+    """A tokenizer as the API takes one: a folder or Hub id (loaded; "tokenizer" in messages), or a tokenizer object
+    (given a pad token if it has none)."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return load_tokenizer(os.fspath(tokenizer), trust_remote_code=trust_remote_code, flag="tokenizer")
+    return ensure_pad_token(tokenizer, "the tokenizer given:")
 
 
 def ensure_pad_token(tok, name: str):

@@ -19,7 +19,7 @@ from ..logps.router import router_aux_coef
 from ..errors import ConfigError, DataError, ModelError
 from ..metrics import table_of
 from ..logps.limits import layout_note
-from ..logps.parts import WIDTH_MULTIPLE, body_of, set_compute_dtype, sparse_embedding_grad, unwrap
+from ..logps.parts import WIDTH_MULTIPLE, body_of, set_compute_dtype, sparse_embedding_grad
 from ..inputs import RunInputs, frozen, is_peft_model, policy_in_place
 from ..kto_loss import imbalance_advice
 from ..losses import needs_reference
@@ -269,8 +269,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
             keep = (lambda: token_ids_of(train_items + eval_items, extra=(tokenizer.pad_token_id, 0))) if own else None
             if start_copy is not None:
                 ref_model = start_copy
-                if keep is not None and narrowable(ref_model):
-                    narrow_input_embedding(ref_model, keep())
+                _narrow(ref_model, keep)
             else:
                 ref_model = _load_reference(cfg, load_device, precision, inputs.ref_model, keep=keep)
             _check_same_vocabulary(policy, ref_model, cfg.ref_model or "the ref_model object")
@@ -349,13 +348,19 @@ def _load_reference(cfg: TrainConfig, device, precision: Precision, given=None, 
                            trust_remote_code=cfg.trust_remote_code, flag="--ref-model" if cfg.ref_model else "--model")
         hold_frozen(model, precision)
         freeze(model)
-        if keep is not None and narrowable(model):
-            narrow_input_embedding(model, keep())
+        _narrow(model, keep)
         model.to(device)
     set_compute_dtype(model, precision.compute)
     if cfg.disable_dropout:
         disable_dropout(model)
     return model
+
+
+def _narrow(model, keep) -> None:
+    """Narrow frozen `model`'s input embedding to the ids `keep()` gives (None: leave it whole); the ids are
+    gathered only when the embedding can be narrowed."""
+    if keep is not None and narrowable(model):
+        narrow_input_embedding(model, keep())
 
 
 def _check_same_vocabulary(policy, reference, name: str) -> None:
