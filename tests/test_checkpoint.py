@@ -21,6 +21,7 @@ from preftune.errors import ModelError, NonFiniteError, PreftuneError
 from preftune.io import file_sha256
 from preftune.models.load import load_model
 from preftune.training import checkpoint as ckpt
+from preftune.training import input_digests
 from preftune.training import loop as train
 from preftune.training import run_state
 from preftune.training.objectives import PreferenceObjective
@@ -187,7 +188,7 @@ def test_a_checkpoint_records_the_data_as_the_run_read_it(cfg, tmp_path):
     is refused at resume and the original accepted."""
     data = write_jsonl(tmp_path / "pairs.jsonl", fact_pairs(4))
     cfg = TrainConfig(**{**cfg.to_dict(), "data": str(data)})
-    ckpt.pin_data_digest(cfg)  # the run reads its data
+    input_digests.pin(cfg)  # the run reads its data
     original = data.read_bytes()
     rows = fact_pairs(4)
     rows[0] = {**rows[0], "chosen": rows[0]["rejected"], "rejected": rows[0]["chosen"]}
@@ -197,6 +198,55 @@ def test_a_checkpoint_records_the_data_as_the_run_read_it(cfg, tmp_path):
         ckpt.restore(folder, small_state(cfg), cfg, ENV)
     data.write_bytes(original)
     ckpt.restore(folder, small_state(cfg), cfg, ENV)
+
+
+@pytest.mark.parametrize("flag", ["model", "ref_model", "tokenizer"])
+def test_resume_after_a_model_folder_was_rewritten_is_refused(cfg, tmp_path, flag):
+    """Resuming reloads the reference, the tokenizer and (under LoRA) the frozen base from their folders: one
+    rewritten since the checkpoint (an SFT run redone into the same place) would change the numbers silently."""
+    folder_of = {name: make_model_dir(tmp_path / name, seed=1) for name in ("model", "ref_model", "tokenizer")}
+    cfg = TrainConfig(**{**cfg.to_dict(), **{k: str(v) for k, v in folder_of.items()}})
+    input_digests.pin(cfg)
+    folder = save_at(cfg, small_state(cfg), 1)
+    ckpt.restore(folder, small_state(cfg), cfg, ENV)  # the same files: fine
+    changed = folder_of[flag]
+    original = {p.name: p.read_bytes() for p in changed.iterdir()}
+    for p in changed.iterdir():
+        os.utime(p, (0, 0))  # touched, same bytes: still fine
+    ckpt.restore(folder, small_state(cfg), cfg, ENV)
+    if flag == "tokenizer":  # another vocabulary entry
+        vocab = json.loads((changed / "tokenizer.json").read_text())
+        vocab["added_tokens"].append({**vocab["added_tokens"][-1], "id": 999, "content": "<extra>"})
+        (changed / "tokenizer.json").write_text(json.dumps(vocab))
+        expected = "tokenizer.json"
+    else:  # retrained weights of the same shapes, written over the old ones
+        make_model_dir(changed, seed=2)
+        expected = "model.safetensors"
+    option = "--" + flag.replace("_", "-")
+    with pytest.raises(ckpt.CheckpointError, match=rf"other files in {option} {changed} \({expected} changed since"):
+        ckpt.restore(folder, small_state(cfg), cfg, ENV)
+    for name, data in original.items():
+        (changed / name).write_bytes(data)
+    ckpt.restore(folder, small_state(cfg), cfg, ENV)
+
+
+def test_a_large_file_is_fingerprinted_by_samples_across_it(tmp_path):
+    """Above a few MB the fingerprint reads samples spread over the file: instant for a model of many GB, and it
+    still sees weights that differ throughout (as retrained ones do)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(rng.bytes(9 << 20))
+    before = input_digests.folder_fingerprint(folder)
+    assert list(before) == ["model.safetensors"] and before["model.safetensors"].startswith(f"{9 << 20}:")
+    (folder / "notes.txt").write_text("not a model file")
+    assert input_digests.folder_fingerprint(folder) == before
+    data = bytearray(weights.read_bytes())
+    data[(1 << 20):] = rng.bytes(len(data) - (1 << 20))  # the same header, other values after it
+    weights.write_bytes(bytes(data))
+    assert input_digests.folder_fingerprint(folder) != before
+    assert input_digests.folder_fingerprint("org/hub-id") == {}
 
 
 def test_resume_with_another_number_of_processes_is_refused(cfg):

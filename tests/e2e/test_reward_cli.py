@@ -89,6 +89,10 @@ def test_score_and_eval_read_a_tokenizer_kept_apart(rm_run):
     r = cli("generate", "--model", "base-bare", "--tokenizer", "base", *prompt, cwd=rm_run)
     assert r.returncode == 0, r.stderr
     assert r.stdout.replace("base-bare", "base") == cli("generate", "--model", "base", *prompt, cwd=rm_run).stdout
+    for command, model in (("score", "rm-bare"), ("eval", "base-bare"), ("generate", "base-bare")):
+        extra = prompt if command == "generate" else ("--data", "margins.jsonl")
+        r = cli(command, "--model", model, "--tokenizer", "nowhere", *extra, cwd=rm_run)
+        _one_line_error(r, "--tokenizer nowhere:", "no local folder of that name")
 
 
 def test_refused_inputs(rm_run):

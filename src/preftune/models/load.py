@@ -101,10 +101,10 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, flag: 
 
 
 def given_tokenizer(tokenizer, *, trust_remote_code: bool = False):
-    """A tokenizer as the API takes one: a folder or Hub id (loaded; "tokenizer" in messages), or a tokenizer object
-    (given a pad token if it has none)."""
+    """A tokenizer as the API takes one: a folder or Hub id (loaded; named "--tokenizer" in messages, as the other
+    inputs are named by their flags), or a tokenizer object (given a pad token if it has none)."""
     if isinstance(tokenizer, (str, os.PathLike)):
-        return load_tokenizer(os.fspath(tokenizer), trust_remote_code=trust_remote_code, flag="tokenizer")
+        return load_tokenizer(os.fspath(tokenizer), trust_remote_code=trust_remote_code, flag="--tokenizer")
     return ensure_pad_token(tokenizer, "the tokenizer given:")
 
 

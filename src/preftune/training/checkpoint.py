@@ -5,7 +5,8 @@ A checkpoint is a folder `RUN/checkpoints/step-00000042/` holding
     weights.safetensors   the trainable parameters by name: the whole model, or only the adapters under LoRA
     optimizer.pt          the optimizer's state dict (tensors and numbers only, so it loads with weights_only=True)
     trainer_state.json    step, scheduler, data position, objective state (BCO's running mean), the state of every
-                          random generator, and how many bytes of metrics.jsonl the run had written by then
+                          random generator, how many bytes of metrics.jsonl the run had written by then, and
+                          digests of the data file and model folders it read (input_digests)
     config.yaml           the resolved config it was written with
     manifest.json         name, size and sha256 of each file above; written last
 
@@ -20,7 +21,8 @@ checkpoint holds the same files whether one process or several wrote it.
 `--resume` continues from the newest complete checkpoint and cuts metrics.jsonl back to that step, so the run
 ends exactly as if it had never stopped. With no checkpoint yet it starts from step 0 (saying so), and on a
 finished run it does nothing: a job script can pass `--resume` every time it is (re)started. A checkpoint
-written with settings that change the computation (another --lr, --beta, data, ...) is refused.
+written with settings that change the computation (another --lr, --beta, data, ...) is refused, and so is one
+whose data file or model folders have changed since.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ..dist import fsdp
 from ..dist.env import DistEnv, all_reduce_sum, barrier
 from ..errors import PreftuneError
 from ..io import absolute_if_local, atomic_write_json, file_sha256, follow_umask, reported_if_disk_full
+from . import input_digests
 from .run_dir import CHECKPOINTS as FOLDER, INPUT_PATHS, resolved
 from .run_state import (RunState, all_rng_states, gather_optimizer_state, gather_trainable_state,
                         require_finite, set_rng_state)
@@ -134,7 +137,7 @@ def _write(tmp: Path, weights, optim, state: RunState, cfg: TrainConfig, env: Di
                "scheduler": state.scheduler.state_dict(), "cursor": state.cursor.state_dict(),
                "objective": state.objective.state_dict(), "rng": rngs, "world_size": env.world_size,
                "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
-               "data_sha256": _read_digest(cfg)}
+               **input_digests.recorded(cfg)}
     (tmp / STATE).write_text(json.dumps(trainer))
     (tmp / CONFIG).write_text(yaml.safe_dump(resolved(cfg).to_dict(), sort_keys=False))
     files = [WEIGHTS, OPTIMIZER, STATE, CONFIG]
@@ -292,45 +295,13 @@ def _restore_sharded(folder: Path, state: RunState, env: DistEnv) -> None:
     fsdp.load_full_optimizer_state(state.model, state.optimizer, optim)
 
 
-_DIGESTS: dict[tuple, str] = {}
-
-
-# The digest of each --data file as the run read it (pin_data_digest), by --data: what its checkpoints record.
-_READ: dict[str, str] = {}
-
-
-def data_digest(cfg: TrainConfig) -> str:
-    """sha256 of the --data file's bytes now (a local file; else ""), computed once per file version: a resumed
-    run must read the data its checkpoint was written with, not only a file of the same name."""
-    path = Path(str(cfg.data)) if cfg.data else None
-    if path is None or not path.is_file():
-        return ""
-    info = path.stat()
-    key = (str(path.resolve()), info.st_size, info.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = file_sha256(path)
-    return _DIGESTS[key]
-
-
-def pin_data_digest(cfg: TrainConfig) -> None:
-    """Take the --data file's digest as the run reads it, so that its checkpoints record the bytes it trained on
-    even if the file is edited while it runs (a resume then compares the file with those)."""
-    _READ[str(cfg.data)] = data_digest(cfg)
-
-
-def _read_digest(cfg: TrainConfig) -> str:
-    return _READ.get(str(cfg.data)) or data_digest(cfg)
-
-
 def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> dict:
     """Load a verified checkpoint into `state` (every rank); returns its trainer state."""
     check_same_config(folder, cfg)
     trainer = json.loads((folder / STATE).read_text())
-    saved = trainer.get("data_sha256")  # absent in checkpoints written before it was recorded
-    if saved and saved != data_digest(cfg):
-        raise CheckpointError(f"{folder}: was written with other contents of --data {cfg.data} (the file has "
-                              f"changed since); resume with the data it was written with, or pass --overwrite "
-                              f"instead of --resume to start afresh")
+    if (differs := input_digests.changed(trainer, cfg)) is not None:
+        raise CheckpointError(f"{folder}: was written with {differs}; resume with the inputs it was written with, "
+                              f"or pass --overwrite instead of --resume to start afresh")
     written = trainer.get("world_size", len(trainer["rng"]))
     if written != env.world_size:  # the global batch, and so what each step reads, would change
         raise CheckpointError(f"{folder}: was written by {written} process(es), this run has {env.world_size} (a "

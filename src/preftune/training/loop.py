@@ -27,6 +27,7 @@ from ..models.precision import pick_device, pick_precision
 from ..report.progress import Progress, describe_eval
 from ..report.tracking import METRICS_FILE, Tracker, check_sinks, read_metrics, recent_means
 from . import checkpoint as ckpt
+from . import input_digests
 from . import run_dir as rundir
 from .objectives import make_objective
 from .optim import build_optimizer, clip_grad_norm
@@ -185,8 +186,8 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
            in_memory: bool, resume_hint: str | None, kept: set[str] | None = None) -> Outcome:
     writes = env.is_main and not in_memory  # only the main process of a run with a folder writes files
     torch.manual_seed(cfg.seed)
-    if not in_memory and (inputs is None or inputs.data is None):
-        ckpt.pin_data_digest(cfg)  # the bytes build() reads next, which checkpoints record
+    if not in_memory:
+        input_digests.pin(cfg)  # the files build() reads next, which checkpoints record
     setup = build(cfg, device=device, precision=precision, env=env, inputs=inputs)
     steps = _planned_steps(cfg, setup, env)
     if writes:

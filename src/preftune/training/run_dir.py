@@ -77,7 +77,7 @@ def clear_previous(out_dir: Path, cfg: TrainConfig, env: DistEnv, kept: set[str]
 # What a run writes at its top level besides the model files (which only a finished run has).
 RUN_FILES = (CONFIG, DATA_STATS, METRICS_FILE, RESULTS, "README.md", "plots", "tensorboard", "wandb")
 # The names save_pretrained gives a model, its tokenizer, an adapter and merged/ (the final write).
-_MODEL_FILE = re.compile(r"^(config\.json|generation_config\.json|chat_template\.(jinja|json)|special_tokens_map\.json|"
+MODEL_FILE = re.compile(r"^(config\.json|generation_config\.json|chat_template\.(jinja|json)|special_tokens_map\.json|"
                          r"added_tokens\.json|merges\.txt|vocab\..*|tokenizer.*|model.*\.safetensors.*|"
                          r"pytorch_model.*|adapter_.*|merged)$")
 
@@ -103,7 +103,7 @@ def removed_on_failure(out_dir: Path, env: DistEnv, created: bool, resumed: bool
                 shutil.rmtree(out_dir, ignore_errors=True)
             else:
                 try:  # a folder gone read-only keeps what it has: the error that stopped the run is the one to tell
-                    new = {p.name for p in out_dir.iterdir() if _MODEL_FILE.match(p.name)} - before
+                    new = {p.name for p in out_dir.iterdir() if MODEL_FILE.match(p.name)} - before
                     for name in (set(RUN_FILES) - kept) | new:
                         path = out_dir / name
                         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
