@@ -107,7 +107,8 @@ class TrainConfig:
                                 "KTO).")
     warmup_steps: int = _f(0, "Steps of linear warmup from 0 to --lr.")
     scheduler: str = _f("cosine", "Decay after warmup: cosine, linear or constant.", choices=SCHEDULERS)
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    weight_decay: float = _f(0.0, "AdamW weight decay of the weight matrices (norms and biases are not decayed, "
+                                  "as in transformers' Trainer).")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_eps: float = _f(1e-8, "AdamW epsilon.")

@@ -62,6 +62,11 @@ def check_pairs(source: str, *, data_format: str | None = None, split: str = "tr
                                                 skip_bad_records=True)
         result = CheckResult(source, report.format, report.records, [], report, unpaired=examples)
         result.problems += [("unreadable record", message) for message in report.skipped]
+        if tokenizer is not None:
+            problems, result.lengths = unpaired_token_problems(examples, tokenizer, max_length, max_prompt_length,
+                                                               raw_text_prompts)
+            result.problems += problems
+        result.problems.sort(key=lambda problem: _position(problem[1]))
         return result
     result = CheckResult(source, report.format, report.records, pairs, report)
     result.problems += [("unreadable record", message) for message in report.skipped]
@@ -134,6 +139,35 @@ def token_problems(pairs: list[PreferencePair], tokenizer: Any, max_length: int,
     return problems, lengths
 
 
+def unpaired_token_problems(examples: list[UnpairedExample], tokenizer: Any, max_length: int,
+                            max_prompt_length: int | None, raw_text_prompts: bool = False):
+    """`token_problems` for KTO examples: those that cannot be tokenised, will be dropped (the prompt alone is
+    too long) or truncated (prompt and answer; a KL answer, another example's, may be cut too)."""
+    from .tokenize import _fit, encode_unpaired
+
+    problems: list[tuple[str, str]] = []
+    lengths: dict[str, list[int]] = {"prompt": [], "completion": []}
+    limits = f"--max-length {max_length}" + (f", --max-prompt-length {max_prompt_length}"
+                                              if max_prompt_length else "")
+    for ex in examples:
+        try:
+            prompt_ids, answer = encode_unpaired(tokenizer, ex, raw_text_prompts)
+        except DataError as exc:
+            problems.append(("cannot be tokenised", str(exc)))
+            continue
+        lengths["prompt"].append(len(prompt_ids))
+        lengths["completion"].append(len(answer))
+        counts = f"prompt {len(prompt_ids)}, completion {len(answer)}"
+        fitted = _fit(prompt_ids, (answer,), max_length, max_prompt_length)
+        if fitted is None:
+            problems.append(("prompt too long, example dropped", f"{ex.where}: the prompt alone is too long "
+                             f"({counts} tokens; {limits}); the example will be dropped"))
+        elif any(fitted[2]):
+            parts = " and ".join(name for name, cut in zip(("prompt", "completion"), fitted[2]) if cut)
+            problems.append(("truncated", f"{ex.where}: will be truncated: {parts} ({counts} tokens; {limits})"))
+    return problems, lengths
+
+
 def percentiles(values: list[int]) -> dict[str, int]:
     """Nearest-rank percentiles p50/p90/p99 and the max of a list of lengths."""
     ordered = sorted(values)
@@ -166,9 +200,10 @@ def render_report(result: CheckResult, *, forced: bool, show_all: bool = False) 
         lines.append(f"unused keys (not read by format {result.format!r}; records holding each): {keys}")
     if result.lengths and any(result.lengths.values()):
         lines.append("token lengths:")
+        width = max(9, *(len(name) + 1 for name in result.lengths))
         for name, values in result.lengths.items():
             stats = "  ".join(f"{key} {value}" for key, value in percentiles(values).items())
-            lines.append(f"  {name:<9}{stats}")
+            lines.append(f"  {name:<{width}}{stats}")
     if not result.problems:
         lines.append("problems: none")
         return "\n".join(lines)

@@ -76,6 +76,8 @@ def _ultrafeedback(row: Row) -> Converted:
         pair = PreferencePair(prompt, chosen, rejected, None, row.where)
     else:
         pair = _conversations(row, chosen, rejected)
+        if row.holds("prompt") and pair.prompt and row.value["prompt"] == pair.prompt[-1]["content"]:
+            row.has("prompt")  # the prompt string repeats the conversations' last user turn: read, not lost
     gap = None
     if row.has("score_chosen") or row.has("score_rejected"):
         gap = row.number("score_chosen") - row.number("score_rejected")
@@ -84,10 +86,7 @@ def _ultrafeedback(row: Row) -> Converted:
 
 def _sharegpt(row: Row) -> Converted:
     system, prompt = split_system(sharegpt_messages(row, "conversations"))
-    if row.has("system"):  # LLaMA-Factory's system column
-        if system is not None:
-            raise row.error("the system prompt is given twice: in the 'system' key and as a system turn")
-        system = row.optional_text("system")
+    system = row.system_beside(system)  # LLaMA-Factory's system column
     chosen, rejected = sharegpt_messages(row, "chosen"), sharegpt_messages(row, "rejected")
     return PreferencePair(prompt, chosen, rejected, system, row.where, row.tools()), None
 

@@ -17,7 +17,8 @@ FORMAT_KEYS = {
     "implicit": "chosen, rejected (whole texts sharing a prompt)",
     "chat": "chosen, rejected (message lists), optional prompt (message list), optional tools",
     "hh": "chosen, rejected (\\n\\nHuman: / \\n\\nAssistant: transcripts)",
-    "ultrafeedback": "prompt (string), chosen, rejected (message lists), score_chosen, score_rejected",
+    "ultrafeedback": "chosen, rejected (message lists: answers, or whole conversations), prompt (string; needed "
+                     "with answers alone), score_chosen, score_rejected",
     "orca": "system, question or input, chosen, rejected (strings)",
     "alpaca": "instruction, optional input, chosen, rejected (strings), optional system, history ([user, assistant] "
               "pairs)",
@@ -62,8 +63,9 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("orca", "it has 'question', or 'input' without 'prompt'",
      lambda v, k: ("question" in k or ("input" in k and not {"prompt", "instruction"} & k))
      and not isinstance(v["chosen"], list)),
-    ("ultrafeedback", "its prompt is a string and its answers message lists",
-     lambda v, k: isinstance(v.get("prompt"), str) and isinstance(v["chosen"], list)),
+    ("ultrafeedback", "its answers are message lists with a string prompt or with score_chosen/score_rejected",
+     lambda v, k: isinstance(v["chosen"], list)
+     and (isinstance(v.get("prompt"), str) or {"score_chosen", "score_rejected"} <= k)),
     ("chat", "its answers are message lists", lambda v, k: isinstance(v["chosen"], list)),
     ("text", "it has a string 'prompt'", lambda v, k: "prompt" in k),
     ("hh", "its answers are Human/Assistant transcripts", lambda v, k: _strings(v, "chosen") and _hh_texts(v)),

@@ -86,6 +86,11 @@ def _renderer(tokenizer, system: str | None, tools, turns: Messages, where: str)
     if _uses_tools(turns, tools):
         raise DataError(f"{where}: this record has tool calls or tool schemas, and the tokenizer has no chat "
                         "template to render them; use a model whose chat template supports tools")
+    odd = next((t["role"] for t in turns if t["role"] not in ("user", "assistant")), None)
+    if odd is not None:  # a transcript has a speaker for user and assistant turns only
+        raise DataError(f"{where}: a {odd!r} turn inside the conversation has no Human/Assistant transcript form, "
+                        "and the tokenizer has no chat template; use a model whose chat template renders it, or "
+                        "give the system prompt as the conversation's first turn")
     _say_once("transcript", "the tokenizer has no chat template: chat data is written as Human/Assistant "
                             "transcripts")
     return lambda part, generation_prompt: hh_transcript(part, system) + (

@@ -37,6 +37,7 @@ def _shared_text_prompt(chosen: str, rejected: str) -> str:
 
 # --------------------------------------------------------------------------- HH-RLHF transcripts
 _HH_MARKER = re.compile(r"\n\n(Human|Assistant): ")
+_HH_BARE_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):(?! )")
 _HH_ROLE = {"Human": "user", "Assistant": "assistant"}
 _HH_SPEAKER = {"user": "Human", "assistant": "Assistant"}
 
@@ -74,6 +75,10 @@ def _hh(row: Row) -> Converted:
             raise row.error(f"{name} answer is empty (the transcript ends with an 'Assistant:' that says nothing)")
     preamble, chosen = parse_hh(row.text("chosen"))
     other, rejected = parse_hh(row.text("rejected"))
+    for name, before in (("chosen", preamble), ("rejected", other)):
+        if bare := _HH_BARE_MARKER.search(before):  # else the first turns would pass for a system prompt
+            raise row.error(f"{name}: {bare.group(0)!r} without a space after it, where HH-RLHF transcripts have "
+                            f"{bare.group(0) + ' '!r}; add the space, or give prompt, chosen and rejected as fields")
     if preamble != other:
         raise row.error("chosen and rejected have different text before their first turn")
     n = shared_turns(chosen, rejected)

@@ -20,11 +20,6 @@ from .turns import history_turns, sharegpt_messages, user_turn
 
 SFT_KEYS = ("messages (message list), prompt + completion (strings or message lists), conversations, "
             "instruction + output (alpaca: optional input, system, history), or text")
-# Keys that hold (part of) a prompt in some layout: a pair with an empty prompt beside one of them lost it.
-PROMPT_KEYS = ("prompt", "instruction", "input", "question", "query", "conversations", "messages", "history",
-               "context")
-
-
 def new_row(value: Any, where: str, fmt: str) -> Row:
     return Row(value, where, fmt, SFT_KEYS if fmt == "sft" else FORMAT_KEYS.get(fmt, ""))
 
@@ -55,22 +50,8 @@ def read_pair(value: Any, fmt: str, where: str) -> tuple[PreferencePair, float |
             raise row.error(f"{name} answer is empty")
         if isinstance(answer, list) and answer[-1]["role"] != "assistant":
             raise row.error(f"{name} answer must end with an assistant turn, got {answer[-1]['role']!r}")
-    _require_prompt(row, pair.prompt)
+    row.require_prompt(pair.prompt)
     return pair, gap, row.unused()
-
-
-def _require_prompt(row: Row, prompt: Any) -> None:
-    """An empty prompt beside a key that holds prompts elsewhere means the prompt was lost: refuse the pair."""
-    if isinstance(prompt, list):
-        empty = all(not turn["content"].strip() and not turn.get("tool_calls") for turn in prompt)
-    else:
-        empty = not prompt.strip()
-    if not empty:
-        return
-    keys = [key for key in PROMPT_KEYS if key in row.value]
-    if keys:
-        raise row.error(f"the prompt is empty, though the record has {', '.join(map(repr, keys))}; fill the "
-                        "prompt, or pass --data-format to read the record another way")
 
 
 # --------------------------------------------------------------------------- SFT
@@ -92,21 +73,20 @@ def read_sft(value: Any, where: str) -> tuple[SFTExample, list[str]]:
         # Unpaired feedback marks this completion undesirable; SFT would teach it like any other.
         raise row.error("the completion is marked undesirable (label: false), and SFT trains on every completion "
                         "it reads; keep only the desirable ones for SFT")
-    if row.has("messages") or row.has("conversations"):
-        if row.has("messages"):
+    if row.holds("messages") or row.holds("conversations"):
+        if row.holds("messages"):
             system, turns = split_system(row.messages("messages"))
         else:
             system, turns = split_system(sharegpt_messages(row, "conversations"))
-            if row.has("system"):
-                system = system or row.optional_text("system")
+            system = row.system_beside(system)
         example = _sft_from_messages(row, turns, system)
-    elif row.has("completion"):
+    elif row.holds("completion"):
         if isinstance(row.get("completion"), list):
             system, prompt = split_system(row.messages("prompt") if row.has("prompt") else [])
             example = SFTExample(row.messages("completion"), prompt or None, system, where)
         else:
             example = SFTExample(row.text("completion"), row.optional_text("prompt"), None, where)
-    elif row.has("instruction") and row.has("output"):
+    elif row.holds("instruction") and row.holds("output"):
         # Alpaca (LLaMA-Factory's rule, as for preference records): history, then instruction + input as the
         # user turn, then the output: the conversation a `messages` record would hold, trained the same way
         # (every assistant turn, the history's too). A `text` column beside them (the original Alpaca release
@@ -115,7 +95,7 @@ def read_sft(value: Any, where: str) -> tuple[SFTExample, list[str]]:
                                       {"role": "assistant", "content": row.text("output")}]
         example = _sft_from_messages(row, turns, row.optional_text("system"))
         example.text_fields = True
-    elif row.has("text"):
+    elif row.holds("text"):
         example = SFTExample(row.text("text"), None, None, where)
     else:
         seen = ", ".join(map(str, row.value)) or "none"

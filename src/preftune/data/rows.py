@@ -17,6 +17,9 @@ from typing import Any
 from ..errors import DataError
 
 ROLES = ("user", "assistant", "system", "tool")
+# Keys that hold (part of) a prompt in some layout: an empty prompt beside one of them was lost.
+PROMPT_KEYS = ("prompt", "instruction", "input", "question", "query", "conversations", "messages", "history",
+               "context")
 Messages = list[dict[str, Any]]
 
 
@@ -40,9 +43,37 @@ class Row:
         self.used.add(key)
         return self.value.get(key) is not None
 
+    def holds(self, key: str) -> bool:
+        """`has` without counting the key as read: for choosing a layout, whose reader then reads it."""
+        return self.value.get(key) is not None
+
+    def system_beside(self, system: str | None) -> str | None:
+        """The system prompt of a conversation whose own leading system turn is `system`, with the record's
+        'system' key (LLaMA-Factory's column) beside it: one of the two; both is refused, not one dropped."""
+        if not self.has("system"):
+            return system
+        if system is not None:
+            raise self.error("the system prompt is given twice: in the 'system' key and as a system turn; keep one")
+        return self.optional_text("system")
+
+    def require_prompt(self, prompt: Any, read_from: tuple[str, ...] = ()) -> None:
+        """An empty prompt beside a key that holds prompts in some layout means the prompt was lost (read under
+        another layout than the file's): refused. `read_from`: keys the prompt was read from that may be empty
+        of a prompt (a conversation of the answer alone)."""
+        if isinstance(prompt, list):
+            empty = all(not turn["content"].strip() and not turn.get("tool_calls") for turn in prompt)
+        else:
+            empty = not prompt.strip()
+        keys = [key for key in PROMPT_KEYS if key in self.value and key not in read_from] if empty else []
+        if keys:
+            raise self.error(f"the prompt is empty, though the record has {', '.join(map(repr, keys))}; fill the "
+                             "prompt, or pass --data-format to read the record another way")
+
     def get(self, key: str) -> Any:
         self.used.add(key)
-        if key not in self.value or self.value[key] is None:
+        if key in self.value and self.value[key] is None:
+            raise self.error(f"{key!r} is null")
+        if key not in self.value:
             seen = ", ".join(map(str, self.value)) or "none"
             raise self.error(f"missing key {key!r} (keys seen: {seen})")
         return self.value[key]
@@ -51,7 +82,19 @@ class Row:
         value = self.get(key) if value is None else value
         if not isinstance(value, str):
             raise self.error(f"{key!r} must be a string, got {type_name(value)}")
-        return value
+        return self.encodable(repr(key), value)
+
+    def encodable(self, at: str, text: str) -> str:
+        """`text`, refused if it holds a lone UTF-16 surrogate (valid JSON, "\\ud83d", but not text: half of an
+        emoji cut in two), which no tokenizer takes."""
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise self.error(f"{at} holds a lone UTF-16 surrogate ({text[exc.start:exc.end]!r} at character "
+                                 f"{exc.start + 1}), half of a character cut in two; repair or drop the record"
+                                 ) from None
+        return text
 
     def optional_text(self, key: str) -> str | None:
         """A text field that may be absent or empty; empty counts as absent."""
@@ -88,6 +131,7 @@ class Row:
             content = ""  # OpenAI writes null content beside tool calls
         if not isinstance(content, str):
             raise self.error(f"{at} content must be a string, got {type_name(content)}")
+        self.encodable(f"{at} content", content)
         out: dict[str, Any] = {"role": role, "content": content}
         if calls is not None:
             if role != "assistant":

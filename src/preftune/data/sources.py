@@ -7,10 +7,12 @@ its value, so the caller decides whether to stop or to skip it; a file that cann
 
 from __future__ import annotations
 
+import ast
 import csv
 import gzip
 import io
 import json
+import logging
 import sys
 import zlib
 from pathlib import Path
@@ -24,6 +26,7 @@ SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 _JSON_LIST_KEYS = ("data", "train", "rows", "records", "examples")
 
 NEWLINE = b"\n"
+log = logging.getLogger(__name__)
 Rows = Iterator[tuple[str, Any]]
 
 
@@ -172,12 +175,45 @@ def _json_records(path: Path, value: Any) -> list:
 
 
 def _csv_records(path: Path, text: str) -> list[dict]:
+    """The rows of a CSV file; cells holding message lists written as text are read as the lists (said once)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long answers exceed the 128 KiB default
     try:
-        return list(csv.DictReader(io.StringIO(text, newline="")))
+        records = list(csv.DictReader(io.StringIO(text, newline="")))
     except csv.Error as exc:
         raise DataError(f"{path}: not readable CSV ({exc}); save it with a header row and quoted fields") \
             from None
+    listed: set[str] = set()
+    for record in records:
+        for key, cell in record.items():
+            if isinstance(cell, str) and (value := _written_list(key, cell)) is not None:
+                record[key] = value
+                listed.add(str(key))
+    if listed:
+        log.warning(f"{path}: the cells of {', '.join(sorted(listed))} hold lists written as text (as "
+                    "pandas' to_csv writes them); they are read as the lists")
+    return records
+
+
+_MESSAGE_KEYS = ({"role", "content"}, {"from", "value"})
+
+
+def _written_list(key: str, cell: str) -> Any:
+    """A message list (or an alpaca `history` of [user, assistant] pairs) written into a CSV cell as JSON or as a
+    Python literal, read back; None for any other cell (an answer that is itself a JSON array stays text)."""
+    text = cell.strip()
+    if (text[:1], text[-1:]) not in (("[", "]"), ("{", "}")):
+        return None
+    for parse in (json.loads, ast.literal_eval):  # literal_eval reads literals only: no code runs
+        try:
+            value = parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        items = value if isinstance(value, list) else [value]
+        messages = all(isinstance(m, dict) and any(k <= m.keys() for k in _MESSAGE_KEYS) for m in items)
+        history = key == "history" and all(isinstance(t, list) and all(isinstance(x, str) for x in t)
+                                           for t in items)
+        return value if items and (messages or history) or (key == "history" and value == []) else None
+    return None
 
 
 def _parquet_records(path: Path, data: bytes) -> list[dict]:

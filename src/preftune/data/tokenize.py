@@ -162,6 +162,17 @@ def assign_kl_answers(encoded: list[tuple[list[int], list[int]]], chunk: int) ->
     return out
 
 
+def encode_unpaired(tokenizer, ex: UnpairedExample, raw_text_prompts: bool = False) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of one KTO example, untruncated."""
+    prompt, completion, system = ex.prompt, ex.completion, ex.system
+    if ex.text_fields and (raw_text_prompts or not has_template(tokenizer)):
+        pair = text_form(PreferencePair(prompt, completion, completion, system, ex.where))
+        prompt, completion, system = pair.prompt, pair.chosen, pair.system
+    prompt_ids, answer = encode_prompt_answer(tokenizer, prompt, completion, system, ex.where, ex.tools)
+    _require_prompt(prompt_ids, ex.where, "its answer's first token and its KL answer's")
+    return prompt_ids, answer
+
+
 def tokenize_unpaired_all(tokenizer, examples: Sequence[UnpairedExample], *, max_length: int,
                           max_prompt_length: int | None = None, raw_text_prompts: bool = False,
                           kl_chunk: int = 8):
@@ -170,12 +181,7 @@ def tokenize_unpaired_all(tokenizer, examples: Sequence[UnpairedExample], *, max
     the prompt, answer and KL answer are cut together to fit."""
     encoded, kept = [], []
     for i, ex in enumerate(examples):
-        prompt, completion, system = ex.prompt, ex.completion, ex.system
-        if ex.text_fields and (raw_text_prompts or not has_template(tokenizer)):
-            pair = text_form(PreferencePair(prompt, completion, completion, system, ex.where))
-            prompt, completion, system = pair.prompt, pair.chosen, pair.system
-        prompt_ids, answer = encode_prompt_answer(tokenizer, prompt, completion, system, ex.where, ex.tools)
-        _require_prompt(prompt_ids, ex.where, "its answer's first token and its KL answer's")
+        prompt_ids, answer = encode_unpaired(tokenizer, ex, raw_text_prompts)
         if _fit(prompt_ids, (answer,), max_length, max_prompt_length) is None:
             continue
         encoded.append((prompt_ids, answer))

@@ -62,12 +62,14 @@ def read_unpaired(value: Any, fmt: str, where: str) -> tuple[UnpairedExample, li
         turns = sharegpt_messages(row, "conversations") if row.has("conversations") else row.messages("messages")
         if not turns or turns[-1]["role"] != "assistant":
             raise row.error("the conversation must end with the assistant turn being rated")
-        system = row.optional_text("system")
+        system = None
         if turns[0]["role"] == "system":
             system, turns = turns[0]["content"], turns[1:]
-        example = UnpairedExample(turns[:-1], turns[-1:], _label(row, tag), system, where, row.tools())
+        example = UnpairedExample(turns[:-1], turns[-1:], _label(row, tag), row.system_beside(system), where,
+                                  row.tools())
     else:
         prompt = history_turns(row) + [user_turn(row, "instruction", "input")]
         answer = [{"role": "assistant", "content": row.text("output")}]
         example = UnpairedExample(prompt, answer, _label(row, "kto_tag"), row.optional_text("system"), where)
+    row.require_prompt(example.prompt, read_from=("conversations", "messages"))
     return example, row.unused()

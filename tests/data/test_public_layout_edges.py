@@ -1,0 +1,175 @@
+"""Records as public datasets and tools write them, at their edges: each is read right, or refused in one line
+naming the record; none is trained on silently wrong."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import pytest
+
+from tinylm import make_tokenizer
+from preftune.data.check import check_pairs
+from preftune.data.formats import read_pair, read_sft
+from preftune.data.load import load_pairs, load_unpaired
+from preftune.data.tokenize import tokenize_example, tokenize_pair
+from preftune.errors import DataError
+
+
+def _no_template():
+    tok = make_tokenizer()
+    tok.chat_template = None
+    return tok
+
+
+def test_a_system_turn_inside_a_conversation_needs_a_chat_template():
+    """A Human/Assistant transcript has no speaker for a later system turn: one line, not a KeyError."""
+    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+              {"role": "system", "content": "answer in french"}, {"role": "user", "content": "thanks"}]
+    record = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "de rien"}],
+              "rejected": [{"role": "assistant", "content": "welcome"}]}
+    pair, _, _ = read_pair(record, "chat", "f line 3")
+    with pytest.raises(DataError, match=r"^f line 3: a 'system' turn inside the conversation has no Human/Assistant "
+                                        r"transcript form, and the tokenizer has no chat template"):
+        tokenize_pair(_no_template(), pair, max_length=256)
+    assert tokenize_pair(make_tokenizer(), pair, max_length=256) is not None  # the template renders it
+    sft, _ = read_sft({"messages": prompt + [{"role": "assistant", "content": "de rien"}]}, "s line 1")
+    with pytest.raises(DataError, match="^s line 1: a 'system' turn inside"):
+        tokenize_example(_no_template(), sft, max_length=256)
+
+
+@pytest.mark.parametrize("record, key", [
+    ({"prompt": "r\u00e9ponds \ud83d\ude42", "chosen": "oui", "rejected": "\ud83d"}, "'rejected'"),
+    ({"prompt": [{"role": "user", "content": "hi \ud83d"}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "'prompt' message 1 content"),
+])
+def test_a_lone_surrogate_is_refused_naming_the_record_and_key(jsonl_file, record, key):
+    """Valid JSON ("\\ud83d"), half of an emoji cut in two by a scraper: no tokenizer takes it."""
+    path = jsonl_file([record])
+    with pytest.raises(DataError) as err:
+        load_pairs(path)
+    assert str(err.value).startswith(f"{path} line 1: {key} holds a lone UTF-16 surrogate ('\\ud83d' at character")
+    assert "repair or drop the record" in str(err.value)
+
+
+def test_a_whole_emoji_written_as_a_surrogate_pair_is_text(jsonl_file):
+    pairs, _ = load_pairs(jsonl_file([{"prompt": "smile \ud83d\ude42", "chosen": "a", "rejected": "b"}]))
+    assert pairs[0].prompt == "smile \U0001F642"
+
+
+@pytest.mark.parametrize("text", ["\n\nHuman:hi\n\nAssistant: hello", "\n\nHuman:hi\n\nHuman: hi\n\nAssistant: hello"])
+def test_hh_markers_without_their_space_are_refused_not_read_as_a_system_prompt(text):
+    record = {"chosen": text, "rejected": text.replace("hello", "bye")}
+    with pytest.raises(DataError, match=r"without a space after it, where HH-RLHF transcripts have"):
+        read_pair(record, "hh", "w")
+
+
+def test_kto_records_whose_prompt_sits_under_another_key_are_refused(jsonl_file):
+    """Axolotl's chatml.intel/argilla KTO layouts name the prompt 'question': read as TRL's unpaired layout the
+    prompt would be empty, and KTO would train every answer on nothing."""
+    rows = [{"system": "be brief", "question": "capital of france?", "completion": "paris", "label": True},
+            {"system": "be brief", "question": "capital of italy?", "completion": "milan", "label": False}]
+    with pytest.raises(DataError, match=r"line 1: the prompt is empty, though the record has 'question'"):
+        load_unpaired(jsonl_file(rows))
+    examples, _ = load_unpaired(jsonl_file([{"prompt": "capital of france?", "completion": "paris", "label": True}]))
+    assert examples[0].prompt == "capital of france?"
+
+
+def test_kto_conversations_give_their_system_prompt_once(jsonl_file):
+    turns = [{"from": "system", "value": "be a pirate"}, {"from": "human", "value": "hi"},
+             {"from": "gpt", "value": "arr"}]
+    with pytest.raises(DataError, match="the system prompt is given twice"):
+        load_unpaired(jsonl_file([{"conversations": turns, "system": "be polite", "kto_tag": True}]))
+    examples, _ = load_unpaired(jsonl_file([{"conversations": turns[1:], "system": "be polite", "kto_tag": True}]))
+    assert examples[0].system == "be polite"
+
+
+def test_data_check_reads_kto_token_lengths_with_a_model(jsonl_file):
+    long_prompt = "the capital of france is " * 30
+    rows = [{"prompt": long_prompt, "completion": " paris", "label": True},
+            {"prompt": "the capital of france is", "completion": " paris ." * 40, "label": False},
+            {"prompt": "the capital of france is", "completion": " paris", "label": True}]
+    path = jsonl_file(rows)
+    result = check_pairs(path, tokenizer=make_tokenizer(), max_length=64)
+    kinds = {kind: message for kind, message in result.problems}
+    assert list(kinds) == ["prompt too long, example dropped", "truncated"]
+    assert kinds["prompt too long, example dropped"].startswith(f"{path} line 1: the prompt alone is too long")
+    assert kinds["truncated"].startswith(f"{path} line 2: will be truncated: completion")
+    assert len(result.lengths["prompt"]) == 3 and result.lengths["completion"][2] < result.lengths["completion"][1]
+    assert check_pairs(path).problems == []  # without a tokenizer nothing is measured
+
+
+def test_ultrafeedback_binarized_without_a_prompt_column_keeps_its_scores(jsonl_file):
+    """trl-lib's copy: whole conversations and the two scores, no prompt string."""
+    def conversation(answer):
+        return [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": answer}]
+    rows = [{"chosen": conversation("4"), "rejected": conversation("5"), "score_chosen": 9.0, "score_rejected": 2.0},
+            {"chosen": conversation("four"), "rejected": conversation("4"), "score_chosen": 5, "score_rejected": 4.5}]
+    pairs, report = load_pairs(jsonl_file(rows), min_score_gap=1.0)
+    assert report.format == "ultrafeedback" and not report.unused_keys
+    assert [p.chosen[0]["content"] for p in pairs] == ["4"]
+    assert pairs[0].prompt == [{"role": "user", "content": "2+2?"}]
+    assert len(report.skipped) == 1 and "score gap 0.5 is below --min-score-gap 1" in report.skipped[0]
+
+
+def test_h4_ultrafeedback_prompt_repeating_the_user_turn_is_read_not_reported(jsonl_file):
+    conversation = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    other = [conversation[0], {"role": "assistant", "content": "5"}]
+    row = {"prompt": "2+2?", "chosen": conversation, "rejected": other, "score_chosen": 9, "score_rejected": 2}
+    assert read_pair(row, "ultrafeedback", "w")[2] == []
+    assert read_pair({**row, "prompt": "something else"}, "ultrafeedback", "w")[2] == ["prompt"]
+
+
+def test_sft_refuses_a_system_prompt_given_twice_and_reports_what_it_did_not_read():
+    turns = [{"from": "system", "value": "be a pirate"}, {"from": "human", "value": "hi"},
+             {"from": "gpt", "value": "arr"}]
+    with pytest.raises(DataError, match="the system prompt is given twice"):
+        read_sft({"conversations": turns, "system": "be polite"}, "w")
+    example, unused = read_sft({"instruction": "greet", "text": "hello there"}, "w")
+    assert example.completion == "hello there" and unused == ["instruction"]
+
+
+def test_a_null_value_is_called_null_not_missing(jsonl_file):
+    with pytest.raises(DataError, match=r"line 1: 'prompt' is null"):
+        load_pairs(jsonl_file([{"prompt": None, "chosen": "a", "rejected": "b"}]), data_format="text")
+
+
+def _csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+@pytest.mark.parametrize("write", [json.dumps, repr], ids=["json", "python-literal"])
+def test_csv_cells_holding_message_lists_are_read_as_lists_and_said(tmp_path, caplog, write):
+    """pandas' to_csv writes a list column as its repr; json.dumps per cell is the other common way."""
+    def conversation(answer):
+        return [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": answer}]
+    path = _csv(tmp_path / "pairs.csv", [{"chosen": write(conversation("4")), "rejected": write(conversation("5")),
+                                          "score_chosen": 9.0, "score_rejected": 2.0}])
+    with caplog.at_level(logging.WARNING):
+        pairs, report = load_pairs(path)
+    assert report.format == "ultrafeedback"
+    assert pairs[0].prompt == conversation("")[:1] and pairs[0].chosen == conversation("4")[1:]
+    assert "the cells of chosen, rejected hold lists written as text" in caplog.text
+
+
+def test_csv_answers_that_are_json_arrays_stay_text(tmp_path):
+    path = _csv(tmp_path / "pairs.csv", [{"prompt": "list three numbers", "chosen": "[1, 2, 3]",
+                                          "rejected": '[{"a": 1}]'}])
+    pairs, report = load_pairs(path)
+    assert (report.format, pairs[0].chosen, pairs[0].rejected) == ("text", "[1, 2, 3]", '[{"a": 1}]')
+
+
+def test_a_csv_alpaca_history_column_is_read(tmp_path):
+    path = _csv(tmp_path / "alpaca.csv", [
+        {"instruction": "and 3 more?", "input": "", "chosen": "5", "rejected": "6",
+         "history": json.dumps([["what is 1+1?", "2"]])},
+        {"instruction": "add 2 and 3", "input": "", "chosen": "5", "rejected": "6", "history": "[]"}])
+    pairs, report = load_pairs(path)
+    assert report.format == "alpaca"
+    assert [turn["content"] for turn in pairs[0].prompt] == ["what is 1+1?", "2", "and 3 more?"]
+    assert [turn["content"] for turn in pairs[1].prompt] == ["add 2 and 3"]
