@@ -173,3 +173,28 @@ def test_a_csv_alpaca_history_column_is_read(tmp_path):
     assert report.format == "alpaca"
     assert [turn["content"] for turn in pairs[0].prompt] == ["what is 1+1?", "2", "and 3 more?"]
     assert [turn["content"] for turn in pairs[1].prompt] == ["add 2 and 3"]
+
+
+def test_a_prompt_ending_with_an_assistant_turn_is_refused():
+    """A `messages` list that is the whole chosen conversation would put the answer in its own prompt."""
+    hi, hello = {"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hello!"}
+    record = {"messages": [hi, hello], "chosen": hello, "rejected": {"role": "assistant", "content": "go away"}}
+    with pytest.raises(DataError, match=r"^w: the prompt ends with the answer itself"):
+        read_pair(record, "openai", "w")
+    with pytest.raises(DataError, match=r"^w: the prompt ends with an assistant turn, so the answer would be a second"):
+        read_pair({**record, "messages": [hi, {"role": "assistant", "content": "hmm"}]}, "openai", "w")
+    with pytest.raises(DataError, match=r"ends with an assistant turn"):
+        read_sft({"prompt": [hi, hello], "completion": [{"role": "assistant", "content": "again"}]}, "w")
+    assert read_pair({**record, "messages": [hi]}, "openai", "w")[0].chosen == [hello]
+
+
+def test_content_given_as_text_parts_is_joined_and_other_parts_are_refused():
+    def parts(*items):
+        return {"role": "user", "content": list(items)}
+    answer = {"role": "assistant", "content": "ok"}
+    record = {"prompt": [parts({"type": "text", "text": "look "}, {"type": "text", "text": "here"})],
+              "chosen": [answer], "rejected": [{"role": "assistant", "content": "no"}]}
+    assert read_pair(record, "chat", "w")[0].prompt == [{"role": "user", "content": "look here"}]
+    image = {**record, "prompt": [parts({"type": "image"}, {"type": "text", "text": "what is it?"})]}
+    with pytest.raises(DataError, match=r"'prompt' message 1 content part 1 is 'image', not a text part"):
+        read_pair(image, "chat", "w")

@@ -96,5 +96,10 @@ def _openai(row: Row) -> Converted:
     return _message_pair(row, row.messages("chosen"), row.messages("rejected"), prompt), None
 
 
+def _chat_messages(row: Row) -> Converted:
+    return _message_pair(row, row.messages("chosen_messages"), row.messages("rejected_messages"), None), None
+
+
 MESSAGE_LAYOUTS: dict[str, Callable[[Row], Converted]] = {
-    "chat": _chat, "ultrafeedback": _ultrafeedback, "sharegpt": _sharegpt, "openai": _openai}
+    "chat": _chat, "ultrafeedback": _ultrafeedback, "sharegpt": _sharegpt, "openai": _openai,
+    "chat_messages": _chat_messages}

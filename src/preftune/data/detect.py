@@ -25,6 +25,7 @@ FORMAT_KEYS = {
     "sharegpt": "conversations [{from, value}], chosen, rejected ({from, value} or strings), optional system, tools",
     "openai": "messages [{role, content}], chosen, rejected ({role, content} or lists of them), optional tools",
     "medicalgpt": "question, response_chosen, response_rejected, optional system, history ([user, assistant] pairs)",
+    "chat_messages": "chosen_messages, rejected_messages (whole conversations; LLaMA-Factory v1), optional tools",
     "stack_exchange": "question, response_j (preferred), response_k",
     "shp": "history, human_ref_A, human_ref_B, labels (1 = A preferred)",
 }
@@ -57,6 +58,8 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("openai", "it has 'messages'", lambda v, k: "messages" in k and not _whole_conversations(v)),
     ("medicalgpt", "it has response_chosen/response_rejected", lambda v, k: {"response_chosen",
                                                                              "response_rejected"} <= k),
+    ("chat_messages", "it has chosen_messages/rejected_messages",
+     lambda v, k: {"chosen_messages", "rejected_messages"} <= k),
     ("stack_exchange", "it has response_j/response_k", lambda v, k: {"response_j", "response_k"} <= k),
     ("shp", "it has human_ref_A/human_ref_B", lambda v, k: {"human_ref_A", "human_ref_B"} <= k),
     ("alpaca", "it has 'instruction'", lambda v, k: "instruction" in k),
@@ -71,7 +74,8 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("hh", "its answers are Human/Assistant transcripts", lambda v, k: _strings(v, "chosen") and _hh_texts(v)),
     ("implicit", "its answers are strings", lambda v, k: _strings(v, "chosen")),
 ]
-_PAIRED_ELSEWHERE = ("medicalgpt", "stack_exchange", "shp")  # their answers are not called chosen/rejected
+# Their answers are not called chosen/rejected.
+_PAIRED_ELSEWHERE = ("medicalgpt", "chat_messages", "stack_exchange", "shp")
 
 
 def detect(value: Any) -> tuple[str | None, str | None]:

@@ -51,6 +51,7 @@ def read_pair(value: Any, fmt: str, where: str) -> tuple[PreferencePair, float |
         if isinstance(answer, list) and answer[-1]["role"] != "assistant":
             raise row.error(f"{name} answer must end with an assistant turn, got {answer[-1]['role']!r}")
     row.require_prompt(pair.prompt)
+    row.require_open_prompt(pair.prompt, pair.chosen)
     return pair, gap, row.unused()
 
 
@@ -84,6 +85,7 @@ def read_sft(value: Any, where: str) -> tuple[SFTExample, list[str]]:
         if isinstance(row.get("completion"), list):
             system, prompt = split_system(row.messages("prompt") if row.has("prompt") else [])
             example = SFTExample(row.messages("completion"), prompt or None, system, where)
+            row.require_open_prompt(prompt, example.completion)
         else:
             example = SFTExample(row.text("completion"), row.optional_text("prompt"), None, where)
     elif row.holds("instruction") and row.holds("output"):

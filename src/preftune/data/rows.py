@@ -56,6 +56,18 @@ class Row:
             raise self.error("the system prompt is given twice: in the 'system' key and as a system turn; keep one")
         return self.optional_text("system")
 
+    def require_open_prompt(self, prompt: Any, answer: Any) -> None:
+        """A prompt of turns must leave the answer to come: one ending with an assistant turn would make each
+        answer a second assistant turn after it, and often holds the answer itself (a `messages` list that is
+        the whole chosen conversation)."""
+        if not isinstance(prompt, list) or not prompt or prompt[-1]["role"] != "assistant":
+            return
+        if isinstance(answer, list) and answer and answer[0] == prompt[-1]:
+            raise self.error("the prompt ends with the answer itself (its last turn is the chosen answer's first: "
+                             "the prompt list seems to hold the whole conversation); give the prompt's turns only")
+        raise self.error("the prompt ends with an assistant turn, so the answer would be a second assistant turn "
+                         "after it; end the prompt with a user or tool turn")
+
     def require_prompt(self, prompt: Any, read_from: tuple[str, ...] = ()) -> None:
         """An empty prompt beside a key that holds prompts in some layout means the prompt was lost (read under
         another layout than the file's): refused. `read_from`: keys the prompt was read from that may be empty
@@ -129,8 +141,10 @@ class Row:
         calls = message.get("tool_calls") or None
         if content is None and calls is not None:
             content = ""  # OpenAI writes null content beside tool calls
+        if isinstance(content, list):
+            content = self.text_parts(at, content)
         if not isinstance(content, str):
-            raise self.error(f"{at} content must be a string, got {type_name(content)}")
+            raise self.error(f"{at} content must be a string or a list of text parts, got {type_name(content)}")
         self.encodable(f"{at} content", content)
         out: dict[str, Any] = {"role": role, "content": content}
         if calls is not None:
@@ -144,6 +158,19 @@ class Row:
             if part not in out and part not in ("role", "content", "tool_calls") and message[part] is not None:
                 self.unread_parts.add(f"{key}[].{part}")
         return out
+
+    def text_parts(self, at: str, parts: list) -> str:
+        """Content given as parts (`[{"type": "text", "text": ...}]`: OpenAI, TRL; "value" in LLaMA-Factory v1),
+        joined as chat templates that take parts render them, one after the other; anything but text is refused."""
+        texts = []
+        for i, part in enumerate(parts):
+            kind = part.get("type", "text") if isinstance(part, dict) else type_name(part)
+            text = part.get("text", part.get("value")) if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(text, str):
+                raise self.error(f"{at} content part {i + 1} is {kind!r}, not a text part with a 'text' string; "
+                                 "preftune trains on text only")
+            texts.append(text)
+        return "".join(texts)
 
     def tool_calls(self, at: str, calls: Any) -> list[dict]:
         """OpenAI tool calls (`{"type", "function": {"name", "arguments"}}`, arguments a JSON string or an object)

@@ -72,4 +72,5 @@ def read_unpaired(value: Any, fmt: str, where: str) -> tuple[UnpairedExample, li
         answer = [{"role": "assistant", "content": row.text("output")}]
         example = UnpairedExample(prompt, answer, _label(row, "kto_tag"), row.optional_text("system"), where)
     row.require_prompt(example.prompt, read_from=("conversations", "messages"))
+    row.require_open_prompt(example.prompt, example.completion)
     return example, row.unused()
