@@ -198,3 +198,24 @@ def test_content_given_as_text_parts_is_joined_and_other_parts_are_refused():
     image = {**record, "prompt": [parts({"type": "image"}, {"type": "text", "text": "what is it?"})]}
     with pytest.raises(DataError, match=r"'prompt' message 1 content part 1 is 'image', not a text part"):
         read_pair(image, "chat", "w")
+
+
+@pytest.mark.parametrize("text", ['[\n  {"prompt": "q", "chosen": "a", "rejected": "b"}\n]\n',
+                                  '[{"prompt": "q", "chosen": "a", "rejected": "b"}]\n',
+                                  '{\n  "prompt": "q", "chosen": "a", "rejected": "b"\n}\n'])
+def test_a_json_document_named_jsonl_is_told_to_be_named_json(tmp_path, text):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"pairs.jsonl line 1: starts with '[\[{]': this looks like one JSON "
+                                        r"document, not JSON Lines .*; name the file .json"):
+        load_pairs(str(path), skip_bad_records=True)
+    renamed = path.rename(tmp_path / "pairs.json")
+    if text.startswith("["):
+        assert load_pairs(str(renamed))[0][0].chosen == "a"
+
+
+def test_preference_pairs_given_to_sft_say_so():
+    record = {"conversations": [{"from": "human", "value": "hi"}], "chosen": {"from": "gpt", "value": "hello"},
+              "rejected": {"from": "gpt", "value": "go away"}}
+    with pytest.raises(DataError, match=r"^w: this is preference data .* train it with `preftune dpo`"):
+        read_sft(record, "w")

@@ -70,6 +70,9 @@ def read_sft(value: Any, where: str) -> tuple[SFTExample, list[str]]:
     A conversation's completion is every turn from the first assistant turn on (the loss covers each assistant
     turn in it; see encode.py), its prompt the turns before."""
     row = new_row(value, where, "sft")
+    if row.holds("chosen") and row.holds("rejected"):
+        raise row.error("this is preference data (a chosen and a rejected answer), and SFT trains on one answer a "
+                        "record; train it with `preftune dpo`, or give SFT records")
     if row.has("label") and row.get("label") in (False, 0, "false", "False"):
         # Unpaired feedback marks this completion undesirable; SFT would teach it like any other.
         raise row.error("the completion is marked undesirable (label: false), and SFT trains on every completion "

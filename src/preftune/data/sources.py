@@ -121,10 +121,15 @@ def _repeated(where: str, key: str) -> DataError:
 
 
 def _jsonl_rows(path: Path, data: bytes) -> Rows:
+    first = True
     for number, raw in enumerate(data.split(NEWLINE), start=1):
         where = f"{path} line {number}"
         if not raw.strip():
             continue  # blank lines, such as a final newline, hold no record
+        if first and (raw.strip() in (b"[", b"{") or _records_array(raw)):
+            raise DataError(f"{where}: starts with {raw.strip()[:1].decode()!r}: this looks like one JSON document, "
+                            "not JSON Lines (one whole object on each line); name the file .json")
+        first = False
         try:
             yield where, json.loads(_decode(path, raw, number), object_pairs_hook=_object)
         except DataError as exc:
@@ -134,6 +139,17 @@ def _jsonl_rows(path: Path, data: bytes) -> Rows:
         except (json.JSONDecodeError, RecursionError) as exc:
             yield where, DataError(f"{where}: not valid JSON ({_json_problem(exc)}); each line must hold one "
                                    "complete JSON object, with newlines inside strings written as \\n")
+
+
+def _records_array(raw: bytes) -> bool:
+    """Whether a line holds a whole array of records (a .json file's content on one line)."""
+    if not raw.lstrip().startswith(b"[{"):
+        return False
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def _json_problem(exc: Exception) -> str:
