@@ -219,3 +219,35 @@ def test_preference_pairs_given_to_sft_say_so():
               "rejected": {"from": "gpt", "value": "go away"}}
     with pytest.raises(DataError, match=r"^w: this is preference data .* train it with `preftune dpo`"):
         read_sft(record, "w")
+
+
+def test_pandas_column_layout_json_says_how_to_save_records(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"prompt": {"0": "q", "1": "r"}, "chosen": {"0": "a", "1": "c"},
+                                "rejected": {"0": "b", "1": "d"}}))
+    with pytest.raises(DataError, match=r"one object per column keyed by row number, as pandas' to_json\(\) writes"):
+        load_pairs(str(path))
+
+
+def test_an_empty_margin_cell_in_a_csv_is_no_margin(tmp_path):
+    path = _csv(tmp_path / "pairs.csv", [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "1.5"},
+                                         {"prompt": "q", "chosen": "c", "rejected": "d", "margin": ""}])
+    pairs, _ = load_pairs(path)
+    assert [p.margin for p in pairs] == [1.5, None]
+
+
+def test_answers_that_do_not_repeat_the_prompt_exactly_are_refused_as_such():
+    """Whole conversations as answers whose turns differ from the prompt's (an extra system turn, a trailing space)
+    would keep those turns inside the answer."""
+    prompt = [{"role": "user", "content": "hi"}]
+    def whole(extra, answer):
+        return extra + [{"role": "user", "content": "hi "}, {"role": "assistant", "content": answer}]
+    record = {"prompt": prompt, "chosen": whole([], "hello"), "rejected": whole([], "no")}
+    with pytest.raises(DataError, match=r"^w: chosen answer starts with a user turn: it holds turns of its own"):
+        read_pair(record, "chat", "w")
+    system = [{"role": "system", "content": "be kind"}]
+    with pytest.raises(DataError, match=r"^w: chosen answer starts with a system turn"):
+        read_pair({**record, "chosen": system + prompt + [{"role": "assistant", "content": "x"}]}, "chat", "w")
+    exact = {"prompt": prompt, "chosen": prompt + [{"role": "assistant", "content": "hello"}],
+             "rejected": prompt + [{"role": "assistant", "content": "no"}]}
+    assert read_pair(exact, "chat", "w")[0].chosen == [{"role": "assistant", "content": "hello"}]

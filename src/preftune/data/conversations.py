@@ -64,6 +64,11 @@ def _message_pair(row: Row, chosen: Messages, rejected: Messages, full_prompt: M
         # Answers may repeat the prompt (whole conversations) or hold only the assistant turns.
         chosen = _strip_prefix(_strip_prefix(chosen, full_prompt), prompt)
         rejected = _strip_prefix(_strip_prefix(rejected, full_prompt), prompt)
+        for name, answer in (("chosen", chosen), ("rejected", rejected)):
+            if answer and answer[0]["role"] in ("user", "system"):
+                raise row.error(f"{name} answer starts with a {answer[0]['role']} turn: it holds turns of its own "
+                                "before the answer, and does not repeat the prompt's exactly either; give the "
+                                "answer's turns alone, or the whole conversation with the prompt's turns unchanged")
         pair = PreferencePair(prompt, chosen, rejected, system, row.where)
     pair.tools = row.tools()
     return pair

@@ -40,7 +40,8 @@ def read_pair(value: Any, fmt: str, where: str) -> tuple[PreferencePair, float |
     """`to_pair`, plus the keys of the record the format did not use."""
     row = new_row(value, where, fmt)
     pair, gap = CONVERTERS[fmt](row)
-    if row.has("margin"):  # any pair layout may carry a per-pair margin (TRL's reward-model column)
+    if row.has("margin") and row.get("margin") != "":  # any pair layout may carry a per-pair margin (TRL's
+        # reward-model column); an empty CSV cell is a missing one
         pair.margin = row.number("margin")
     for name in ("chosen", "rejected"):
         answer = getattr(pair, name)

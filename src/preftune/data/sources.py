@@ -183,11 +183,20 @@ def _json_records(path: Path, value: Any) -> list:
         for key in _JSON_LIST_KEYS:
             if key in lists:
                 return value[key]
+        if _pandas_columns(value):
+            raise DataError(f"{path}: one object per column keyed by row number, as pandas' to_json() writes by "
+                            "default; save the records instead: df.to_json(path, orient='records', lines=True), "
+                            "named .jsonl")
         if not lists:
             return [value]  # a single record
         raise DataError(f"{path}: the JSON object holds several lists ({', '.join(lists)}) and none is called "
                         f"{' or '.join(_JSON_LIST_KEYS)}; keep only the list of records")
     raise DataError(f"{path}: expected a JSON array of records, got {type(value).__name__}")
+
+
+def _pandas_columns(value: dict) -> bool:
+    columns = list(value.values())
+    return bool(columns) and all(isinstance(c, dict) and c and all(k.isdigit() for k in c) for c in columns)
 
 
 def _csv_records(path: Path, text: str) -> list[dict]:
