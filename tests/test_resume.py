@@ -146,3 +146,21 @@ def test_resume_with_the_reference_cache(tmp_path, monkeypatch, tiny_model_dir, 
         pytest.skip("--precompute-ref does not write a reference cache yet")
     interrupted_then_resumed(monkeypatch, config(tiny_model_dir, pairs_file, tmp_path / "parts", **extra), k=4)
     assert_same_run(tmp_path / "whole", tmp_path / "parts")
+
+
+def test_resume_after_metrics_lost_its_end_finishes_with_whole_rows(tmp_path, monkeypatch, tiny_model_dir,
+                                                                    pairs_file):
+    """A metrics.jsonl shorter than at the checkpoint (its last row cut) must not have new rows joined onto the
+    cut one: the run would train to the end, then fail reading its metrics and write no model."""
+    cfg = config(tiny_model_dir, pairs_file, tmp_path / "run")
+    with monkeypatch.context() as m:
+        stop_at(m, 3)
+        assert train.run(cfg, command="preftune dpo") == {"stopped_at_step": 3}
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    whole = metrics.read_bytes()
+    metrics.write_bytes(whole[:-50])  # the third row cut short
+    cfg.resume = True
+    train.run(cfg, command="preftune dpo --resume")
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    steps = [r["step"] for r in metric_rows(tmp_path / "run") if "loss" in r]
+    assert steps == [1, 2, 4, 5, 6]  # the cut row is gone, the others whole

@@ -31,6 +31,15 @@ def test_malformed_json_line_names_file_line_problem_and_fix(tmp_path):
     assert "column" in message and "one complete JSON object" in message
 
 
+@pytest.mark.parametrize("name", ["big.jsonl", "big.json"])
+def test_an_integer_past_pythons_digit_limit_is_one_error(tmp_path, name):
+    path = tmp_path / name
+    record = json.dumps(GOOD)[:-1] + ', "id": ' + "9" * 5000 + "}"
+    path.write_text(record if name.endswith("l") else f"[{record}]", encoding="utf-8")
+    message = _error(str(path))
+    assert "not valid JSON (Exceeds the limit (4300 digits)" in message or "not readable JSON (Exceeds" in message
+
+
 def test_malformed_json_array_file(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[\n{"prompt": "q",\n', encoding="utf-8")

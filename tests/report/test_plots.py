@@ -58,6 +58,13 @@ def test_empty_metrics_is_an_error_and_draws_nothing(tmp_path):
     assert not (tmp_path / "plots").exists()
 
 
+def test_a_value_that_is_not_a_number_is_a_gap_not_a_crash(tmp_path):
+    write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1, "loss": 0.7}, {"step": 2, "loss": "abc"},
+                                             {"step": 3, "loss": 0.5}])
+    paths = write_plots(tmp_path)
+    assert paths and all(p.exists() for p in paths)
+
+
 def demo_rows(n, p=0.3):
     long = "How do I get my neighbour's dog to stop barking all night without hurting it or upsetting anyone? " * 2
     return [{"prompt": long if i % 2 else f"Say something kind #{i}", "sft_p_chosen": p, "sft_p_rejected": p * 0.9,

@@ -75,6 +75,12 @@ def test_read_metrics_errors_are_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('not json\n{"step": 1, "loss": 1.0}\n')
     with pytest.raises(PreftuneError, match="line 1"):
         read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("[1, 2]\n")  # its one line would pass for a cut last row
+    with pytest.raises(PreftuneError, match=r"holds no metrics row \(line 1, its last, is not one\)"):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_bytes(b"\x9d\x00\xff\n")
+    with pytest.raises(PreftuneError, match="not UTF-8 text"):
+        read_metrics(tmp_path)
 
 
 def test_parse_sinks():

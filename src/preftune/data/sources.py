@@ -136,7 +136,7 @@ def _jsonl_rows(path: Path, data: bytes) -> Rows:
             yield where, exc
         except _RepeatedKey as exc:
             yield where, _repeated(where, exc.key)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: also an integer of over 4,300 digits
             yield where, DataError(f"{where}: not valid JSON ({_json_problem(exc)}); each line must hold one "
                                    "complete JSON object, with newlines inside strings written as \\n")
 
@@ -155,6 +155,8 @@ def _records_array(raw: bytes) -> bool:
 def _json_problem(exc: Exception) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"{exc.msg} at column {exc.colno}"
+    if isinstance(exc, ValueError):
+        return str(exc).split(";")[0]
     return "nested too deeply"
 
 
@@ -168,8 +170,8 @@ def _json_rows(path: Path, text: str) -> Rows:
             return _jsonl_rows(path, text.encode("utf-8"))
         raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); the file "
                         "must hold one JSON array of records, or an object holding one such list") from None
-    except RecursionError:
-        raise DataError(f"{path}: not readable JSON (nested too deeply)") from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{path}: not readable JSON ({_json_problem(exc)})") from None
     return _numbered(path, _json_records(path, value))
 
 

@@ -94,7 +94,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, flag: 
     check_source(name_or_path, "tokenizer", flag)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # the last: a config.json that is not an object
         raise ModelError(f"{flag} {name_or_path}: its tokenizer cannot be loaded ({str(exc).splitlines()[0]})"
                          ) from None
     return ensure_pad_token(tok, f"{flag} {name_or_path}:")
@@ -159,22 +159,40 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
     source = absolute_if_local(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, TypeError) as exc:  # the last: a config.json that is not an object
         raise _load_error(name_or_path, exc) from None
     _check_causal(config, name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             source, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
-            quantization_config=quantization_config, use_safetensors=None, weights_only=True)
+            quantization_config=quantization_config, use_safetensors=None, weights_only=True,
+            output_loading_info=True)
     except (ValueError, OSError, SafetensorError) as exc:  # the last: a truncated or damaged weights file
         raise _load_error(name_or_path, exc, config) from None
+    except RuntimeError as exc:
+        if "mismatched" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        raise ModelError(f"model {name_or_path}: its weights do not have the shapes its config.json gives (the "
+                         f"config was edited, or belongs to another model); use the config the weights were saved "
+                         f"with") from None
     except pickle.UnpicklingError:
         raise ModelError(f"model {name_or_path}: refused; its pickled weights file holds Python objects other than "
                          f"tensors, and unpickling them could run arbitrary code. Use a safetensors copy of the "
                          f"model from a source you trust") from None
+    _require_all_weights(name_or_path, info)
     if quantization_config is None:
         model.to(device)
     return model
+
+
+def _require_all_weights(name_or_path: str, info: dict) -> None:
+    """Weights missing from the files would be trained from random values (transformers only warns, and preftune
+    keeps it quiet): refused, naming them."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelError(f"model {name_or_path}: its weight files lack {shown}, which would start from random "
+                         f"values; the files are incomplete, or belong to another architecture")
 
 
 def require_peft():

@@ -66,6 +66,23 @@ def vocabulary_size(model) -> int:
     return embed.weight.shape[0] if row_of is None else row_of.numel()
 
 
+def require_ids_in_vocabulary(model, items, name: str) -> None:
+    """Refuse tokenised items holding an id that `model`'s embedding has no row for (a tokenizer of a larger
+    vocabulary than the model's): one line here, where the lookup would fail deep in the forward."""
+    top = max((max(value) for item in items for key, value in vars(item).items()
+               if key.endswith("_ids") and value), default=-1)
+    require_id_in_vocabulary(model, top, name)
+
+
+def require_id_in_vocabulary(model, top: int, name: str) -> None:
+    """`require_ids_in_vocabulary` for the largest id `top`."""
+    size = vocabulary_size(model)
+    if top >= size:
+        raise ModelError(f"{name}: its vocabulary has {size:,} tokens, but the tokenizer gives ids up to {top:,}; "
+                         f"use the tokenizer the model was trained with (--tokenizer), or a model that has its "
+                         f"vocabulary")
+
+
 def narrow_input_embedding(model, token_ids: torch.Tensor) -> int:
     """Keep only the rows `token_ids` of frozen `model`'s input embedding; returns the bytes freed (0: left whole,
     when not `narrowable` or when the ids cover most of the vocabulary anyway)."""

@@ -217,8 +217,9 @@ def _short(prompt: str, width: int = 18, lines: int = 3) -> str:
 # ---------------------------------------------------------------------- online rounds
 def plot_online_rounds(rows: list[dict], path: Path) -> Path:
     """Judged scores of an online run's policy after each round: the mean score of the samples the next round
-    drew from it (with their spread) and the mean score of its greedy answers to held-out prompts. `rows`: the run's metrics rows, one per round
-    ({"round", "score_mean", "score_std", "eval_score"}, each but "round" optional)."""
+    drew from it (with their spread) and the mean score of its greedy answers to held-out prompts. `rows`: the
+    run's metrics rows, one per round ({"round", "score_mean", "score_std", "eval_score"}, each but "round"
+    optional)."""
     with _style():
         fig, ax = _figure("Online DPO: judged score by round")
         sampled = [r for r in rows if "score_mean" in r]
@@ -261,7 +262,8 @@ def _series(rows: list[dict], key: str, scale: float = 1.0) -> tuple[list[int], 
     """Steps and values of `key`; inf becomes NaN so a diverged step is a gap, not a broken axis."""
     steps, values = [], []
     for row in rows:
-        if key in row and row[key] is not None:
+        if isinstance(row.get(key), (int, float)) and not isinstance(row[key], bool):  # a hand-edited file may
+            # hold other values: they are gaps, as missing ones are
             value = float(row[key]) * scale
             steps.append(int(row["step"]))
             values.append(value if math.isfinite(value) else math.nan)

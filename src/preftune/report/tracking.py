@@ -102,8 +102,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise PreftuneError(f"{path}: no metrics file; is {run_dir} a preftune run folder?")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise PreftuneError(f"{path}: not UTF-8 text, so not a metrics file preftune wrote") from None
     latest: dict[tuple[bool, int], dict] = {}
+    cut = None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -112,12 +116,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
             step = int(row["step"])
         except (ValueError, KeyError, TypeError):
             if number == len(lines):
+                cut = number
                 continue  # a write interrupted by a kill
             raise PreftuneError(f"{path} line {number}: not a metrics row with a 'step'") from None
         for is_eval in (False, True):
             part = {k: v for k, v in row.items() if k != "step" and k.startswith(EVAL_PREFIX) == is_eval}
             if part:
                 latest[(is_eval, step)] = {"step": step, **part}
+    if not latest and cut is not None:
+        raise PreftuneError(f"{path}: holds no metrics row (line {cut}, its last, is not one)")
     if not latest:
         raise PreftuneError(f"{path}: empty; the run logged no metrics yet")
     return [latest[key] for key in sorted(latest, key=lambda key: (key[1], key[0]))]

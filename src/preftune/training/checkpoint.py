@@ -345,12 +345,27 @@ def resume(out_dir: Path, state: RunState, cfg: TrainConfig, env: DistEnv, metri
         return f"resume: no complete checkpoint in {Path(out_dir) / FOLDER}; starting from step 0"
     folder = step_dir(out_dir, found - 1)
     trainer = restore(folder, state, cfg, env)
-    if env.is_main and metrics_path.exists() and metrics_path.stat().st_size >= trainer["metrics_bytes"]:
-        with open(metrics_path, "r+b") as handle:
-            handle.truncate(trainer["metrics_bytes"])
-            os.fsync(handle.fileno())
+    if env.is_main and metrics_path.exists():
+        _cut_metrics(metrics_path, trainer["metrics_bytes"])
     barrier(env)
     return f"resume: continuing from step {state.step} ({folder})"
+
+
+def _cut_metrics(path: Path, written: int) -> None:
+    """Cut metrics.jsonl back to the `written` bytes it held at the checkpoint. A file shorter than that (cut by
+    hand, or by a disk that lost its end) is cut to its last whole line instead, so that new rows never join a
+    partial one, and the loss of rows is said."""
+    size = path.stat().st_size
+    keep = written
+    if size < written:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        keep = data.rfind(b"\n") + 1
+        log.warning(f"{path}: shorter than when the checkpoint was written ({size} of {written} bytes); the rows "
+                    f"of earlier steps that are missing stay missing")
+    with open(path, "r+b") as handle:
+        handle.truncate(keep)
+        os.fsync(handle.fileno())
 
 
 def _step_of(folder: Path) -> int:
