@@ -316,13 +316,28 @@ def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path, tiny_mode
 def test_a_failed_run_keeps_the_files_that_were_in_its_folder_before(tmp_path, tiny_model_dir, pairs_file):
     out = tmp_path / "project"
     (out / "plots").mkdir(parents=True)
-    (out / "README.md").write_text("# my project\n")
+    (out / "notes.md").write_text("# my project\n")
     (out / "plots" / "arch.png").write_text("x")
     with pytest.raises(ModelError):
         train.run(small_run(tmp_path / "typo", pairs_file, out), command="preftune")
-    assert (out / "README.md").read_text() == "# my project\n" and (out / "plots" / "arch.png").exists()
+    assert (out / "notes.md").read_text() == "# my project\n" and (out / "plots" / "arch.png").exists()
     assert not (out / "config.yaml").exists()  # what the failed run wrote is gone: the rerun is not refused
     train.run(small_run(tiny_model_dir, pairs_file, out), command="preftune")
+    assert (out / "notes.md").read_text() == "# my project\n" and (out / "plots" / "arch.png").exists()
+
+
+@pytest.mark.parametrize("name", ["README.md", "results.json", "tokenizer.json"])
+def test_a_file_of_the_users_that_the_run_would_write_over_is_refused(tmp_path, tiny_model_dir, pairs_file, name):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / name).write_text("mine\n")
+    for resume in (False, True):
+        with pytest.raises(PreftuneError, match=rf"--output-dir {out}: holds {name}, which the run would write over; "
+                                                r"choose another folder, or --overwrite to replace them"):
+            train.run(small_run(tiny_model_dir, pairs_file, out, resume=resume), command="preftune")
+    assert sorted(p.name for p in out.iterdir()) == [name] and (out / name).read_text() == "mine\n"
+    train.run(small_run(tiny_model_dir, pairs_file, out, overwrite=True), command="preftune")
+    assert (out / "model.safetensors").exists()
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_loaded(tmp_path, tiny_model_dir, pairs_file):

@@ -251,3 +251,18 @@ def test_answers_that_do_not_repeat_the_prompt_exactly_are_refused_as_such():
     exact = {"prompt": prompt, "chosen": prompt + [{"role": "assistant", "content": "hello"}],
              "rejected": prompt + [{"role": "assistant", "content": "no"}]}
     assert read_pair(exact, "chat", "w")[0].chosen == [{"role": "assistant", "content": "hello"}]
+
+
+def test_a_chat_template_that_leaves_answers_out_is_refused():
+    """A template for prompts only renders an answer as nothing: the pair would train on no tokens at all."""
+    tok = make_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                         "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    pair, _, _ = read_pair({"prompt": [{"role": "user", "content": "hi"}],
+                            "chosen": [{"role": "assistant", "content": "hello"}],
+                            "rejected": [{"role": "assistant", "content": "go away"}]}, "chat", "w")
+    with pytest.raises(DataError, match=r"^w: the chosen answer renders as no tokens at all"):
+        tokenize_pair(tok, pair, max_length=256)
+    sft, _ = read_sft({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "s")
+    with pytest.raises(DataError, match=r"^s: the trained answer renders as no tokens at all"):
+        tokenize_example(tok, sft, max_length=256)

@@ -91,6 +91,14 @@ def _require_prompt(ok, where: str, what: str) -> None:
                         f"to be predicted from; give the record a prompt")
 
 
+def _require_tokens(answer_ids, where: str, name: str) -> None:
+    """An answer of no tokens at all (not even an end of turn) means the chat template leaves it out."""
+    if not answer_ids:
+        raise DataError(f"{where}: the {name} answer renders as no tokens at all, so there is nothing to train "
+                        f"on; the chat template leaves the assistant turn out (a template for prompts only?): use "
+                        f"one that writes assistant turns")
+
+
 def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_prompt_length: int | None = None,
                   index: int = 0, raw_text_prompts: bool = False) -> TokenizedPair | None:
     """Token ids of one preference pair, or None when its prompt alone does not fit in `max_length`.
@@ -112,6 +120,8 @@ def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_promp
         # is the pair's, and the other's rest goes to its answer, as TRL cuts.
         n = min(len(for_chosen), len(for_rejected))
         prompt_ids, chosen, rejected = for_chosen[:n], for_chosen[n:] + chosen, for_rejected[n:] + rejected
+    _require_tokens(chosen, pair.where, "chosen")
+    _require_tokens(rejected, pair.where, "rejected")
     if not prompt_ids:
         # TRL never scores a sequence's first token: a first token both answers share becomes the prompt.
         _require_prompt(chosen[:1] and chosen[:1] == rejected[:1], pair.where, "the answers' first tokens")
@@ -141,6 +151,7 @@ def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_pro
         prompt, completion = list(prompt or []) + completion[:-1], completion[-1:]
     prompt_ids, answer, mask = encode_masked(tokenizer, prompt, completion, example.system, example.where,
                                              example.tools, every_turn=True)
+    _require_tokens(answer if mask is None else [i for i, m in zip(answer, mask) if m], example.where, "trained")
     if not prompt_ids and answer:  # as for SFT on text (and in TRL): the first token is the prompt, never scored
         prompt_ids, answer, mask = answer[:1], answer[1:], None if mask is None else mask[1:]
     fitted = _fit(prompt_ids, (answer,), max_length, max_prompt_length)
@@ -169,6 +180,7 @@ def encode_unpaired(tokenizer, ex: UnpairedExample, raw_text_prompts: bool = Fal
         pair = text_form(PreferencePair(prompt, completion, completion, system, ex.where))
         prompt, completion, system = pair.prompt, pair.chosen, pair.system
     prompt_ids, answer = encode_prompt_answer(tokenizer, prompt, completion, system, ex.where, ex.tools)
+    _require_tokens(answer, ex.where, "rated")
     _require_prompt(prompt_ids, ex.where, "its answer's first token and its KL answer's")
     return prompt_ids, answer
 

@@ -49,6 +49,14 @@ def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
     if (out_dir / "config.json").is_file() and not holds_run(out_dir) and not cfg.overwrite:
         raise PreftuneError(f"--output-dir {out_dir}: holds a model (config.json), which the finished run's model "
                             f"would overwrite; choose another folder, or --overwrite to replace it")
+    ours = sorted(p.name for p in out_dir.iterdir() if p.is_file() and (p.name in RUN_FILES
+                                                                          or MODEL_FILE.match(p.name))) \
+        if out_dir.is_dir() and not holds_run(out_dir) and not cfg.overwrite else []
+    if ours:  # files of the user's own (a README, notes in results.json) that the run would write over; folders
+        # (plots/, tensorboard/) are written into, beside what they hold
+        shown = ", ".join(ours[:4]) + (f" and {len(ours) - 4} more" if len(ours) > 4 else "")
+        raise PreftuneError(f"--output-dir {out_dir}: holds {shown}, which the run would write over; choose "
+                            f"another folder, or --overwrite to replace them")
     if env.is_main:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
