@@ -450,3 +450,22 @@ def test_a_run_from_the_token_cache_trains_exactly_as_one_that_tokenised(tiny_mo
     monkeypatch.setattr(token_cache, "tokenize_packed", refuse)
     again = preftune.train("dpo", model=tiny_model_dir, data=pairs_file, **settings)
     assert untimed(again.history) == untimed(first.history) == untimed(plain.history)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stage="ppo"), r"^stage: 'ppo' is not one of sft, dpo, kto, rm, online$"),
+    (dict(callbacks=print), r"^callbacks: expected a list of functions, got builtin_function_or_method"),
+    (dict(callbacks=[5]), r"^callbacks: expected functions, got int"),
+    (dict(tokenizer=5), r"^tokenizer: expected a transformers tokenizer, a folder or a Hub id; got int"),
+])
+def test_arguments_of_the_wrong_kind_are_config_errors(tiny_model_dir, kwargs, message):
+    args = {"stage": "dpo", "model": str(tiny_model_dir), "data": fact_pairs(4), "output_dir": None, **kwargs}
+    with pytest.raises(preftune.ConfigError, match=message):
+        preftune.train(args.pop("stage"), **args)
+
+
+def test_callbacks_may_be_a_generator(tiny_model_dir):
+    rows = []
+    preftune.train("dpo", model=str(tiny_model_dir), data=fact_pairs(8), output_dir=None, max_steps=2, batch_size=4,
+                   callbacks=(fn for fn in [rows.append]))
+    assert [row["step"] for row in rows] == [1, 2]

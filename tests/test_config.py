@@ -70,3 +70,19 @@ def test_lr_schedule_by_hand():
     assert lr_factor(6, warmup=2, total=10, kind="cosine") == pytest.approx(0.5)
     assert lr_factor(6, warmup=2, total=10, kind="linear") == pytest.approx(0.5)
     assert lr_factor(9, warmup=0, total=10, kind="constant") == 1.0
+
+
+def test_a_stage_that_is_none_and_a_lora_dropout_past_1_are_named():
+    with pytest.raises(ConfigError, match=r"^stage: 'ppo' is not one of sft, dpo, kto, rm$"):
+        TrainConfig(stage="ppo", model="m", data="d")
+    with pytest.raises(ConfigError, match=r"^lora_dropout: a probability, must be below 1, got 2"):
+        TrainConfig(model="m", data="d", lora_r=4, lora_dropout=2.0)
+
+
+def test_a_yaml_key_given_twice_is_refused_not_the_last_kept(tmp_path):
+    from preftune.config import load_yaml_mapping
+
+    path = tmp_path / "run.yaml"
+    path.write_text("batch_size: 2\nlr: 1e-6\nbatch_size: 4\n")
+    with pytest.raises(ConfigError, match=rf"^{path} line 3: not valid YAML \(the key 'batch_size' is given twice"):
+        load_yaml_mapping(path)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import TrainConfig, load_yaml_mapping
+from .config import STAGES, TrainConfig, load_yaml_mapping
 from .data import load as data_load
 from .data.memory import as_source, is_path
 from .data.records import PreferencePair
@@ -93,6 +93,9 @@ def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=
 
     Raises `preftune.PreftuneError` subclasses (`ConfigError`, `DataError`, `ModelError`, ...).
     """
+    if stage not in (*STAGES, "online"):
+        raise ConfigError(f"stage: {stage!r} is not one of {', '.join((*STAGES, 'online'))}")
+    callbacks = _checked_callbacks(callbacks)
     if stage == "online":
         from .online.api import train_online
 
@@ -313,6 +316,19 @@ def _model_arg(model, what: str, inputs: RunInputs) -> str:
     return placeholder(model)
 
 
+def _checked_callbacks(callbacks) -> list | None:
+    """`callbacks` as a list of functions (read once: it may be a generator), or a `ConfigError`."""
+    if callbacks is None:
+        return None
+    if callable(callbacks) or isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
+        raise ConfigError(f"callbacks: expected a list of functions, got {type(callbacks).__name__}")
+    callbacks = list(callbacks)
+    for fn in callbacks:
+        if not callable(fn):
+            raise ConfigError(f"callbacks: expected functions, got {type(fn).__name__}")
+    return callbacks
+
+
 def _tokenizer_arg(tokenizer, inputs: RunInputs) -> str | None:
     if tokenizer is None:
         if inputs.model is not None:
@@ -320,6 +336,9 @@ def _tokenizer_arg(tokenizer, inputs: RunInputs) -> str | None:
         return None
     if is_path(tokenizer):
         return os.fspath(tokenizer)
+    if not callable(getattr(tokenizer, "apply_chat_template", None)):
+        raise ConfigError(f"tokenizer: expected a transformers tokenizer, a folder or a Hub id; got "
+                          f"{type(tokenizer).__name__}")
     inputs.tokenizer = tokenizer
     return placeholder(tokenizer)
 

@@ -184,6 +184,8 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        if self.stage not in STAGES:  # before the per-stage checks, which would read it as a stage
+            raise ConfigError(f"stage: {self.stage!r} is not one of {', '.join(STAGES)}")
         for f in fields(self):
             if not applies_to(f.name, self.stage) and getattr(self, f.name) != f.default:
                 stages = stages_of(f.name)
@@ -206,6 +208,8 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
+        if self.lora_dropout >= 1:
+            raise ConfigError(f"lora_dropout: a probability, must be below 1, got {self.lora_dropout}")
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
             raise ConfigError(f"router_aux_loss_coef: must not be negative, got {self.router_aux_loss_coef}")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -292,12 +296,26 @@ class TrainConfig:
         return cls.from_dict(load_yaml_mapping(path), where=str(path))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a key given twice in one mapping (it would keep the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""

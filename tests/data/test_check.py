@@ -161,3 +161,9 @@ def test_show_kto_tag_records_through_the_model(jsonl_file, tiny_model_dir, caps
     assert f"--- completion (undesirable): {blue} tokens (would be cut to fit --max-length)" in out
     assert "blue<eos>" in out
 
+
+
+@pytest.mark.parametrize("n", ["0", "-2"])
+def test_show_refuses_a_count_below_1(jsonl_file, capsys, n):
+    code, out, err = _run(capsys, "show", jsonl_file([{"prompt": "q", "chosen": "a", "rejected": "b"}]), "-n", n)
+    assert code == 2 and out == "" and err == f"preftune: error: -n: must be at least 1, got {n}\n"

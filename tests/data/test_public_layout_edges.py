@@ -253,8 +253,11 @@ def test_answers_that_do_not_repeat_the_prompt_exactly_are_refused_as_such():
     assert read_pair(exact, "chat", "w")[0].chosen == [{"role": "assistant", "content": "hello"}]
 
 
-def test_a_chat_template_that_leaves_answers_out_is_refused():
+def test_a_chat_template_that_leaves_answers_out_is_refused(monkeypatch):
     """A template for prompts only renders an answer as nothing: the pair would train on no tokens at all."""
+    from preftune.data import encode
+
+    monkeypatch.setattr(encode, "_SAID", set())  # its once-only warnings stay this test's
     tok = make_tokenizer()
     tok.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' %}<|{{ m['role'] }}|>{{ m['content'] }}"
                          "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")

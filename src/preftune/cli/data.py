@@ -81,6 +81,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        raise ConfigError(f"-n: must be at least 1, got {args.n}")
     args.file = _source(args)
     tokenizer = local_tokenizer(args.model) if args.model else None
     try:
