@@ -326,6 +326,15 @@ def test_a_failed_run_keeps_the_files_that_were_in_its_folder_before(tmp_path, t
     assert (out / "notes.md").read_text() == "# my project\n" and (out / "plots" / "arch.png").exists()
 
 
+def test_files_of_the_users_that_the_run_does_not_write_stay_beside_it(tmp_path, tiny_model_dir, pairs_file):
+    out = tmp_path / "project"
+    out.mkdir()
+    for name in ("tokenizer_notes.md", "vocab.csv", "adapter_plan.txt"):
+        (out / name).write_text("mine\n")
+    train.run(small_run(tiny_model_dir, pairs_file, out), command="preftune")
+    assert all((out / name).read_text() == "mine\n" for name in ("tokenizer_notes.md", "vocab.csv"))
+
+
 @pytest.mark.parametrize("name", ["README.md", "results.json", "tokenizer.json"])
 def test_a_file_of_the_users_that_the_run_would_write_over_is_refused(tmp_path, tiny_model_dir, pairs_file, name):
     out = tmp_path / "project"

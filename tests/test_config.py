@@ -86,3 +86,14 @@ def test_a_yaml_key_given_twice_is_refused_not_the_last_kept(tmp_path):
     path.write_text("batch_size: 2\nlr: 1e-6\nbatch_size: 4\n")
     with pytest.raises(ConfigError, match=rf"^{path} line 3: not valid YAML \(the key 'batch_size' is given twice"):
         load_yaml_mapping(path)
+
+
+def test_yaml_merge_keys_still_work_and_odd_keys_are_one_line(tmp_path):
+    from preftune.config import load_yaml_mapping
+
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {beta: 0.2, seed: 1}\nrun: {<<: *b, beta: 0.3}\n")
+    assert load_yaml_mapping(path)["run"] == {"beta": 0.3, "seed": 1}
+    path.write_text("? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml_mapping(path)

@@ -301,12 +301,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice; keep one",
-                                                        key_node.start_mark)
-            seen.add(key)
+        for key_node, _ in node.value:  # plain keys as written; merge keys (<<) may be overridden, as YAML allows
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if (key_node.tag, key_node.value) in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key_node.value!r} is given "
+                                                            "twice; keep one", key_node.start_mark)
+                seen.add((key_node.tag, key_node.value))
         return super().construct_mapping(node, deep=deep)
 
 

@@ -269,3 +269,26 @@ def test_a_chat_template_that_leaves_answers_out_is_refused(monkeypatch):
     sft, _ = read_sft({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "s")
     with pytest.raises(DataError, match=r"^s: the trained answer renders as no tokens at all"):
         tokenize_example(tok, sft, max_length=256)
+
+
+def test_what_the_new_checks_must_still_accept(jsonl_file, tmp_path):
+    """Found in review: SFT on H4's messages column beside chosen/rejected, a list prompt beside scores, an empty
+    system cell beside a system turn, a prompt ending in a tool call answered by its result."""
+    user, answer = {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}
+    example, unused = read_sft({"messages": [user, answer], "chosen": [user, answer],
+                                "rejected": [user, {"role": "assistant", "content": "5"}]}, "w")
+    assert example.completion == [answer] and sorted(unused) == ["chosen", "rejected"]
+    pairs, report = load_pairs(jsonl_file([{"prompt": [user], "chosen": [answer], "score_chosen": 8,
+                                            "rejected": [{"role": "assistant", "content": "5"}], "score_rejected": 3}]))
+    assert report.format == "chat" and pairs[0].prompt == [user]
+    turns = [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    assert read_sft({"conversations": turns, "system": ""}, "w")[0].system == "be brief"
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                               "function": {"name": "add", "arguments": {}}}]}
+    record = {"prompt": [user, call], "chosen": [{"role": "tool", "content": "4"}, answer],
+              "rejected": [{"role": "tool", "content": "4"}, {"role": "assistant", "content": "5"}]}
+    assert read_pair(record, "chat", "w")[0].prompt[-1] == call
+    path = tmp_path / "conversations.jsonl"  # one message list a line is not a JSON document: per-line errors
+    path.write_text(json.dumps([user, answer]) + "\n")
+    with pytest.raises(DataError, match="expected a JSON object"):
+        load_pairs(str(path))

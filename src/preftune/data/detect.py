@@ -68,7 +68,7 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
      and not isinstance(v["chosen"], list)),
     ("ultrafeedback", "its answers are message lists with a string prompt or with score_chosen/score_rejected",
      lambda v, k: isinstance(v["chosen"], list)
-     and (isinstance(v.get("prompt"), str) or {"score_chosen", "score_rejected"} <= k)),
+     and (isinstance(v.get("prompt"), str) or ("prompt" not in k and {"score_chosen", "score_rejected"} <= k))),
     ("chat", "its answers are message lists", lambda v, k: isinstance(v["chosen"], list)),
     ("text", "it has a string 'prompt'", lambda v, k: "prompt" in k),
     ("hh", "its answers are Human/Assistant transcripts", lambda v, k: _strings(v, "chosen") and _hh_texts(v)),

@@ -71,9 +71,16 @@ def read_sft(value: Any, where: str) -> tuple[SFTExample, list[str]]:
     A conversation's completion is every turn from the first assistant turn on (the loss covers each assistant
     turn in it; see encode.py), its prompt the turns before."""
     row = new_row(value, where, "sft")
-    if row.holds("chosen") and row.holds("rejected"):
-        raise row.error("this is preference data (a chosen and a rejected answer), and SFT trains on one answer a "
-                        "record; train it with `preftune dpo`, or give SFT records")
+    try:
+        return _read_sft(row, where)
+    except DataError:
+        if row.holds("chosen") and row.holds("rejected"):  # no SFT layout beside the pair
+            raise row.error("this is preference data (a chosen and a rejected answer), and SFT trains on one "
+                            "answer a record; train it with `preftune dpo`, or give SFT records") from None
+        raise
+
+
+def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
     if row.has("label") and row.get("label") in (False, 0, "false", "False"):
         # Unpaired feedback marks this completion undesirable; SFT would teach it like any other.
         raise row.error("the completion is marked undesirable (label: false), and SFT trains on every completion "

@@ -50,11 +50,10 @@ class Row:
     def system_beside(self, system: str | None) -> str | None:
         """The system prompt of a conversation whose own leading system turn is `system`, with the record's
         'system' key (LLaMA-Factory's column) beside it: one of the two; both is refused, not one dropped."""
-        if not self.has("system"):
-            return system
-        if system is not None:
+        column = self.optional_text("system")  # empty (a blank CSV cell) counts as absent
+        if column is not None and system is not None:
             raise self.error("the system prompt is given twice: in the 'system' key and as a system turn; keep one")
-        return self.optional_text("system")
+        return system if column is None else column
 
     def require_open_prompt(self, prompt: Any, answer: Any) -> None:
         """A prompt of turns must leave the answer to come: one ending with an assistant turn would make each
@@ -62,6 +61,8 @@ class Row:
         the whole chosen conversation)."""
         if not isinstance(prompt, list) or not prompt or prompt[-1]["role"] != "assistant":
             return
+        if isinstance(answer, list) and answer and answer[0]["role"] == "tool":
+            return  # the prompt ends with a tool call, the answer with its result
         if isinstance(answer, list) and answer and answer[0] == prompt[-1]:
             raise self.error("the prompt ends with the answer itself (its last turn is the chosen answer's first: "
                              "the prompt list seems to hold the whole conversation); give the prompt's turns only")

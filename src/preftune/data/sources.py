@@ -149,7 +149,8 @@ def _records_array(raw: bytes) -> bool:
         value = json.loads(raw)
     except (ValueError, RecursionError):
         return False
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+    return (isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+            and not all(any(k <= v.keys() for k in _MESSAGE_KEYS) for v in value))  # a message list is one record's
 
 
 def _json_problem(exc: Exception) -> str:

@@ -50,7 +50,7 @@ def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
         raise PreftuneError(f"--output-dir {out_dir}: holds a model (config.json), which the finished run's model "
                             f"would overwrite; choose another folder, or --overwrite to replace it")
     ours = sorted(p.name for p in out_dir.iterdir() if p.is_file() and (p.name in RUN_FILES
-                                                                          or MODEL_FILE.match(p.name))) \
+                                                                          or WRITTEN_FILE.match(p.name))) \
         if out_dir.is_dir() and not holds_run(out_dir) and not cfg.overwrite else []
     if ours:  # files of the user's own (a README, notes in results.json) that the run would write over; folders
         # (plots/, tensorboard/) are written into, beside what they hold
@@ -88,6 +88,12 @@ RUN_FILES = (CONFIG, DATA_STATS, METRICS_FILE, RESULTS, "README.md", "plots", "t
 MODEL_FILE = re.compile(r"^(config\.json|generation_config\.json|chat_template\.(jinja|json)|special_tokens_map\.json|"
                          r"added_tokens\.json|merges\.txt|vocab\..*|tokenizer.*|model.*\.safetensors.*|"
                          r"pytorch_model.*|adapter_.*|merged)$")
+
+# The model files a finished run writes, by their exact names: what it would write over in a folder.
+WRITTEN_FILE = re.compile(r"^(config\.json|generation_config\.json|chat_template\.(jinja|json)|"
+                          r"special_tokens_map\.json|added_tokens\.json|merges\.txt|vocab\.(json|txt)|tokenizer(_config)?\.json|"
+                          r"tokenizer\.model|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|"
+                          r"adapter_(config\.json|model\.safetensors))$")
 
 
 @contextmanager
