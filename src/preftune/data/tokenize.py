@@ -151,7 +151,7 @@ def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_pro
         prompt, completion = list(prompt or []) + completion[:-1], completion[-1:]
     prompt_ids, answer, mask = encode_masked(tokenizer, prompt, completion, example.system, example.where,
                                              example.tools, every_turn=True)
-    _require_tokens(answer if mask is None else [i for i, m in zip(answer, mask) if m], example.where, "trained")
+    _require_tokens(answer if mask is None or any(mask) else [], example.where, "trained")
     if not prompt_ids and answer:  # as for SFT on text (and in TRL): the first token is the prompt, never scored
         prompt_ids, answer, mask = answer[:1], answer[1:], None if mask is None else mask[1:]
     fitted = _fit(prompt_ids, (answer,), max_length, max_prompt_length)
