@@ -157,6 +157,46 @@ def test_csv_cells_holding_message_lists_are_read_as_lists_and_said(tmp_path, ca
     assert "the cells of chosen, rejected hold lists written as text" in caplog.text
 
 
+def test_a_csv_from_a_datasets_dataframe_reads_its_message_arrays(tmp_path, caplog):
+    """`Dataset.to_pandas().to_csv()` writes a message column as numpy prints an object array: no comma between
+    the messages, nested lists as `array([...], dtype=object)`. It was read as the repr's text before."""
+    datasets = pytest.importorskip("datasets")
+
+    def turn(role, text):
+        return {"role": role, "content": text}
+    rows = [{"chosen": [turn("user", "say {x} } {y}"), turn("assistant", "ok, 'done'")],
+             "rejected": [turn("user", "say {x} } {y}"), turn("assistant", "no\nway")]},
+            {"chosen": [turn("user", "2+2?"), turn("assistant", "4")],
+             "rejected": [turn("user", "2+2?"), turn("assistant", "5")]}]
+    path = tmp_path / "pairs.csv"
+    datasets.Dataset.from_list(rows).to_pandas().to_csv(path, index=False)
+    assert "}\n {" in path.read_text()  # what numpy writes, not a list literal
+    with caplog.at_level(logging.WARNING):
+        pairs, report = load_pairs(str(path))
+    assert report.format == "chat" and "hold lists written as text" in caplog.text
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        ([r["chosen"][0]], [r["chosen"][1]], [r["rejected"][1]]) for r in rows]
+
+
+def test_numpy_printed_content_parts_and_history_are_read_and_a_broken_message_cell_is_refused(tmp_path):
+    parts = ("[{'role': 'user', 'content': array([{'text': 'look ', 'type': 'text'}\n"
+             " {'text': 'here', 'type': 'text'}], dtype=object)}\n {'role': 'assistant', 'content': 'a cat'}]")
+    path = _csv(tmp_path / "parts.csv", [{"chosen": parts, "rejected": parts.replace("a cat", "a dog")}])
+    pair = load_pairs(path)[0][0]
+    assert (pair.prompt, pair.chosen) == ([{"role": "user", "content": "look here"}],
+                                          [{"role": "assistant", "content": "a cat"}])
+    history = "[array(['what is 1+1?', '2'], dtype=object) array(['and 2+2?' '4'], dtype=object)]"
+    path = _csv(tmp_path / "alpaca.csv", [{"instruction": "and 3 more?", "input": "", "chosen": "7",
+                                           "rejected": "6", "history": history}])
+    assert [t["content"] for t in load_pairs(path)[0][0].prompt] == ["what is 1+1?", "2", "and 2+2?", "4",
+                                                                     "and 3 more?"]
+    cut = "[{'role': 'user', 'content': 'hi'} ...]"  # numpy's summary of a long array, or a cell cut short
+    path = _csv(tmp_path / "cut.csv", [{"chosen": "[]", "rejected": "[]"}, {"chosen": cut, "rejected": cut}])
+    with pytest.raises(DataError, match=r"cut\.csv record 2: the chosen cell looks like a message list written as "
+                                        r"text, but it does not read back as one .*save the data as JSON Lines"):
+        load_pairs(path)
+
+
 def test_csv_answers_that_are_json_arrays_stay_text(tmp_path):
     path = _csv(tmp_path / "pairs.csv", [{"prompt": "list three numbers", "chosen": "[1, 2, 3]",
                                           "rejected": '[{"a": 1}]'}])

@@ -13,7 +13,9 @@ import gzip
 import io
 import json
 import logging
+import re
 import sys
+import tokenize
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -211,9 +213,15 @@ def _csv_records(path: Path, text: str) -> list[dict]:
         raise DataError(f"{path}: not readable CSV ({exc}); save it with a header row and quoted fields") \
             from None
     listed: set[str] = set()
-    for record in records:
+    for number, record in enumerate(records, start=1):
         for key, cell in record.items():
-            if isinstance(cell, str) and (value := _written_list(key, cell)) is not None:
+            try:
+                value = _written_list(key, cell) if isinstance(cell, str) else None
+            except ValueError as exc:
+                raise DataError(f"{path} record {number}: the {key} cell looks like a message list written as "
+                                f"text, but it does not read back as one ({exc}); save the data as JSON Lines "
+                                "(Dataset.to_json) or Parquet instead of CSV") from None
+            if value is not None:
                 record[key] = value
                 listed.add(str(key))
     if listed:
@@ -226,12 +234,13 @@ _MESSAGE_KEYS = ({"role", "content"}, {"from", "value"})
 
 
 def _written_list(key: str, cell: str) -> Any:
-    """A message list (or an alpaca `history` of [user, assistant] pairs) written into a CSV cell as JSON or as a
-    Python literal, read back; None for any other cell (an answer that is itself a JSON array stays text)."""
+    """A message list (or an alpaca `history` of [user, assistant] pairs) written into a CSV cell as JSON, as a
+    Python literal or as numpy prints an array of dicts, read back; None for any other cell (an answer that is
+    itself a JSON array stays text)."""
     text = cell.strip()
     if (text[:1], text[-1:]) not in (("[", "]"), ("{", "}")):
         return None
-    for parse in (json.loads, ast.literal_eval):  # literal_eval reads literals only: no code runs
+    for parse in (json.loads, ast.literal_eval, _numpy_printed):  # literals only: no code runs
         try:
             value = parse(text)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -241,7 +250,56 @@ def _written_list(key: str, cell: str) -> Any:
         history = key == "history" and all(isinstance(t, list) and all(isinstance(x, str) for x in t)
                                            for t in items)
         return value if items and (messages or history) or (key == "history" and value == []) else None
+    if _MESSAGES_START.match(text):  # a message list that did not survive being written: not an answer's text
+        raise ValueError(f"it starts {text[:40]!r}")
     return None
+
+
+# The start of a list of messages, first key role, content, from or value, quoted as JSON or as Python does.
+_MESSAGES_START = re.compile(r"""\[\s*\{\s*(['"])(role|content|from|value)\1\s*:""")
+
+
+def _numpy_printed(text: str) -> Any:
+    """A cell as `str()` of a numpy object array writes it (`Dataset.to_pandas().to_csv()` does, for a column of
+    message lists): `[{...}\n {...}]`, no comma between elements, nested lists as `array([...], dtype=object)`.
+    Read as Python tokens, so brackets and quotes inside the strings are left alone: a comma goes back between two
+    elements of a list, and each `array(...)` becomes its list."""
+    skip = (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.ENDMARKER, tokenize.INDENT, tokenize.DEDENT)
+    try:
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type not in skip]
+    except (tokenize.TokenError, SyntaxError) as exc:
+        raise ValueError(str(exc)) from None
+    out: list[str] = []
+    stack: list[str] = []  # open brackets, and "array" for the parenthesis of an array(...) call
+    ended = False  # the last token written ends an element
+    i = 0
+    while i < len(tokens):
+        tok, after = tokens[i], tokens[i + 1] if i + 1 < len(tokens) else None
+        word = tok.string if tok.type == tokenize.OP else None
+        if tok.type == tokenize.NAME and tok.string == "array" and after is not None and after.string == "(":
+            if ended and stack[-1:] == ["["]:
+                out.append(",")
+            stack.append("array")
+            i, ended = i + 2, False
+            continue
+        if stack[-1:] == ["array"] and (word == ")" or (word == "," and after is not None
+                                                          and after.string == "dtype")):
+            while tokens[i].string != ")":  # the dtype argument, up to the call's closing parenthesis
+                i += 1
+            stack.pop()
+            i, ended = i + 1, True
+            continue
+        starts = tok.type in (tokenize.STRING, tokenize.NUMBER, tokenize.NAME) or word in ("[", "{", "(", "-")
+        if starts and ended and stack[-1:] == ["["]:
+            out.append(",")
+        out.append(tok.string)
+        if word in ("[", "{", "("):
+            stack.append(word)
+        elif word in ("]", "}", ")"):
+            stack.pop() if stack else None
+        ended = tok.type in (tokenize.STRING, tokenize.NUMBER, tokenize.NAME) or word in ("]", "}", ")")
+        i += 1
+    return ast.literal_eval(" ".join(out))
 
 
 def _parquet_records(path: Path, data: bytes) -> list[dict]:
