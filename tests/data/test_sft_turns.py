@@ -12,6 +12,7 @@ from preftune.data.formats import to_sft
 from preftune.data.tokenize import tokenize_example
 from preftune.logps.answer import answer_logps
 from preftune.demo.base import tiny_llama
+from preftune.errors import DataError
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -118,3 +119,27 @@ def test_alpaca_sft_without_a_template_is_the_text_a_pair_would_be(tok):
     assert raw.prompt_ids == tok("Be brief.\n\nAdd the numbers.\n2 + 2")["input_ids"]
     assert raw.answer_ids == _ids(tok, "4 .") + [tok.eos_token_id] and raw.answer_mask is None
     assert raw.prompt_ids == tokenize_pair(tok, pair, max_length=512, raw_text_prompts=True).prompt_ids
+
+
+def test_a_system_column_beside_sft_conversations_is_their_system_prompt(tok):
+    """LLaMA-Factory and others keep the system prompt in a column beside the turns, for every SFT layout
+    that has a prompt; it was read for ShareGPT `conversations` only and reported unused beside the others."""
+    from preftune.data.formats import read_sft
+
+    chat = [U("hi"), A("hello .")]
+    in_turns = tokenize_example(tok, to_sft({"messages": [{"role": "system", "content": "Be brief."}, *chat]}, "w"),
+                                max_length=512)
+    for record in ({"system": "Be brief.", "messages": chat},
+                   {"system": "Be brief.", "prompt": chat[:1], "completion": chat[1:]},
+                   {"system": "Be brief.", "conversations": [{"from": "human", "value": "hi"},
+                                                             {"from": "gpt", "value": "hello ."}]}):
+        example, unused = read_sft(record, "w")
+        assert (example.system, unused) == ("Be brief.", [])
+        assert tokenize_example(tok, example, max_length=512).prompt_ids == in_turns.prompt_ids
+    text, unused = read_sft({"system": "Be brief.", "prompt": "Add 2 and 2.", "completion": "4 ."}, "w")
+    assert unused == []  # before the prompt, as a text pair has it
+    assert tokenize_example(tok, text, max_length=512).prompt_ids == tok("Be brief.\n\nAdd 2 and 2.")["input_ids"]
+    alone, unused = read_sft({"system": "Be brief.", "completion": "4 ."}, "w")
+    assert (alone.system, unused) == (None, ["system"])  # no prompt to put it before: reported, not used
+    with pytest.raises(DataError, match="the system prompt is given twice"):
+        read_sft({"system": "Be brief.", "messages": [{"role": "system", "content": "Be long."}, *chat]}, "w")

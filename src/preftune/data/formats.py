@@ -90,15 +90,16 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
             system, turns = split_system(row.messages("messages"))
         else:
             system, turns = split_system(sharegpt_messages(row, "conversations"))
-            system = row.system_beside(system)
-        example = _sft_from_messages(row, turns, system)
+        example = _sft_from_messages(row, turns, row.system_beside(system))
     elif row.holds("completion"):
         if isinstance(row.get("completion"), list):
             system, prompt = split_system(row.messages("prompt") if row.has("prompt") else [])
-            example = SFTExample(row.messages("completion"), prompt or None, system, where)
+            example = SFTExample(row.messages("completion"), prompt or None, row.system_beside(system), where)
             row.require_open_prompt(prompt, example.completion)
         else:
-            example = SFTExample(row.text("completion"), row.optional_text("prompt"), None, where)
+            prompt = row.optional_text("prompt")  # a system prompt goes before a prompt, as in a text pair
+            example = SFTExample(row.text("completion"), prompt, row.optional_text("system") if prompt else None,
+                                 where)
     elif row.holds("instruction") and row.holds("output"):
         # Alpaca (LLaMA-Factory's rule, as for preference records): history, then instruction + input as the
         # user turn, then the output: the conversation a `messages` record would hold, trained the same way
