@@ -269,6 +269,22 @@ def test_pandas_column_layout_json_says_how_to_save_records(tmp_path):
         load_pairs(str(path))
 
 
+@pytest.mark.parametrize("orient, says", [("split", "column names apart from rows of values"),
+                                          ("values", "the rows are lists without key names"),
+                                          ("index", "one object per row keyed by row number")])
+def test_other_pandas_json_layouts_say_how_to_save_records(tmp_path, orient, says):
+    """Each was read as records that are lists (one error per record), or as one record keyed 0, 1, 2."""
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "pairs.json"
+    pd.DataFrame([{"prompt": "q", "chosen": "a", "rejected": "b"}] * 2).to_json(path, orient=orient)
+    with pytest.raises(DataError, match=rf"pairs\.json: {says} \(as pandas' to_json\(orient='{orient}'\) writes them"
+                                        r"\); save the records instead"):
+        load_pairs(str(path))
+    pd.DataFrame([{"prompt": "q", "chosen": "a", "rejected": "b"}] * 2).to_json(path, orient="table")
+    pairs, report = load_pairs(str(path))  # records, with the index beside them: reported unused
+    assert [(p.prompt, p.chosen) for p in pairs] == [("q", "a")] * 2 and report.unused_keys == {"index": 2}
+
+
 def test_an_empty_margin_cell_in_a_csv_is_no_margin(tmp_path):
     path = _csv(tmp_path / "pairs.csv", [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "1.5"},
                                          {"prompt": "q", "chosen": "c", "rejected": "d", "margin": ""}])

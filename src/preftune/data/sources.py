@@ -178,10 +178,23 @@ def _json_rows(path: Path, text: str) -> Rows:
     return _numbered(path, _json_records(path, value))
 
 
+_AS_RECORDS = "save the records instead: df.to_json(path, orient='records', lines=True), named .jsonl"
+
+
 def _json_records(path: Path, value: Any) -> list:
     if isinstance(value, list):
+        if value and all(isinstance(item, list) for item in value):
+            raise DataError(f"{path}: the rows are lists without key names (as pandas' to_json(orient='values') "
+                            f"writes them); {_AS_RECORDS}")
         return value
     if isinstance(value, dict):
+        if {"columns", "data"} <= value.keys() and isinstance(value["data"], list) and value["data"] \
+                and all(isinstance(row, list) for row in value["data"]):
+            raise DataError(f"{path}: column names apart from rows of values (as pandas' to_json(orient='split') "
+                            f"writes them); {_AS_RECORDS}")
+        if value and all(key.isdigit() and isinstance(item, dict) for key, item in value.items()):
+            raise DataError(f"{path}: one object per row keyed by row number (as pandas' to_json(orient='index') "
+                            f"writes them); {_AS_RECORDS}")
         lists = [key for key, item in value.items() if isinstance(item, list)]
         if len(lists) == 1:
             return value[lists[0]]
@@ -190,8 +203,7 @@ def _json_records(path: Path, value: Any) -> list:
                 return value[key]
         if _pandas_columns(value):
             raise DataError(f"{path}: one object per column keyed by row number, as pandas' to_json() writes by "
-                            "default; save the records instead: df.to_json(path, orient='records', lines=True), "
-                            "named .jsonl")
+                            f"default; {_AS_RECORDS}")
         if not lists:
             return [value]  # a single record
         raise DataError(f"{path}: the JSON object holds several lists ({', '.join(lists)}) and none is called "
