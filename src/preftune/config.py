@@ -74,7 +74,7 @@ class TrainConfig:
     # --- what to train, on what, where
     stage: str = _f("dpo", "Training stage: sft, dpo, kto or rm (reward model).", choices=STAGES)
     model: str = _f("", "Model to start from: a local Hugging Face folder or a Hub id.")
-    data: str = _f("", "Training data: a file (.jsonl/.json/.parquet/.csv, optionally .gz), a folder or a Hub id.")
+    data: str = _f("", "Training data: a file (.jsonl/.json/.parquet/.csv/.tsv, optionally .gz), a folder or a Hub id.")
     output_dir: str = _f("", "Run folder: the final model, config.yaml, metrics.jsonl and plots go here.")
     ref_model: str | None = _f(None, "Reference model for DPO (default: the starting model).")
     tokenizer: str | None = _f(None, "Tokenizer to use (default: the model's).")

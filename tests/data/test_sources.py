@@ -106,3 +106,18 @@ def test_split_eval_is_deterministic_and_complete():
     assert split_eval(items, 0.0, seed=3) == (items, [])
     assert split_eval([1, 2], 0.01, seed=0)[1] != []  # any positive fraction holds something out
     assert len(split_eval([1, 2], 0.9, seed=0)[0]) == 1  # ... and keeps something to train on
+
+
+def test_tab_separated_files_are_read_and_a_wrong_delimiter_is_one_line(tmp_path):
+    from preftune.errors import DataError
+
+    (tmp_path / "pairs.tsv").write_text('prompt\tchosen\trejected\nwhat, then?\t"a\tb"\tc; d\n')
+    pairs, _ = load_pairs(str(tmp_path / "pairs.tsv"))
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("what, then?", "a\tb", "c; d")]
+    (tmp_path / "excel.csv").write_text("prompt;chosen;rejected\nq;a;b\n")  # a European spreadsheet's CSV
+    with pytest.raises(DataError, match=r"^\S*excel\.csv: the header is one column, 'prompt;chosen;rejected': the "
+                                        r"fields are separated by ';', not ','; save it with ',' between fields$"):
+        load_pairs(str(tmp_path / "excel.csv"))
+    (tmp_path / "commas.tsv").write_text("prompt,chosen,rejected\nq,a,b\n")
+    with pytest.raises(DataError, match=r"separated by ',', not '\\t'; .* \(or name it \.csv\)$"):
+        load_pairs(str(tmp_path / "commas.tsv"))

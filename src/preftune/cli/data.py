@@ -42,7 +42,7 @@ def register(subparsers: Any) -> None:
 
 
 def _add_source_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", nargs="?", help="Data file (.jsonl/.json/.parquet/.csv, optionally .gz), folder "
+    parser.add_argument("file", nargs="?", help="Data file (.jsonl/.json/.parquet/.csv/.tsv, optionally .gz), folder "
                         "or Hub id.")
     parser.add_argument("--data", dest="data_file", metavar="FILE", help="The same, named as the training "
                         "commands name it.")

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 from ..errors import DataError
 from .memory import InMemory, memory_rows
 
-SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 # Lists in a JSON object that may hold the records, tried in this order when the object holds several lists.
 _JSON_LIST_KEYS = ("data", "train", "rows", "records", "examples")
 
@@ -66,8 +66,8 @@ def _file_rows(path: Path) -> Rows:
     if kind == ".parquet":
         return _numbered(path, _parquet_records(path, data))
     text = _decode(path, data)
-    if kind == ".csv":
-        return _numbered(path, _csv_records(path, text))
+    if kind in (".csv", ".tsv"):
+        return _numbered(path, _csv_records(path, text, "," if kind == ".csv" else "\t"))
     return _json_rows(path, text)
 
 
@@ -216,14 +216,22 @@ def _pandas_columns(value: dict) -> bool:
     return bool(columns) and all(isinstance(c, dict) and c and all(k.isdigit() for k in c) for c in columns)
 
 
-def _csv_records(path: Path, text: str) -> list[dict]:
-    """The rows of a CSV file; cells holding message lists written as text are read as the lists (said once)."""
+def _csv_records(path: Path, text: str, delimiter: str = ",") -> list[dict]:
+    """The rows of a CSV (or tab-separated) file; cells holding message lists written as text are read as the
+    lists (said once)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long answers exceed the 128 KiB default
     try:
-        records = list(csv.DictReader(io.StringIO(text, newline="")))
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        records = list(reader)
     except csv.Error as exc:
         raise DataError(f"{path}: not readable CSV ({exc}); save it with a header row and quoted fields") \
             from None
+    header = reader.fieldnames or []
+    other = next((d for d in ";\t|," if d != delimiter and len(header) == 1 and d in header[0]), None)
+    if other is not None:
+        raise DataError(f"{path}: the header is one column, {header[0][:60]!r}: the fields are separated by "
+                        f"{other!r}, not {delimiter!r}; save it with {delimiter!r} between fields"
+                        + {"\t": " (or name it .tsv)", ",": " (or name it .csv)"}.get(other, ""))
     listed: set[str] = set()
     for number, record in enumerate(records, start=1):
         for key, cell in record.items():
