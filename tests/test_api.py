@@ -469,3 +469,89 @@ def test_callbacks_may_be_a_generator(tiny_model_dir):
     preftune.train("dpo", model=str(tiny_model_dir), data=fact_pairs(8), output_dir=None, max_steps=2, batch_size=4,
                    callbacks=(fn for fn in [rows.append]))
     assert [row["step"] for row in rows] == [1, 2]
+
+
+# ------------------------------------------------------------------- what the caller gave, and what it left out
+
+def test_paths_in_a_config_stand_when_their_arguments_are_left_out(tiny_model_dir, pairs, pairs_file, tmp_path):
+    """ref_model, eval_data, output_dir and tokenizer given in config= were replaced by the arguments' None."""
+    import yaml
+    from tinylm import make_model_dir
+
+    other = make_model_dir(tmp_path / "other", seed=7)
+    paths = {"ref_model": str(other), "eval_data": str(pairs_file), "output_dir": str(tmp_path / "run"),
+             "tokenizer": str(tiny_model_dir)}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**paths, **SETTINGS}))
+    model, _ = load(tiny_model_dir)
+    result = preftune.train("dpo", model=model, data=pairs, config=str(tmp_path / "run.yaml"))
+    assert result.output_dir == tmp_path / "run" and (tmp_path / "run" / "model.safetensors").is_file()
+    assert any("eval_loss" in row for row in result.history)
+    as_flags = preftune.train("dpo", model=tiny_model_dir, data=pairs, **SETTINGS,
+                              **{k: v for k, v in paths.items() if k != "output_dir"})
+    assert untimed(result.history) == untimed(as_flags.history)
+    assert result.history[0]["loss"] != pytest.approx(math.log(2), abs=1e-3)  # the other model is the reference
+
+
+@pytest.mark.parametrize("dtype", ["mixed", "bfloat16"])
+def test_a_model_object_in_lower_precision_trains_what_its_path_trains(tiny_model_dir, pairs, dtype):
+    """The object's reference was cast whole to bf16 (norms, embeddings, the rotary inv_freq), where a loaded one
+    keeps all but its linear layers' weights in the trained dtype; and pure bf16 rounded the policy's inv_freq,
+    which from_pretrained(dtype=bfloat16) keeps in fp32. Either moved the first loss off log 2."""
+    settings = {**SETTINGS, "dtype": dtype, "lr": 1e-4}
+    from_path = preftune.train("dpo", model=tiny_model_dir, data=pairs, **settings)
+    model, tokenizer = load(tiny_model_dir)
+    reference, _ = load(tiny_model_dir)
+    from_object = preftune.train("dpo", model=model, tokenizer=tokenizer, ref_model=reference, data=pairs, **settings)
+    assert untimed(from_object.history) == untimed(from_path.history)
+    assert from_path.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)  # fp32's log 2; was 0.693174
+    trained, loaded = from_object.model.state_dict(), from_path.model.state_dict()
+    assert all(torch.equal(trained[k], loaded[k]) for k in loaded)
+    rotary = [b for name, b in model.named_buffers() if name.endswith("inv_freq")]
+    assert rotary and all(b.dtype == torch.float32 for b in rotary)
+    assert {b.dtype for name, b in reference.named_buffers() if name.endswith("inv_freq")} == {torch.float32}
+
+
+def test_the_model_as_its_own_reference_is_refused_before_anything_changes(tiny_model_dir, pairs):
+    model, tokenizer = load(tiny_model_dir)
+    with pytest.raises(preftune.ConfigError, match=r"^ref_model: the same object as model, so the reference would "
+                                                  r"train with it; pass ref_model=None"):
+        preftune.train("dpo", model=model, tokenizer=tokenizer, ref_model=model, data=pairs, **SETTINGS)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_eval_data_that_is_the_training_data_is_refused(tiny_model_dir, pairs, pairs_file, tmp_path):
+    import datasets
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(pairs)})
+    with pytest.raises(preftune.ConfigError, match=r"^eval_data: the same object as data, read at the same split "
+                                                  r"\('train'\), so every eval pair would be a training pair"):
+        preftune.train("dpo", model=tiny_model_dir, data=splits, eval_data=splits, **SETTINGS)
+    r = cli("dpo", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--eval-data", str(pairs_file),
+            "--output-dir", str(tmp_path / "run"), *flags(SETTINGS), cwd=tmp_path)
+    assert r.returncode == 2 and "is --data too, read at the same --split ('train')" in r.stderr
+    assert not (tmp_path / "run").exists()
+    held_out = preftune.train("dpo", model=tiny_model_dir, data=pairs, eval_data=list(pairs), **SETTINGS)
+    assert any("eval_loss" in row for row in held_out.history)  # equal records in another list are the caller's call
+
+
+def test_gradient_checkpointing_the_run_turned_on_is_off_again(tiny_model_dir, pairs):
+    model, tokenizer = load(tiny_model_dir)
+    preftune.train("dpo", model=model, tokenizer=tokenizer, data=pairs, gradient_checkpointing=True, **SETTINGS)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert getattr(model, "_require_grads_hook", None) is None
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    preftune.train("dpo", model=model, tokenizer=tokenizer, data=pairs, gradient_checkpointing=True, **SETTINGS)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # on before: left on
+
+
+@pytest.mark.parametrize("container", ["dataframe", "datasetdict", "dict"])
+def test_online_prompts_in_a_container_are_refused_not_read_as_its_keys(tiny_model_dir, tmp_path, container):
+    import datasets
+    import pandas as pd
+
+    rows = [{"prompt": f"the capital of france is {i}"} for i in range(4)]
+    data = {"dataframe": pd.DataFrame(rows), "dict": rows[0],
+            "datasetdict": datasets.DatasetDict(train=datasets.Dataset.from_list(rows))}[container]
+    with pytest.raises(preftune.DataError, match=r"^data: "):
+        preftune.train("online", model=tiny_model_dir, data=data, output_dir=tmp_path / "run", judge="rule:longer",
+                       batch_size=1, device="cpu")

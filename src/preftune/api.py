@@ -85,7 +85,8 @@ def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=
     callbacks: functions called with a copy of every metrics row (training and eval) as it is logged; one that
         returns "stop" ends the run after that step (with a folder, a checkpoint is written, as on SIGTERM).
     config: a `TrainConfig`, a dict of its fields, or a YAML file; keyword `fields` (any `TrainConfig` field
-        by name: beta=0.1, max_steps=100, lr=5e-7, lora_r=16, ...) override it.
+        by name: beta=0.1, max_steps=100, lr=5e-7, lora_r=16, ...) override it. An argument above left out
+        (ref_model, tokenizer, eval_data, output_dir) keeps the path the config gives it.
     quiet: True unless passed as quiet=False (or set in a dict / YAML config): no progress, no output.
 
     stage "online" runs `preftune online` (see `online.api.train_online`): `data` holds prompts, and a `judge`
@@ -111,11 +112,16 @@ def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=
     values.update(fields)
     inputs = RunInputs()
     values["model"] = _model_arg(model, "model", inputs)
-    values["ref_model"] = None if ref_model is None else _model_arg(ref_model, "ref_model", inputs)
-    values["tokenizer"] = _tokenizer_arg(tokenizer, inputs)
+    # An argument left out keeps what the config says (a path in a YAML file), as `preftune dpo --config` does.
+    if ref_model is not None:
+        values["ref_model"] = _model_arg(ref_model, "ref_model", inputs)
+    if tokenizer is not None or not values.get("tokenizer"):
+        values["tokenizer"] = _tokenizer_arg(tokenizer, inputs)
     values["data"] = _data_arg(data, "data", inputs)
-    values["eval_data"] = None if eval_data is None else _data_arg(eval_data, "eval_data", inputs)
-    values["output_dir"] = "" if output_dir is None else os.fspath(output_dir)
+    if eval_data is not None:
+        values["eval_data"] = _data_arg(eval_data, "eval_data", inputs)
+    if output_dir is not None:
+        values["output_dir"] = os.fspath(output_dir)
     cfg = TrainConfig.from_dict(values, where="train()")
     _check_objects(cfg, inputs)
     return train_from_config(cfg, inputs=inputs, callbacks=callbacks, command=_command(cfg, inputs))
@@ -352,7 +358,15 @@ def _data_arg(data, what: str, inputs: RunInputs) -> str:
 
 
 def _check_objects(cfg: TrainConfig, inputs: RunInputs) -> None:
-    """Settings that need the model as a path, refused before anything loads."""
+    """Settings that need the model as a path, and a reference that is the policy, refused before anything
+    loads."""
+    if inputs.data is not None and inputs.eval_data is not None and inputs.eval_data.records is inputs.data.records:
+        raise ConfigError(f"eval_data: the same object as data, read at the same split ({cfg.split!r}), so every "
+                          "eval pair would be a training pair; pass held-out records (eval_data=dataset['test']), "
+                          "or eval_split=0.1 to hold out a share of data")
+    if inputs.model is not None and inputs.ref_model is inputs.model:
+        raise ConfigError("ref_model: the same object as model, so the reference would train with it; pass "
+                          "ref_model=None (a frozen copy of the starting model), or a second copy of it")
     if inputs.model is not None and is_peft_model(inputs.model) and cfg.lora_r:
         raise ConfigError("lora_r: the model is already a peft model; its adapters train as they are (drop "
                           "lora_r), or pass the base model to add new ones")

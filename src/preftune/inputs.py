@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .models.precision import Precision, cast_weights, hold_frozen
 
 
 @dataclass
@@ -56,15 +57,19 @@ def policy_in_place(model: torch.nn.Module, device: torch.device, dtype: torch.d
     """The model to train, moved to `device`; a plain model is also cast to `dtype`, as if loaded in it.
 
     A peft model keeps its dtypes (peft holds adapters in fp32 over a base that may be lower precision)."""
-    if is_peft_model(model):
-        return model.to(device)
-    return model.to(device=device, dtype=dtype)
+    model.to(device)
+    if not is_peft_model(model):
+        cast_weights(model, dtype)
+    return model
 
 
-def frozen(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, *, copied: bool) -> torch.nn.Module:
-    """A reference model: a copy of `model` (copied=True) or `model` itself, on `device` in `dtype`, frozen."""
+def frozen(model: torch.nn.Module, device: torch.device, precision: Precision, *, copied: bool) -> torch.nn.Module:
+    """A reference model: a copy of `model` (copied=True) or `model` itself, on `device`, frozen, and held in
+    `precision` as a reference loaded from a path is (`hold_frozen`)."""
     ref = copy.deepcopy(model) if copied else model
-    ref.to(device=device, dtype=dtype)
+    ref.to(device)
+    cast_weights(ref, precision.trained)
+    hold_frozen(ref, precision)
     ref.eval()
     for p in ref.parameters():
         p.requires_grad_(False)

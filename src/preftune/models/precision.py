@@ -62,6 +62,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Floating-point parameters to `dtype`, buffers left as they are: `from_pretrained(dtype=...)` keeps a rotary
+    embedding's `inv_freq` in fp32, and `model.to(dtype)` would round it, moving every position's angle (a bf16
+    reference beside a policy loaded in bf16 then starts off log 2). Tied parameters stay one tensor."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def hold_frozen(model, precision: Precision) -> None:
     """Store a frozen copy (loaded in `precision.trained`) the way it must be held to compute what the policy does.
 
@@ -74,7 +83,7 @@ def hold_frozen(model, precision: Precision) -> None:
     embeddings) stays whole.
     """
     if precision.compute is None:
-        model.to(precision.frozen)
+        cast_weights(model, precision.frozen)
         return
     tied = {id(model.get_input_embeddings().weight)} if hasattr(model, "get_input_embeddings") else set()
     for module in model.modules():

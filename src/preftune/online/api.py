@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 
 def train_online(*, model, data, tokenizer=None, ref_model=None, eval_data=None, output_dir=None, callbacks=None,
@@ -27,12 +27,13 @@ def train_online(*, model, data, tokenizer=None, ref_model=None, eval_data=None,
     if not is_path(model):
         raise ConfigError("model: online training reloads each round's policy from its folder; pass the model as "
                           "a path (save_pretrained it first)")
-    if output_dir is None:
-        raise ConfigError("output_dir: required for online training (each round keeps its pairs and checkpoints)")
     values = dict(load_yaml_mapping(config)) if is_path(config) else dict(config or {})
     values.pop("stage", None)
     values.setdefault("quiet", True)
     values.update(fields)
+    output_dir = values.get("output_dir") if output_dir is None else output_dir
+    if not output_dir:
+        raise ConfigError("output_dir: required for online training (each round keeps its pairs and checkpoints)")
     judge = values.get("judge")
     if callable(judge):
         values["judge"] = ""
@@ -40,12 +41,24 @@ def train_online(*, model, data, tokenizer=None, ref_model=None, eval_data=None,
     if is_path(data):
         values["prompts"] = os.fspath(data)
     else:
-        prompts = list(data)
+        prompts = _prompt_list(data, "data")
     if eval_data is not None and is_path(eval_data):
         values["eval_prompts"] = os.fspath(eval_data)
     elif eval_data is not None:
-        eval_prompts = list(eval_data)
+        eval_prompts = _prompt_list(eval_data, "eval_data")
     values.update(model=os.fspath(model), output_dir=os.fspath(output_dir))
     cfg = OnlineConfig.from_dict(values, where="train()")
     return run_online(cfg, judge=judge if callable(judge) else None, prompts=prompts, eval_prompts=eval_prompts,
                       callbacks=callbacks or ())
+
+
+def _prompt_list(source, name: str) -> list:
+    """In-memory prompts as a list: a list of prompts or prompt records, or a `datasets.Dataset` (iterating a
+    dict, a DataFrame or a DatasetDict would give its keys as the prompts)."""
+    from ..data.memory import as_source
+
+    records = as_source(source, name).records
+    if isinstance(records, dict):  # a DatasetDict: online prompts have no split to choose
+        raise DataError(f"{name}: a DatasetDict with splits {', '.join(records)}; pass one split, e.g. "
+                        f"{name}=dataset[{next(iter(records), 'train')!r}]")
+    return list(records)

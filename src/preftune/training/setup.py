@@ -206,7 +206,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
         policy = policy_in_place(inputs.model, load_device, dtype)
         if _copies_reference(cfg, policy, inputs):
             # Taken before adapters, checkpointing or compilation change the policy: the starting model.
-            start_copy = frozen(policy, load_device, precision.frozen, copied=True)
+            start_copy = frozen(policy, load_device, precision, copied=True)
             set_compute_dtype(start_copy, precision.compute)
     elif cfg.stage == "rm":
         torch.manual_seed(cfg.seed)  # a new score head is drawn from the torch random state, as in TRL
@@ -231,12 +231,13 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
         use_fused_norms(policy)
     if cfg.stage != "sft" and cfg.disable_dropout:
         disable_dropout(policy)
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and not any(getattr(m, "gradient_checkpointing", False) for m in policy.modules()):
         enable = getattr(policy, "activation_checkpointing_enable", None)  # the newer name, transformers >= 5.x
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy._preftune_checkpointing = True  # turned on for this run: `release` turns it off
     cache_off_for_training(policy)
     if cfg.lora_r:
         policy = lora.add_adapters(policy, cfg)
@@ -298,8 +299,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
 def release(model) -> None:
     """Undo what a run set on a model object for its own use, so that the caller goes on with a plain model: fused
     norm and MLP forwards (which do not pickle), compiled layers, the autocast dtype preftune's forwards read,
-    gradients (a failed step leaves them, row-sparse for the embedding), and the KV-cache setting. What training
-    means stays: the weights, adapters added with lora_r, dropout turned off (as TRL leaves it)."""
+    gradients (a failed step leaves them, row-sparse for the embedding), the KV-cache setting, and gradient
+    checkpointing the run turned on. What training means stays: the weights, adapters added with lora_r, dropout
+    turned off (as TRL leaves it)."""
     use_plain_norms(model)
     use_plain_mlps(model)
     for module in model.modules():
@@ -313,6 +315,17 @@ def release(model) -> None:
     for p in model.parameters():
         p.grad = None
     restore_cache_setting(model)
+    for module in model.modules():
+        if module.__dict__.pop("_preftune_checkpointing", False):
+            _checkpointing_off(module)
+
+
+def _checkpointing_off(model) -> None:
+    """Gradient checkpointing off again, with the hook that made the embeddings' output require grad."""
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+    if getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
 
 
 def _compile_body(model) -> None:
@@ -342,7 +355,7 @@ def _load_reference(cfg: TrainConfig, device, precision: Precision, given=None, 
     """The reference model: `given` (an object, frozen in place) or loaded from `--ref-model` / `--model`; a loaded
     one with only the input-embedding rows of the token ids `keep()` gives, when `keep` is given."""
     if given is not None:
-        model = frozen(given, device, precision.frozen, copied=False)
+        model = frozen(given, device, precision, copied=False)
     else:
         # Read in the trained dtype and stored as `hold_frozen` says on the CPU, so the device never holds the
         # transient full-precision copy (nor the rows of the embedding that narrowing drops); only the final,
