@@ -61,6 +61,16 @@ def sample_groups(model, tokenizer, prompts: list[list[int]], *, samples: int, m
     per batch with `seed` + the batch's index, so the same call gives the same answers (a resumed round
     regenerates what the interrupted one did).
     """
+    return sample_ended_groups(model, tokenizer, prompts, samples=samples, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed, device=device,
+                               batch_size=batch_size)[0]
+
+
+def sample_ended_groups(model, tokenizer, prompts: list[list[int]], *, samples: int, max_new_tokens: int,
+                        temperature: float, top_p: float, seed: int, device,
+                        batch_size: int = 16) -> tuple[list[list[str]], list[list[bool]]]:
+    """`sample_groups`, and for each answer whether it ended with the end-of-sequence token (False: cut off at
+    `max_new_tokens`)."""
     check_positions(model, prompts, max_new_tokens)
     pad = tokenizer.pad_token_id
     sample = temperature > 0
@@ -68,6 +78,7 @@ def sample_groups(model, tokenizer, prompts: list[list[int]], *, samples: int, m
     model.eval()
     model.config.use_cache = True
     groups: list[list[str]] = []
+    ended: list[list[bool]] = []
     try:
         for b, start in enumerate(range(0, len(prompts), batch_size)):
             chunk = prompts[start:start + batch_size]
@@ -81,10 +92,12 @@ def sample_groups(model, tokenizer, prompts: list[list[int]], *, samples: int, m
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
             texts = [_answer_text(tokenizer, row[width:]) for row in out]
             groups.extend(texts[i * samples:(i + 1) * samples] for i in range(len(chunk)))
+            stops = [tokenizer.eos_token_id in row[width:].tolist() for row in out]
+            ended.extend(stops[i * samples:(i + 1) * samples] for i in range(len(chunk)))
     finally:
         model.train(was_training)
         model.config.use_cache = use_cache
-    return groups
+    return groups, ended
 
 
 def _answer_text(tokenizer, ids: torch.Tensor) -> str:

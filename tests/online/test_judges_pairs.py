@@ -150,3 +150,17 @@ def test_empty_answers_to_text_prompts_are_judged_but_never_paired():
         (0, "b", "a"), (2, [{"role": "assistant", "content": "d"}], [{"role": "assistant", "content": ""}])]
     assert made.empty_answers == 4 and made.short_groups == 1 and made.tied_groups == 0
     assert made.score_mean == pytest.approx(sum(sum(s) for s in scores) / 9)
+
+
+def test_answers_cut_off_at_max_new_tokens_are_judged_but_never_paired():
+    """A cut-off answer was trained as a finished one (EOS appended where the cut fell), so a long cut answer
+    judged best taught the policy to stop mid-sentence."""
+    prompts = [{"prompt": "p0", "system": None}, {"prompt": "p1", "system": None}]
+    answers = [["a long answer cut", "short", "mid"], ["x", "y cut"]]
+    scores = [[9.0, 1.0, 2.0], [1.0, 5.0]]
+    ended = [[False, True, True], [True, False]]
+    made = best_vs_worst(prompts, answers, scores, ended)
+    assert [(p["chosen"], p["rejected"]) for p in made.pairs] == [("mid", "short")]
+    assert (made.cut_answers, made.short_groups, made.empty_answers) == (2, 1, 0)
+    assert made.score_mean == pytest.approx(18 / 5)  # every sample was judged
+    assert best_vs_worst(prompts, answers, scores).pairs[0]["chosen"] == "a long answer cut"  # all ended: as before

@@ -21,8 +21,9 @@ from preftune.online.rounds import round_dir
 PROMPTS = ["the capital of france is", "cats chase", "the sky is", "water boils at", "dogs chase cats and",
            "Human: what is the capital of spain ? Assistant:", "grass is", "the capital of italy is"]
 EVAL = ["what is the capital of spain ?", "the sky is blue and"]
+# The tiny random model rarely ends an answer within a few tokens: its cut-off answers are paired too.
 SETTINGS = dict(samples=3, rounds=2, steps_per_round=3, max_new_tokens=6, batch_size=4, lr=1e-3, beta=0.1,
-                generation_batch_size=4)
+                generation_batch_size=4, pair_cut_answers=True)
 
 
 class LengthJudge:
@@ -98,6 +99,8 @@ def test_judge_sees_each_prompt_with_its_samples_and_pairs_follow_its_scores(uni
         assert row["score_std"] == pytest.approx(statistics.pstdev(flat))
         assert row["eval_score"] == pytest.approx(statistics.fmean(len(a[0]) for _, a in greedy))
         assert row["train_loss"] > 0
+        assert all(len(s["ended"]) == SETTINGS["samples"] for s in samples)
+        assert row["cut_answers"] == sum(not e for s in samples for e in s["ended"]) > 0  # paired: pair_cut_answers
     assert result.history[0]["round"] == 0
     assert result.history[0]["eval_score"] == pytest.approx(statistics.fmean(len(a[0]) for _, a in
                                                                             judge.calls[:len(EVAL)]))
@@ -153,7 +156,7 @@ def test_a_failing_judge_is_one_line_naming_the_prompt_and_leaves_nothing(tiny_m
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "preftune", "online", "--model", str(tiny_model_dir), "--prompts", str(prompts),
            "--output-dir", str(out), "--judge", f"python:{judge}:score", "--samples", "3", "--rounds", "1",
-           "--steps-per-round", "1", "--max-new-tokens", "4", "--batch-size", "2"]
+           "--steps-per-round", "1", "--max-new-tokens", "4", "--batch-size", "2", "--pair-cut-answers"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (f"preftune: error: {prompts}:2: the judge returned 1 scores "
@@ -188,7 +191,8 @@ def test_sigterm_during_sampling_stops_cleanly_and_resume_finishes(tiny_model_di
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "preftune", "online", "--model", str(tiny_model_dir), "--prompts", str(prompts),
            "--output-dir", str(out), "--judge", f"python:{judge}:score", "--samples", "3", "--rounds", "1",
-           "--steps-per-round", "2", "--max-new-tokens", "6", "--batch-size", "4", "--quiet"]
+           "--steps-per-round", "2", "--max-new-tokens", "6", "--batch-size", "4", "--quiet",
+           "--pair-cut-answers"]
     stopped = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert stopped.returncode == 0, stopped.stderr
     assert "SIGTERM received" in stopped.stderr

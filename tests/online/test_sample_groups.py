@@ -34,3 +34,22 @@ def test_seeded_sampling_repeats_and_differs_by_seed(tiny_model_dir):
     assert sample_groups(model, tok, ids, seed=6, **kw) != first
     assert [len(g) for g in first] == [3, 3, 3, 3]
     assert len({a for g in first for a in g}) > 4  # samples of one prompt differ from each other
+
+
+
+def test_each_sample_says_whether_it_ended_or_was_cut_off(tiny_model_dir):
+    """Checked against each prompt decoded alone: an answer ended when EOS came within the token budget."""
+    from preftune.generate import sample_ended_groups
+
+    model, tok, ids = _setup(tiny_model_dir)
+    seen = set()
+    for budget in (1, 8, 40):
+        kw = dict(samples=1, max_new_tokens=budget, temperature=0.0, top_p=1.0, seed=0, device="cpu", batch_size=3)
+        texts, ended = sample_ended_groups(model, tok, ids, **kw)
+        assert texts == sample_groups(model, tok, ids, **kw)
+        for prompt, group in zip(ids, ended):
+            alone = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=budget, do_sample=False,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            assert group == [tok.eos_token_id in alone[0, len(prompt):].tolist()]
+            seen.add(group[0])
+    assert seen == {True, False}

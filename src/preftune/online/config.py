@@ -59,6 +59,8 @@ class OnlineConfig:
     rounds: int = _f(3, "Rounds of generate, judge, pair, train.")
     steps_per_round: int = _f(50, "DPO optimizer steps per round (the round's pairs are repeated as needed).")
     max_new_tokens: int = _f(256, "Longest generated answer in tokens.")
+    pair_cut_answers: bool = _f(False, "Pair answers cut off at --max-new-tokens too; each is trained as if it "
+                                       "ended where it was cut. By default they are judged but never paired.")
     temperature: float = _f(0.8, "Sampling temperature of the round's answers.")
     top_p: float = _f(1.0, "Nucleus sampling mass.")
     generation_batch_size: int = _f(16, "Prompts per generation batch.")

@@ -1,6 +1,7 @@
 """Pairs from judged groups: each prompt's best answer against its worst; a group whose scores are all equal
 gives no pair and is counted. An empty answer to a text prompt (the policy ended at once) cannot be trained on,
-so it is judged and counted but never paired."""
+and an answer cut off at --max-new-tokens is not one the policy gave (trained, it would end with EOS where the cut
+fell): both are judged and counted but never paired."""
 
 from __future__ import annotations
 
@@ -19,20 +20,26 @@ class RoundPairs:
     score_std: float         # population standard deviation of the same
     empty_answers: int = 0   # empty answers to text prompts: judged, never paired
     short_groups: int = 0    # prompts skipped: fewer than two answers that could be paired
+    cut_answers: int = 0     # answers that reached --max-new-tokens without ending: judged, never paired
 
     @property
     def pair_share(self) -> float:
         return len(self.pairs) / self.groups if self.groups else 0.0
 
 
-def best_vs_worst(prompts: list[dict], answers: list[list[str]], scores: list[list[float]]) -> RoundPairs:
+def best_vs_worst(prompts: list[dict], answers: list[list[str]], scores: list[list[float]],
+                  ended: list[list[bool]] | None = None, *, pair_cut: bool = False) -> RoundPairs:
     """One pair per prompt whose answers do not all score the same: the first highest-scoring answer chosen, the
     first lowest-scoring one rejected. `prompts[i]` is a prompt record ({prompt, system?}); `answers[i]` and
-    `scores[i]` its samples and their scores."""
-    pairs, tied, empty, short = [], 0, 0, 0
+    `scores[i]` its samples and their scores; `ended[i]` whether each ended (None: all did). Cut-off answers are
+    counted, and paired only with `pair_cut`."""
+    pairs, tied, empty, short, cut = [], 0, 0, 0, 0
     for i, (record, group, group_scores) in enumerate(zip(prompts, answers, scores)):
-        usable = [j for j in range(len(group)) if isinstance(record["prompt"], list) or group[j].strip()]
-        empty += len(group) - len(usable)
+        whole = [j for j in range(len(group)) if ended is None or ended[i][j]]
+        cut += len(group) - len(whole)
+        whole = list(range(len(group))) if pair_cut else whole
+        usable = [j for j in whole if isinstance(record["prompt"], list) or group[j].strip()]
+        empty += len(whole) - len(usable)
         if len(usable) < 2:
             short += 1
             continue
@@ -50,7 +57,7 @@ def best_vs_worst(prompts: list[dict], answers: list[list[str]], scores: list[li
     flat = [s for group_scores in scores for s in group_scores]
     mean = statistics.fmean(flat) if flat else 0.0
     std = statistics.pstdev(flat) if flat else 0.0
-    return RoundPairs(pairs, len(prompts), tied, mean, std, empty, short)
+    return RoundPairs(pairs, len(prompts), tied, mean, std, empty, short, cut)
 
 
 def training_record(pair: dict) -> dict:

@@ -146,7 +146,7 @@ def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callback
             row = {"round": r, "step": r * cfg.steps_per_round, "score_mean": made.score_mean,
                    "score_std": made.score_std, "pair_share": made.pair_share, "pairs": len(made.pairs),
                    "tied_groups": made.tied_groups, "empty_answers": made.empty_answers,
-                   "short_groups": made.short_groups,
+                   "short_groups": made.short_groups, "cut_answers": made.cut_answers,
                    **{f"train_{k}": v for k, v in result.metrics.items()
                       if k in ("loss", "reward_accuracy", "reward_margin")}}
             if held_out:
@@ -166,7 +166,7 @@ def _round_pairs(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, judge:
                  device) -> RoundPairs:
     """The round's judged samples and pairs: read back when written before (resume), else generated, judged and
     written (samples first, pairs last, each atomically: pairs.jsonl existing means the round's data is done)."""
-    from ..generate import sample_groups
+    from ..generate import sample_ended_groups
 
     folder = round_dir(out, r)
     if (folder / PAIRS).exists():
@@ -174,16 +174,19 @@ def _round_pairs(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, judge:
         if [s["prompt"] for s in samples] != [p["prompt"] for p in prompts]:
             raise PreftuneError(f"{folder / SAMPLES}: its prompts are not the run's prompts; resume with the "
                                 f"prompts the run started with, or start afresh with --overwrite")
-        return best_vs_worst(prompts, [s["answers"] for s in samples], [s["scores"] for s in samples])
+        ended = [s.get("ended", [True] * len(s["answers"])) for s in samples]  # written before it was recorded
+        return best_vs_worst(prompts, [s["answers"] for s in samples], [s["scores"] for s in samples], ended,
+                             pair_cut=cfg.pair_cut_answers)
     ids = [encode_prompt(tokenizer, p["prompt"], p["system"], p["where"]) for p in prompts]
-    answers = sample_groups(policy, tokenizer, ids, samples=cfg.samples, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + r * ROUND_SEED_STRIDE,
-                            device=device, batch_size=cfg.generation_batch_size)
+    answers, ended = sample_ended_groups(policy, tokenizer, ids, samples=cfg.samples,
+                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                         top_p=cfg.top_p, seed=cfg.seed + r * ROUND_SEED_STRIDE, device=device,
+                                         batch_size=cfg.generation_batch_size)
     scores = [judged(judge, p["prompt"], group, p["where"]) for p, group in zip(prompts, answers)]
-    made = best_vs_worst(prompts, answers, scores)
+    made = best_vs_worst(prompts, answers, scores, ended, pair_cut=cfg.pair_cut_answers)
     folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / SAMPLES, [{"prompt": p["prompt"], "answers": a, "scores": s}
-                                   for p, a, s in zip(prompts, answers, scores)])
+    write_jsonl(folder / SAMPLES, [{"prompt": p["prompt"], "answers": a, "scores": s, "ended": e}
+                                   for p, a, s, e in zip(prompts, answers, scores, ended)])
     write_jsonl(folder / PAIRS, made.pairs)
     return made
 
@@ -191,10 +194,13 @@ def _round_pairs(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, judge:
 def _train_round(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, start: str, made: RoundPairs, callbacks):
     batch = cfg.train_config(output_dir="", model=cfg.model).batch_size
     if len(made.pairs) < batch:
+        cut = (f"; {made.cut_answers} answers reached --max-new-tokens without ending and are never paired: raise "
+               f"--max-new-tokens (or pass --pair-cut-answers)" if made.cut_answers and not cfg.pair_cut_answers
+               else "")
         raise PreftuneError(f"round {r}: {len(made.pairs)} of {made.groups} prompts gave a pair ({made.tied_groups} "
                             f"had answers the judge scored all the same, {made.short_groups} fewer than two non-empty "
-                            f"answers), fewer than one batch of {batch}; add "
-                            f"prompts, raise --samples or --temperature, lower --batch-size, or check the judge")
+                            f"finished answers), fewer than one batch of {batch}; add "
+                            f"prompts, raise --samples or --temperature, lower --batch-size, or check the judge{cut}")
     train_dir = round_dir(out, r) / TRAIN
     ref = cfg.model if cfg.ref_update == "none" else start
     tcfg = cfg.train_config(output_dir=str(train_dir), model=f"<round {r} policy>", ref_model=ref,
@@ -321,6 +327,8 @@ def _stopped(cfg: OnlineConfig, out: Path, history, tokenizer, r: int, step: int
 def _describe(row: dict) -> str:
     text = (f"round {row['round']}: judge score {row['score_mean']:.4g} ± {row['score_std']:.3g}, "
             f"{row['pairs']} pairs ({row['pair_share']:.0%} of prompts)")
+    if row.get("cut_answers"):
+        text += f", {row['cut_answers']} answers cut off at --max-new-tokens"
     if "eval_score" in row:
         text += f", held-out greedy score {row['eval_score']:.4g}"
     return text
