@@ -555,3 +555,16 @@ def test_online_prompts_in_a_container_are_refused_not_read_as_its_keys(tiny_mod
     with pytest.raises(preftune.DataError, match=r"^data: "):
         preftune.train("online", model=tiny_model_dir, data=data, output_dir=tmp_path / "run", judge="rule:longer",
                        batch_size=1, device="cpu")
+
+
+def test_a_model_on_the_meta_device_and_trl_s_peft_config_are_one_line_each(tiny_model_dir, pairs):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    _, tokenizer = load(tiny_model_dir)
+    with pytest.raises(preftune.ConfigError, match=r"^model: its weights are on the meta device"):
+        preftune.train("dpo", model=empty, tokenizer=tokenizer, data=pairs, **SETTINGS)
+    with pytest.raises(preftune.ConfigError, match=r"unknown key 'peft_config'; that is TRL's name: here it is "
+                                                  r"'lora_r', 'lora_alpha'"):
+        preftune.train("dpo", model=tiny_model_dir, data=pairs, peft_config=object(), **SETTINGS)

@@ -64,6 +64,8 @@ TRL_NAMES = {
     "center_rewards_coefficient": "'center_rewards'", "dataset_num_proc": "'tokenize_procs'",
     "warmup_ratio": "'warmup_steps' (a number of steps)", "max_completion_length": "'max_length' (prompt + answer)",
     "model_name_or_path": "'model'", "ref_model_name_or_path": "'ref_model'", "dataset_name": "'data'",
+    "peft_config": "'lora_r', 'lora_alpha', 'lora_dropout' and 'lora_targets' (or pass a peft model as the model)",
+    "use_peft": "'lora_r' (the LoRA rank; 0 trains every weight)",
 }
 
 

@@ -47,6 +47,9 @@ def check_model_object(model: Any, what: str) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"{what}: expected a transformers model, a peft model, or a path / Hub id; got "
                           f"{type(model).__name__}")
+    if any(t.is_meta for t in model.parameters()):
+        raise ConfigError(f"{what}: its weights are on the meta device (built without loading them); load the "
+                          f"model with from_pretrained, or pass its path")
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         raise ConfigError(f"{what}: a quantized model object cannot be used yet; pass its path with "
                           f"load_in_4bit=True and lora_r set")
