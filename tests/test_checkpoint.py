@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tinylm import fact_pairs, make_model_dir, write_jsonl
 from preftune.config import TrainConfig
 from preftune.dist.env import DistEnv
-from preftune.errors import ModelError, NonFiniteError, PreftuneError
+from preftune.errors import ConfigError, ModelError, NonFiniteError, PreftuneError
 from preftune.io import file_sha256
 from preftune.models.load import load_model
 from preftune.training import checkpoint as ckpt
@@ -311,6 +311,24 @@ def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path, tiny_mode
         train.run(cfg, command="preftune")
     train.run(small_run(tiny_model_dir, pairs_file, tmp_path / "run", overwrite=True), command="preftune")
     assert not (tmp_path / "run" / "checkpoints").exists()  # the old run's checkpoints are gone
+
+
+def test_overwrite_removes_the_old_model_and_does_not_combine_with_resume(tmp_path, tiny_model_dir, pairs_file):
+    """A LoRA run's merged/ outlived a full run over it, and a full run's weights a LoRA run's adapter, so the
+    folder loaded as the old model; --resume --overwrite resumed, ignoring --overwrite."""
+    out = tmp_path / "run"
+    train.run(small_run(tiny_model_dir, pairs_file, out, lora_r=4, merge=True), command="preftune")
+    assert (out / "merged").is_dir() and (out / "adapter_model.safetensors").is_file()
+    (out / "notes.md").write_text("mine\n")
+    train.run(small_run(tiny_model_dir, pairs_file, out, overwrite=True), command="preftune")
+    assert not (out / "merged").exists() and not (out / "adapter_model.safetensors").exists()
+    full = (out / "model.safetensors").read_bytes()
+    train.run(small_run(tiny_model_dir, pairs_file, out, overwrite=True, lora_r=4), command="preftune")
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert (out / "notes.md").read_text() == "mine\n" and full
+    with pytest.raises(ConfigError, match=r"^resume: --resume continues the run in --output-dir and --overwrite "
+                                          r"starts it afresh; pass one of them$"):
+        small_run(tiny_model_dir, pairs_file, out, overwrite=True, resume=True)
 
 
 def test_a_failed_run_keeps_the_files_that_were_in_its_folder_before(tmp_path, tiny_model_dir, pairs_file):

@@ -216,6 +216,9 @@ class TrainConfig:
             raise ConfigError(f"router_aux_loss_coef: must not be negative, got {self.router_aux_loss_coef}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"max_steps: must be positive, or -1 to use epochs; got {self.max_steps}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume: --resume continues the run in --output-dir and --overwrite starts it afresh; "
+                              "pass one of them")
         if self.eval_data and self.eval_split:
             raise ConfigError("eval_split: with --eval-data the held-out pairs come from that file; drop "
                               "--eval-split (or --eval-data to hold out part of --data)")

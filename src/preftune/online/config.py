@@ -88,6 +88,9 @@ class OnlineConfig:
             raise ConfigError(f"ref_update: {self.ref_update!r} is not one of {', '.join(REF_UPDATES)}")
         if not 0 <= self.eval_split < 1:
             raise ConfigError(f"eval_split: must be in [0, 1), got {self.eval_split}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume: --resume continues the run in --output-dir and --overwrite starts it afresh; "
+                              "pass one of them")
         if self.eval_prompts and self.eval_split:
             raise ConfigError("eval_split: give --eval-prompts or --eval-split, not both")
         for key in self.dpo:

@@ -34,6 +34,7 @@ from ..errors import PreftuneError
 from ..io import append_jsonl, atomic_write_json, write_jsonl
 from ..report.tracking import METRICS_FILE
 from ..training.loop import execute
+from ..training.run_dir import remove_outputs
 from ..training.signals import StopOnSignal
 from .config import OnlineConfig
 from .judges import Judge, judged, make_judge
@@ -247,10 +248,7 @@ def _prepare(out: Path, cfg: OnlineConfig) -> None:
         raise PreftuneError(f"--output-dir {out}: already holds a run; choose another folder, pass --resume to "
                             f"continue it, or --overwrite to start afresh")
     if cfg.overwrite and not cfg.resume:
-        for name in (METRICS_FILE, RESULTS):
-            (out / name).unlink(missing_ok=True)
-        for name in (ROUNDS, "plots"):
-            shutil.rmtree(out / name, ignore_errors=True)
+        remove_outputs(out, (ROUNDS, "plots"))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

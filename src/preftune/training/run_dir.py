@@ -73,13 +73,23 @@ def clear_previous(out_dir: Path, cfg: TrainConfig, env: DistEnv, kept: set[str]
     data have loaded, so a mistake in the new command leaves the old run whole. From then on the run files in
     the folder are this run's (`kept` empties: a failure removes them)."""
     if cfg.overwrite and not cfg.resume:
-        if env.is_main:
-            for name in (METRICS_FILE, RESULTS, "adapter_config.json", "adapter_model.safetensors"):
-                (out_dir / name).unlink(missing_ok=True)  # a LoRA run's adapter would outlive a full run's model
-            for name in ("plots", CHECKPOINTS):  # old checkpoints must never be resumed into the new run
-                shutil.rmtree(out_dir / name, ignore_errors=True)
+        if env.is_main:  # old checkpoints must never be resumed into the new run
+            remove_outputs(out_dir, ("plots", CHECKPOINTS, "merged", "tensorboard"))
         kept.clear()
         barrier(env)
+
+
+def remove_outputs(out_dir: Path, folders: tuple[str, ...]) -> None:
+    """A previous run's metrics, results and model files, and `folders`, out of `out_dir` (--overwrite). The old
+    model goes too: a full run's weights would outlive a LoRA run's adapter, a sharded model's shards a whole
+    one, and merged/ the run that merged."""
+    if not out_dir.is_dir():
+        return
+    for path in out_dir.iterdir():
+        if path.is_file() and (path.name in (METRICS_FILE, RESULTS) or WRITTEN_FILE.match(path.name)):
+            path.unlink(missing_ok=True)
+    for name in folders:
+        shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
 # What a run writes at its top level besides the model files (which only a finished run has).
