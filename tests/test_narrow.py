@@ -39,10 +39,11 @@ def test_a_copy_of_a_policy_set_for_row_sparse_gradients_reads_through_the_remap
     ids up in the narrowed matrix directly."""
     from preftune.inputs import frozen
     from preftune.logps.parts import embed_tokens, sparse_embedding_grad
+    from preftune.models.precision import Precision
 
     policy = tiny("llama")
     assert sparse_embedding_grad(policy, True)
-    ref = frozen(policy, torch.device("cpu"), torch.float32, copied=True)
+    ref = frozen(policy, torch.device("cpu"), Precision(torch.float32, torch.float32), copied=True)
     ids = torch.tensor([40, 3, 17, 3])
     want = embed_tokens(ref, ids).detach().clone()
     assert narrow_input_embedding(ref, ids) > 0

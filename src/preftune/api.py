@@ -360,10 +360,11 @@ def _data_arg(data, what: str, inputs: RunInputs) -> str:
 def _check_objects(cfg: TrainConfig, inputs: RunInputs) -> None:
     """Settings that need the model as a path, and a reference that is the policy, refused before anything
     loads."""
-    if inputs.data is not None and inputs.eval_data is not None and inputs.eval_data.records is inputs.data.records:
-        raise ConfigError(f"eval_data: the same object as data, read at the same split ({cfg.split!r}), so every "
-                          "eval pair would be a training pair; pass held-out records (eval_data=dataset['test']), "
-                          "or eval_split=0.1 to hold out a share of data")
+    splits = inputs.data.records if inputs.data is not None and isinstance(inputs.data.records, dict) else None
+    if splits is not None and inputs.eval_data is not None and inputs.eval_data.records is splits:
+        raise ConfigError(f"eval_data: the same DatasetDict as data, read at the same split ({cfg.split!r}), so "
+                          f"every eval pair would be a training pair; pass its held-out split "
+                          f"(eval_data=dataset['test']), or eval_split=0.1 to hold out a share of data")
     if inputs.model is not None and inputs.ref_model is inputs.model:
         raise ConfigError("ref_model: the same object as model, so the reference would train with it; pass "
                           "ref_model=None (a frozen copy of the starting model), or a second copy of it")

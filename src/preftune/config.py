@@ -222,10 +222,6 @@ class TrainConfig:
         if self.eval_data and self.eval_split:
             raise ConfigError("eval_split: with --eval-data the held-out pairs come from that file; drop "
                               "--eval-split (or --eval-data to hold out part of --data)")
-        if self.eval_data and self.eval_data == self.data and not self.data.startswith("<"):
-            raise ConfigError(f"eval_data: {self.eval_data} is --data too, read at the same --split "
-                              f"({self.split!r}), so every eval pair would be a training pair; give held-out data, "
-                              "or --eval-split FRACTION to hold out a share of --data")
         if self.lora_r and self.lora_alpha <= 0:
             raise ConfigError(f"lora_alpha: must be positive, got {self.lora_alpha:g}")
         if self.max_steps == -1 and self.epochs <= 0:

@@ -174,6 +174,11 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
         for note in (eval_report.detection, eval_report.unused_line()):
             if note and env.is_main:
                 log.warning(note)
+        same = eval_source == source if isinstance(source, str) else getattr(eval_source, "records", None) is \
+            getattr(source, "records", None)
+        if same and env.is_main:
+            log.warning(f"{eval_source}: the eval data is the training data, so eval metrics measure the fit to the "
+                        "pairs trained on; hold out others with --eval-split")
     elif cfg.eval_split:
         records, eval_records = split_eval(records, cfg.eval_split, cfg.seed)
         eval_source, parts = source, ("train", "eval")
