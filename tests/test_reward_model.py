@@ -90,6 +90,36 @@ def test_sequences_join_each_prompt_to_its_answers():
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]
 
 
+@pytest.mark.parametrize("rope", ["longrope", "dynamic"])
+def test_each_reward_is_its_sequence_alone_when_the_rope_follows_the_batch(rope):
+    """Longrope takes its long factors for every row of a call once one row passes the switch length (dynamic NTK
+    rescales by the call's longest row): a short answer's reward moved with what it was batched with."""
+    import transformers
+    from families import ORIGINAL_MAX, _entries
+    from preftune.data.batching import collate
+    from preftune.data.tokenize import TokenizedPair
+    from preftune.reward import batch_rewards, sequences
+
+    family, head = ("phi3-longrope", transformers.Phi3ForSequenceClassification) if rope == "longrope" else \
+        ("llama", transformers.LlamaForSequenceClassification)
+    config_cls, _, kwargs, _ = _entries()[family]
+    if rope == "dynamic":
+        kwargs = {**kwargs, "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+                  "max_position_embeddings": ORIGINAL_MAX}
+    torch.manual_seed(0)
+    model = head(config_cls(**{**kwargs, "num_labels": 1, "pad_token_id": 0})).eval()
+    pairs = [TokenizedPair([5, 6, 7], [1, 2], [3] * (ORIGINAL_MAX + 9)), TokenizedPair([8], [4] * 5, [9] * 30),
+             TokenizedPair([2, 3], [4], [6, 7])]
+    batch = collate(pairs, 0)
+    ids, mask = sequences(batch, pad_id=0)
+    with torch.no_grad():
+        alone = [model(input_ids=row[m.bool()][None]).logits[0, 0] for row, m in zip(ids, mask)]
+        together = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+        ours = batch_rewards(model, batch)
+    assert not torch.allclose(together, torch.stack(alone), atol=1e-6)  # the batch moved the short rows
+    assert torch.allclose(ours, torch.stack(alone), atol=1e-6, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------ parity with TRL
 
 def test_first_step_loss_equals_trl_reward_trainer(tiny_model_dir, tmp_path):
