@@ -157,3 +157,31 @@ def test_bad_values_for_eval_and_generate_are_one_line(tiny_model_dir, tmp_path,
     code = main([command, "--model", str(tiny_model_dir), "--data", str(data), *flags])
     err = capsys.readouterr().err
     assert code == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_sequences_past_a_learned_position_table_and_bad_lengths_are_one_line(tmp_path):
+    """eval, score and training indexed past GPT-2's position table (an IndexError deep in the forward) when
+    --max-length was above it; a --max-prompt-length below 1 crashed eval and score."""
+    import transformers
+    import preftune
+    from preftune.errors import ConfigError
+
+    tok = make_tokenizer()
+    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=12, n_embd=16, n_layer=1, n_head=2,
+                                     pad_token_id=tok.pad_token_id)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    pairs = [{"prompt": "the capital of france is", "chosen": " paris . the sky is blue and grass is green .",
+              "rejected": " rome ."}]
+    with pytest.raises(ConfigError, match=r"^--max-length: the model given has a position table of 12 positions, "
+                                          r"and the data holds sequences of up to \d+ tokens; pass --max-length 12"):
+        preftune.evaluate(model=model, tokenizer=tok, data=pairs, device="cpu", dtype="float32")
+    assert preftune.evaluate(model=model, tokenizer=tok, data=pairs, device="cpu", dtype="float32",
+                             max_length=12).summary["pairs"] == 1
+    with pytest.raises(ConfigError, match=r"^--max-length: the model given has a position table of 12 positions"):
+        preftune.train("dpo", model=model, tokenizer=tok, data=pairs * 2, batch_size=2, max_steps=1, device="cpu",
+                       dtype="float32")
+    with pytest.raises(ConfigError, match=r"^max_prompt_length: must be at least 1 \(or left out\), got 0$"):
+        preftune.evaluate(model=model, tokenizer=tok, data=pairs, max_prompt_length=0)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    assert main(["data", "check", str(data), "--max-length", "-5"]) == 2
+    assert main(["data", "show", str(data), "--max-prompt-length", "0"]) == 2

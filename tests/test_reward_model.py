@@ -338,3 +338,13 @@ def test_refused_training_inputs(tiny_model_dir, tmp_path):
                        data=fact_pairs(4), max_steps=1, batch_size=4)
     with pytest.raises(ConfigError, match="RM only"):
         preftune.train("dpo", model=str(tiny_model_dir), data=fact_pairs(4), center_rewards=0.1)
+
+
+def test_a_reward_model_with_damaged_weights_is_one_line(reward_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "rm"
+    shutil.copytree(reward_dir, broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:5000])
+    with pytest.raises(ModelError, match=r"its model\.safetensors cannot be read .*; copy the model again"):
+        preftune.score(model=broken, data=fact_pairs(2), device="cpu", dtype="float32")

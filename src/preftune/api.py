@@ -24,7 +24,7 @@ from .errors import ConfigError, PreftuneError
 from .metrics import logps_table, per_pair_rows, preference_metrics
 from .inputs import RunInputs, check_model_object, is_peft_model, placeholder
 from .models.load import check_source, freeze, given_tokenizer, load_model, load_tokenizer
-from .models.narrow import require_ids_in_vocabulary
+from .models.narrow import require_ids_in_vocabulary, require_positions
 from .models.precision import pick_device, pick_dtype
 from .report.tracking import METRICS_FILE
 from .scoring import ScoreReport, score_records
@@ -168,12 +168,14 @@ def train_from_config(cfg: TrainConfig, *, inputs: RunInputs | None = None,
 
 
 def _check_reading(*, batch_size: int, max_length: int, limit: int | None, device: str, dtype: str,
-                   beta: float = 1.0) -> None:
+                   beta: float = 1.0, max_prompt_length: int | None = None) -> None:
     """The numbers and names `evaluate` and `score` take, checked before any model or data is read."""
     if batch_size < 1:
         raise ConfigError(f"batch_size: must be at least 1, got {batch_size}")
     if max_length < 2:
         raise ConfigError(f"max_length: must be at least 2 (a prompt token and an answer token), got {max_length}")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ConfigError(f"max_prompt_length: must be at least 1 (or left out), got {max_prompt_length}")
     if limit is not None and limit < 1:
         raise ConfigError(f"limit: must be at least 1 (or left out for every pair), got {limit}")
     if not (beta > 0 and math.isfinite(beta)):
@@ -193,7 +195,8 @@ def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, 
         without a reference. Returns an `EvalReport`: `.summary` is what `preftune eval` prints, `.rows` what
         it writes with --output.
     """
-    _check_reading(batch_size=batch_size, max_length=max_length, limit=limit, device=device, dtype=dtype, beta=beta)
+    _check_reading(batch_size=batch_size, max_length=max_length, limit=limit, device=device, dtype=dtype, beta=beta,
+                   max_prompt_length=max_prompt_length)
     if not is_path(model):
         check_model_object(model, "model")
         if tokenizer is None:
@@ -218,11 +221,13 @@ def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, 
                                 trust_remote_code=trust_remote_code, flag="--" + what.replace("_", "-"))
             freeze(loaded)
             require_ids_in_vocabulary(loaded, items, f"--{what.replace('_', '-')} {which}")
+            require_positions(loaded, items, f"--{what.replace('_', '-')} {which}")
             out = logps_table(loaded, items, pad_id=tok.pad_token_id, device=run_device, batch_size=batch_size)
             del loaded
             return out
         check_model_object(which, what)
         require_ids_in_vocabulary(which, items, f"the {what} given")
+        require_positions(which, items, f"the {what} given")
         at = next(which.parameters()).device
         return logps_table(which, items, pad_id=tok.pad_token_id, device=at, batch_size=batch_size)
 
@@ -249,7 +254,8 @@ def score(model, data, *, tokenizer=None, batch_size: int = 8, max_length: int =
     """
     from .reward import load_reward_model, set_pad_token
 
-    _check_reading(batch_size=batch_size, max_length=max_length, limit=limit, device=device, dtype=dtype)
+    _check_reading(batch_size=batch_size, max_length=max_length, limit=limit, device=device, dtype=dtype,
+                   max_prompt_length=max_prompt_length)
     if is_path(model):
         run_device = pick_device(device)
         rm, tok = load_reward_model(os.fspath(model), device=run_device, dtype=pick_dtype(dtype, run_device),

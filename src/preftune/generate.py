@@ -5,11 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ConfigError
-from .models.narrow import require_id_in_vocabulary
-
-# Module names of learned absolute position tables (GPT-2, OPT, BLOOM-style embeddings, GPT-Neo, ...): generating
-# past their size indexes outside the table.
-_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings", "pos_emb")
+from .models.narrow import learned_positions, require_id_in_vocabulary
 
 
 def check_positions(model, prompts: list[list[int]], max_new_tokens: int) -> None:
@@ -18,15 +14,12 @@ def check_positions(model, prompts: list[list[int]], max_new_tokens: int) -> Non
     vocabulary (another tokenizer's)."""
     if not isinstance(model, torch.nn.Module):  # a stand-in with its own generate
         return
-    cfg = getattr(model, "config", None)
-    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-    learned = any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES
-                  for name, m in model.named_modules())
+    limit = learned_positions(model)
     name = getattr(model, "name_or_path", "")
     require_id_in_vocabulary(model, max((max(ids) for ids in prompts if ids), default=-1),
                              f"model {name}" if name else "the model")
     longest = max((len(ids) for ids in prompts), default=0)
-    if learned and limit and longest + max_new_tokens > limit:
+    if limit and longest + max_new_tokens > limit:
         room = f"at most {limit - longest} here" if longest < limit else "the prompt alone fills them"
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: a prompt of {longest} tokens plus {max_new_tokens} "
                           f"new ones passes the {limit} positions of this model's position table; lower it "

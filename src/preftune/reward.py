@@ -258,10 +258,13 @@ def _weight_names(folder: Path) -> list[str] | None:
     single = folder / "model.safetensors"
     if not single.is_file():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(single), framework="pt") as f:
-        return list(f.keys())
+    try:
+        with safe_open(str(single), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{folder}: its model.safetensors cannot be read ({exc}); copy the model again") from None
 
 
 def _load_adapter_reward_model(path: Path, device, dtype, trust_remote_code: bool, flag: str):

@@ -99,3 +99,17 @@ def test_a_single_eval_point_draws_no_grid_of_lone_dots(make_run):
     run = make_run("dpo", steps=10, eval_every=10)  # one eval row, at the last step
     assert sum("eval_loss" in r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())) == 1
     assert "eval.png" not in names(write_plots(run))
+
+
+def test_rewards_that_are_not_numbers_are_gaps_and_an_overflowing_step_is_one_line(tmp_path):
+    """A null or text reward crashed the margin panel (TypeError); a step of 1e400 an OverflowError."""
+    from preftune.report.tracking import read_metrics
+
+    write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1, "loss": 0.7, "chosen_reward": None, "rejected_reward": 1},
+                                             {"step": 2, "loss": 0.6, "chosen_reward": "x", "rejected_reward": 1},
+                                             {"step": 3, "loss": 0.5, "chosen_reward": 0.1, "rejected_reward": -0.1}])
+    written = write_plots(tmp_path)
+    assert any(p.name == "rewards.png" for p in written)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1e400, "loss": 1}\n{"step": 2, "loss": 1}\n')
+    with pytest.raises(PreftuneError, match=r"metrics\.jsonl line 1: not a metrics row with a 'step'"):
+        read_metrics(tmp_path)

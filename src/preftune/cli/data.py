@@ -68,7 +68,16 @@ def _source(args: argparse.Namespace) -> str:
     return args.file or args.data_file
 
 
+def _check_lengths(args: argparse.Namespace) -> None:
+    if args.max_length < 2:
+        raise ConfigError(f"--max-length: must be at least 2 (a prompt token and an answer token), got "
+                          f"{args.max_length}")
+    if args.max_prompt_length is not None and args.max_prompt_length < 1:
+        raise ConfigError(f"--max-prompt-length: must be at least 1, got {args.max_prompt_length}")
+
+
 def run_check(args: argparse.Namespace) -> int:
+    _check_lengths(args)
     args.file = _source(args)
     tokenizer = local_tokenizer(args.model) if args.model else None
     result = check_pairs(args.file, data_format=args.data_format, split=args.split, tokenizer=tokenizer,
@@ -83,6 +92,7 @@ def run_check(args: argparse.Namespace) -> int:
 def run_show(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(f"-n: must be at least 1, got {args.n}")
+    _check_lengths(args)
     args.file = _source(args)
     tokenizer = local_tokenizer(args.model) if args.model else None
     try:

@@ -42,4 +42,7 @@ def online_run(out: Path, book: FactBook, *, sft_dir: Path, rounds: int, steps: 
         "samples": samples, "rounds": rounds, "steps_per_round": steps, "max_new_tokens": 4,
         "temperature": temperature, "generation_batch_size": 64, "overwrite": True, "quiet": True,
         "batch_size": batch_size, "lr": lr, "beta": beta, "seed": seed, "max_length": 64})
-    return run_online(cfg, judge=judge, prompts=prompts, eval_prompts=held_out).history
+    result = run_online(cfg, judge=judge, prompts=prompts, eval_prompts=held_out)
+    if result.stopped_at is not None:  # Ctrl-C or SIGTERM: the demo stops too (it has no --resume)
+        raise KeyboardInterrupt
+    return result.history

@@ -101,7 +101,7 @@ def run_demo(out: Path, quiet: bool = False, fast: bool = False, plan: DemoPlan 
 
 def _run(out: Path, plan: DemoPlan, *, quiet: bool, fast: bool) -> dict:
     from ..report.plots import plot_demo_probabilities
-    from ..training.loop import run
+    from ..training.loop import execute
 
     say = (lambda *a: None) if quiet else print
     check_out(out)
@@ -126,7 +126,8 @@ def _run(out: Path, plan: DemoPlan, *, quiet: bool, fast: bool) -> dict:
     for cfg in (sft, dpo):
         say(f"demo: {cfg.stage} ({cfg.max_steps} steps) -> {cfg.output_dir}")
         t0 = time.perf_counter()
-        run(cfg, command=COMMAND)
+        if execute(cfg, command=COMMAND).stopped_at is not None:  # Ctrl-C or SIGTERM: the demo has no --resume
+            raise KeyboardInterrupt
         timings[f"{cfg.stage}_seconds"] = round(time.perf_counter() - t0, 1)
 
     say(f"demo: online DPO from the SFT model ({plan.online_rounds} rounds x "

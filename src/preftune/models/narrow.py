@@ -18,7 +18,7 @@ import types
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..logps.parts import SPARSE_GRAD, unwrap
 
 _ROW_OF = "_preftune_row_of"  # buffer on a narrowed embedding: token id -> kept row, -1 where not kept
@@ -72,6 +72,34 @@ def require_ids_in_vocabulary(model, items, name: str) -> None:
     top = max((max(value) for item in items for key, value in vars(item).items()
                if key.endswith("_ids") and value), default=-1)
     require_id_in_vocabulary(model, top, name)
+
+
+# Module names of learned absolute position tables (GPT-2, OPT, BLOOM-style embeddings, GPT-Neo, ...): a sequence
+# past their size indexes outside the table. Rotary and other computed positions extend, as in transformers.
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings", "pos_emb")
+
+
+def learned_positions(model) -> int | None:
+    """The size of `model`'s learned position table, or None when its positions are computed."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    learned = any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES
+                  for name, m in model.named_modules())
+    return int(limit) if learned and limit else None
+
+
+def require_positions(model, items, name: str) -> None:
+    """Refuse tokenised items longer than `model`'s learned position table (prompt plus its longest answer): one
+    line naming --max-length, where the lookup would fail deep in the forward."""
+    limit = learned_positions(model)
+    if limit is None:
+        return
+    longest = max((len(item.prompt_ids) + max((len(v) for k, v in vars(item).items()
+                                                if k.endswith("_ids") and k != "prompt_ids"), default=0)
+                   for item in items), default=0)
+    if longest > limit:
+        raise ConfigError(f"--max-length: {name} has a position table of {limit} positions, and the data holds "
+                          f"sequences of up to {longest} tokens; pass --max-length {limit} (or less)")
 
 
 def require_id_in_vocabulary(model, top: int, name: str) -> None:

@@ -76,7 +76,7 @@ def _rewards(train: list[dict], evals: list[dict]) -> Figure | None:
     fig = _new_figure(height=6.4)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     top.set_title("Implicit rewards β·log(π/π_ref)")
-    both = [row for row in train if "chosen_reward" in row and "rejected_reward" in row]
+    both = [row for row in train if _number(row.get("chosen_reward")) and _number(row.get("rejected_reward"))]
     steps, chosen = _smoothed(*_series(both, "chosen_reward"))
     _, rejected = _smoothed(*_series(both, "rejected_reward"))
     _noisy(top, train, "chosen_reward", "chosen", CHOSEN)
@@ -258,12 +258,15 @@ def _figure(title: str) -> tuple[Figure, Axes]:
     return fig, ax
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _series(rows: list[dict], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
     """Steps and values of `key`; inf becomes NaN so a diverged step is a gap, not a broken axis."""
     steps, values = [], []
     for row in rows:
-        if isinstance(row.get(key), (int, float)) and not isinstance(row[key], bool):  # a hand-edited file may
-            # hold other values: they are gaps, as missing ones are
+        if _number(row.get(key)):  # a hand-edited file may hold other values: they are gaps, as missing ones are
             value = float(row[key]) * scale
             steps.append(int(row["step"]))
             values.append(value if math.isfinite(value) else math.nan)

@@ -114,7 +114,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
         try:
             row = json.loads(line)
             step = int(row["step"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):
             if number == len(lines):
                 cut = number
                 continue  # a write interrupted by a kill

@@ -26,7 +26,8 @@ from ..losses import needs_reference
 from ..models import lora
 from ..models.fused import use_fused_norms, use_plain_norms
 from ..models.fused_mlp import use_fused_mlps, use_plain_mlps
-from ..models.narrow import (narrow_input_embedding, narrowable, require_ids_in_vocabulary, token_ids_of,
+from ..models.narrow import (narrow_input_embedding, narrowable, require_ids_in_vocabulary, require_positions,
+                           token_ids_of,
                              vocabulary_size)
 from ..models.load import (cache_off_for_training, check_source, disable_dropout, ensure_pad_token, freeze,
                            is_adapter_folder, load_model, load_tokenizer, restore_cache_setting)
@@ -221,8 +222,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     else:
         policy = load_model(cfg.model, device=load_device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                             quantization_config=lora.quantization_config(cfg, precision.compute or dtype))
-    require_ids_in_vocabulary(policy, [*train_items, *eval_items],
-                              f"--model {cfg.model}" if inputs.model is None else "the model given")
+    named = f"--model {cfg.model}" if inputs.model is None else "the model given"
+    require_ids_in_vocabulary(policy, [*train_items, *eval_items], named)
+    require_positions(policy, [*train_items, *eval_items], named)
     if cfg.stage == "rm":
         _check_reward_model(policy)
         if note := training_pad_token(policy, tokenizer):
