@@ -185,3 +185,17 @@ def test_sequences_past_a_learned_position_table_and_bad_lengths_are_one_line(tm
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     assert main(["data", "check", str(data), "--max-length", "-5"]) == 2
     assert main(["data", "show", str(data), "--max-prompt-length", "0"]) == 2
+
+
+def test_a_bad_record_in_eval_is_not_told_of_a_flag_eval_lacks(tmp_path, tiny_model_dir):
+    """eval, score and generate said "or pass --skip-bad-records", a flag they do not have."""
+    import preftune
+    from preftune.data.load import load_pairs
+    from preftune.errors import DataError
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": 3, "rejected": "b"}\n')
+    with pytest.raises(DataError, match=r"line 2: .*; fix the record$"):
+        preftune.evaluate(model=tiny_model_dir, data=str(data), device="cpu", dtype="float32")
+    with pytest.raises(DataError, match=r"; fix the record, or pass --skip-bad-records"):
+        load_pairs(str(data))  # training reads have the flag

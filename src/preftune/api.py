@@ -207,7 +207,7 @@ def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, 
     if ref_model is not None and is_path(ref_model):  # a mistyped reference fails now, not after the policy's pass
         check_source(os.fspath(ref_model), "model", "--ref-model")
     source = as_source(data, "data")
-    pairs, _ = data_load.load_pairs(source, data_format=data_format, split=split)
+    pairs, _ = data_load.load_pairs(source, data_format=data_format, split=split, skip_bad_records=None)
     if limit:
         pairs = pairs[:limit]
     items, stats = tokenize_all(tok, pairs, max_length=max_length, max_prompt_length=max_prompt_length)

@@ -29,16 +29,16 @@ def _read(source, data_format: str | None, split: str):
     """(records, load report, "pairs" | "answers"): pairs when the source holds them, else single answers
     (unpaired feedback with a label, or prompt/completion and conversations without one)."""
     if data_format in UNPAIRED_FORMATS:
-        return (*read_unpaired_source(source, data_format=data_format, split=split), "answers")
+        return (*read_unpaired_source(source, data_format=data_format, split=split, skip_bad_records=None), "answers")
     try:
-        return (*load_pairs(source, data_format=data_format, split=split), "pairs")
+        return (*load_pairs(source, data_format=data_format, split=split, skip_bad_records=None), "pairs")
     except UnpairedData:
-        return (*read_unpaired_source(source, split=split), "answers")
+        return (*read_unpaired_source(source, split=split, skip_bad_records=None), "answers")
     except SourceError as not_pairs:
         if data_format is not None:
             raise
         try:
-            return (*load_sft(source, split=split), "answers")
+            return (*load_sft(source, split=split, skip_bad_records=None), "answers")
         except DataError:
             raise not_pairs from None
 

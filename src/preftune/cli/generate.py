@@ -88,7 +88,7 @@ def _prompts(args: argparse.Namespace, tokenizer) -> list[tuple[str, list[int]]]
 
     from ..data.tokenize import prompt_ids_of
 
-    pairs, _ = load_pairs(args.data, data_format=args.data_format, split=args.split)
+    pairs, _ = load_pairs(args.data, data_format=args.data_format, split=args.split, skip_bad_records=None)
     out = []
     for pair in pairs[: args.n]:
         shown = pair.prompt if isinstance(pair.prompt, str) else pair.prompt[-1]["content"]

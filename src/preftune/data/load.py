@@ -25,7 +25,7 @@ class UnpairedData(SourceError):
 
 
 def load_pairs(source: str, *, data_format: str | None = None, split: str = "train",
-               skip_bad_records: bool = False,
+               skip_bad_records: bool | None = False,
                min_score_gap: float | None = None) -> tuple[list[PreferencePair], LoadReport]:
     """Preference pairs from `source` (a path or Hub id, or `memory.InMemory` records), in file order.
 
@@ -83,7 +83,7 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
 
 
 def load_sft(source: str, *, split: str = "train",
-             skip_bad_records: bool = False) -> tuple[list[SFTExample], LoadReport]:
+             skip_bad_records: bool | None = False) -> tuple[list[SFTExample], LoadReport]:
     """SFT examples from `source`: each record holds `messages`, `prompt`/`completion` or `text`."""
     report = LoadReport(source=str(source), format="sft")
 
@@ -140,7 +140,7 @@ def load_unpaired(source: str, *, data_format: str | None = None, split: str = "
 
 
 def read_unpaired_source(source: str, *, data_format: str | None = None, split: str = "train",
-                         skip_bad_records: bool = False) -> tuple[list[UnpairedExample], LoadReport]:
+                         skip_bad_records: bool | None = False) -> tuple[list[UnpairedExample], LoadReport]:
     """Unpaired feedback examples from `source` (for `data check`); the format is detected or given. A source of
     preference pairs raises `PairedData`."""
     if data_format is not None and data_format not in UNPAIRED_FORMATS:
@@ -170,9 +170,10 @@ def _looks_like_sft(value: dict) -> bool:
     return bool({"messages", "conversations", "completion", "text"} & keys or {"instruction", "output"} <= keys)
 
 
-def _collect(source: str, split: str, skip_bad_records: bool, report: LoadReport,
+def _collect(source: str, split: str, skip_bad_records: bool | None, report: LoadReport,
              convert: Callable[[Any, str], T | None]) -> list[T]:
-    """`convert` applied to every row, in order; a bad row raises, or with `skip_bad_records` is noted and dropped."""
+    """`convert` applied to every row, in order; a bad row raises, or with `skip_bad_records` is noted and dropped
+    (None: the caller has no such option, and the message does not offer it)."""
     out: list[T] = []
     for where, value in read_rows(source, split=split):
         report.records += 1
@@ -183,6 +184,8 @@ def _collect(source: str, split: str, skip_bad_records: bool, report: LoadReport
         except DataError as exc:
             if isinstance(exc, SourceError):
                 raise
+            if skip_bad_records is None:
+                raise DataError(f"{exc}; fix the record") from None
             if not skip_bad_records:
                 raise DataError(f"{exc}; fix the record, or pass --skip-bad-records to drop such records (they "
                                 f"are counted)") from None
