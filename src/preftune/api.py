@@ -24,7 +24,7 @@ from .errors import ConfigError, PreftuneError
 from .metrics import logps_table, per_pair_rows, preference_metrics
 from .inputs import RunInputs, check_model_object, is_peft_model, placeholder
 from .models.load import check_source, freeze, given_tokenizer, load_model, load_tokenizer
-from .models.narrow import require_ids_in_vocabulary, require_positions
+from .models.narrow import require_items_fit
 from .models.precision import pick_device, pick_dtype
 from .report.tracking import METRICS_FILE
 from .scoring import ScoreReport, score_records
@@ -220,14 +220,12 @@ def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, 
             loaded = load_model(os.fspath(which), device=run_device, dtype=pick_dtype(dtype, run_device),
                                 trust_remote_code=trust_remote_code, flag="--" + what.replace("_", "-"))
             freeze(loaded)
-            require_ids_in_vocabulary(loaded, items, f"--{what.replace('_', '-')} {which}")
-            require_positions(loaded, items, f"--{what.replace('_', '-')} {which}")
+            require_items_fit(loaded, items, f"--{what.replace('_', '-')} {which}")
             out = logps_table(loaded, items, pad_id=tok.pad_token_id, device=run_device, batch_size=batch_size)
             del loaded
             return out
         check_model_object(which, what)
-        require_ids_in_vocabulary(which, items, f"the {what} given")
-        require_positions(which, items, f"the {what} given")
+        require_items_fit(which, items, f"the {what} given")
         at = next(which.parameters()).device
         return logps_table(which, items, pad_id=tok.pad_token_id, device=at, batch_size=batch_size)
 

@@ -22,7 +22,7 @@ from .data.records import Content, SFTExample
 from .data.tokenize import tokenize_all
 from .errors import ModelError, PreftuneError
 from .io import absolute_if_local
-from .logps.limits import limits_of
+from .logps.limits import limits_of, switch_calls
 from .logps.parts import LMWrapper, attention_backends, compute_precision
 from .models.load import (ADAPTER_CONFIG, check_source, given_tokenizer, is_adapter_folder, load_adapter_base,
                           load_tokenizer, quiet_peft, require_peft)
@@ -56,29 +56,17 @@ def batch_rewards(model, batch: PromptAnswerBatch) -> torch.Tensor:
     pad_id = _pad_id(model)
     ids, mask = sequences(batch, pad_id)
     with compute_precision(model), attention_backends(ids.device):
-        calls = _exact_calls(mask.sum(dim=1), limits_of(model))
-        if len(calls) == 1:
+        lengths, limits = mask.sum(dim=1), limits_of(model)
+        if limits.rope_switch is None or not bool((lengths > limits.rope_switch).any()):
             return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0].float()
+        calls = switch_calls(lengths, torch.ones_like(lengths, dtype=torch.bool), limits)
         parts = []
         for rows in calls:
-            width = int(mask[rows].sum(dim=1).max())
+            width = int(lengths[rows].max())
             parts.append(model(input_ids=ids[rows, :width], attention_mask=mask[rows, :width],
                                use_cache=False).logits[:, 0].float())
         order = torch.cat(calls)
         return torch.cat(parts)[torch.argsort(order)]
-
-
-def _exact_calls(lengths: torch.Tensor, limits) -> list[torch.Tensor]:
-    """Row indices per forward call: all rows at once, unless some pass the rope's switch length (then the rows
-    before it, then those past it together, or one at a time, shortest first, when the factors follow the
-    exact length)."""
-    switch = limits.rope_switch
-    if switch is None or not bool((lengths > switch).any()):
-        return [torch.arange(len(lengths), device=lengths.device)]
-    before = (lengths <= switch).nonzero().squeeze(1)
-    past = (lengths > switch).nonzero().squeeze(1)
-    past = past[torch.argsort(lengths[past], stable=True)]
-    return ([before] if len(before) else []) + ([row[None] for row in past] if limits.rope_by_length else [past])
 
 
 class RewardForward(LMWrapper):

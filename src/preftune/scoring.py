@@ -13,7 +13,7 @@ from .data.tokenize import tokenize_all
 from .data.unpaired import UNPAIRED_FORMATS
 from .errors import DataError, PreftuneError
 from .reward import rewards_table
-from .models.narrow import require_positions
+from .models.narrow import require_items_fit
 
 
 @dataclass
@@ -57,7 +57,7 @@ def score_records(model, tokenizer, source, *, device, batch_size: int = 8, max_
     items, stats = tokenize_all(tokenizer, records, max_length=max_length, max_prompt_length=max_prompt_length)
     if not items:
         raise PreftuneError(f"{report.source}: no record fits in --max-length {max_length}")
-    require_positions(model, items, f"model {getattr(model, 'name_or_path', '') or type(model).__name__}")
+    require_items_fit(model, items, f"model {getattr(model, 'name_or_path', '') or type(model).__name__}")
     table = rewards_table(model, items, pad_id=tokenizer.pad_token_id, device=device, batch_size=batch_size)
     common = {"format": report.format, "dropped": stats.dropped, "truncated": stats.truncated}
     if report.unused_keys:

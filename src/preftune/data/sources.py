@@ -315,8 +315,8 @@ def _numpy_printed(text: str) -> Any:
         out.append(tok.string)
         if word in ("[", "{", "("):
             stack.append(word)
-        elif word in ("]", "}", ")"):
-            stack.pop() if stack else None
+        elif word in ("]", "}", ")") and stack:
+            stack.pop()
         ended = tok.type in (tokenize.STRING, tokenize.NUMBER, tokenize.NAME) or word in ("]", "}", ")")
         i += 1
     return ast.literal_eval(" ".join(out))

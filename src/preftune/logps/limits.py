@@ -143,13 +143,18 @@ def exact_parts(batch: PromptAnswerBatch, limits: Limits) -> list[Part]:
             parts.append(Part(batch.select(idx), rows, share))
     rest = (~fits).repeat_interleave(k)
     if limits.rope_switch is not None and bool(rest.any()):
-        before = (rest & (totals <= limits.rope_switch)).nonzero().squeeze(1)
-        past = (rest & (totals > limits.rope_switch)).nonzero().squeeze(1)
-        if len(before):
-            parts += row_parts(batch, before)
-        if limits.rope_by_length:
-            groups = [row[None] for row in past[torch.argsort(totals[past], stable=True)]]
-        else:
-            groups = [past] if len(past) else []
-        parts += [part for rows in groups for part in row_parts(batch, rows)]
+        parts += [part for rows in switch_calls(totals, rest, limits) for part in row_parts(batch, rows)]
     return parts
+
+
+def switch_calls(lengths: torch.Tensor, rows: torch.Tensor, limits: Limits) -> list[torch.Tensor]:
+    """The indices of `rows` (a mask over `lengths`), grouped into forward calls whose rope factors are each row's
+    own: those before the switch together, those past it together, or one at a time, shortest first, where the
+    factors follow the exact length (dynamic NTK)."""
+    before = (rows & (lengths <= limits.rope_switch)).nonzero().squeeze(1)
+    past = (rows & (lengths > limits.rope_switch)).nonzero().squeeze(1)
+    past = past[torch.argsort(lengths[past], stable=True)]
+    groups = [before] if len(before) else []
+    if limits.rope_by_length:
+        return groups + [row[None] for row in past]
+    return groups + ([past] if len(past) else [])

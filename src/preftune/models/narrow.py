@@ -66,12 +66,26 @@ def vocabulary_size(model) -> int:
     return embed.weight.shape[0] if row_of is None else row_of.numel()
 
 
-def require_ids_in_vocabulary(model, items, name: str) -> None:
-    """Refuse tokenised items holding an id that `model`'s embedding has no row for (a tokenizer of a larger
-    vocabulary than the model's): one line here, where the lookup would fail deep in the forward."""
-    top = max((max(value) for item in items for key, value in vars(item).items()
-               if key.endswith("_ids") and value), default=-1)
+def require_items_fit(model, items, name: str) -> None:
+    """Refuse tokenised items that `model` cannot run, in one line here where the lookup would fail deep in the
+    forward: an id its embedding has no row for (a tokenizer of a larger vocabulary than the model's), or a
+    prompt plus its longest answer past its learned position table. One walk over the items for both."""
+    top, longest = -1, 0
+    for item in items:
+        prompt = answer = 0
+        for key, value in vars(item).items():
+            if key.endswith("_ids") and value:
+                top = max(top, max(value))
+                if key == "prompt_ids":
+                    prompt = len(value)
+                else:
+                    answer = max(answer, len(value))
+        longest = max(longest, prompt + answer)
     require_id_in_vocabulary(model, top, name)
+    limit = learned_positions(model)
+    if limit is not None and longest > limit:
+        raise ConfigError(f"--max-length: {name} has a position table of {limit} positions, and the data holds "
+                          f"sequences of up to {longest} tokens; pass --max-length {limit} (or less)")
 
 
 # Module names of learned absolute position tables (GPT-2, OPT, BLOOM-style embeddings, GPT-Neo, ...): a sequence
@@ -88,22 +102,8 @@ def learned_positions(model) -> int | None:
     return int(limit) if learned and limit else None
 
 
-def require_positions(model, items, name: str) -> None:
-    """Refuse tokenised items longer than `model`'s learned position table (prompt plus its longest answer): one
-    line naming --max-length, where the lookup would fail deep in the forward."""
-    limit = learned_positions(model)
-    if limit is None:
-        return
-    longest = max((len(item.prompt_ids) + max((len(v) for k, v in vars(item).items()
-                                                if k.endswith("_ids") and k != "prompt_ids"), default=0)
-                   for item in items), default=0)
-    if longest > limit:
-        raise ConfigError(f"--max-length: {name} has a position table of {limit} positions, and the data holds "
-                          f"sequences of up to {longest} tokens; pass --max-length {limit} (or less)")
-
-
 def require_id_in_vocabulary(model, top: int, name: str) -> None:
-    """`require_ids_in_vocabulary` for the largest id `top`."""
+    """`require_items_fit`'s vocabulary check, for the largest id `top`."""
     size = vocabulary_size(model)
     if top >= size:
         raise ModelError(f"{name}: its vocabulary has {size:,} tokens, but the tokenizer gives ids up to {top:,}; "

@@ -26,8 +26,7 @@ from ..losses import needs_reference
 from ..models import lora
 from ..models.fused import use_fused_norms, use_plain_norms
 from ..models.fused_mlp import use_fused_mlps, use_plain_mlps
-from ..models.narrow import (narrow_input_embedding, narrowable, require_ids_in_vocabulary, require_positions,
-                           token_ids_of,
+from ..models.narrow import (narrow_input_embedding, narrowable, require_items_fit, token_ids_of,
                              vocabulary_size)
 from ..models.load import (cache_off_for_training, check_source, disable_dropout, ensure_pad_token, freeze,
                            is_adapter_folder, load_model, load_tokenizer, restore_cache_setting)
@@ -222,9 +221,8 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     else:
         policy = load_model(cfg.model, device=load_device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                             quantization_config=lora.quantization_config(cfg, precision.compute or dtype))
-    named = f"--model {cfg.model}" if inputs.model is None else "the model given"
-    require_ids_in_vocabulary(policy, [*train_items, *eval_items], named)
-    require_positions(policy, [*train_items, *eval_items], named)
+    require_items_fit(policy, [*train_items, *eval_items],
+                      f"--model {cfg.model}" if inputs.model is None else "the model given")
     if cfg.stage == "rm":
         _check_reward_model(policy)
         if note := training_pad_token(policy, tokenizer):
@@ -426,8 +424,7 @@ def _cached_reference(cfg: TrainConfig, tokenizer, train_items, eval_items, devi
                 "dtype": str(precision.frozen), "compute": str(precision.compute), "held": "linear weights frozen"}
 
     def compute(model, items):
-        require_ids_in_vocabulary(model, items, f"--ref-model {cfg.ref_model}" if cfg.ref_model
-                                  else f"--model {cfg.model}")
+        require_items_fit(model, items, f"--ref-model {cfg.ref_model}" if cfg.ref_model else f"--model {cfg.model}")
         mine = items[env.rank::env.world_size]
         part = compute_table(model, mine, pad_id=tokenizer.pad_token_id, device=device, batch_size=cfg.batch_size,
                              prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size,
