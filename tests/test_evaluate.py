@@ -199,3 +199,20 @@ def test_a_bad_record_in_eval_is_not_told_of_a_flag_eval_lacks(tmp_path, tiny_mo
         preftune.evaluate(model=tiny_model_dir, data=str(data), device="cpu", dtype="float32")
     with pytest.raises(DataError, match=r"; fix the record, or pass --skip-bad-records"):
         load_pairs(str(data))  # training reads have the flag
+
+
+def test_eval_says_on_stderr_how_many_pairs_it_left_out_or_cut(tmp_path, tiny_model_dir, capsys):
+    """The counts were only in the JSON summary, beside a reward accuracy over the pairs that were left."""
+    long_prompt = " ".join(["the capital of france is paris ."] * 20)
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": long_prompt, "chosen": " a", "rejected": " b"},
+                                                   {"prompt": "q", "chosen": " paris . " * 20, "rejected": " b"},
+                                                   {"prompt": "q", "chosen": " a", "rejected": " b"}])
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--max-length", "32",
+                 "--device", "cpu", "--dtype", "float32"]) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out)
+    assert (summary["pairs"], summary["dropped_pairs"], summary["truncated_pairs"]) == (2, 1, 1)
+    assert "preftune: 1 pairs left out (the prompt alone does not fit --max-length 32) and 1 truncated" in out.err
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--max-length", "512",
+                 "--device", "cpu", "--dtype", "float32"]) == 0
+    assert "left out" not in capsys.readouterr().err

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..io import write_jsonl
-from .flags import add_data_flags, add_model_flags, checked_output
+from .flags import add_data_flags, add_model_flags, checked_output, say_cut
 
 
 def register(subparsers) -> None:
@@ -41,4 +41,5 @@ def run_eval(args: argparse.Namespace) -> dict:
                       dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if output is not None:
         write_jsonl(output, report.rows)
+    say_cut("pairs", report.summary["dropped_pairs"], report.summary["truncated_pairs"], args)
     return report.summary

@@ -45,3 +45,14 @@ def checked_output(args: argparse.Namespace):
         raise ConfigError(f"--output {out}: is the --data file; writing the rows there would replace the data, so "
                           f"give another file name")
     return out
+
+
+def say_cut(what: str, dropped: int, truncated: int, args: argparse.Namespace) -> None:
+    """One line on stderr when the command left items out or cut them to fit --max-length (its JSON summary
+    counts them too, where a reader may not look)."""
+    import sys
+
+    if dropped or truncated:
+        print(f"preftune: {dropped} {what} left out (the prompt alone does not fit --max-length {args.max_length}) "
+              f"and {truncated} truncated to fit; raise --max-length, or --max-prompt-length to cut prompts",
+              file=sys.stderr)

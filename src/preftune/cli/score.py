@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..io import write_jsonl
-from .flags import add_data_flags, add_model_flags, checked_output
+from .flags import add_data_flags, add_model_flags, checked_output, say_cut
 
 
 def register(subparsers) -> None:
@@ -36,5 +36,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
                    limit=args.limit, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if output is not None:
         write_jsonl(output, report.rows)
+    say_cut("records", report.summary["dropped"], report.summary["truncated"], args)
     print(json.dumps(report.summary, indent=2))
     return 0
