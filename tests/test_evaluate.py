@@ -113,6 +113,13 @@ def test_generate_side_by_side(tiny_model_dir, tmp_path, capsys):
     assert "policy" in capsys.readouterr().out
 
 
+def test_generate_refuses_n_with_one_prompt(tiny_model_dir, capsys):
+    """-n counts prompts taken from --data; beside --prompt it was ignored without a word."""
+    code = main(["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "-n", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "-n: counts prompts taken from --data" in err and len(err.strip().splitlines()) == 1
+
+
 def test_generate_past_a_learned_position_table_is_one_line(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
     from tinylm import make_tokenizer
@@ -135,7 +142,9 @@ def test_generate_past_a_learned_position_table_is_one_line(tmp_path, capsys):
 def test_eval_output_never_replaces_its_data_file(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", fact_pairs(4))
     before = data.read_bytes()
-    for output, words in ((data, "is the --data file"), (tmp_path, "is a folder")):
+    under_a_file = data / "rows.jsonl"                   # its folder is the data file
+    for output, words in ((data, "is the --data file"), (tmp_path, "is a folder"),
+                          (under_a_file, f"{data} is a file, not a folder")):
         code = main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(output)])
         err = capsys.readouterr().err
         assert code == 2 and words in err and "Traceback" not in err

@@ -29,8 +29,10 @@ def add_data_flags(parser: argparse.ArgumentParser, *, required: bool, help: str
 
 
 def checked_output(args: argparse.Namespace):
-    """`--output` as a Path, checked before any work: not a folder, and never the `--data` file it is computed from
-    (writing the rows there would replace the data). None when not given."""
+    """`--output` as a Path, checked before any work: not a folder, in a folder that can be made and written, and
+    never the `--data` file it is computed from (writing the rows there would replace the data). None when not
+    given."""
+    import os
     from pathlib import Path
 
     from ..errors import ConfigError
@@ -40,6 +42,11 @@ def checked_output(args: argparse.Namespace):
     out = Path(args.output)
     if out.is_dir():
         raise ConfigError(f"--output {out}: is a folder; give a file name (rows.jsonl)")
+    folder = next(p for p in out.absolute().parents if p.exists())  # the root always exists
+    if not folder.is_dir():
+        raise ConfigError(f"--output {out}: {folder} is a file, not a folder; give a path in a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {out}: cannot write in {folder}; give a path in a folder you can write")
     data = Path(args.data) if getattr(args, "data", None) else None  # generate may take --prompt instead
     if out.exists() and data is not None and data.exists() and out.resolve() == data.resolve():
         raise ConfigError(f"--output {out}: is the --data file; writing the rows there would replace the data, so "

@@ -14,7 +14,7 @@ def register(subparsers) -> None:
     add_model_flags(p)
     p.add_argument("--prompt", help="One prompt (a user turn when the tokenizer has a chat template).")
     add_data_flags(p, required=False, help="Take prompts from a preference data file.")
-    p.add_argument("-n", type=int, default=3, help="Prompts to take from --data (default: %(default)s).")
+    p.add_argument("-n", type=int, default=None, help="Prompts to take from --data (default: 3).")
     p.add_argument("--max-new-tokens", type=int, default=64, help="Longest answer in tokens (default: %(default)s).")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="Sampling temperature; 0 decodes greedily (default: %(default)s).")
@@ -32,6 +32,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if (args.prompt is None) == (args.data is None):
         raise PreftuneError("generate: give exactly one of --prompt TEXT or --data FILE")
+    if args.prompt is not None and args.n is not None:
+        raise PreftuneError("-n: counts prompts taken from --data; --prompt is one prompt, so leave -n out")
+    args.n = 3 if args.n is None else args.n
     checks = {"--max-new-tokens": (args.max_new_tokens >= 1, "at least 1"), "-n": (args.n >= 1, "at least 1"),
               "--temperature": (args.temperature >= 0, "0 (greedy) or more"),
               "--top-p": (0 < args.top_p <= 1, "in (0, 1]"), "--seed": (0 <= args.seed < 2 ** 63, "0 to 2**63 - 1")}
