@@ -145,6 +145,14 @@ def test_lora_in_memory_trains_adapters_only_against_the_adapters_off_model(tiny
     assert lora and any(p.abs().sum() > 0 for p in lora)              # adapters moved off their zero start
     assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert result.history[-1]["loss"] < result.history[0]["loss"]
+    # peft put the adapters into `model` itself: a second LoRA run on it replaced them with fresh ones under the
+    # same name, in the object the first result wraps, and trained those without a word.
+    trained = {n: p.detach().clone() for n, p in result.model.named_parameters() if "lora_" in n}
+    with pytest.raises(preftune.ConfigError, match=r"^model: holds the LoRA adapters of an earlier run"):
+        preftune.train("dpo", model=model, tokenizer=tokenizer, data=pairs, lora_r=4, **SETTINGS)
+    assert all(torch.equal(p, trained[n]) for n, p in result.model.named_parameters() if "lora_" in n)
+    merged = result.model.merge_and_unload()                          # the way out the message names
+    assert preftune.train("dpo", model=merged, tokenizer=tokenizer, data=pairs, lora_r=4, **SETTINGS).history
 
 
 def test_a_peft_model_trains_its_own_adapters_with_a_folder(tiny_model_dir, pairs, tmp_path):

@@ -22,7 +22,7 @@ from .data.records import PreferencePair
 from .data.tokenize import tokenize_all
 from .errors import ConfigError, PreftuneError
 from .metrics import logps_table, per_pair_rows, preference_metrics
-from .inputs import RunInputs, check_model_object, is_peft_model, placeholder
+from .inputs import RunInputs, carries_injected_adapters, check_model_object, is_peft_model, placeholder
 from .models.load import check_source, freeze, given_tokenizer, load_model, load_tokenizer
 from .models.narrow import require_items_fit
 from .models.precision import pick_device, pick_dtype
@@ -323,6 +323,11 @@ def _model_arg(model, what: str, inputs: RunInputs) -> str:
     if is_path(model):
         return os.fspath(model)
     setattr(inputs, what, check_model_object(model, what))
+    if what == "model" and carries_injected_adapters(model):
+        # peft would put fresh adapters in place of the earlier run's, under the same name, in the same object.
+        raise ConfigError("model: holds the LoRA adapters of an earlier run (peft added them in place); pass that "
+                          "run's result .model to go on training them, or its .merge_and_unload() for a plain "
+                          "model with them folded in")
     return placeholder(model)
 
 

@@ -42,6 +42,11 @@ def is_peft_model(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
+def carries_injected_adapters(model: torch.nn.Module) -> bool:
+    """True for a plain model that peft changed in place: the base inside an earlier LoRA run's peft model."""
+    return not is_peft_model(model) and any(type(m).__module__.startswith("peft.") for m in model.modules())
+
+
 def check_model_object(model: Any, what: str) -> torch.nn.Module:
     """A causal LM object (transformers or peft), or a `ConfigError` saying what was passed."""
     if not isinstance(model, torch.nn.Module):
