@@ -143,3 +143,73 @@ def test_a_system_column_beside_sft_conversations_is_their_system_prompt(tok):
     assert (alone.system, unused) == (None, ["system"])  # no prompt to put it before: reported, not used
     with pytest.raises(DataError, match="the system prompt is given twice"):
         read_sft({"system": "Be brief.", "messages": [{"role": "system", "content": "Be long."}, *chat]}, "w")
+
+
+# Qwen3's template in short: a default system prompt when none is given, and the think block (empty when the
+# turn has no reasoning) only on assistant turns after the last user turn; earlier turns lose their reasoning.
+THINK_LAST = (
+    "{% if messages[0].role != 'system' %}<|im_start|>system\nDefault.<|im_end|>\n{% endif %}"
+    "{% set ns = namespace(last=-1) %}"
+    "{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' %}"
+    "{% set answer = m.content.split('</think>')[-1].lstrip('\\n') %}"
+    "{% set thought = m.content.split('</think>')[0].split('<think>')[-1].strip('\\n') "
+    "if '</think>' in m.content else '' %}"
+    "{% if loop.index0 > ns.last %}<|im_start|>assistant\n<think>\n{{ thought }}\n</think>\n\n{{ answer }}"
+    "<|im_end|>\n"
+    "{% else %}<|im_start|>assistant\n{{ answer }}<|im_end|>\n{% endif %}"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def think_tok():
+    t = make_tokenizer()
+    t.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    t.chat_template = THINK_LAST
+    return t
+
+
+def _spans(tok, ids: list[int], mask: list[int] | None) -> list[tuple[str, int]]:
+    """The answer as (text, trained) runs."""
+    mask = mask or [1] * len(ids)
+    runs: list[tuple[list[int], int]] = []
+    for i, m in zip(ids, mask):
+        if runs and runs[-1][1] == m:
+            runs[-1][0].append(i)
+        else:
+            runs.append(([i], m))
+    return [(tok.decode(r, skip_special_tokens=False), m) for r, m in runs]
+
+
+@pytest.mark.parametrize("earlier", ["the sky is blue .", "<think>\nlook up\n</think>\n\nthe sky is blue ."])
+def test_a_template_that_marks_only_the_last_turn_trains_every_turn_as_the_conversation_writes_it(think_tok, earlier):
+    """Every SFT conversation of two or more assistant turns was refused under Qwen3's template: the earlier
+    turn rendered alone (as the last turn, with its think block) does not start the whole conversation."""
+    chat = [U("the sky is"), A(earlier), U("and grass is"), A("green .")]
+    out = tokenize_example(think_tok, to_sft({"messages": chat}, "w"), max_length=512)
+    assert think_tok.decode(out.prompt_ids, skip_special_tokens=False) == (
+        "<|im_start|>system\nDefault.<|im_end|>\n<|im_start|>user\nthe sky is<|im_end|>\n<|im_start|>assistant\n")
+    # By hand from the template: the earlier turn without a think block (its reasoning left out, as the model
+    # sees the conversation), the last with its empty one.
+    assert _spans(think_tok, out.answer_ids, out.answer_mask) == [
+        ("the sky is blue .<|im_end|>\n", 1), ("<|im_start|>user\nand grass is<|im_end|>\n<|im_start|>assistant\n", 0),
+        ("<think>\n\n</think>\n\ngreen .<|im_end|>\n", 1)]
+
+
+def test_an_empty_system_turn_keeps_the_template_default_out(think_tok):
+    """An empty system turn was dropped like a missing one, so the template wrote its default system prompt
+    into a prompt the record had emptied of it."""
+    import preftune
+    from preftune.data.tokenize import tokenize_pair
+
+    empty = {"role": "system", "content": ""}
+    expected = "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nthe sky is<|im_end|>\n<|im_start|>assistant\n"
+    sft = tokenize_example(think_tok, to_sft({"messages": [empty, U("the sky is"), A("blue .")]}, "w"), max_length=64)
+    [pair] = preftune.load_pairs([{"prompt": [empty, U("the sky is")], "chosen": [A("blue .")],
+                                   "rejected": [A("red .")]}])
+    dpo = tokenize_pair(think_tok, pair, max_length=64)
+    for prompt_ids in (sft.prompt_ids, dpo.prompt_ids):
+        assert think_tok.decode(prompt_ids, skip_special_tokens=False) == expected

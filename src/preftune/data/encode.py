@@ -25,7 +25,8 @@ log = logging.getLogger("preftune")
 
 
 def _messages(system: str | None, turns: Content) -> list[dict]:
-    head = [{"role": "system", "content": system}] if system else []
+    # An empty system turn is kept: it is how a record keeps a template's default system prompt out.
+    head = [{"role": "system", "content": system}] if system is not None else []
     return head + list(turns)
 
 
@@ -137,10 +138,12 @@ def _pieces(render, prompt: Messages, answer: Messages, full: str, start: int, e
         return [(full[start:], True)]
     cuts, turns = [], list(prompt)  # (offset in `full`, whether an assistant turn starts there)
     for turn in answer:
+        opened = None
         if turn["role"] == "assistant":
-            cuts.append((_answer_start(render, turns, render(turns, True), full, where), True))
+            opened = _answer_start(render, turns, render(turns, True), full, where)
+            cuts.append((opened, True))
         turns.append(turn)
-        cuts.append((_offset(render(turns, False), full, where, closing), False))
+        cuts.append((_offset(render(turns, False), full, where, closing, opened, turn), False))
     pieces, at, trained = [], start, False
     for end, opens in cuts:
         if end > at:
@@ -169,18 +172,45 @@ def _closing(tokenizer) -> str:
     return text if isinstance(text, str) and len(text) <= CLOSING else ""
 
 
-def _offset(prefix: str, full: str, where: str, closing=lambda: "") -> int:
+def _offset(prefix: str, full: str, where: str, closing=lambda: "", begin: int | None = None,
+            turn: dict | None = None) -> int:
     """Where the turns rendered as `prefix` end inside the whole conversation `full`. A template that closes
     every conversation with the text `closing()` gives (asked only then) writes it after `prefix` too, and in
-    `full` only at the end: the turns end where it begins."""
+    `full` only at the end: the turns end where it begins. `prefix` ending with the assistant `turn` that starts
+    at `begin` in both may also write that turn with text in front that only a conversation's last turn gets
+    (`_last_turn_head`)."""
     if full.startswith(prefix):
         return len(prefix)
     closing = closing()
     if closing and prefix.endswith(closing) and full.endswith(closing) and \
             full.startswith(prefix[:len(prefix) - len(closing)]):
         return len(prefix) - len(closing)
+    end = _last_turn_head(prefix, full, begin, turn) if begin is not None else None
+    if end is not None:
+        return end
     raise DataError(f"{where}: the chat template renders the earlier turns differently inside the whole "
                     "conversation, so the assistant turns cannot be located; check the template or the roles")
+
+
+def _last_turn_head(prefix: str, full: str, begin: int, turn: dict | None) -> int | None:
+    """The end in `full` of an assistant turn that the template writes with more text in front when the turn
+    ends the conversation (`prefix`) than inside it: Qwen3 gives only the last turn its think block, empty or
+    not, and leaves the reasoning of earlier turns out. Inside the conversation the turn is the longest tail of
+    its last-turn form that `full` has at `begin`, provided that tail holds the turn's answer text (said once).
+    None when there is no such tail."""
+    if begin > len(prefix) or prefix[:begin] != full[:begin]:
+        return None
+    alone = prefix[begin:]
+    content = turn.get("content") if turn else None
+    answer = content.rsplit("</think>", 1)[-1].strip() if isinstance(content, str) else ""
+    for cut in range(1, len(alone)):
+        tail = alone[cut:]
+        if full.startswith(tail, begin) and answer in tail and tail.strip():
+            _say_once("last turn head", f"the chat template writes {alone[:cut]!r:.60} before an assistant turn only "
+                                        f"when it ends the conversation; earlier assistant turns are trained as "
+                                        f"the whole conversation writes them, without it")
+            return begin + len(tail)
+    return None
 
 
 def _answer_start(render, turns: Messages, prompt_text: str, full_text: str, where: str,
