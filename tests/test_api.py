@@ -372,10 +372,25 @@ def test_in_memory_runs_say_their_data_counts_and_what_an_epoch_leaves_out(tiny_
     out = capsys.readouterr().out
     assert "data: 10 records (text) -> 10 used, 0 truncated, 0 dropped" in out
     assert "an epoch takes 8 of the 10 in batches of 4 (the other 2, drawn anew each epoch, are left out of it)" in out
-    # Accumulated micro-batches run on across epochs: 12 examples in batches of 4 leave none out.
+    # An epoch is whole optimizer steps: 12 examples in steps of 2 batches of 4 leave the third batch out.
     preftune.train("dpo", model=tiny_model_dir, data=pairs[:12], quiet=False, grad_accum=2,
                    **{**SETTINGS, "max_steps": 1})
-    assert "left out" not in capsys.readouterr().out
+    assert ("an epoch takes 8 of the 12 in steps of 8 (2 batches) (the other 4, drawn anew each epoch, are left out "
+            "of it)") in capsys.readouterr().out
+
+
+def test_accumulation_equals_one_big_batch_over_epochs(tiny_model_dir, pairs):
+    """A step's micro-batches ran on into the next epoch (the 12 examples' third batch of 4, then the next
+    epoch's first), so two epochs made 1.33 passes, and --grad-accum 2 --batch-size 4 differed from
+    --batch-size 8 from the second step on."""
+    runs = [preftune.train("dpo", model=tiny_model_dir, data=pairs[:12], **{**SETTINGS, "max_steps": -1, **sizes},
+                           epochs=2) for sizes in (dict(batch_size=8), dict(batch_size=4, grad_accum=2))]
+    assert [[r["step"] for r in run.history] for run in runs] == [[1, 2], [1, 2]]
+    for one, accumulated in zip(*(run.history for run in runs)):
+        assert accumulated["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
+        assert accumulated["epoch"] == one["epoch"]
+    big, small = (weights(run.model) for run in runs)
+    assert all(torch.allclose(big[k], small[k], rtol=1e-4, atol=1e-6) for k in big)
 
 
 def test_a_tokenizer_without_eos_trains_with_a_warning(tiny_model_dir, pairs, caplog):

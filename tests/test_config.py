@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from preftune.cli import build_parser
 from preftune.cli.train import config_from_args
@@ -63,13 +64,42 @@ def test_stage_default_learning_rates():
 
 
 def test_lr_schedule_by_hand():
-    # warmup 2 of 10 steps: 1/3, 2/3, then cosine from 1 down to 0 over the remaining 8 steps
-    assert lr_factor(0, warmup=2, total=10, kind="cosine") == pytest.approx(1 / 3)
-    assert lr_factor(1, warmup=2, total=10, kind="cosine") == pytest.approx(2 / 3)
+    # warmup 2 of 10 steps: 0, 1/2, then cosine from 1 down over the remaining 8 steps
+    assert lr_factor(0, warmup=2, total=10, kind="cosine") == 0.0
+    assert lr_factor(1, warmup=2, total=10, kind="cosine") == pytest.approx(1 / 2)
     assert lr_factor(2, warmup=2, total=10, kind="cosine") == pytest.approx(1.0)
     assert lr_factor(6, warmup=2, total=10, kind="cosine") == pytest.approx(0.5)
     assert lr_factor(6, warmup=2, total=10, kind="linear") == pytest.approx(0.5)
     assert lr_factor(9, warmup=0, total=10, kind="constant") == 1.0
+
+
+@pytest.mark.parametrize("kind, theirs", [("cosine", "cosine"), ("linear", "linear"),
+                                          ("constant", "constant_with_warmup")])
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_lr_schedule_is_transformers_schedule(kind, theirs, warmup):
+    """The schedule TRL's trainers take (transformers' get_scheduler); warmup started at lr/(W+1) before."""
+    from transformers import get_scheduler
+
+    total = 10
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler(theirs, opt, num_warmup_steps=warmup, num_training_steps=total)
+    expected = []
+    for _ in range(total):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [lr_factor(s, warmup=warmup, total=total, kind=kind) for s in range(total)] == pytest.approx(expected)
+
+
+def test_warmup_ratio_is_a_share_of_the_steps_rounded_up():
+    from preftune.training.optim import warmup_steps
+
+    assert warmup_steps(TrainConfig(warmup_ratio=0.15), 10) == 2         # ceil(1.5), as transformers rounds
+    assert warmup_steps(TrainConfig(warmup_steps=3), 10) == 3
+    with pytest.raises(ConfigError, match="^warmup_ratio: the warmup is given twice"):
+        TrainConfig(warmup_ratio=0.1, warmup_steps=2)
+    with pytest.raises(ConfigError, match=r"^warmup_ratio: must be in \[0, 1\), got 1.5"):
+        TrainConfig(warmup_ratio=1.5)
 
 
 def test_a_stage_that_is_none_and_a_lora_dropout_past_1_are_named():

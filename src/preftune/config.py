@@ -62,7 +62,7 @@ TRL_NAMES = {
     "eval_steps": "'eval_every'", "save_total_limit": "'keep_checkpoints'", "bf16": "dtype='bfloat16'",
     "fp16": "dtype='float16'", "precompute_ref_log_probs": "'precompute_ref'", "padding_free": "'packing'",
     "center_rewards_coefficient": "'center_rewards'", "dataset_num_proc": "'tokenize_procs'",
-    "warmup_ratio": "'warmup_steps' (a number of steps)", "max_completion_length": "'max_length' (prompt + answer)",
+    "max_completion_length": "'max_length' (prompt + answer)",
     "model_name_or_path": "'model'", "ref_model_name_or_path": "'ref_model'", "dataset_name": "'data'",
     "peft_config": "'lora_r', 'lora_alpha', 'lora_dropout' and 'lora_targets' (or pass a peft model as the model)",
     "use_peft": "'lora_r' (the LoRA rank; 0 trains every weight)",
@@ -100,14 +100,17 @@ class TrainConfig:
     token_cache_dir: str | None = _f(None, "Where tokenised data is kept (default: ~/.cache/preftune/tokenized).")
     # --- optimisation
     max_steps: int = _f(-1, "Optimizer steps to run; -1 runs --epochs over the data.")
-    epochs: float = _f(1.0, "Passes over the data when --max-steps is -1. An epoch is whole batches: the examples "
-                            "short of a full last batch are left out of it (others each epoch), and data smaller "
-                            "than one batch is refused.")
+    epochs: float = _f(1.0, "Passes over the data when --max-steps is -1. An epoch is whole optimizer steps "
+                            "(batch_size x grad_accum x processes): the examples short of a full last step are left "
+                            "out of it (others each epoch), and data smaller than one step is refused.")
     batch_size: int = _f(8, "Pairs (DPO) or sequences (SFT) per micro-batch, per process.")
     grad_accum: int = _f(1, "Micro-batches accumulated into one optimizer step.")
     lr: float | None = _f(None, "Peak learning rate; the default depends on the stage (2e-5 SFT, 5e-7 DPO, 1e-6 "
                                 "KTO).")
-    warmup_steps: int = _f(0, "Steps of linear warmup from 0 to --lr.")
+    warmup_steps: int = _f(0, "Steps of linear warmup from 0 to --lr (the first step runs at 0, as transformers' "
+                              "schedules do).")
+    warmup_ratio: float = _f(0.0, "Warmup as a fraction of the run's steps, rounded up (0.1), in place of "
+                                  "--warmup-steps.")
     scheduler: str = _f("cosine", "Decay after warmup: cosine, linear or constant.", choices=SCHEDULERS)
     weight_decay: float = _f(0.0, "AdamW weight decay of the weight matrices (norms and biases are not decayed, "
                                   "as in transformers' Trainer).")
@@ -250,6 +253,10 @@ class TrainConfig:
             raise ConfigError(f"beta: must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ConfigError("warmup_ratio: the warmup is given twice, also as warmup_steps; keep one")
         if not 0 <= self.eval_split < 1:
             raise ConfigError(f"eval_split: must be in [0, 1), got {self.eval_split}")
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:

@@ -193,14 +193,15 @@ def _round_pairs(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, judge:
 
 
 def _train_round(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, start: str, made: RoundPairs, callbacks):
-    batch = cfg.train_config(output_dir="", model=cfg.model).batch_size
+    settings = cfg.train_config(output_dir="", model=cfg.model)
+    batch = settings.batch_size * settings.grad_accum  # one optimizer step (a single process)
     if len(made.pairs) < batch:
         cut = (f"; {made.cut_answers} answers reached --max-new-tokens without ending and are never paired: raise "
                f"--max-new-tokens (or pass --pair-cut-answers)" if made.cut_answers and not cfg.pair_cut_answers
                else "")
         raise PreftuneError(f"round {r}: {len(made.pairs)} of {made.groups} prompts gave a pair ({made.tied_groups} "
                             f"had answers the judge scored all the same, {made.short_groups} fewer than two non-empty "
-                            f"finished answers), fewer than one batch of {batch}; add "
+                            f"finished answers), fewer than one step of {batch}; add "
                             f"prompts, raise --samples or --temperature, lower --batch-size, or check the judge{cut}")
     train_dir = round_dir(out, r) / TRAIN
     ref = cfg.model if cfg.ref_update == "none" else start

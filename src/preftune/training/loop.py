@@ -39,7 +39,10 @@ STOP = "stop"  # what a callback returns to end the run after the current step
 
 @dataclass
 class DataCursor:
-    """Where the run is in its data: epoch and batch within it. The order of an epoch is a function of the seed."""
+    """Where the run is in its data: epoch and batch within it. The order of an epoch is a function of the seed.
+
+    An epoch is whole optimizer steps of `grad_accum` batches: the batches short of a full last step are left out
+    of it, as the examples short of a full last batch are (`epoch_order`), so no step spans two epochs."""
 
     n_items: int
     global_batch: int
@@ -47,13 +50,14 @@ class DataCursor:
     group_by_length: bool
     epoch: int = 0
     position: int = 0
+    grad_accum: int = 1
     _batches: list[list[int]] = field(default_factory=list, repr=False)
 
     def next(self, items) -> list[int]:
         if not self._batches:
             self._batches = epoch_order(items, batch_size=self.global_batch, seed=self.seed, epoch=self.epoch,
                                         group_by_length=self.group_by_length)
-        if self.position >= len(self._batches):
+        if self.position >= len(self._batches) - len(self._batches) % self.grad_accum:
             self.epoch, self.position = self.epoch + 1, 0
             self._batches = []
             return self.next(items)
@@ -124,7 +128,7 @@ def _finite_or_skipped(step: int, metrics: dict, grad_norm: torch.Tensor, record
 
 
 def _planned_steps(cfg: TrainConfig, setup, env: DistEnv) -> int:
-    global_batch = cfg.batch_size * env.world_size  # at least one batch: setup.build checked it
+    global_batch = cfg.batch_size * env.world_size  # at least one step: setup.build checked it
     return total_steps(len(setup.train_items), global_batch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
 
 
@@ -206,7 +210,7 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
     policy_logps: AnswerLogpModule = setup.policy_logps
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg, steps)
-    cursor = DataCursor(len(train_items), global_batch, cfg.seed, cfg.group_by_length)
+    cursor = DataCursor(len(train_items), global_batch, cfg.seed, cfg.group_by_length, grad_accum=cfg.grad_accum)
     state = ckpt.RunState(policy, optimizer, scheduler, cursor, objective, sharded=policy_logps.sharded)
     metrics_path = out_dir / METRICS_FILE
     if cfg.resume and not in_memory:

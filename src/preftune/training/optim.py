@@ -13,13 +13,19 @@ from ..config import TrainConfig
 def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
     if warmup and step < warmup:
-        return (step + 1) / (warmup + 1)
+        return step / warmup  # transformers' warmup: 0 at the first step, the peak at step `warmup`
     if kind == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if kind == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """The run's warmup in steps: --warmup-steps, or --warmup-ratio of the run's steps rounded up (as
+    transformers' `get_warmup_steps`)."""
+    return cfg.warmup_steps or math.ceil(total_steps * cfg.warmup_ratio)
 
 
 def build_optimizer(params, cfg: TrainConfig, total_steps: int):
@@ -33,8 +39,9 @@ def build_optimizer(params, cfg: TrainConfig, total_steps: int):
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     opt = AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                 betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused or None)
+    warmup = warmup_steps(cfg, total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=total_steps, kind=cfg.scheduler))
+        opt, lambda s: lr_factor(s, warmup=warmup, total=total_steps, kind=cfg.scheduler))
     return opt, sched
 
 

@@ -260,10 +260,12 @@ def describe_start(cfg: TrainConfig, setup, steps: int, global_batch: int) -> st
     if setup.eval_items:
         line += f"; {len(setup.eval_items)} held out for eval"
     line += f"; {steps} steps"
-    left = used % global_batch  # an epoch is whole batches (batching.epoch_order): a partial last one is dropped
+    step = global_batch * cfg.grad_accum  # an epoch is whole steps (DataCursor): a partial last one is dropped
+    left = used % step
     if left:
-        line += (f"; an epoch takes {used - left} of the {used} in batches of {global_batch} (the other {left}, "
-                 f"drawn anew each epoch, are left out of it)")
+        unit = f"batches of {step}" if cfg.grad_accum == 1 else f"steps of {step} ({cfg.grad_accum} batches)"
+        line += (f"; an epoch takes {used - left} of the {used} in {unit} (the other {left}, drawn anew each epoch, "
+                 f"are left out of it)")
     return line
 
 

@@ -114,16 +114,17 @@ def _tokenize(cfg: TrainConfig, tokenizer, records: list, source, part: str, env
 
 
 def _check_one_batch(cfg: TrainConfig, train_items: list, stats: TokenizeStats, env: DistEnv) -> None:
-    global_batch = cfg.batch_size * env.world_size
-    if len(train_items) >= global_batch:
+    """An epoch is whole optimizer steps (`batching.epoch_order`): the data must fill one."""
+    step = cfg.batch_size * env.world_size * cfg.grad_accum
+    if len(train_items) >= step:
         return
+    what = f"one batch of {step}" if cfg.grad_accum == 1 else f"one step of {step} (--grad-accum {cfg.grad_accum})"
     if stats.dropped:  # the batch size is not what went wrong
         raise DataError(f"{cfg.data}: {stats.dropped} of {stats.total} examples dropped because the prompt alone is "
                         f"longer than --max-length {cfg.max_length} tokens, leaving {len(train_items)} (fewer than "
-                        f"one batch of {global_batch}); raise --max-length, or set --max-prompt-length to cut long "
-                        f"prompts from the left")
-    raise DataError(f"{cfg.data}: {len(train_items)} usable examples, fewer than one batch of {global_batch}; lower "
-                    f"--batch-size or add data")
+                        f"{what}); raise --max-length, or set --max-prompt-length to cut long prompts from the left")
+    fix = "--batch-size" if cfg.grad_accum == 1 else "--batch-size or --grad-accum"
+    raise DataError(f"{cfg.data}: {len(train_items)} usable examples, fewer than {what}; lower {fix} or add data")
 
 
 def _ref_cache_dir(cfg: TrainConfig, default: Path | None) -> Path:
