@@ -308,6 +308,32 @@ def test_lora_reward_model_saves_its_head_and_merges(tiny_model_dir, tmp_path):
         assert a["rejected_reward"] == pytest.approx(m["rejected_reward"], abs=1e-5)
 
 
+def test_lora_reward_model_scores_as_trained_when_the_base_config_names_another_pad(tmp_path):
+    """The run reads rewards by the tokenizer's pad token; its adapter folder (and merged/) took the base
+    config's pad id back when loaded, so `score` read each reward at another token than training did."""
+    pytest.importorskip("peft")
+    import json
+
+    from tinylm import make_model_dir
+
+    base = make_model_dir(tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    tok = preftune.models.load.load_tokenizer(str(base))
+    config["pad_token_id"] = tok.eos_token_id                    # a real token, not the tokenizer's <pad>
+    (base / "config.json").write_text(json.dumps(config))
+    rows = margin_pairs(8)
+    result = preftune.train("rm", model=str(base), data=rows, output_dir=tmp_path / "lora", max_steps=3,
+                            batch_size=4, lr=1e-2, lora_r=4, merge=True, device="cpu", dtype="float32")
+    trained = preftune.score(result.model, rows, tokenizer=result.tokenizer)
+    for saved in (tmp_path / "lora", tmp_path / "lora" / "merged"):
+        again = preftune.score(saved, rows, device="cpu", dtype="float32")
+        for a, b in zip(trained.rows, again.rows):
+            assert b["chosen_reward"] == pytest.approx(a["chosen_reward"], abs=1e-5)
+            assert b["rejected_reward"] == pytest.approx(a["rejected_reward"], abs=1e-5)
+    merged = json.loads((tmp_path / "lora" / "merged" / "config.json").read_text())
+    assert merged["pad_token_id"] == tok.pad_token_id != tok.eos_token_id
+
+
 # ------------------------------------------------------------------------------------------ refused inputs
 
 def test_a_causal_lm_without_a_score_head_is_not_scored(tiny_model_dir, tmp_path):

@@ -202,7 +202,9 @@ def load_reward_model(name_or_path: str | Path, *, device=None, dtype=torch.floa
         model.to(device)
     tokenizer = (load_tokenizer(name, trust_remote_code=trust_remote_code, flag=flag) if tokenizer is None
                  else given_tokenizer(tokenizer, trust_remote_code=trust_remote_code))
-    if _pad_id_or_none(model) is None:
+    if _pad_id_or_none(model) is None or is_adapter_folder(name):
+        # An adapter's run read its rewards by its tokenizer's pad token (`training_pad_token`), which the run
+        # folder keeps; the base's config, loaded again here, may name another.
         set_pad_token(model, tokenizer)
     model.eval()
     for p in model.parameters():

@@ -121,3 +121,20 @@ def test_tab_separated_files_are_read_and_a_wrong_delimiter_is_one_line(tmp_path
     (tmp_path / "commas.tsv").write_text("prompt,chosen,rejected\nq,a,b\n")
     with pytest.raises(DataError, match=r"separated by ',', not '\\t'; .* \(or name it \.csv\)$"):
         load_pairs(str(tmp_path / "commas.tsv"))
+
+
+def test_a_missing_file_in_a_folder_here_is_not_asked_of_the_hub(tmp_path, monkeypatch):
+    """`data/pairs` (the file is data/pairs.jsonl) has a Hub id's form; with a folder `data` here it is a
+    mistyped path, said at once instead of after the Hub's retries."""
+    import preftune.data.sources as sources
+    from preftune.errors import DataError
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sources, "_hub_dataset", lambda *a: pytest.fail("the Hub was asked"))
+    with pytest.raises(DataError, match=r"^data/pairs: file not found; check the path"):
+        read_rows("data/pairs")
+    asked = []
+    monkeypatch.setattr(sources, "_hub_dataset", lambda name, split: asked.append(name) or iter(()))
+    read_rows("someone/pairs")                       # no folder `someone` here: still a Hub id
+    assert asked == ["someone/pairs"]

@@ -48,9 +48,11 @@ def read_rows(source, *, split: str = "train") -> Rows:
 
 
 def _looks_like_path(source: str) -> bool:
-    """A Hub id is `name` or `owner/name`; anything else that does not exist is a mistyped path."""
+    """A Hub id is `name` or `owner/name`; anything else that does not exist is a mistyped path, and so is
+    `owner/name` when `owner` is a folder here (`data/pairs` for `data/pairs.jsonl`: the Hub would be asked, with
+    retries, for most of a minute)."""
     return (source.lower().endswith(SUFFIXES + (".gz",)) or source.startswith(("/", ".", "~", "\\"))
-            or source.count("/") > 1)
+            or source.count("/") > 1 or ("/" in source and Path(source.split("/", 1)[0]).is_dir()))
 
 
 def _file_rows(path: Path) -> Rows:
