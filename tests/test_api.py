@@ -155,6 +155,24 @@ def test_lora_in_memory_trains_adapters_only_against_the_adapters_off_model(tiny
     assert preftune.train("dpo", model=merged, tokenizer=tokenizer, data=pairs, lora_r=4, **SETTINGS).history
 
 
+def test_lora_on_a_model_built_in_code_refuses_merge_and_its_adapter_names_no_base(tiny_model_dir, pairs, tmp_path):
+    """merge=True trained, then failed on the adapter's empty base name with a TypeError, and the failure took
+    the whole run folder, trained adapter and all. The adapter folder alone made `eval` fail the same way."""
+    from preftune.demo.base import tiny_llama
+
+    _, tokenizer = load(tiny_model_dir)
+    model = tiny_llama(len(tokenizer), hidden=32, layers=2, heads=4, pad_id=tokenizer.pad_token_id, seed=0)
+    with pytest.raises(preftune.ConfigError, match=r"^merge: rebuilds the merged model from the base model's files"):
+        preftune.train("dpo", model=model, tokenizer=tokenizer, data=pairs, lora_r=4, merge=True,
+                       output_dir=tmp_path / "merged-run", **SETTINGS)
+    assert not (tmp_path / "merged-run").exists()
+    preftune.train("dpo", model=model, tokenizer=tokenizer, data=pairs, lora_r=4, output_dir=tmp_path / "run",
+                   **SETTINGS)
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    with pytest.raises(preftune.ModelError, match=r"adapter_config.json names no base model"):
+        preftune.evaluate(model=tmp_path / "run", data=pairs, device="cpu")
+
+
 def test_a_peft_model_trains_its_own_adapters_with_a_folder(tiny_model_dir, pairs, tmp_path):
     import peft
 

@@ -380,6 +380,11 @@ def _check_objects(cfg: TrainConfig, inputs: RunInputs) -> None:
     if inputs.model is not None and is_peft_model(inputs.model) and cfg.lora_r:
         raise ConfigError("lora_r: the model is already a peft model; its adapters train as they are (drop "
                           "lora_r), or pass the base model to add new ones")
+    if inputs.model is not None and cfg.merge:
+        # write_merged folds the saved adapter into the base read again from the files the adapter names; an
+        # object may have none (built in code) or differ from them (trained in memory before).
+        raise ConfigError("merge: rebuilds the merged model from the base model's files, and a model object need "
+                          "not match any; drop merge and save result.model.merge_and_unload() yourself")
     if inputs.model is not None and cfg.load_in_4bit:
         raise ConfigError("load_in_4bit: loads the model from a path in 4 bits; pass the model as a path")
     reference_is_object = inputs.ref_model is not None or (not cfg.ref_model and inputs.model is not None)

@@ -235,6 +235,11 @@ def load_adapter_model(path: str | Path, *, device: torch.device, dtype: torch.d
 def load_adapter_base(path: Path, base_name: str, load, **kwargs):
     """`load(base_name, **kwargs)` for the base model an adapter folder names; a relative name that is not found
     gets a word on where relative names are read from (peft writes the path its base was loaded by)."""
+    if not isinstance(base_name, str) or not base_name:
+        # peft writes the model object's name_or_path: none for a model built in code rather than loaded
+        raise ModelError(f"{path}: {ADAPTER_CONFIG} names no base model (the adapter was trained on a model object "
+                         f"that was not loaded from a folder); write the base's folder into base_model_name_or_path, "
+                         f"or load it onto its base with peft.PeftModel.from_pretrained(base, path)")
     try:
         return load(base_name, flag=f"{path / ADAPTER_CONFIG}: base_model_name_or_path", **kwargs)
     except ModelError as exc:
