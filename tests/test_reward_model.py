@@ -332,6 +332,9 @@ def test_lora_reward_model_scores_as_trained_when_the_base_config_names_another_
             assert b["rejected_reward"] == pytest.approx(a["rejected_reward"], abs=1e-5)
     merged = json.loads((tmp_path / "lora" / "merged" / "config.json").read_text())
     assert merged["pad_token_id"] == tok.pad_token_id != tok.eos_token_id
+    # The card told a LoRA reward model's reader to load the folder with AutoModelForSequenceClassification,
+    # which builds a 2-label head from the base's config and fails on the saved one.
+    assert "num_labels=1 and pad_token_id set" in (tmp_path / "lora" / "README.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------ refused inputs

@@ -105,9 +105,12 @@ def _summary(config: TrainConfig, adapter: dict | None = None) -> str:
                 f"{config.desirable_weight:g}, undesirable weight {config.undesirable_weight:g}) against the "
                 f"reference model `{config.ref_model or config.model}`")
     elif config.stage == "rm":
-        what = ("A Bradley-Terry reward model (a scalar score head; load it with "
-                "AutoModelForSequenceClassification)" + (f", rewards centred with coefficient {config.center_rewards:g}"
-                                                          if config.center_rewards else ""))
+        load = ("load it with `preftune score`, from `merged/` when written, or as "
+                "AutoModelForSequenceClassification of the base with num_labels=1 and pad_token_id set to this "
+                "folder's tokenizer's, then peft's PeftModel.from_pretrained" if adapter is not None or config.lora_r
+                else "load it with AutoModelForSequenceClassification")
+        what = (f"A Bradley-Terry reward model (a scalar score head; {load})"
+                + (f", rewards centred with coefficient {config.center_rewards:g}" if config.center_rewards else ""))
     else:
         what = "Supervised fine-tuning (SFT)"
     return (f"{what}, starting from `{config.model}` on `{config.data}`. Trained {weights} for {steps} at a peak "
