@@ -121,8 +121,8 @@ def test_run_folders_hold_loadable_models(finished):
 def test_dpo_raises_p_right_and_lowers_p_wrong_on_every_held_out_pair(summary, recomputed):
     """The demo's claim, from the recomputed probabilities: on prompts in phrasings DPO never saw, DPO made the
     right city more likely and the wrong one less likely than SFT left them, pair by pair and on average.
-    Fast mode, seed 0, measured: every p(right) up by 0.075 or more, every p(wrong) down by 0.085 or more; means
-    0.675 -> 0.799 and 0.268 -> 0.141."""
+    Fast mode, seed 0, measured: every p(right) up by 0.071 or more, every p(wrong) down by 0.075 or more; means
+    0.679 -> 0.799 and 0.268 -> 0.143."""
     sft, dpo = recomputed["sft"], recomputed["dpo"]
     for i, ((s_right, s_wrong), (d_right, d_wrong)) in enumerate(zip(sft, dpo)):
         assert d_right > s_right + 0.03, i
