@@ -165,6 +165,39 @@ def test_lora_run_writes_adapter_and_a_merged_model_that_agree(tiny_model_dir, p
     torch.testing.assert_close(torch.tensor(chosen), a[0::2], atol=1e-4, rtol=0)
 
 
+def test_a_failed_merge_keeps_the_finished_run_and_resume_writes_it(tiny_model_dir, pairs_file, tmp_path,
+                                                                    monkeypatch, capsys):
+    """The merge ran before results.json, so a merge that failed (its base moved, no network) counted as a failed
+    run, and the folder of a run without checkpoints went whole: the trained adapter with it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import preftune.models.load as load_mod
+
+    def gone(*args, **kwargs):
+        raise PreftuneError("base_model_name_or_path: folder not found")
+
+    out = tmp_path / "run"
+    command = ["dpo", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output-dir", str(out),
+               "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2", "--lora-r", "4", "--merge",
+               "--dtype", "float32", "--device", "cpu", "--quiet"]
+    with monkeypatch.context() as patch:
+        patch.setattr(load_mod, "load_adapter_model", gone)
+        assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "the run finished and its adapter is saved there, but merged/ was not written" in err
+    assert "--resume" in err and "Traceback" not in err
+    assert (out / "adapter_model.safetensors").is_file() and (out / "results.json").is_file()
+    assert not (out / "merged").exists() and not (out / ".merged.part").exists()
+    assert main([*command, "--resume"]) == 0
+    batch = a_batch(tiny_model_dir, pairs_file)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    adapter = PeftModel.from_pretrained(base_model(tiny_model_dir), str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(full_logits_logps(merged, batch).logps, full_logits_logps(adapter, batch).logps,
+                                   atol=1e-5, rtol=0)
+
+
 def test_missing_peft_is_one_clear_error(tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
     with pytest.raises(PreftuneError, match=r"pip install preftune\[lora\]"):

@@ -8,6 +8,8 @@ model that plain `transformers` loads.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -85,6 +87,9 @@ def write_merged(run_dir: Path, tokenizer, *, dtype: torch.dtype, trust_remote_c
     """
     model = load(run_dir, device=torch.device("cpu"), dtype=dtype, trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload()
-    out = run_dir / MERGED
-    save_model(merged, tokenizer, out)
+    out, part = run_dir / MERGED, run_dir / f".{MERGED}.part"
+    shutil.rmtree(part, ignore_errors=True)  # a merge cut short before
+    save_model(merged, tokenizer, part)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(part, out)  # merged/ is whole or absent
     return out

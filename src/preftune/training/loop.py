@@ -23,6 +23,8 @@ from ..dist.logp_module import AnswerLogpModule
 from ..errors import NonFiniteError
 from ..logps.projection import reused_logits_buffer
 from ..metrics import evaluate_during
+from ..models.load import load_tokenizer
+from ..models.lora import MERGED
 from ..models.precision import pick_device, pick_precision
 from ..report.progress import Progress, describe_eval
 from ..report.tracking import METRICS_FILE, Tracker, check_sinks, read_metrics, recent_means
@@ -171,7 +173,13 @@ def execute(cfg: TrainConfig, *, command: str, inputs=None, callbacks=(), in_mem
         # asks for the same run (a sweep that reuses the folder with another --lr must not get the old result).
         if (out_dir / rundir.CONFIG).is_file():
             ckpt.check_same_config(out_dir, cfg)
-        if env.is_main and not cfg.quiet:
+        if cfg.merge and env.is_main and not (out_dir / MERGED).is_dir():  # its merge failed before
+            rundir.write_merged_model(out_dir, cfg, load_tokenizer(str(out_dir), flag="--output-dir"),
+                                      precision.frozen if cfg.lora_r else precision.trained)
+            if not cfg.quiet:
+                print(f"preftune: resume: the run in {out_dir} has finished; wrote {out_dir / MERGED}",
+                      file=sys.stderr)
+        elif env.is_main and not cfg.quiet:
             print(f"preftune: resume: the run in {out_dir} has finished; nothing to do", file=sys.stderr)
         return Outcome(done, [])
     if in_memory:

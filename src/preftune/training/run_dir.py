@@ -113,8 +113,9 @@ def removed_on_failure(out_dir: Path, env: DistEnv, created: bool, resumed: bool
     before, what this run wrote goes (its run files, a model half-written when the disk filled) and names that
     were there before stay (a README, plots of the user's own, a previous run's files under --overwrite until
     `clear_previous`), as does anything else that appeared meanwhile (the user's own files). Yields the run files
-    that were there. A run with a checkpoint is kept (--resume continues it), and so is a resumed run's folder; an
-    interrupt (Ctrl-C) after steps were logged keeps the folder too."""
+    that were there. A run with a checkpoint is kept (--resume continues it), and so is a resumed run's folder and
+    a finished one's (results.json written: what failed after it was merged/); an interrupt (Ctrl-C) after steps
+    were logged keeps the folder too."""
     kept = {name for name in RUN_FILES if (out_dir / name).exists()}
     before = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set()
     try:
@@ -122,7 +123,7 @@ def removed_on_failure(out_dir: Path, env: DistEnv, created: bool, resumed: bool
     except BaseException as exc:
         interrupted_late = not isinstance(exc, Exception) and _logged_steps(out_dir)
         if (env.is_main and not resumed and not interrupted_late and out_dir.is_dir()
-                and not (out_dir / CHECKPOINTS).exists()):
+                and not (out_dir / CHECKPOINTS).exists() and finished_results(out_dir) is None):
             if created:
                 shutil.rmtree(out_dir, ignore_errors=True)
             else:
@@ -285,21 +286,32 @@ def _write_final(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: s
     from ..report.plots import write_plots
 
     save_model(setup.policy, setup.tokenizer, out_dir, state_dict=state_dict)
-    if cfg.merge:
-        from ..models.load import load_adapter_model
-        from ..models.lora import write_merged
-        from ..reward import load_reward_model
-
-        def load_rm(path, **kw):
-            return load_reward_model(path, **kw)[0]
-
-        write_merged(out_dir, setup.tokenizer, dtype=setup.dtype, trust_remote_code=cfg.trust_remote_code,
-                     load=load_rm if cfg.stage == "rm" else load_adapter_model)
     write_plots(out_dir)
     data_stats = json.loads((out_dir / DATA_STATS).read_text())  # written by write_start
     write_model_card(out_dir, resolved(cfg), final, command, data_stats=data_stats,
                      adapters=is_peft_model(setup.policy))
     atomic_write_json(out_dir / RESULTS, {k: v for k, v in final.items() if _jsonable(v)})
+    if cfg.merge:  # after results.json: a merge that fails (the base gone, no network) leaves the run finished
+        write_merged_model(out_dir, cfg, setup.tokenizer, setup.dtype)
+
+
+def write_merged_model(out_dir: Path, cfg: TrainConfig, tokenizer, dtype) -> None:
+    """`merged/` of a finished LoRA run, from its saved adapter and the base the adapter names; a failure says
+    that the run itself is finished and how to write merged/ later."""
+    from ..models.load import load_adapter_model
+    from ..models.lora import MERGED, write_merged
+    from ..reward import load_reward_model
+
+    def load_rm(path, **kw):
+        return load_reward_model(path, **kw)[0]
+
+    try:
+        write_merged(out_dir, tokenizer, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                     load=load_rm if cfg.stage == "rm" else load_adapter_model)
+    except Exception as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PreftuneError(f"{out_dir}: the run finished and its adapter is saved there, but {MERGED}/ was not "
+                            f"written ({detail}); run the same command with --resume to write it") from None
 
 
 def _jsonable(v) -> bool:
