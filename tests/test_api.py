@@ -533,6 +533,24 @@ def test_paths_in_a_config_stand_when_their_arguments_are_left_out(tiny_model_di
     assert result.history[0]["loss"] != pytest.approx(math.log(2), abs=1e-3)  # the other model is the reference
 
 
+def test_model_and_data_may_come_from_the_config_and_output_dir_none_stays_in_memory(tiny_model_dir, pairs_file,
+                                                                                     tmp_path):
+    """model and data were required arguments (a TypeError when the config held them), and an explicit
+    output_dir=None still wrote the config's folder."""
+    import yaml
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"model": str(tiny_model_dir), "data": str(pairs_file),
+                                                       "output_dir": str(tmp_path / "run"), **SETTINGS}))
+    result = preftune.train("dpo", config=str(tmp_path / "run.yaml"), output_dir=None)
+    assert result.output_dir is None and not (tmp_path / "run").exists() and result.history
+    as_arguments = preftune.train("dpo", model=tiny_model_dir, data=str(pairs_file), **SETTINGS)
+    assert untimed(result.history) == untimed(as_arguments.history)
+    assert preftune.train("dpo", config=str(tmp_path / "run.yaml")).output_dir == tmp_path / "run"
+    for name in ("model", "data"):
+        with pytest.raises(preftune.ConfigError, match=rf"^{name}: required; pass {name}=\.\.\., or give it in"):
+            preftune.train("dpo", **{"model": tiny_model_dir, "data": str(pairs_file), name: None}, **SETTINGS)
+
+
 @pytest.mark.parametrize("dtype", ["mixed", "bfloat16"])
 def test_a_model_object_in_lower_precision_trains_what_its_path_trains(tiny_model_dir, pairs, dtype):
     """The object's reference was cast whole to bf16 (norms, embeddings, the rotary inv_freq), where a loaded one

@@ -63,8 +63,20 @@ class EvalReport:
     rows: list[dict]
 
 
-def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=None, output_dir=None,
-          callbacks: Iterable[Callback] | None = None, config=None, **fields: Any) -> TrainResult:
+class _ConfigOrNone:
+    """`train`'s default output_dir: the config's, if it gives one, else None (in memory). An explicit None trains
+    in memory whatever the config says."""
+
+    def __repr__(self) -> str:
+        return "<the config's output_dir, else None>"
+
+
+CONFIG_OR_NONE = _ConfigOrNone()
+
+
+def train(stage: str, *, model=None, data=None, tokenizer=None, ref_model=None, eval_data=None,
+          output_dir=CONFIG_OR_NONE, callbacks: Iterable[Callback] | None = None, config=None,
+          **fields: Any) -> TrainResult:
     """Train `model` on `data` with `stage` ("sft", "dpo", "kto", "rm" or "online"); returns a `TrainResult`.
 
     "rm" trains a reward model: `model` a causal LM path (a scalar head is added) or an
@@ -81,12 +93,12 @@ def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=
     data, eval_data: a list of dicts in any layout `preftune data check` knows, a `datasets.Dataset` (or a
         `DatasetDict`, read at `split`), or a path / Hub id. Messages name in-memory records "data record 12".
     output_dir: None trains in memory and writes nothing (checkpoints, resuming and metric sinks are refused);
-        a path writes the same run folder as the command line.
+        a path writes the same run folder as the command line. Left out: the config's, else None.
     callbacks: functions called with a copy of every metrics row (training and eval) as it is logged; one that
         returns "stop" ends the run after that step (with a folder, a checkpoint is written, as on SIGTERM).
     config: a `TrainConfig`, a dict of its fields, or a YAML file; keyword `fields` (any `TrainConfig` field
         by name: beta=0.1, max_steps=100, lr=5e-7, lora_r=16, ...) override it. An argument above left out
-        (ref_model, tokenizer, eval_data, output_dir) keeps the path the config gives it.
+        (model, data, ref_model, tokenizer, eval_data, output_dir) keeps the path the config gives it.
     quiet: True unless passed as quiet=False (or set in a dict / YAML config): no progress, no output.
 
     stage "online" runs `preftune online` (see `online.api.train_online`): `data` holds prompts, and a `judge`
@@ -100,6 +112,7 @@ def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=
     if stage == "online":
         from .online.api import train_online
 
+        output_dir = None if output_dir is CONFIG_OR_NONE else output_dir  # online needs a folder: the config's
         out = train_online(model=model, data=data, tokenizer=tokenizer, ref_model=ref_model, eval_data=eval_data,
                            output_dir=output_dir, callbacks=callbacks, config=config, **fields)
         if out.model is not None:  # a plain model, as `train` hands back for the other stages
@@ -111,17 +124,22 @@ def train(stage: str, *, model, data, tokenizer=None, ref_model=None, eval_data=
     values = _config_values(config, stage)
     values.update(fields)
     inputs = RunInputs()
-    values["model"] = _model_arg(model, "model", inputs)
+    for name, given in (("model", model), ("data", data)):
+        if given is None and not values.get(name):
+            raise ConfigError(f"{name}: required; pass {name}=..., or give it in the config")
+    if model is not None:
+        values["model"] = _model_arg(model, "model", inputs)
     # An argument left out keeps what the config says (a path in a YAML file), as `preftune dpo --config` does.
     if ref_model is not None:
         values["ref_model"] = _model_arg(ref_model, "ref_model", inputs)
     if tokenizer is not None or not values.get("tokenizer"):
         values["tokenizer"] = _tokenizer_arg(tokenizer, inputs)
-    values["data"] = _data_arg(data, "data", inputs)
+    if data is not None:
+        values["data"] = _data_arg(data, "data", inputs)
     if eval_data is not None:
         values["eval_data"] = _data_arg(eval_data, "eval_data", inputs)
-    if output_dir is not None:
-        values["output_dir"] = os.fspath(output_dir)
+    if output_dir is not CONFIG_OR_NONE:
+        values["output_dir"] = "" if output_dir is None else os.fspath(output_dir)
     cfg = TrainConfig.from_dict(values, where="train()")
     _check_objects(cfg, inputs)
     return train_from_config(cfg, inputs=inputs, callbacks=callbacks, command=_command(cfg, inputs))

@@ -195,6 +195,11 @@ def test_numpy_printed_content_parts_and_history_are_read_and_a_broken_message_c
     with pytest.raises(DataError, match=r"cut\.csv record 2: the chosen cell looks like a message list written as "
                                         r"text, but it does not read back as one .*save the data as JSON Lines"):
         load_pairs(path)
+    # Cut off before its closing bracket (a spreadsheet's cell limit): it was trained on as the prompt's text.
+    for cut in ("[{'role': 'user', 'content': 'q'", '[{"role": "user", "content": "q"}'):
+        path = _csv(tmp_path / "short.csv", [{"prompt": cut, "chosen": "a", "rejected": "b"}])
+        with pytest.raises(DataError, match=r"short\.csv record 1: the prompt cell looks like a message list"):
+            load_pairs(path)
 
 
 def test_csv_answers_that_are_json_arrays_stay_text(tmp_path):
@@ -348,3 +353,26 @@ def test_what_the_new_checks_must_still_accept(jsonl_file, tmp_path):
     path.write_text(json.dumps([user, answer]) + "\n")
     with pytest.raises(DataError, match="expected a JSON object"):
         load_pairs(str(path))
+
+
+def test_a_system_column_beside_chat_turns_is_their_system_prompt():
+    """The chat, openai and whole-conversation layouts listed a `system` key as unused and trained without it,
+    and a system prompt given both there and as a turn was not refused, as it is for sharegpt and SFT."""
+    import preftune
+    from preftune.data.unpaired import read_unpaired
+
+    user, a, b = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}, \
+        {"role": "assistant", "content": "b"}
+    records = [{"system": "Be brief.", "prompt": [user], "chosen": [a], "rejected": [b]},
+               {"system": "Be brief.", "messages": [user], "chosen": a, "rejected": b},
+               {"system": "Be brief.", "chosen": [user, a], "rejected": [user, b]}]
+    for record in records:
+        [pair] = preftune.load_pairs([record])
+        assert (pair.system, pair.prompt) == ("Be brief.", [user])
+    twice = {"system": "Be brief.", "prompt": [{"role": "system", "content": "Be long."}, user], "chosen": [a],
+             "rejected": [b]}
+    with pytest.raises(DataError, match="the system prompt is given twice"):
+        preftune.load_pairs([twice])
+    example, unused = read_unpaired({"system": "Be brief.", "prompt": [user], "completion": [a], "label": True},
+                                    "unpaired", "w")
+    assert (example.system, unused) == ("Be brief.", [])

@@ -29,6 +29,8 @@ def sft_then_dpo(workdir) -> Path:
     r = cli("sft", "--model", "base", "--data", "sft.jsonl", "--output-dir", "sft", "--max-steps", "4",
             "--batch-size", "4", "--lr", "1e-3", "--quiet", cwd=workdir)
     assert r.returncode == 0, r.stderr
+    # --quiet prints only errors and the final line (it printed nothing at all)
+    assert r.stdout.startswith("done: sft  ") and r.stdout.count("\n") == 1 and r.stderr == ""
     r = cli("dpo", "--model", "sft", "--data", "pairs.jsonl", "--output-dir", "dpo", "--max-steps", "12",
             "--batch-size", "4", "--lr", "2e-3", "--beta", "0.1", "--warmup-steps", "0", cwd=workdir)
     assert r.returncode == 0, r.stderr

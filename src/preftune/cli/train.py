@@ -66,6 +66,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg.require_paths()  # from the shell a run without --output-dir would train and keep nothing
     command = shlex.join(["preftune", *sys.argv[1:]])
     result = train_from_config(cfg, command=command, resume_hint=resume_command(command), load_finished=False)
-    if not cfg.quiet and result.metrics and result.stopped_at_step is None and is_main_process():
+    if result.metrics and result.stopped_at_step is None and is_main_process():  # the final line, quiet or not
         print(describe_final(cfg.output_dir, result.metrics))
     return 0

@@ -70,6 +70,7 @@ def _message_pair(row: Row, chosen: Messages, rejected: Messages, full_prompt: M
                                 "before the answer, and does not repeat the prompt's exactly either; give the "
                                 "answer's turns alone, or the whole conversation with the prompt's turns unchanged")
         pair = PreferencePair(prompt, chosen, rejected, system, row.where)
+    pair.system = row.system_beside(pair.system)  # a system column beside the turns, as LLaMA-Factory keeps it
     pair.tools = row.tools()
     return pair
 
@@ -83,6 +84,7 @@ def _ultrafeedback(row: Row) -> Converted:
         pair = _conversations(row, chosen, rejected)
         if row.holds("prompt") and pair.prompt and row.value["prompt"] == pair.prompt[-1]["content"]:
             row.has("prompt")  # the prompt string repeats the conversations' last user turn: read, not lost
+    pair.system = row.system_beside(pair.system)
     gap = None
     if row.has("score_chosen") or row.has("score_rejected"):
         gap = row.number("score_chosen") - row.number("score_rejected")

@@ -15,7 +15,7 @@ from .rows import type_name
 FORMAT_KEYS = {
     "text": "prompt, chosen, rejected (strings), optional system",
     "implicit": "chosen, rejected (whole texts sharing a prompt)",
-    "chat": "chosen, rejected (message lists), optional prompt (message list), optional tools",
+    "chat": "chosen, rejected (message lists), optional prompt (message list), optional system, optional tools",
     "hh": "chosen, rejected (\\n\\nHuman: / \\n\\nAssistant: transcripts)",
     "ultrafeedback": "chosen, rejected (message lists: answers, or whole conversations), prompt (string; needed "
                      "with answers alone), score_chosen, score_rejected",
@@ -23,9 +23,11 @@ FORMAT_KEYS = {
     "alpaca": "instruction, optional input, chosen, rejected (strings), optional system, history ([user, assistant] "
               "pairs)",
     "sharegpt": "conversations [{from, value}], chosen, rejected ({from, value} or strings), optional system, tools",
-    "openai": "messages [{role, content}], chosen, rejected ({role, content} or lists of them), optional tools",
+    "openai": "messages [{role, content}], chosen, rejected ({role, content} or lists of them), optional system, "
+              "optional tools",
     "medicalgpt": "question, response_chosen, response_rejected, optional system, history ([user, assistant] pairs)",
-    "chat_messages": "chosen_messages, rejected_messages (whole conversations; LLaMA-Factory v1), optional tools",
+    "chat_messages": "chosen_messages, rejected_messages (whole conversations; LLaMA-Factory v1), optional system, "
+                     "optional tools",
     "stack_exchange": "question, response_j (preferred), response_k",
     "shp": "history, human_ref_A, human_ref_B, labels (1 = A preferred)",
 }

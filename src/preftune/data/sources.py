@@ -261,6 +261,8 @@ def _written_list(key: str, cell: str) -> Any:
     itself a JSON array stays text)."""
     text = cell.strip()
     if (text[:1], text[-1:]) not in (("[", "]"), ("{", "}")):
+        if _MESSAGES_START.match(text):  # cut off (a spreadsheet's cell limit, a hand edit): not an answer's text
+            raise ValueError(f"it starts {text[:40]!r} and does not end with ']'")
         return None
     for parse in (json.loads, ast.literal_eval, _numpy_printed):  # literals only: no code runs
         try:

@@ -52,8 +52,8 @@ def read_unpaired(value: Any, fmt: str, where: str) -> tuple[UnpairedExample, li
             system = None
             if prompt and prompt[0]["role"] == "system":
                 system, prompt = prompt[0]["content"], prompt[1:]
-            example = UnpairedExample(prompt, row.messages("completion"), _label(row, "label"), system, where,
-                                      row.tools())
+            example = UnpairedExample(prompt, row.messages("completion"), _label(row, "label"),
+                                      row.system_beside(system), where, row.tools())
         else:
             example = UnpairedExample(row.optional_text("prompt") or "", row.text("completion"),
                                       _label(row, "label"), None, where)

@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import ConfigError, DataError
 
 
-def train_online(*, model, data, tokenizer=None, ref_model=None, eval_data=None, output_dir=None, callbacks=None,
+def train_online(*, model=None, data=None, tokenizer=None, ref_model=None, eval_data=None, output_dir=None, callbacks=None,
                  config=None, **fields: Any):
     """Online DPO from `model` (a folder or Hub id) on the prompts in `data` (a path or a list of prompt records
     / strings); `eval_data`: held-out prompts. `judge` (a field) is a spec string (`rule:...`, `python:...`,
@@ -24,10 +24,15 @@ def train_online(*, model, data, tokenizer=None, ref_model=None, eval_data=None,
         if value is not None:
             raise ConfigError(f"{name}: not an argument of online training (the model folder's tokenizer is used; "
                               f"the reference is the model, or each round's start with ref_update='round')")
+    values = dict(load_yaml_mapping(config)) if is_path(config) else dict(config or {})
+    model = values.get("model") if model is None else model  # left out: the config's
+    if data is None and not values.get("prompts"):
+        raise ConfigError("data: required; pass data=... (prompts), or give prompts in the config")
+    if not model:
+        raise ConfigError("model: required; pass model=..., or give it in the config")
     if not is_path(model):
         raise ConfigError("model: online training reloads each round's policy from its folder; pass the model as "
                           "a path (save_pretrained it first)")
-    values = dict(load_yaml_mapping(config)) if is_path(config) else dict(config or {})
     values.pop("stage", None)
     values.setdefault("quiet", True)
     values.update(fields)
@@ -38,9 +43,9 @@ def train_online(*, model, data, tokenizer=None, ref_model=None, eval_data=None,
     if callable(judge):
         values["judge"] = ""
     prompts = eval_prompts = None
-    if is_path(data):
+    if data is not None and is_path(data):
         values["prompts"] = os.fspath(data)
-    else:
+    elif data is not None:
         prompts = _prompt_list(data, "data")
     if eval_data is not None and is_path(eval_data):
         values["eval_prompts"] = os.fspath(eval_data)
