@@ -225,3 +225,22 @@ def test_eval_says_on_stderr_how_many_pairs_it_left_out_or_cut(tmp_path, tiny_mo
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--max-length", "512",
                  "--device", "cpu", "--dtype", "float32"]) == 0
     assert "left out" not in capsys.readouterr().err
+
+
+def test_eval_of_a_run_folder_takes_the_run_s_beta(tiny_model_dir, tmp_path):
+    """eval rewarded with beta 0.1 whatever the run trained with, so its margins were not the run's."""
+    import preftune
+
+    pairs = fact_pairs(8)
+    result = preftune.train("dpo", model=tiny_model_dir, data=pairs, eval_data=pairs, output_dir=tmp_path / "run",
+                            beta=0.3, max_steps=2, batch_size=4, lr=1e-2, device="cpu", dtype="float32")
+    final = [row for row in result.history if "eval_reward_margin" in row][-1]
+    report = preftune.evaluate(model=tmp_path / "run", ref_model=tiny_model_dir, data=pairs, device="cpu",
+                               dtype="float32")
+    assert report.summary["beta"] == 0.3
+    assert report.summary["reward_margin"] == pytest.approx(final["eval_reward_margin"], rel=1e-4, abs=1e-6)
+    given = preftune.evaluate(model=tmp_path / "run", ref_model=tiny_model_dir, data=pairs, beta=0.1,
+                              device="cpu", dtype="float32")
+    assert given.summary["beta"] == 0.1
+    assert given.summary["reward_margin"] == pytest.approx(report.summary["reward_margin"] / 3, rel=1e-5)
+    assert preftune.evaluate(model=tiny_model_dir, data=pairs, device="cpu").summary["beta"] == 0.1

@@ -201,7 +201,7 @@ def _check_reading(*, batch_size: int, max_length: int, limit: int | None, devic
     pick_dtype(dtype, pick_device(device))
 
 
-def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, batch_size: int = 8,
+def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float | None = None, batch_size: int = 8,
              max_length: int = 1024, max_prompt_length: int | None = None, data_format: str | None = None,
              split: str = "train", limit: int | None = None, device: str = "auto", dtype: str = "auto",
              trust_remote_code: bool = False) -> EvalReport:
@@ -209,10 +209,13 @@ def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, 
 
     model, ref_model: objects (evaluated where they are, in their dtype, and left as they were) or paths /
         Hub ids (loaded on `device` in `dtype`, as `preftune eval` loads them). tokenizer: required when
-        `model` is an object. data: as for `train`. Rewards are beta * (log pi - log pi_ref), or beta * log pi
+        `model` is an object. data: as for `train`. beta: None takes the run's when `model` is the folder of a
+        preftune DPO or KTO run (its config.yaml), else 0.1; the summary says which. Rewards are
+        beta * (log pi - log pi_ref), or beta * log pi
         without a reference. Returns an `EvalReport`: `.summary` is what `preftune eval` prints, `.rows` what
         it writes with --output.
     """
+    beta = _run_beta(model) if beta is None else beta
     _check_reading(batch_size=batch_size, max_length=max_length, limit=limit, device=device, dtype=dtype, beta=beta,
                    max_prompt_length=max_prompt_length)
     if not is_path(model):
@@ -249,10 +252,24 @@ def evaluate(*, model, data, tokenizer=None, ref_model=None, beta: float = 0.1, 
 
     policy = table(model, "model")
     ref = table(ref_model, "ref_model") if ref_model is not None else None
-    summary = preference_metrics(policy, ref, beta)
+    summary = {"beta": beta, **preference_metrics(policy, ref, beta)}
     summary["dropped_pairs"] = stats.dropped
     summary["truncated_pairs"] = stats.truncated
     return EvalReport(summary, per_pair_rows(policy, ref, items))
+
+
+def _run_beta(model) -> float:
+    """The beta of the preftune DPO or KTO run whose folder `model` is (its config.yaml), else 0.1."""
+    if not is_path(model) or not (Path(model) / "config.yaml").is_file():
+        return 0.1
+    try:
+        saved = load_yaml_mapping(Path(model) / "config.yaml")
+    except ConfigError:
+        return 0.1
+    beta = saved.get("beta")
+    if saved.get("stage") in ("dpo", "kto") and isinstance(beta, (int, float)) and not isinstance(beta, bool):
+        return float(beta)
+    return 0.1
 
 
 def score(model, data, *, tokenizer=None, batch_size: int = 8, max_length: int = 1024,

@@ -14,8 +14,8 @@ def register(subparsers) -> None:
     add_model_flags(p)
     add_data_flags(p, required=True, help="Preference pairs.")
     p.add_argument("--output", metavar="FILE.jsonl", help="Write one row of log-probs per pair.")
-    p.add_argument("--beta", type=float, default=0.1, help="Rewards are beta times the log-ratio to the reference "
-                                                            "(default: %(default)s).")
+    p.add_argument("--beta", type=float, help="Rewards are beta times the log-ratio to the reference (default: the "
+                                              "run's, when --model is a preftune DPO or KTO run folder, else 0.1).")
     p.add_argument("--batch-size", type=int, default=8, help="Pairs per forward (default: %(default)s).")
     p.add_argument("--max-length", type=int, default=1024,
                    help="Longest prompt+answer in tokens; answers are cut from the right (default: %(default)s).")
