@@ -148,10 +148,16 @@ def test_lora_in_memory_trains_adapters_only_against_the_adapters_off_model(tiny
     # peft put the adapters into `model` itself: a second LoRA run on it replaced them with fresh ones under the
     # same name, in the object the first result wraps, and trained those without a word.
     trained = {n: p.detach().clone() for n, p in result.model.named_parameters() if "lora_" in n}
-    with pytest.raises(preftune.ConfigError, match=r"^model: holds the LoRA adapters of an earlier run"):
+    with pytest.raises(preftune.ConfigError, match=r"^model: holds LoRA adapters that peft added in place"):
         preftune.train("dpo", model=model, tokenizer=tokenizer, data=pairs, lora_r=4, **SETTINGS)
     assert all(torch.equal(p, trained[n]) for n, p in result.model.named_parameters() if "lora_" in n)
-    merged = result.model.merge_and_unload()                          # the way out the message names
+    merged = result.model.merge_and_unload()                          # the ways out the message names
+    # Full training of the merged model: peft left its weights frozen, and the optimizer's raw ValueError (an
+    # empty parameter list) was all a caller saw.
+    with pytest.raises(preftune.ConfigError, match=r"^model: none of its weights requires a gradient"):
+        preftune.train("dpo", model=merged, tokenizer=tokenizer, data=pairs, **SETTINGS)
+    assert preftune.train("dpo", model=merged.requires_grad_(True), tokenizer=tokenizer, data=pairs,
+                          **SETTINGS).history
     assert preftune.train("dpo", model=merged, tokenizer=tokenizer, data=pairs, lora_r=4, **SETTINGS).history
 
 

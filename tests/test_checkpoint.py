@@ -668,3 +668,22 @@ def test_runs_started_together_on_a_stale_lock_let_one_take_it(tmp_path):
         for p in procs:
             p.join()
         assert sum(taken) == 1, taken
+
+
+def test_a_checkpoint_of_the_earlier_step_plan_is_refused(tmp_path, tiny_model_dir, pairs_file):
+    """Warmup and epoch boundaries changed (warmup from lr 0; no step across epochs): a checkpoint written under
+    the earlier plan went on under the new one, matching neither run from its start."""
+    out = tmp_path / "run"
+    outcome = train.execute(small_run(tiny_model_dir, pairs_file, out, save_every=1), command="preftune",
+                            callbacks=[lambda row: "stop" if row.get("step") == 1 else None])
+    assert outcome.stopped_at == 1
+    folder = ckpt.step_dir(out, 1)
+    state = json.loads((folder / ckpt.STATE).read_text())
+    assert state.pop("schedule") == ckpt.SCHEDULE
+    (folder / ckpt.STATE).write_text(json.dumps(state))  # as the earlier version wrote it, manifest and all
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    manifest["files"][ckpt.STATE] = {"bytes": (folder / ckpt.STATE).stat().st_size,
+                                     "sha256": file_sha256(folder / ckpt.STATE)}
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(PreftuneError, match=r"was written by an earlier preftune.*--overwrite"):
+        train.run(small_run(tiny_model_dir, pairs_file, out, save_every=1, resume=True), command="preftune")

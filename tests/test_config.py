@@ -127,3 +127,17 @@ def test_yaml_merge_keys_still_work_and_odd_keys_are_one_line(tmp_path):
     path.write_text("? [a, b]\n: 1\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml_mapping(path)
+
+
+def test_a_warmup_as_long_as_the_run_is_said(caplog):
+    """A 1-step run with --warmup-ratio 0.1 trains its one step at lr 0, as transformers rounds: said, not silent."""
+    from preftune.training.optim import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2, 2))]
+    with caplog.at_level("WARNING", logger="preftune"):
+        build_optimizer(params, TrainConfig(warmup_ratio=0.1), total_steps=1)
+    assert "warmup: 1 steps cover the whole run of 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="preftune"):
+        build_optimizer(params, TrainConfig(warmup_steps=2), total_steps=10)
+    assert "warmup" not in caplog.text

@@ -157,7 +157,7 @@ def test_ddp_two_ranks_match_one_process_with_the_whole_batch(single, parallel):
     runs, proc = parallel
     assert_same_steps(single["dpo"], runs["dpo-ddp"])
     assert_same_weights(single["dpo"], runs["dpo-ddp"])
-    assert proc.stdout.count("done:") == 4  # only rank 0 speaks, in the four runs that are not quiet
+    assert proc.stdout.count("done:") == len(runs)  # only rank 0 speaks: one final line a run, quiet or not
 
 
 @pytest.mark.slow

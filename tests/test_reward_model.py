@@ -325,8 +325,10 @@ def test_lora_reward_model_scores_as_trained_when_the_base_config_names_another_
     result = preftune.train("rm", model=str(base), data=rows, output_dir=tmp_path / "lora", max_steps=3,
                             batch_size=4, lr=1e-2, lora_r=4, merge=True, device="cpu", dtype="float32")
     trained = preftune.score(result.model, rows, tokenizer=result.tokenizer)
-    for saved in (tmp_path / "lora", tmp_path / "lora" / "merged"):
-        again = preftune.score(saved, rows, device="cpu", dtype="float32")
+    other = preftune.models.load.load_tokenizer(str(base))
+    other.pad_token = other.eos_token                            # a tokenizer given that pads otherwise
+    for saved, given in ((tmp_path / "lora", None), (tmp_path / "lora", other), (tmp_path / "lora" / "merged", None)):
+        again = preftune.score(saved, rows, tokenizer=given, device="cpu", dtype="float32")
         for a, b in zip(trained.rows, again.rows):
             assert b["chosen_reward"] == pytest.approx(a["chosen_reward"], abs=1e-5)
             assert b["rejected_reward"] == pytest.approx(a["rejected_reward"], abs=1e-5)

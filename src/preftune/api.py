@@ -360,9 +360,10 @@ def _model_arg(model, what: str, inputs: RunInputs) -> str:
     setattr(inputs, what, check_model_object(model, what))
     if what == "model" and carries_injected_adapters(model):
         # peft would put fresh adapters in place of the earlier run's, under the same name, in the same object.
-        raise ConfigError("model: holds the LoRA adapters of an earlier run (peft added them in place); pass that "
-                          "run's result .model to go on training them, or its .merge_and_unload() for a plain "
-                          "model with them folded in")
+        raise ConfigError("model: holds LoRA adapters that peft added in place (an earlier LoRA run, or "
+                          "load_adapter); pass the peft model that wraps it (an earlier run's result .model) to go "
+                          "on training them, or a plain model with them folded in: .merge_and_unload(), then "
+                          ".requires_grad_(True) for full training")
     return placeholder(model)
 
 
@@ -415,6 +416,11 @@ def _check_objects(cfg: TrainConfig, inputs: RunInputs) -> None:
     if inputs.model is not None and is_peft_model(inputs.model) and cfg.lora_r:
         raise ConfigError("lora_r: the model is already a peft model; its adapters train as they are (drop "
                           "lora_r), or pass the base model to add new ones")
+    if (inputs.model is not None and not cfg.lora_r and not is_peft_model(inputs.model)
+            and not any(p.requires_grad for p in inputs.model.parameters())):
+        raise ConfigError("model: none of its weights requires a gradient (frozen, as peft's merge_and_unload "
+                          "leaves them); call model.requires_grad_(True) to train them all, or pass lora_r for new "
+                          "adapters")
     if inputs.model is not None and cfg.merge:
         # write_merged folds the saved adapter into the base read again from the files the adapter names; an
         # object may have none (built in code) or differ from them (trained in memory before).

@@ -200,11 +200,15 @@ def load_reward_model(name_or_path: str | Path, *, device=None, dtype=torch.floa
         except (ValueError, OSError) as exc:
             raise ModelError(f"{flag} {name}: cannot be loaded ({str(exc).splitlines()[0]})") from None
         model.to(device)
-    tokenizer = (load_tokenizer(name, trust_remote_code=trust_remote_code, flag=flag) if tokenizer is None
+    own = tokenizer is None
+    tokenizer = (load_tokenizer(name, trust_remote_code=trust_remote_code, flag=flag) if own
                  else given_tokenizer(tokenizer, trust_remote_code=trust_remote_code))
-    if _pad_id_or_none(model) is None or is_adapter_folder(name):
+    if is_adapter_folder(name):
         # An adapter's run read its rewards by its tokenizer's pad token (`training_pad_token`), which the run
-        # folder keeps; the base's config, loaded again here, may name another.
+        # folder keeps; the base's config, loaded again here, may name another, and so may a tokenizer given.
+        set_pad_token(model, tokenizer if own else load_tokenizer(name, trust_remote_code=trust_remote_code,
+                                                                   flag=flag))
+    elif _pad_id_or_none(model) is None:
         set_pad_token(model, tokenizer)
     model.eval()
     for p in model.parameters():

@@ -200,6 +200,9 @@ def test_numpy_printed_content_parts_and_history_are_read_and_a_broken_message_c
         path = _csv(tmp_path / "short.csv", [{"prompt": cut, "chosen": "a", "rejected": "b"}])
         with pytest.raises(DataError, match=r"short\.csv record 1: the prompt cell looks like a message list"):
             load_pairs(path)
+    quoted = '[{"role": "user", "content": "hi"}] is how a message list is written'  # a whole list, then words
+    path = _csv(tmp_path / "quoted.csv", [{"prompt": "how?", "chosen": quoted, "rejected": "no idea"}])
+    assert load_pairs(path)[0][0].chosen == quoted
 
 
 def test_csv_answers_that_are_json_arrays_stay_text(tmp_path):
@@ -373,6 +376,8 @@ def test_a_system_column_beside_chat_turns_is_their_system_prompt():
              "rejected": [b]}
     with pytest.raises(DataError, match="the system prompt is given twice"):
         preftune.load_pairs([twice])
+    same = {**twice, "prompt": [{"role": "system", "content": "Be brief."}, user]}  # an export copying the turn
+    assert preftune.load_pairs([same])[0].system == "Be brief."
     example, unused = read_unpaired({"system": "Be brief.", "prompt": [user], "completion": [a], "label": True},
                                     "unpaired", "w")
     assert (example.system, unused) == ("Be brief.", [])

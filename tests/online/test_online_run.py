@@ -203,3 +203,19 @@ def test_sigterm_during_sampling_stops_cleanly_and_resume_finishes(tiny_model_di
     assert resumed.returncode == 0, resumed.stderr
     assert (round_dir(out, 1) / "pairs.jsonl").read_text() == pairs  # the written pairs were trained on
     assert _rows(out / "metrics.jsonl")[-1]["round"] == 1 and (out / "results.json").exists()
+
+
+def test_online_takes_model_and_prompts_from_fields_and_config(tiny_model_dir, tmp_path):
+    """model and data became optional (a config may hold them); prompts passed as a field were then refused as
+    missing, because the check ran before the fields were read."""
+    import preftune
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    for kwargs in (dict(model=str(tiny_model_dir), prompts=str(prompts)),
+                   dict(config={"model": str(tiny_model_dir), "prompts": str(prompts)})):
+        # samples=1 is refused by the config itself: every argument before it was taken
+        with pytest.raises(preftune.ConfigError, match="^samples: must be at least 2"):
+            preftune.train("online", output_dir=tmp_path / "run", judge="rule:contains:paris", samples=1, **kwargs)
+    with pytest.raises(preftune.ConfigError, match=r"^data: required"):
+        preftune.train("online", model=str(tiny_model_dir), output_dir=tmp_path / "run", judge="rule:contains:x")

@@ -49,9 +49,10 @@ class Row:
 
     def system_beside(self, system: str | None) -> str | None:
         """The system prompt of a conversation whose own leading system turn is `system`, with the record's
-        'system' key (LLaMA-Factory's column) beside it: one of the two; both is refused, not one dropped."""
+        'system' key (LLaMA-Factory's column) beside it: one of the two, or both when they are the same text;
+        two different ones are refused, not one dropped."""
         column = self.optional_text("system")  # empty (a blank CSV cell) counts as absent
-        if column is not None and system is not None:
+        if column is not None and system is not None and column != system:
             raise self.error("the system prompt is given twice: in the 'system' key and as a system turn; keep one")
         return system if column is None else column
 

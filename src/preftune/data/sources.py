@@ -261,8 +261,8 @@ def _written_list(key: str, cell: str) -> Any:
     itself a JSON array stays text)."""
     text = cell.strip()
     if (text[:1], text[-1:]) not in (("[", "]"), ("{", "}")):
-        if _MESSAGES_START.match(text):  # cut off (a spreadsheet's cell limit, a hand edit): not an answer's text
-            raise ValueError(f"it starts {text[:40]!r} and does not end with ']'")
+        if _MESSAGES_START.match(text) and _left_open(text):  # cut off (a spreadsheet's cell limit): not text
+            raise ValueError(f"it starts {text[:40]!r} and its brackets are left open")
         return None
     for parse in (json.loads, ast.literal_eval, _numpy_printed):  # literals only: no code runs
         try:
@@ -277,6 +277,21 @@ def _written_list(key: str, cell: str) -> Any:
     if _MESSAGES_START.match(text):  # a message list that did not survive being written: not an answer's text
         raise ValueError(f"it starts {text[:40]!r}")
     return None
+
+
+def _left_open(text: str) -> bool:
+    """Whether `text`, read as Python tokens, ends inside a bracket (or a string): a list cut off. A whole list
+    followed by words (an answer that quotes one) is not."""
+    depth = 0
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == tokenize.OP and token.string in "([{":
+                depth += 1
+            elif token.type == tokenize.OP and token.string in ")]}":
+                depth -= 1
+    except (tokenize.TokenError, SyntaxError):
+        return True
+    return depth > 0
 
 
 # The start of a list of messages, first key role, content, from or value, quoted as JSON or as Python does.

@@ -25,6 +25,9 @@ def train_online(*, model=None, data=None, tokenizer=None, ref_model=None, eval_
             raise ConfigError(f"{name}: not an argument of online training (the model folder's tokenizer is used; "
                               f"the reference is the model, or each round's start with ref_update='round')")
     values = dict(load_yaml_mapping(config)) if is_path(config) else dict(config or {})
+    values.pop("stage", None)
+    values.setdefault("quiet", True)
+    values.update(fields)
     model = values.get("model") if model is None else model  # left out: the config's
     if data is None and not values.get("prompts"):
         raise ConfigError("data: required; pass data=... (prompts), or give prompts in the config")
@@ -33,9 +36,6 @@ def train_online(*, model=None, data=None, tokenizer=None, ref_model=None, eval_
     if not is_path(model):
         raise ConfigError("model: online training reloads each round's policy from its folder; pass the model as "
                           "a path (save_pretrained it first)")
-    values.pop("stage", None)
-    values.setdefault("quiet", True)
-    values.update(fields)
     output_dir = values.get("output_dir") if output_dir is None else output_dir
     if not output_dir:
         raise ConfigError("output_dir: required for online training (each round keeps its pairs and checkpoints)")

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 WEIGHTS, OPTIMIZER, STATE, CONFIG = "weights.safetensors", "optimizer.pt", "trainer_state.json", "config.yaml"
+# How steps are planned: 2 since warmup began at lr 0 (transformers') and an epoch became whole optimizer steps. A
+# checkpoint of another plan would go on under this one, matching neither run from its start.
+SCHEDULE = 2
 _NAME = re.compile(r"^step-(\d{8,})$")
 # Settings that may change between a run and its resumption without changing what it computes.
 MAY_CHANGE_ON_RESUME = {"output_dir", "resume", "overwrite", "save_every", "keep_checkpoints", "quiet", "log_every",
@@ -136,7 +139,7 @@ def _write(tmp: Path, weights, optim, state: RunState, cfg: TrainConfig, env: Di
     trainer = {"step": state.step, "skipped_steps": state.skipped_steps,
                "scheduler": state.scheduler.state_dict(), "cursor": state.cursor.state_dict(),
                "objective": state.objective.state_dict(), "rng": rngs, "world_size": env.world_size,
-               "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
+               "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0, "schedule": SCHEDULE,
                **input_digests.recorded(cfg)}
     (tmp / STATE).write_text(json.dumps(trainer))
     (tmp / CONFIG).write_text(yaml.safe_dump(resolved(cfg).to_dict(), sort_keys=False))
@@ -299,6 +302,10 @@ def restore(folder: Path, state: RunState, cfg: TrainConfig, env: DistEnv) -> di
     """Load a verified checkpoint into `state` (every rank); returns its trainer state."""
     check_same_config(folder, cfg)
     trainer = json.loads((folder / STATE).read_text())
+    if trainer.get("schedule", 1) != SCHEDULE:
+        raise CheckpointError(f"{folder}: was written by an earlier preftune, whose warmup and epochs ran otherwise "
+                              f"(warmup from lr/(W+1); steps across epochs); finish the run with that version, or "
+                              f"pass --overwrite instead of --resume to start afresh")
     if (differs := input_digests.changed(trainer, cfg)) is not None:
         raise CheckpointError(f"{folder}: was written with {differs}; resume with the inputs it was written with, "
                               f"or pass --overwrite instead of --resume to start afresh")

@@ -3,11 +3,14 @@ warmup, then cosine, linear or no decay."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from ..config import TrainConfig
+
+log = logging.getLogger("preftune")
 
 
 def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
@@ -40,6 +43,9 @@ def build_optimizer(params, cfg: TrainConfig, total_steps: int):
     opt = AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                 betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused or None)
     warmup = warmup_steps(cfg, total_steps)
+    if warmup >= total_steps:
+        log.warning(f"warmup: {warmup} steps cover the whole run of {total_steps}, so the learning rate never "
+                    f"reaches --lr ({cfg.learning_rate:g}); lower --warmup-steps or --warmup-ratio")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, warmup=warmup, total=total_steps, kind=cfg.scheduler))
     return opt, sched
