@@ -114,8 +114,8 @@ def test_unused_keys_are_counted_per_key(jsonl_file):
 
 def test_unused_parts_of_turns_are_reported():
     record = dict(SAME_CONVERSATION["sharegpt"])
-    record["conversations"] = [dict(turn, weight=1.0) for turn in record["conversations"]]
-    assert read_pair(record, "sharegpt", "w")[2] == ["conversations[].weight"]
+    record["conversations"] = [dict(turn, timestamp=1.0) for turn in record["conversations"]]
+    assert read_pair(record, "sharegpt", "w")[2] == ["conversations[].timestamp"]
 
 
 def test_alpaca_read_as_orca_loses_its_prompt_and_says_so():

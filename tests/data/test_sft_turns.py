@@ -213,3 +213,34 @@ def test_an_empty_system_turn_keeps_the_template_default_out(think_tok):
     dpo = tokenize_pair(think_tok, pair, max_length=64)
     for prompt_ids in (sft.prompt_ids, dpo.prompt_ids):
         assert think_tok.decode(prompt_ids, skip_special_tokens=False) == expected
+
+
+def test_turns_their_data_marks_weight_0_are_context_not_trained(tok):
+    """OpenAI's and axolotl's `weight: 0`, ms-swift's `loss: false` and LLaMA-Factory's `loss_weight: 0` on an
+    assistant turn say: do not train it. Such turns were trained, the key only listed as unused."""
+    from preftune.data.formats import read_sft
+    from preftune.data.tokenize import tokenize_pair
+    import preftune
+
+    plain = tokenize_example(tok, to_sft(CONVERSATION, "w"), max_length=512)
+    first = len(_ids(tok, "blue .<eos>"))
+    expected = [0] * first + plain.answer_mask[first:]               # the first turn masked like the user turn
+    skip = lambda key, no: {"role": "assistant", "content": "blue .", key: no}  # noqa: E731
+    records = [{"messages": [U("the sky is"), skip("weight", 0), U("and grass is"), A("green .")]},
+               {"messages": [U("the sky is"), skip("loss", False), U("and grass is"), {**A("green ."), "loss": True}]},
+               {"messages": [U("the sky is"), skip("loss_weight", 0.0), U("and grass is"), A("green .")]},
+               {"conversations": [{"from": "human", "value": "the sky is"}, {"from": "gpt", "value": "blue .",
+                                                                             "weight": 0},
+                                  {"from": "human", "value": "and grass is"}, {"from": "gpt", "value": "green ."}]}]
+    for record in records:
+        example, unused = read_sft(record, "w")
+        out = tokenize_example(tok, example, max_length=512)
+        assert unused == [] and out.answer_ids == plain.answer_ids and out.answer_mask == expected
+    with pytest.raises(DataError, match=r"has weight 0\.5; a turn is trained \(1, true\) or not"):
+        read_sft({"messages": [U("the sky is"), skip("weight", 0.5)]}, "w")
+    with pytest.raises(DataError, match="every assistant turn it would train is marked not to be"):
+        tokenize_example(tok, read_sft({"messages": [U("the sky is"), skip("weight", 0)]}, "w")[0], max_length=64)
+    [pair] = preftune.load_pairs([{"prompt": [U("the sky is")], "chosen": [skip("weight", 0)],
+                                   "rejected": [A("red .")]}])
+    with pytest.raises(DataError, match="marked not to be trained .* only SFT reads"):
+        tokenize_pair(tok, pair, max_length=64)

@@ -20,6 +20,7 @@ import os
 from ..errors import DataError
 from .fields import hh_transcript
 from .records import Content, Messages
+from .rows import NOT_TRAINED
 
 log = logging.getLogger("preftune")
 
@@ -141,7 +142,7 @@ def _pieces(render, prompt: Messages, answer: Messages, full: str, start: int, e
         opened = None
         if turn["role"] == "assistant":
             opened = _answer_start(render, turns, render(turns, True), full, where)
-            cuts.append((opened, True))
+            cuts.append((opened, not turn.get(NOT_TRAINED)))  # a turn its data marks weight 0 is context
         turns.append(turn)
         cuts.append((_offset(render(turns, False), full, where, closing, opened, turn), False))
     pieces, at, trained = [], start, False

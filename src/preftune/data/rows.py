@@ -17,6 +17,9 @@ from typing import Any
 from ..errors import DataError
 
 ROLES = ("user", "assistant", "system", "tool")
+# Per-turn training switches of other tools' chat data, and the key a message keeps the answer "no" under.
+TURN_WEIGHTS = ("weight", "loss", "loss_weight")
+NOT_TRAINED = "preftune_not_trained"
 # Keys that hold (part of) a prompt in some layout: an empty prompt beside one of them was lost.
 PROMPT_KEYS = ("prompt", "instruction", "input", "question", "query", "conversations", "messages", "history",
                "context")
@@ -156,10 +159,31 @@ class Row:
         for extra in ("tool_call_id", "name"):
             if role == "tool" and message.get(extra) is not None:
                 out[extra] = self.text(f"{at} {extra}", message[extra])
+        if self._trains(at, message) is False:
+            out[NOT_TRAINED] = True
         for part in message:
-            if part not in out and part not in ("role", "content", "tool_calls") and message[part] is not None:
+            if part not in out and part not in ("role", "content", "tool_calls", *TURN_WEIGHTS) \
+                    and message[part] is not None:
                 self.unread_parts.add(f"{key}[].{part}")
         return out
+
+    def _trains(self, at: str, message: dict) -> bool | None:
+        """A turn's own word on whether it is trained: OpenAI's and axolotl's `weight` (0 or 1), ms-swift's `loss`
+        (true or false), LLaMA-Factory's `loss_weight` (0 or 1); None when it says nothing. Other weights are
+        refused: a loss scaled per turn is not something preftune does."""
+        said = None
+        for key in TURN_WEIGHTS:
+            value = message.get(key)
+            if value is None:
+                continue
+            if value in (0, 1) or isinstance(value, bool):  # True == 1 and False == 0
+                said = bool(value) if said is None else said and bool(value)
+                continue
+            raise self.error(f"{at} has {key} {value!r}; a turn is trained (1, true) or not (0, false), and "
+                             f"other weights are not supported")
+        if said is False and message.get("role") != "assistant":
+            return None  # only assistant turns are ever trained
+        return said
 
     def text_parts(self, at: str, parts: list) -> str:
         """Content given as parts (`[{"type": "text", "text": ...}]`: OpenAI, TRL; "value" in LLaMA-Factory v1),

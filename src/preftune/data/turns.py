@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .rows import Messages, Row, type_name
+from .rows import TURN_WEIGHTS, Messages, Row, type_name
 
 SHAREGPT_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                  "bot": "assistant", "chatgpt": "assistant", "system": "system", "function_call": "assistant",
@@ -34,13 +34,14 @@ def sharegpt_messages(row: Row, key: str, value: Any = None) -> Messages:
             raise row.error(f"{key!r} turn {i + 1} must be an object whose 'from' is one of "
                             f"{', '.join(SHAREGPT_ROLE)}; got {turn!r:.80}")
         for part in turn:
-            if part not in ("from", "value") and turn[part] is not None:
+            if part not in ("from", "value", *TURN_WEIGHTS) and turn[part] is not None:
                 row.unread_parts.add(f"{key}[].{part}")
         content = turn.get("value")
+        weights = {k: turn[k] for k in TURN_WEIGHTS if k in turn}  # read with the message, in row.message
         if speaker == "function_call":
-            messages.append(_function_call(row, f"{key!r} turn {i + 1}", content))
+            messages.append({**_function_call(row, f"{key!r} turn {i + 1}", content), **weights})
             continue
-        messages.append({"role": SHAREGPT_ROLE[speaker], "content": content})
+        messages.append({"role": SHAREGPT_ROLE[speaker], "content": content, **weights})
     return row.messages(key, messages)  # checks the contents are strings
 
 
