@@ -64,6 +64,8 @@ EXAMPLES = [
                        "rejected_messages": [S("Be kind."), U("hi"), {"role": "assistant",
                                                                      "content": [{"type": "text", "text": "no"}]}]},
      PreferencePair([U("hi")], [A("hello")], [A("no")], "Be kind.")),
+    ("swift", {"messages": [S("Be kind."), U("hi"), A("hello")], "rejected_response": "no"},
+     PreferencePair([U("hi")], [A("hello")], [A("no")], "Be kind.")),
     ("stack_exchange", {"qid": 1, "question": "How?", "response_j": "Like this.", "response_k": "Dunno."},
      PreferencePair("How?", "Like this.", "Dunno.")),
     ("shp", {"history": "Why?", "human_ref_A": "Because.", "human_ref_B": "No idea.", "labels": 1},

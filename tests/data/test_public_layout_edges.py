@@ -381,3 +381,19 @@ def test_a_system_column_beside_chat_turns_is_their_system_prompt():
     example, unused = read_unpaired({"system": "Be brief.", "prompt": [user], "completion": [a], "label": True},
                                     "unpaired", "w")
     assert (example.system, unused) == ("Be brief.", [])
+
+
+def test_ms_swift_preference_records_are_pairs():
+    """ms-swift's DPO/RM layout (its custom-dataset docs): the conversation ends with the chosen answer and
+    `rejected_response` holds the other. It was called SFT data, and the rejected answer an unused key."""
+    import preftune
+
+    system = {"role": "system", "content": "You are a helpful assistant"}
+    user = {"role": "user", "content": "What is the weather like tomorrow?"}
+    chosen = {"role": "assistant", "content": "Tomorrow's weather will be sunny"}
+    for rejected in ("I don't know", {"role": "assistant", "content": "I don't know"}):
+        [pair] = preftune.load_pairs([{"messages": [system, user, chosen], "rejected_response": rejected}])
+        assert (pair.system, pair.prompt, pair.chosen) == ("You are a helpful assistant", [user], [chosen])
+        assert pair.rejected == [{"role": "assistant", "content": "I don't know"}]
+    with pytest.raises(DataError, match="must end with the chosen assistant turn"):
+        preftune.load_pairs([{"messages": [user], "rejected_response": "no"}])

@@ -107,6 +107,21 @@ def _chat_messages(row: Row) -> Converted:
     return _message_pair(row, row.messages("chosen_messages"), row.messages("rejected_messages"), None), None
 
 
+def _swift(row: Row) -> Converted:
+    """ms-swift's preference records: the conversation ends with the chosen answer; `rejected_response` is the
+    other answer to the same turns (a string, or an assistant message)."""
+    turns = row.messages("messages")
+    if not turns or turns[-1]["role"] != "assistant":
+        raise row.error("'messages' must end with the chosen assistant turn, which 'rejected_response' answers "
+                        "against")
+    rejected = row.get("rejected_response")
+    if isinstance(rejected, str):
+        rejected = {"role": "assistant", "content": rejected}
+    rejected = row.messages("rejected_response", rejected)
+    system, prompt = split_system(turns[:-1])
+    return PreferencePair(prompt, turns[-1:], rejected, row.system_beside(system), row.where, row.tools()), None
+
+
 MESSAGE_LAYOUTS: dict[str, Callable[[Row], Converted]] = {
     "chat": _chat, "ultrafeedback": _ultrafeedback, "sharegpt": _sharegpt, "openai": _openai,
-    "chat_messages": _chat_messages}
+    "chat_messages": _chat_messages, "swift": _swift}

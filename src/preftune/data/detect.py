@@ -28,6 +28,8 @@ FORMAT_KEYS = {
     "medicalgpt": "question, response_chosen, response_rejected, optional system, history ([user, assistant] pairs)",
     "chat_messages": "chosen_messages, rejected_messages (whole conversations; LLaMA-Factory v1), optional system, "
                      "optional tools",
+    "swift": "messages (ending with the chosen assistant turn), rejected_response (ms-swift), optional system, "
+             "optional tools",
     "stack_exchange": "question, response_j (preferred), response_k",
     "shp": "history, human_ref_A, human_ref_B, labels (1 = A preferred)",
 }
@@ -56,6 +58,7 @@ def _whole_conversations(value: dict) -> bool:
 # also fits a later rule, so a choice between two readings is never silent.
 _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("sharegpt", "it has 'conversations'", lambda v, k: "conversations" in k),
+    ("swift", "it has 'messages' and 'rejected_response'", lambda v, k: {"messages", "rejected_response"} <= k),
     # UltraFeedback-binarized copies carry `messages` too, a copy of the chosen conversation: not a prompt
     ("openai", "it has 'messages'", lambda v, k: "messages" in k and not _whole_conversations(v)),
     ("medicalgpt", "it has response_chosen/response_rejected", lambda v, k: {"response_chosen",
@@ -77,7 +80,7 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("implicit", "its answers are strings", lambda v, k: _strings(v, "chosen")),
 ]
 # Their answers are not called chosen/rejected.
-_PAIRED_ELSEWHERE = ("medicalgpt", "chat_messages", "stack_exchange", "shp")
+_PAIRED_ELSEWHERE = ("medicalgpt", "chat_messages", "stack_exchange", "shp", "swift")
 
 
 def detect(value: Any) -> tuple[str | None, str | None]:
