@@ -170,6 +170,8 @@ def test_sft_reports_unused_keys(jsonl_file):
 # --------------------------------------------------------------------------- unpaired feedback
 UNPAIRED = [
     ({"prompt": "2+2?", "completion": "4", "label": True}, UnpairedExample("2+2?", "4", True)),
+    ({"prompt": "2+2?", "completion": "4", "label": 1}, UnpairedExample("2+2?", "4", True)),   # 1/0, as many write it
+    ({"prompt": "2+2?", "completion": "5", "label": "0"}, UnpairedExample("2+2?", "5", False)),  # a CSV cell
     ({"prompt": [U("2+2?")], "completion": [A("5")], "label": False}, UnpairedExample([U("2+2?")], [A("5")], False)),
     ({"instruction": "Add.", "input": "2+2", "output": "4", "kto_tag": True},
      UnpairedExample([U("Add.\n2+2")], [A("4")], True)),

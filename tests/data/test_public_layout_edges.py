@@ -397,3 +397,12 @@ def test_ms_swift_preference_records_are_pairs():
         assert pair.rejected == [{"role": "assistant", "content": "I don't know"}]
     with pytest.raises(DataError, match="must end with the chosen assistant turn"):
         preftune.load_pairs([{"messages": [user], "rejected_response": "no"}])
+
+
+def test_a_message_tree_export_is_not_trained_as_sft_text():
+    """OpenAssistant's flat export holds one message a row (`text`, `role`, ids of the message and its parent):
+    read as SFT text, the user's messages were trained as answers."""
+    row = {"message_id": "m2", "parent_id": "m1", "text": "What is a capital?", "role": "prompter", "lang": "en"}
+    with pytest.raises(DataError, match="a row of one message .*build each conversation into a 'messages' list"):
+        read_sft(row, "w")
+    assert read_sft({"text": "a whole document", "source": "web"}, "w")[0].completion == "a whole document"

@@ -89,7 +89,7 @@ def test_data_show_and_check_know_unpaired_files(kto_dir):
 def test_bad_input_is_one_line_and_leaves_nothing(kto_dir, command, data, needles):
     workdir, _ = kto_dir
     write_jsonl(workdir / "labels.jsonl", [{"prompt": "a", "completion": " b", "label": True},
-                                           {"prompt": "a", "completion": " c", "label": 1}])
+                                           {"prompt": "a", "completion": " c", "label": 2}])
     out = f"bad-{command}-{data}"
     r = run_cli(command, "--model", "base", "--data", data, "--output-dir", out, "--max-steps", "1", cwd=workdir)
     assert_one_line_error(r, *needles)

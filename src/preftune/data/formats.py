@@ -81,7 +81,7 @@ def read_sft(value: Any, where: str) -> tuple[SFTExample, list[str]]:
 
 
 def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
-    if row.has("label") and row.get("label") in (False, 0, "false", "False"):
+    if row.has("label") and row.get("label") in (False, 0, "false", "False", "0"):
         # Unpaired feedback marks this completion undesirable; SFT would teach it like any other.
         raise row.error("the completion is marked undesirable (label: false), and SFT trains on every completion "
                         "it reads; keep only the desirable ones for SFT")
@@ -110,6 +110,11 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
         example = _sft_from_messages(row, turns, row.optional_text("system"))
         example.text_fields = True
     elif row.holds("text"):
+        if row.holds("role") or {"message_id", "parent_id"} <= row.value.keys():
+            # OpenAssistant's flat export: one message of a tree a row, the user's among them
+            raise row.error("a row of one message ('text' beside 'role' or message/parent ids: a message tree, "
+                            "as OpenAssistant exports it), not an example; build each conversation into a "
+                            "'messages' list first")
         example = SFTExample(row.text("text"), None, None, where)
     else:
         seen = ", ".join(map(str, row.value)) or "none"

@@ -36,8 +36,10 @@ def detect_unpaired(value: Any) -> str | None:
 
 def _label(row: Row, key: str) -> bool:
     value = row.get(key)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # CSV cells are strings
-        value = value.strip().lower() == "true"
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):  # CSV cells are strings
+        value = value.strip().lower() in ("true", "1")
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):  # 1/0 as many files write it
+        value = bool(value)
     if not isinstance(value, bool):
         raise row.error(f"{key!r} must be true (desirable) or false (undesirable), got {type_name(value)}")
     return value
