@@ -504,6 +504,7 @@ def test_a_run_from_the_token_cache_trains_exactly_as_one_that_tokenised(tiny_mo
     (dict(callbacks=print), r"^callbacks: expected a list of functions, got builtin_function_or_method"),
     (dict(callbacks=[5]), r"^callbacks: expected functions, got int"),
     (dict(tokenizer=5), r"^tokenizer: expected a transformers tokenizer, a folder or a Hub id; got int"),
+    (dict(output_dir=123), r"^output_dir: expected a folder path, or None to train in memory; got int"),
 ])
 def test_arguments_of_the_wrong_kind_are_config_errors(tiny_model_dir, kwargs, message):
     args = {"stage": "dpo", "model": str(tiny_model_dir), "data": fact_pairs(4), "output_dir": None, **kwargs}

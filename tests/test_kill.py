@@ -185,3 +185,31 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+TERM_IN_MEMORY = """
+import os, signal, sys
+import preftune
+from tinylm import fact_pairs
+
+
+def term_at_2(row):  # a scheduler's SIGTERM arrives mid-run
+    if row.get("step") == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+preftune.train("dpo", model=sys.argv[1], data=fact_pairs(8), max_steps=1000, batch_size=4, device="cpu",
+               callbacks=[term_at_2])
+print("the script went on")
+"""
+
+
+def test_sigterm_during_a_run_in_memory_stops_the_process(tmp_path, tiny_model_dir):
+    """In memory there is no checkpoint to write, yet SIGTERM was taken as a request to stop after the step: the
+    call returned as if finished and the caller's script went on, its process never terminated."""
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(tests), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", TERM_IN_MEMORY, str(tiny_model_dir)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert "the script went on" not in proc.stdout

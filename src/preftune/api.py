@@ -139,6 +139,9 @@ def train(stage: str, *, model=None, data=None, tokenizer=None, ref_model=None, 
     if eval_data is not None:
         values["eval_data"] = _data_arg(eval_data, "eval_data", inputs)
     if output_dir is not CONFIG_OR_NONE:
+        if output_dir is not None and not is_path(output_dir):
+            raise ConfigError(f"output_dir: expected a folder path, or None to train in memory; got "
+                              f"{type(output_dir).__name__}")
         values["output_dir"] = "" if output_dir is None else os.fspath(output_dir)
     cfg = TrainConfig.from_dict(values, where="train()")
     _check_objects(cfg, inputs)

@@ -241,7 +241,9 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
     stopped = False
     optimizer.zero_grad(set_to_none=True)  # a model given in may carry gradients of its own (or of a failed run)
     policy.train()
-    stop = StopOnSignal()  # its handlers are in place from the first step until the final model is written
+    # Its handlers are in place from the first step until the final model is written. A run in memory has no
+    # checkpoint to write, so a signal there stops the caller's process as it would without a run.
+    stop = StopOnSignal(handle_signals=not in_memory)
     with Progress(steps, quiet=cfg.quiet or not env.is_main, stage=cfg.stage, log_every=cfg.log_every) as bar, stop:
         for step in range(state.step + 1, steps + 1):
             stop.finishing = step == steps  # a signal from here on lets the run finish instead

@@ -24,14 +24,15 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class StopOnSignal:
     """Context manager; `requested(env)` is true on every rank once any rank has been signalled."""
 
-    def __init__(self):
+    def __init__(self, handle_signals: bool = True):
+        self.handle_signals = handle_signals  # False: signals do to the process what they would without a run
         self.signum: int | None = None
         self.asked = False  # a stop asked for by the program itself (a callback), not by a signal
         self.finishing = False  # set once the last step is done: what remains is the final eval and model
         self._previous: dict = {}
 
     def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
+        if self.handle_signals and threading.current_thread() is threading.main_thread():  # delivered only there
             self._previous = {s: signal.signal(s, self._handle) for s in _SIGNALS}
         return self
 
