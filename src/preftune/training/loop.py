@@ -33,7 +33,7 @@ from . import input_digests
 from . import run_dir as rundir
 from .objectives import make_objective
 from .optim import build_optimizer, clip_grad_norm
-from .setup import build
+from .setup import build, loaded_dtype
 from .signals import StopOnSignal, resume_command, terminated_as_interrupt
 
 STOP = "stop"  # what a callback returns to end the run after the current step
@@ -175,7 +175,7 @@ def execute(cfg: TrainConfig, *, command: str, inputs=None, callbacks=(), in_mem
             ckpt.check_same_config(out_dir, cfg)
         if cfg.merge and env.is_main and not (out_dir / MERGED).is_dir():  # its merge failed before
             rundir.write_merged_model(out_dir, cfg, load_tokenizer(str(out_dir), flag="--output-dir"),
-                                      precision.frozen if cfg.lora_r else precision.trained)
+                                      loaded_dtype(cfg, precision))
             if not cfg.quiet:
                 print(f"preftune: resume: the run in {out_dir} has finished; wrote {out_dir / MERGED}",
                       file=sys.stderr)

@@ -113,7 +113,12 @@ def _tokenize(cfg: TrainConfig, tokenizer, records: list, source, part: str, env
     return items, stats
 
 
-def _check_one_batch(cfg: TrainConfig, train_items: list, stats: TokenizeStats, env: DistEnv) -> None:
+def loaded_dtype(cfg: TrainConfig, precision) -> torch.dtype:
+    """The dtype the policy is loaded in: a LoRA base is frozen, so it takes the frozen weights' dtype."""
+    return precision.frozen if cfg.lora_r else precision.trained
+
+
+def _check_one_step(cfg: TrainConfig, train_items: list, stats: TokenizeStats, env: DistEnv) -> None:
     """An epoch is whole optimizer steps (`batching.epoch_order`): the data must fill one."""
     step = cfg.batch_size * env.world_size * cfg.grad_accum
     if len(train_items) >= step:
@@ -186,7 +191,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     train_items, stats = _tokenize(cfg, tokenizer, records, source, parts[0], env)
     eval_items, eval_stats = (_tokenize(cfg, tokenizer, eval_records, eval_source, parts[1], env) if eval_records
                               else ([], None))
-    _check_one_batch(cfg, train_items, stats, env)  # before any model is loaded, or one given is changed
+    _check_one_step(cfg, train_items, stats, env)  # before any model is loaded, or one given is changed
     if cfg.stage == "kto" and env.is_main:
         n_good = sum(it.label for it in train_items)
         advice = imbalance_advice(n_good, len(train_items) - n_good, cfg.desirable_weight, cfg.undesirable_weight)
@@ -206,7 +211,7 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
         # Before the policy loads, so the reference and the policy never sit in memory together.
         reference, eval_table = _cached_reference(cfg, tokenizer, train_items, eval_items, device, precision, env)
     # Under LoRA the loaded weights stay frozen (the adapters are what trains).
-    dtype = precision.frozen if cfg.lora_r else precision.trained
+    dtype = loaded_dtype(cfg, precision)
     start_copy = None
     if inputs.model is not None:
         policy = policy_in_place(inputs.model, load_device, dtype)
