@@ -72,12 +72,13 @@ def test_empty_file(tmp_path, content):
 
 
 def test_unknown_format_lists_formats_and_keys(jsonl_file):
-    message = _error(jsonl_file([{"instruction": "x", "answer": "y"}]), skip_bad_records=True)
-    assert "line 1: cannot tell the data format from the keys seen (instruction, answer)" in message
+    message = _error(jsonl_file([{"instruction": "x", "reply": "y"}]), skip_bad_records=True)
+    assert "line 1: cannot tell the data format from the keys seen (instruction, reply)" in message
     assert "stack_exchange (question, response_j" in message and "--data-format" in message
 
 
-@pytest.mark.parametrize("record", [{"instruction": "x", "output": "y"}, {"text": "a whole text"},
+@pytest.mark.parametrize("record", [{"instruction": "x", "output": "y"}, {"query": "x", "response": "y"},
+                                    {"text": "a whole text"},
                                     {"messages": [{"role": "user", "content": "q"}, {"role": "assistant",
                                                                                       "content": "a"}]}])
 def test_sft_data_given_for_pairs_names_preftune_sft(jsonl_file, record):

@@ -406,3 +406,86 @@ def test_a_message_tree_export_is_not_trained_as_sft_text():
     with pytest.raises(DataError, match="a row of one message .*build each conversation into a 'messages' list"):
         read_sft(row, "w")
     assert read_sft({"text": "a whole document", "source": "web"}, "w")[0].completion == "a whole document"
+
+
+@pytest.mark.parametrize("record, prompt, system, unused", [
+    # Dolly: the context goes after the instruction, as alpaca's input does
+    ({"instruction": "Summarize.", "context": "A long text.", "response": "Short.", "category": "summarization"},
+     "Summarize.\nA long text.", None, ["category"]),
+    # OpenOrca: system_prompt, question, response
+    ({"id": "flan.1", "system_prompt": "Be brief.", "question": "Why is the sky blue?", "response": "Scattering."},
+     "Why is the sky blue?", "Be brief.", ["id"]),
+    # ms-swift's query/response (and MetaMath's, with its extra columns)
+    ({"query": "2+2?", "response": "4", "type": "GSM_Rephrased", "original_question": "two and two"},
+     "2+2?", None, ["original_question", "type"]),
+    ({"question": "Tom has 2 apples and gets 2 more. How many?", "answer": "4\n#### 4"},  # GSM8K
+     "Tom has 2 apples and gets 2 more. How many?", None, []),
+    ({"input": "Translate: chat", "output": "cat"}, "Translate: chat", None, []),
+])
+def test_sft_question_and_answer_fields_of_other_projects(record, prompt, system, unused):
+    """SFT sets written as a question and its answer under other projects' names were refused: they read as the
+    alpaca conversation they write, each column used or reported."""
+    example, left = read_sft(record, "w")
+    answer = next(record[k] for k in ("output", "response", "answer") if k in record)
+    assert (example.prompt, example.completion) == ([{"role": "user", "content": prompt}],
+                                                    [{"role": "assistant", "content": answer}])
+    assert (example.system, sorted(left), example.text_fields) == (system, unused, True)
+
+
+def test_sft_fields_with_history_and_a_ranking_output():
+    turns = {"query": "and 3+3?", "response": "6", "history": [["2+2?", "4"]], "system": "Count."}
+    example, _ = read_sft(turns, "w")
+    assert example.prompt == [{"role": "user", "content": "2+2?"}]
+    assert [m["content"] for m in example.completion] == ["4", "and 3+3?", "6"] and example.system == "Count."
+    with pytest.raises(DataError, match="'output' holds two answers .*preftune dpo"):
+        read_sft({"instruction": "Say hi", "input": "", "output": ["Hi!", "Go away."]}, "w")
+
+
+def test_llama_factory_ranking_records_are_pairs_with_the_first_answer_chosen():
+    """LLaMA-Factory's older preference layout: alpaca fields whose `output` is [chosen, rejected]. It was
+    called SFT data."""
+    import preftune
+
+    [pair] = preftune.load_pairs([{"instruction": "Say hi", "input": "to Ann", "output": ["Hi Ann!", "Go away."],
+                                   "history": [["Hello", "Hello to you"]], "system": "Be kind."}])
+    assert pair.prompt == [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello to you"},
+                           {"role": "user", "content": "Say hi\nto Ann"}]
+    assert (pair.chosen, pair.rejected) == ([{"role": "assistant", "content": "Hi Ann!"}],
+                                            [{"role": "assistant", "content": "Go away."}])
+    assert (pair.system, pair.text_fields) == ("Be kind.", True)
+    with pytest.raises(DataError, match="'output' must be a list of two answers, .*got a list of 3"):
+        preftune.load_pairs([{"instruction": "Say hi", "output": ["a", "b", "c"]}])
+
+
+def test_openai_preference_fine_tuning_records_are_pairs():
+    """OpenAI's preference fine-tuning form: the prompt's messages (and tools) inside `input`, the answers in
+    `preferred_output` / `non_preferred_output`; a key inside `input` that is not read is reported."""
+    import preftune
+    from preftune.data.load import read_pairs
+    from preftune.data.memory import as_source
+
+    system = {"role": "system", "content": "Be brief."}
+    user = {"role": "user", "content": "How cold is San Francisco today?"}
+    good, bad = ({"role": "assistant", "content": text} for text in ("Mild, 15 C.", "Cold."))
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    record = {"input": {"messages": [system, user], "tools": [tool], "parallel_tool_calls": True},
+              "preferred_output": [good], "non_preferred_output": [bad]}
+    [pair], report = read_pairs(as_source([record]))
+    assert (report.format, pair.system, pair.prompt, pair.chosen, pair.rejected, pair.tools) == (
+        "openai_preference", "Be brief.", [user], [good], [bad], [tool])
+    assert report.unused_keys == {"input.parallel_tool_calls": 1}
+    with pytest.raises(DataError, match="'input' must be an object holding 'messages', got a string"):
+        preftune.load_pairs([{**record, "input": "How cold?"}])
+
+
+def test_openai_messages_with_string_answers():
+    """`messages` beside chosen/rejected strings (a layout several RL libraries document): each string is one
+    assistant turn. It was refused as an answer that is not a message list."""
+    import preftune
+
+    user = {"role": "user", "content": "Capital of China?"}
+    [pair] = preftune.load_pairs([{"messages": [{"role": "system", "content": "Be nice."}, user],
+                                   "chosen": "Beijing.", "rejected": "Washington D.C."}])
+    assert (pair.system, pair.prompt) == ("Be nice.", [user])
+    assert (pair.chosen, pair.rejected) == ([{"role": "assistant", "content": "Beijing."}],
+                                            [{"role": "assistant", "content": "Washington D.C."}])

@@ -1,4 +1,5 @@
-"""Preference layouts whose answers are message lists: chat, OpenAI messages, ShareGPT, UltraFeedback.
+"""Preference layouts whose answers are message lists: chat, OpenAI messages (and OpenAI's preference
+fine-tuning form), ShareGPT, UltraFeedback, LLaMA-Factory v1, ms-swift.
 
 Each layout is a function `row -> (pair, score_gap)` (see formats.py). The prompt is either given or the run of
 turns both answers share; a leading system turn is kept apart as the pair's system prompt.
@@ -9,7 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .records import Messages, PreferencePair
-from .rows import Row
+from .rows import Row, type_name
 from .turns import sharegpt_messages
 
 Converted = tuple[PreferencePair, "float | None"]  # (pair, chosen minus rejected score or None)
@@ -100,7 +101,26 @@ def _sharegpt(row: Row) -> Converted:
 
 def _openai(row: Row) -> Converted:
     prompt = row.messages("messages")
-    return _message_pair(row, row.messages("chosen"), row.messages("rejected"), prompt), None
+    return _message_pair(row, _answer(row, "chosen"), _answer(row, "rejected"), prompt), None
+
+
+def _answer(row: Row, key: str) -> Messages:
+    """An answer given as messages, or as a string: one assistant turn."""
+    value = row.get(key)
+    return row.messages(key, {"role": "assistant", "content": value} if isinstance(value, str) else value)
+
+
+def _openai_preference(row: Row) -> Converted:
+    """OpenAI's preference fine-tuning records: `input` holds the prompt's `messages` (and `tools`);
+    `preferred_output` and `non_preferred_output` hold the answers' messages."""
+    value = row.get("input")
+    if not isinstance(value, dict):
+        raise row.error(f"'input' must be an object holding 'messages', got {type_name(value)}")
+    given = Row(value, row.where, row.fmt, row.expects)
+    pair = _message_pair(given, _answer(row, "preferred_output"), _answer(row, "non_preferred_output"),
+                         given.messages("messages"))
+    row.unread_parts.update(f"input.{key}" for key in given.unused())
+    return pair, None
 
 
 def _chat_messages(row: Row) -> Converted:
@@ -114,14 +134,11 @@ def _swift(row: Row) -> Converted:
     if not turns or turns[-1]["role"] != "assistant":
         raise row.error("'messages' must end with the chosen assistant turn, which 'rejected_response' answers "
                         "against")
-    rejected = row.get("rejected_response")
-    if isinstance(rejected, str):
-        rejected = {"role": "assistant", "content": rejected}
-    rejected = row.messages("rejected_response", rejected)
+    rejected = _answer(row, "rejected_response")
     system, prompt = split_system(turns[:-1])
     return PreferencePair(prompt, turns[-1:], rejected, row.system_beside(system), row.where, row.tools()), None
 
 
 MESSAGE_LAYOUTS: dict[str, Callable[[Row], Converted]] = {
     "chat": _chat, "ultrafeedback": _ultrafeedback, "sharegpt": _sharegpt, "openai": _openai,
-    "chat_messages": _chat_messages, "swift": _swift}
+    "openai_preference": _openai_preference, "chat_messages": _chat_messages, "swift": _swift}

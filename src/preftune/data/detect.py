@@ -22,9 +22,13 @@ FORMAT_KEYS = {
     "orca": "system, question or input, chosen, rejected (strings)",
     "alpaca": "instruction, optional input, chosen, rejected (strings), optional system, history ([user, assistant] "
               "pairs)",
+    "alpaca_ranking": "instruction, optional input, output ([chosen, rejected]: LLaMA-Factory's ranking form), "
+                      "optional system, history",
     "sharegpt": "conversations [{from, value}], chosen, rejected ({from, value} or strings), optional system, tools",
-    "openai": "messages [{role, content}], chosen, rejected ({role, content} or lists of them), optional system, "
-              "optional tools",
+    "openai": "messages [{role, content}], chosen, rejected ({role, content}, lists of them, or strings), optional "
+              "system, optional tools",
+    "openai_preference": "input {messages, optional tools}, preferred_output, non_preferred_output ([{role, "
+                         "content}]: OpenAI's preference fine-tuning form)",
     "medicalgpt": "question, response_chosen, response_rejected, optional system, history ([user, assistant] pairs)",
     "chat_messages": "chosen_messages, rejected_messages (whole conversations; LLaMA-Factory v1), optional system, "
                      "optional tools",
@@ -61,6 +65,10 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("swift", "it has 'messages' and 'rejected_response'", lambda v, k: {"messages", "rejected_response"} <= k),
     # UltraFeedback-binarized copies carry `messages` too, a copy of the chosen conversation: not a prompt
     ("openai", "it has 'messages'", lambda v, k: "messages" in k and not _whole_conversations(v)),
+    ("openai_preference", "it has preferred_output/non_preferred_output",
+     lambda v, k: {"preferred_output", "non_preferred_output"} <= k),
+    ("alpaca_ranking", "its 'output' is a list (LLaMA-Factory's ranking form: chosen first)",
+     lambda v, k: "instruction" in k and isinstance(v.get("output"), list)),
     ("medicalgpt", "it has response_chosen/response_rejected", lambda v, k: {"response_chosen",
                                                                              "response_rejected"} <= k),
     ("chat_messages", "it has chosen_messages/rejected_messages",
@@ -80,7 +88,8 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("implicit", "its answers are strings", lambda v, k: _strings(v, "chosen")),
 ]
 # Their answers are not called chosen/rejected.
-_PAIRED_ELSEWHERE = ("medicalgpt", "chat_messages", "stack_exchange", "shp", "swift")
+_PAIRED_ELSEWHERE = ("openai_preference", "alpaca_ranking", "medicalgpt", "chat_messages", "stack_exchange", "shp",
+                     "swift")
 
 
 def detect(value: Any) -> tuple[str | None, str | None]:

@@ -1,5 +1,5 @@
-"""Preference layouts whose prompt and answers are strings: text, implicit, HH-RLHF, Orca, Alpaca, MedicalGPT,
-Stack Exchange, SHP.
+"""Preference layouts whose prompt and answers are strings: text, implicit, HH-RLHF, Orca, Alpaca (and its
+ranking form), MedicalGPT, Stack Exchange, SHP.
 
 Each layout is a function `row -> (pair, score_gap)` (see formats.py). HH-RLHF transcripts are kept lossless:
 each turn's content is the exact text between two `"\\n\\nHuman: "` / `"\\n\\nAssistant: "` markers (leading and
@@ -15,7 +15,7 @@ from typing import Callable
 
 from .conversations import Converted, shared_turns
 from .records import Messages, PreferencePair
-from .rows import Row
+from .rows import Row, type_name
 from .turns import history_turns, user_turn
 
 # Turn boundaries for an implicit text prompt, most specific first; the prompt keeps the marker.
@@ -85,29 +85,35 @@ def _hh(row: Row) -> Converted:
     return PreferencePair(chosen[:n], chosen[n:], rejected[n:], preamble or None, row.where), None
 
 
-def _answer(row: Row, key: str) -> Messages:
-    return [{"role": "assistant", "content": row.text(key)}]
-
-
 def _turn_fields(row: Row, prompt: Messages, chosen: str, rejected: str) -> Converted:
-    """A record whose text fields are turns: system, earlier turns, the user turn, the two answers."""
-    pair = PreferencePair(prompt, _answer(row, chosen), _answer(row, rejected), row.optional_text("system"),
-                          row.where, text_fields=True)
-    return pair, None
+    """A record whose text fields are turns: system, earlier turns, the user turn, the two answers' texts."""
+    answers = [[{"role": "assistant", "content": text}] for text in (chosen, rejected)]
+    return PreferencePair(prompt, *answers, row.optional_text("system"), row.where, text_fields=True), None
 
 
 def _orca(row: Row) -> Converted:
     prompt = row.text("question") if row.has("question") else row.text("input")
-    return _turn_fields(row, [{"role": "user", "content": prompt}], "chosen", "rejected")
+    return _turn_fields(row, [{"role": "user", "content": prompt}], row.text("chosen"), row.text("rejected"))
 
 
 def _alpaca(row: Row) -> Converted:
-    return _turn_fields(row, history_turns(row) + [user_turn(row, "instruction", "input")], "chosen", "rejected")
+    prompt = history_turns(row) + [user_turn(row, "instruction", "input")]
+    return _turn_fields(row, prompt, row.text("chosen"), row.text("rejected"))
+
+
+def _alpaca_ranking(row: Row) -> Converted:
+    """LLaMA-Factory's older preference layout: alpaca fields, with `output` the list [chosen, rejected]."""
+    output = row.get("output")
+    if not isinstance(output, list) or len(output) != 2:
+        got = f"a list of {len(output)}" if isinstance(output, list) else type_name(output)
+        raise row.error(f"'output' must be a list of two answers, [chosen, rejected], got {got}")
+    prompt = history_turns(row) + [user_turn(row, "instruction", "input")]
+    return _turn_fields(row, prompt, row.text("output[0]", output[0]), row.text("output[1]", output[1]))
 
 
 def _medicalgpt(row: Row) -> Converted:
     prompt = history_turns(row) + [{"role": "user", "content": row.text("question")}]
-    return _turn_fields(row, prompt, "response_chosen", "response_rejected")
+    return _turn_fields(row, prompt, row.text("response_chosen"), row.text("response_rejected"))
 
 
 def _stack_exchange(row: Row) -> Converted:
@@ -130,5 +136,6 @@ def _shp(row: Row) -> Converted:
 
 
 FIELD_LAYOUTS: dict[str, Callable[[Row], Converted]] = {
-    "text": _text, "implicit": _implicit, "hh": _hh, "orca": _orca, "alpaca": _alpaca, "medicalgpt": _medicalgpt,
+    "text": _text, "implicit": _implicit, "hh": _hh, "orca": _orca, "alpaca": _alpaca,
+    "alpaca_ranking": _alpaca_ranking, "medicalgpt": _medicalgpt,
     "stack_exchange": _stack_exchange, "shp": _shp}

@@ -18,8 +18,25 @@ from .records import Messages, PreferencePair, SFTExample
 from .rows import Row
 from .turns import history_turns, sharegpt_messages, user_turn
 
-SFT_KEYS = ("messages (message list), prompt + completion (strings or message lists), conversations, "
-            "instruction + output (alpaca: optional input, system, history), or text")
+SFT_KEYS = ("messages (message list), prompt + completion (strings or message lists), conversations, a "
+            "question and its answer as text fields (instruction, question or query; output, response or answer; "
+            "optional input or context, system or system_prompt, history), or text")
+# SFT records written as text fields, as other projects name them: the user's turn, then its answer (Alpaca and
+# Dolly: instruction; OpenOrca and GSM8K: question; ms-swift and MetaMath: query), text joined after the user's
+# turn (Alpaca's input, Dolly's context), and the system prompt (OpenOrca's system_prompt).
+SFT_QUESTIONS = ("instruction", "question", "query", "input")  # input: when none of the others is there
+SFT_ANSWERS = ("output", "response", "answer")
+SFT_INPUTS = ("input", "context")
+SFT_SYSTEMS = ("system", "system_prompt")
+
+
+def sft_fields(value: dict) -> tuple[str, str] | None:
+    """(question key, answer key) of an SFT record written as text fields, or None; the first of each found."""
+    question = next((k for k in SFT_QUESTIONS if value.get(k) is not None), None)
+    answer = next((k for k in SFT_ANSWERS if value.get(k) is not None), None)
+    return (question, answer) if question and answer else None
+
+
 def new_row(value: Any, where: str, fmt: str) -> Row:
     return Row(value, where, fmt, SFT_KEYS if fmt == "sft" else FORMAT_KEYS.get(fmt, ""))
 
@@ -100,14 +117,20 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
             prompt = row.optional_text("prompt")  # a system prompt goes before a prompt, as in a text pair
             example = SFTExample(row.text("completion"), prompt, row.optional_text("system") if prompt else None,
                                  where)
-    elif row.holds("instruction") and row.holds("output"):
-        # Alpaca (LLaMA-Factory's rule, as for preference records): history, then instruction + input as the
-        # user turn, then the output: the conversation a `messages` record would hold, trained the same way
-        # (every assistant turn, the history's too). A `text` column beside them (the original Alpaca release
-        # pre-renders the prompt into it) is reported unused, not trained on twice.
-        turns = history_turns(row) + [user_turn(row, "instruction", "input"),
-                                      {"role": "assistant", "content": row.text("output")}]
-        example = _sft_from_messages(row, turns, row.optional_text("system"))
+    elif fields := sft_fields(row.value):
+        # Alpaca and its kin (LLaMA-Factory's rule, as for preference records): history, then question + input
+        # as the user turn, then the answer: the conversation a `messages` record would hold, trained the same
+        # way (every assistant turn, the history's too). A `text` column beside them (the original Alpaca
+        # release pre-renders the prompt into it) is reported unused, not trained on twice.
+        question, answer = fields
+        if isinstance(row.get(answer), list) and len(row.get(answer)) == 2:
+            raise row.error(f"{answer!r} holds two answers (LLaMA-Factory's ranking layout: the preferred first), "
+                            "and SFT trains on one answer a record; train the pairs with `preftune dpo`")
+        extra = next((k for k in SFT_INPUTS if k != question and row.holds(k)), None)
+        system = next((k for k in SFT_SYSTEMS if row.holds(k)), None)
+        turns = history_turns(row) + [user_turn(row, question, extra),
+                                      {"role": "assistant", "content": row.text(answer)}]
+        example = _sft_from_messages(row, turns, row.optional_text(system) if system else None)
         example.text_fields = True
     elif row.holds("text"):
         if row.holds("role") or {"message_id", "parent_id"} <= row.value.keys():
