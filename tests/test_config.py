@@ -141,3 +141,15 @@ def test_a_warmup_as_long_as_the_run_is_said(caplog):
     with caplog.at_level("WARNING", logger="preftune"):
         build_optimizer(params, TrainConfig(warmup_steps=2), total_steps=10)
     assert "warmup" not in caplog.text
+
+
+def test_a_config_built_in_python_reads_its_values_as_yaml_does():
+    """Built directly, a TrainConfig took any value: `batch_size="2"` stayed a string (and failed later in a raw
+    comparison), `batch_size=True` ran with a batch of 1, `max_steps=2.5` ran as given."""
+    cfg = TrainConfig(stage="dpo", model="m", data="d", batch_size="2", lr=1)
+    assert (cfg.batch_size, cfg.lr) == (2, 1.0) and isinstance(cfg.lr, float)
+    for values, message in [({"batch_size": True}, "batch_size must be int, got True"),
+                            ({"max_steps": 2.5}, "max_steps must be int, got 2.5"),
+                            ({"beta": None}, "beta must not be empty")]:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(stage="dpo", model="m", data="d", **values)

@@ -185,6 +185,8 @@ class TrainConfig:
     report_to: str = _f("", "Extra metric sinks, comma-separated: tensorboard, wandb.")
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # built in Python, a value may be of any type: "2" reads as from YAML, True fails
+            setattr(self, f.name, coerce_field(f, getattr(self, f.name), "TrainConfig"))
         self.validate()
 
     # ------------------------------------------------------------------ validation
