@@ -53,7 +53,8 @@ def score_records(model, tokenizer, source, *, device, batch_size: int = 8, max_
     if kind == "answers":
         labels = [getattr(r, "label", None) for r in records]
         records = [r if isinstance(r, SFTExample) else SFTExample(r.completion, r.prompt or None, r.system, r.where,
-                                                                   r.tools) for r in records]
+                                                                   r.tools, template_kwargs=r.template_kwargs)
+                   for r in records]
     items, stats = tokenize_all(tokenizer, records, max_length=max_length, max_prompt_length=max_prompt_length)
     if not items:
         raise PreftuneError(f"{report.source}: no record fits in --max-length {max_length}")

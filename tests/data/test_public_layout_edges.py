@@ -489,3 +489,50 @@ def test_openai_messages_with_string_answers():
     assert (pair.system, pair.prompt) == ("Be nice.", [user])
     assert (pair.chosen, pair.rejected) == ([{"role": "assistant", "content": "Beijing."}],
                                             [{"role": "assistant", "content": "Washington D.C."}])
+
+
+# Qwen3's switch in short: with enable_thinking false the generation prompt holds the empty think block that every
+# finished assistant turn has, so the block is prompt, not answer.
+THINK_SWITCH = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_a_records_chat_template_kwargs_reach_the_template():
+    """TRL passes a record's `chat_template_kwargs` to the chat template (Qwen3's `enable_thinking`); they were
+    reported unused, and the think block trained as answer. Expected ids: the template rendered directly."""
+    from preftune.data.memory import as_source
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = THINK_SWITCH
+    user, good, bad = ({"role": r, "content": c} for r, c in (("user", "the sky is"), ("assistant", "blue ."),
+                                                              ("assistant", "green .")))
+
+    def direct(turns, **kwargs):
+        return tok(tok.apply_chat_template(turns, tokenize=False, **kwargs), add_special_tokens=False)["input_ids"]
+
+    for kwargs in ({"enable_thinking": False}, {}, {"enable_thinking": None}):  # null: as if not given
+        given = {"chat_template_kwargs": kwargs} if kwargs else {}
+        pair, _, unused = read_pair({"prompt": [user], "chosen": [good], "rejected": [bad], **given}, "chat", "w")
+        out = tokenize_pair(tok, pair, max_length=256)
+        off = kwargs.get("enable_thinking") is False
+        prompt = direct([user], add_generation_prompt=True, **({"enable_thinking": False} if off else {}))
+        assert (out.prompt_ids, unused) == (prompt, [])
+        assert out.chosen_ids == direct([user, good])[len(prompt):]
+        assert tok.decode(out.chosen_ids, skip_special_tokens=False).startswith("blue" if off else "<think>")
+        sft = tokenize_example(tok, read_sft({"messages": [user, good], **given}, "w")[0], max_length=256)
+        assert sft.prompt_ids == prompt
+        [kto], _ = load_unpaired(as_source([{"prompt": [user], "completion": [good], "label": True, **given}]))
+        assert kto.template_kwargs == ({"enable_thinking": False} if off else None)
+    as_csv_cell, _, _ = read_pair({"prompt": [user], "chosen": [good], "rejected": [bad],
+                                   "chat_template_kwargs": '{"enable_thinking": false}'}, "chat", "w")
+    assert as_csv_cell.template_kwargs == {"enable_thinking": False}
+    for value, words in (([1], "must be an object of chat template arguments, got a list"),
+                         ("{enable", "is a string but not valid JSON"),
+                         ({"add_generation_prompt": False}, "sets add_generation_prompt, which preftune sets")):
+        with pytest.raises(DataError, match=words):
+            read_pair({"prompt": [user], "chosen": [good], "rejected": [bad], "chat_template_kwargs": value},
+                      "chat", "w")

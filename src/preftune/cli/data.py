@@ -160,7 +160,7 @@ def _show_unpaired(example, tokenizer, args: argparse.Namespace) -> None:
         print(f"--- completion ({rating})\n{_as_text(example.completion)}")
         return
     prompt_ids, answer_ids = encode_prompt_answer(tokenizer, example.prompt, example.completion, example.system,
-                                                  example.where, example.tools)
+                                                  example.where, example.tools, example.template_kwargs)
     long_prompt = args.max_prompt_length is not None and len(prompt_ids) > args.max_prompt_length
     prompt_kept = min(len(prompt_ids), args.max_prompt_length) if long_prompt else len(prompt_ids)
     print(f"--- prompt: {len(prompt_ids)} tokens{' (longer than --max-prompt-length)' if long_prompt else ''}")

@@ -99,7 +99,7 @@ def content_problems(pairs: list[PreferencePair]) -> list[tuple[str, str]]:
                     and not any(m.get("tool_calls") for m in answer):
                 problems.append(("answer without text",
                                  f"{pair.where}: the {name} answer has no text (only the end-of-turn is trained)"))
-        key = json.dumps([pair.system, pair.prompt, pair.chosen, pair.rejected, pair.tools])
+        key = json.dumps([pair.system, pair.prompt, pair.chosen, pair.rejected, pair.tools, pair.template_kwargs])
         if key in seen:
             problems.append(("duplicate", f"{pair.where}: duplicate of {seen[key]}"))
         else:

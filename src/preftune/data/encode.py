@@ -40,10 +40,11 @@ def _say_once(key: str, message: str) -> None:
         log.warning(message)
 
 
-def _chat_template(tokenizer, messages, *, generation_prompt: bool, where: str, tools=None) -> str:
+def _chat_template(tokenizer, messages, *, generation_prompt: bool, where: str, tools=None,
+                   template_kwargs=None) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+                                             add_generation_prompt=generation_prompt, **(template_kwargs or {}))
     except Exception as exc:  # templates raise their own errors for odd role orders
         raise DataError(f"{where}: the chat template rejected these messages ({exc})") from None
 
@@ -73,9 +74,10 @@ def _uses_tools(turns: Messages, tools) -> bool:
     return bool(tools) or any(t["role"] == "tool" or t.get("tool_calls") for t in turns)
 
 
-def _renderer(tokenizer, system: str | None, tools, turns: Messages, where: str):
-    """`render(turns, generation_prompt) -> text`: the chat template, or the Human/Assistant transcript when
-    the tokenizer has none. Tool calls and tool schemas need a template that knows them."""
+def _renderer(tokenizer, system: str | None, tools, turns: Messages, where: str, template_kwargs=None):
+    """`render(turns, generation_prompt) -> text`: the chat template (given the record's `chat_template_kwargs`
+    too), or the Human/Assistant transcript when the tokenizer has none. Tool calls and tool schemas need a
+    template that knows them."""
     if has_template(tokenizer):
         head = _messages(system, [])
 
@@ -83,7 +85,7 @@ def _renderer(tokenizer, system: str | None, tools, turns: Messages, where: str)
             if not head and not part:
                 return ""
             return _chat_template(tokenizer, head + list(part), generation_prompt=generation_prompt, where=where,
-                                  tools=tools)
+                                  tools=tools, template_kwargs=template_kwargs)
         return render
     if _uses_tools(turns, tools):
         raise DataError(f"{where}: this record has tool calls or tool schemas, and the tokenizer has no chat "
@@ -112,10 +114,11 @@ def _check_tools_rendered(text: str, turns: Messages, tools, where: str) -> None
                             "its output), so it has no tool support; use a model whose chat template supports tools")
 
 
-def encode_prompt(tokenizer, prompt: Content, system: str | None = None, where: str = "", tools=None) -> list[int]:
+def encode_prompt(tokenizer, prompt: Content, system: str | None = None, where: str = "", tools=None,
+                  template_kwargs=None) -> list[int]:
     """Prompt ids exactly as training sees them (chat prompts end with the generation prompt)."""
     if isinstance(prompt, list):
-        render = _renderer(tokenizer, system, tools, prompt, where)
+        render = _renderer(tokenizer, system, tools, prompt, where, template_kwargs)
         text = render(prompt, True)
         if _uses_tools(prompt, tools) and has_template(tokenizer):
             _check_tools_rendered(text, prompt, tools, where)
@@ -257,20 +260,20 @@ def _in_context(tokenizer, prompt_text: str, full_text: str, start: int,
 
 
 def encode_prompt_answer(tokenizer, prompt: Content | None, answer: Content, system: str | None = None,
-                         where: str = "", tools=None) -> tuple[list[int], list[int]]:
+                         where: str = "", tools=None, template_kwargs=None) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) for one prompt/answer, untruncated. `prompt=None` means no prompt (SFT on text)."""
-    return encode_masked(tokenizer, prompt, answer, system, where, tools)[:2]
+    return encode_masked(tokenizer, prompt, answer, system, where, tools, template_kwargs=template_kwargs)[:2]
 
 
 def encode_masked(tokenizer, prompt: Content | None, answer: Content, system: str | None = None,
-                  where: str = "", tools=None, every_turn: bool = False):
+                  where: str = "", tools=None, every_turn: bool = False, template_kwargs=None):
     """(prompt ids, answer ids, answer mask) for one prompt/answer, untruncated. `prompt=None` means no prompt
     (SFT on text). The mask marks the answer tokens in the loss; None means all of them. It only has zeros for
     a chat answer of several turns with `every_turn`: the user and tool turns between assistant turns."""
     eos = tokenizer.eos_token_id
     if isinstance(answer, list):
         turns = list(prompt or [])
-        render = _renderer(tokenizer, system, tools, turns + list(answer), where)
+        render = _renderer(tokenizer, system, tools, turns + list(answer), where, template_kwargs)
         full_text = render(turns + list(answer), False)
         prompt_text = render(turns, True)
         if _uses_tools(turns + list(answer), tools) and has_template(tokenizer):

@@ -57,6 +57,8 @@ def read_pair(value: Any, fmt: str, where: str) -> tuple[PreferencePair, float |
     """`to_pair`, plus the keys of the record the format did not use."""
     row = new_row(value, where, fmt)
     pair, gap = CONVERTERS[fmt](row)
+    if pair.is_chat:  # a template renders it (text fields too, unless kept as text): its own arguments to it
+        pair.template_kwargs = row.template_kwargs()
     if row.has("margin") and row.get("margin") != "":  # any pair layout may carry a per-pair margin (TRL's
         # reward-model column); an empty CSV cell is a missing one
         pair.margin = row.number("margin")
@@ -143,7 +145,7 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
         seen = ", ".join(map(str, row.value)) or "none"
         raise DataError(f"{where}: cannot read an SFT example from the keys seen ({seen}); expected {SFT_KEYS}")
     if isinstance(example.completion, list):
-        example.tools = row.tools()
+        example.tools, example.template_kwargs = row.tools(), row.template_kwargs()
     return example, row.unused()
 
 

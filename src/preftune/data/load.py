@@ -132,7 +132,7 @@ def load_unpaired(source: str, *, data_format: str | None = None, split: str = "
         # pair by pair, the KL term's previous-example answer of each rejected example would be its own pair's
         # chosen answer, a matched prompt and answer where the estimate needs mismatched ones.
         examples = [UnpairedExample(p.prompt, answer, label, p.system, f"{p.where} ({name})", p.tools,
-                                    p.text_fields)
+                                    p.text_fields, p.template_kwargs)
                     for name, label in (("chosen", True), ("rejected", False))
                     for p in pairs for answer in (getattr(p, name),)]
     _require_some(examples, report)

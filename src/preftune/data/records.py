@@ -19,9 +19,10 @@ Content = Union[str, Messages]
 class PreferencePair:
     """One preference record. `where` says where it came from (`file.jsonl line 12`), for error messages.
 
-    `tools` are the tool schemas the chat template is given. `text_fields` marks turns that the source wrote as
-    plain text fields (orca, alpaca): with `raw_text_prompts`, or a tokenizer without a chat template, they are
-    written back as that text rather than rendered as turns."""
+    `tools` are the tool schemas the chat template is given, `template_kwargs` the record's own further arguments
+    to it (`chat_template_kwargs`, as TRL reads them: Qwen3's `enable_thinking`). `text_fields` marks turns that
+    the source wrote as plain text fields (orca, alpaca): with `raw_text_prompts`, or a tokenizer without a chat
+    template, they are written back as that text rather than rendered as turns."""
 
     prompt: Content
     chosen: Content
@@ -30,6 +31,7 @@ class PreferencePair:
     where: str = ""
     tools: list[dict] | None = None
     text_fields: bool = False
+    template_kwargs: dict | None = None
     margin: float | None = None  # the record's `margin`: how much more chosen is preferred (reward models use it)
 
     @property
@@ -48,6 +50,7 @@ class SFTExample:
     where: str = ""
     tools: list[dict] | None = None
     text_fields: bool = False
+    template_kwargs: dict | None = None
 
     @property
     def is_chat(self) -> bool:
@@ -66,6 +69,7 @@ class UnpairedExample:
     where: str = ""
     tools: list[dict] | None = None
     text_fields: bool = False
+    template_kwargs: dict | None = None
 
 
 @dataclass

@@ -251,6 +251,35 @@ class Row:
         return out or None
 
 
+    def template_kwargs(self, key: str = "chat_template_kwargs") -> dict | None:
+        """The record's own arguments to the chat template (TRL's `chat_template_kwargs`: Qwen3's
+        `enable_thinking`), an object or that object as a JSON string (a CSV cell). A null value is left out (a
+        dataset's struct column gives every record every key); absent or empty gives None. Arguments that would
+        change what is rendered beyond the template's own switches (the generation prompt, tools) are refused."""
+        if not self.has(key):
+            return None
+        value = self.get(key)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise self.error(f"{key!r} is a string but not valid JSON ({exc.msg} at column {exc.colno})") \
+                    from None
+        if not isinstance(value, dict):
+            raise self.error(f"{key!r} must be an object of chat template arguments, got {type_name(value)}")
+        taken = sorted(set(value) & _TEMPLATE_OWN)
+        if taken:
+            raise self.error(f"{key!r} sets {', '.join(taken)}, which preftune sets itself when it renders a "
+                             "record; give tools as the record's 'tools', and leave the others out")
+        return {str(k): v for k, v in value.items() if v is not None} or None
+
+
+# apply_chat_template's own arguments: a record's chat_template_kwargs may not set them.
+_TEMPLATE_OWN = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                 "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                 "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+
+
 def require_mapping(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
         raise DataError(f"{where}: expected a JSON object (a mapping of keys to values), got {type_name(value)}")

@@ -82,7 +82,7 @@ def prompt_ids_of(tokenizer, pair: PreferencePair, *, raw_text_prompts: bool = F
     treated as `tokenize_pair` treats them. For generating answers to the prompts of a data file."""
     if pair.text_fields and (raw_text_prompts or not has_template(tokenizer)):
         pair = text_form(pair)
-    return encode_prompt(tokenizer, pair.prompt, pair.system, pair.where, pair.tools)
+    return encode_prompt(tokenizer, pair.prompt, pair.system, pair.where, pair.tools, pair.template_kwargs)
 
 
 def _require_prompt(ok, where: str, what: str) -> None:
@@ -124,9 +124,9 @@ def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_promp
         chosen, rejected = text_answer_ids(tokenizer, pair.chosen), text_answer_ids(tokenizer, pair.rejected)
     else:
         for_chosen, chosen = encode_prompt_answer(tokenizer, pair.prompt, pair.chosen, pair.system, pair.where,
-                                                  pair.tools)
+                                                  pair.tools, pair.template_kwargs)
         for_rejected, rejected = encode_prompt_answer(tokenizer, pair.prompt, pair.rejected, pair.system,
-                                                      pair.where, pair.tools)
+                                                      pair.where, pair.tools, pair.template_kwargs)
         # Each answer's prompt ends where its ids part from the prompt's own (usually both whole): the shorter
         # is the pair's, and the other's rest goes to its answer, as TRL cuts.
         n = min(len(for_chosen), len(for_rejected))
@@ -161,7 +161,8 @@ def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_pro
     if last_turn_only and isinstance(completion, list):
         prompt, completion = list(prompt or []) + completion[:-1], completion[-1:]
     prompt_ids, answer, mask = encode_masked(tokenizer, prompt, completion, example.system, example.where,
-                                             example.tools, every_turn=True)
+                                             example.tools, every_turn=True,
+                                             template_kwargs=example.template_kwargs)
     if answer and mask is not None and not any(mask):
         raise DataError(f"{example.where}: every assistant turn it would train is marked not to be (weight 0 or loss "
                         f"false), so there is nothing to train on; fix the marks, or leave the record out")
@@ -194,7 +195,8 @@ def encode_unpaired(tokenizer, ex: UnpairedExample, raw_text_prompts: bool = Fal
     if ex.text_fields and (raw_text_prompts or not has_template(tokenizer)):
         pair = text_form(PreferencePair(prompt, completion, completion, system, ex.where))
         prompt, completion, system = pair.prompt, pair.chosen, pair.system
-    prompt_ids, answer = encode_prompt_answer(tokenizer, prompt, completion, system, ex.where, ex.tools)
+    prompt_ids, answer = encode_prompt_answer(tokenizer, prompt, completion, system, ex.where, ex.tools,
+                                              ex.template_kwargs)
     _require_tokens(answer, ex.where, "rated")
     _require_prompt(prompt_ids, ex.where, "its answer's first token and its KL answer's")
     return prompt_ids, answer

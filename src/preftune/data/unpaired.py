@@ -73,6 +73,8 @@ def read_unpaired(value: Any, fmt: str, where: str) -> tuple[UnpairedExample, li
         prompt = history_turns(row) + [user_turn(row, "instruction", "input")]
         answer = [{"role": "assistant", "content": row.text("output")}]
         example = UnpairedExample(prompt, answer, _label(row, "kto_tag"), row.optional_text("system"), where)
+    if isinstance(example.completion, list):
+        example.template_kwargs = row.template_kwargs()
     row.require_prompt(example.prompt, read_from=("conversations", "messages"))
     row.require_open_prompt(example.prompt, example.completion)
     return example, row.unused()
