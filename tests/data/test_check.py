@@ -167,3 +167,41 @@ def test_show_kto_tag_records_through_the_model(jsonl_file, tiny_model_dir, caps
 def test_show_refuses_a_count_below_1(jsonl_file, capsys, n):
     code, out, err = _run(capsys, "show", jsonl_file([{"prompt": "q", "chosen": "a", "rejected": "b"}]), "-n", n)
     assert code == 2 and out == "" and err == f"preftune: error: -n: must be at least 1, got {n}\n"
+
+
+SFT_ROWS = [
+    {"messages": [{"role": "user", "content": "the sky is"}, {"role": "assistant", "content": "blue ."},
+                  {"role": "user", "content": "and grass"}, {"role": "assistant", "content": "green ."}]},
+    {"query": "the sky is", "response": " blue .", "source": "web"},   # 2
+    {"query": "the sky is", "response": " blue .", "source": "book"},  # 3: duplicate of 2
+    {"reply": "?"},                                                    # 4: unreadable
+    {"prompt": "the capital of france is " * 30, "completion": " paris ."},  # 5: prompt too long at 64
+    {"text": "the sky is" + " blue ." * 40},                           # 6: truncated at 64
+]
+
+
+def test_sft_files_are_checked_not_refused(jsonl_file, tiny_model_dir, capsys):
+    """An SFT file was refused by `data check` as not being pairs; it is checked for what SFT data can have
+    wrong: unreadable records, unused keys, duplicates, and with a model lengths, drops and truncation."""
+    path = jsonl_file(SFT_ROWS)
+    code, out, _ = _run(capsys, "check", path)
+    assert code == 1 and "format: sft (detected)" in out
+    assert "6 read, 5 usable examples (3 chat, 2 text), 1 unreadable" in out  # query/response: turns
+    assert "unused keys (not read by format 'sft'; records holding each): source (2)" in out
+    assert f"{path} line 3: duplicate of {path} line 2" in out and f"{path} line 4: cannot read an SFT" in out
+    code, out, _ = _run(capsys, "check", path, "--model", str(tiny_model_dir), "--max-length", "64")
+    assert "token lengths:" in out and "completion p50" in out
+    assert f"{path} line 5: the prompt alone is too long" in out and "the example will be dropped" in out
+    assert f"{path} line 6: will be truncated: completion" in out
+    assert "line 1:" not in out and "problems: 4" in out
+    code, out, _ = _run(capsys, "check", jsonl_file(SFT_ROWS[:2]), "--data-format", "sft")
+    assert code == 0 and "format: sft (forced)" in out and "problems: none" in out
+
+
+def test_show_sft_examples_with_their_masked_turns(jsonl_file, tiny_model_dir, capsys):
+    code, out, _ = _run(capsys, "show", jsonl_file(SFT_ROWS), "-n", "2", "--model", str(tiny_model_dir))
+    assert code == 0 and "showing 2 of 5 examples" in out and out.count("=== ") == 2
+    assert "<|user|>the sky is<eos><|assistant|>" in out
+    assert "blue .<eos>[masked: <|user|>and grass<eos><|assistant|>]green .<eos>" in out
+    code, out, _ = _run(capsys, "show", jsonl_file(SFT_ROWS), "-n", "1")
+    assert "--- prompt\n[user] the sky is\n--- completion\n[assistant] blue .\n[user] and grass" in out

@@ -1,4 +1,4 @@
-"""The `preftune data` command: `check` a preference file, `show` pairs as the model will see them.
+"""The `preftune data` command: `check` a data file, `show` its records as the model will see them.
 
 `register(subparsers)` adds it to the CLI's argparse subparsers; each subcommand's `func` takes the parsed
 namespace and returns the exit code. User mistakes raise `PreftuneError`, which the CLI prints as one line.
@@ -14,7 +14,7 @@ from typing import Any
 from ..config import TrainConfig
 from ..data.check import check_pairs, render_report
 from ..data.detect import FORMAT_NAMES
-from ..data.load import UnpairedData, load_pairs, read_unpaired_source
+from ..data.load import SFTData, UnpairedData, load_pairs, read_sft_source, read_unpaired_source
 from ..data.unpaired import UNPAIRED_FORMATS
 from ..errors import ConfigError, ModelError
 
@@ -22,18 +22,19 @@ _DEFAULT_MAX_LENGTH = next(f.default for f in dataclasses.fields(TrainConfig) if
 
 
 def register(subparsers: Any) -> None:
-    data = subparsers.add_parser("data", help="Check preference data, or show it as the model will see it.")
+    data = subparsers.add_parser("data", help="Check data (pairs, unpaired feedback or SFT), or show it as the "
+                                              "model will see it.")
     commands = data.add_subparsers(dest="data_command", metavar="{check,show}", required=True)
 
-    check = commands.add_parser("check", help="List every problem in a preference file; exit 1 if any.")
+    check = commands.add_parser("check", help="List every problem in a data file; exit 1 if any.")
     _add_source_args(check)
     check.add_argument("--model", help="Model or tokenizer folder: adds token lengths and truncation checks.")
     check.add_argument("--all", action="store_true", help="List every problem, not the first few of each kind.")
     _add_length_args(check)
     check.set_defaults(func=run_check)
 
-    show = commands.add_parser("show", help="Print a few pairs (or unpaired examples) as the model will see them, "
-                                            "with token counts.")
+    show = commands.add_parser("show", help="Print a few pairs (or unpaired or SFT examples) as the model will see "
+                                            "them, with token counts.")
     _add_source_args(show)
     show.add_argument("-n", type=int, default=3, help="How many pairs (default: %(default)s).")
     show.add_argument("--model", help="Model or tokenizer folder whose chat template to apply (adds token counts).")
@@ -46,8 +47,8 @@ def _add_source_args(parser: argparse.ArgumentParser) -> None:
                         "or Hub id.")
     parser.add_argument("--data", dest="data_file", metavar="FILE", help="The same, named as the training "
                         "commands name it.")
-    parser.add_argument("--data-format", choices=FORMAT_NAMES + UNPAIRED_FORMATS,
-                        help="Force a format instead of detecting it.")
+    parser.add_argument("--data-format", choices=FORMAT_NAMES + UNPAIRED_FORMATS + ("sft",),
+                        help="Force a format instead of detecting it (sft: read the records as SFT data).")
     parser.add_argument("--split", default="train", help="Split of a saved dataset or Hub id (default: train).")
 
 
@@ -98,7 +99,16 @@ def run_show(args: argparse.Namespace) -> int:
     try:
         if args.data_format in UNPAIRED_FORMATS:
             raise UnpairedData("forced")
+        if args.data_format == "sft":
+            raise SFTData("forced")
         pairs, report = load_pairs(args.file, data_format=args.data_format, split=args.split, skip_bad_records=True)
+    except SFTData:
+        examples, report = read_sft_source(args.file, split=args.split, skip_bad_records=True)
+        _show_header(args, report, "examples", len(examples), tokenizer)
+        print("(SFT data: one answer a record; it is data for `preftune sft`, not for DPO)")
+        for example in examples[:args.n]:
+            _show_sft(example, tokenizer, args)
+        return 0
     except UnpairedData:
         examples, report = read_unpaired_source(args.file, data_format=args.data_format, split=args.split,
                                                 skip_bad_records=True)
@@ -169,6 +179,39 @@ def _show_unpaired(example, tokenizer, args: argparse.Namespace) -> None:
     print(f"--- completion ({rating}): {len(answer_ids)} tokens"
           f"{' (would be cut to fit --max-length)' if long_answer else ''}")
     print(tokenizer.decode(answer_ids, skip_special_tokens=False))
+
+
+def _show_sft(example, tokenizer, args: argparse.Namespace) -> None:
+    """One SFT example; with a tokenizer, its prompt and completion as training cuts them, the completion's masked
+    turns (not trained) in [masked: ...]."""
+    from ..data.tokenize import tokenize_example
+
+    print(f"\n=== {example.where}")
+    if tokenizer is None:
+        if example.system:
+            print(f"--- system\n{example.system}")
+        if example.prompt:
+            print(f"--- prompt\n{_as_text(example.prompt)}")
+        print(f"--- completion\n{_as_text(example.completion)}")
+        return
+    tokens = tokenize_example(tokenizer, example, max_length=args.max_length,
+                              max_prompt_length=args.max_prompt_length, raw_text_prompts=args.raw_text_prompts)
+    if tokens is None:
+        print(f"(dropped: the prompt alone does not fit in --max-length {args.max_length})")
+        return
+    print(f"--- prompt: {len(tokens.prompt_ids)} tokens")
+    print(tokenizer.decode(tokens.prompt_ids, skip_special_tokens=False))
+    mask = tokens.answer_mask or [1] * len(tokens.answer_ids)
+    print(f"--- completion: {len(tokens.answer_ids)} tokens, {sum(mask)} trained"
+          f"{' (truncated to fit --max-length)' if tokens.truncated else ''}")
+    runs: list[tuple[list[int], int]] = []
+    for token, trained in zip(tokens.answer_ids, mask):
+        if runs and runs[-1][1] == trained:
+            runs[-1][0].append(token)
+        else:
+            runs.append(([token], trained))
+    print("".join(text if trained else f"[masked: {text}]"
+                  for text, trained in ((tokenizer.decode(ids, skip_special_tokens=False), m) for ids, m in runs)))
 
 
 def _as_text(content) -> str:

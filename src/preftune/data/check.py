@@ -1,8 +1,9 @@
-"""`preftune data check`: find what would go wrong with a preference file before a run starts.
+"""`preftune data check`: find what would go wrong with a data file before a run starts.
 
 Problems come from three places: records that cannot be read (the loader's messages), pairs that read but
 cannot teach anything (identical answers, duplicates, empty answers), and, with a tokenizer, pairs that will
-be dropped or truncated at the configured lengths.
+be dropped or truncated at the configured lengths. Unpaired feedback (KTO) and SFT files are checked the same
+way, for what each can have wrong.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DataError
-from .load import UnpairedData, read_pairs, read_unpaired_source
-from .records import LoadReport, PreferencePair, UnpairedExample
+from .load import SFTData, UnpairedData, read_pairs, read_sft_source, read_unpaired_source
+from .records import LoadReport, PreferencePair, SFTExample, UnpairedExample
 from .unpaired import UNPAIRED_FORMATS
 
 # Long enough that nothing is cut: the lengths a pair would have with no limit.
@@ -27,7 +28,8 @@ _WHERE = re.compile(r".*? (?:line|record) (\d+):")  # the place at the start of 
 @dataclass
 class CheckResult:
     """What `check_pairs` found. `problems` are (kind, message) in file order; `lengths` maps prompt/chosen/
-    rejected to token counts, one per pair kept. An unpaired feedback file has `unpaired` examples, no pairs."""
+    rejected to token counts, one per pair kept. An unpaired feedback file has `unpaired` examples, no pairs; an
+    SFT file `sft` examples (and `format` "sft")."""
 
     source: str
     format: str
@@ -37,6 +39,7 @@ class CheckResult:
     problems: list[tuple[str, str]] = field(default_factory=list)
     lengths: dict[str, list[int]] = field(default_factory=dict)
     unpaired: list[UnpairedExample] = field(default_factory=list)
+    sft: list[SFTExample] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -52,27 +55,37 @@ class CheckResult:
 def check_pairs(source: str, *, data_format: str | None = None, split: str = "train", tokenizer: Any = None,
                 max_length: int = 1024, max_prompt_length: int | None = None,
                 raw_text_prompts: bool = False) -> CheckResult:
-    """Read `source` keeping every readable pair, and list every problem found, each naming its record."""
+    """Read `source` keeping every readable pair (or KTO or SFT example), and list every problem found, each
+    naming its record."""
+    limits = (max_length, max_prompt_length, raw_text_prompts)
     try:
         if data_format in UNPAIRED_FORMATS:
             raise UnpairedData("forced")
+        if data_format == "sft":
+            raise SFTData("forced")
         pairs, report = read_pairs(source, data_format=data_format, split=split, skip_bad_records=True)
+    except SFTData:
+        examples, report = read_sft_source(source, split=split, skip_bad_records=True)
+        result = CheckResult(source, report.format, report.records, [], report, sft=examples)
+        content = _duplicates(examples, lambda ex: [ex.system, ex.prompt, ex.completion, ex.tools,
+                                                    ex.template_kwargs])
+        return _finish(result, content, sft_token_problems, examples, tokenizer, limits)
     except UnpairedData:
         examples, report = read_unpaired_source(source, data_format=data_format, split=split,
                                                 skip_bad_records=True)
         result = CheckResult(source, report.format, report.records, [], report, unpaired=examples)
-        result.problems += [("unreadable record", message) for message in report.skipped]
-        if tokenizer is not None:
-            problems, result.lengths = unpaired_token_problems(examples, tokenizer, max_length, max_prompt_length,
-                                                               raw_text_prompts)
-            result.problems += problems
-        result.problems.sort(key=lambda problem: _position(problem[1]))
-        return result
+        return _finish(result, [], unpaired_token_problems, examples, tokenizer, limits)
     result = CheckResult(source, report.format, report.records, pairs, report)
-    result.problems += [("unreadable record", message) for message in report.skipped]
-    result.problems += content_problems(pairs)
+    return _finish(result, content_problems(pairs), token_problems, pairs, tokenizer, limits)
+
+
+def _finish(result: CheckResult, content: list[tuple[str, str]], token_check, items: list, tokenizer: Any,
+            limits: tuple) -> CheckResult:
+    """`result` with its problems: unreadable records, `content`, and with a tokenizer `token_check`'s."""
+    result.problems += [("unreadable record", message) for message in result.report.skipped]
+    result.problems += content
     if tokenizer is not None:
-        problems, result.lengths = token_problems(pairs, tokenizer, max_length, max_prompt_length, raw_text_prompts)
+        problems, result.lengths = token_check(items, tokenizer, *limits)
         result.problems += problems
     result.problems.sort(key=lambda problem: _position(problem[1]))  # file order, whichever check found it
     return result
@@ -85,7 +98,7 @@ def _position(problem: str) -> int:
 
 def content_problems(pairs: list[PreferencePair]) -> list[tuple[str, str]]:
     """Pairs that read fine but teach nothing, or teach the same thing twice."""
-    problems, seen = [], {}
+    problems: list[tuple[str, str]] = []
     for pair in pairs:
         if not pair.prompt and not pair.system:
             problems.append(("no prompt", f"{pair.where}: no prompt was found before the answers; chosen and "
@@ -99,11 +112,18 @@ def content_problems(pairs: list[PreferencePair]) -> list[tuple[str, str]]:
                     and not any(m.get("tool_calls") for m in answer):
                 problems.append(("answer without text",
                                  f"{pair.where}: the {name} answer has no text (only the end-of-turn is trained)"))
-        key = json.dumps([pair.system, pair.prompt, pair.chosen, pair.rejected, pair.tools, pair.template_kwargs])
+    return problems + _duplicates(pairs, lambda pair: [pair.system, pair.prompt, pair.chosen, pair.rejected,
+                                                        pair.tools, pair.template_kwargs])
+
+
+def _duplicates(items: list, content) -> list[tuple[str, str]]:
+    """Items whose `content(item)` an earlier item has too, each naming the first."""
+    problems, seen = [], {}
+    for item in items:
+        key = json.dumps(content(item))
         if key in seen:
-            problems.append(("duplicate", f"{pair.where}: duplicate of {seen[key]}"))
-        else:
-            seen[key] = pair.where
+            problems.append(("duplicate", f"{item.where}: duplicate of {seen[key]}"))
+        seen.setdefault(key, item.where)
     return problems
 
 
@@ -143,7 +163,30 @@ def unpaired_token_problems(examples: list[UnpairedExample], tokenizer: Any, max
                             max_prompt_length: int | None, raw_text_prompts: bool = False):
     """`token_problems` for KTO examples: those that cannot be tokenised, will be dropped (the prompt alone is
     too long) or truncated (prompt and answer; a KL answer, another example's, may be cut too)."""
-    from .tokenize import _fit, encode_unpaired
+    from .tokenize import encode_unpaired
+
+    return _one_answer_problems(examples, lambda ex: encode_unpaired(tokenizer, ex, raw_text_prompts), max_length,
+                                max_prompt_length)
+
+
+def sft_token_problems(examples: list[SFTExample], tokenizer: Any, max_length: int, max_prompt_length: int | None,
+                       raw_text_prompts: bool = False):
+    """`token_problems` for SFT examples: those that cannot be tokenised (nothing left to train included), will be
+    dropped (the prompt alone is too long) or truncated. A completion's length counts every token after the
+    prompt, the masked turns between assistant turns included."""
+    from .tokenize import tokenize_example
+
+    def encode(ex: SFTExample) -> tuple[list[int], list[int]]:
+        whole = tokenize_example(tokenizer, ex, max_length=_NO_LIMIT, raw_text_prompts=raw_text_prompts)
+        return whole.prompt_ids, whole.answer_ids
+
+    return _one_answer_problems(examples, encode, max_length, max_prompt_length)
+
+
+def _one_answer_problems(examples: list, encode, max_length: int, max_prompt_length: int | None):
+    """Problems and lengths of examples of one answer each, `encode(example)` giving their untruncated (prompt
+    ids, answer ids), cut as training cuts them."""
+    from .tokenize import _fit
 
     problems: list[tuple[str, str]] = []
     lengths: dict[str, list[int]] = {"prompt": [], "completion": []}
@@ -151,7 +194,7 @@ def unpaired_token_problems(examples: list[UnpairedExample], tokenizer: Any, max
                                               if max_prompt_length else "")
     for ex in examples:
         try:
-            prompt_ids, answer = encode_unpaired(tokenizer, ex, raw_text_prompts)
+            prompt_ids, answer = encode(ex)
         except DataError as exc:
             problems.append(("cannot be tokenised", str(exc)))
             continue
@@ -184,7 +227,13 @@ def render_report(result: CheckResult, *, forced: bool, show_all: bool = False) 
     lines = [f"source: {result.source}", f"format: {result.format} ({'forced' if forced else 'detected'})"]
     if report.detection:
         lines.append(f"  {report.detection}")
-    if result.unpaired or result.format in UNPAIRED_FORMATS:
+    if result.format == "sft":
+        chat = sum(example.is_chat for example in result.sft)
+        lines.append(f"records: {result.records} read, {len(result.sft)} usable examples ({chat} chat, "
+                     f"{len(result.sft) - chat} text), {result.records - len(result.sft)} unreadable")
+        lines.append("SFT data: one answer a record, no preference; it is data for `preftune sft`, not for DPO, "
+                     "which needs chosen/rejected pairs")
+    elif result.unpaired or result.format in UNPAIRED_FORMATS:
         good = sum(example.label for example in result.unpaired)
         lines.append(f"records: {result.records} read, {len(result.unpaired)} usable ({good} desirable, "
                      f"{len(result.unpaired) - good} undesirable), {result.records - len(result.unpaired)} "

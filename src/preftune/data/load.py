@@ -24,6 +24,10 @@ class UnpairedData(SourceError):
     """The source holds unpaired feedback (one rated answer a record), not preference pairs."""
 
 
+class SFTData(SourceError):
+    """The source holds SFT data (one answer a record, unrated), not preference pairs."""
+
+
 def load_pairs(source: str, *, data_format: str | None = None, split: str = "train",
                skip_bad_records: bool | None = False,
                min_score_gap: float | None = None) -> tuple[list[PreferencePair], LoadReport]:
@@ -64,7 +68,7 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
                                        "record rates one answer, so there are no chosen/rejected pairs for DPO; "
                                        "it is data for KTO: run `preftune kto`")
                 if _looks_like_sft(value):
-                    raise SourceError(f"{where}: this is SFT data (one answer a record, keys "
+                    raise SFTData(f"{where}: this is SFT data (one answer a record, keys "
                                       f"{', '.join(map(str, value))}), with no chosen/rejected pair to prefer; "
                                       f"train it with `preftune sft`, or give preference pairs")
                 raise SourceError(unknown_format_message(value, where))
@@ -84,7 +88,15 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
 
 def load_sft(source: str, *, split: str = "train",
              skip_bad_records: bool | None = False) -> tuple[list[SFTExample], LoadReport]:
-    """SFT examples from `source`: each record holds `messages`, `prompt`/`completion` or `text`."""
+    """SFT examples from `source` (each record one of the layouts of `formats.SFT_KEYS`), in file order."""
+    examples, report = read_sft_source(source, split=split, skip_bad_records=skip_bad_records)
+    _require_some(examples, report)
+    return examples, report
+
+
+def read_sft_source(source: str, *, split: str = "train",
+                    skip_bad_records: bool | None = False) -> tuple[list[SFTExample], LoadReport]:
+    """`load_sft`, but content to return no example at all (for `data check`, which lists why)."""
     report = LoadReport(source=str(source), format="sft")
 
     def convert(value: Any, where: str) -> SFTExample:
@@ -92,9 +104,7 @@ def load_sft(source: str, *, split: str = "train",
         report.unused_keys.update(unused)
         return example
 
-    examples = _collect(source, split, skip_bad_records, report, convert)
-    _require_some(examples, report)
-    return examples, report
+    return _collect(source, split, skip_bad_records, report, convert), report
 
 
 class PairedData(SourceError):
