@@ -65,15 +65,29 @@ def test_hh_markers_without_their_space_are_refused_not_read_as_a_system_prompt(
         read_pair(record, "hh", "w")
 
 
-def test_kto_records_whose_prompt_sits_under_another_key_are_refused(jsonl_file):
-    """Axolotl's chatml.intel/argilla KTO layouts name the prompt 'question': read as TRL's unpaired layout the
-    prompt would be empty, and KTO would train every answer on nothing."""
+def test_kto_records_whose_prompt_sits_under_another_key_are_read_or_refused(jsonl_file):
+    """Axolotl's chatml.intel/argilla KTO layouts name the prompt 'question' or 'instruction' (read as TRL's
+    unpaired layout, the prompt was empty and refused); its argilla_chat form keeps it in 'chosen', or gives the
+    whole conversation as the completion. Read as SFT reads the same fields, or refused; never an empty prompt."""
     rows = [{"system": "be brief", "question": "capital of france?", "completion": "paris", "label": True},
-            {"system": "be brief", "question": "capital of italy?", "completion": "milan", "label": False}]
-    with pytest.raises(DataError, match=r"line 1: the prompt is empty, though the record has 'question'"):
-        load_unpaired(jsonl_file(rows))
-    examples, _ = load_unpaired(jsonl_file([{"prompt": "capital of france?", "completion": "paris", "label": True}]))
-    assert examples[0].prompt == "capital of france?"
+            {"system": "be brief", "instruction": "capital of italy?", "completion": "milan", "label": False}]
+    examples, report = load_unpaired(jsonl_file(rows))
+    assert [(ex.system, ex.prompt, ex.completion, ex.text_fields) for ex in examples] == [
+        ("be brief", [{"role": "user", "content": q}], [{"role": "assistant", "content": a}], True)
+        for q, a in (("capital of france?", "paris"), ("capital of italy?", "milan"))]
+    assert not report.unused_keys
+    examples, _ = load_unpaired(jsonl_file([{"prompt": "capital of france?", "completion": "paris", "label": True,
+                                             "system": "be brief"}]))
+    assert (examples[0].prompt, examples[0].system) == ("capital of france?", "be brief")  # as a text pair has it
+    user, answer = {"role": "user", "content": "capital of france?"}, {"role": "assistant", "content": "paris"}
+    with pytest.raises(DataError, match=r"line 1: the prompt is empty, though the record has 'chosen'"):
+        load_unpaired(jsonl_file([{"chosen": [user], "completion": [answer], "label": True}]))
+    [whole], _ = load_unpaired(jsonl_file([{"completion": [user, answer], "label": False}]))
+    assert (whole.prompt, whole.completion) == ([user], [answer])
+    later = {"prompt": [user], "completion": [answer, {"role": "user", "content": "and italy?"}, answer],
+             "label": True}
+    with pytest.raises(DataError, match="the completion holds a user or system turn after the prompt"):
+        load_unpaired(jsonl_file([later]))
 
 
 def test_kto_conversations_give_their_system_prompt_once(jsonl_file):
@@ -437,7 +451,7 @@ def test_sft_fields_with_history_and_a_ranking_output():
     example, _ = read_sft(turns, "w")
     assert example.prompt == [{"role": "user", "content": "2+2?"}]
     assert [m["content"] for m in example.completion] == ["4", "and 3+3?", "6"] and example.system == "Count."
-    with pytest.raises(DataError, match="'output' holds two answers .*preftune dpo"):
+    with pytest.raises(DataError, match="this is preference data .*preftune dpo"):
         read_sft({"instruction": "Say hi", "input": "", "output": ["Hi!", "Go away."]}, "w")
 
 
@@ -536,3 +550,57 @@ def test_a_records_chat_template_kwargs_reach_the_template():
         with pytest.raises(DataError, match=words):
             read_pair({"prompt": [user], "chosen": [good], "rejected": [bad], "chat_template_kwargs": value},
                       "chat", "w")
+
+
+def test_sft_refuses_rated_bad_and_empty_answers_but_not_a_class_label():
+    """A KTO record's `kto_tag: false` was trained by SFT (only `label: false` was refused), and so was an empty
+    answer; a classification set's `label: 0` beside bare text was refused as a rating."""
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    for record in ({"instruction": "q", "output": "rude", "kto_tag": False},
+                   {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+                    "kto_tag": "false"}):
+        with pytest.raises(DataError, match=r"marked undesirable \(kto_tag: false\)"):
+            read_sft(record, "w")
+    assert read_sft({"messages": turns, "kto_tag": True}, "w")[1] == []  # a rating, read
+    for record, words in (({"instruction": "q", "input": "", "output": ""}, r"the answer \('output'\) is empty"),
+                          ({"prompt": "q", "completion": " "}, "the completion is empty"),
+                          ({"text": ""}, "'text' is empty")):
+        with pytest.raises(DataError, match=words):
+            read_sft(record, "w")
+    example, unused = read_sft({"text": "a fine film", "label": 0}, "w")
+    assert (example.completion, unused) == ("a fine film", ["label"])
+
+
+def test_pair_fields_read_as_the_same_sft_fields_are():
+    """Dolly's context and OpenOrca's system_prompt beside a pair were unused, where SFT reads them; ms-swift's
+    older query/response/rejected_response pairs were called SFT data; LLaMA-Factory's ranking form without an
+    instruction too; and SFT said an OpenAI preference record could not be read instead of what it is."""
+    def answer(text):
+        return [{"role": "assistant", "content": text}]
+
+    cases = [({"instruction": "Summarize", "context": "A long text.", "chosen": "good", "rejected": "bad"},
+              [{"role": "user", "content": "Summarize\nA long text."}], None, "alpaca"),
+             ({"system_prompt": "Be kind.", "question": "Q?", "chosen": "good", "rejected": "bad"},
+              [{"role": "user", "content": "Q?"}], "Be kind.", "orca"),
+             ({"input": "Q?", "output": ["good", "bad"]}, [{"role": "user", "content": "Q?"}], None,
+              "alpaca_ranking"),
+             ({"system": "Be kind.", "query": "Q?", "response": "good", "rejected_response": "bad",
+               "history": [["hi", "hello"]]},
+              [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+               {"role": "user", "content": "Q?"}], "Be kind.", "swift")]
+    for record, prompt, system, fmt in cases:
+        pair, _, unused = read_pair(record, fmt, "w")
+        assert (pair.prompt, pair.chosen, pair.rejected, pair.system, unused) == (
+            prompt, answer("good"), answer("bad"), system, [])
+        assert load_pairs_detecting(record) == fmt
+    preference = {"input": {"messages": [{"role": "user", "content": "Q?"}]}, "preferred_output": answer("good"),
+                  "non_preferred_output": answer("bad")}
+    with pytest.raises(DataError, match="this is preference data"):
+        read_sft(preference, "w")
+
+
+def load_pairs_detecting(record) -> str:
+    from preftune.data.load import read_pairs
+    from preftune.data.memory import as_source
+
+    return read_pairs(as_source([record]))[1].format

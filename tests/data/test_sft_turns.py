@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from tinylm import make_tokenizer
 from preftune.data.batching import collate
 from preftune.data.formats import to_sft
+from preftune.data.records import PreferencePair
+from preftune.data.rows import NOT_TRAINED
 from preftune.data.tokenize import tokenize_example
 from preftune.logps.answer import answer_logps
 from preftune.demo.base import tiny_llama
@@ -240,7 +242,9 @@ def test_turns_their_data_marks_weight_0_are_context_not_trained(tok):
         read_sft({"messages": [U("the sky is"), skip("weight", 0.5)]}, "w")
     with pytest.raises(DataError, match="every assistant turn it would train is marked not to be"):
         tokenize_example(tok, read_sft({"messages": [U("the sky is"), skip("weight", 0)]}, "w")[0], max_length=64)
-    [pair] = preftune.load_pairs([{"prompt": [U("the sky is")], "chosen": [skip("weight", 0)],
-                                   "rejected": [A("red .")]}])
+    marked = {"prompt": [U("the sky is")], "chosen": [skip("weight", 0)], "rejected": [A("red .")]}
+    with pytest.raises(DataError, match="marked not to be trained .* only SFT reads"):  # read, so data check says it
+        preftune.load_pairs([marked])
+    pair = PreferencePair([U("the sky is")], [{**A("blue ."), NOT_TRAINED: True}], [A("red .")])  # built in code
     with pytest.raises(DataError, match="marked not to be trained .* only SFT reads"):
         tokenize_pair(tok, pair, max_length=64)

@@ -11,7 +11,7 @@ from typing import Callable
 
 from .records import Messages, PreferencePair
 from .rows import Row, type_name
-from .turns import sharegpt_messages
+from .turns import history_turns, question_turn, sharegpt_messages, system_field
 
 Converted = tuple[PreferencePair, "float | None"]  # (pair, chosen minus rejected score or None)
 
@@ -129,7 +129,14 @@ def _chat_messages(row: Row) -> Converted:
 
 def _swift(row: Row) -> Converted:
     """ms-swift's preference records: the conversation ends with the chosen answer; `rejected_response` is the
-    other answer to the same turns (a string, or an assistant message)."""
+    other answer to the same turns (a string, or an assistant message). Its older form gives the conversation as
+    `history`, `query` and `response` (the chosen answer) text fields."""
+    if not row.holds("messages"):
+        prompt = history_turns(row) + [question_turn(row, "query")]
+        chosen = [{"role": "assistant", "content": row.text("response")}]
+        pair = PreferencePair(prompt, chosen, _answer(row, "rejected_response"), system_field(row), row.where,
+                              row.tools(), text_fields=True)
+        return pair, None
     turns = row.messages("messages")
     if not turns or turns[-1]["role"] != "assistant":
         raise row.error("'messages' must end with the chosen assistant turn, which 'rejected_response' answers "

@@ -22,8 +22,8 @@ FORMAT_KEYS = {
     "orca": "system, question or input, chosen, rejected (strings)",
     "alpaca": "instruction, optional input, chosen, rejected (strings), optional system, history ([user, assistant] "
               "pairs)",
-    "alpaca_ranking": "instruction, optional input, output ([chosen, rejected]: LLaMA-Factory's ranking form), "
-                      "optional system, history",
+    "alpaca_ranking": "instruction (or input alone), optional input, output ([chosen, rejected]: LLaMA-Factory's "
+                      "ranking form), optional system, history",
     "sharegpt": "conversations [{from, value}], chosen, rejected ({from, value} or strings), optional system, tools",
     "openai": "messages [{role, content}], chosen, rejected ({role, content}, lists of them, or strings), optional "
               "system, optional tools",
@@ -32,8 +32,8 @@ FORMAT_KEYS = {
     "medicalgpt": "question, response_chosen, response_rejected, optional system, history ([user, assistant] pairs)",
     "chat_messages": "chosen_messages, rejected_messages (whole conversations; LLaMA-Factory v1), optional system, "
                      "optional tools",
-    "swift": "messages (ending with the chosen assistant turn), rejected_response (ms-swift), optional system, "
-             "optional tools",
+    "swift": "messages (ending with the chosen assistant turn), or query, response (the chosen answer) and "
+             "history; rejected_response (ms-swift), optional system, optional tools",
     "stack_exchange": "question, response_j (preferred), response_k",
     "shp": "history, human_ref_A, human_ref_B, labels (1 = A preferred)",
 }
@@ -62,13 +62,14 @@ def _whole_conversations(value: dict) -> bool:
 # also fits a later rule, so a choice between two readings is never silent.
 _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("sharegpt", "it has 'conversations'", lambda v, k: "conversations" in k),
-    ("swift", "it has 'messages' and 'rejected_response'", lambda v, k: {"messages", "rejected_response"} <= k),
+    ("swift", "it has 'rejected_response' beside 'messages' or 'query'",
+     lambda v, k: "rejected_response" in k and bool({"messages", "query"} & k)),
     # UltraFeedback-binarized copies carry `messages` too, a copy of the chosen conversation: not a prompt
     ("openai", "it has 'messages'", lambda v, k: "messages" in k and not _whole_conversations(v)),
     ("openai_preference", "it has preferred_output/non_preferred_output",
      lambda v, k: {"preferred_output", "non_preferred_output"} <= k),
     ("alpaca_ranking", "its 'output' is a list (LLaMA-Factory's ranking form: chosen first)",
-     lambda v, k: "instruction" in k and isinstance(v.get("output"), list)),
+     lambda v, k: bool({"instruction", "input"} & k) and isinstance(v.get("output"), list)),
     ("medicalgpt", "it has response_chosen/response_rejected", lambda v, k: {"response_chosen",
                                                                              "response_rejected"} <= k),
     ("chat_messages", "it has chosen_messages/rejected_messages",

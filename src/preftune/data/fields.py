@@ -16,7 +16,7 @@ from typing import Callable
 from .conversations import Converted, shared_turns
 from .records import Messages, PreferencePair
 from .rows import Row, type_name
-from .turns import history_turns, user_turn
+from .turns import history_turns, question_turn, system_field
 
 # Turn boundaries for an implicit text prompt, most specific first; the prompt keeps the marker.
 _TEXT_BOUNDARIES = ("\n\nAssistant:", "Assistant:", "### Response:", "\n")
@@ -88,26 +88,27 @@ def _hh(row: Row) -> Converted:
 def _turn_fields(row: Row, prompt: Messages, chosen: str, rejected: str) -> Converted:
     """A record whose text fields are turns: system, earlier turns, the user turn, the two answers' texts."""
     answers = [[{"role": "assistant", "content": text}] for text in (chosen, rejected)]
-    return PreferencePair(prompt, *answers, row.optional_text("system"), row.where, text_fields=True), None
+    return PreferencePair(prompt, *answers, system_field(row), row.where, text_fields=True), None
 
 
 def _orca(row: Row) -> Converted:
-    prompt = row.text("question") if row.has("question") else row.text("input")
-    return _turn_fields(row, [{"role": "user", "content": prompt}], row.text("chosen"), row.text("rejected"))
+    prompt = question_turn(row, "question" if row.holds("question") else "input")
+    return _turn_fields(row, [prompt], row.text("chosen"), row.text("rejected"))
 
 
 def _alpaca(row: Row) -> Converted:
-    prompt = history_turns(row) + [user_turn(row, "instruction", "input")]
+    prompt = history_turns(row) + [question_turn(row, "instruction")]
     return _turn_fields(row, prompt, row.text("chosen"), row.text("rejected"))
 
 
 def _alpaca_ranking(row: Row) -> Converted:
-    """LLaMA-Factory's older preference layout: alpaca fields, with `output` the list [chosen, rejected]."""
+    """LLaMA-Factory's older preference layout: alpaca fields, with `output` the list [chosen, rejected] (the
+    question in `input` when there is no `instruction`)."""
     output = row.get("output")
     if not isinstance(output, list) or len(output) != 2:
         got = f"a list of {len(output)}" if isinstance(output, list) else type_name(output)
         raise row.error(f"'output' must be a list of two answers, [chosen, rejected], got {got}")
-    prompt = history_turns(row) + [user_turn(row, "instruction", "input")]
+    prompt = history_turns(row) + [question_turn(row, "instruction" if row.holds("instruction") else "input")]
     return _turn_fields(row, prompt, row.text("output[0]", output[0]), row.text("output[1]", output[1]))
 
 

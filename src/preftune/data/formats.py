@@ -12,27 +12,23 @@ from typing import Any, Callable
 
 from ..errors import DataError
 from .conversations import MESSAGE_LAYOUTS, Converted, split_system
-from .detect import FORMAT_KEYS, FORMAT_NAMES
+from .detect import FORMAT_KEYS, FORMAT_NAMES, detect
 from .fields import FIELD_LAYOUTS
 from .records import Messages, PreferencePair, SFTExample
-from .rows import Row
-from .turns import history_turns, sharegpt_messages, user_turn
+from .rows import Row, require_trained
+from .turns import QUESTIONS, history_turns, question_turn, sharegpt_messages, system_field
 
 SFT_KEYS = ("messages (message list), prompt + completion (strings or message lists), conversations, a "
             "question and its answer as text fields (instruction, question or query; output, response or answer; "
             "optional input or context, system or system_prompt, history), or text")
-# SFT records written as text fields, as other projects name them: the user's turn, then its answer (Alpaca and
-# Dolly: instruction; OpenOrca and GSM8K: question; ms-swift and MetaMath: query), text joined after the user's
-# turn (Alpaca's input, Dolly's context), and the system prompt (OpenOrca's system_prompt).
-SFT_QUESTIONS = ("instruction", "question", "query", "input")  # input: when none of the others is there
-SFT_ANSWERS = ("output", "response", "answer")
-SFT_INPUTS = ("input", "context")
-SFT_SYSTEMS = ("system", "system_prompt")
+# The answer of an SFT record written as text fields (the question's names are turns.QUESTIONS): Alpaca's
+# output, Dolly's and OpenOrca's response, GSM8K's answer, or a completion beside a question.
+SFT_ANSWERS = ("output", "response", "answer", "completion")
 
 
 def sft_fields(value: dict) -> tuple[str, str] | None:
     """(question key, answer key) of an SFT record written as text fields, or None; the first of each found."""
-    question = next((k for k in SFT_QUESTIONS if value.get(k) is not None), None)
+    question = next((k for k in QUESTIONS if value.get(k) is not None), None)
     answer = next((k for k in SFT_ANSWERS if value.get(k) is not None), None)
     return (question, answer) if question and answer else None
 
@@ -72,6 +68,8 @@ def read_pair(value: Any, fmt: str, where: str) -> tuple[PreferencePair, float |
             raise row.error(f"{name} answer must end with an assistant turn, got {answer[-1]['role']!r}")
     row.require_prompt(pair.prompt)
     row.require_open_prompt(pair.prompt, pair.chosen)
+    require_trained(pair.chosen, row.where)
+    require_trained(pair.rejected, row.where)
     return pair, gap, row.unused()
 
 
@@ -93,30 +91,35 @@ def read_sft(value: Any, where: str) -> tuple[SFTExample, list[str]]:
     try:
         return _read_sft(row, where)
     except DataError:
-        if row.holds("chosen") and row.holds("rejected"):  # no SFT layout beside the pair
+        if detect(value)[0]:  # a pair layout, and no SFT layout beside it
             raise row.error("this is preference data (a chosen and a rejected answer), and SFT trains on one "
                             "answer a record; train it with `preftune dpo`, or give SFT records") from None
         raise
 
 
 def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
-    if row.has("label") and row.get("label") in (False, 0, "false", "False", "0"):
-        # Unpaired feedback marks this completion undesirable; SFT would teach it like any other.
-        raise row.error("the completion is marked undesirable (label: false), and SFT trains on every completion "
-                        "it reads; keep only the desirable ones for SFT")
+    for mark in ("label", "kto_tag"):
+        if not row.holds(mark) or (mark == "label" and row.holds("text") and not row.holds("completion")):
+            continue  # a label beside bare text is a classification set's class, not a rating: reported unused
+        row.has(mark)  # a rating, read: unpaired feedback marks the completion desirable or not
+        if row.value[mark] in (False, 0, "false", "False", "0"):
+            raise row.error(f"the completion is marked undesirable ({mark}: false), and SFT trains on every "
+                            "completion it reads; keep only the desirable ones for SFT")
     if row.holds("messages") or row.holds("conversations"):
         if row.holds("messages"):
             system, turns = split_system(row.messages("messages"))
         else:
             system, turns = split_system(sharegpt_messages(row, "conversations"))
         example = _sft_from_messages(row, turns, row.system_beside(system))
-    elif row.holds("completion"):
+    elif row.holds("completion") and (row.holds("prompt") or not sft_fields(row.value)):
         if isinstance(row.get("completion"), list):
             system, prompt = split_system(row.messages("prompt") if row.has("prompt") else [])
             example = SFTExample(row.messages("completion"), prompt or None, row.system_beside(system), where)
             row.require_open_prompt(prompt, example.completion)
         else:
             prompt = row.optional_text("prompt")  # a system prompt goes before a prompt, as in a text pair
+            if not row.text("completion").strip():
+                raise row.error("the completion is empty; training on it teaches the model to stop at once")
             example = SFTExample(row.text("completion"), prompt, row.optional_text("system") if prompt else None,
                                  where)
     elif fields := sft_fields(row.value):
@@ -125,14 +128,10 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
         # way (every assistant turn, the history's too). A `text` column beside them (the original Alpaca
         # release pre-renders the prompt into it) is reported unused, not trained on twice.
         question, answer = fields
-        if isinstance(row.get(answer), list) and len(row.get(answer)) == 2:
-            raise row.error(f"{answer!r} holds two answers (LLaMA-Factory's ranking layout: the preferred first), "
-                            "and SFT trains on one answer a record; train the pairs with `preftune dpo`")
-        extra = next((k for k in SFT_INPUTS if k != question and row.holds(k)), None)
-        system = next((k for k in SFT_SYSTEMS if row.holds(k)), None)
-        turns = history_turns(row) + [user_turn(row, question, extra),
-                                      {"role": "assistant", "content": row.text(answer)}]
-        example = _sft_from_messages(row, turns, row.optional_text(system) if system else None)
+        if not row.text(answer).strip():
+            raise row.error(f"the answer ({answer!r}) is empty; training on it teaches the model to stop at once")
+        turns = history_turns(row) + [question_turn(row, question), {"role": "assistant", "content": row.text(answer)}]
+        example = _sft_from_messages(row, turns, system_field(row))
         example.text_fields = True
     elif row.holds("text"):
         if row.holds("role") or {"message_id", "parent_id"} <= row.value.keys():
@@ -140,6 +139,8 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
             raise row.error("a row of one message ('text' beside 'role' or message/parent ids: a message tree, "
                             "as OpenAssistant exports it), not an example; build each conversation into a "
                             "'messages' list first")
+        if not row.text("text").strip():
+            raise row.error("'text' is empty; there is nothing to train on")
         example = SFTExample(row.text("text"), None, None, where)
     else:
         seen = ", ".join(map(str, row.value)) or "none"

@@ -280,6 +280,14 @@ _TEMPLATE_OWN = {"conversation", "messages", "tools", "documents", "chat_templat
                  "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
 
 
+def require_trained(answer: Any, where: str) -> None:
+    """An answer turn its data marks not to train (weight 0): only SFT masks turns, so a preference or KTO answer
+    holding one is refused rather than trained."""
+    if isinstance(answer, list) and any(turn.get(NOT_TRAINED) for turn in answer):
+        raise DataError(f"{where}: an answer turn is marked not to be trained (weight 0 or loss false), which only "
+                        f"SFT reads (it masks the turn); drop the mark, or train the record with preftune sft")
+
+
 def require_mapping(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
         raise DataError(f"{where}: expected a JSON object (a mapping of keys to values), got {type_name(value)}")

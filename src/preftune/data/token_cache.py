@@ -29,7 +29,7 @@ from .tokenize import TokenizeStats
 
 log = logging.getLogger("preftune")
 
-FORMAT = 10  # bump when tokenisation or the layout of an entry changes what a key stands for
+FORMAT = 11  # bump when tokenisation or the layout of an entry changes what a key stands for
 
 
 def default_cache_dir() -> Path | None:

@@ -13,7 +13,7 @@ from .encode import (encode_masked, encode_prompt, encode_prompt_answer, has_tem
                      transcript)
 from ..errors import DataError
 from .records import PreferencePair, SFTExample, UnpairedExample
-from .rows import NOT_TRAINED
+from .rows import require_trained
 
 
 @dataclass
@@ -92,14 +92,6 @@ def _require_prompt(ok, where: str, what: str) -> None:
                         f"to be predicted from; give the record a prompt")
 
 
-def _require_trained(answer, where: str) -> None:
-    """An answer turn its data marks not to train (weight 0): only SFT masks turns, so elsewhere it is refused
-    rather than trained."""
-    if isinstance(answer, list) and any(turn.get(NOT_TRAINED) for turn in answer):
-        raise DataError(f"{where}: an answer turn is marked not to be trained (weight 0 or loss false), which only "
-                        f"SFT reads (it masks the turn); drop the mark, or train the record with preftune sft")
-
-
 def _require_tokens(answer_ids, where: str, name: str) -> None:
     """An answer of no tokens at all (not even an end of turn) means the chat template leaves it out."""
     if not answer_ids:
@@ -114,8 +106,8 @@ def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_promp
 
     Turns that came from text fields (orca, alpaca) go through the chat template when the tokenizer has one,
     and are written back as text with `raw_text_prompts` or without a template."""
-    _require_trained(pair.chosen, pair.where)
-    _require_trained(pair.rejected, pair.where)
+    require_trained(pair.chosen, pair.where)
+    require_trained(pair.rejected, pair.where)
     if pair.text_fields and (raw_text_prompts or not has_template(tokenizer)):
         pair = text_form(pair)
     if isinstance(pair.prompt, str) and isinstance(pair.chosen, str) and isinstance(pair.rejected, str):
@@ -190,7 +182,7 @@ def assign_kl_answers(encoded: list[tuple[list[int], list[int]]], chunk: int) ->
 
 def encode_unpaired(tokenizer, ex: UnpairedExample, raw_text_prompts: bool = False) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) of one KTO example, untruncated."""
-    _require_trained(ex.completion, ex.where)
+    require_trained(ex.completion, ex.where)
     prompt, completion, system = ex.prompt, ex.completion, ex.system
     if ex.text_fields and (raw_text_prompts or not has_template(tokenizer)):
         pair = text_form(PreferencePair(prompt, completion, completion, system, ex.where))

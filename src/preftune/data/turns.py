@@ -4,7 +4,8 @@
   assistant tool call, its value `{"name", "arguments"}` as JSON, or a list of them for parallel calls) and
   `observation` (the tool's result).
 - Alpaca (LLaMA-Factory): `instruction` and `input` joined as `instruction + "\\n" + input` make the user turn
-  (input left out when empty); `history` is a list of `[user, assistant]` pairs before it.
+  (input left out when empty); `history` is a list of `[user, assistant]` pairs before it. Other projects' names
+  for the same fields (`QUESTIONS`, `EXTRA_INPUTS`, `SYSTEM_FIELDS`) are read by the same rule.
 """
 
 from __future__ import annotations
@@ -55,12 +56,31 @@ def _function_call(row: Row, at: str, value: Any) -> dict:
     return {"role": "assistant", "content": "", "tool_calls": row.tool_calls(at, value)}
 
 
+# A question and its parts written as text fields, as projects name them: the question (Alpaca and Dolly:
+# instruction; OpenOrca and GSM8K: question; ms-swift and MetaMath: query; else input), text joined after it
+# (Alpaca's input, Dolly's context), and the system prompt (OpenOrca's system_prompt). First found wins.
+QUESTIONS = ("instruction", "question", "query", "input")
+EXTRA_INPUTS = ("input", "context")
+SYSTEM_FIELDS = ("system", "system_prompt")
+
+
 def user_turn(row: Row, instruction: str, extra: str | None) -> dict[str, str]:
     """LLaMA-Factory's alpaca rule: the user turn is `instruction + "\\n" + input`, input left out when empty."""
     text = row.text(instruction)
     if extra is not None and row.has(extra) and row.text(extra):
         text = f"{text}\n{row.text(extra)}" if text else row.text(extra)
     return {"role": "user", "content": text}
+
+
+def question_turn(row: Row, question: str) -> dict[str, str]:
+    """The user turn of a `question` field and the first of `EXTRA_INPUTS` beside it (alpaca's rule)."""
+    return user_turn(row, question, next((k for k in EXTRA_INPUTS if k != question and row.holds(k)), None))
+
+
+def system_field(row: Row) -> str | None:
+    """The system prompt of a record written as text fields: the first of `SYSTEM_FIELDS` it holds."""
+    key = next((k for k in SYSTEM_FIELDS if row.holds(k)), None)
+    return row.optional_text(key) if key else None
 
 
 def history_turns(row: Row, key: str = "history") -> Messages:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from .records import UnpairedExample
-from .rows import Row, type_name
-from .turns import history_turns, sharegpt_messages, user_turn
+from .rows import Row, require_trained, type_name
+from .turns import QUESTIONS, history_turns, question_turn, sharegpt_messages, system_field
 
 UNPAIRED_KEYS = {
     "unpaired": "prompt, completion, label (true = desirable)",
@@ -51,14 +51,28 @@ def read_unpaired(value: Any, fmt: str, where: str) -> tuple[UnpairedExample, li
     if fmt == "unpaired":
         if isinstance(row.get("completion"), list):
             prompt = row.messages("prompt") if row.has("prompt") else []
+            completion = row.messages("completion")
+            if not prompt and completion and completion[0]["role"] in ("user", "system"):
+                # the whole conversation (axolotl's argilla_chat form): the last turn is the rated answer
+                prompt, completion = completion[:-1], completion[-1:]
+            elif any(turn["role"] in ("user", "system") for turn in completion):
+                raise row.error("the completion holds a user or system turn after the prompt, and KTO rates one "
+                                "answer as a whole (it would score the user's words too); end the prompt before "
+                                "the rated assistant turn")
             system = None
             if prompt and prompt[0]["role"] == "system":
                 system, prompt = prompt[0]["content"], prompt[1:]
-            example = UnpairedExample(prompt, row.messages("completion"), _label(row, "label"),
-                                      row.system_beside(system), where, row.tools())
+            example = UnpairedExample(prompt, completion, _label(row, "label"), row.system_beside(system), where,
+                                      row.tools())
+        elif not row.holds("prompt") and (question := next((k for k in QUESTIONS if row.holds(k)), None)):
+            # the question as a text field beside the completion (axolotl's argilla and intel KTO forms)
+            answer = [{"role": "assistant", "content": row.text("completion")}]
+            example = UnpairedExample([question_turn(row, question)], answer, _label(row, "label"),
+                                      system_field(row), where, text_fields=True)
         else:
-            example = UnpairedExample(row.optional_text("prompt") or "", row.text("completion"),
-                                      _label(row, "label"), None, where)
+            prompt = row.optional_text("prompt") or ""  # a system prompt goes before it, as in a text pair
+            example = UnpairedExample(prompt, row.text("completion"), _label(row, "label"),
+                                      row.optional_text("system") if prompt else None, where)
     elif row.has("conversations") or row.has("messages"):
         tag = "kto_tag" if row.has("kto_tag") else "label"
         turns = sharegpt_messages(row, "conversations") if row.has("conversations") else row.messages("messages")
@@ -70,11 +84,15 @@ def read_unpaired(value: Any, fmt: str, where: str) -> tuple[UnpairedExample, li
         example = UnpairedExample(turns[:-1], turns[-1:], _label(row, tag), row.system_beside(system), where,
                                   row.tools())
     else:
-        prompt = history_turns(row) + [user_turn(row, "instruction", "input")]
+        prompt = history_turns(row) + [question_turn(row, "instruction")]
         answer = [{"role": "assistant", "content": row.text("output")}]
-        example = UnpairedExample(prompt, answer, _label(row, "kto_tag"), row.optional_text("system"), where)
+        example = UnpairedExample(prompt, answer, _label(row, "kto_tag"), system_field(row), where)
     if isinstance(example.completion, list):
         example.template_kwargs = row.template_kwargs()
-    row.require_prompt(example.prompt, read_from=("conversations", "messages"))
+    if not example.prompt and row.holds("chosen"):  # axolotl's argilla_chat KTO form keeps the prompt there
+        raise row.error("the prompt is empty, though the record has 'chosen' (a prompt kept under that name?); "
+                        "give it as 'prompt'")
+    row.require_prompt(example.prompt, read_from=("conversations", "messages", "completion"))
     row.require_open_prompt(example.prompt, example.completion)
+    require_trained(example.completion, where)
     return example, row.unused()
