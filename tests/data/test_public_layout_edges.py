@@ -604,3 +604,23 @@ def load_pairs_detecting(record) -> str:
     from preftune.data.memory import as_source
 
     return read_pairs(as_source([record]))[1].format
+
+
+def test_a_csv_from_a_dataframe_reads_its_tools_and_template_kwargs(tmp_path):
+    """pandas writes a dict column (chat_template_kwargs, a dataset's struct with null-filled keys) and a list of
+    tool schemas as Python literals; they were refused as invalid JSON."""
+    datasets = pytest.importorskip("datasets")
+    tool = {"type": "function", "function": {"name": "weather", "description": "the weather", "parameters": "{}"}}
+    turn = [{"role": "user", "content": "hi"}]
+    rows = [{"prompt": turn, "chosen": [{"role": "assistant", "content": "hello"}],
+             "rejected": [{"role": "assistant", "content": "go"}], "tools": [tool],
+             "chat_template_kwargs": {"enable_thinking": False, "mode": None}},
+            {"prompt": turn, "chosen": [{"role": "assistant", "content": "hey"}],
+             "rejected": [{"role": "assistant", "content": "no"}], "tools": [tool],
+             "chat_template_kwargs": {"enable_thinking": None, "mode": "x"}}]
+    path = tmp_path / "pairs.csv"
+    datasets.Dataset.from_list(rows).to_pandas().to_csv(path, index=False)
+    assert "'enable_thinking': False" in path.read_text()
+    pairs, _ = load_pairs(str(path))
+    assert [p.template_kwargs for p in pairs] == [{"enable_thinking": False}, {"mode": "x"}]
+    assert [p.tools for p in pairs] == [[tool], [tool]]

@@ -253,12 +253,13 @@ def _csv_records(path: Path, text: str, delimiter: str = ",") -> list[dict]:
 
 
 _MESSAGE_KEYS = ({"role", "content"}, {"from", "value"})
+_OBJECT_KEYS = ("tools", "chat_template_kwargs")  # columns of objects, which pandas writes as Python literals too
 
 
 def _written_list(key: str, cell: str) -> Any:
-    """A message list (or an alpaca `history` of [user, assistant] pairs) written into a CSV cell as JSON, as a
-    Python literal or as numpy prints an array of dicts, read back; None for any other cell (an answer that is
-    itself a JSON array stays text)."""
+    """A message list (or an alpaca `history` of [user, assistant] pairs, or the objects of a `tools` or
+    `chat_template_kwargs` column) written into a CSV cell as JSON, as a Python literal or as numpy prints an
+    array of dicts, read back; None for any other cell (an answer that is itself a JSON array stays text)."""
     text = cell.strip()
     if (text[:1], text[-1:]) not in (("[", "]"), ("{", "}")):
         if _MESSAGES_START.match(text) and _left_open(text):  # cut off (a spreadsheet's cell limit): not text
@@ -273,7 +274,8 @@ def _written_list(key: str, cell: str) -> Any:
         messages = all(isinstance(m, dict) and any(k <= m.keys() for k in _MESSAGE_KEYS) for m in items)
         history = key == "history" and all(isinstance(t, list) and all(isinstance(x, str) for x in t)
                                            for t in items)
-        return value if items and (messages or history) or (key == "history" and value == []) else None
+        objects = key in _OBJECT_KEYS and all(isinstance(m, dict) for m in items)  # tool schemas, template args
+        return value if items and (messages or history or objects) or (key == "history" and value == []) else None
     if _MESSAGES_START.match(text):  # a message list that did not survive being written: not an answer's text
         raise ValueError(f"it starts {text[:40]!r}")
     return None
