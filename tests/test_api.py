@@ -636,3 +636,24 @@ def test_a_model_on_the_meta_device_and_trl_s_peft_config_are_one_line_each(tiny
     with pytest.raises(preftune.ConfigError, match=r"unknown key 'peft_config'; that is TRL's name: here it is "
                                                   r"'lora_r', 'lora_alpha'"):
         preftune.train("dpo", model=tiny_model_dir, data=pairs, peft_config=object(), **SETTINGS)
+
+
+def test_a_report_that_fails_after_the_model_is_written_keeps_the_run(tiny_model_dir, pairs_file, tmp_path,
+                                                                       monkeypatch, caplog):
+    """A failure drawing the plots or writing the card (after the final model is saved) removed the whole run
+    folder, trained model included, as a failure in step 1 does."""
+    import logging
+
+    from preftune.report import card, plots
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no backend")
+
+    monkeypatch.setattr(plots, "write_plots", broken)
+    monkeypatch.setattr(card, "write_model_card", broken)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        preftune.train("dpo", model=tiny_model_dir, data=pairs_file, output_dir=out, **SETTINGS)
+    assert (out / "model.safetensors").is_file() and (out / "results.json").is_file()
+    assert f"plots: not written; `preftune plot {out}` draws them" in caplog.text
+    assert "model card: " in caplog.text and "(RuntimeError: no backend)" in caplog.text

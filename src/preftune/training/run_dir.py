@@ -286,13 +286,25 @@ def _write_final(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: s
     from ..report.plots import write_plots
 
     save_model(setup.policy, setup.tokenizer, out_dir, state_dict=state_dict)
-    write_plots(out_dir)
-    data_stats = json.loads((out_dir / DATA_STATS).read_text())  # written by write_start
-    write_model_card(out_dir, resolved(cfg), final, command, data_stats=data_stats,
-                     adapters=is_peft_model(setup.policy))
+    # The model is written: a report that fails now (a plotting library's error, a full disk) is said, and the
+    # run finishes with its model instead of being removed for it.
+    with _said_if_failed(f"plots: not written; `preftune plot {out_dir}` draws them from metrics.jsonl"):
+        write_plots(out_dir)
+    with _said_if_failed(f"model card: {out_dir / 'README.md'} not written"):
+        data_stats = json.loads((out_dir / DATA_STATS).read_text())  # written by write_start
+        write_model_card(out_dir, resolved(cfg), final, command, data_stats=data_stats,
+                         adapters=is_peft_model(setup.policy))
     atomic_write_json(out_dir / RESULTS, {k: v for k, v in final.items() if _jsonable(v)})
     if cfg.merge:  # after results.json: a merge that fails (the base gone, no network) leaves the run finished
         write_merged_model(out_dir, cfg, setup.tokenizer, setup.dtype)
+
+
+@contextmanager
+def _said_if_failed(what: str):
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - any failure of a report, said in one line
+        log.warning(f"{what} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
 
 
 def write_merged_model(out_dir: Path, cfg: TrainConfig, tokenizer, dtype) -> None:
