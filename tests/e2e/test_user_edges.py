@@ -205,6 +205,16 @@ def test_an_unreachable_hub_is_one_quick_attempt(workdir):
     assert_one_line_error(r, "--model someone/some-model", "no local folder", "Hub could not be reached")
 
 
+def test_an_unreachable_hub_is_one_quick_attempt_for_data_too(workdir):
+    """A data name that is no file here and no reachable Hub dataset retried the network for half a minute."""
+    start = time.monotonic()
+    r = run_cli("data", "check", "someone/some-pairs", cwd=workdir, HF_HUB_OFFLINE="0", HF_HOME="hf-home",
+                HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", NO_PROXY="")
+    assert_one_line_error(r, "someone/some-pairs: not a local file or folder", "the Hub could not be reached",
+                          "no copy is cached")
+    assert time.monotonic() - start < 15
+
+
 def test_a_missing_metric_sink_fails_before_any_file(workdir):
     (workdir / "made-by-user").mkdir()
     (workdir / "made-by-user" / "notes.txt").write_text("mine")

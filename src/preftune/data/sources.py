@@ -17,6 +17,7 @@ import re
 import sys
 import tokenize
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -373,12 +374,56 @@ def _saved_dataset(path: Path, split: str) -> Rows:
     return _numbered(path, loaded)
 
 
-def _hub_dataset(name: str, split: str) -> Rows:  # pragma: no cover - needs the network
+def _hub_dataset(name: str, split: str) -> Rows:
     import datasets
 
+    head = f"{name}: not a local file or folder, and loading it as a Hugging Face dataset (split {split!r})"
+    offline = _hub_unreachable(name, head)
     try:
-        loaded = datasets.load_dataset(name, split=split)
+        with _offline(offline is not None):  # the Hub did not answer: its local cache only, without retries
+            loaded = datasets.load_dataset(name, split=split)
     except Exception as exc:  # the Hub raises many kinds; any of them means this source cannot be used
-        raise DataError(f"{name}: not a local file or folder, and loading it as a Hugging Face dataset "
-                        f"(split {split!r}) failed: {type(exc).__name__}: {exc}") from None
+        if offline is not None:
+            raise DataError(f"{head} failed: the Hub could not be reached ({offline}) and no copy is cached") \
+                from None
+        raise DataError(f"{head} failed: {type(exc).__name__}: {exc}") from None
     return _numbered(Path(name), loaded)
+
+
+def _hub_unreachable(name: str, head: str) -> str | None:
+    """Why the Hub did not answer one request for dataset `name` (None when it did, or when offline mode is set
+    and only the cache is read anyway). Without it, a machine without network retries for half a minute.
+    A dataset the Hub says does not exist, or is gated, is refused here."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    if constants.is_offline_mode():
+        return None
+    try:
+        HfApi().dataset_info(name, timeout=10)
+    except GatedRepoError:
+        raise DataError(f"{name}: a gated Hub dataset; accept its terms on huggingface.co and log in "
+                        "(hf auth login)") from None
+    except (RepositoryNotFoundError, HFValidationError):
+        raise DataError(f"{head} failed: no file or folder here of that name, and no Hub dataset either (if it "
+                        "is private, log in with hf auth login)") from None
+    except Exception as exc:  # connection refused, DNS, timeouts, proxies: whatever the HTTP stack raises
+        return (str(exc).splitlines() or [type(exc).__name__])[0]
+    return None
+
+
+@contextmanager
+def _offline(on: bool):
+    """Hub access switched off for what runs inside (datasets reads its cache instead), when `on`."""
+    if not on:
+        yield
+        return
+    import datasets
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
