@@ -205,3 +205,13 @@ def test_show_sft_examples_with_their_masked_turns(jsonl_file, tiny_model_dir, c
     assert "blue .<eos>[masked: <|user|>and grass<eos><|assistant|>]green .<eos>" in out
     code, out, _ = _run(capsys, "show", jsonl_file(SFT_ROWS), "-n", "1")
     assert "--- prompt\n[user] the sky is\n--- completion\n[assistant] blue .\n[user] and grass" in out
+
+
+def test_show_kto_records_as_training_encodes_them(jsonl_file, tiny_model_dir, capsys):
+    """`data show` encoded a KTO record itself, through the chat template even with --raw-text-prompts."""
+    rows = [{"question": "the sky is", "completion": " blue .", "label": True, "system": "be brief"}]
+    path = jsonl_file(rows)
+    code, out, _ = _run(capsys, "show", path, "--model", str(tiny_model_dir), "--raw-text-prompts")
+    assert code == 0 and "be brief\n\nthe sky is\n" in out and "<|user|>" not in out
+    code, out, _ = _run(capsys, "show", path, "--model", str(tiny_model_dir))
+    assert "<|system|>be brief<eos><|user|>the sky is<eos><|assistant|>" in out

@@ -84,6 +84,8 @@ def test_kto_records_whose_prompt_sits_under_another_key_are_read_or_refused(jso
         load_unpaired(jsonl_file([{"chosen": [user], "completion": [answer], "label": True}]))
     [whole], _ = load_unpaired(jsonl_file([{"completion": [user, answer], "label": False}]))
     assert (whole.prompt, whole.completion) == ([user], [answer])
+    with pytest.raises(DataError, match="a whole conversation, and it must end with the assistant turn"):
+        load_unpaired(jsonl_file([{"completion": [user, answer, user], "label": False}]))
     later = {"prompt": [user], "completion": [answer, {"role": "user", "content": "and italy?"}, answer],
              "label": True}
     with pytest.raises(DataError, match="the completion holds a user or system turn after the prompt"):
@@ -588,6 +590,7 @@ def test_pair_fields_read_as_the_same_sft_fields_are():
                "history": [["hi", "hello"]]},
               [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                {"role": "user", "content": "Q?"}], "Be kind.", "swift")]
+    cases.append(({**cases[-1][0], "messages": []}, *cases[-1][1:]))  # an empty messages column beside them
     for record, prompt, system, fmt in cases:
         pair, _, unused = read_pair(record, fmt, "w")
         assert (pair.prompt, pair.chosen, pair.rejected, pair.system, unused) == (

@@ -159,7 +159,7 @@ def _show_pair(pair, tokenizer, args: argparse.Namespace) -> None:
 def _show_unpaired(example, tokenizer, args: argparse.Namespace) -> None:
     """One rated answer; with a tokenizer, its prompt and completion ids as a pair's would be (untruncated, with
     a note where --max-length / --max-prompt-length would cut them)."""
-    from ..data.encode import encode_prompt_answer
+    from ..data.tokenize import encode_unpaired
 
     rating = "desirable" if example.label else "undesirable"
     print(f"\n=== {example.where}")
@@ -169,8 +169,7 @@ def _show_unpaired(example, tokenizer, args: argparse.Namespace) -> None:
         print(f"--- prompt\n{_as_text(example.prompt)}")
         print(f"--- completion ({rating})\n{_as_text(example.completion)}")
         return
-    prompt_ids, answer_ids = encode_prompt_answer(tokenizer, example.prompt, example.completion, example.system,
-                                                  example.where, example.tools, example.template_kwargs)
+    prompt_ids, answer_ids = encode_unpaired(tokenizer, example, args.raw_text_prompts)  # as training encodes it
     long_prompt = args.max_prompt_length is not None and len(prompt_ids) > args.max_prompt_length
     prompt_kept = min(len(prompt_ids), args.max_prompt_length) if long_prompt else len(prompt_ids)
     print(f"--- prompt: {len(prompt_ids)} tokens{' (longer than --max-prompt-length)' if long_prompt else ''}")

@@ -131,7 +131,7 @@ def _swift(row: Row) -> Converted:
     """ms-swift's preference records: the conversation ends with the chosen answer; `rejected_response` is the
     other answer to the same turns (a string, or an assistant message). Its older form gives the conversation as
     `history`, `query` and `response` (the chosen answer) text fields."""
-    if not row.holds("messages"):
+    if not row.value.get("messages") and row.holds("query"):
         prompt = history_turns(row) + [question_turn(row, "query")]
         chosen = [{"role": "assistant", "content": row.text("response")}]
         pair = PreferencePair(prompt, chosen, _answer(row, "rejected_response"), system_field(row), row.where,

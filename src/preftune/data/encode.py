@@ -162,14 +162,15 @@ def _pieces(render, prompt: Messages, answer: Messages, full: str, start: int, e
 CLOSING = 32  # characters: the longest text a template may write only at a conversation's end (an EOS token)
 
 
-def _closing(tokenizer) -> str:
+def _closing(tokenizer, template_kwargs=None) -> str:
     """What the chat template writes for no messages at all, when that is short: the text it closes every
     conversation with (Phi-3 writes EOS when no generation prompt follows); "" when none or not found."""
     try:  # apply_chat_template refuses an empty conversation; the renderer under it does not
         from transformers.utils.chat_template_utils import render_jinja_template
 
         rendered, _ = render_jinja_template(conversations=[[]], chat_template=tokenizer.chat_template,
-                                            add_generation_prompt=False, **tokenizer.special_tokens_map)
+                                            add_generation_prompt=False,
+                                            **{**tokenizer.special_tokens_map, **(template_kwargs or {})})
         text = rendered[0]
     except Exception:  # an older transformers, or a template that cannot render no messages
         return ""
@@ -281,7 +282,7 @@ def encode_masked(tokenizer, prompt: Content | None, answer: Content, system: st
         start = _answer_start(render, turns, prompt_text, full_text, where,
                               assistant_next=bool(answer) and answer[0].get("role") == "assistant")
         pieces = _pieces(render, turns, list(answer), full_text, start, every_turn, where,
-                         lambda: _closing(tokenizer) if has_template(tokenizer) else "")
+                         lambda: _closing(tokenizer, template_kwargs) if has_template(tokenizer) else "")
         if has_template(tokenizer) and getattr(tokenizer, "is_fast", False):
             prompt_ids, answer_ids, mask = _in_context(tokenizer, prompt_text, full_text, start, pieces)
             return prompt_ids, answer_ids, (None if all(mask) else mask)

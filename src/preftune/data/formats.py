@@ -101,8 +101,7 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
     for mark in ("label", "kto_tag"):
         if not row.holds(mark) or (mark == "label" and row.holds("text") and not row.holds("completion")):
             continue  # a label beside bare text is a classification set's class, not a rating: reported unused
-        row.has(mark)  # a rating, read: unpaired feedback marks the completion desirable or not
-        if row.value[mark] in (False, 0, "false", "False", "0"):
+        if row.get(mark) in (False, 0, "false", "False", "0"):  # a rating, read: this completion is undesirable
             raise row.error(f"the completion is marked undesirable ({mark}: false), and SFT trains on every "
                             "completion it reads; keep only the desirable ones for SFT")
     if row.holds("messages") or row.holds("conversations"):

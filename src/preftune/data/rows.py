@@ -38,8 +38,11 @@ class Row:
         return DataError(f"{self.where}: {problem} (format {self.fmt!r}: {self.expects})")
 
     def unused(self) -> list[str]:
-        """Keys of the record (and `key[].part` of its message lists) that no reader looked at."""
-        unread = [str(key) for key, value in self.value.items() if key not in self.used and value is not None]
+        """Keys of the record (and `key[].part` of its message lists) that no reader looked at; an empty value
+        (null, "", [] or {}: a blank CSV cell, an empty column) loses nothing and is not listed."""
+        unread = [str(key) for key, value in self.value.items()
+                  if key not in self.used and value is not None and not (isinstance(value, (str, list, dict))
+                                                                          and not value)]
         return unread + sorted(self.unread_parts)
 
     def has(self, key: str) -> bool:

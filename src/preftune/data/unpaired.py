@@ -54,6 +54,9 @@ def read_unpaired(value: Any, fmt: str, where: str) -> tuple[UnpairedExample, li
             completion = row.messages("completion")
             if not prompt and completion and completion[0]["role"] in ("user", "system"):
                 # the whole conversation (axolotl's argilla_chat form): the last turn is the rated answer
+                if completion[-1]["role"] != "assistant":
+                    raise row.error("the completion is a whole conversation, and it must end with the assistant "
+                                    "turn being rated")
                 prompt, completion = completion[:-1], completion[-1:]
             elif any(turn["role"] in ("user", "system") for turn in completion):
                 raise row.error("the completion holds a user or system turn after the prompt, and KTO rates one "
