@@ -7,6 +7,7 @@ formats.py turns a record into a pair with them.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 from .rows import type_name
@@ -119,8 +120,22 @@ def detect_format(value: Any) -> str | None:
     return detect(value)[0]
 
 
+def _named_keys(reads: str) -> set[str]:
+    """The keys a `FORMAT_KEYS` text names: its words outside parentheses (which hold notes on the values)."""
+    while (bare := re.sub(r"\([^()]*\)", "", reads)) != reads:
+        reads = bare
+    return set(re.findall(r"\w+", reads)) - {"optional", "or", "with", "and"}
+
+
 def unknown_format_message(value: Any, where: str) -> str:
+    """The record's keys, the formats that read some of them (with what each reads), and the other formats'
+    names: the whole list with every format's keys would be a line of some 2,000 characters."""
     seen = ", ".join(map(str, value)) if isinstance(value, dict) else type_name(value)
-    known = "; ".join(f"{name} ({keys})" for name, keys in FORMAT_KEYS.items())
-    return (f"{where}: cannot tell the data format from the keys seen ({seen}). Known formats: {known}. "
+    keys = {str(k) for k in value} if isinstance(value, dict) else set()
+    near = [name for name, reads in FORMAT_KEYS.items() if keys & _named_keys(reads)]
+    close = f" Formats that read some of these keys: {'; '.join(f'{n} ({FORMAT_KEYS[n]})' for n in near)}." \
+        if near else ""
+    others = ", ".join(name for name in FORMAT_KEYS if name not in near)
+    return (f"{where}: cannot tell the data format from the keys seen ({seen}).{close} "
+            f"{'Other formats' if near else 'Known formats'}: {others} (README, 'Data', lists their keys). "
             "Rename the keys, or pass --data-format to force one")
