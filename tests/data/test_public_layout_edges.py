@@ -627,3 +627,22 @@ def test_a_csv_from_a_dataframe_reads_its_tools_and_template_kwargs(tmp_path):
     pairs, _ = load_pairs(str(path))
     assert [p.template_kwargs for p in pairs] == [{"enable_thinking": False}, {"mode": "x"}]
     assert [p.tools for p in pairs] == [[tool], [tool]]
+
+
+def test_template_kwargs_that_no_template_renders_are_said(monkeypatch, caplog):
+    """Records fed as text (--raw-text-prompts, or no chat template) read their chat_template_kwargs as used and
+    rendered nothing with them, without a word."""
+    from preftune.data import encode
+
+    monkeypatch.setattr(encode, "_SAID", set())
+    tok = make_tokenizer()
+    fields = {"instruction": "the sky is", "chosen": "blue", "rejected": "red", "chat_template_kwargs": {"x": 1}}
+    with caplog.at_level(logging.WARNING):
+        tokenize_pair(tok, read_pair(fields, "alpaca", "w")[0], max_length=64, raw_text_prompts=True)
+    assert "w: chat_template_kwargs are not used: records written as text fields are fed as text" in caplog.text
+    tok.chat_template = None
+    turns = {"prompt": [{"role": "user", "content": "the sky is"}], "chosen": [{"role": "assistant", "content": "b"}],
+             "rejected": [{"role": "assistant", "content": "r"}], "chat_template_kwargs": {"x": 1}}
+    with caplog.at_level(logging.WARNING):
+        tokenize_pair(tok, read_pair(turns, "chat", "w")[0], max_length=64)
+    assert "w: chat_template_kwargs are not used: the tokenizer has no chat template" in caplog.text

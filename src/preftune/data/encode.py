@@ -34,7 +34,7 @@ def _messages(system: str | None, turns: Content) -> list[dict]:
 _SAID: set[str] = set()  # warnings of this module already given in this process
 
 
-def _say_once(key: str, message: str) -> None:
+def say_once(key: str, message: str) -> None:
     if key not in _SAID:
         _SAID.add(key)
         log.warning(message)
@@ -87,6 +87,9 @@ def _renderer(tokenizer, system: str | None, tools, turns: Messages, where: str,
             return _chat_template(tokenizer, head + list(part), generation_prompt=generation_prompt, where=where,
                                   tools=tools, template_kwargs=template_kwargs)
         return render
+    if template_kwargs:
+        say_once("transcript kwargs", f"{where}: chat_template_kwargs are not used: the tokenizer has no chat "
+                                      "template, so chat data is written as Human/Assistant transcripts")
     if _uses_tools(turns, tools):
         raise DataError(f"{where}: this record has tool calls or tool schemas, and the tokenizer has no chat "
                         "template to render them; use a model whose chat template supports tools")
@@ -95,7 +98,7 @@ def _renderer(tokenizer, system: str | None, tools, turns: Messages, where: str,
         raise DataError(f"{where}: a {odd!r} turn inside the conversation has no Human/Assistant transcript form, "
                         "and the tokenizer has no chat template; use a model whose chat template renders it, or "
                         "give the system prompt as the conversation's first turn")
-    _say_once("transcript", "the tokenizer has no chat template: chat data is written as Human/Assistant "
+    say_once("transcript", "the tokenizer has no chat template: chat data is written as Human/Assistant "
                             "transcripts")
     return lambda part, generation_prompt: hh_transcript(part, system) + (
         "\n\nAssistant:" if generation_prompt else "")
@@ -211,7 +214,7 @@ def _last_turn_head(prefix: str, full: str, begin: int, turn: dict | None) -> in
     for cut in range(1, len(alone)):
         tail = alone[cut:]
         if full.startswith(tail, begin) and answer in tail and tail.strip():
-            _say_once("last turn head", f"the chat template writes {alone[:cut]!r:.60} before an assistant turn only "
+            say_once("last turn head", f"the chat template writes {alone[:cut]!r:.60} before an assistant turn only "
                                         f"when it ends the conversation; earlier assistant turns are trained as "
                                         f"the whole conversation writes them, without it")
             return begin + len(tail)
@@ -233,7 +236,7 @@ def _answer_start(render, turns: Messages, prompt_text: str, full_text: str, whe
     if not assistant_next or not full_text.startswith(bare) or start < len(bare):
         raise DataError(f"{where}: the chat template renders the prompt differently inside the whole "
                         f"conversation, so the answer cannot be separated; check the template or the roles")
-    _say_once("generation prompt", f"the chat template's generation prompt ends with {prompt_text[start:]!r}, "
+    say_once("generation prompt", f"the chat template's generation prompt ends with {prompt_text[start:]!r}, "
                                    f"which a finished conversation does not keep; answers start where the two "
                                    f"part (as TRL cuts them)")
     return start

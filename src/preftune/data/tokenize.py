@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .encode import (encode_masked, encode_prompt, encode_prompt_answer, has_template, text_answer_ids,
+from .encode import (encode_masked, encode_prompt, encode_prompt_answer, has_template, say_once, text_answer_ids,
                      transcript)
 from ..errors import DataError
 from .records import PreferencePair, SFTExample, UnpairedExample
@@ -57,6 +57,9 @@ class TokenizedUnpaired:
 def text_form(pair: PreferencePair) -> PreferencePair:
     """A pair whose turns came from text fields (orca, alpaca), written back as text: one user turn is the
     prompt text itself (the system before it, as a text record has it); earlier turns make a transcript."""
+    if pair.template_kwargs:
+        say_once("text kwargs", f"{pair.where}: chat_template_kwargs are not used: records written as text fields "
+                                "are fed as text (--raw-text-prompts, or a tokenizer without a chat template)")
     chosen, rejected = pair.chosen[0]["content"], pair.rejected[0]["content"]
     if len(pair.prompt) == 1:
         return PreferencePair(pair.prompt[0]["content"], chosen, rejected, pair.system, pair.where)
@@ -147,7 +150,7 @@ def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_pro
     if example.text_fields and single_turn and (raw_text_prompts or not has_template(tokenizer)):
         # The pair's text form, with the output as both answers: one rule for preference and SFT records.
         as_pair = text_form(PreferencePair(example.prompt, example.completion, example.completion, example.system,
-                                           example.where))
+                                           example.where, template_kwargs=example.template_kwargs))
         example = SFTExample(as_pair.chosen, as_pair.prompt, as_pair.system, example.where)
     prompt, completion = example.prompt, example.completion
     if last_turn_only and isinstance(completion, list):
@@ -185,7 +188,8 @@ def encode_unpaired(tokenizer, ex: UnpairedExample, raw_text_prompts: bool = Fal
     require_trained(ex.completion, ex.where)
     prompt, completion, system = ex.prompt, ex.completion, ex.system
     if ex.text_fields and (raw_text_prompts or not has_template(tokenizer)):
-        pair = text_form(PreferencePair(prompt, completion, completion, system, ex.where))
+        pair = text_form(PreferencePair(prompt, completion, completion, system, ex.where,
+                                        template_kwargs=ex.template_kwargs))
         prompt, completion, system = pair.prompt, pair.chosen, pair.system
     prompt_ids, answer = encode_prompt_answer(tokenizer, prompt, completion, system, ex.where, ex.tools,
                                               ex.template_kwargs)
