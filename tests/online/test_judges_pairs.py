@@ -86,11 +86,11 @@ def test_prompts_file_and_list(tmp_path):
     path = tmp_path / "p.jsonl"
     rows = [{"prompt": "a"}, {"prompt": "b", "system": "s"}, {"prompt": "c", "chosen": "x", "rejected": "y"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    records, with_answers = read_prompts(path)
+    records, notes = read_prompts(path)
     assert [r["prompt"] for r in records] == ["a", "b", "c"]
     assert [r["system"] for r in records] == [None, "s", None]
-    assert [r["where"] for r in records] == [f"{path}:1", f"{path}:2", f"{path}:3"]
-    assert with_answers == 1
+    assert [r["where"] for r in records] == [f"{path} line {n}" for n in (1, 2, 3)]
+    assert notes == ["--prompts: 1 records hold answers (chosen/rejected); only their prompts are used"]
     assert read_prompts(["x", {"prompt": "y"}])[0][0] == {"prompt": "x", "system": None,
                                                           "where": "--prompts record 1"}
     with pytest.raises(DataError, match="record 2: unknown key"):
@@ -164,3 +164,25 @@ def test_answers_cut_off_at_max_new_tokens_are_judged_but_never_paired():
     assert (made.cut_answers, made.short_groups, made.empty_answers) == (2, 1, 0)
     assert made.score_mean == pytest.approx(18 / 5)  # every sample was judged
     assert best_vs_worst(prompts, answers, scores).pairs[0]["chosen"] == "a long answer cut"  # all ended: as before
+
+
+def test_prompts_of_any_preference_layout_and_source(tmp_path):
+    """Online prompts were read from JSONL or JSON records holding `prompt` only: a preference file in another
+    layout (UltraFeedback's, with its prompt_id and messages columns; implicit-prompt conversations) was refused,
+    and so were Parquet and CSV files."""
+    datasets = pytest.importorskip("datasets")
+    user = {"role": "user", "content": "the sky is"}
+    rows = [{"prompt": "the sky is", "prompt_id": "p1", "messages": [user, {"role": "assistant", "content": "blue"}],
+             "chosen": [user, {"role": "assistant", "content": "blue"}],
+             "rejected": [user, {"role": "assistant", "content": "red"}], "score_chosen": 9.0, "score_rejected": 2.0}]
+    path = tmp_path / "uf.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(path)
+    records, notes = read_prompts(str(path))
+    assert [(r["prompt"], r["system"]) for r in records] == [([user], None)]
+    assert notes == ["--prompts: 1 records hold answers (chosen/rejected); only their prompts are used",
+                     "--prompts: keys not used, ignored (records holding each): prompt_id (1), messages (1)"]
+    implicit = [{"chosen": [{"role": "system", "content": "be brief"}, user, {"role": "assistant", "content": "b"}],
+                 "rejected": [{"role": "system", "content": "be brief"}, user, {"role": "assistant", "content": "r"}]}]
+    assert read_prompts(implicit)[0][0]["system"] == "be brief"
+    with pytest.raises(DataError, match="record 1: the record has tool schemas"):
+        read_prompts([{**implicit[0], "tools": [{"name": "weather", "parameters": {}}]}])

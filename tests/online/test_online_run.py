@@ -159,7 +159,7 @@ def test_a_failing_judge_is_one_line_naming_the_prompt_and_leaves_nothing(tiny_m
            "--steps-per-round", "1", "--max-new-tokens", "4", "--batch-size", "2", "--pair-cut-answers"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (f"preftune: error: {prompts}:2: the judge returned 1 scores "
+    assert done.stderr.strip().splitlines()[-1] == (f"preftune: error: {prompts} line 2: the judge returned 1 scores "
                                                     f"for 3 answers")
     assert "Traceback" not in done.stderr
     assert not out.exists()  # the corrected rerun is not refused

@@ -257,16 +257,11 @@ def _prepare(out: Path, cfg: OnlineConfig) -> None:
 
 
 def _prompt_sets(cfg: OnlineConfig, prompts, eval_prompts) -> tuple[list[dict], list[dict], list[str]]:
-    notes = []
-    train, left_out = read_prompts(prompts if prompts is not None else cfg.prompts, "--prompts")
-    if left_out:
-        notes.append(f"--prompts: {left_out} records hold answers (chosen/rejected); only their prompts are used")
+    train, notes = read_prompts(prompts if prompts is not None else cfg.prompts, "--prompts")
     held: list[dict] = []
     if eval_prompts is not None or cfg.eval_prompts:
-        held, left_out = read_prompts(eval_prompts if eval_prompts is not None else cfg.eval_prompts,
-                                      "--eval-prompts")
-        if left_out:
-            notes.append(f"--eval-prompts: {left_out} records hold answers; only their prompts are used")
+        held, more = read_prompts(eval_prompts if eval_prompts is not None else cfg.eval_prompts, "--eval-prompts")
+        notes += more
     elif cfg.eval_split:
         train, held = split_prompts(train, cfg.eval_split, cfg.seed)
     return train, held, notes
