@@ -638,18 +638,23 @@ def test_a_model_on_the_meta_device_and_trl_s_peft_config_are_one_line_each(tiny
         preftune.train("dpo", model=tiny_model_dir, data=pairs, peft_config=object(), **SETTINGS)
 
 
+@pytest.mark.parametrize("how", ["raises", "cannot be imported"])
 def test_a_report_that_fails_after_the_model_is_written_keeps_the_run(tiny_model_dir, pairs_file, tmp_path,
-                                                                       monkeypatch, caplog):
-    """A failure drawing the plots or writing the card (after the final model is saved) removed the whole run
-    folder, trained model included, as a failure in step 1 does."""
+                                                                       monkeypatch, caplog, how):
+    """A failure drawing the plots or writing the card (after the final model is saved), or matplotlib that
+    cannot be loaded, removed the whole run folder, trained model included, as a failure in step 1 does."""
     import logging
+    import sys
 
     from preftune.report import card, plots
 
     def broken(*args, **kwargs):
         raise RuntimeError("no backend")
 
-    monkeypatch.setattr(plots, "write_plots", broken)
+    if how == "raises":
+        monkeypatch.setattr(plots, "write_plots", broken)
+    else:
+        monkeypatch.setitem(sys.modules, "preftune.report.plots", None)  # as a broken matplotlib makes it
     monkeypatch.setattr(card, "write_model_card", broken)
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING):

@@ -153,3 +153,14 @@ def test_a_config_built_in_python_reads_its_values_as_yaml_does():
                             ({"beta": None}, "beta must not be empty")]:
         with pytest.raises(ConfigError, match=message):
             TrainConfig(stage="dpo", model="m", data="d", **values)
+
+
+def test_comma_separated_fields_take_a_list_too(tmp_path):
+    """`lora_targets: [q_proj, v_proj]` in YAML was refused as not a string."""
+    path = tmp_path / "run.yaml"
+    path.write_text("stage: dpo\nmodel: m\ndata: d\nlora_r: 4\nlora_targets: [q_proj, v_proj]\n"
+                    "loss: ['sigmoid:0.8', 'bco_pair:0.2']\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert (cfg.lora_targets, cfg.loss) == ("q_proj,v_proj", "sigmoid:0.8,bco_pair:0.2")
+    with pytest.raises(ConfigError, match="lora_targets must be str"):
+        TrainConfig(stage="dpo", model="m", data="d", lora_targets=["q_proj", 3])

@@ -166,7 +166,8 @@ class TrainConfig:
     lora_r: int = _f(0, "LoRA rank; 0 trains all weights.")
     lora_alpha: float = _f(16.0, "LoRA alpha.")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
-    lora_targets: str = _f("all-linear", "Comma-separated module names for LoRA, or all-linear.")
+    lora_targets: str = _f("all-linear", "Comma-separated module names for LoRA (in a config, a list too), or "
+                                         "all-linear.")
     merge: bool = _f(False, "With LoRA (--lora-r, or a model that brings its adapters), also save a merged full "
                                  "model.")
     load_in_4bit: bool = _f(False, "Load the base model in 4 bits (QLoRA; CUDA only).")
@@ -359,6 +360,10 @@ def flag_help(f: dataclasses.Field, stage: str) -> str:
     return f"{text} (default: {default})"
 
 
+# Text fields that hold a comma-separated list: a list of strings is taken too.
+COMMA_LISTS = ("lora_targets", "report_to", "loss")
+
+
 def field_type(f: dataclasses.Field) -> type:
     """The plain Python type of a config field (`int | None` -> int)."""
     text = str(f.type).replace(" ", "")
@@ -395,4 +400,7 @@ def coerce_field(f: dataclasses.Field, value: Any, where: str) -> Any:
             pass
     if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
+    if typ is str and f.name in COMMA_LISTS and isinstance(value, (list, tuple)) and \
+            all(isinstance(v, str) for v in value):
+        return ",".join(value)  # a YAML or Python list of what the flag takes comma-separated
     raise ConfigError(f"{where}: {f.name} must be {typ.__name__}, got {value!r}")

@@ -215,3 +215,17 @@ def test_show_kto_records_as_training_encodes_them(jsonl_file, tiny_model_dir, c
     assert code == 0 and "be brief\n\nthe sky is\n" in out and "<|user|>" not in out
     code, out, _ = _run(capsys, "show", path, "--model", str(tiny_model_dir))
     assert "<|system|>be brief<eos><|user|>the sky is<eos><|assistant|>" in out
+
+
+def test_show_says_what_a_record_gives_besides_its_turns_and_refuses_a_file_of_nothing(jsonl_file, capsys):
+    """Without a model, `data show` printed a turn marked weight 0 like any other and left chat_template_kwargs
+    out; an SFT or KTO file none of whose records could be read showed "0 of 0" and exited 0."""
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "wrong .", "weight": 0},
+             {"role": "user", "content": "again"}, {"role": "assistant", "content": "right ."}]
+    code, out, _ = _run(capsys, "show", jsonl_file([{"messages": turns,
+                                                     "chat_template_kwargs": {"enable_thinking": False}}]))
+    assert code == 0 and "[assistant, not trained] wrong .\n[user] again\n[assistant] right ." in out
+    assert "--- chat_template_kwargs\n{\"enable_thinking\": false}" in out
+    for rows in ([{"messages": turns[:2]}], [{"prompt": "q", "completion": [turns[3], turns[2]], "label": True}]):
+        code, _, err = _run(capsys, "show", jsonl_file(rows))
+        assert code == 2 and "none of the 1 records can be used; the first problem" in err

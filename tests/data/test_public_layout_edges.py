@@ -646,3 +646,17 @@ def test_template_kwargs_that_no_template_renders_are_said(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         tokenize_pair(tok, read_pair(turns, "chat", "w")[0], max_length=64)
     assert "w: chat_template_kwargs are not used: the tokenizer has no chat template" in caplog.text
+
+
+def test_near_miss_layouts_are_named_for_what_they_miss(jsonl_file):
+    """A `rejected` answer beside `messages` was called SFT data; an unknown KTO layout listed the preference
+    formats only; a system column beside OpenAI preference records' `input` was left unused."""
+    user, answer = {"role": "user", "content": "q"}, {"role": "assistant", "content": "paris ."}
+    with pytest.raises(DataError, match="a 'rejected' answer without a 'chosen' one .*'rejected_response'"):
+        load_pairs(jsonl_file([{"messages": [user, answer], "rejected": "rome ."}]))
+    with pytest.raises(DataError, match=r"read some of these keys: unpaired \(prompt, completion, label"):
+        load_unpaired(jsonl_file([{"query": "q", "response": "a", "label": True}]))
+    record = {"system": "Be brief.", "input": {"messages": [user]}, "preferred_output": [answer],
+              "non_preferred_output": [{"role": "assistant", "content": "rome ."}]}
+    pair, _, unused = read_pair(record, "openai_preference", "w")
+    assert (pair.system, unused) == ("Be brief.", [])

@@ -240,8 +240,11 @@ def test_turns_their_data_marks_weight_0_are_context_not_trained(tok):
         assert unused == [] and out.answer_ids == plain.answer_ids and out.answer_mask == expected
     with pytest.raises(DataError, match=r"has weight 0\.5; a turn is trained \(1, true\) or not"):
         read_sft({"messages": [U("the sky is"), skip("weight", 0.5)]}, "w")
+    with pytest.raises(DataError, match="every assistant turn is marked not to be trained"):  # read: so data check
+        read_sft({"messages": [U("the sky is"), skip("weight", 0)]}, "w")  # and --skip-bad-records take it
+    two = read_sft({"messages": [U("the sky is"), A("blue ."), U("and grass"), skip("weight", 0)]}, "w")[0]
     with pytest.raises(DataError, match="every assistant turn it would train is marked not to be"):
-        tokenize_example(tok, read_sft({"messages": [U("the sky is"), skip("weight", 0)]}, "w")[0], max_length=64)
+        tokenize_example(tok, two, max_length=64, last_turn_only=True)  # the last turn alone: when tokenised
     marked = {"prompt": [U("the sky is")], "chosen": [skip("weight", 0)], "rejected": [A("red .")]}
     with pytest.raises(DataError, match="marked not to be trained .* only SFT reads"):  # read, so data check says it
         preftune.load_pairs([marked])

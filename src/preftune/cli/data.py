@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
 from ..data.check import check_pairs, render_report
 from ..data.detect import FORMAT_NAMES
-from ..data.load import SFTData, UnpairedData, load_pairs, read_sft_source, read_unpaired_source
+from ..data.load import (SFTData, UnpairedData, load_pairs, read_sft_source, read_unpaired_source,
+                         require_some)
+from ..data.rows import NOT_TRAINED
 from ..data.unpaired import UNPAIRED_FORMATS
 from ..errors import ConfigError, ModelError
 
@@ -36,7 +39,7 @@ def register(subparsers: Any) -> None:
     show = commands.add_parser("show", help="Print a few pairs (or unpaired or SFT examples) as the model will see "
                                             "them, with token counts.")
     _add_source_args(show)
-    show.add_argument("-n", type=int, default=3, help="How many pairs (default: %(default)s).")
+    show.add_argument("-n", type=int, default=3, help="How many records (default: %(default)s).")
     show.add_argument("--model", help="Model or tokenizer folder whose chat template to apply (adds token counts).")
     _add_length_args(show)
     show.set_defaults(func=run_show)
@@ -104,6 +107,7 @@ def run_show(args: argparse.Namespace) -> int:
         pairs, report = load_pairs(args.file, data_format=args.data_format, split=args.split, skip_bad_records=True)
     except SFTData:
         examples, report = read_sft_source(args.file, split=args.split, skip_bad_records=True)
+        require_some(examples, report)
         _show_header(args, report, "examples", len(examples), tokenizer)
         print("(SFT data: one answer a record; it is data for `preftune sft`, not for DPO)")
         for example in examples[:args.n]:
@@ -112,6 +116,7 @@ def run_show(args: argparse.Namespace) -> int:
     except UnpairedData:
         examples, report = read_unpaired_source(args.file, data_format=args.data_format, split=args.split,
                                                 skip_bad_records=True)
+        require_some(examples, report)
         _show_header(args, report, "records", len(examples), tokenizer)
         print("(unpaired feedback: each record rates one answer; it is data for KTO, not for DPO)")
         for example in examples[:args.n]:
@@ -139,8 +144,7 @@ def _show_pair(pair, tokenizer, args: argparse.Namespace) -> None:
 
     print(f"\n=== {pair.where}")
     if tokenizer is None:
-        if pair.system:
-            print(f"--- system\n{pair.system}")
+        _show_head(pair)
         for name in ("prompt", "chosen", "rejected"):
             print(f"--- {name}\n{_as_text(getattr(pair, name))}")
         return
@@ -164,8 +168,7 @@ def _show_unpaired(example, tokenizer, args: argparse.Namespace) -> None:
     rating = "desirable" if example.label else "undesirable"
     print(f"\n=== {example.where}")
     if tokenizer is None:
-        if example.system:
-            print(f"--- system\n{example.system}")
+        _show_head(example)
         print(f"--- prompt\n{_as_text(example.prompt)}")
         print(f"--- completion ({rating})\n{_as_text(example.completion)}")
         return
@@ -187,8 +190,7 @@ def _show_sft(example, tokenizer, args: argparse.Namespace) -> None:
 
     print(f"\n=== {example.where}")
     if tokenizer is None:
-        if example.system:
-            print(f"--- system\n{example.system}")
+        _show_head(example)
         if example.prompt:
             print(f"--- prompt\n{_as_text(example.prompt)}")
         print(f"--- completion\n{_as_text(example.completion)}")
@@ -213,10 +215,22 @@ def _show_sft(example, tokenizer, args: argparse.Namespace) -> None:
                   for text, trained in ((tokenizer.decode(ids, skip_special_tokens=False), m) for ids, m in runs)))
 
 
+def _show_head(record) -> None:
+    """What a record gives the template besides its turns: the system prompt, tool schemas, template arguments."""
+    if record.system:
+        print(f"--- system\n{record.system}")
+    if record.tools:
+        print(f"--- tools\n{json.dumps(record.tools)}")
+    if record.template_kwargs:
+        print(f"--- chat_template_kwargs\n{json.dumps(record.template_kwargs)}")
+
+
 def _as_text(content) -> str:
+    """Content as read: text, or one line a turn, its role in front (and a turn marked not to train said so)."""
     if isinstance(content, str):
         return content
-    return "\n".join(f"[{turn['role']}] {turn['content']}" for turn in content)
+    return "\n".join(f"[{turn['role']}{', not trained' if turn.get(NOT_TRAINED) else ''}] {turn['content']}"
+                     for turn in content)
 
 
 def local_tokenizer(path: str) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import PreftuneError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the report subcommands to the CLI's subparsers; each sets `func(namespace) -> exit code`."""
@@ -16,7 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from ..report.plots import write_plots  # matplotlib loads in ~0.5 s; only this command should pay for it
+    try:  # matplotlib loads in ~0.5 s; only this command should pay for it
+        from ..report.plots import write_plots
+    except Exception as exc:  # noqa: BLE001 - not installed, or a broken backend setting (MPLBACKEND)
+        raise PreftuneError(f"plot: matplotlib cannot be loaded ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); check its installation and "
+                            "MPLBACKEND") from None
 
     for path in write_plots(args.run_dir):  # a missing or empty metrics file raises PreftuneError
         print(path)

@@ -119,6 +119,7 @@ def _openai_preference(row: Row) -> Converted:
     given = Row(value, row.where, row.fmt, row.expects)
     pair = _message_pair(given, _answer(row, "preferred_output"), _answer(row, "non_preferred_output"),
                          given.messages("messages"))
+    pair.system = row.system_beside(pair.system)  # a system column beside `input`, as beside other layouts
     row.unread_parts.update(f"input.{key}" for key in given.unused())
     return pair, None
 

@@ -127,15 +127,21 @@ def _named_keys(reads: str) -> set[str]:
     return set(re.findall(r"\w+", reads)) - {"optional", "or", "with", "and"}
 
 
-def unknown_format_message(value: Any, where: str) -> str:
-    """The record's keys, the formats that read some of them (with what each reads), and the other formats'
+def unknown_format_message(value: Any, where: str, formats: dict[str, str] = FORMAT_KEYS) -> str:
+    """The record's keys, the `formats` that read some of them (with what each reads), and the other formats'
     names: the whole list with every format's keys would be a line of some 2,000 characters."""
     seen = ", ".join(map(str, value)) if isinstance(value, dict) else type_name(value)
     keys = {str(k) for k in value} if isinstance(value, dict) else set()
-    near = [name for name, reads in FORMAT_KEYS.items() if keys & _named_keys(reads)]
-    close = f" Formats that read some of these keys: {'; '.join(f'{n} ({FORMAT_KEYS[n]})' for n in near)}." \
+    one_sided = [k for k, other in (("rejected", "chosen"), ("chosen", "rejected")) if k in keys and other not in keys]
+    if one_sided and formats is FORMAT_KEYS:
+        given, missing = one_sided[0], {"rejected": "chosen", "chosen": "rejected"}[one_sided[0]]
+        return (f"{where}: a {given!r} answer without a {missing!r} one (keys seen: {seen}); name the two answers "
+                "'chosen' and 'rejected' (ms-swift's form: 'messages' ending with the chosen answer, and the other "
+                "answer as 'rejected_response')")
+    near = [name for name, reads in formats.items() if keys & _named_keys(reads)]
+    close = f" Formats that read some of these keys: {'; '.join(f'{n} ({formats[n]})' for n in near)}." \
         if near else ""
-    others = ", ".join(name for name in FORMAT_KEYS if name not in near)
+    others = ", ".join(name for name in formats if name not in near)
     return (f"{where}: cannot tell the data format from the keys seen ({seen}).{close} "
             f"{'Other formats' if near else 'Known formats'}: {others} (README, 'Data', lists their keys). "
             "Rename the keys, or pass --data-format to force one")

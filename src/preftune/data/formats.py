@@ -15,7 +15,7 @@ from .conversations import MESSAGE_LAYOUTS, Converted, split_system
 from .detect import FORMAT_KEYS, FORMAT_NAMES, detect
 from .fields import FIELD_LAYOUTS
 from .records import Messages, PreferencePair, SFTExample
-from .rows import Row, require_trained
+from .rows import NOT_TRAINED, Row, require_trained
 from .turns import QUESTIONS, history_turns, question_turn, sharegpt_messages, system_field
 
 SFT_KEYS = ("messages (message list), prompt + completion (strings or message lists), conversations, a "
@@ -146,6 +146,9 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
         raise DataError(f"{where}: cannot read an SFT example from the keys seen ({seen}); expected {SFT_KEYS}")
     if isinstance(example.completion, list):
         example.tools, example.template_kwargs = row.tools(), row.template_kwargs()
+        if all(turn.get(NOT_TRAINED) for turn in example.completion if turn["role"] == "assistant"):
+            raise row.error("every assistant turn is marked not to be trained (weight 0 or loss false), so there "
+                            "is nothing to train on; fix the marks, or leave the record out")
     return example, row.unused()
 
 

@@ -6,7 +6,7 @@ import random
 from typing import Any, Callable, TypeVar
 
 from ..errors import DataError
-from .detect import FORMAT_NAMES, detect, unknown_format_message
+from .detect import FORMAT_KEYS, FORMAT_NAMES, detect, unknown_format_message
 from .formats import SCORED_FORMATS, read_pair, read_sft, sft_fields
 from .records import LoadReport, PreferencePair, SFTExample, UnpairedExample
 from .rows import require_mapping
@@ -40,7 +40,7 @@ def load_pairs(source: str, *, data_format: str | None = None, split: str = "tra
     """
     pairs, report = read_pairs(source, data_format=data_format, split=split, skip_bad_records=skip_bad_records,
                                min_score_gap=min_score_gap)
-    _require_some(pairs, report)
+    require_some(pairs, report)
     return pairs, report
 
 
@@ -67,7 +67,7 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
                     raise UnpairedData(f"{where}: this is unpaired feedback ({UNPAIRED_KEYS[unpaired]}): each "
                                        "record rates one answer, so there are no chosen/rejected pairs for DPO; "
                                        "it is data for KTO: run `preftune kto`")
-                if _looks_like_sft(value):
+                if _looks_like_sft(value) and not {"chosen", "rejected"} & set(value):
                     raise SFTData(f"{where}: this is SFT data (one answer a record, keys "
                                       f"{', '.join(map(str, value))}), with no chosen/rejected pair to prefer; "
                                       f"train it with `preftune sft`, or give preference pairs")
@@ -90,7 +90,7 @@ def load_sft(source: str, *, split: str = "train",
              skip_bad_records: bool | None = False) -> tuple[list[SFTExample], LoadReport]:
     """SFT examples from `source` (each record one of the layouts of `formats.SFT_KEYS`), in file order."""
     examples, report = read_sft_source(source, split=split, skip_bad_records=skip_bad_records)
-    _require_some(examples, report)
+    require_some(examples, report)
     return examples, report
 
 
@@ -145,7 +145,7 @@ def load_unpaired(source: str, *, data_format: str | None = None, split: str = "
                                     p.text_fields, p.template_kwargs)
                     for name, label in (("chosen", True), ("rejected", False))
                     for p in pairs for answer in (getattr(p, name),)]
-    _require_some(examples, report)
+    require_some(examples, report)
     return examples, report
 
 
@@ -166,7 +166,7 @@ def read_unpaired_source(source: str, *, data_format: str | None = None, split: 
                 if paired:
                     raise PairedData(f"{where}: this is a preference pair (format {paired!r}), and KTO trains on "
                                      f"unpaired feedback; {PAIRED_AS_UNPAIRED_HINT}")
-                raise SourceError(unknown_format_message(value, where))
+                raise SourceError(unknown_format_message(value, where, {**UNPAIRED_KEYS, **FORMAT_KEYS}))
         example, unused = read_unpaired(value, report.format, where)
         report.unused_keys.update(unused)
         return example
@@ -208,7 +208,7 @@ def _collect(source: str, split: str, skip_bad_records: bool | None, report: Loa
     return out
 
 
-def _require_some(items: list, report: LoadReport) -> None:
+def require_some(items: list, report: LoadReport) -> None:
     if not items:
         raise DataError(f"{report.source}: none of the {report.records} records can be used; the first "
                         f"problem: {report.skipped[0]}")

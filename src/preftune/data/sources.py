@@ -247,10 +247,15 @@ def _csv_records(path: Path, text: str, delimiter: str = ",") -> list[dict]:
             if value is not None:
                 record[key] = value
                 listed.add(str(key))
-    if listed:
-        log.warning(f"{path}: the cells of {', '.join(sorted(listed))} hold lists written as text (as "
-                    "pandas' to_csv writes them); they are read as the lists")
+    note = f"{path}: the cells of {', '.join(sorted(listed))} hold lists written as text (as pandas' to_csv " \
+           "writes them); they are read as the lists"
+    if listed and note not in _SAID:  # once, though `data check` may read a file twice (as pairs, then as SFT)
+        _SAID.add(note)
+        log.warning(note)
     return records
+
+
+_SAID: set[str] = set()
 
 
 _MESSAGE_KEYS = ({"role", "content"}, {"from", "value"})

@@ -282,15 +282,16 @@ def finish(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str, *,
 
 
 def _write_final(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str, state_dict) -> None:
-    from ..report.card import write_model_card
-    from ..report.plots import write_plots
-
     save_model(setup.policy, setup.tokenizer, out_dir, state_dict=state_dict)
-    # The model is written: a report that fails now (a plotting library's error, a full disk) is said, and the
+    # The model is written: a report that fails now (matplotlib that cannot load, a full disk) is said, and the
     # run finishes with its model instead of being removed for it.
     with _said_if_failed(f"plots: not written; `preftune plot {out_dir}` draws them from metrics.jsonl"):
+        from ..report.plots import write_plots
+
         write_plots(out_dir)
     with _said_if_failed(f"model card: {out_dir / 'README.md'} not written"):
+        from ..report.card import write_model_card
+
         data_stats = json.loads((out_dir / DATA_STATS).read_text())  # written by write_start
         write_model_card(out_dir, resolved(cfg), final, command, data_stats=data_stats,
                          adapters=is_peft_model(setup.policy))
