@@ -195,6 +195,7 @@ def test_malformed_records_name_the_record_key_and_format(fmt, record, words):
 @pytest.mark.parametrize("record, expected", [
     ({"text": "all of it"}, SFTExample("all of it")),
     ({"prompt": "q", "completion": "a"}, SFTExample("a", "q")),
+    ({"prompt": "q", "response": "a"}, SFTExample("a", "q")),  # the answer under another name: as a completion
     ({"prompt": [S("sys"), U("q")], "completion": [A("a")]}, SFTExample([A("a")], [U("q")], "sys")),
     ({"messages": [S("sys"), U("q"), A("a"), U("q2"), A("a2")]},
      SFTExample([A("a"), U("q2"), A("a2")], [U("q")], "sys")),

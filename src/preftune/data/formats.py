@@ -18,9 +18,9 @@ from .records import Messages, PreferencePair, SFTExample
 from .rows import NOT_TRAINED, Row, require_trained
 from .turns import QUESTIONS, history_turns, question_turn, sharegpt_messages, system_field
 
-SFT_KEYS = ("messages (message list), prompt + completion (strings or message lists), conversations, a "
-            "question and its answer as text fields (instruction, question or query; output, response or answer; "
-            "optional input or context, system or system_prompt, history), or text")
+SFT_KEYS = ("messages (message list), prompt + completion (or response; strings or message lists), "
+            "conversations, a question and its answer as text fields (instruction, question or query; output, "
+            "response or answer; optional input or context, system or system_prompt, history), or text")
 # The answer of an SFT record written as text fields (the question's names are turns.QUESTIONS): Alpaca's
 # output, Dolly's and OpenOrca's response, GSM8K's answer, or a completion beside a question.
 SFT_ANSWERS = ("output", "response", "answer", "completion")
@@ -110,16 +110,17 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
         else:
             system, turns = split_system(sharegpt_messages(row, "conversations"))
         example = _sft_from_messages(row, turns, row.system_beside(system))
-    elif row.holds("completion") and (row.holds("prompt") or not sft_fields(row.value)):
-        if isinstance(row.get("completion"), list):
+    elif answer := _completion_key(row):
+        # TRL's prompt/completion (the answer under another name too: prompt/response), text or turns
+        if isinstance(row.get(answer), list):
             system, prompt = split_system(row.messages("prompt") if row.has("prompt") else [])
-            example = SFTExample(row.messages("completion"), prompt or None, row.system_beside(system), where)
+            example = SFTExample(row.messages(answer), prompt or None, row.system_beside(system), where)
             row.require_open_prompt(prompt, example.completion)
         else:
             prompt = row.optional_text("prompt")  # a system prompt goes before a prompt, as in a text pair
-            if not row.text("completion").strip():
-                raise row.error("the completion is empty; training on it teaches the model to stop at once")
-            example = SFTExample(row.text("completion"), prompt, row.optional_text("system") if prompt else None,
+            if not row.text(answer).strip():
+                raise row.error(f"the {answer} is empty; training on it teaches the model to stop at once")
+            example = SFTExample(row.text(answer), prompt, row.optional_text("system") if prompt else None,
                                  where)
     elif fields := sft_fields(row.value):
         # Alpaca and its kin (LLaMA-Factory's rule, as for preference records): history, then question + input
@@ -150,6 +151,14 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
             raise row.error("every assistant turn is marked not to be trained (weight 0 or loss false), so there "
                             "is nothing to train on; fix the marks, or leave the record out")
     return example, row.unused()
+
+
+def _completion_key(row: Row) -> str | None:
+    """The answer's key of a prompt/completion record: `completion` (beside a prompt, or alone without a question
+    field, which `sft_fields` reads), or another answer name beside `prompt`."""
+    if row.holds("completion") and (row.holds("prompt") or not sft_fields(row.value)):
+        return "completion"
+    return next((k for k in SFT_ANSWERS if row.holds(k)), None) if row.holds("prompt") else None
 
 
 def _sft_from_messages(row: Row, turns: Messages, system: str | None) -> SFTExample:

@@ -7,7 +7,7 @@ from typing import Any, Callable, TypeVar
 
 from ..errors import DataError
 from .detect import FORMAT_KEYS, FORMAT_NAMES, detect, unknown_format_message
-from .formats import SCORED_FORMATS, read_pair, read_sft, sft_fields
+from .formats import SCORED_FORMATS, SFT_ANSWERS, read_pair, read_sft, sft_fields
 from .records import LoadReport, PreferencePair, SFTExample, UnpairedExample
 from .rows import require_mapping
 from .sources import read_rows
@@ -176,7 +176,8 @@ def read_unpaired_source(source: str, *, data_format: str | None = None, split: 
 
 def _looks_like_sft(value: dict) -> bool:
     """A record with an SFT layout's keys and no answer pair (`read_sft` would take it)."""
-    return bool({"messages", "conversations", "completion", "text"} & set(value) or sft_fields(value))
+    return bool({"messages", "conversations", "completion", "text"} & set(value) or sft_fields(value)
+                or "prompt" in value and set(SFT_ANSWERS) & set(value))
 
 
 def _collect(source: str, split: str, skip_bad_records: bool | None, report: LoadReport,
