@@ -426,7 +426,7 @@ def _offline(on: bool):
     import datasets
     from huggingface_hub import constants
 
-    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    saved = constants.HF_HUB_OFFLINE, getattr(datasets.config, "HF_HUB_OFFLINE", False)
     constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
     try:
         yield
