@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -146,8 +149,8 @@ def test_a_warmup_as_long_as_the_run_is_said(caplog):
 def test_a_config_built_in_python_reads_its_values_as_yaml_does():
     """Built directly, a TrainConfig took any value: `batch_size="2"` stayed a string (and failed later in a raw
     comparison), `batch_size=True` ran with a batch of 1, `max_steps=2.5` ran as given."""
-    cfg = TrainConfig(stage="dpo", model="m", data="d", batch_size="2", lr=1)
-    assert (cfg.batch_size, cfg.lr) == (2, 1.0) and isinstance(cfg.lr, float)
+    cfg = TrainConfig(stage="dpo", model=Path("runs") / "sft", data="d", batch_size="2", lr=1)
+    assert (cfg.model, cfg.batch_size, cfg.lr) == (os.path.join("runs", "sft"), 2, 1.0) and isinstance(cfg.lr, float)
     for values, message in [({"batch_size": True}, "batch_size must be int, got True"),
                             ({"max_steps": 2.5}, "max_steps must be int, got 2.5"),
                             ({"beta": None}, "beta must not be empty")]:

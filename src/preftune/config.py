@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -398,6 +399,8 @@ def coerce_field(f: dataclasses.Field, value: Any, where: str) -> Any:
             return int(value.strip(), 10)
         except ValueError:
             pass
+    if typ is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
     if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     if typ is str and f.name in COMMA_LISTS and isinstance(value, (list, tuple)) and \

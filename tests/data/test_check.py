@@ -229,3 +229,14 @@ def test_show_says_what_a_record_gives_besides_its_turns_and_refuses_a_file_of_n
     for rows in ([{"messages": turns[:2]}], [{"prompt": "q", "completion": [turns[3], turns[2]], "label": True}]):
         code, _, err = _run(capsys, "show", jsonl_file(rows))
         assert code == 2 and "none of the 1 records can be used; the first problem" in err
+
+
+def test_show_sft_says_which_part_was_cut(jsonl_file, tiny_model_dir, capsys):
+    """A prompt cut by --max-prompt-length was reported as a completion cut to fit --max-length."""
+    path = jsonl_file([{"prompt": "the capital of france is " * 4, "completion": " paris ." * 5}])
+    code, out, _ = _run(capsys, "show", path, "--model", str(tiny_model_dir), "--max-prompt-length", "4")
+    assert code == 0 and "--- prompt: 4 tokens (truncated to fit --max-prompt-length)" in out
+    assert "(truncated to fit --max-length)" not in out
+    code, out, _ = _run(capsys, "show", path, "--model", str(tiny_model_dir), "--max-length", "40")
+    assert "--- prompt: 37 tokens\n" in out
+    assert "--- completion: 3 tokens, 3 trained (truncated to fit --max-length)" in out

@@ -424,25 +424,30 @@ def test_a_message_tree_export_is_not_trained_as_sft_text():
     assert read_sft({"text": "a whole document", "source": "web"}, "w")[0].completion == "a whole document"
 
 
-@pytest.mark.parametrize("record, prompt, system, unused", [
+@pytest.mark.parametrize("record, prompt, answer, system, unused", [
     # Dolly: the context goes after the instruction, as alpaca's input does
     ({"instruction": "Summarize.", "context": "A long text.", "response": "Short.", "category": "summarization"},
-     "Summarize.\nA long text.", None, ["category"]),
+     "Summarize.\nA long text.", "Short.", None, ["category"]),
     # OpenOrca: system_prompt, question, response
     ({"id": "flan.1", "system_prompt": "Be brief.", "question": "Why is the sky blue?", "response": "Scattering."},
-     "Why is the sky blue?", "Be brief.", ["id"]),
+     "Why is the sky blue?", "Scattering.", "Be brief.", ["id"]),
     # ms-swift's query/response (and MetaMath's, with its extra columns)
     ({"query": "2+2?", "response": "4", "type": "GSM_Rephrased", "original_question": "two and two"},
-     "2+2?", None, ["original_question", "type"]),
+     "2+2?", "4", None, ["original_question", "type"]),
     ({"question": "Tom has 2 apples and gets 2 more. How many?", "answer": "4\n#### 4"},  # GSM8K
-     "Tom has 2 apples and gets 2 more. How many?", None, []),
-    ({"input": "Translate: chat", "output": "cat"}, "Translate: chat", None, []),
+     "Tom has 2 apples and gets 2 more. How many?", "4\n#### 4", None, []),
+    ({"input": "Translate: chat", "output": "cat"}, "Translate: chat", "cat", None, []),
+    # blank CSV cells beside the filled columns do not win the choice between names
+    ({"system": "", "system_prompt": "Be brief.", "instruction": "", "question": "Why?", "output": "",
+      "response": "Scattering."}, "Why?", "Scattering.", "Be brief.", []),
+    # a pre-rendered prompt beside the alpaca fields stays unused, as before the other names were read
+    ({"instruction": "q", "input": "i", "output": "a", "prompt": "### Instruction: q"}, "q\ni", "a", None,
+     ["prompt"]),
 ])
-def test_sft_question_and_answer_fields_of_other_projects(record, prompt, system, unused):
+def test_sft_question_and_answer_fields_of_other_projects(record, prompt, answer, system, unused):
     """SFT sets written as a question and its answer under other projects' names were refused: they read as the
     alpaca conversation they write, each column used or reported."""
     example, left = read_sft(record, "w")
-    answer = next(record[k] for k in ("output", "response", "answer") if k in record)
     assert (example.prompt, example.completion) == ([{"role": "user", "content": prompt}],
                                                     [{"role": "assistant", "content": answer}])
     assert (example.system, sorted(left), example.text_fields) == (system, unused, True)
@@ -520,6 +525,7 @@ def test_a_records_chat_template_kwargs_reach_the_template():
     """TRL passes a record's `chat_template_kwargs` to the chat template (Qwen3's `enable_thinking`); they were
     reported unused, and the think block trained as answer. Expected ids: the template rendered directly."""
     from preftune.data.memory import as_source
+    from preftune.data.tokenize import encode_unpaired, prompt_ids_of
 
     tok = make_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -542,7 +548,8 @@ def test_a_records_chat_template_kwargs_reach_the_template():
         sft = tokenize_example(tok, read_sft({"messages": [user, good], **given}, "w")[0], max_length=256)
         assert sft.prompt_ids == prompt
         [kto], _ = load_unpaired(as_source([{"prompt": [user], "completion": [good], "label": True, **given}]))
-        assert kto.template_kwargs == ({"enable_thinking": False} if off else None)
+        assert encode_unpaired(tok, kto) == (prompt, direct([user, good])[len(prompt):])
+        assert prompt_ids_of(tok, pair) == prompt  # what generation and online rounds are given
     as_csv_cell, _, _ = read_pair({"prompt": [user], "chosen": [good], "rejected": [bad],
                                    "chat_template_kwargs": '{"enable_thinking": false}'}, "chat", "w")
     assert as_csv_cell.template_kwargs == {"enable_thinking": False}
@@ -656,6 +663,8 @@ def test_near_miss_layouts_are_named_for_what_they_miss(jsonl_file):
         load_pairs(jsonl_file([{"messages": [user, answer], "rejected": "rome ."}]))
     with pytest.raises(DataError, match=r"read some of these keys: unpaired \(prompt, completion, label"):
         load_unpaired(jsonl_file([{"query": "q", "response": "a", "label": True}]))
+    with pytest.raises(DataError, match="this is SFT data .* no rating of its answer; KTO needs"):
+        load_unpaired(jsonl_file([{"query": "q", "response": "a"}]))
     record = {"system": "Be brief.", "input": {"messages": [user]}, "preferred_output": [answer],
               "non_preferred_output": [{"role": "assistant", "content": "rome ."}]}
     pair, _, unused = read_pair(record, "openai_preference", "w")

@@ -92,7 +92,7 @@ def test_prompts_file_and_list(tmp_path):
     assert [r["where"] for r in records] == [f"{path} line {n}" for n in (1, 2, 3)]
     assert notes == ["--prompts: 1 records hold answers (chosen/rejected); only their prompts are used"]
     assert read_prompts(["x", {"prompt": "y"}])[0][0] == {"prompt": "x", "system": None,
-                                                          "where": "--prompts record 1"}
+                                                          "where": "--prompts record 1", "template_kwargs": None}
     with pytest.raises(DataError, match="record 2: unknown key"):
         read_prompts(["x", {"prompt": "y", "label": 1}])
     chat = [{"role": "user", "content": "hi"}]
@@ -186,3 +186,8 @@ def test_prompts_of_any_preference_layout_and_source(tmp_path):
     assert read_prompts(implicit)[0][0]["system"] == "be brief"
     with pytest.raises(DataError, match="record 1: the record has tool schemas"):
         read_prompts([{**implicit[0], "tools": [{"name": "weather", "parameters": {}}]}])
+    kwargs = {"enable_thinking": False}
+    for record in ({"prompt": [user], "chat_template_kwargs": kwargs}, {**implicit[0], "chat_template_kwargs": kwargs}):
+        assert read_prompts([record])[0][0]["template_kwargs"] == kwargs  # rendered with them, as training does
+    with pytest.raises(DataError, match="--eval-prompts: no prompts"):
+        read_prompts([], "--eval-prompts")

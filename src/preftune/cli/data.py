@@ -200,11 +200,15 @@ def _show_sft(example, tokenizer, args: argparse.Namespace) -> None:
     if tokens is None:
         print(f"(dropped: the prompt alone does not fit in --max-length {args.max_length})")
         return
-    print(f"--- prompt: {len(tokens.prompt_ids)} tokens")
+    whole = tokenize_example(tokenizer, example, max_length=10**9, raw_text_prompts=args.raw_text_prompts)
+    cut_prompt, cut_answer = (len(tokens.prompt_ids) < len(whole.prompt_ids),
+                              len(tokens.answer_ids) < len(whole.answer_ids))
+    print(f"--- prompt: {len(tokens.prompt_ids)} tokens"
+          f"{' (truncated to fit --max-prompt-length)' if cut_prompt else ''}")
     print(tokenizer.decode(tokens.prompt_ids, skip_special_tokens=False))
     mask = tokens.answer_mask or [1] * len(tokens.answer_ids)
     print(f"--- completion: {len(tokens.answer_ids)} tokens, {sum(mask)} trained"
-          f"{' (truncated to fit --max-length)' if tokens.truncated else ''}")
+          f"{' (truncated to fit --max-length)' if cut_answer else ''}")
     runs: list[tuple[list[int], int]] = []
     for token, trained in zip(tokens.answer_ids, mask):
         if runs and runs[-1][1] == trained:

@@ -19,11 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _plot(args: argparse.Namespace) -> int:
     try:  # matplotlib loads in ~0.5 s; only this command should pay for it
-        from ..report.plots import write_plots
+        import matplotlib.figure  # noqa: F401 - what the figures are drawn with
     except Exception as exc:  # noqa: BLE001 - not installed, or a broken backend setting (MPLBACKEND)
         raise PreftuneError(f"plot: matplotlib cannot be loaded ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}); check its installation and "
                             "MPLBACKEND") from None
+    from ..report.plots import write_plots
 
     for path in write_plots(args.run_dir):  # a missing or empty metrics file raises PreftuneError
         print(path)

@@ -92,7 +92,7 @@ def _turn_fields(row: Row, prompt: Messages, chosen: str, rejected: str) -> Conv
 
 
 def _orca(row: Row) -> Converted:
-    prompt = question_turn(row, "question" if row.holds("question") else "input")
+    prompt = question_turn(row, "question" if row.filled("question") or not row.holds("input") else "input")
     return _turn_fields(row, [prompt], row.text("chosen"), row.text("rejected"))
 
 
@@ -108,7 +108,8 @@ def _alpaca_ranking(row: Row) -> Converted:
     if not isinstance(output, list) or len(output) != 2:
         got = f"a list of {len(output)}" if isinstance(output, list) else type_name(output)
         raise row.error(f"'output' must be a list of two answers, [chosen, rejected], got {got}")
-    prompt = history_turns(row) + [question_turn(row, "instruction" if row.holds("instruction") else "input")]
+    question = "instruction" if row.filled("instruction") or not row.holds("input") else "input"
+    prompt = history_turns(row) + [question_turn(row, question)]
     return _turn_fields(row, prompt, row.text("output[0]", output[0]), row.text("output[1]", output[1]))
 
 

@@ -15,7 +15,7 @@ from .conversations import MESSAGE_LAYOUTS, Converted, split_system
 from .detect import FORMAT_KEYS, FORMAT_NAMES, detect
 from .fields import FIELD_LAYOUTS
 from .records import Messages, PreferencePair, SFTExample
-from .rows import NOT_TRAINED, Row, require_trained
+from .rows import NOT_TRAINED, Row, filled, require_trained
 from .turns import QUESTIONS, history_turns, question_turn, sharegpt_messages, system_field
 
 SFT_KEYS = ("messages (message list), prompt + completion (or response; strings or message lists), "
@@ -27,9 +27,12 @@ SFT_ANSWERS = ("output", "response", "answer", "completion")
 
 
 def sft_fields(value: dict) -> tuple[str, str] | None:
-    """(question key, answer key) of an SFT record written as text fields, or None; the first of each found."""
-    question = next((k for k in QUESTIONS if value.get(k) is not None), None)
-    answer = next((k for k in SFT_ANSWERS if value.get(k) is not None), None)
+    """(question key, answer key) of an SFT record written as text fields, or None: the first of each that holds
+    something (a blank CSV cell beside the filled column does not count)."""
+    def first(keys):  # a blank one only when none is filled: then it is refused as empty, naming it
+        return next((k for k in keys if filled(value, k)), None) or next((k for k in keys if k in value and
+                                                                           value[k] is not None), None)
+    question, answer = first(QUESTIONS), first(SFT_ANSWERS)
     return (question, answer) if question and answer else None
 
 
@@ -130,7 +133,10 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
         question, answer = fields
         if not row.text(answer).strip():
             raise row.error(f"the answer ({answer!r}) is empty; training on it teaches the model to stop at once")
-        turns = history_turns(row) + [question_turn(row, question), {"role": "assistant", "content": row.text(answer)}]
+        user = question_turn(row, question)
+        if not user["content"].strip():
+            raise row.error(f"the question ({question!r}) is empty; the answer would be trained on no question")
+        turns = history_turns(row) + [user, {"role": "assistant", "content": row.text(answer)}]
         example = _sft_from_messages(row, turns, system_field(row))
         example.text_fields = True
     elif row.holds("text"):
@@ -155,10 +161,12 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
 
 def _completion_key(row: Row) -> str | None:
     """The answer's key of a prompt/completion record: `completion` (beside a prompt, or alone without a question
-    field, which `sft_fields` reads), or another answer name beside `prompt`."""
+    field, which `sft_fields` reads), or another answer name beside `prompt` and no question field."""
     if row.holds("completion") and (row.holds("prompt") or not sft_fields(row.value)):
         return "completion"
-    return next((k for k in SFT_ANSWERS if row.holds(k)), None) if row.holds("prompt") else None
+    if not row.holds("prompt") or sft_fields(row.value):  # a question field: read as the fields (`prompt` unused)
+        return None
+    return next((k for k in SFT_ANSWERS if row.filled(k)), None)
 
 
 def _sft_from_messages(row: Row, turns: Messages, system: str | None) -> SFTExample:

@@ -69,8 +69,8 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
                                        "it is data for KTO: run `preftune kto`")
                 if _looks_like_sft(value) and not {"chosen", "rejected"} & set(value):
                     raise SFTData(f"{where}: this is SFT data (one answer a record, keys "
-                                      f"{', '.join(map(str, value))}), with no chosen/rejected pair to prefer; "
-                                      f"train it with `preftune sft`, or give preference pairs")
+                                  f"{', '.join(map(str, value))}), with no chosen/rejected pair to prefer; "
+                                  f"train it with `preftune sft`, or give preference pairs")
                 raise SourceError(unknown_format_message(value, where))
             _check_scored(report.format, min_score_gap, source)
         pair, gap, unused = read_pair(value, report.format, where)
@@ -166,6 +166,10 @@ def read_unpaired_source(source: str, *, data_format: str | None = None, split: 
                 if paired:
                     raise PairedData(f"{where}: this is a preference pair (format {paired!r}), and KTO trains on "
                                      f"unpaired feedback; {PAIRED_AS_UNPAIRED_HINT}")
+                if _looks_like_sft(value) and not {"chosen", "rejected", "label", "kto_tag"} & set(value):
+                    raise SFTData(f"{where}: this is SFT data (one answer a record, keys "
+                                  f"{', '.join(map(str, value))}), with no rating of its answer; KTO needs each "
+                                  "answer labelled desirable or not (label, or kto_tag)")
                 raise SourceError(unknown_format_message(value, where, {**UNPAIRED_KEYS, **FORMAT_KEYS}))
         example, unused = read_unpaired(value, report.format, where)
         report.unused_keys.update(unused)

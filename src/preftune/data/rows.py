@@ -53,6 +53,11 @@ class Row:
         """`has` without counting the key as read: for choosing a layout, whose reader then reads it."""
         return self.value.get(key) is not None
 
+    def filled(self, key: str) -> bool:
+        """`holds` with something in it: for choosing between fields, where a blank one (an empty CSV cell beside
+        the filled column) must not win."""
+        return filled(self.value, key)
+
     def system_beside(self, system: str | None) -> str | None:
         """The system prompt of a conversation whose own leading system turn is `system`, with the record's
         'system' key (LLaMA-Factory's column) beside it: one of the two, or both when they are the same text;
@@ -253,7 +258,6 @@ class Row:
             out.append(tool if "function" in tool else {"type": "function", "function": tool})
         return out or None
 
-
     def template_kwargs(self, key: str = "chat_template_kwargs") -> dict | None:
         """The record's own arguments to the chat template (TRL's `chat_template_kwargs`: Qwen3's
         `enable_thinking`), an object or that object as a JSON string (a CSV cell). A null value is left out (a
@@ -281,6 +285,13 @@ class Row:
 _TEMPLATE_OWN = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
                  "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
                  "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+
+
+def filled(value: dict, key: str) -> bool:
+    """Whether record `value` holds something under `key`: not null, and not blank text or an empty list."""
+    held = value.get(key)
+    return held is not None and not (isinstance(held, (str, list, dict)) and not (
+        held.strip() if isinstance(held, str) else held))
 
 
 def require_trained(answer: Any, where: str) -> None:

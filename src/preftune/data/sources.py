@@ -12,7 +12,6 @@ import csv
 import gzip
 import io
 import json
-import logging
 import re
 import sys
 import tokenize
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError
+from .encode import say_once
 from .memory import InMemory, memory_rows
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -29,7 +29,6 @@ SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 _JSON_LIST_KEYS = ("data", "train", "rows", "records", "examples")
 
 NEWLINE = b"\n"
-log = logging.getLogger(__name__)
 Rows = Iterator[tuple[str, Any]]
 
 
@@ -249,13 +248,9 @@ def _csv_records(path: Path, text: str, delimiter: str = ",") -> list[dict]:
                 listed.add(str(key))
     note = f"{path}: the cells of {', '.join(sorted(listed))} hold lists written as text (as pandas' to_csv " \
            "writes them); they are read as the lists"
-    if listed and note not in _SAID:  # once, though `data check` may read a file twice (as pairs, then as SFT)
-        _SAID.add(note)
-        log.warning(note)
+    if listed:  # once, though `data check` may read a file twice (as pairs, then as SFT)
+        say_once(note, note)
     return records
-
-
-_SAID: set[str] = set()
 
 
 _MESSAGE_KEYS = ({"role", "content"}, {"from", "value"})

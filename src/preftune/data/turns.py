@@ -73,13 +73,14 @@ def user_turn(row: Row, instruction: str, extra: str | None) -> dict[str, str]:
 
 
 def question_turn(row: Row, question: str) -> dict[str, str]:
-    """The user turn of a `question` field and the first of `EXTRA_INPUTS` beside it (alpaca's rule)."""
-    return user_turn(row, question, next((k for k in EXTRA_INPUTS if k != question and row.holds(k)), None))
+    """The user turn of a `question` field and the first filled one of `EXTRA_INPUTS` beside it (alpaca's
+    rule)."""
+    return user_turn(row, question, next((k for k in EXTRA_INPUTS if k != question and row.filled(k)), None))
 
 
 def system_field(row: Row) -> str | None:
-    """The system prompt of a record written as text fields: the first of `SYSTEM_FIELDS` it holds."""
-    key = next((k for k in SYSTEM_FIELDS if row.holds(k)), None)
+    """The system prompt of a record written as text fields: the first of `SYSTEM_FIELDS` it fills."""
+    key = next((k for k in SYSTEM_FIELDS if row.filled(k)), None)
     return row.optional_text(key) if key else None
 
 

@@ -67,7 +67,7 @@ def read_unpaired(value: Any, fmt: str, where: str) -> tuple[UnpairedExample, li
                 system, prompt = prompt[0]["content"], prompt[1:]
             example = UnpairedExample(prompt, completion, _label(row, "label"), row.system_beside(system), where,
                                       row.tools())
-        elif not row.holds("prompt") and (question := next((k for k in QUESTIONS if row.holds(k)), None)):
+        elif not row.holds("prompt") and (question := next((k for k in QUESTIONS if row.filled(k)), None)):
             # the question as a text field beside the completion (axolotl's argilla and intel KTO forms)
             answer = [{"role": "assistant", "content": row.text("completion")}]
             example = UnpairedExample([question_turn(row, question)], answer, _label(row, "label"),

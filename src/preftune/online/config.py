@@ -34,7 +34,7 @@ NOT_DPO_KEYS = {
     "merge": "online rounds train all weights for now",
     "fsdp": "online rounds run in one process for now",
     "data_format": "each round's pairs are prompt/chosen/rejected records",
-    "split": "prompts are read from a file or a list",
+    "split": "prompts are read from the train split of a saved dataset or Hub id",
     "skip_bad_records": "a bad prompt record stops the run, naming it",
     "min_score_gap": "pairs are best against worst; tied groups are skipped",
     "raw_text_prompts": "prompts are text or messages",

@@ -178,7 +178,8 @@ def _round_pairs(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, judge:
         ended = [s.get("ended", [True] * len(s["answers"])) for s in samples]  # written before it was recorded
         return best_vs_worst(prompts, [s["answers"] for s in samples], [s["scores"] for s in samples], ended,
                              pair_cut=cfg.pair_cut_answers)
-    ids = [encode_prompt(tokenizer, p["prompt"], p["system"], p["where"]) for p in prompts]
+    ids = [encode_prompt(tokenizer, p["prompt"], p["system"], p["where"],
+                         template_kwargs=p.get("template_kwargs")) for p in prompts]
     answers, ended = sample_ended_groups(policy, tokenizer, ids, samples=cfg.samples,
                                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                          top_p=cfg.top_p, seed=cfg.seed + r * ROUND_SEED_STRIDE, device=device,
@@ -232,7 +233,8 @@ def greedy_score(cfg: OnlineConfig, policy, tokenizer, judge: Judge, prompts: li
     as {"eval_score", "eval_score_std"}."""
     from ..generate import sample_groups
 
-    ids = [encode_prompt(tokenizer, p["prompt"], p["system"], p["where"]) for p in prompts]
+    ids = [encode_prompt(tokenizer, p["prompt"], p["system"], p["where"],
+                         template_kwargs=p.get("template_kwargs")) for p in prompts]
     answers = sample_groups(policy, tokenizer, ids, samples=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
                             top_p=1.0, seed=cfg.seed, device=device, batch_size=cfg.generation_batch_size)
     scores = [judged(judge, p["prompt"], a, p["where"])[0] for p, a in zip(prompts, answers)]
