@@ -191,3 +191,17 @@ def test_prompts_of_any_preference_layout_and_source(tmp_path):
         assert read_prompts([record])[0][0]["template_kwargs"] == kwargs  # rendered with them, as training does
     with pytest.raises(DataError, match="--eval-prompts: no prompts"):
         read_prompts([], "--eval-prompts")
+
+
+def test_prompts_from_a_split_of_a_saved_dataset(tmp_path):
+    """A saved dataset or Hub id without a 'train' split (UltraFeedback's train_prefs) could not give prompts:
+    --split was refused for online runs."""
+    datasets = pytest.importorskip("datasets")
+    from preftune.online.config import OnlineConfig
+
+    rows = [{"prompt": "the sky is", "chosen": "blue", "rejected": "red"}]
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "uf")
+    records, _ = read_prompts(str(tmp_path / "uf"), split="train_prefs")
+    assert [r["prompt"] for r in records] == ["the sky is"]
+    assert OnlineConfig.from_dict({"model": "m", "split": "train_prefs"}).train_config(
+        output_dir="", model="m").split == "train_prefs"

@@ -34,7 +34,6 @@ NOT_DPO_KEYS = {
     "merge": "online rounds train all weights for now",
     "fsdp": "online rounds run in one process for now",
     "data_format": "each round's pairs are prompt/chosen/rejected records",
-    "split": "prompts are read from the train split of a saved dataset or Hub id",
     "skip_bad_records": "a bad prompt record stops the run, naming it",
     "min_score_gap": "pairs are best against worst; tied groups are skipped",
     "raw_text_prompts": "prompts are text or messages",
@@ -51,7 +50,8 @@ class OnlineConfig:
     train `steps_per_round` DPO steps. `dpo` holds the DPO stage's settings as TrainConfig fields."""
 
     model: str = _f("", "Model to start from (the SFT model): a local folder or a Hub id; also the reference.")
-    prompts: str = _f("", "Prompts: JSONL/JSON records with 'prompt' (text or messages) and optional 'system'.")
+    prompts: str = _f("", "Prompts: records with 'prompt' (text or messages) and optional 'system', or a preference "
+                          "file; any source --data takes (--split picks a saved dataset's or Hub id's split).")
     output_dir: str = _f("", "Run folder: rounds/NNN/ (samples, pairs, training), metrics.jsonl, the final model.")
     judge: str = _f("", "rule:NAME (longer, shorter, contains:TEXT, count:TEXT), python:module:function, "
                         "python:path/file.py:function or reward-model:DIR.")

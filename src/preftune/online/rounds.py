@@ -259,10 +259,12 @@ def _prepare(out: Path, cfg: OnlineConfig) -> None:
 
 
 def _prompt_sets(cfg: OnlineConfig, prompts, eval_prompts) -> tuple[list[dict], list[dict], list[str]]:
-    train, notes = read_prompts(prompts if prompts is not None else cfg.prompts, "--prompts")
+    split = cfg.train_config(output_dir="", model="x").split  # of a saved dataset or Hub id
+    train, notes = read_prompts(prompts if prompts is not None else cfg.prompts, "--prompts", split)
     held: list[dict] = []
     if eval_prompts is not None or cfg.eval_prompts:
-        held, more = read_prompts(eval_prompts if eval_prompts is not None else cfg.eval_prompts, "--eval-prompts")
+        held, more = read_prompts(eval_prompts if eval_prompts is not None else cfg.eval_prompts, "--eval-prompts",
+                                  split)
         notes += more
     elif cfg.eval_split:
         train, held = split_prompts(train, cfg.eval_split, cfg.seed)
