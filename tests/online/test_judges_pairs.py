@@ -203,5 +203,8 @@ def test_prompts_from_a_split_of_a_saved_dataset(tmp_path):
     datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "uf")
     records, _ = read_prompts(str(tmp_path / "uf"), split="train_prefs")
     assert [r["prompt"] for r in records] == ["the sky is"]
+    (tmp_path / "prompts.csv").write_text("prompt,system\nthe sky is,\nwhat is grass,be brief\n")
+    records, _ = read_prompts(str(tmp_path / "prompts.csv"))  # a blank system cell is no system prompt
+    assert [(r["prompt"], r["system"]) for r in records] == [("the sky is", None), ("what is grass", "be brief")]
     assert OnlineConfig.from_dict({"model": "m", "split": "train_prefs"}).train_config(
         output_dir="", model="m").split == "train_prefs"

@@ -33,7 +33,7 @@ def read_prompts(source, what: str = "--prompts", split: str = "train") -> tuple
             row = {"prompt": row}
         layout, note = detect(row) if isinstance(row, dict) else (None, None)
         if isinstance(row, dict) and "prompt" in row and set(row) <= {"prompt", "system", *OWN_KEYS, *ANSWER_KEYS}:
-            prompt, system = row["prompt"], row.get("system")
+            prompt, system = row["prompt"], row.get("system") or None  # a blank CSV cell: no system prompt
             kwargs = Row(row, where, "prompts", PROMPT_KEYS).template_kwargs()
             with_answers += any(k in row for k in ANSWER_KEYS)
         elif layout:
