@@ -22,9 +22,10 @@ PROMPT_KEYS = "prompt and optionally system and chat_template_kwargs"
 
 
 def read_prompts(source, what: str = "--prompts", split: str = "train") -> tuple[list[dict], list[str]]:
-    """(prompt records {prompt, system, where}, notes to say) from a path, Hub id or list. A record of a
-    preference layout gives its prompt and system prompt, its answers left out; the notes count those records
-    and name the keys no reader used. Any other record is a `DataError` naming it."""
+    """(prompt records {prompt, system, where, template_kwargs}, notes to say) from a path, Hub id or list, its
+    `split` for a saved dataset or Hub id. A record of a preference layout gives its prompt and system prompt, its
+    answers left out; the notes count those records and name the keys no reader used. Any other record is a
+    `DataError` naming it."""
     records, with_answers, unused, said = [], 0, Counter(), []
     for where, row in read_rows(as_source(source, what), split=split):
         if isinstance(row, DataError):
