@@ -67,8 +67,10 @@ def check_pairs(source: str, *, data_format: str | None = None, split: str = "tr
     except SFTData:
         examples, report = read_sft_source(source, split=split, skip_bad_records=True)
         result = CheckResult(source, report.format, report.records, [], report, sft=examples)
-        content = _duplicates(examples, lambda ex: [ex.system, ex.prompt, ex.completion, ex.tools,
-                                                    ex.template_kwargs])
+        content = [("answer without text", f"{ex.where}: the assistant turns have no text (only the end-of-turn "
+                                           "is trained)") for ex in examples if _without_text(ex.completion)]
+        content += _duplicates(examples, lambda ex: [ex.system, ex.prompt, ex.completion, ex.tools,
+                                                     ex.template_kwargs])
         return _finish(result, content, sft_token_problems, examples, tokenizer, limits)
     except UnpairedData:
         examples, report = read_unpaired_source(source, data_format=data_format, split=split,
@@ -107,13 +109,18 @@ def content_problems(pairs: list[PreferencePair]) -> list[tuple[str, str]]:
             problems.append(("identical answers",
                              f"{pair.where}: chosen is identical to rejected; the pair carries no preference"))
         for name in ("chosen", "rejected"):
-            answer = getattr(pair, name)
-            if isinstance(answer, list) and not "".join(m["content"] for m in answer).strip() \
-                    and not any(m.get("tool_calls") for m in answer):
+            if _without_text(getattr(pair, name)):
                 problems.append(("answer without text",
                                  f"{pair.where}: the {name} answer has no text (only the end-of-turn is trained)"))
     return problems + _duplicates(pairs, lambda pair: [pair.system, pair.prompt, pair.chosen, pair.rejected,
                                                         pair.tools, pair.template_kwargs])
+
+
+def _without_text(answer) -> bool:
+    """A chat answer whose assistant turns say nothing (no text, no tool call): only their end-of-turn is trained."""
+    said = [m for m in answer if m["role"] == "assistant"] if isinstance(answer, list) else None
+    return said is not None and not "".join(m["content"] for m in said).strip() and \
+        not any(m.get("tool_calls") for m in said)
 
 
 def _duplicates(items: list, content) -> list[tuple[str, str]]:
