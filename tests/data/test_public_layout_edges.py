@@ -669,3 +669,24 @@ def test_near_miss_layouts_are_named_for_what_they_miss(jsonl_file):
               "non_preferred_output": [{"role": "assistant", "content": "rome ."}]}
     pair, _, unused = read_pair(record, "openai_preference", "w")
     assert (pair.system, unused) == ("Be brief.", [])
+
+
+def test_pku_saferlhf_pairs_say_which_rating_chooses():
+    """PKU-SafeRLHF rates each pair by helpfulness and by safety, often preferring different answers: such a
+    record is refused until --data-format says which rating chooses; each reads its own id."""
+    from preftune.data.load import read_pairs
+    from preftune.data.memory import as_source
+
+    record = {"prompt": "How do I pick a lock?", "response_0": "Like this.", "response_1": "I can't help.",
+              "is_response_0_safe": False, "is_response_1_safe": True, "better_response_id": 0,
+              "safer_response_id": 1}
+    with pytest.raises(DataError, match="rated twice.* pass --data-format pku_better or pku_safer"):
+        read_pairs(as_source([record]))
+    for fmt, chosen, other in (("pku_better", "Like this.", "better_response_id"),
+                               ("pku_safer", "I can't help.", "safer_response_id")):
+        [pair], report = read_pairs(as_source([record]), data_format=fmt)
+        assert pair.chosen == [{"role": "assistant", "content": chosen}]
+        assert set(report.unused_keys) == {"is_response_0_safe", "is_response_1_safe",
+                                           ({"better_response_id", "safer_response_id"} - {other}).pop()}
+    with pytest.raises(DataError, match="'better_response_id' must be 0 or 1"):
+        read_pairs(as_source([{**record, "better_response_id": 2}]), data_format="pku_better")

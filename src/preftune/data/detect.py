@@ -35,6 +35,9 @@ FORMAT_KEYS = {
                      "optional tools",
     "swift": "messages (ending with the chosen assistant turn), or query, response (the chosen answer) and "
              "history; rejected_response (ms-swift), optional system, optional tools",
+    "pku_better": "prompt, response_0, response_1, better_response_id (PKU-SafeRLHF: the more helpful answer "
+                  "chosen)",
+    "pku_safer": "prompt, response_0, response_1, safer_response_id (PKU-SafeRLHF: the safer answer chosen)",
     "stack_exchange": "question, response_j (preferred), response_k",
     "shp": "history, human_ref_A, human_ref_B, labels (1 = A preferred)",
 }
@@ -76,6 +79,11 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("chat_messages", "it has chosen_messages/rejected_messages",
      lambda v, k: {"chosen_messages", "rejected_messages"} <= k),
     ("stack_exchange", "it has response_j/response_k", lambda v, k: {"response_j", "response_k"} <= k),
+    # PKU-SafeRLHF rates each pair twice; with both ids there, which is "chosen" is the user's to say
+    ("pku_better", "it has better_response_id", lambda v, k: {"response_0", "response_1", "better_response_id"} <= k
+     and "safer_response_id" not in k),
+    ("pku_safer", "it has safer_response_id", lambda v, k: {"response_0", "response_1", "safer_response_id"} <= k
+     and "better_response_id" not in k),
     ("shp", "it has human_ref_A/human_ref_B", lambda v, k: {"human_ref_A", "human_ref_B"} <= k),
     ("alpaca", "it has 'instruction'", lambda v, k: "instruction" in k),
     ("orca", "it has 'question', or 'input' without 'prompt'",
@@ -91,7 +99,7 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
 ]
 # Their answers are not called chosen/rejected.
 _PAIRED_ELSEWHERE = ("openai_preference", "alpaca_ranking", "medicalgpt", "chat_messages", "stack_exchange", "shp",
-                     "swift")
+                     "swift", "pku_better", "pku_safer")
 
 
 def detect(value: Any) -> tuple[str | None, str | None]:
@@ -132,6 +140,9 @@ def unknown_format_message(value: Any, where: str, formats: dict[str, str] = FOR
     names: the whole list with every format's keys would be a line of some 2,000 characters."""
     seen = ", ".join(map(str, value)) if isinstance(value, dict) else type_name(value)
     keys = {str(k) for k in value} if isinstance(value, dict) else set()
+    if {"better_response_id", "safer_response_id"} <= keys:
+        return (f"{where}: PKU-SafeRLHF's pairs are rated twice, by helpfulness (better_response_id) and by safety "
+                "(safer_response_id); pass --data-format pku_better or pku_safer to say which answer is chosen")
     one_sided = [k for k, other in (("rejected", "chosen"), ("chosen", "rejected")) if k in keys and other not in keys]
     if one_sided and formats is FORMAT_KEYS:
         given, missing = one_sided[0], {"rejected": "chosen", "chosen": "rejected"}[one_sided[0]]

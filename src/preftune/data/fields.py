@@ -118,6 +118,20 @@ def _medicalgpt(row: Row) -> Converted:
     return _turn_fields(row, prompt, row.text("response_chosen"), row.text("response_rejected"))
 
 
+def _pku(rated_by: str) -> Callable[[Row], Converted]:
+    """PKU-SafeRLHF's pairs: `prompt`, `response_0`, `response_1`, and the id (0 or 1) of the answer `rated_by`
+    prefers; the user's turn and the answers are text fields."""
+    def convert(row: Row) -> Converted:
+        chosen = row.get(rated_by)
+        chosen = int(chosen) if isinstance(chosen, str) and chosen.strip() in ("0", "1") else chosen  # CSV cells
+        if isinstance(chosen, bool) or chosen not in (0, 1):
+            raise row.error(f"{rated_by!r} must be 0 or 1 (the index of the preferred response), got {chosen!r:.40}")
+        answers = row.text("response_0"), row.text("response_1")
+        return _turn_fields(row, [{"role": "user", "content": row.text("prompt")}], answers[chosen],
+                            answers[1 - chosen])
+    return convert
+
+
 def _stack_exchange(row: Row) -> Converted:
     pair = PreferencePair(row.text("question"), row.text("response_j"), row.text("response_k"), None, row.where)
     return pair, None
@@ -140,4 +154,5 @@ def _shp(row: Row) -> Converted:
 FIELD_LAYOUTS: dict[str, Callable[[Row], Converted]] = {
     "text": _text, "implicit": _implicit, "hh": _hh, "orca": _orca, "alpaca": _alpaca,
     "alpaca_ranking": _alpaca_ranking, "medicalgpt": _medicalgpt,
-    "stack_exchange": _stack_exchange, "shp": _shp}
+    "stack_exchange": _stack_exchange, "shp": _shp, "pku_better": _pku("better_response_id"),
+    "pku_safer": _pku("safer_response_id")}
