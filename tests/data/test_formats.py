@@ -71,6 +71,11 @@ EXAMPLES = [
      PreferencePair([U("2+2?")], [A("4")], [A("5")], text_fields=True)),
     ("swift", {"messages": [S("Be kind."), U("hi"), A("hello")], "rejected_response": "no"},
      PreferencePair([U("hi")], [A("hello")], [A("no")], "Be kind.")),
+    ("chosen_response", {"prompt": "User: 2+2?\nAssistant:", "chosen_response": " 4", "rejected_response": " 5"},
+     PreferencePair("User: 2+2?\nAssistant:", " 4", " 5")),  # NeMo-Aligner: a rendered prompt, as text
+    ("chosen_response", {"system": "Be terse.", "instruction": "Add.", "input": "2+2", "chosen_response": "4",
+                         "rejected_response": "5"},  # axolotl's argilla form: turns, as alpaca's
+     PreferencePair([U("Add.\n2+2")], [A("4")], [A("5")], "Be terse.", text_fields=True)),
     ("pku_better", {"prompt": "2+2?", "response_0": "5", "response_1": "4", "better_response_id": 1},
      PreferencePair([U("2+2?")], [A("4")], [A("5")], text_fields=True)),
     ("pku_safer", {"prompt": "2+2?", "response_0": "4", "response_1": "5", "safer_response_id": "0"},

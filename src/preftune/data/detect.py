@@ -38,6 +38,8 @@ FORMAT_KEYS = {
     "pku_better": "prompt, response_0, response_1, better_response_id (PKU-SafeRLHF: the more helpful answer "
                   "chosen)",
     "pku_safer": "prompt, response_0, response_1, safer_response_id (PKU-SafeRLHF: the safer answer chosen)",
+    "chosen_response": "chosen_response, rejected_response (NeMo-Aligner, argilla), with prompt (text) or "
+                       "instruction (turns: optional input, system)",
     "stack_exchange": "question, response_j (preferred), response_k",
     "shp": "history, human_ref_A, human_ref_B, labels (1 = A preferred)",
 }
@@ -78,6 +80,8 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
                                                                              "response_rejected"} <= k),
     ("chat_messages", "it has chosen_messages/rejected_messages",
      lambda v, k: {"chosen_messages", "rejected_messages"} <= k),
+    ("chosen_response", "it has chosen_response/rejected_response",
+     lambda v, k: {"chosen_response", "rejected_response"} <= k),
     ("stack_exchange", "it has response_j/response_k", lambda v, k: {"response_j", "response_k"} <= k),
     # PKU-SafeRLHF rates each pair twice; with both ids there, which is "chosen" is the user's to say
     ("pku_better", "it has better_response_id", lambda v, k: {"response_0", "response_1", "better_response_id"} <= k
@@ -99,7 +103,7 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
 ]
 # Their answers are not called chosen/rejected.
 _PAIRED_ELSEWHERE = ("openai_preference", "alpaca_ranking", "medicalgpt", "chat_messages", "stack_exchange", "shp",
-                     "swift", "pku_better", "pku_safer")
+                     "swift", "pku_better", "pku_safer", "chosen_response")
 
 
 def detect(value: Any) -> tuple[str | None, str | None]:

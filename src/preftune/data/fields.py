@@ -16,7 +16,7 @@ from typing import Callable
 from .conversations import Converted, shared_turns
 from .records import Messages, PreferencePair
 from .rows import Row, type_name
-from .turns import history_turns, question_turn, system_field
+from .turns import QUESTIONS, history_turns, question_turn, system_field
 
 # Turn boundaries for an implicit text prompt, most specific first; the prompt keeps the marker.
 _TEXT_BOUNDARIES = ("\n\nAssistant:", "Assistant:", "### Response:", "\n")
@@ -132,6 +132,16 @@ def _pku(rated_by: str) -> Callable[[Row], Converted]:
     return convert
 
 
+def _chosen_response(row: Row) -> Converted:
+    """Answers named chosen_response / rejected_response (NeMo-Aligner, argilla): beside a `prompt`, text as a
+    text pair is (NeMo-Aligner's prompts are rendered already); beside a question field, turns as alpaca's are."""
+    chosen, rejected = row.text("chosen_response"), row.text("rejected_response")
+    if row.filled("prompt") or not any(row.filled(k) for k in QUESTIONS):
+        return PreferencePair(row.text("prompt"), chosen, rejected, row.optional_text("system"), row.where), None
+    question = next(k for k in QUESTIONS if row.filled(k))
+    return _turn_fields(row, history_turns(row) + [question_turn(row, question)], chosen, rejected)
+
+
 def _stack_exchange(row: Row) -> Converted:
     pair = PreferencePair(row.text("question"), row.text("response_j"), row.text("response_k"), None, row.where)
     return pair, None
@@ -155,4 +165,4 @@ FIELD_LAYOUTS: dict[str, Callable[[Row], Converted]] = {
     "text": _text, "implicit": _implicit, "hh": _hh, "orca": _orca, "alpaca": _alpaca,
     "alpaca_ranking": _alpaca_ranking, "medicalgpt": _medicalgpt,
     "stack_exchange": _stack_exchange, "shp": _shp, "pku_better": _pku("better_response_id"),
-    "pku_safer": _pku("safer_response_id")}
+    "pku_safer": _pku("safer_response_id"), "chosen_response": _chosen_response}
