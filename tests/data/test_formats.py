@@ -76,6 +76,9 @@ EXAMPLES = [
     ("chosen_response", {"system": "Be terse.", "instruction": "Add.", "input": "2+2", "chosen_response": "4",
                          "rejected_response": "5"},  # axolotl's argilla form: turns, as alpaca's
      PreferencePair([U("Add.\n2+2")], [A("4")], [A("5")], "Be terse.", text_fields=True)),
+    ("helpsteer3", {"context": [S("Be kind."), U("hi")], "response1": "no", "response2": "hello",
+                    "overall_preference": 2},
+     PreferencePair([U("hi")], [A("hello")], [A("no")], "Be kind.")),
     ("pku_better", {"prompt": "2+2?", "response_0": "5", "response_1": "4", "better_response_id": 1},
      PreferencePair([U("2+2?")], [A("4")], [A("5")], text_fields=True)),
     ("pku_safer", {"prompt": "2+2?", "response_0": "4", "response_1": "5", "safer_response_id": "0"},

@@ -690,3 +690,18 @@ def test_pku_saferlhf_pairs_say_which_rating_chooses():
                                            ({"better_response_id", "safer_response_id"} - {other}).pop()}
     with pytest.raises(DataError, match="'better_response_id' must be 0 or 1"):
         read_pairs(as_source([{**record, "better_response_id": 2}]), data_format="pku_better")
+
+
+def test_helpsteer3_pairs_follow_the_sign_of_overall_preference():
+    """HelpSteer3 (NVIDIA): below 0 response1 is preferred, above 0 response2; 0 is no preference, refused; the
+    strength is the pair's score gap, for --min-score-gap."""
+    from preftune.data.load import read_pairs
+    from preftune.data.memory import as_source
+
+    record = {"domain": "general", "context": [{"role": "user", "content": "hi"}], "response1": "hello",
+              "response2": "go away", "overall_preference": -3}
+    rows = [record, {**record, "overall_preference": 1}, {**record, "overall_preference": 0}]
+    pairs, report = read_pairs(as_source(rows), skip_bad_records=True, min_score_gap=2)
+    assert [(p.chosen[0]["content"], p.rejected[0]["content"]) for p in pairs] == [("hello", "go away")]
+    assert "record 2: dropped, score gap 1 is below --min-score-gap 2" in report.skipped[0]
+    assert "record 3: overall_preference is 0" in report.skipped[1] and report.unused_keys == {"domain": 2}

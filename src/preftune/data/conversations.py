@@ -147,6 +147,20 @@ def _swift(row: Row) -> Converted:
     return PreferencePair(prompt, turns[-1:], rejected, row.system_beside(system), row.where, row.tools()), None
 
 
+def _helpsteer3(row: Row) -> Converted:
+    """HelpSteer3's pairs: the conversation so far in `context`, two answers, and `overall_preference` from -3
+    (response1 much better) to 3 (response2 much better); 0, no preference, is refused."""
+    system, prompt = split_system(row.messages("context"))
+    preference = row.number("overall_preference")
+    if preference == 0:
+        raise row.error("overall_preference is 0: the raters prefer neither response, so the pair teaches nothing; "
+                        "leave it out (--skip-bad-records drops such records)")
+    first, second = ([{"role": "assistant", "content": row.text(k)}] for k in ("response1", "response2"))
+    chosen, rejected = (first, second) if preference < 0 else (second, first)
+    return PreferencePair(prompt, chosen, rejected, row.system_beside(system), row.where), abs(preference)
+
+
 MESSAGE_LAYOUTS: dict[str, Callable[[Row], Converted]] = {
     "chat": _chat, "ultrafeedback": _ultrafeedback, "sharegpt": _sharegpt, "openai": _openai,
-    "openai_preference": _openai_preference, "chat_messages": _chat_messages, "swift": _swift}
+    "openai_preference": _openai_preference, "chat_messages": _chat_messages, "swift": _swift,
+    "helpsteer3": _helpsteer3}

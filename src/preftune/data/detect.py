@@ -40,6 +40,8 @@ FORMAT_KEYS = {
     "pku_safer": "prompt, response_0, response_1, safer_response_id (PKU-SafeRLHF: the safer answer chosen)",
     "chosen_response": "chosen_response, rejected_response (NeMo-Aligner, argilla), with prompt (text) or "
                        "instruction (turns: optional input, system)",
+    "helpsteer3": "context (message list), response1, response2, overall_preference (HelpSteer3: below 0, "
+                  "response1 preferred; above 0, response2)",
     "stack_exchange": "question, response_j (preferred), response_k",
     "shp": "history, human_ref_A, human_ref_B, labels (1 = A preferred)",
 }
@@ -82,6 +84,8 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
      lambda v, k: {"chosen_messages", "rejected_messages"} <= k),
     ("chosen_response", "it has chosen_response/rejected_response",
      lambda v, k: {"chosen_response", "rejected_response"} <= k),
+    ("helpsteer3", "it has response1/response2 and overall_preference",
+     lambda v, k: {"context", "response1", "response2", "overall_preference"} <= k),
     ("stack_exchange", "it has response_j/response_k", lambda v, k: {"response_j", "response_k"} <= k),
     # PKU-SafeRLHF rates each pair twice; with both ids there, which is "chosen" is the user's to say
     ("pku_better", "it has better_response_id", lambda v, k: {"response_0", "response_1", "better_response_id"} <= k
@@ -103,7 +107,7 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
 ]
 # Their answers are not called chosen/rejected.
 _PAIRED_ELSEWHERE = ("openai_preference", "alpaca_ranking", "medicalgpt", "chat_messages", "stack_exchange", "shp",
-                     "swift", "pku_better", "pku_safer", "chosen_response")
+                     "swift", "pku_better", "pku_safer", "chosen_response", "helpsteer3")
 
 
 def detect(value: Any) -> tuple[str | None, str | None]:

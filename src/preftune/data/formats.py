@@ -43,7 +43,7 @@ def new_row(value: Any, where: str, fmt: str) -> Row:
 _LAYOUTS = {**MESSAGE_LAYOUTS, **FIELD_LAYOUTS}
 CONVERTERS: dict[str, Callable[[Row], Converted]] = {name: _LAYOUTS[name] for name in FORMAT_NAMES}
 # Formats whose records may carry a chosen/rejected score (for --min-score-gap).
-SCORED_FORMATS = ("ultrafeedback", "shp")
+SCORED_FORMATS = ("ultrafeedback", "shp", "helpsteer3")
 
 
 def to_pair(value: Any, fmt: str, where: str) -> Converted:
