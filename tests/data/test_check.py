@@ -245,8 +245,10 @@ def test_show_sft_says_which_part_was_cut(jsonl_file, tiny_model_dir, capsys):
 def test_sft_answers_without_text_are_listed(jsonl_file, capsys):
     """An SFT conversation whose assistant turns are empty trains the end-of-turn alone; pairs already said so."""
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
-            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0},
+                          {"role": "user", "content": "q2"}, {"role": "assistant", "content": ""}]}]
     path = jsonl_file(rows)
     code, out, _ = _run(capsys, "check", path)
     assert code == 1 and f"{path} line 1: the assistant turns have no text (only the end-of-turn is trained)" in out
-    assert "line 2:" not in out
+    assert "line 2:" not in out and f"{path} line 3: the assistant turns have no text" in out  # the trained one

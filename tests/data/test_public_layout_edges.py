@@ -693,15 +693,45 @@ def test_pku_saferlhf_pairs_say_which_rating_chooses():
 
 
 def test_helpsteer3_pairs_follow_the_sign_of_overall_preference():
-    """HelpSteer3 (NVIDIA): below 0 response1 is preferred, above 0 response2; 0 is no preference, refused; the
-    strength is the pair's score gap, for --min-score-gap."""
+    """HelpSteer3 (NVIDIA): below 0 response1 is preferred, above 0 response2 (as NeMo-RL reads it); at 0 the
+    raters prefer neither, so the pair is dropped and counted, never trained in an arbitrary order; the strength is
+    the pair's score gap, for --min-score-gap."""
     from preftune.data.load import read_pairs
     from preftune.data.memory import as_source
 
     record = {"domain": "general", "context": [{"role": "user", "content": "hi"}], "response1": "hello",
               "response2": "go away", "overall_preference": -3}
     rows = [record, {**record, "overall_preference": 1}, {**record, "overall_preference": 0}]
-    pairs, report = read_pairs(as_source(rows), skip_bad_records=True, min_score_gap=2)
-    assert [(p.chosen[0]["content"], p.rejected[0]["content"]) for p in pairs] == [("hello", "go away")]
-    assert "record 2: dropped, score gap 1 is below --min-score-gap 2" in report.skipped[0]
-    assert "record 3: overall_preference is 0" in report.skipped[1] and report.unused_keys == {"domain": 2}
+    pairs, report = read_pairs(as_source(rows))
+    assert [(p.chosen[0]["content"], p.rejected[0]["content"]) for p in pairs] == [("hello", "go away"),
+                                                                                      ("go away", "hello")]
+    assert report.skipped == ["data record 3: dropped, the raters prefer neither answer (a tie: the pair has no "
+                              "chosen one)"] and report.unused_keys == {"domain": 3}
+    pairs, report = read_pairs(as_source(rows), min_score_gap=2)
+    assert len(pairs) == 1 and "record 2: dropped, score gap 1 is below --min-score-gap 2" in report.skipped[0]
+    with pytest.raises(DataError, match="overall_preference must be a number from -3 to 3, got nan"):
+        read_pairs(as_source([{**record, "overall_preference": float("nan")}]))
+
+
+def test_more_forms_of_the_newest_layouts():
+    """A PKU-SafeRLHF id written as a float (pandas' float64 column) crashed indexing the answers; NeMo-Aligner's
+    message form (a prompt of messages, answers as message objects) was refused; ms-swift-like `query`/`history`
+    beside chosen_response/rejected_response was taken for ms-swift's form and failed."""
+    from preftune.data.load import read_pairs
+    from preftune.data.memory import as_source
+
+    def read(record):
+        [pair], report = read_pairs(as_source([record]))
+        return report.format, pair.system, pair.prompt, pair.chosen, pair.rejected
+
+    def turn(role, text):
+        return {"role": role, "content": text}
+
+    assert read({"prompt": "Q", "response_0": "a", "response_1": "b", "better_response_id": 1.0}) == (
+        "pku_better", None, [turn("user", "Q")], [turn("assistant", "b")], [turn("assistant", "a")])
+    assert read({"prompt": [turn("system", "s"), turn("user", "Q")], "chosen_response": turn("assistant", "good"),
+                 "rejected_response": turn("assistant", "bad")}) == (
+        "chosen_response", "s", [turn("user", "Q")], [turn("assistant", "good")], [turn("assistant", "bad")])
+    assert read({"query": "q", "history": [["h1", "h2"]], "chosen_response": "c", "rejected_response": "r"}) == (
+        "chosen_response", None, [turn("user", "h1"), turn("assistant", "h2"), turn("user", "q")],
+        [turn("assistant", "c")], [turn("assistant", "r")])

@@ -203,6 +203,10 @@ def test_prompts_from_a_split_of_a_saved_dataset(tmp_path):
     datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "uf")
     records, _ = read_prompts(str(tmp_path / "uf"), split="train_prefs")
     assert [r["prompt"] for r in records] == ["the sky is"]
+    pku = {"prompt": "Q", "response_0": "a", "response_1": "b", "better_response_id": 0, "safer_response_id": 1}
+    tie = {"context": [{"role": "user", "content": "R"}], "response1": "a", "response2": "b", "overall_preference": 0}
+    assert [r["prompt"] for r in read_prompts([pku])[0]] == [[{"role": "user", "content": "Q"}]]  # either rating
+    assert [r["prompt"] for r in read_prompts([tie])[0]] == [[{"role": "user", "content": "R"}]]  # a tie's prompt
     (tmp_path / "prompts.csv").write_text("prompt,system\nthe sky is,\nwhat is grass,be brief\n")
     records, _ = read_prompts(str(tmp_path / "prompts.csv"))  # a blank system cell is no system prompt
     assert [(r["prompt"], r["system"]) for r in records] == [("the sky is", None), ("what is grass", "be brief")]

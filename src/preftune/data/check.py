@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import DataError
 from .load import SFTData, UnpairedData, read_pairs, read_sft_source, read_unpaired_source
 from .records import LoadReport, PreferencePair, SFTExample, UnpairedExample
+from .rows import NOT_TRAINED
 from .unpaired import UNPAIRED_FORMATS
 
 # Long enough that nothing is cut: the lengths a pair would have with no limit.
@@ -117,8 +118,10 @@ def content_problems(pairs: list[PreferencePair]) -> list[tuple[str, str]]:
 
 
 def _without_text(answer) -> bool:
-    """A chat answer whose assistant turns say nothing (no text, no tool call): only their end-of-turn is trained."""
-    said = [m for m in answer if m["role"] == "assistant"] if isinstance(answer, list) else None
+    """A chat answer whose trained assistant turns say nothing (no text, no tool call): only their end-of-turn is
+    trained."""
+    said = [m for m in answer if m["role"] == "assistant" and not m.get(NOT_TRAINED)] \
+        if isinstance(answer, list) else None
     return said is not None and not "".join(m["content"] for m in said).strip() and \
         not any(m.get("tool_calls") for m in said)
 

@@ -7,6 +7,7 @@ turns both answers share; a leading system turn is kept apart as the pair's syst
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from .records import Messages, PreferencePair
@@ -52,11 +53,11 @@ def _strip_prefix(answer: Messages, prompt: Messages) -> Messages:
 
 # --------------------------------------------------------------------------- one function a layout
 def _chat(row: Row) -> Converted:
-    return _message_pair(row, row.messages("chosen"), row.messages("rejected"),
+    return message_pair(row, row.messages("chosen"), row.messages("rejected"),
                          row.messages("prompt") if row.has("prompt") else None), None
 
 
-def _message_pair(row: Row, chosen: Messages, rejected: Messages, full_prompt: Messages | None) -> PreferencePair:
+def message_pair(row: Row, chosen: Messages, rejected: Messages, full_prompt: Messages | None) -> PreferencePair:
     """A pair of message lists, with the prompt given or (None) the run of turns the answers share."""
     if full_prompt is None:
         pair = _conversations(row, chosen, rejected)
@@ -101,10 +102,10 @@ def _sharegpt(row: Row) -> Converted:
 
 def _openai(row: Row) -> Converted:
     prompt = row.messages("messages")
-    return _message_pair(row, _answer(row, "chosen"), _answer(row, "rejected"), prompt), None
+    return message_pair(row, answer_messages(row, "chosen"), answer_messages(row, "rejected"), prompt), None
 
 
-def _answer(row: Row, key: str) -> Messages:
+def answer_messages(row: Row, key: str) -> Messages:
     """An answer given as messages, or as a string: one assistant turn."""
     value = row.get(key)
     return row.messages(key, {"role": "assistant", "content": value} if isinstance(value, str) else value)
@@ -117,7 +118,7 @@ def _openai_preference(row: Row) -> Converted:
     if not isinstance(value, dict):
         raise row.error(f"'input' must be an object holding 'messages', got {type_name(value)}")
     given = Row(value, row.where, row.fmt, row.expects)
-    pair = _message_pair(given, _answer(row, "preferred_output"), _answer(row, "non_preferred_output"),
+    pair = message_pair(given, answer_messages(row, "preferred_output"), answer_messages(row, "non_preferred_output"),
                          given.messages("messages"))
     pair.system = row.system_beside(pair.system)  # a system column beside `input`, as beside other layouts
     row.unread_parts.update(f"input.{key}" for key in given.unused())
@@ -125,7 +126,7 @@ def _openai_preference(row: Row) -> Converted:
 
 
 def _chat_messages(row: Row) -> Converted:
-    return _message_pair(row, row.messages("chosen_messages"), row.messages("rejected_messages"), None), None
+    return message_pair(row, row.messages("chosen_messages"), row.messages("rejected_messages"), None), None
 
 
 def _swift(row: Row) -> Converted:
@@ -135,26 +136,26 @@ def _swift(row: Row) -> Converted:
     if not row.value.get("messages") and row.holds("query"):
         prompt = history_turns(row) + [question_turn(row, "query")]
         chosen = [{"role": "assistant", "content": row.text("response")}]
-        pair = PreferencePair(prompt, chosen, _answer(row, "rejected_response"), system_field(row), row.where,
+        pair = PreferencePair(prompt, chosen, answer_messages(row, "rejected_response"), system_field(row), row.where,
                               row.tools(), text_fields=True)
         return pair, None
     turns = row.messages("messages")
     if not turns or turns[-1]["role"] != "assistant":
         raise row.error("'messages' must end with the chosen assistant turn, which 'rejected_response' answers "
                         "against")
-    rejected = _answer(row, "rejected_response")
+    rejected = answer_messages(row, "rejected_response")
     system, prompt = split_system(turns[:-1])
     return PreferencePair(prompt, turns[-1:], rejected, row.system_beside(system), row.where, row.tools()), None
 
 
 def _helpsteer3(row: Row) -> Converted:
     """HelpSteer3's pairs: the conversation so far in `context`, two answers, and `overall_preference` from -3
-    (response1 much better) to 3 (response2 much better); 0, no preference, is refused."""
+    (response1 much better) to 3 (response2 much better); its size is the score gap. At 0 the raters prefer
+    neither: the gap is 0 and the order means nothing (`load.read_pairs` drops such a pair, saying so)."""
     system, prompt = split_system(row.messages("context"))
     preference = row.number("overall_preference")
-    if preference == 0:
-        raise row.error("overall_preference is 0: the raters prefer neither response, so the pair teaches nothing; "
-                        "leave it out (--skip-bad-records drops such records)")
+    if not math.isfinite(preference):
+        raise row.error(f"overall_preference must be a number from -3 to 3, got {preference}")
     first, second = ([{"role": "assistant", "content": row.text(k)}] for k in ("response1", "response2"))
     chosen, rejected = (first, second) if preference < 0 else (second, first)
     return PreferencePair(prompt, chosen, rejected, row.system_beside(system), row.where), abs(preference)

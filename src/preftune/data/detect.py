@@ -38,8 +38,8 @@ FORMAT_KEYS = {
     "pku_better": "prompt, response_0, response_1, better_response_id (PKU-SafeRLHF: the more helpful answer "
                   "chosen)",
     "pku_safer": "prompt, response_0, response_1, safer_response_id (PKU-SafeRLHF: the safer answer chosen)",
-    "chosen_response": "chosen_response, rejected_response (NeMo-Aligner, argilla), with prompt (text) or "
-                       "instruction (turns: optional input, system)",
+    "chosen_response": "chosen_response, rejected_response (NeMo-Aligner, argilla), with prompt (text, or messages "
+                       "with the answers as messages) or instruction (turns: optional input, system)",
     "helpsteer3": "context (message list), response1, response2, overall_preference (HelpSteer3: below 0, "
                   "response1 preferred; above 0, response2)",
     "stack_exchange": "question, response_j (preferred), response_k",
@@ -70,8 +70,8 @@ def _whole_conversations(value: dict) -> bool:
 # also fits a later rule, so a choice between two readings is never silent.
 _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("sharegpt", "it has 'conversations'", lambda v, k: "conversations" in k),
-    ("swift", "it has 'rejected_response' beside 'messages' or 'query'",
-     lambda v, k: "rejected_response" in k and bool({"messages", "query"} & k)),
+    ("swift", "it has 'rejected_response' beside 'messages', or 'query' and 'response'",
+     lambda v, k: "rejected_response" in k and ("messages" in k or {"query", "response"} <= k)),
     # UltraFeedback-binarized copies carry `messages` too, a copy of the chosen conversation: not a prompt
     ("openai", "it has 'messages'", lambda v, k: "messages" in k and not _whole_conversations(v)),
     ("openai_preference", "it has preferred_output/non_preferred_output",

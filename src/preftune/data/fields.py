@@ -13,7 +13,7 @@ import os
 import re
 from typing import Callable
 
-from .conversations import Converted, shared_turns
+from .conversations import Converted, answer_messages, message_pair, shared_turns
 from .records import Messages, PreferencePair
 from .rows import Row, type_name
 from .turns import QUESTIONS, history_turns, question_turn, system_field
@@ -122,10 +122,10 @@ def _pku(rated_by: str) -> Callable[[Row], Converted]:
     """PKU-SafeRLHF's pairs: `prompt`, `response_0`, `response_1`, and the id (0 or 1) of the answer `rated_by`
     prefers; the user's turn and the answers are text fields."""
     def convert(row: Row) -> Converted:
-        chosen = row.get(rated_by)
-        chosen = int(chosen) if isinstance(chosen, str) and chosen.strip() in ("0", "1") else chosen  # CSV cells
-        if isinstance(chosen, bool) or chosen not in (0, 1):
-            raise row.error(f"{rated_by!r} must be 0 or 1 (the index of the preferred response), got {chosen!r:.40}")
+        if isinstance(row.get(rated_by), bool) or row.number(rated_by) not in (0, 1):  # 1, "1" (CSV) and 1.0 alike
+            raise row.error(f"{rated_by!r} must be 0 or 1 (the index of the preferred response), got "
+                            f"{row.get(rated_by)!r:.40}")
+        chosen = int(row.number(rated_by))
         answers = row.text("response_0"), row.text("response_1")
         return _turn_fields(row, [{"role": "user", "content": row.text("prompt")}], answers[chosen],
                             answers[1 - chosen])
@@ -133,8 +133,12 @@ def _pku(rated_by: str) -> Callable[[Row], Converted]:
 
 
 def _chosen_response(row: Row) -> Converted:
-    """Answers named chosen_response / rejected_response (NeMo-Aligner, argilla): beside a `prompt`, text as a
-    text pair is (NeMo-Aligner's prompts are rendered already); beside a question field, turns as alpaca's are."""
+    """Answers named chosen_response / rejected_response (NeMo-Aligner, argilla): beside a text `prompt`, text as
+    a text pair is (NeMo-Aligner's prompts are rendered already); beside a prompt of messages, messages (its
+    other form); beside a question field, turns as alpaca's are."""
+    if isinstance(row.get("prompt") if row.holds("prompt") else None, list):  # NeMo-Aligner's message form
+        chosen, rejected = (answer_messages(row, k) for k in ("chosen_response", "rejected_response"))
+        return message_pair(row, chosen, rejected, row.messages("prompt")), None
     chosen, rejected = row.text("chosen_response"), row.text("rejected_response")
     if row.filled("prompt") or not any(row.filled(k) for k in QUESTIONS):
         return PreferencePair(row.text("prompt"), chosen, rejected, row.optional_text("system"), row.where), None

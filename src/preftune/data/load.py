@@ -16,6 +16,10 @@ from .unpaired import UNPAIRED_FORMATS, UNPAIRED_KEYS, detect_unpaired, read_unp
 T = TypeVar("T")
 
 
+# Formats whose tie (score gap 0) leaves no answer chosen: such a pair is dropped and counted, never trained.
+UNORDERED_TIES = ("helpsteer3",)
+
+
 class SourceError(DataError):
     """A problem of the whole source (unknown format, no scores), which skipping records cannot fix."""
 
@@ -75,6 +79,10 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
             _check_scored(report.format, min_score_gap, source)
         pair, gap, unused = read_pair(value, report.format, where)
         report.unused_keys.update(unused)
+        if gap == 0 and report.format in UNORDERED_TIES:
+            report.skipped.append(f"{where}: dropped, the raters prefer neither answer (a tie: the pair has no "
+                                  "chosen one)")
+            return None
         if min_score_gap is not None and gap is None:
             raise DataError(f"{where}: no scores to apply --min-score-gap to (score_chosen and score_rejected, "
                             "or score_A and score_B)")

@@ -33,6 +33,8 @@ def read_prompts(source, what: str = "--prompts", split: str = "train") -> tuple
         if isinstance(row, str) or _messages(row):
             row = {"prompt": row}
         layout, note = detect(row) if isinstance(row, dict) else (None, None)
+        if layout is None and isinstance(row, dict) and {"better_response_id", "safer_response_id"} <= set(row):
+            layout = "pku_better"  # rated two ways, which decides only which answer is chosen: not read here
         if isinstance(row, dict) and "prompt" in row and set(row) <= {"prompt", "system", *OWN_KEYS, *ANSWER_KEYS}:
             prompt, system = row["prompt"], row.get("system") or None  # a blank CSV cell: no system prompt
             kwargs = Row(row, where, "prompts", PROMPT_KEYS).template_kwargs()
