@@ -213,3 +213,28 @@ def test_sigterm_during_a_run_in_memory_stops_the_process(tmp_path, tiny_model_d
                           text=True, timeout=120)
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     assert "the script went on" not in proc.stdout
+
+
+def test_a_worker_forked_before_it_sets_its_handlers_dies_of_sigterm_quietly():
+    """A SIGTERM to the process group could reach a tokenising worker between its fork and its own handlers: it
+    ran the parent's handler, raising Terminated there ("Process ForkProcess-2: Traceback ...") or printing a
+    second "received" line. In a forked child the handlers now do what the signal does by default (a worker
+    ignores Ctrl-C, which its parent handles)."""
+    from preftune.training.signals import StopOnSignal, terminated_as_interrupt
+
+    def child_status(signum):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.kill(os.getpid(), signum)
+            os._exit(7)
+        return os.waitpid(pid, 0)[1]
+
+    with terminated_as_interrupt():
+        status = child_status(signal.SIGTERM)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    stop = StopOnSignal()
+    with stop:
+        status = child_status(signal.SIGTERM)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        assert os.waitstatus_to_exitcode(child_status(signal.SIGINT)) == 7  # ignored, so it went on
+    assert stop.signum is None  # the parent was not signalled

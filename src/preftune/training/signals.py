@@ -26,6 +26,7 @@ class StopOnSignal:
 
     def __init__(self, handle_signals: bool = True):
         self.handle_signals = handle_signals  # False: signals do to the process what they would without a run
+        self._owner = os.getpid()
         self.signum: int | None = None
         self.asked = False  # a stop asked for by the program itself (a callback), not by a signal
         self.finishing = False  # set once the last step is done: what remains is the final eval and model
@@ -42,6 +43,8 @@ class StopOnSignal:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
+        if _in_forked_child(self._owner, signum):
+            return
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
@@ -68,14 +71,29 @@ def terminated_as_interrupt():
         yield
         return
 
+    owner = os.getpid()
+
     def handle(signum, frame):
-        raise Terminated()
+        if not _in_forked_child(owner, signum):
+            raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handle)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _in_forked_child(owner: int, signum: int) -> bool:
+    """Whether a handler runs in a process forked from `owner` before that process set handlers of its own (a
+    tokenising worker signalled with its parent's process group): there the signal does what it does by default,
+    instead of a traceback from a worker or a second "received" line. Returns False in `owner` itself."""
+    if os.getpid() == owner:
+        return False
+    signal.signal(signum, signal.SIG_IGN if signum == signal.SIGINT else signal.SIG_DFL)
+    if signum != signal.SIGINT:  # a worker ignores Ctrl-C (the parent stops it); SIGTERM ends it
+        os.kill(os.getpid(), signum)
+    return True
 
 
 def resume_command(command: str) -> str:
