@@ -107,24 +107,24 @@ def run_show(args: argparse.Namespace) -> int:
         pairs, report = load_pairs(args.file, data_format=args.data_format, split=args.split, skip_bad_records=True)
     except SFTData:
         examples, report = read_sft_source(args.file, split=args.split, skip_bad_records=True)
-        require_some(examples, report)
-        _show_header(args, report, "examples", len(examples), tokenizer)
-        print("(SFT data: one answer a record; it is data for `preftune sft`, not for DPO)")
-        for example in examples[:args.n]:
-            _show_sft(example, tokenizer, args)
-        return 0
+        return _show_all(args, report, examples, "examples", tokenizer, _show_sft,
+                         "SFT data: one answer a record; it is data for `preftune sft`, not for DPO")
     except UnpairedData:
         examples, report = read_unpaired_source(args.file, data_format=args.data_format, split=args.split,
                                                 skip_bad_records=True)
-        require_some(examples, report)
-        _show_header(args, report, "records", len(examples), tokenizer)
-        print("(unpaired feedback: each record rates one answer; it is data for KTO, not for DPO)")
-        for example in examples[:args.n]:
-            _show_unpaired(example, tokenizer, args)
-        return 0
-    _show_header(args, report, "pairs", len(pairs), tokenizer)
-    for pair in pairs[:args.n]:
-        _show_pair(pair, tokenizer, args)
+        return _show_all(args, report, examples, "records", tokenizer, _show_unpaired,
+                         "unpaired feedback: each record rates one answer; it is data for KTO, not for DPO")
+    return _show_all(args, report, pairs, "pairs", tokenizer, _show_pair)
+
+
+def _show_all(args: argparse.Namespace, report, items: list, noun: str, tokenizer, show, note: str = "") -> int:
+    """The header, `note`, then the first -n `items`, each by `show`; a source of no usable item is an error."""
+    require_some(items, report)
+    _show_header(args, report, noun, len(items), tokenizer)
+    if note:
+        print(f"({note})")
+    for item in items[:args.n]:
+        show(item, tokenizer, args)
     return 0
 
 
