@@ -262,15 +262,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def fixture_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with the options every CPU benchmark here shares: the two fixtures and the thread count."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--fixture", default="/tmp/preftune-bench/base")
     ap.add_argument("--vocab-fixture", default="/tmp/preftune-bench/vocab151936",
                     help="Fixture with vocab 151,936 (built with make_fixture.py --vocab 151936); '' skips it.")
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def main() -> None:
+    ap = fixture_parser(__doc__)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--bs", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--only-default", action="store_true", help="Only TRL and preftune's default settings.")
     ap.add_argument("--check-pairs", type=int, default=64)
