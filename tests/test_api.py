@@ -378,6 +378,15 @@ def test_a_callback_stop_with_a_folder_checkpoints_and_resumes_to_the_same_end(t
     assert all(torch.equal(again.model.state_dict()[k], a[k]) for k in a)
 
 
+def test_every_callback_sees_every_row_when_one_of_them_stops(tiny_model_dir, pairs):
+    stopper, watcher = [], []
+    result = preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=None, **SETTINGS,
+                            callbacks=[lambda row: stopper.append(row["step"]) or ("stop" if row["step"] == 2 else
+                                                                                  None),
+                                       lambda row: watcher.append(row["step"])])
+    assert stopper == watcher == [1, 2] and result.stopped_at_step == 2
+
+
 # ---------------------------------------------------------------------------------- config, errors, quiet
 
 def test_config_then_keywords_and_quiet_by_default(tiny_model_dir, pairs, tmp_path, capsys):
@@ -401,6 +410,37 @@ def test_in_memory_runs_say_their_data_counts_and_what_an_epoch_leaves_out(tiny_
                    **{**SETTINGS, "max_steps": 1})
     assert ("an epoch takes 8 of the 12 in steps of 8 (2 batches) (the other 4, drawn anew each epoch, are left out "
             "of it)") in capsys.readouterr().out
+
+
+def test_a_quiet_run_that_leaves_data_out_says_so_and_returns_the_counts(tiny_model_dir, pairs, caplog, capsys):
+    """A quiet run (the library's default) dropped and skipped records without a word, and returned no counts."""
+    long_prompt = {"prompt": "word " * 200, "chosen": "yes", "rejected": "no"}
+    data = [*pairs, {"prompt": "q", "chosen": None, "rejected": "no"}, long_prompt]
+    with caplog.at_level("WARNING", logger="preftune"):
+        result = preftune.train("dpo", model=tiny_model_dir, data=data, output_dir=None, skip_bad_records=True,
+                                **SETTINGS)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
+    assert line.startswith("data: 1 record skipped (the first: data record 17: ")
+    assert "17 records (text) -> 16 used, 0 truncated, 1 dropped (prompt alone over --max-length)" in line
+    assert result.data_stats == {"train": {"total": 17, "truncated": 0, "dropped": 1}, "skipped_records": 1,
+                                 "format": "text", "steps": 4}
+    assert capsys.readouterr().out == ""
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="preftune"):  # all of the data, in whole steps: nothing to say
+        whole = preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=None, **SETTINGS)
+    assert not [r for r in caplog.records if r.getMessage().startswith("data: ")]
+    assert whole.data_stats["train"] == {"total": 16, "truncated": 0, "dropped": 0}
+
+
+def test_the_library_leaves_transformers_logging_as_it_found_it(tiny_model_dir, pairs, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_info()
+    try:
+        preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=tmp_path / "run", **SETTINGS)
+        assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity_warning()
 
 
 def test_accumulation_equals_one_big_batch_over_epochs(tiny_model_dir, pairs):
@@ -444,6 +484,12 @@ def test_a_trainconfig_object_takes_the_stage_of_the_call(tiny_model_dir, pairs,
     (dict(learning_rate=1e-3), preftune.ConfigError, "'learning_rate'; that is TRL's name: here it is 'lr'"),
     (dict(model=3), preftune.ConfigError, "model: expected a transformers model"),
     (dict(config={"stage": "sft"}), preftune.ConfigError, "is a sft config"),
+    (dict(config=preftune.TrainConfig(stage="sft")), preftune.ConfigError, "is a sft config"),
+    (dict(loss="ipo", label_smoothing=0.2), preftune.ConfigError,
+     "label_smoothing: no loss of 'ipo' reads it (it applies to sigmoid, robust,"),
+    (dict(simpo_gamma=1.0), preftune.ConfigError, "simpo_gamma: no loss of 'sigmoid' reads it (it applies to simpo)"),
+    (dict(loss="orpo", precompute_ref=True), preftune.ConfigError,
+     "precompute_ref: loss 'orpo' compares with no reference model"),
 ])
 def test_mistakes_raise_preftune_errors_with_one_line_messages(tiny_model_dir, pairs, call, error, message):
     model, tokenizer = load(tiny_model_dir)

@@ -29,6 +29,7 @@ from .models.precision import pick_device, pick_dtype
 from .report.tracking import METRICS_FILE
 from .scoring import ScoreReport, score_records
 from .training.loop import execute
+from .training.run_dir import DATA_STATS
 from .training.setup import release
 
 Callback = Callable[[dict], Any]
@@ -43,7 +44,9 @@ class TrainResult:
     was trained with. `metrics`: the last training row, updated with the final eval row when there was eval
     data. `history`: every metrics row in order, as in metrics.jsonl (eval rows hold `eval_*` keys).
     `output_dir`: the run folder, or None for a run in memory. `stopped_at_step`: set when a callback (or a
-    signal) stopped the run before its last step.
+    signal) stopped the run before its last step. `data_stats`: what of the data the run trained on, as the run
+    folder's data_stats.json holds it: records and examples truncated or dropped (`train`, `eval`), records
+    skipped (`skipped_records`), the layout read (`format`) and the planned `steps`.
     """
 
     model: Any
@@ -52,6 +55,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     output_dir: Path | None = None
     stopped_at_step: int | None = None
+    data_stats: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -178,6 +182,8 @@ def train_from_config(cfg: TrainConfig, *, inputs: RunInputs | None = None,
     else:  # resume found the run finished: hand back what it saved
         model, tokenizer = _load_finished(cfg) if load_finished else (None, None)
         history = _read_history(out_dir)
+        stats = out_dir / DATA_STATS
+        outcome.data_stats = json.loads(stats.read_text()) if stats.is_file() else {}
     if model is not None:
         if model is not given:  # a model loaded from a path, or the peft wrapper lora_r put on the given one
             release(model)
@@ -185,7 +191,7 @@ def train_from_config(cfg: TrainConfig, *, inputs: RunInputs | None = None,
     metrics = dict(outcome.final)
     if outcome.stopped_at is not None:
         metrics["stopped_at_step"] = outcome.stopped_at
-    return TrainResult(model, tokenizer, metrics, history, out_dir, outcome.stopped_at)
+    return TrainResult(model, tokenizer, metrics, history, out_dir, outcome.stopped_at, outcome.data_stats)
 
 
 def _check_reading(*, batch_size: int, max_length: int, limit: int | None, device: str, dtype: str,
@@ -342,8 +348,11 @@ def _config_values(config, stage: str) -> dict:
         values: dict = {}
     elif isinstance(config, TrainConfig):
         values = config.to_dict()
-        # A dataclass cannot say whether stage or quiet were set: the stage argument and the API's default apply.
-        del values["quiet"], values["stage"]
+        # A dataclass cannot say whether stage or quiet were set: the stage argument and the API's default apply,
+        # unless the stage differs from the field's default (set, then, and not this run's).
+        del values["quiet"]
+        if values["stage"] == TrainConfig.stage:
+            del values["stage"]
     elif isinstance(config, dict):
         values = dict(config)
     elif is_path(config):

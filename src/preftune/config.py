@@ -49,6 +49,15 @@ def applies_to(name: str, stage: str) -> bool:
     return stage in stages_of(name)
 
 
+def unknown_key(key, known, where: str) -> ConfigError:
+    """The error for a config key that is none of `known`: the nearest known name, or what TRL's name is here."""
+    hint = difflib.get_close_matches(str(key), list(known), n=1)
+    tip = f"; did you mean {hint[0]!r}?" if hint else ""
+    if key in TRL_NAMES:
+        tip = f"; that is TRL's name: here it is {TRL_NAMES[key]}"
+    return ConfigError(f"{where}: unknown key {key!r}{tip}")
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -266,14 +275,31 @@ class TrainConfig:
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
             raise ConfigError(f"max_prompt_length: must be between 1 and max_length-1 ({self.max_length - 1}), "
                               f"got {self.max_prompt_length}")
-        from .losses import parse_loss_spec
-
-        parse_loss_spec(self.loss)  # an unknown loss name fails here, listing the known ones
+        self._check_loss_fields()
         if self.stage == "rm" and self.fsdp:
             raise ConfigError("fsdp: not yet for reward models; train rm on one process or with plain data "
                               "parallelism (torchrun without --fsdp)")
         if self.load_in_4bit and not self.lora_r:
             raise ConfigError("load_in_4bit: 4-bit weights cannot be trained directly; set --lora-r too")
+
+    def _check_loss_fields(self) -> None:
+        """An unknown loss name, listing the known ones; on a DPO run, a field that none of its losses reads."""
+        from .losses import LOSSES, parse_loss_spec
+
+        names = [name for name, _ in parse_loss_spec(self.loss)]
+        if self.stage != "dpo":
+            return
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in ("label_smoothing", "simpo_gamma"):
+            if getattr(self, name) != defaults[name] and not any(name in LOSSES[n].reads for n in names):
+                readers = ", ".join(n for n, spec in LOSSES.items() if name in spec.reads)
+                raise ConfigError(f"{name}: no loss of {self.loss!r} reads it (it applies to {readers}); drop "
+                                  f"--{name.replace('_', '-')}, or choose one of those losses")
+        if not any(LOSSES[n].needs_reference for n in names):
+            for name in ("ref_model", "precompute_ref", "ref_cache_dir"):
+                if getattr(self, name) != defaults[name]:
+                    raise ConfigError(f"{name}: loss {self.loss!r} compares with no reference model; drop "
+                                      f"--{name.replace('_', '-')} (or choose a loss that uses a reference)")
 
     def require_paths(self) -> None:
         """The fields a training run cannot start without."""
@@ -299,11 +325,7 @@ class TrainConfig:
         known = {f.name: f for f in fields(cls)}
         for key in values:
             if key not in known:
-                hint = difflib.get_close_matches(str(key), known, n=1)
-                tip = f"; did you mean {hint[0]!r}?" if hint else ""
-                if key in TRL_NAMES:
-                    tip = f"; that is TRL's name: here it is {TRL_NAMES[key]}"
-                raise ConfigError(f"{where}: unknown key {key!r}{tip}")
+                raise unknown_key(key, known, where)
         coerced = {key: coerce_field(known[key], value, where) for key, value in values.items()}
         return cls(**coerced)
 

@@ -90,6 +90,7 @@ class LossSpec:
     needs_lengths: bool
     paper: str
     description: str
+    reads: tuple[str, ...] = ()  # the config fields it reads besides beta (a field no loss of a run reads is refused)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -255,15 +256,20 @@ def orpo_loss(p: Pairs) -> Tensor:
     return nll - p.beta * F.logsigmoid(log_odds)
 
 
-def _spec(fn: LossFn, paper: str, description: str, *, reference: bool = True, lengths: bool = False) -> LossSpec:
-    return LossSpec(fn=fn, needs_reference=reference, needs_lengths=lengths, paper=paper, description=description)
+def _spec(fn: LossFn, paper: str, description: str, *, reference: bool = True, lengths: bool = False,
+          reads: tuple[str, ...] = ()) -> LossSpec:
+    return LossSpec(fn=fn, needs_reference=reference, needs_lengths=lengths, paper=paper, description=description,
+                    reads=reads)
+
+
+_SMOOTHED = ("label_smoothing",)
 
 
 LOSSES: dict[str, LossSpec] = {
     "sigmoid": _spec(sigmoid_loss, "Rafailov et al. 2023; Mitchell 2023",
-                     "DPO's logistic loss on the margin; label_smoothing gives conservative DPO"),
+                     "DPO's logistic loss on the margin; label_smoothing gives conservative DPO", reads=_SMOOTHED),
     "robust": _spec(robust_loss, "Chowdhury et al. 2024",
-                    "DPO corrected for labels flipped at rate label_smoothing"),
+                    "DPO corrected for labels flipped at rate label_smoothing", reads=_SMOOTHED),
     "ipo": _spec(ipo_loss, "Azar et al. 2023",
                  "squared distance of the per-token margin from 1/(2β)", lengths=True),
     "hinge": _spec(hinge_loss, "Zhao et al. 2023 (SLiC)", "hinge on β times the margin"),
@@ -277,17 +283,18 @@ LOSSES: dict[str, LossSpec] = {
     "apo_down": _spec(apo_down_loss, "D'Oosterlinck et al. 2024",
                       "lower both, rejected more; chosen answers worse than the model's"),
     "exo_pair": _spec(exo_pair_loss, "Ji et al. 2024",
-                      "reverse KL to the smoothed label instead of DPO's forward KL"),
+                      "reverse KL to the smoothed label instead of DPO's forward KL", reads=_SMOOTHED),
     "discopop": _spec(discopop_loss, "Chris Lu et al. 2024",
                       "logistic and exponential losses blended by the margin (tau 0.05)"),
     "sigmoid_norm": _spec(sigmoid_norm_loss, "TRL's length-normalised DPO",
-                          "DPO's logistic loss on the margin of per-token mean log-ratios", lengths=True),
+                          "DPO's logistic loss on the margin of per-token mean log-ratios", lengths=True,
+                          reads=_SMOOTHED),
     "aot": _spec(aot_loss, "Melnyk et al. 2024", "the batch's sorted policy margins against its sorted reference "
-                 "margins (a loss of the batch, not of each pair)"),
+                 "margins (a loss of the batch, not of each pair)", reads=_SMOOTHED),
     "aot_unpaired": _spec(aot_unpaired_loss, "Melnyk et al. 2024",
-                          "the batch's sorted chosen log-ratios against its sorted rejected ones"),
+                          "the batch's sorted chosen log-ratios against its sorted rejected ones", reads=_SMOOTHED),
     "simpo": _spec(simpo_loss, "Meng et al. 2024", "reference-free margin of mean log-probs minus simpo_gamma",
-                   reference=False, lengths=True),
+                   reference=False, lengths=True, reads=(*_SMOOTHED, "simpo_gamma")),
     "orpo": _spec(orpo_loss, "Hong et al. 2024", "chosen NLL plus a log odds-ratio penalty; reference-free",
                   reference=False, lengths=True),
 }

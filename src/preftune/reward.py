@@ -25,7 +25,7 @@ from .io import absolute_if_local
 from .logps.limits import limits_of, switch_calls
 from .logps.parts import LMWrapper, attention_backends, compute_precision
 from .models.load import (ADAPTER_CONFIG, check_source, given_tokenizer, is_adapter_folder, load_adapter_base,
-                          load_tokenizer, quiet_peft, require_peft)
+                          load_tokenizer, quiet_peft, require_peft, transformers_quiet)
 
 _HEAD_SUFFIX = "ForSequenceClassification"
 
@@ -138,6 +138,7 @@ def training_pad_token(model, tokenizer) -> str | None:
             f"trained and as `preftune score` reads it, so the tokenizer pads with that one")
 
 
+@transformers_quiet()
 def start_reward_model(name_or_path: str, *, device, dtype, trust_remote_code: bool = False,
                        quantization_config=None, flag: str = "--model"):
     """A model to train as a reward model: a causal LM checkpoint (or a reward model) loaded as
@@ -145,9 +146,8 @@ def start_reward_model(name_or_path: str, *, device, dtype, trust_remote_code: b
     transformers from the torch random state (seed it first, as TRL does); its LM head is left out."""
     from transformers import AutoConfig
 
-    from .models.load import _load_error, _quiet_transformers
+    from .models.load import _load_error
 
-    _quiet_transformers()
     check_source(name_or_path, "model", flag)
     if is_adapter_folder(name_or_path):
         raise ModelError(f"{flag} {name_or_path}: a LoRA adapter folder; train a reward model from a full model "
@@ -176,6 +176,7 @@ def start_reward_model(name_or_path: str, *, device, dtype, trust_remote_code: b
     return model
 
 
+@transformers_quiet()
 def load_reward_model(name_or_path: str | Path, *, device=None, dtype=torch.float32, trust_remote_code: bool = False,
                       flag: str = "--model", tokenizer=None):
     """(model, tokenizer) of a trained reward model folder (or Hub id), frozen, in eval mode, on `device`; the
@@ -184,11 +185,8 @@ def load_reward_model(name_or_path: str | Path, *, device=None, dtype=torch.floa
     The folder must hold a scalar head: a `...ForSequenceClassification` config with `num_labels=1` and its
     `score` weights, or a LoRA adapter of `preftune rm` (task SEQ_CLS, the head saved with it). A plain causal LM
     is refused (`ModelError`): scoring with a random head would give numbers that mean nothing."""
-    from .models.load import _quiet_transformers
-
     name = str(name_or_path)
     device = torch.device("cpu") if device is None else torch.device(device)
-    _quiet_transformers()
     check_source(name, "model", flag)
     if is_adapter_folder(name):
         model = _load_adapter_reward_model(Path(name), device, dtype, trust_remote_code, flag)

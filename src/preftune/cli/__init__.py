@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # transformers' warnings below errors off for the whole process (when imported; a setting of the user's
+    # wins): the library turns them off for its own calls only.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a reader that left early (`| head`) shows up here, not at interpreter exit

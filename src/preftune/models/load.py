@@ -77,19 +77,29 @@ def _check_hub(repo: str, flag: str, markers: tuple[str, ...]) -> None:
         raise ModelError(f"{head}, and the Hub could not be reached ({first})") from None
 
 
-def _quiet_transformers() -> None:
-    """Our own progress display is enough; transformers' per-load bars would interleave with it."""
+@contextmanager
+def transformers_quiet():
+    """transformers' progress bars and messages below errors off inside (a decorator too): our own progress
+    display is enough, and theirs would interleave with it. The settings found are back on exit, so a library
+    call leaves the caller's logging as it was (the command line turns the messages off for its whole process).
+    """
     from transformers.utils import logging as hf_logging
 
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
+@transformers_quiet()
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, flag: str = "--model"):
     """The tokenizer of a folder or Hub id; `flag` is the option that named it, for messages."""
     from transformers import AutoTokenizer
-
-    _quiet_transformers()
 
     check_source(name_or_path, "tokenizer", flag)
     try:
@@ -142,6 +152,7 @@ def _load_error(name_or_path: str, exc: Exception, config=None) -> ModelError:
     return ModelError(f"model {name_or_path}: cannot be loaded ({msg})")
 
 
+@transformers_quiet()
 def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
                quantization_config=None, flag: str = "--model"):
     """A causal LM, on `device` in `dtype`. Remote code runs only with `trust_remote_code`.
@@ -152,7 +163,6 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, t
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _quiet_transformers()
     check_source(name_or_path, "model", flag)
     if is_adapter_folder(name_or_path):  # a LoRA run folder: its base model plus the adapter
         return load_adapter_model(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -217,6 +227,7 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
 
 
+@transformers_quiet()
 def load_adapter_model(path: str | Path, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
     """Base model named in `adapter_config.json`, with the saved adapter on top (a peft model)."""
     peft = require_peft()
@@ -305,13 +316,13 @@ def _cache_as_loaded(model):
         config.use_cache = now
 
 
+@transformers_quiet()
 def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
     """Hugging Face format (safetensors + config + tokenizer): loadable by `AutoModelForCausalLM.from_pretrained`.
 
     `state_dict`: the weights to write instead of the model's own (the gathered copy of a sharded model).
     A peft model writes only its adapter.
     """
-    _quiet_transformers()
     out_dir.mkdir(parents=True, exist_ok=True)
     with _cache_as_loaded(model):
         model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)

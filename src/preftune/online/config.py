@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import TrainConfig, _f, coerce_field
+from ..config import TrainConfig, _f, coerce_field, unknown_key
 from ..errors import ConfigError
 
 REF_UPDATES = ("none", "round")
@@ -123,6 +123,10 @@ class OnlineConfig:
         mine = {k: coerce_field(own[k], v, where) for k, v in values.items() if k in own}
         dpo = dict(values.get("dpo") or {})
         dpo.update({k: v for k, v in values.items() if k not in own and k != "dpo"})
+        steps = {f.name for f in fields(TrainConfig)}
+        for key in dpo:
+            if key not in steps:  # a typo of either kind of key: the nearest name of both
+                raise unknown_key(key, [*own, *steps], where)
         if dpo.get("stage") == "online":
             del dpo["stage"]
         return cls(**mine, dpo=dpo)

@@ -6,6 +6,7 @@ loss or which stage it runs.
 
 from __future__ import annotations
 
+import logging
 import math
 import shlex
 import sys
@@ -36,6 +37,7 @@ from .optim import build_optimizer, clip_grad_norm
 from .setup import build, loaded_dtype
 from .signals import StopOnSignal, resume_command, terminated_as_interrupt
 
+logger = logging.getLogger(__name__)  # `log` is the run's metrics-row function below
 STOP = "stop"  # what a callback returns to end the run after the current step
 
 
@@ -149,6 +151,7 @@ class Outcome:
     history: list[dict]
     setup: object | None = None       # setup.Setup; None when a finished run was found and nothing ran
     stopped_at: int | None = None     # the step a signal or a callback stopped the run after
+    data_stats: dict = field(default_factory=dict)  # run_dir.data_counts: what of the data it trained on
 
 
 def execute(cfg: TrainConfig, *, command: str, inputs=None, callbacks=(), in_memory: bool = False,
@@ -210,9 +213,11 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
     train_items, eval_items = setup.train_items, setup.eval_items
     pad_id = tokenizer.pad_token_id
     global_batch = cfg.batch_size * env.world_size
+    start_line, counts = rundir.describe_start(cfg, setup, steps, global_batch), rundir.data_counts(setup, steps)
     if env.is_main and not cfg.quiet:  # in memory too: the counts of truncated and dropped examples are said
-        print("\n".join([rundir.describe_start(cfg, setup, steps, global_batch), *setup.notes]),
-              flush=True)
+        print("\n".join([start_line, *setup.notes]), flush=True)
+    elif env.is_main and rundir.leaves_out(setup, global_batch * cfg.grad_accum):
+        logger.warning(start_line)  # a quiet run (the library's default) still says what of the data it leaves out
 
     objective = make_objective(cfg, env, router_aux_coef=setup.router_aux_coef, margins=setup.margins)
     policy_logps: AnswerLogpModule = setup.policy_logps
@@ -234,7 +239,8 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
     def log(row: dict) -> None:
         tracker.log(row)
         history.append(row)
-        if any(fn(dict(row)) == STOP for fn in callbacks):
+        answers = [fn(dict(row)) for fn in callbacks]  # every callback sees every row, a stop among them or not
+        if STOP in answers:
             stop.request()
 
     last: dict = {}
@@ -294,7 +300,7 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
             print(f"preftune: stopped after step {state.step} of {steps}; checkpoint written. Resume with: "
                   f"{resume_hint}{under}", flush=True)
         shutdown(env)
-        return Outcome(final, history, setup, stopped_at=state.step)
+        return Outcome(final, history, setup, stopped_at=state.step, data_stats=counts)
     with stop:  # a preemption notice while the final model is written lets the write finish (a second aborts)
         stop.finishing = True
         tracker.close()
@@ -305,4 +311,4 @@ def _train(cfg: TrainConfig, command: str, env: DistEnv, device, precision, out_
         if writes:
             rundir.finish(out_dir, cfg, setup, final, command, state_dict=full_weights)
     shutdown(env)
-    return Outcome(final, history, setup)
+    return Outcome(final, history, setup, data_stats=counts)

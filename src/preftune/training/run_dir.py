@@ -245,19 +245,19 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
 def write_start(out_dir: Path, cfg: TrainConfig, setup, steps: int) -> None:
     """Write the resolved config and the data counts."""
     resolved(cfg).to_yaml(out_dir / CONFIG)
-    stats = {"train": setup.stats.as_dict(), "skipped_records": len(setup.report.skipped),
-             "format": setup.report.format, "steps": steps}
-    if setup.eval_stats is not None:
-        stats["eval"] = setup.eval_stats.as_dict()
-    atomic_write_json(out_dir / DATA_STATS, stats)
+    atomic_write_json(out_dir / DATA_STATS, data_counts(setup, steps))
 
 
 def describe_start(cfg: TrainConfig, setup, steps: int, global_batch: int) -> str:
     """One line for the log: the data counts and the steps (`global_batch`: examples a micro-batch takes over
     all processes)."""
-    s, used = setup.stats, len(setup.train_items)
-    line = (f"data: {s.total} records ({setup.report.format}) -> {used} used, {s.truncated} "
-            f"truncated, {s.dropped} dropped (prompt alone over --max-length), {len(setup.report.skipped)} skipped")
+    s, used, skipped = setup.stats, len(setup.train_items), len(setup.report.skipped)
+    line = "data: "
+    if skipped:  # not among the records counted next
+        line += (f"{skipped} record{'s' * (skipped != 1)} skipped (the first: {setup.report.skipped[0]}; `preftune "
+                 f"data check` lists them); ")
+    line += (f"{s.total} records ({setup.report.format}) -> {used} used, {s.truncated} truncated, {s.dropped} "
+             f"dropped (prompt alone over --max-length)")
     if setup.eval_items:
         line += f"; {len(setup.eval_items)} held out for eval"
     line += f"; {steps} steps"
@@ -268,6 +268,22 @@ def describe_start(cfg: TrainConfig, setup, steps: int, global_batch: int) -> st
         line += (f"; an epoch takes {used - left} of the {used} in {unit} (the other {left}, drawn anew each epoch, "
                  f"are left out of it)")
     return line
+
+
+def leaves_out(setup, step_examples: int) -> bool:
+    """Whether the run trains on less than all of its data: records skipped, examples truncated or dropped, or
+    an epoch that leaves out the examples short of a whole step (`step_examples`)."""
+    s = setup.stats
+    return bool(setup.report.skipped or s.truncated or s.dropped or len(setup.train_items) % step_examples)
+
+
+def data_counts(setup, steps: int) -> dict:
+    """The data counts of a run, as data_stats.json holds them and `TrainResult.data_stats` returns them."""
+    stats = {"train": setup.stats.as_dict(), "skipped_records": len(setup.report.skipped),
+             "format": setup.report.format, "steps": steps}
+    if setup.eval_stats is not None:
+        stats["eval"] = setup.eval_stats.as_dict()
+    return stats
 
 
 def finish(out_dir: Path, cfg: TrainConfig, setup, final: dict, command: str, *,
