@@ -59,6 +59,8 @@ EXAMPLES = [
     ("sharegpt", {"conversations": [{"from": "human", "value": "hi"}], "system": "Be kind.",
                   "chosen": "hello", "rejected": "no"},
      PreferencePair([U("hi")], [A("hello")], [A("no")], "Be kind.")),
+    ("ultrainteract", {"trajectory": [{"from": "user", "value": "hi"}], "chosen": "hello", "rejected": "no"},
+     PreferencePair([U("hi")], [A("hello")], [A("no")], None)),
     ("chat_messages", {"chosen_messages": [S("Be kind."), {"role": "user", "content": [{"type": "text", "value": "hi"}],
                                                         "loss_weight": 0.0}, A("hello")],
                        "rejected_messages": [S("Be kind."), U("hi"), {"role": "assistant",

@@ -735,3 +735,69 @@ def test_more_forms_of_the_newest_layouts():
     assert read({"query": "q", "history": [["h1", "h2"]], "chosen_response": "c", "rejected_response": "r"}) == (
         "chosen_response", None, [turn("user", "h1"), turn("assistant", "h2"), turn("user", "q")],
         [turn("assistant", "c")], [turn("assistant", "r")])
+
+
+# ------------------------------------------------------------- the sixth review's layouts (public datasets' forms)
+
+def test_text_answers_that_repeat_their_prompt_have_it_taken_off(jsonl_file):
+    """HH transcripts kept whole beside a `prompt` column were trained as prompt + prompt + answer."""
+    prompt = "\n\nHuman: Name a fruit.\n\nAssistant:"
+    rows = [{"prompt": prompt, "chosen": prompt + " Apple.", "rejected": prompt + " A car."},
+            {"prompt": "Say hi", "chosen": "Say hi there", "rejected": "Hello"}]  # one alone: as given
+    (whole, one), report = load_pairs(jsonl_file(rows))
+    assert report.format == "text"
+    assert (whole.prompt, whole.chosen, whole.rejected) == (prompt, " Apple.", " A car.")
+    assert (one.chosen, one.rejected) == ("Say hi there", "Hello")
+
+
+def test_ultrainteract_pairs_read_their_prompt_from_the_trajectory(jsonl_file):
+    """UltraInteract_pair's prompt turns are in `trajectory`; it was read as an implicit pair whose prompt was the
+    answers' shared first words, the question left unused."""
+    turns = [{"from": "user", "value": "Solve 2+2"}, {"from": "assistant", "value": "Step 1: 2+2 = 5"},
+             {"from": "user", "value": "Your answer is wrong."}]
+    rows = [{"task": "Math_CoT", "dataset": "gsm8k", "trajectory": turns, "chosen": "Step 1: 2+2 = 4.",
+             "rejected": "Step 1: 2+2 = 22.", "id": "2", "parent_id": "p2"}]
+    [pair], report = load_pairs(jsonl_file(rows))
+    assert report.format == "ultrainteract"
+    assert pair.prompt == [{"role": "user", "content": "Solve 2+2"}, {"role": "assistant", "content": "Step 1: 2+2 = 5"},
+                           {"role": "user", "content": "Your answer is wrong."}]
+    assert pair.chosen == [{"role": "assistant", "content": "Step 1: 2+2 = 4."}]
+    assert pair.rejected == [{"role": "assistant", "content": "Step 1: 2+2 = 22."}]
+    assert set(report.unused_keys) == {"task", "dataset", "id", "parent_id"}
+
+
+def test_step_dpo_reasoning_steps_go_after_the_prompt(jsonl_file):
+    """Math-Step-DPO's answers continue `initial_reason_steps`: the steps were left unused, and step 3 trained
+    right after the question."""
+    rows = [{"dataset": "MATH", "prompt": "What is 12*13?\n", "initial_reason_steps": "Step 1: 12*10 = 120.\n",
+             "chosen": "Step 2: 12*3 = 36, so 156.", "rejected": "Step 2: 12*3 = 32, so 152.",
+             "full_chosen": "Step 1: 12*10 = 120.\nStep 2: 12*3 = 36, so 156.", "answer": "156"}]
+    [pair], report = load_pairs(jsonl_file(rows))
+    assert (report.format, pair.prompt) == ("text", "What is 12*13?\nStep 1: 12*10 = 120.\n")
+    assert pair.chosen == "Step 2: 12*3 = 36, so 156."
+    assert set(report.unused_keys) == {"dataset", "full_chosen", "answer"}
+
+
+def test_magpie_pairs_of_whole_conversations_beside_an_instruction_are_chat(jsonl_file):
+    """Magpie's DPO sets were taken for alpaca (for `instruction`) and every record refused: 'chosen' must be a
+    string."""
+    user = {"role": "user", "content": "Name a fruit."}
+    rows = [{"instruction": "Name a fruit.", "chosen": [user, {"role": "assistant", "content": "Apple."}],
+             "rejected": [user, {"role": "assistant", "content": "A car."}], "difficulty": "easy"}]
+    [pair], report = load_pairs(jsonl_file(rows))
+    assert (report.format, pair.prompt, pair.chosen) == ("chat", [user], [{"role": "assistant", "content": "Apple."}])
+
+
+def test_string_answers_beside_a_prompt_of_messages_are_assistant_turns(jsonl_file):
+    user = [{"role": "user", "content": "Name a fruit."}]
+    [pair], report = load_pairs(jsonl_file([{"prompt": user, "chosen": "Apple.", "rejected": "A car."}]))
+    assert (report.format, pair.prompt) == ("chat", user)
+    assert (pair.chosen, pair.rejected) == ([{"role": "assistant", "content": "Apple."}],
+                                            [{"role": "assistant", "content": "A car."}])
+
+
+@pytest.mark.parametrize("answer", ["solution", "generated_solution"])
+def test_math_problems_and_their_solutions_are_sft_records(answer):
+    example, unused = read_sft({"problem": "What is 2+2?", answer: "4", "level": "Level 1"}, "m line 1")
+    assert example.prompt == [{"role": "user", "content": "What is 2+2?"}]
+    assert example.completion == [{"role": "assistant", "content": "4"}] and unused == ["level"]

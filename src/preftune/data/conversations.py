@@ -53,7 +53,8 @@ def _strip_prefix(answer: Messages, prompt: Messages) -> Messages:
 
 # --------------------------------------------------------------------------- one function a layout
 def _chat(row: Row) -> Converted:
-    return message_pair(row, row.messages("chosen"), row.messages("rejected"),
+    # A string answer beside a prompt of messages is that answer's assistant turn.
+    return message_pair(row, answer_messages(row, "chosen"), answer_messages(row, "rejected"),
                          row.messages("prompt") if row.has("prompt") else None), None
 
 
@@ -93,11 +94,15 @@ def _ultrafeedback(row: Row) -> Converted:
     return pair, gap
 
 
-def _sharegpt(row: Row) -> Converted:
-    system, prompt = split_system(sharegpt_messages(row, "conversations"))
-    system = row.system_beside(system)  # LLaMA-Factory's system column
-    chosen, rejected = sharegpt_messages(row, "chosen"), sharegpt_messages(row, "rejected")
-    return PreferencePair(prompt, chosen, rejected, system, row.where, row.tools()), None
+def _sharegpt_turns(key: str) -> Callable[[Row], Converted]:
+    """ShareGPT-style pairs: the prompt's `{from, value}` turns under `key` (LLaMA-Factory's `conversations`,
+    UltraInteract's `trajectory`), the answers as turns or strings."""
+    def convert(row: Row) -> Converted:
+        system, prompt = split_system(sharegpt_messages(row, key))
+        system = row.system_beside(system)  # LLaMA-Factory's system column
+        chosen, rejected = sharegpt_messages(row, "chosen"), sharegpt_messages(row, "rejected")
+        return PreferencePair(prompt, chosen, rejected, system, row.where, row.tools()), None
+    return convert
 
 
 def _openai(row: Row) -> Converted:
@@ -162,6 +167,7 @@ def _helpsteer3(row: Row) -> Converted:
 
 
 MESSAGE_LAYOUTS: dict[str, Callable[[Row], Converted]] = {
-    "chat": _chat, "ultrafeedback": _ultrafeedback, "sharegpt": _sharegpt, "openai": _openai,
+    "chat": _chat, "ultrafeedback": _ultrafeedback, "sharegpt": _sharegpt_turns("conversations"),
+    "ultrainteract": _sharegpt_turns("trajectory"), "openai": _openai,
     "openai_preference": _openai_preference, "chat_messages": _chat_messages, "swift": _swift,
     "helpsteer3": _helpsteer3}

@@ -14,9 +14,11 @@ from .rows import type_name
 
 # What each format reads, for detection messages and `--data-format` help.
 FORMAT_KEYS = {
-    "text": "prompt, chosen, rejected (strings), optional system",
+    "text": "prompt, chosen, rejected (strings), optional system, optional initial_reason_steps (Step-DPO: after the "
+            "prompt)",
     "implicit": "chosen, rejected (whole texts sharing a prompt)",
-    "chat": "chosen, rejected (message lists), optional prompt (message list), optional system, optional tools",
+    "chat": "chosen, rejected (message lists; strings beside a prompt of messages), optional prompt (message list), "
+            "optional system, optional tools",
     "hh": "chosen, rejected (\\n\\nHuman: / \\n\\nAssistant: transcripts)",
     "ultrafeedback": "chosen, rejected (message lists: answers, or whole conversations), prompt (string; needed "
                      "with answers alone), score_chosen, score_rejected",
@@ -26,6 +28,8 @@ FORMAT_KEYS = {
     "alpaca_ranking": "instruction (or input alone), optional input, output ([chosen, rejected]: LLaMA-Factory's "
                       "ranking form), optional system, history",
     "sharegpt": "conversations [{from, value}], chosen, rejected ({from, value} or strings), optional system, tools",
+    "ultrainteract": "trajectory ([{from, value}]: the prompt's turns, UltraInteract's pairs), chosen, rejected "
+                     "(strings)",
     "openai": "messages [{role, content}], chosen, rejected ({role, content}, lists of them, or strings), optional "
               "system, optional tools",
     "openai_preference": "input {messages, optional tools}, preferred_output, non_preferred_output ([{role, "
@@ -70,6 +74,7 @@ def _whole_conversations(value: dict) -> bool:
 # also fits a later rule, so a choice between two readings is never silent.
 _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("sharegpt", "it has 'conversations'", lambda v, k: "conversations" in k),
+    ("ultrainteract", "it has 'trajectory'", lambda v, k: "trajectory" in k),
     ("swift", "it has 'rejected_response' beside 'messages', or 'query' and 'response'",
      lambda v, k: "rejected_response" in k and ("messages" in k or {"query", "response"} <= k)),
     # UltraFeedback-binarized copies carry `messages` too, a copy of the chosen conversation: not a prompt
@@ -93,14 +98,16 @@ _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("pku_safer", "it has safer_response_id", lambda v, k: {"response_0", "response_1", "safer_response_id"} <= k
      and "better_response_id" not in k),
     ("shp", "it has human_ref_A/human_ref_B", lambda v, k: {"human_ref_A", "human_ref_B"} <= k),
-    ("alpaca", "it has 'instruction'", lambda v, k: "instruction" in k),
+    # Magpie's DPO sets keep the instruction beside answers that are whole conversations: those are chat's
+    ("alpaca", "it has 'instruction'", lambda v, k: "instruction" in k and not isinstance(v["chosen"], list)),
     ("orca", "it has 'question', or 'input' without 'prompt'",
      lambda v, k: ("question" in k or ("input" in k and not {"prompt", "instruction"} & k))
      and not isinstance(v["chosen"], list)),
     ("ultrafeedback", "its answers are message lists with a string prompt or with score_chosen/score_rejected",
      lambda v, k: isinstance(v["chosen"], list)
      and (isinstance(v.get("prompt"), str) or ("prompt" not in k and {"score_chosen", "score_rejected"} <= k))),
-    ("chat", "its answers are message lists", lambda v, k: isinstance(v["chosen"], list)),
+    ("chat", "its answers, or its prompt, are message lists",
+     lambda v, k: isinstance(v["chosen"], list) or isinstance(v.get("prompt"), list)),
     ("text", "it has a string 'prompt'", lambda v, k: "prompt" in k),
     ("hh", "its answers are Human/Assistant transcripts", lambda v, k: _strings(v, "chosen") and _hh_texts(v)),
     ("implicit", "its answers are strings", lambda v, k: _strings(v, "chosen")),

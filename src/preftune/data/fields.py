@@ -57,10 +57,20 @@ def hh_transcript(messages: Messages, system: str | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- one function a layout
+def _after_prompt(prompt: str, chosen: str, rejected: str) -> tuple[str, str]:
+    """The two answers without the prompt when both begin with it (whole texts kept beside their prompt, as
+    some copies of HH-RLHF do), so that it is trained once; as they are otherwise. Message lists are read so too."""
+    if prompt and chosen.startswith(prompt) and rejected.startswith(prompt):
+        return chosen[len(prompt):], rejected[len(prompt):]
+    return chosen, rejected
+
+
 def _text(row: Row) -> Converted:
-    pair = PreferencePair(row.text("prompt"), row.text("chosen"), row.text("rejected"),
-                          row.optional_text("system"), row.where)
-    return pair, None
+    prompt = row.text("prompt")
+    if row.filled("initial_reason_steps"):  # Step-DPO: the steps before the first one the answers differ in
+        prompt += row.text("initial_reason_steps")
+    chosen, rejected = _after_prompt(prompt, row.text("chosen"), row.text("rejected"))
+    return PreferencePair(prompt, chosen, rejected, row.optional_text("system"), row.where), None
 
 
 def _implicit(row: Row) -> Converted:
@@ -141,7 +151,9 @@ def _chosen_response(row: Row) -> Converted:
         return message_pair(row, chosen, rejected, row.messages("prompt")), None
     chosen, rejected = row.text("chosen_response"), row.text("rejected_response")
     if row.filled("prompt") or not any(row.filled(k) for k in QUESTIONS):
-        return PreferencePair(row.text("prompt"), chosen, rejected, row.optional_text("system"), row.where), None
+        prompt = row.text("prompt")
+        return PreferencePair(prompt, *_after_prompt(prompt, chosen, rejected), row.optional_text("system"),
+                              row.where), None
     question = next(k for k in QUESTIONS if row.filled(k))
     return _turn_fields(row, history_turns(row) + [question_turn(row, question)], chosen, rejected)
 

@@ -19,11 +19,13 @@ from .rows import NOT_TRAINED, Row, filled, require_trained
 from .turns import QUESTIONS, history_turns, question_turn, sharegpt_messages, system_field
 
 SFT_KEYS = ("messages (message list), prompt + completion (or response; strings or message lists), "
-            "conversations, a question and its answer as text fields (instruction, question or query; output, "
-            "response or answer; optional input or context, system or system_prompt, history), or text")
+            "conversations, a question and its answer as text fields (instruction, question, query or problem; "
+            "output, response, answer, solution or generated_solution; optional input or context, system or "
+            "system_prompt, history), or text")
 # The answer of an SFT record written as text fields (the question's names are turns.QUESTIONS): Alpaca's
-# output, Dolly's and OpenOrca's response, GSM8K's answer, or a completion beside a question.
-SFT_ANSWERS = ("output", "response", "answer", "completion")
+# output, Dolly's and OpenOrca's response, GSM8K's answer, a completion beside a question, MATH's solution,
+# OpenMathInstruct's generated_solution.
+SFT_ANSWERS = ("output", "response", "answer", "completion", "solution", "generated_solution")
 
 
 def sft_fields(value: dict) -> tuple[str, str] | None:

@@ -348,8 +348,12 @@ def _parquet_records(path: Path, data: bytes) -> list[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # In memory arrow owns: a reader over Python's bytes lets its worker threads release them after the read,
+    # and one that does so while the interpreter exits aborts the process (exit code 134 after a finished run).
+    buffer = pa.allocate_buffer(len(data))
+    memoryview(buffer).cast("B")[:] = data
     try:
-        return pq.read_table(pa.BufferReader(data)).to_pylist()
+        return pq.read_table(pa.BufferReader(buffer)).to_pylist()
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
 

@@ -31,7 +31,7 @@ def sharegpt_messages(row: Row, key: str, value: Any = None) -> Messages:
     messages = []
     for i, turn in enumerate(turns):
         speaker = turn.get("from") if isinstance(turn, dict) else None
-        if speaker not in SHAREGPT_ROLE:
+        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLE:
             raise row.error(f"{key!r} turn {i + 1} must be an object whose 'from' is one of "
                             f"{', '.join(SHAREGPT_ROLE)}; got {turn!r:.80}")
         for part in turn:
@@ -59,7 +59,7 @@ def _function_call(row: Row, at: str, value: Any) -> dict:
 # A question and its parts written as text fields, as projects name them: the question (Alpaca and Dolly:
 # instruction; OpenOrca and GSM8K: question; ms-swift and MetaMath: query; else input), text joined after it
 # (Alpaca's input, Dolly's context), and the system prompt (OpenOrca's system_prompt). First found wins.
-QUESTIONS = ("instruction", "question", "query", "input")
+QUESTIONS = ("instruction", "question", "query", "input", "problem")  # the last: MATH, OpenMathInstruct
 EXTRA_INPUTS = ("input", "context")
 SYSTEM_FIELDS = ("system", "system_prompt")
 
