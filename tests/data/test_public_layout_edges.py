@@ -801,3 +801,16 @@ def test_math_problems_and_their_solutions_are_sft_records(answer):
     example, unused = read_sft({"problem": "What is 2+2?", answer: "4", "level": "Level 1"}, "m line 1")
     assert example.prompt == [{"role": "user", "content": "What is 2+2?"}]
     assert example.completion == [{"role": "assistant", "content": "4"}] and unused == ["level"]
+
+
+def test_an_implicit_pair_beside_a_key_of_turns_is_refused_not_given_a_guessed_prompt(jsonl_file):
+    """RLHFlow-style `context_messages` beside string answers: the turns were unused and the prompt guessed from the
+    answers' shared start (empty here, or their first words)."""
+    rows = [{"context_messages": [{"role": "user", "content": "Q1"}], "chosen": "Step 1: good",
+             "rejected": "Step 1: bad"}]
+    with pytest.raises(DataError, match=r"line 1: 'context_messages' holds conversation turns, likely the prompt, "
+                                        r"which an implicit pair .* name it 'prompt'"):
+        load_pairs(jsonl_file(rows))
+    renamed = [{"prompt": rows[0]["context_messages"], "chosen": "Step 1: good", "rejected": "Step 1: bad"}]
+    [pair], _ = load_pairs(jsonl_file(renamed))
+    assert pair.prompt == [{"role": "user", "content": "Q1"}]

@@ -73,7 +73,17 @@ def _text(row: Row) -> Converted:
     return PreferencePair(prompt, chosen, rejected, row.optional_text("system"), row.where), None
 
 
+def _holds_turns(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, dict) and ({"role", "content"} <= set(t) or {"from", "value"} <= set(t)) for t in value)
+
+
 def _implicit(row: Row) -> Converted:
+    turns = [key for key, value in row.value.items() if key not in ("chosen", "rejected") and _holds_turns(value)]
+    if turns:  # RLHFlow's context_messages, say: the real prompt, where the answers' shared start would be taken
+        raise row.error(f"{turns[0]!r} holds conversation turns, likely the prompt, which an implicit pair (its "
+                        f"prompt the answers' shared start) does not read; name it 'prompt' (the turns before "
+                        "the answers), or pass --data-format to read the record another way")
     chosen, rejected = row.text("chosen"), row.text("rejected")
     prompt = _shared_text_prompt(chosen, rejected)
     return PreferencePair(prompt, chosen[len(prompt):], rejected[len(prompt):], None, row.where), None
