@@ -432,6 +432,30 @@ def test_a_quiet_run_that_leaves_data_out_says_so_and_returns_the_counts(tiny_mo
     assert whole.data_stats["train"] == {"total": 16, "truncated": 0, "dropped": 0}
 
 
+def test_eval_data_that_is_dropped_whole_is_an_error_not_a_run_without_eval(tiny_model_dir, pairs):
+    long = [{"prompt": "word " * 200, "chosen": "yes", "rejected": "no"}] * 2
+    with pytest.raises(preftune.DataError, match=r"\(--eval-data\): all 2 eval examples dropped because the prompt "
+                                                 r"alone is longer than --max-length 64 tokens"):
+        preftune.train("dpo", model=tiny_model_dir, data=pairs, eval_data=long, output_dir=None, **SETTINGS)
+
+
+def test_a_reference_cache_folder_that_is_a_file_is_named(tiny_model_dir, pairs, tmp_path):
+    (tmp_path / "cache").write_text("")
+    with pytest.raises(preftune.ConfigError, match=r"^--ref-cache-dir \S*cache: is a file; give a folder"):
+        preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=None, precompute_ref=True,
+                       ref_cache_dir=str(tmp_path / "cache"), **SETTINGS)
+
+
+def test_an_unfinished_run_folder_given_as_a_model_says_how_to_finish_it(tiny_model_dir, pairs, tmp_path):
+    """It said 'no tokenizer_config.json in this folder; point to a Hugging Face tokenizer folder'."""
+    run = tmp_path / "run"
+    preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir=run, **SETTINGS,
+                   callbacks=[lambda row: "stop" if row["step"] == 1 else None])
+    with pytest.raises(preftune.ModelError, match=r"a run folder without its final model \(the run has not finished\); "
+                                                  r"finish it with `preftune dpo --config \S*config\.yaml --resume`"):
+        preftune.evaluate(model=str(run), data=pairs)
+
+
 def test_the_library_leaves_transformers_logging_as_it_found_it(tiny_model_dir, pairs, tmp_path):
     from transformers.utils import logging as hf_logging
 

@@ -709,7 +709,7 @@ def test_helpsteer3_pairs_follow_the_sign_of_overall_preference():
                               "chosen one)"] and report.unused_keys == {"domain": 3}
     pairs, report = read_pairs(as_source(rows), min_score_gap=2)
     assert len(pairs) == 1 and "record 2: dropped, score gap 1 is below --min-score-gap 2" in report.skipped[0]
-    with pytest.raises(DataError, match="overall_preference must be a number from -3 to 3, got nan"):
+    with pytest.raises(DataError, match="'overall_preference' must be a finite number, got nan"):
         read_pairs(as_source([{**record, "overall_preference": float("nan")}]))
 
 
@@ -814,3 +814,14 @@ def test_an_implicit_pair_beside_a_key_of_turns_is_refused_not_given_a_guessed_p
     renamed = [{"prompt": rows[0]["context_messages"], "chosen": "Step 1: good", "rejected": "Step 1: bad"}]
     [pair], _ = load_pairs(jsonl_file(renamed))
     assert pair.prompt == [{"role": "user", "content": "Q1"}]
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), "nan"])
+def test_a_score_that_is_no_finite_number_is_refused(jsonl_file, tmp_path, score):
+    """NaN passes every comparison: `--min-score-gap 1` kept the pairs scored NaN and dropped the others."""
+    answers = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+               "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
+    path = tmp_path / "uf.jsonl"  # json.dumps writes NaN and Infinity, as pandas' to_json does
+    path.write_text(json.dumps({**answers, "score_chosen": score, "score_rejected": 1.0}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: 'score_chosen' must be a finite number, got (nan|inf)"):
+        load_pairs(str(path), min_score_gap=1.0)

@@ -158,3 +158,13 @@ def test_reading_parquet_leaves_a_process_that_exits_cleanly(tmp_path):
     codes = [subprocess.run([sys.executable, "-m", "preftune", "data", "check", str(path)], capture_output=True,
                             env=env, timeout=120).returncode for _ in range(5)]
     assert codes == [0] * 5
+
+
+def test_a_csv_quote_never_closed_is_named_by_its_line(tmp_path):
+    """It took the rest of the file into one cell: one record, refused for a missing answer far from the cause."""
+    path = tmp_path / "pairs.csv"
+    from preftune.errors import DataError
+
+    path.write_text('prompt,chosen,rejected\nq,a,b\n"q2,a2,b2\nq3,a3,b3\n')
+    with pytest.raises(DataError, match=r"pairs\.csv line 3: a quoted field opened there is never closed"):
+        load_pairs(str(path))

@@ -7,7 +7,6 @@ turns both answers share; a leading system turn is kept apart as the pair's syst
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 from .records import Messages, PreferencePair
@@ -158,9 +157,7 @@ def _helpsteer3(row: Row) -> Converted:
     (response1 much better) to 3 (response2 much better); its size is the score gap. At 0 the raters prefer
     neither: the gap is 0 and the order means nothing (`load.read_pairs` drops such a pair, saying so)."""
     system, prompt = split_system(row.messages("context"))
-    preference = row.number("overall_preference")
-    if not math.isfinite(preference):
-        raise row.error(f"overall_preference must be a number from -3 to 3, got {preference}")
+    preference = row.number("overall_preference")  # a finite number, NaN refused
     first, second = ([{"role": "assistant", "content": row.text(k)}] for k in ("response1", "response2"))
     chosen, rejected = (first, second) if preference < 0 else (second, first)
     return PreferencePair(prompt, chosen, rejected, row.system_beside(system), row.where), abs(preference)

@@ -12,6 +12,7 @@ tool message may carry `tool_call_id` / `name`.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from ..errors import DataError
@@ -129,11 +130,13 @@ class Row:
         value = self.get(key)
         if isinstance(value, str):  # CSV cells are strings
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(f"{key!r} must be a number, got {type_name(value)}")
+        if not math.isfinite(value):  # NaN passes every comparison (--min-score-gap kept such pairs alone)
+            raise self.error(f"{key!r} must be a finite number, got {value}")
         return float(value)
 
     def messages(self, key: str, value: Any = None) -> Messages:

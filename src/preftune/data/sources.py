@@ -218,10 +218,26 @@ def _pandas_columns(value: dict) -> bool:
     return bool(columns) and all(isinstance(c, dict) and c and all(k.isdigit() for k in c) for c in columns)
 
 
+def _refuse_unclosed_quote(path: Path, text: str, delimiter: str) -> None:
+    """A quoted field that is never closed takes the rest of the file into one cell, every later record with it;
+    the usual reading says nothing of it (a record would then lack its answers, far from the cause)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    start = 1
+    try:
+        for _ in reader:
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise DataError(f"{path} line {start}: a quoted field opened there is never closed, so the rest of the "
+                            "file would be one cell; close the quote (a quote inside a quoted field is written "
+                            "twice)") from None
+
+
 def _csv_records(path: Path, text: str, delimiter: str = ",") -> list[dict]:
     """The rows of a CSV (or tab-separated) file; cells holding message lists written as text are read as the
     lists (said once)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long answers exceed the 128 KiB default
+    _refuse_unclosed_quote(path, text, delimiter)
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         records = list(reader)

@@ -44,12 +44,27 @@ def check_source(name_or_path: str, what: str = "model", flag: str = "--model") 
         if not path.is_dir():
             raise ModelError(f"{flag} {name_or_path}: is a file; point to the folder save_pretrained wrote")
         if not any((path / m).is_file() for m in markers):
+            if (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file():
+                raise ModelError(f"{flag} {name_or_path}: a run folder without its final model (the run has not "
+                                 f"finished); finish it with `preftune {_run_stage(path)} --config "
+                                 f"{path / 'config.yaml'} --resume`, or point to a finished run")
             raise ModelError(f"{flag} {name_or_path}: no {markers[0]} in this folder; point to a Hugging Face "
                              f"{what} folder (the one save_pretrained wrote)")
         return
     if not _HUB_ID.match(name_or_path) or name_or_path.startswith("."):
         raise ModelError(f"{flag} {name_or_path}: folder not found")
     _check_hub(name_or_path, flag, _MARKERS[what])
+
+
+def _run_stage(run: Path) -> str:
+    """The stage a run folder's config.yaml names (its command), or a placeholder when it cannot be read."""
+    import yaml
+
+    try:
+        stage = yaml.safe_load((run / "config.yaml").read_text()).get("stage")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        stage = None
+    return stage if isinstance(stage, str) and stage.isidentifier() else "<stage>"
 
 
 @functools.lru_cache(maxsize=None)  # the tokenizer and the model of one id ask once

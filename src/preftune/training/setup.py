@@ -134,7 +134,11 @@ def _check_one_step(cfg: TrainConfig, train_items: list, stats: TokenizeStats, e
 
 def _ref_cache_dir(cfg: TrainConfig, default: Path | None) -> Path:
     if cfg.ref_cache_dir:
-        return Path(cfg.ref_cache_dir).expanduser()
+        folder = Path(cfg.ref_cache_dir).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--ref-cache-dir {cfg.ref_cache_dir}: is a file; give a folder (it is made when "
+                              "missing)")
+        return folder
     if (folder := default) is None:
         raise ConfigError("precompute_ref: no home directory and no XDG_CACHE_HOME to keep the reference's "
                           "log-probs in; pass --ref-cache-dir")
@@ -192,6 +196,11 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     eval_items, eval_stats = (_tokenize(cfg, tokenizer, eval_records, eval_source, parts[1], env) if eval_records
                               else ([], None))
     _check_one_step(cfg, train_items, stats, env)  # before any model is loaded, or one given is changed
+    if eval_records and not eval_items:  # else the run would quietly evaluate nothing
+        where = "--eval-data" if cfg.eval_data or inputs.eval_data is not None else "--eval-split"
+        raise DataError(f"{eval_source} ({where}): all {eval_stats.total} eval examples dropped because the prompt "
+                        f"alone is longer than --max-length {cfg.max_length} tokens; raise --max-length, or set "
+                        "--max-prompt-length to cut long prompts from the left")
     if cfg.stage == "kto" and env.is_main:
         n_good = sum(it.label for it in train_items)
         advice = imbalance_advice(n_good, len(train_items) - n_good, cfg.desirable_weight, cfg.undesirable_weight)
