@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 from ..data.encode import encode_prompt
 from ..data.memory import as_source
 from ..inputs import RunInputs
-from ..errors import PreftuneError
+from ..errors import ConfigError, PreftuneError
 from ..io import append_jsonl, atomic_write_json, write_jsonl
 from ..report.tracking import METRICS_FILE
 from ..training.loop import execute
@@ -245,17 +245,17 @@ def greedy_score(cfg: OnlineConfig, policy, tokenizer, judge: Judge, prompts: li
 
 def _prepare(out: Path, cfg: OnlineConfig) -> None:
     if out.exists() and not out.is_dir():
-        raise PreftuneError(f"--output-dir {out}: exists and is not a folder")
+        raise ConfigError(f"--output-dir {out}: exists and is not a folder")
     holds = any((out / name).exists() for name in ("config.yaml", METRICS_FILE, ROUNDS))
     if holds and not (cfg.resume or cfg.overwrite):
-        raise PreftuneError(f"--output-dir {out}: already holds a run; choose another folder, pass --resume to "
+        raise ConfigError(f"--output-dir {out}: already holds a run; choose another folder, pass --resume to "
                             f"continue it, or --overwrite to start afresh")
     if cfg.overwrite and not cfg.resume:
         remove_outputs(out, (ROUNDS, "plots"))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PreftuneError(f"--output-dir {out}: cannot write there ({exc.strerror})") from None
+        raise ConfigError(f"--output-dir {out}: cannot write there ({exc.strerror})") from None
 
 
 def _prompt_sets(cfg: OnlineConfig, prompts, eval_prompts) -> tuple[list[dict], list[dict], list[str]]:

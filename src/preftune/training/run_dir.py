@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..dist.env import DistEnv, barrier
-from ..errors import PreftuneError
+from ..errors import ConfigError, PreftuneError
 from ..inputs import is_peft_model
 from ..io import absolute_if_local, atomic_write_json, reported_if_disk_full
 from ..models.load import save_model
@@ -42,12 +42,12 @@ def finished_results(out_dir: Path) -> dict | None:
 def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
     """Fail before any work if the folder holds a run (unless asked to overwrite or resume) or is not writable."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise PreftuneError(f"--output-dir {out_dir}: exists and is not a folder")
+        raise ConfigError(f"--output-dir {out_dir}: exists and is not a folder")
     if holds_run(out_dir) and not (cfg.overwrite or cfg.resume):
-        raise PreftuneError(f"--output-dir {out_dir}: already holds a run; choose another folder, pass --resume to "
+        raise ConfigError(f"--output-dir {out_dir}: already holds a run; choose another folder, pass --resume to "
                             f"continue it, or --overwrite to start afresh")
     if (out_dir / "config.json").is_file() and not holds_run(out_dir) and not cfg.overwrite:
-        raise PreftuneError(f"--output-dir {out_dir}: holds a model (config.json), which the finished run's model "
+        raise ConfigError(f"--output-dir {out_dir}: holds a model (config.json), which the finished run's model "
                             f"would overwrite; choose another folder, or --overwrite to replace it")
     ours = sorted(p.name for p in out_dir.iterdir() if p.is_file() and (p.name in RUN_FILES
                                                                           or WRITTEN_FILE.match(p.name))) \
@@ -55,7 +55,7 @@ def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
     if ours:  # files of the user's own (a README, notes in results.json) that the run would write over; folders
         # (plots/, tensorboard/) are written into, beside what they hold
         shown = ", ".join(ours[:4]) + (f" and {len(ours) - 4} more" if len(ours) > 4 else "")
-        raise PreftuneError(f"--output-dir {out_dir}: holds {shown}, which the run would write over; choose "
+        raise ConfigError(f"--output-dir {out_dir}: holds {shown}, which the run would write over; choose "
                             f"another folder, or --overwrite to replace them")
     if env.is_main:
         try:
@@ -64,7 +64,7 @@ def prepare(out_dir: Path, cfg: TrainConfig, env: DistEnv) -> None:
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
-            raise PreftuneError(f"--output-dir {out_dir}: cannot write there ({exc.strerror})") from None
+            raise ConfigError(f"--output-dir {out_dir}: cannot write there ({exc.strerror})") from None
     barrier(env)
 
 
@@ -155,7 +155,7 @@ def locked(out_dir: Path, env: DistEnv):
     path = out_dir / LOCK
     if env.is_main and not _take(path):
         holder = " on ".join(path.read_text(errors="replace").split()) if path.exists() else "?"
-        raise PreftuneError(f"--output-dir {out_dir}: another run (process {holder}) is writing there; wait for it "
+        raise ConfigError(f"--output-dir {out_dir}: another run (process {holder}) is writing there; wait for it "
                             f"to end, or choose another folder (delete {LOCK} there if no run is)")
     try:
         yield
