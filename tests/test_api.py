@@ -456,6 +456,31 @@ def test_an_unfinished_run_folder_given_as_a_model_says_how_to_finish_it(tiny_mo
         preftune.evaluate(model=str(run), data=pairs)
 
 
+def test_a_config_object_may_ask_for_eval_that_the_arguments_give(tiny_model_dir, pairs):
+    """TrainConfig(eval_every=...) was refused when built, before eval_data=... could count."""
+    config = preftune.TrainConfig(eval_every=2, **SETTINGS)
+    result = preftune.train("dpo", model=tiny_model_dir, data=pairs[:12], eval_data=pairs[12:], config=config,
+                            output_dir=None)
+    assert [row["step"] for row in result.history if "eval_loss" in row] == [2, 4]
+
+
+def test_overlapping_quiet_windows_give_back_the_settings_found_first():
+    """Two calls at once (threads): the first to leave put back its settings while the second was still loading,
+    and the second then left transformers at ERROR for good."""
+    from transformers.utils import logging as hf_logging
+
+    from preftune.models.load import transformers_quiet
+
+    hf_logging.set_verbosity_warning()
+    first, second = transformers_quiet(), transformers_quiet()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert hf_logging.get_verbosity() == hf_logging.ERROR  # the second window is still open
+    second.__exit__(None, None, None)
+    assert hf_logging.get_verbosity() == hf_logging.WARNING and hf_logging.is_progress_bar_enabled()
+
+
 def test_the_library_leaves_transformers_logging_as_it_found_it(tiny_model_dir, pairs, tmp_path):
     from transformers.utils import logging as hf_logging
 
@@ -514,6 +539,8 @@ def test_a_trainconfig_object_takes_the_stage_of_the_call(tiny_model_dir, pairs,
     (dict(simpo_gamma=1.0), preftune.ConfigError, "simpo_gamma: no loss of 'sigmoid' reads it (it applies to simpo)"),
     (dict(loss="orpo", precompute_ref=True), preftune.ConfigError,
      "precompute_ref: loss 'orpo' compares with no reference model"),
+    (dict(eval_every=2), preftune.ConfigError, "eval_every: there is no eval data to evaluate on; give --eval-data"),
+    (dict(config=preftune.TrainConfig(eval_every=2)), preftune.ConfigError, "eval_every: there is no eval data"),
 ])
 def test_mistakes_raise_preftune_errors_with_one_line_messages(tiny_model_dir, pairs, call, error, message):
     model, tokenizer = load(tiny_model_dir)

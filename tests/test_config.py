@@ -45,7 +45,6 @@ def test_flags_override_file(tmp_path):
     ({"loss": "sigmoidd"}, "sigmoidd"),
     ({"scheduler": "step"}, "scheduler: 'step' is not one of cosine, linear, constant"),
     ({"max_prompt_length": 2048, "max_length": 1024}, "max_prompt_length"),
-    ({"eval_every": 10}, "eval_every: there is no eval data to evaluate on; give --eval-data or --eval-split"),
 ])
 def test_bad_values_name_the_key(values, message):
     with pytest.raises(ConfigError) as err:

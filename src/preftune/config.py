@@ -235,9 +235,6 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ConfigError("resume: --resume continues the run in --output-dir and --overwrite starts it afresh; "
                               "pass one of them")
-        if self.eval_every and not (self.eval_data or self.eval_split):
-            raise ConfigError("eval_every: there is no eval data to evaluate on; give --eval-data or --eval-split, "
-                              "or drop --eval-every")
         if self.eval_data and self.eval_split:
             raise ConfigError("eval_split: with --eval-data the held-out pairs come from that file; drop "
                               "--eval-split (or --eval-data to hold out part of --data)")

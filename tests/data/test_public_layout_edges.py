@@ -739,15 +739,31 @@ def test_more_forms_of_the_newest_layouts():
 
 # ------------------------------------------------------------- the sixth review's layouts (public datasets' forms)
 
-def test_text_answers_that_repeat_their_prompt_have_it_taken_off(jsonl_file):
+@pytest.mark.parametrize("column", ["\n\nHuman: Name a fruit.\n\nAssistant:", "Human: Name a fruit.\n\nAssistant:",
+                                    "\n\nHuman: Name a fruit."])
+def test_hh_transcripts_beside_their_prompt_column_are_read_as_transcripts(jsonl_file, column):
     """HH transcripts kept whole beside a `prompt` column were trained as prompt + prompt + answer."""
     prompt = "\n\nHuman: Name a fruit.\n\nAssistant:"
-    rows = [{"prompt": prompt, "chosen": prompt + " Apple.", "rejected": prompt + " A car."},
-            {"prompt": "Say hi", "chosen": "Say hi there", "rejected": "Hello"}]  # one alone: as given
-    (whole, one), report = load_pairs(jsonl_file(rows))
-    assert report.format == "text"
-    assert (whole.prompt, whole.chosen, whole.rejected) == (prompt, " Apple.", " A car.")
-    assert (one.chosen, one.rejected) == ("Say hi there", "Hello")
+    rows = [{"prompt": column, "chosen": prompt + " Apple.", "rejected": prompt + " A car."}]
+    [pair], report = load_pairs(jsonl_file(rows))
+    assert (report.format, report.unused_keys) == ("text", {})
+    assert pair.prompt == [{"role": "user", "content": "Name a fruit."}]
+    assert (pair.chosen, pair.rejected) == ([{"role": "assistant", "content": "Apple."}],
+                                            [{"role": "assistant", "content": "A car."}])
+
+
+@pytest.mark.parametrize("record, repeated", [
+    ({"prompt": "Hi", "chosen": "Hi there", "rejected": "Hi! What's up?"}, True),
+    ({"prompt": "1", "chosen": "10", "rejected": "100"}, False),
+    ({"prompt": "Say hi", "chosen": "Say hi there", "rejected": "Hello"}, False),
+])
+def test_other_text_answers_are_kept_as_given_and_a_repeated_prompt_is_a_problem_of_data_check(jsonl_file, record,
+                                                                                               repeated):
+    """As TRL trains them: prompt + answer. `data check` says when both answers begin with the whole prompt."""
+    [pair], _ = load_pairs(jsonl_file([record]))
+    assert (pair.prompt, pair.chosen, pair.rejected) == (record["prompt"], record["chosen"], record["rejected"])
+    kinds = [kind for kind, _ in check_pairs(jsonl_file([record])).problems]
+    assert ("answers repeat the prompt" in kinds) == repeated
 
 
 def test_ultrainteract_pairs_read_their_prompt_from_the_trajectory(jsonl_file):
@@ -823,5 +839,20 @@ def test_a_score_that_is_no_finite_number_is_refused(jsonl_file, tmp_path, score
                "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
     path = tmp_path / "uf.jsonl"  # json.dumps writes NaN and Infinity, as pandas' to_json does
     path.write_text(json.dumps({**answers, "score_chosen": score, "score_rejected": 1.0}) + "\n")
-    with pytest.raises(DataError, match=r"line 1: 'score_chosen' must be a finite number, got (nan|inf)"):
+    with pytest.raises(DataError, match=r"line 1: its scores are not finite numbers \(their gap is (nan|inf)\), so "
+                                        r"--min-score-gap cannot compare them"):
         load_pairs(str(path), min_score_gap=1.0)
+    [pair], _ = load_pairs(str(path))  # without --min-score-gap nothing reads them
+    assert pair.chosen == [{"role": "assistant", "content": "a"}]
+
+
+def test_a_trajectory_column_that_holds_no_turns_leaves_a_text_pair_alone(jsonl_file):
+    rows = [{"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "A car.", "trajectory": "run-7"}]
+    [pair], report = load_pairs(jsonl_file(rows))
+    assert (report.format, pair.prompt, set(report.unused_keys)) == ("text", "Name a fruit.", {"trajectory"})
+
+
+def test_math_500_records_train_the_solution_not_the_final_answer():
+    example, unused = read_sft({"problem": "What is 1+1?", "solution": "1+1 = 2, so \\boxed{2}.", "answer": "2"},
+                               "m line 1")
+    assert example.completion == [{"role": "assistant", "content": "1+1 = 2, so \\boxed{2}."}] and unused == ["answer"]

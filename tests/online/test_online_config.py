@@ -37,7 +37,19 @@ def test_flags_split_into_rounds_and_dpo_settings_and_yaml_takes_them_back(tmp_p
     ({"eval_prompts": "e.jsonl", "eval_split": 0.1}, "not both"),
     ({"beta": -1.0}, "beta: must be positive"),
     ({"betta": 0.1}, "did you mean 'beta'"),
+    ({"samplez": 4}, "did you mean 'samples'"),
+    ({"dpo": {"rounds": 2}}, "dpo.rounds: 'rounds' is a setting of the online run, not of its DPO steps"),
 ])
 def test_wrong_settings_are_one_line_config_errors(values, message):
     with pytest.raises(ConfigError, match=message):
         OnlineConfig.from_dict(values)
+
+
+def test_rounds_of_a_reference_free_loss_name_no_reference():
+    """Every round named the starting model as its reference, which a loss that uses none now refuses: an online
+    run with loss simpo failed after its first round's sampling."""
+    cfg = OnlineConfig.from_dict({"model": "m", "prompts": "p.jsonl", "output_dir": "o", "judge": "rule:shorter",
+                                  "loss": "simpo"})
+    assert cfg.train_config(output_dir="o/rounds/001/train", model="<policy>", ref_model="m").ref_model is None
+    both = OnlineConfig.from_dict({"loss": "sigmoid:0.5,simpo:0.5"})
+    assert both.train_config(output_dir="o", model="<policy>", ref_model="m").ref_model == "m"

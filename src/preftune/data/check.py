@@ -106,6 +106,10 @@ def content_problems(pairs: list[PreferencePair]) -> list[tuple[str, str]]:
         if not pair.prompt and not pair.system:
             problems.append(("no prompt", f"{pair.where}: no prompt was found before the answers; chosen and "
                                           f"rejected are trained as whole texts"))
+        if _repeats_prompt(pair):
+            problems.append(("answers repeat the prompt",
+                             f"{pair.where}: both answers begin with the whole prompt, so prompt + answer says it "
+                             "twice; give the answers alone, or drop the prompt to read them as whole texts"))
         if pair.chosen == pair.rejected:
             problems.append(("identical answers",
                              f"{pair.where}: chosen is identical to rejected; the pair carries no preference"))
@@ -115,6 +119,18 @@ def content_problems(pairs: list[PreferencePair]) -> list[tuple[str, str]]:
                                  f"{pair.where}: the {name} answer has no text (only the end-of-turn is trained)"))
     return problems + _duplicates(pairs, lambda pair: [pair.system, pair.prompt, pair.chosen, pair.rejected,
                                                         pair.tools, pair.template_kwargs])
+
+
+def _repeats_prompt(pair) -> bool:
+    """A text pair whose answers both begin with its whole prompt (TRL, and preftune, train prompt + answer)."""
+    prompt = pair.prompt.strip() if isinstance(pair.prompt, str) else ""
+
+    def repeats(answer) -> bool:  # the whole prompt, then a word's end ("1" then "10" is no repeat)
+        text = answer.lstrip() if isinstance(answer, str) else ""
+        rest = text[len(prompt):len(prompt) + 1]
+        return text.startswith(prompt) and not (rest.isalnum() and prompt[-1].isalnum())
+
+    return bool(prompt) and repeats(pair.chosen) and repeats(pair.rejected)
 
 
 def _without_text(answer) -> bool:

@@ -89,7 +89,7 @@ def _ultrafeedback(row: Row) -> Converted:
     pair.system = row.system_beside(pair.system)
     gap = None
     if row.has("score_chosen") or row.has("score_rejected"):
-        gap = row.number("score_chosen") - row.number("score_rejected")
+        gap = row.number("score_chosen", finite=False) - row.number("score_rejected", finite=False)
     return pair, gap
 
 

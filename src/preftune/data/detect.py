@@ -74,7 +74,9 @@ def _whole_conversations(value: dict) -> bool:
 # also fits a later rule, so a choice between two readings is never silent.
 _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("sharegpt", "it has 'conversations'", lambda v, k: "conversations" in k),
-    ("ultrainteract", "it has 'trajectory'", lambda v, k: "trajectory" in k),
+    ("ultrainteract", "its 'trajectory' holds {from, value} turns",
+     lambda v, k: isinstance(v.get("trajectory"), list) and bool(v["trajectory"])
+     and all(isinstance(t, dict) and "from" in t for t in v["trajectory"])),
     ("swift", "it has 'rejected_response' beside 'messages', or 'query' and 'response'",
      lambda v, k: "rejected_response" in k and ("messages" in k or {"query", "response"} <= k)),
     # UltraFeedback-binarized copies carry `messages` too, a copy of the chosen conversation: not a prompt

@@ -57,19 +57,24 @@ def hh_transcript(messages: Messages, system: str | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- one function a layout
-def _after_prompt(prompt: str, chosen: str, rejected: str) -> tuple[str, str]:
-    """The two answers without the prompt when both begin with it (whole texts kept beside their prompt, as
-    some copies of HH-RLHF do), so that it is trained once; as they are otherwise. Message lists are read so too."""
-    if prompt and chosen.startswith(prompt) and rejected.startswith(prompt):
-        return chosen[len(prompt):], rejected[len(prompt):]
-    return chosen, rejected
+def _transcripts_beside_their_prompt(prompt: str, chosen: str, rejected: str) -> bool:
+    """Whether both answers are whole HH-RLHF transcripts that begin with the prompt (some copies keep the
+    prompt's transcript as a column beside them): read as transcripts, the prompt is trained once, not twice."""
+    core = prompt.strip()
+    return bool(core) and all(_HH_MARKER.search("\n\n" + a.lstrip()) and "\n\nAssistant:" in "\n\n" + a.lstrip()
+                              and a.lstrip().startswith(core) for a in (chosen, rejected))
 
 
 def _text(row: Row) -> Converted:
     prompt = row.text("prompt")
     if row.filled("initial_reason_steps"):  # Step-DPO: the steps before the first one the answers differ in
         prompt += row.text("initial_reason_steps")
-    chosen, rejected = _after_prompt(prompt, row.text("chosen"), row.text("rejected"))
+    chosen, rejected = row.text("chosen"), row.text("rejected")
+    if _transcripts_beside_their_prompt(prompt, chosen, rejected):
+        pair, gap = _hh(row)
+        written = hh_transcript(pair.prompt, pair.system)
+        if prompt.strip() in (written.strip(), (written + "\n\nAssistant:").strip()):  # the column is that prompt
+            return pair, gap
     return PreferencePair(prompt, chosen, rejected, row.optional_text("system"), row.where), None
 
 
@@ -83,7 +88,7 @@ def _implicit(row: Row) -> Converted:
     if turns:  # RLHFlow's context_messages, say: the real prompt, where the answers' shared start would be taken
         raise row.error(f"{turns[0]!r} holds conversation turns, likely the prompt, which an implicit pair (its "
                         f"prompt the answers' shared start) does not read; name it 'prompt' (the turns before "
-                        "the answers), or pass --data-format to read the record another way")
+                        "the answers), or drop it if it is not the prompt")
     chosen, rejected = row.text("chosen"), row.text("rejected")
     prompt = _shared_text_prompt(chosen, rejected)
     return PreferencePair(prompt, chosen[len(prompt):], rejected[len(prompt):], None, row.where), None
@@ -161,9 +166,7 @@ def _chosen_response(row: Row) -> Converted:
         return message_pair(row, chosen, rejected, row.messages("prompt")), None
     chosen, rejected = row.text("chosen_response"), row.text("rejected_response")
     if row.filled("prompt") or not any(row.filled(k) for k in QUESTIONS):
-        prompt = row.text("prompt")
-        return PreferencePair(prompt, *_after_prompt(prompt, chosen, rejected), row.optional_text("system"),
-                              row.where), None
+        return PreferencePair(row.text("prompt"), chosen, rejected, row.optional_text("system"), row.where), None
     question = next(k for k in QUESTIONS if row.filled(k))
     return _turn_fields(row, history_turns(row) + [question_turn(row, question)], chosen, rejected)
 
@@ -183,7 +186,7 @@ def _shp(row: Row) -> Converted:
     chosen, rejected = (a, b) if label == 1 else (b, a)
     gap = None
     if row.has("score_A") and row.has("score_B"):
-        gap = abs(row.number("score_A") - row.number("score_B"))
+        gap = abs(row.number("score_A", finite=False) - row.number("score_B", finite=False))
     return PreferencePair(row.text("history"), chosen, rejected, None, row.where), gap
 
 

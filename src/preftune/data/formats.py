@@ -23,9 +23,9 @@ SFT_KEYS = ("messages (message list), prompt + completion (or response; strings 
             "output, response, answer, solution or generated_solution; optional input or context, system or "
             "system_prompt, history), or text")
 # The answer of an SFT record written as text fields (the question's names are turns.QUESTIONS): Alpaca's
-# output, Dolly's and OpenOrca's response, GSM8K's answer, a completion beside a question, MATH's solution,
-# OpenMathInstruct's generated_solution.
-SFT_ANSWERS = ("output", "response", "answer", "completion", "solution", "generated_solution")
+# output, Dolly's and OpenOrca's response, MATH's solution (before its final `answer`, as MATH-500 keeps both),
+# OpenMathInstruct's generated_solution, GSM8K's answer, a completion beside a question.
+SFT_ANSWERS = ("output", "response", "solution", "generated_solution", "answer", "completion")
 
 
 def sft_fields(value: dict) -> tuple[str, str] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Callable, TypeVar
 
@@ -86,6 +87,9 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
         if min_score_gap is not None and gap is None:
             raise DataError(f"{where}: no scores to apply --min-score-gap to (score_chosen and score_rejected, "
                             "or score_A and score_B)")
+        if min_score_gap is not None and not math.isfinite(gap):  # NaN passes every comparison
+            raise DataError(f"{where}: its scores are not finite numbers (their gap is {gap}), so --min-score-gap "
+                            "cannot compare them; fix the scores")
         if min_score_gap is not None and gap < min_score_gap:
             report.skipped.append(f"{where}: dropped, score gap {gap:g} is below --min-score-gap {min_score_gap:g}")
             return None

@@ -126,7 +126,9 @@ class Row:
         """A text field that may be absent or empty; empty counts as absent."""
         return self.text(key) or None if self.has(key) else None
 
-    def number(self, key: str) -> float:
+    def number(self, key: str, *, finite: bool = True) -> float:
+        """A number (a CSV cell's text too); NaN and infinities refused unless `finite` is False (scores, which
+        only --min-score-gap reads, and which it refuses then)."""
         value = self.get(key)
         if isinstance(value, str):  # CSV cells are strings
             try:
@@ -135,7 +137,7 @@ class Row:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(f"{key!r} must be a number, got {type_name(value)}")
-        if not math.isfinite(value):  # NaN passes every comparison (--min-score-gap kept such pairs alone)
+        if finite and not math.isfinite(value):  # NaN passes every comparison
             raise self.error(f"{key!r} must be a finite number, got {value}")
         return float(value)
 

@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import re
+import threading
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -92,6 +93,10 @@ def _check_hub(repo: str, flag: str, markers: tuple[str, ...]) -> None:
         raise ModelError(f"{head}, and the Hub could not be reached ({first})") from None
 
 
+_QUIET_LOCK = threading.Lock()
+_QUIET: dict = {"depth": 0, "found": None}
+
+
 @contextmanager
 def transformers_quiet():
     """transformers' progress bars and messages below errors off inside (a decorator too): our own progress
@@ -100,15 +105,22 @@ def transformers_quiet():
     """
     from transformers.utils import logging as hf_logging
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    with _QUIET_LOCK:  # one window for overlapping calls (threads): the settings found by the first come back last
+        if _QUIET["depth"] == 0:
+            _QUIET["found"] = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        _QUIET["depth"] += 1
     try:
         yield
     finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+        with _QUIET_LOCK:
+            _QUIET["depth"] -= 1
+            if _QUIET["depth"] == 0:
+                verbosity, bars = _QUIET["found"]
+                hf_logging.set_verbosity(verbosity)
+                if bars:
+                    hf_logging.enable_progress_bar()
 
 
 @transformers_quiet()

@@ -15,6 +15,7 @@ import yaml
 
 from ..config import TrainConfig, _f, coerce_field, unknown_key
 from ..errors import ConfigError
+from ..losses import needs_reference
 
 REF_UPDATES = ("none", "round")
 # TrainConfig fields that each round fills in itself, so they are not settings of an online run.
@@ -109,6 +110,8 @@ class OnlineConfig:
         values = {**self.dpo, "stage": "dpo", "model": model, "ref_model": ref_model, "data": "<round pairs>",
                   "output_dir": output_dir, "max_steps": self.steps_per_round, "resume": resume,
                   "quiet": self.quiet}
+        if not needs_reference(str(values.get("loss") or TrainConfig.loss)):
+            values["ref_model"] = None  # the rounds' reference, for losses that use none (simpo, orpo)
         return TrainConfig.from_dict(values, where="online")
 
     @property
@@ -122,6 +125,9 @@ class OnlineConfig:
         own = {f.name: f for f in fields(cls) if f.name != "dpo"}
         mine = {k: coerce_field(own[k], v, where) for k, v in values.items() if k in own}
         dpo = dict(values.get("dpo") or {})
+        if misplaced := [key for key in dpo if key in own]:
+            raise ConfigError(f"{where}: dpo.{misplaced[0]}: {misplaced[0]!r} is a setting of the online run, not of "
+                              "its DPO steps; give it at the top level, beside 'dpo'")
         dpo.update({k: v for k, v in values.items() if k not in own and k != "dpo"})
         steps = {f.name for f in fields(TrainConfig)}
         for key in dpo:

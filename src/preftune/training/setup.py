@@ -192,6 +192,9 @@ def build(cfg: TrainConfig, *, device, precision: Precision, env: DistEnv, input
     elif cfg.eval_split:
         records, eval_records = split_eval(records, cfg.eval_split, cfg.seed)
         eval_source, parts = source, ("train", "eval")
+    elif cfg.eval_every:  # known here, where eval data given as an object counts too
+        raise ConfigError("eval_every: there is no eval data to evaluate on; give --eval-data or --eval-split, or "
+                          "drop --eval-every")
     train_items, stats = _tokenize(cfg, tokenizer, records, source, parts[0], env)
     eval_items, eval_stats = (_tokenize(cfg, tokenizer, eval_records, eval_source, parts[1], env) if eval_records
                               else ([], None))
