@@ -137,3 +137,45 @@ def test_a_dense_model_logs_no_router_loss_and_refuses_a_coefficient(tiny_model_
         preftune.train("dpo", model=tiny_model_dir, data=fact_pairs(8), router_aux_loss_coef=0.1, **SETTINGS)
     with pytest.raises(ConfigError, match="must not be negative"):
         TrainConfig(stage="dpo", model="m", data="d", output_dir="o", router_aux_loss_coef=-1.0)
+
+
+def _llama4():
+    import transformers as t
+
+    cfg = t.Llama4TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                             num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                             max_position_embeddings=128, pad_token_id=0, router_aux_loss_coef=0.001)
+    return t.Llama4ForCausalLM(cfg).float()
+
+
+def test_a_router_loss_the_modeling_code_does_not_define_is_left_out_or_refused(caplog):
+    """Llama 4's config weighs a router loss (0.001) that its modeling code has no function for: DPO and SFT died
+    with an AttributeError inside the loss."""
+    import logging
+
+    from preftune.errors import ConfigError
+    from preftune.logps.router import router_aux_coef
+
+    model = _llama4()
+    with caplog.at_level(logging.WARNING, logger="preftune"):
+        assert router_aux_coef(model, None) == 0.0
+    assert any("weighs a router loss its modeling code does not define" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match=r"^router_aux_loss_coef: Llama4ForCausalLM's modeling code has no "
+                                          r"load-balancing loss"):
+        router_aux_coef(model, 0.01)
+
+
+def test_router_training_noise_is_off_with_dropout_and_routing_thresholds_are_kept():
+    import transformers as t
+
+    from preftune.models.load import disable_dropout
+
+    cfg = t.PhimoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=2,
+                         input_jitter_noise=0.01, router_jitter_noise=0.01)
+    model = t.PhimoeForCausalLM(cfg)
+    disable_dropout(model)
+    blocks = [m for m in model.modules() if hasattr(m, "input_jitter_noise")]
+    assert blocks and all(m.input_jitter_noise == 0.0 for m in blocks)
+    assert all(m.router_jitter_noise == 0.01 for m in model.modules() if hasattr(m, "router_jitter_noise"))

@@ -125,3 +125,42 @@ def test_packed_attention_takes_keys_already_repeated_to_every_head():
         alone = torch.nn.functional.scaled_dot_product_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx],
                                                                  is_causal=True)
         torch.testing.assert_close(out[0, idx], alone[0].transpose(0, 1), rtol=1e-5, atol=1e-6)
+
+
+def _mpt():
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.MptConfig(vocab_size=300, d_model=32, n_heads=4, n_layers=2, max_seq_len=128, pad_token_id=0,
+                      attn_config={"alibi": True})
+    m = t.MptForCausalLM(cfg).float()
+    with torch.no_grad():  # weights under which a short probe's shift stays within the check's tolerance
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m.train()
+
+
+def _gpt_neo(window: int = 16):
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, window_size=window,
+                         attention_types=[[["global", "local"], 1]], max_position_embeddings=128, pad_token_id=0,
+                         embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0)
+    return t.GPTNeoForCausalLM(cfg).float().train()
+
+
+@pytest.mark.parametrize("make", [_mpt, _gpt_neo], ids=["mpt", "gpt-neo"])
+def test_keys_placed_by_cache_slot_or_a_local_window_keep_every_layout_exact(make, caplog, monkeypatch):
+    """MPT builds ALiBi from cache slots, so right-padded prompts shift every answer's distances, and GPT-Neo's
+    local layers take a window from `window_size`: both shared prompts in padded calls with wrong log-probs
+    (8.5e-2 and 3.3e-2 nats), while the route's probe ran its two pairs in calls of their own length."""
+    m = make()
+    first = batch_of([(8, 3, 3), (8, 2, 4), (8, 3, 2), (8, 4, 3)])  # equal prompts: the route's probe passed
+    later = batch_of([(90, 2, 3), (96, 3, 2), (93, 2, 2), (99, 3, 3), (91, 2, 2), (97, 3, 2), (94, 2, 2),
+                      (100, 2, 2)], seed=5)  # long unequal prompts and short answers: shared in padded calls
+    for batch in (first, later):
+        plain = logps_and_grads(m, lambda: full_logits_logps(m, batch))
+        with torch.no_grad():  # as a reference model runs them
+            torch.testing.assert_close(answer_logps(m, batch).logps, plain[0], rtol=1e-5, atol=1e-5)
+        assert_close(logps_and_grads(m, lambda: answer_logps(m, batch)), plain)

@@ -54,9 +54,32 @@ def test_judged_names_the_prompt_when_the_judge_fails():
         judged(lambda p, a: [1.0], "p", ["a", "b"], "prompts.jsonl:4")
     with pytest.raises(JudgeError, match="not finite"):
         judged(lambda p, a: [1.0, math.nan], "p", ["a", "b"], "x")
-    with pytest.raises(JudgeError, match="not a list of numbers"):
+    with pytest.raises(JudgeError, match="not a list of one number per answer"):
         judged(lambda p, a: None, "p", ["a", "b"], "x")
     assert judged(lambda p, a: (1, 2), "p", ["a", "b"], "x") == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("returned", [{0: 5.0, 1: 1.0}, "12", (x for x in (5.0, 1.0))])
+def test_a_judge_returning_what_only_iterates_like_scores_is_refused(returned):
+    """A dict gave its keys as scores ([0, 1]: the preference reversed) and a string its characters."""
+    with pytest.raises(JudgeError, match=r"^x: the judge returned \w+ .*not a list of one number per answer$"):
+        judged(lambda p, a: returned, "p", ["a", "b"], "x")
+
+
+def test_a_two_dimensional_array_of_scores_is_one_line():
+    import numpy as np
+
+    with pytest.raises(JudgeError) as err:
+        judged(lambda p, a: np.ones((2, 2)), "p", ["a", "b"], "x")
+    assert "\n" not in str(err.value)
+
+
+def test_the_same_answer_scored_twice_is_no_pair():
+    """A noisy judge scored two copies of one answer differently: chosen == rejected was trained."""
+    prompts = [{"prompt": "p0", "system": None}, {"prompt": "p1", "system": None}]
+    made = best_vs_worst(prompts, [["a", "a", "a"], ["a", "a", "b"]], [[3.0, 1.0, 2.0], [3.0, 1.0, 2.0]])
+    assert [(p["chosen"], p["rejected"]) for p in made.pairs] == [("a", "b")]
+    assert made.tied_groups == 1
 
 
 def test_best_vs_worst_skips_ties_and_counts_them():

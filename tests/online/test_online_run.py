@@ -219,3 +219,66 @@ def test_online_takes_model_and_prompts_from_fields_and_config(tiny_model_dir, t
             preftune.train("online", output_dir=tmp_path / "run", judge="rule:contains:paris", samples=1, **kwargs)
     with pytest.raises(preftune.ConfigError, match=r"^data: required"):
         preftune.train("online", model=str(tiny_model_dir), output_dir=tmp_path / "run", judge="rule:contains:x")
+
+
+# --------------------------------------------------------------- the online review's failure cases
+
+def test_overwrite_refused_for_its_prompts_leaves_the_finished_run(uninterrupted, tiny_model_dir, tmp_path):
+    """--overwrite removed the previous run before the new one had read its prompts; refused, it left nothing."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[2], out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(preftune.DataError):
+        preftune.train("online", model=tiny_model_dir, data=[{"prompt": ""}], output_dir=out, judge=LengthJudge(),
+                       overwrite=True, **SETTINGS)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_a_folder_holding_a_model_is_not_written_over(tiny_model_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "mymodel"
+    shutil.copytree(tiny_model_dir, out)
+    with pytest.raises(preftune.ConfigError, match=r"--output-dir \S*mymodel: holds a model \(config\.json\)"):
+        preftune.train("online", model=tiny_model_dir, data=PROMPTS, output_dir=out, judge=LengthJudge(), **SETTINGS)
+
+
+def test_resume_with_other_settings_is_refused(uninterrupted, tiny_model_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[2], out)
+    (out / "results.json").unlink()  # as if stopped: resume would go on
+    with pytest.raises(preftune.ConfigError, match=r"--resume: the run in \S+ was started with samples 3 \(now 5\)"):
+        preftune.train("online", model=tiny_model_dir, data=PROMPTS, eval_data=EVAL, output_dir=out,
+                       judge=LengthJudge(), save_every=1, resume=True, **{**SETTINGS, "samples": 5})
+
+
+def test_a_callback_stop_on_a_round_row_stops_after_that_round(tiny_model_dir, tmp_path):
+    result = preftune.train("online", model=tiny_model_dir, data=PROMPTS, output_dir=tmp_path / "run",
+                            judge=LengthJudge(), callbacks=[lambda row: "stop" if "pairs" in row else None],
+                            **{**SETTINGS, "rounds": 3})
+    assert [row["round"] for row in result.history] == [1] and result.metrics["stopped_at_round"] == 2
+
+
+def test_template_arguments_of_a_prompt_reach_the_training_pairs(tiny_model_dir, tmp_path):
+    """They reached generation, and the round trained on the prompt rendered without them."""
+    prompts = [{"prompt": [{"role": "user", "content": p}], "chat_template_kwargs": {"brief": True}}
+               for p in PROMPTS]
+    out = tmp_path / "run"
+    preftune.train("online", model=tiny_model_dir, data=prompts, output_dir=out, judge=LengthJudge(),
+                   **{**SETTINGS, "rounds": 1})
+    pairs = _rows(round_dir(out, 1) / "pairs.jsonl")
+    assert pairs and all(p["chat_template_kwargs"] == {"brief": True} for p in pairs)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+     r"--prompts record 1: the prompt ends with a assistant turn; a prompt to answer ends with the user's turn"),
+])
+def test_prompts_that_cannot_be_answered_are_refused_when_read(tiny_model_dir, tmp_path, prompt, message):
+    with pytest.raises(preftune.DataError, match=message):
+        preftune.train("online", model=tiny_model_dir, data=[{"prompt": prompt}], output_dir=tmp_path / "run",
+                       judge=LengthJudge(), **SETTINGS)

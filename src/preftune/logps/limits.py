@@ -75,6 +75,9 @@ def limits_of(model) -> Limits:
     if getattr(cfg, "sliding_window", None) and (types is None or "sliding_attention" in types):
         if getattr(cfg, "use_sliding_window", True):  # Qwen2 keeps a window size it does not use unless asked
             window = int(cfg.sliding_window)
+    local = getattr(cfg, "attention_layers", None)  # GPT-Neo: "local" layers attend within `window_size`
+    if window is None and getattr(cfg, "window_size", None) and isinstance(local, (list, tuple)) and "local" in local:
+        window = int(cfg.window_size)
     switch, by_length, kind = None, False, ""
     for p in _rope_params(cfg):
         rope_type = p.get("rope_type", p.get("type", "default"))

@@ -69,10 +69,22 @@ def route_of(model, batch: PromptAnswerBatch, *, share: bool, packing: bool) -> 
         wanted.append("prefix-shared")
     if packing and share and packs(model):
         wanted.append("packed")
+    if "prefix-shared" in wanted and "prefix-shared" not in route.layouts and _bias_by_slot(hf):
+        route.layouts["prefix-shared"] = False  # a probe's few padded slots shift its bias too little to show
+        cannot, instead = FALLBACK["prefix-shared"]
+        log.warning("%s %s (its ALiBi bias counts cache slots, which a padded shared prompt shifts); %s",
+                    type(hf).__name__, cannot, instead)
     todo = [layout for layout in wanted if layout not in route.layouts]
     if todo and not route.whole and not _compiled(model):
         _check(model, _probe(batch), todo, route)
     return route
+
+
+def _bias_by_slot(hf) -> bool:
+    """Whether the model builds its attention bias from cache-slot indices rather than positions (MPT's ALiBi),
+    so that the padding of a shared prompt cache shifts every answer's distances to its prompt."""
+    attn = getattr(getattr(hf, "config", None), "attn_config", None)
+    return getattr(hf.config, "model_type", "") == "mpt" and bool(getattr(attn, "alibi", True))
 
 
 def _compiled(model) -> bool:
@@ -115,7 +127,10 @@ def _check(model, probe: PromptAnswerBatch, layouts: list[str], route: Route) ->
     tol = TOLERANCE.get(dtype, HALF)
     window = limits_of(model).window
     runs = {"plain": lambda: plain_logps(model, probe, chunk_size=1024),
-            "prefix-shared": lambda: shared_prefix_logps(model, probe, chunk_size=1024, max_span=window),
+            # Both probe pairs in one call, their prompts padded: what the planner does with pairs of unequal
+            # length, and what a model that places its keys by cache slot (MPT's ALiBi) gets wrong.
+            "prefix-shared": lambda: shared_prefix_logps(model, probe, chunk_size=1024, max_span=window,
+                                                         groups=[list(range(probe.size))]),
             "packed": lambda: packed_logps(model, probe, chunk_size=1024)}
     was_training = hf.training
     hf.eval()

@@ -9,6 +9,7 @@ a prompt shared by k answers counts k times, as in the plain layout and in TRL's
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
@@ -16,18 +17,36 @@ import torch
 from ..errors import ConfigError
 from .parts import unwrap
 
+log = logging.getLogger(__name__)
+
 
 def router_aux_coef(model, coef: float | None) -> float:
     """The weight of the router loss for `model`: `coef`, or when None the model config's `router_aux_loss_coef`;
     0 for a model without router logits. Raises ConfigError for a nonzero `coef` on such a model."""
     cfg = unwrap(model).config
     cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    name = type(unwrap(model)).__name__
     if not hasattr(cfg, "output_router_logits"):
         if coef:
-            raise ConfigError(f"router_aux_loss_coef: {type(unwrap(model)).__name__} is not a mixture-of-experts model "
-                              f"with router logits; drop --router-aux-loss-coef")
+            raise ConfigError(f"router_aux_loss_coef: {name} is not a mixture-of-experts model with router logits; "
+                              f"drop --router-aux-loss-coef")
+        return 0.0
+    if _balance_of(model) is None:  # Llama 4, DeepSeek-V3, ...: router logits, but no load-balancing loss to add
+        if coef:
+            raise ConfigError(f"router_aux_loss_coef: {name}'s modeling code has no load-balancing loss "
+                              "(load_balancing_loss_func) to weigh; drop --router-aux-loss-coef")
+        if getattr(cfg, "router_aux_loss_coef", 0.0):
+            log.warning("%s: its config weighs a router loss its modeling code does not define; trained without "
+                        "one", name)
         return 0.0
     return float(getattr(cfg, "router_aux_loss_coef", 0.0) if coef is None else coef)
+
+
+def _balance_of(model):
+    """The model's own `load_balancing_loss_func` (from its modeling module), or None."""
+    hf = unwrap(model)
+    hf = hf.get_base_model() if hasattr(hf, "get_base_model") else hf  # under LoRA adapters
+    return getattr(sys.modules[type(hf).__module__], "load_balancing_loss_func", None)
 
 
 class RouterLogits:
@@ -48,5 +67,4 @@ class RouterLogits:
         per expert, times the mean router probability per expert, summed over experts, times their number."""
         hf = unwrap(model)
         hf = hf.get_base_model() if hasattr(hf, "get_base_model") else hf  # under LoRA adapters
-        balance = sys.modules[type(hf).__module__].load_balancing_loss_func
-        return balance(tuple(self.parts), hf.num_experts, hf.num_experts_per_tok)
+        return _balance_of(model)(tuple(self.parts), hf.num_experts, hf.num_experts_per_tok)

@@ -288,16 +288,21 @@ def load_adapter_base(path: Path, base_name: str, load, **kwargs):
                          f"absolute path there") from None
 
 
+# Mixtral's and MiniMax's `jitter_noise`, PhiMoE's `input_jitter_noise`: the router's input times uniform noise
+# while training. (PhiMoE's `router_jitter_noise` is a routing threshold in eval too: left as it is.)
+_TRAINING_NOISE = ("jitter_noise", "input_jitter_noise")
+
+
 def disable_dropout(model) -> None:
     """Dropout off in every layer: dropout modules, and the rates modules keep as plain floats and pass to
     `functional.dropout` themselves (attention dropout in most families; OPT's `dropout`, `activation_dropout`
     and `layerdrop`, which skips whole layers; GPT-J's `attn_pdrop`, ...): every float attribute named for
-    dropping."""
+    dropping, and the training-only noise of mixture-of-experts routers (`_TRAINING_NOISE`)."""
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
-        for name, value in vars(module).items():
-            if "drop" in name and isinstance(value, float):
+        for name, value in vars(module).items():  # and the noise routers multiply their input by in training
+            if ("drop" in name or name in _TRAINING_NOISE) and isinstance(value, float):
                 setattr(module, name, 0.0)
 
 

@@ -8,6 +8,7 @@ themselves (NOT_DPO_KEYS).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -81,8 +82,9 @@ class OnlineConfig:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.samples < 2:
             raise ConfigError("samples: must be at least 2 (a pair needs two answers to compare)")
-        if self.temperature <= 0:
-            raise ConfigError("temperature: must be positive; greedy decoding gives every sample the same answer")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):  # NaN passes `<= 0` unrefused
+            raise ConfigError(f"temperature: must be a positive number, got {self.temperature}; greedy decoding "
+                              "gives every sample the same answer")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.ref_update not in REF_UPDATES:

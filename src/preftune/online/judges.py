@@ -109,10 +109,13 @@ def judged(judge: Judge, prompt, answers: list[str], where: str) -> list[float]:
     except Exception as exc:  # the judge is user code: whatever it raises stops the run, named
         raise JudgeError(f"{where}: the judge raised {type(exc).__name__}: {exc}") from None
     try:
+        if isinstance(scores, (str, bytes, dict)) or not hasattr(scores, "__len__"):  # a dict's keys, a string's
+            raise TypeError  # characters, or a generator would pass for scores
         scores = [float(s) for s in scores]
     except (TypeError, ValueError):
-        raise JudgeError(f"{where}: the judge returned {type(scores).__name__} {str(scores)[:80]}, not a list of "
-                         f"numbers") from None
+        shown = " ".join(str(scores).split())[:80]  # one line, whatever the value prints as
+        raise JudgeError(f"{where}: the judge returned {type(scores).__name__} {shown}, not a list of one number "
+                         f"per answer") from None
     if len(scores) != len(answers):
         raise JudgeError(f"{where}: the judge returned {len(scores)} scores for {len(answers)} answers")
     if not all(math.isfinite(s) for s in scores):

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 class RoundPairs:
     """The pairs of one round and what the judging of its samples looked like."""
 
-    pairs: list[dict]        # {prompt, chosen, rejected, system?, score_chosen, score_rejected, prompt_index}
+    pairs: list[dict]        # {prompt, chosen, rejected, system?, chat_template_kwargs?, score_chosen, score_rejected,
+    #                          prompt_index}
     groups: int              # prompts judged
     tied_groups: int         # prompts skipped: best and worst scored the same (all answers equal)
     score_mean: float        # over every sample of every prompt
@@ -30,7 +31,8 @@ class RoundPairs:
 def best_vs_worst(prompts: list[dict], answers: list[list[str]], scores: list[list[float]],
                   ended: list[list[bool]] | None = None, *, pair_cut: bool = False) -> RoundPairs:
     """One pair per prompt whose answers do not all score the same: the first highest-scoring answer chosen, the
-    first lowest-scoring one rejected. `prompts[i]` is a prompt record ({prompt, system?}); `answers[i]` and
+    first lowest-scoring one whose text differs from it rejected (a noisy judge scores the same answer twice
+    differently; no such answer counts as a tie). `prompts[i]` is a prompt record ({prompt, system?}); `answers[i]` and
     `scores[i]` its samples and their scores; `ended[i]` whether each ended (None: all did). Cut-off answers are
     counted, and paired only with `pair_cut`."""
     pairs, tied, empty, short, cut = [], 0, 0, 0, 0
@@ -44,7 +46,8 @@ def best_vs_worst(prompts: list[dict], answers: list[list[str]], scores: list[li
             short += 1
             continue
         hi = max(usable, key=lambda j: (group_scores[j], -j))
-        lo = min(usable, key=lambda j: (group_scores[j], j))
+        others = [j for j in usable if group[j] != group[hi]]  # the same answer scored twice is no preference
+        lo = min(others, key=lambda j: (group_scores[j], j)) if others else hi
         if group_scores[hi] == group_scores[lo]:
             tied += 1
             continue
@@ -52,6 +55,8 @@ def best_vs_worst(prompts: list[dict], answers: list[list[str]], scores: list[li
                 "rejected": _answer(record, group[lo])}
         if record.get("system") is not None:
             pair["system"] = record["system"]
+        if record.get("template_kwargs"):  # the template arguments it was sampled with, for training on it too
+            pair["chat_template_kwargs"] = record["template_kwargs"]
         pair.update(score_chosen=group_scores[hi], score_rejected=group_scores[lo], prompt_index=i)
         pairs.append(pair)
     flat = [s for group_scores in scores for s in group_scores]
@@ -62,7 +67,7 @@ def best_vs_worst(prompts: list[dict], answers: list[list[str]], scores: list[li
 
 def training_record(pair: dict) -> dict:
     """A pair as the DPO stage reads it: prompt, chosen, rejected (and system); the scores stay in pairs.jsonl."""
-    return {k: pair[k] for k in ("prompt", "chosen", "rejected", "system") if k in pair}
+    return {k: pair[k] for k in ("prompt", "chosen", "rejected", "system", "chat_template_kwargs") if k in pair}
 
 
 def _answer(record: dict, text: str):

@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..config import load_yaml_mapping
 from ..data.encode import encode_prompt
 from ..data.memory import as_source
 from ..inputs import RunInputs
 from ..errors import ConfigError, PreftuneError
 from ..io import append_jsonl, atomic_write_json, write_jsonl
 from ..report.tracking import METRICS_FILE
-from ..training.loop import execute
+from ..training.loop import STOP, execute
 from ..training.run_dir import remove_outputs
 from ..training.signals import StopOnSignal
 from .config import OnlineConfig
@@ -110,6 +111,10 @@ def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callback
     judge = judge or make_judge(cfg.judge, device=device)
     tokenizer = load_tokenizer(cfg.dpo.get("tokenizer") or cfg.model,
                                trust_remote_code=cfg.train_config(output_dir="", model=cfg.model).trust_remote_code)
+    if cfg.overwrite and not cfg.resume:  # only now: a command refused for its prompts, judge or model changes nothing
+        remove_outputs(out, (ROUNDS, "plots"))
+    elif cfg.resume:
+        _require_same_settings(cfg, out)
     cfg.to_yaml(out / "config.yaml")
     if not cfg.quiet:
         for line in notes:
@@ -118,11 +123,14 @@ def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callback
     done_rounds = {row["round"] for row in history}
     callbacks = list(callbacks)
 
+    asked = []  # a callback's "stop" on a round row: the run stops once that round is done
+
     def log(row: dict) -> None:
         append_jsonl(out / METRICS_FILE, row)
         history.append(row)
-        for fn in callbacks:
-            fn(dict(row))
+        answers = [fn(dict(row)) for fn in callbacks]
+        if STOP in answers:
+            asked.append(row["round"])
 
     with StopOnSignal() as stop:
         if 0 not in done_rounds and held_out:
@@ -133,7 +141,7 @@ def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callback
         for r in range(1, cfg.rounds + 1):
             if r in done_rounds:
                 continue
-            if stop.signum is not None:
+            if stop.signum is not None or asked:
                 return _stopped(cfg, out, history, tokenizer, r, 0, resume_hint)
             start = cfg.model if r == 1 else str(round_dir(out, r - 1) / TRAIN)
             policy = _load_policy(cfg, start, device)
@@ -203,7 +211,8 @@ def _train_round(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, start:
         raise PreftuneError(f"round {r}: {len(made.pairs)} of {made.groups} prompts gave a pair ({made.tied_groups} "
                             f"had answers the judge scored all the same, {made.short_groups} fewer than two non-empty "
                             f"finished answers), fewer than one step of {batch}; add "
-                            f"prompts, raise --samples or --temperature, lower --batch-size, or check the judge{cut}")
+                            f"prompts, raise --samples or --temperature, lower --batch-size, or check the judge{cut} "
+                            f"(a resumed run reuses this round's samples: start afresh with --overwrite)")
     train_dir = round_dir(out, r) / TRAIN
     ref = cfg.model if cfg.ref_update == "none" else start
     tcfg = cfg.train_config(output_dir=str(train_dir), model=f"<round {r} policy>", ref_model=ref,
@@ -250,12 +259,33 @@ def _prepare(out: Path, cfg: OnlineConfig) -> None:
     if holds and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"--output-dir {out}: already holds a run; choose another folder, pass --resume to "
                             f"continue it, or --overwrite to start afresh")
-    if cfg.overwrite and not cfg.resume:
-        remove_outputs(out, (ROUNDS, "plots"))
+    if (out / "config.json").is_file() and not holds and not cfg.overwrite:
+        raise ConfigError(f"--output-dir {out}: holds a model (config.json), which the finished run's model would "
+                          "overwrite; choose another folder, or --overwrite to replace it")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--output-dir {out}: cannot write there ({exc.strerror})") from None
+
+
+def _require_same_settings(cfg: OnlineConfig, out: Path) -> None:
+    """A resumed run continues with the settings it started with: rounds sampled, judged or trained under other
+    ones would make one run of two."""
+    path = out / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = OnlineConfig.from_dict(load_yaml_mapping(path), where=str(path)).to_dict()
+    except PreftuneError as exc:
+        raise ConfigError(f"--resume: {path} cannot be read back ({exc}); start afresh with --overwrite") from None
+    now = cfg.to_dict()
+    changed = [k for k in sorted(set(saved) | set(now)) if k not in ("resume", "overwrite", "quiet", "output_dir")
+               and saved.get(k) != now.get(k)]  # the folder may have moved
+    if changed:
+        shown = ", ".join(f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in changed[:3])
+        raise ConfigError(f"--resume: the run in {out} was started with {shown}{' and more' * (len(changed) > 3)}; "
+                          f"resume it with its own settings (--config {path} --resume), or start afresh with "
+                          "--overwrite")
 
 
 def _prompt_sets(cfg: OnlineConfig, prompts, eval_prompts) -> tuple[list[dict], list[dict], list[str]]:

@@ -40,6 +40,9 @@ class StopOnSignal:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+            outer = getattr(handler, "__self__", None)
+            if isinstance(outer, StopOnSignal) and outer.signum is None:  # a run inside a run (an online round):
+                outer.signum = self.signum  # the signal this one took is the outer run's to stop on too
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
