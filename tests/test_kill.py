@@ -238,3 +238,20 @@ def test_a_worker_forked_before_it_sets_its_handlers_dies_of_sigterm_quietly():
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
         assert os.waitstatus_to_exitcode(child_status(signal.SIGINT)) == 7  # ignored, so it went on
     assert stop.signum is None  # the parent was not signalled
+
+
+def test_a_signal_taken_by_a_run_inside_a_run_reaches_the_outer_one():
+    """An online round's DPO run took a SIGINT in its last step, finished the round, and the online run went on
+    through every remaining round."""
+    import os
+    import signal
+    import time
+
+    from preftune.training.signals import StopOnSignal
+
+    with StopOnSignal() as outer:
+        with StopOnSignal() as inner:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs between bytecodes
+        assert inner.signum == signal.SIGTERM
+    assert outer.signum == signal.SIGTERM

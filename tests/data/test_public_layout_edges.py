@@ -88,8 +88,30 @@ def test_kto_records_whose_prompt_sits_under_another_key_are_read_or_refused(jso
         load_unpaired(jsonl_file([{"completion": [user, answer, user], "label": False}]))
     later = {"prompt": [user], "completion": [answer, {"role": "user", "content": "and italy?"}, answer],
              "label": True}
-    with pytest.raises(DataError, match="the completion holds a user or system turn after the prompt"):
+    with pytest.raises(DataError, match="the completion holds a user, system or tool turn after the prompt"):
         load_unpaired(jsonl_file([later]))
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "weather", "arguments": {"city": "paris"}}}]}
+    tool = {"prompt": [user], "completion": [call, {"role": "tool", "content": '{"temp": 21}'}, answer], "label": True}
+    with pytest.raises(DataError, match="the completion holds a user, system or tool turn"):  # it scored the tool's
+        load_unpaired(jsonl_file([tool]))                                                      # output as answer
+
+
+@pytest.mark.parametrize("label, desirable", [(1.0, True), (0.0, False)])
+def test_kto_labels_written_as_floats_are_read(jsonl_file, label, desirable):
+    """pandas writes a label column with gaps as floats; 1.0 was refused as 'got float'."""
+    [example], _ = load_unpaired(jsonl_file([{"prompt": "q", "completion": "a", "label": label}]))
+    assert example.label is desirable
+
+
+def test_sft_conversation_without_a_turn_before_its_answer_is_refused_under_a_template():
+    """The chat template wrote the assistant's header inside the trained answer (the prompt rendered as nothing
+    and its first token was made the prompt)."""
+    from preftune.data.records import SFTExample
+
+    example = SFTExample([{"role": "assistant", "content": "Hello there."}], [], None, "s line 1")
+    with pytest.raises(DataError, match=r"^s line 1: the conversation has no turn before its first assistant turn"):
+        tokenize_example(make_tokenizer(), example, max_length=64)
 
 
 def test_kto_conversations_give_their_system_prompt_once(jsonl_file):
@@ -856,3 +878,17 @@ def test_math_500_records_train_the_solution_not_the_final_answer():
     example, unused = read_sft({"problem": "What is 1+1?", "solution": "1+1 = 2, so \\boxed{2}.", "answer": "2"},
                                "m line 1")
     assert example.completion == [{"role": "assistant", "content": "1+1 = 2, so \\boxed{2}."}] and unused == ["answer"]
+
+
+@pytest.mark.parametrize("record, hint", [
+    ({"conversation_id": "a", "conversation": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "hello"}], "model": "m"},
+     "for SFT, its 'conversation' of role/content turns reads as 'messages': rename the key"),
+    ({"source": "x", "conversation": [{"input": "hi", "output": "hello"}]}, "; SFT data (`preftune sft`) holds "
+                                                                             "messages, conversations"),
+])
+def test_a_record_without_answers_in_no_known_layout_says_what_sft_data_holds(jsonl_file, record, hint):
+    """lmsys-chat-1m, WildChat and Capybara met a list of preference formats only."""
+    with pytest.raises(DataError) as err:
+        load_pairs(jsonl_file([record]))
+    assert hint in str(err.value) and "\n" not in str(err.value)

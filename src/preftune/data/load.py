@@ -76,7 +76,7 @@ def read_pairs(source: str, *, data_format: str | None = None, split: str = "tra
                     raise SFTData(f"{where}: this is SFT data (one answer a record, keys "
                                   f"{', '.join(map(str, value))}), with no chosen/rejected pair to prefer; "
                                   f"train it with `preftune sft`, or give preference pairs")
-                raise SourceError(unknown_format_message(value, where))
+                raise SourceError(unknown_format_message(value, where) + _sft_hint(value))
             _check_scored(report.format, min_score_gap, source)
         pair, gap, unused = read_pair(value, report.format, where)
         report.unused_keys.update(unused)
@@ -188,6 +188,18 @@ def read_unpaired_source(source: str, *, data_format: str | None = None, split: 
         return example
 
     return _collect(source, split, skip_bad_records, report, convert), report
+
+
+def _sft_hint(value: dict) -> str:
+    """For a record with no answer pair at all, what SFT data may hold (it may be SFT data of another project's
+    layout); a `conversation` of role/content turns (lmsys-chat-1m, WildChat) is SFT's `messages` by another name."""
+    if {"chosen", "rejected"} & set(value):
+        return ""
+    turns = value.get("conversation")
+    if isinstance(turns, list) and turns and all(isinstance(t, dict) and {"role", "content"} <= set(t)
+                                                 for t in turns):
+        return "; for SFT, its 'conversation' of role/content turns reads as 'messages': rename the key"
+    return "; SFT data (`preftune sft`) holds messages, conversations, prompt/completion or question/answer fields"
 
 
 def _looks_like_sft(value: dict) -> bool:

@@ -162,6 +162,11 @@ def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_pro
         raise DataError(f"{example.where}: every assistant turn it would train is marked not to be (weight 0 or loss "
                         f"false), so there is nothing to train on; fix the marks, or leave the record out")
     _require_tokens(answer if mask is None or any(mask) else [], example.where, "trained")
+    if not prompt_ids and answer and isinstance(completion, list):
+        # A chat template renders nothing before a conversation's first turn: its own header would be trained.
+        raise DataError(f"{example.where}: the conversation has no turn before its first assistant turn, and the "
+                        "chat template writes the assistant's header as part of it, which would be trained as "
+                        "answer; start the conversation with the user's (or a system) turn, or leave the record out")
     if not prompt_ids and answer:  # as for SFT on text (and in TRL): the first token is the prompt, never scored
         prompt_ids, answer, mask = answer[:1], answer[1:], None if mask is None else mask[1:]
     fitted = _fit(prompt_ids, (answer,), max_length, max_prompt_length)

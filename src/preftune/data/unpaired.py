@@ -38,8 +38,8 @@ def _label(row: Row, key: str) -> bool:
     value = row.get(key)
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):  # CSV cells are strings
         value = value.strip().lower() in ("true", "1")
-    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):  # 1/0 as many files write it
-        value = bool(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1):  # 1/0, and 1.0/0.0
+        value = bool(value)  # as pandas writes a label column that has gaps
     if not isinstance(value, bool):
         raise row.error(f"{key!r} must be true (desirable) or false (undesirable), got {type_name(value)}")
     return value
@@ -58,10 +58,10 @@ def read_unpaired(value: Any, fmt: str, where: str) -> tuple[UnpairedExample, li
                     raise row.error("the completion is a whole conversation, and it must end with the assistant "
                                     "turn being rated")
                 prompt, completion = completion[:-1], completion[-1:]
-            elif any(turn["role"] in ("user", "system") for turn in completion):
-                raise row.error("the completion holds a user or system turn after the prompt, and KTO rates one "
-                                "answer as a whole (it would score the user's words too); end the prompt before "
-                                "the rated assistant turn")
+            elif any(turn["role"] in ("user", "system", "tool") for turn in completion):
+                raise row.error("the completion holds a user, system or tool turn after the prompt, and KTO rates "
+                                "one answer as a whole (it would score those words too); end the prompt before the "
+                                "rated assistant turn")
             system = None
             if prompt and prompt[0]["role"] == "system":
                 system, prompt = prompt[0]["content"], prompt[1:]
