@@ -155,6 +155,12 @@ def test_reward_model_judge_scores_prompt_plus_answer_as_a_plain_forward(tmp_pat
     with torch.no_grad():
         expected = float(rm(torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])).logits[0, 0])
     assert judge(chat, [" paris"]) == pytest.approx([expected], abs=1e-5)
+    # The system prompt the policy was given is part of what the judge scores (it was left out).
+    system = {"role": "system", "content": "answer in one word ."}
+    text = tok.apply_chat_template([system, *chat, {"role": "assistant", "content": " paris"}], tokenize=False)
+    with torch.no_grad():
+        expected = float(rm(torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])).logits[0, 0])
+    assert judged(judge, chat, [" paris"], "x", system["content"]) == pytest.approx([expected], abs=1e-5)
     with pytest.raises(ConfigError, match="not a model folder"):
         make_judge(f"reward-model:{tmp_path / 'missing'}")
 

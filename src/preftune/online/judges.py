@@ -95,17 +95,21 @@ def reward_model_judge(folder: str, *, device=None, batch_size: int = 8) -> Judg
         raise ConfigError(f"judge: reward-model:{folder}: not a model folder (no config.json)")
     model, tokenizer = load_reward_model(folder, device=device, flag="--judge")
 
-    def judge(prompt, answers):
-        return score_texts(model, tokenizer, [prompt] * len(answers), list(answers), batch_size=batch_size)
+    def judge(prompt, answers, system=None):
+        return score_texts(model, tokenizer, [prompt] * len(answers), list(answers), batch_size=batch_size,
+                           systems=[system] * len(answers))
 
+    judge.takes_system = True  # `judged` hands it the prompt's system prompt too, as the policy was given it
     return judge
 
 
-def judged(judge: Judge, prompt, answers: list[str], where: str) -> list[float]:
+def judged(judge: Judge, prompt, answers: list[str], where: str, system: str | None = None) -> list[float]:
     """The judge's scores of `answers`, checked: one finite number per answer. `where` names the prompt in the
-    one-line `JudgeError` a failing judge becomes."""
+    one-line `JudgeError` a failing judge becomes. A judge marked `takes_system` (the reward-model judge) gets the
+    prompt's `system` prompt too."""
     try:
-        scores = judge(prompt, list(answers))
+        extra = {"system": system} if getattr(judge, "takes_system", False) else {}
+        scores = judge(prompt, list(answers), **extra)
     except Exception as exc:  # the judge is user code: whatever it raises stops the run, named
         raise JudgeError(f"{where}: the judge raised {type(exc).__name__}: {exc}") from None
     try:

@@ -192,7 +192,7 @@ def _round_pairs(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, judge:
                                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                          top_p=cfg.top_p, seed=cfg.seed + r * ROUND_SEED_STRIDE, device=device,
                                          batch_size=cfg.generation_batch_size)
-    scores = [judged(judge, p["prompt"], group, p["where"]) for p, group in zip(prompts, answers)]
+    scores = [judged(judge, p["prompt"], group, p["where"], p["system"]) for p, group in zip(prompts, answers)]
     made = best_vs_worst(prompts, answers, scores, ended, pair_cut=cfg.pair_cut_answers)
     folder.mkdir(parents=True, exist_ok=True)
     write_jsonl(folder / SAMPLES, [{"prompt": p["prompt"], "answers": a, "scores": s, "ended": e}
@@ -246,7 +246,7 @@ def greedy_score(cfg: OnlineConfig, policy, tokenizer, judge: Judge, prompts: li
                          template_kwargs=p.get("template_kwargs")) for p in prompts]
     answers = sample_groups(policy, tokenizer, ids, samples=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
                             top_p=1.0, seed=cfg.seed, device=device, batch_size=cfg.generation_batch_size)
-    scores = [judged(judge, p["prompt"], a, p["where"])[0] for p, a in zip(prompts, answers)]
+    scores = [judged(judge, p["prompt"], a, p["where"], p["system"])[0] for p, a in zip(prompts, answers)]
     return {"eval_score": statistics.fmean(scores), "eval_score_std": statistics.pstdev(scores)}
 
 
