@@ -244,3 +244,17 @@ def test_eval_of_a_run_folder_takes_the_run_s_beta(tiny_model_dir, tmp_path):
     assert given.summary["beta"] == 0.1
     assert given.summary["reward_margin"] == pytest.approx(report.summary["reward_margin"] / 3, rel=1e-5)
     assert preftune.evaluate(model=tiny_model_dir, data=pairs, device="cpu").summary["beta"] == 0.1
+
+
+def test_generate_output_keeps_a_chat_prompt_whole_with_its_system_prompt(tiny_model_dir, tmp_path, capsys):
+    """Its rows held only the last user message: the system prompt and the earlier turns were missing."""
+    turns = [{"role": "user", "content": "the capital of france is"}, {"role": "assistant", "content": "paris"},
+             {"role": "user", "content": "and of spain ?"}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": turns, "system": "be brief", "chosen": [{"role": "assistant",
+                                "content": "madrid"}], "rejected": [{"role": "assistant", "content": "rome"}]}) + "\n")
+    out = tmp_path / "g.jsonl"
+    assert main(["generate", "--model", str(tiny_model_dir), "--data", str(data), "--max-new-tokens", "3",
+                 "--output", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert (row["prompt"], row["system"]) == (turns, "be brief") and "and of spain ?" in capsys.readouterr().out

@@ -51,11 +51,11 @@ def run_generate(args: argparse.Namespace) -> int:
         check_source(args.ref_model, "model", "--ref-model")
         columns["reference"] = (args.ref_model, "--ref-model")
     prompts = _prompts(args, tokenizer)
-    rows = [{"prompt": text} for text, _ in prompts]
+    rows = [{"prompt": prompt, **({"system": system} if system else {})} for prompt, system, _ in prompts]
     for column, (name, flag) in columns.items():
         model = load_model(name, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code, flag=flag)
         freeze(model)
-        answers = generate_answers(model, tokenizer, [ids for _, ids in prompts], max_new_tokens=args.max_new_tokens,
+        answers = generate_answers(model, tokenizer, [ids for *_, ids in prompts], max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=device)
         for row, answer in zip(rows, answers):
             row[column] = answer
@@ -75,25 +75,23 @@ def _show(rows: list[dict], columns: list[str]) -> None:
     for c in columns:
         table.add_column(c, overflow="fold", ratio=2)
     for row in rows:
-        table.add_row(row["prompt"], *(row[c] for c in columns))
+        shown = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]  # its last turn
+        table.add_row(shown, *(row[c] for c in columns))
     Console().print(table)
 
 
-def _prompts(args: argparse.Namespace, tokenizer) -> list[tuple[str, list[int]]]:
-    """(display text, prompt ids) for each prompt; a plain --prompt is a user turn when there is a template."""
+def _prompts(args: argparse.Namespace, tokenizer) -> list[tuple[object, str | None, list[int]]]:
+    """(prompt as given: text or messages, system prompt, prompt ids) for each prompt; a plain --prompt is a user
+    turn when there is a template."""
     from ..data.encode import encode_prompt
 
     if args.prompt is not None:
         prompt = args.prompt
         content = [{"role": "user", "content": prompt}] if getattr(tokenizer, "chat_template", None) else prompt
-        return [(prompt, encode_prompt(tokenizer, content, where="--prompt"))]
+        return [(prompt, None, encode_prompt(tokenizer, content, where="--prompt"))]
     from ..data.load import load_pairs
 
     from ..data.tokenize import prompt_ids_of
 
     pairs, _ = load_pairs(args.data, data_format=args.data_format, split=args.split, skip_bad_records=None)
-    out = []
-    for pair in pairs[: args.n]:
-        shown = pair.prompt if isinstance(pair.prompt, str) else pair.prompt[-1]["content"]
-        out.append((shown, prompt_ids_of(tokenizer, pair)))
-    return out
+    return [(pair.prompt, pair.system, prompt_ids_of(tokenizer, pair)) for pair in pairs[: args.n]]
