@@ -379,3 +379,15 @@ def test_a_reward_model_with_damaged_weights_is_one_line(reward_dir, tmp_path):
     (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:5000])
     with pytest.raises(ModelError, match=r"its model\.safetensors cannot be read .*; copy the model again"):
         preftune.score(model=broken, data=fact_pairs(2), device="cpu", dtype="float32")
+
+
+def test_score_texts_takes_no_prompt_beside_a_whole_conversation(reward_dir):
+    """A check for SFT training (no turn before the first assistant turn) refused what score_texts documents: a
+    prompt of None or "" beside a conversation."""
+    from preftune.reward import load_reward_model, score_texts
+
+    model, tok = load_reward_model(reward_dir)
+    user, answer = {"role": "user", "content": "capital of france ?"}, {"role": "assistant", "content": "paris"}
+    whole = score_texts(model, tok, [None], [[user, answer]])
+    assert whole == pytest.approx(score_texts(model, tok, [[user]], ["paris"]), abs=1e-5)
+    assert len(score_texts(model, tok, [""], [[answer]])) == 1

@@ -19,7 +19,7 @@ import torch
 
 from .data.batching import PromptAnswerBatch, collate
 from .data.records import Content, SFTExample
-from .data.tokenize import tokenize_all
+from .data.tokenize import tokenize_example
 from .errors import ModelError, PreftuneError
 from .io import absolute_if_local
 from .logps.limits import limits_of, switch_calls
@@ -294,9 +294,11 @@ def score_texts(model, tokenizer, prompts: Sequence[Content | None], answers: Se
     systems = list(systems) if systems is not None else [None] * len(answers)
     examples = [SFTExample(answer, prompt or None, system, f"answer {i + 1}")
                 for i, (prompt, answer, system) in enumerate(zip(prompts, answers, systems))]
-    items, stats = tokenize_all(tokenizer, examples, max_length=max_length)
-    if stats.dropped:
-        raise PreftuneError(f"score_texts: {stats.dropped} prompt(s) alone are longer than max_length {max_length}")
+    items = [tokenize_example(tokenizer, ex, max_length=max_length, index=i, scored_whole=True)
+             for i, ex in enumerate(examples)]
+    if None in items:
+        dropped = items.count(None)
+        raise PreftuneError(f"score_texts: {dropped} prompt(s) alone are longer than max_length {max_length}")
     at = device if device is not None else next(model.parameters()).device
     table = rewards_table(model, items, pad_id=tokenizer.pad_token_id, device=at, batch_size=batch_size)
     return table[:, 0].tolist()

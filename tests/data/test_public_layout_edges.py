@@ -892,3 +892,9 @@ def test_a_record_without_answers_in_no_known_layout_says_what_sft_data_holds(js
     with pytest.raises(DataError) as err:
         load_pairs(jsonl_file([record]))
     assert hint in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sft_reading_names_a_conversation_of_messages_by_its_fix():
+    record = {"conversation": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    with pytest.raises(DataError, match=r"'conversation' of role/content turns reads as 'messages': rename the key$"):
+        read_sft(record, "w line 1")

@@ -236,6 +236,29 @@ def test_overwrite_refused_for_its_prompts_leaves_the_finished_run(uninterrupted
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
+def test_overwrite_refused_after_a_run_stopped_before_training_leaves_its_samples(uninterrupted, tiny_model_dir,
+                                                                                   tmp_path):
+    """The cleanup of a failed command removed config.yaml, metrics and rounds/ of a run that had not trained yet,
+    though this command had written none of them."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[2], out)
+    for train in out.glob("rounds/*/train"):
+        shutil.rmtree(train)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(preftune.DataError):
+        preftune.train("online", model=tiny_model_dir, data=[{"prompt": ""}], output_dir=out, judge=LengthJudge(),
+                       overwrite=True, **SETTINGS)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_the_run_folder_may_not_be_the_starting_models(tiny_model_dir):
+    with pytest.raises(preftune.ConfigError, match=r"--output-dir \S+: is the --model folder, which every round reads"):
+        preftune.train("online", model=tiny_model_dir, data=PROMPTS, output_dir=tiny_model_dir, judge=LengthJudge(),
+                       overwrite=True, **SETTINGS)
+
+
 def test_a_folder_holding_a_model_is_not_written_over(tiny_model_dir, tmp_path):
     import shutil
 
@@ -254,6 +277,31 @@ def test_resume_with_other_settings_is_refused(uninterrupted, tiny_model_dir, tm
     with pytest.raises(preftune.ConfigError, match=r"--resume: the run in \S+ was started with samples 3 \(now 5\)"):
         preftune.train("online", model=tiny_model_dir, data=PROMPTS, eval_data=EVAL, output_dir=out,
                        judge=LengthJudge(), save_every=1, resume=True, **{**SETTINGS, "samples": 5})
+
+
+def test_resume_takes_the_same_settings_written_another_way_and_what_may_change(uninterrupted, tiny_model_dir,
+                                                                                tmp_path, monkeypatch):
+    """A default given once and left out the next time, a relative path made absolute, and a new checkpoint
+    interval were refused as other settings."""
+    import os
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[2], out)
+    (out / "results.json").unlink()
+    monkeypatch.chdir(Path(tiny_model_dir).parent)
+    left_out = {k: v for k, v in SETTINGS.items() if k != "beta"}  # 0.1, the default, given when it started
+    resumed = preftune.train("online", model=os.path.relpath(tiny_model_dir), data=PROMPTS, eval_data=EVAL,
+                             output_dir=out, judge=LengthJudge(), save_every=2, resume=True, **left_out)
+    assert (out / "results.json").exists() and resumed.history
+
+
+def test_a_callback_stop_on_a_rounds_last_step_stops_after_that_round(tiny_model_dir, tmp_path):
+    last = SETTINGS["steps_per_round"]
+    result = preftune.train("online", model=tiny_model_dir, data=PROMPTS, output_dir=tmp_path / "run",
+                            judge=LengthJudge(), callbacks=[lambda row: "stop" if row.get("step") == last and "loss" in
+                                                            row else None], **{**SETTINGS, "rounds": 3})
+    assert [row["round"] for row in result.history] == [1] and result.metrics["stopped_at_round"] == 2
 
 
 def test_a_callback_stop_on_a_round_row_stops_after_that_round(tiny_model_dir, tmp_path):
@@ -276,7 +324,8 @@ def test_template_arguments_of_a_prompt_reach_the_training_pairs(tiny_model_dir,
 
 @pytest.mark.parametrize("prompt, message", [
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-     r"--prompts record 1: the prompt ends with a assistant turn; a prompt to answer ends with the user's turn"),
+     r"--prompts record 1: the prompt ends with a assistant turn; a prompt to answer ends with the user's turn "
+     r"\(or a tool's result\)"),
 ])
 def test_prompts_that_cannot_be_answered_are_refused_when_read(tiny_model_dir, tmp_path, prompt, message):
     with pytest.raises(preftune.DataError, match=message):

@@ -152,13 +152,22 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
         example = SFTExample(row.text("text"), None, None, where)
     else:
         seen = ", ".join(map(str, row.value)) or "none"
-        raise DataError(f"{where}: cannot read an SFT example from the keys seen ({seen}); expected {SFT_KEYS}")
+        hint = "; its 'conversation' of role/content turns reads as 'messages': rename the key" \
+            if conversation_of_messages(row.value) else ""
+        raise DataError(f"{where}: cannot read an SFT example from the keys seen ({seen}); expected {SFT_KEYS}{hint}")
     if isinstance(example.completion, list):
         example.tools, example.template_kwargs = row.tools(), row.template_kwargs()
         if all(turn.get(NOT_TRAINED) for turn in example.completion if turn["role"] == "assistant"):
             raise row.error("every assistant turn is marked not to be trained (weight 0 or loss false), so there "
                             "is nothing to train on; fix the marks, or leave the record out")
     return example, row.unused()
+
+
+def conversation_of_messages(value: dict) -> bool:
+    """Whether `conversation` holds role/content turns (lmsys-chat-1m, WildChat): `messages` by another name."""
+    turns = value.get("conversation")
+    return isinstance(turns, list) and bool(turns) and all(isinstance(t, dict) and {"role", "content"} <= set(t)
+                                                            for t in turns)
 
 
 def _completion_key(row: Row) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any, Callable, TypeVar
 
 from ..errors import DataError
 from .detect import FORMAT_KEYS, FORMAT_NAMES, detect, unknown_format_message
-from .formats import SCORED_FORMATS, SFT_ANSWERS, read_pair, read_sft, sft_fields
+from .formats import SCORED_FORMATS, SFT_ANSWERS, conversation_of_messages, read_pair, read_sft, sft_fields
 from .records import LoadReport, PreferencePair, SFTExample, UnpairedExample
 from .rows import require_mapping
 from .sources import read_rows
@@ -195,9 +195,7 @@ def _sft_hint(value: dict) -> str:
     layout); a `conversation` of role/content turns (lmsys-chat-1m, WildChat) is SFT's `messages` by another name."""
     if {"chosen", "rejected"} & set(value):
         return ""
-    turns = value.get("conversation")
-    if isinstance(turns, list) and turns and all(isinstance(t, dict) and {"role", "content"} <= set(t)
-                                                 for t in turns):
+    if conversation_of_messages(value):
         return "; for SFT, its 'conversation' of role/content turns reads as 'messages': rename the key"
     return "; SFT data (`preftune sft`) holds messages, conversations, prompt/completion or question/answer fields"
 

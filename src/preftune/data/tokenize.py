@@ -140,12 +140,13 @@ def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_promp
 
 
 def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_prompt_length: int | None = None,
-                     index: int = 0, last_turn_only: bool = False,
-                     raw_text_prompts: bool = False) -> TokenizedExample | None:
+                     index: int = 0, last_turn_only: bool = False, raw_text_prompts: bool = False,
+                     scored_whole: bool = False) -> TokenizedExample | None:
     """Token ids of one SFT example. A conversation trains on every assistant turn after the prompt; with
     `last_turn_only`, on the last one alone (the turns before it become the prompt). A one-turn answer whose
     turns came from text fields (alpaca) is written back as text as `tokenize_pair` does it; with history, the
-    turns go through the template, or the Human/Assistant transcript without one."""
+    turns go through the template, or the Human/Assistant transcript without one. `scored_whole`: the example is
+    scored as one text (a reward model's), not trained on, so a template's header inside the answer is no harm."""
     single_turn = isinstance(example.completion, list) and len(example.completion) == 1
     if example.text_fields and single_turn and (raw_text_prompts or not has_template(tokenizer)):
         # The pair's text form, with the output as both answers: one rule for preference and SFT records.
@@ -162,7 +163,8 @@ def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_pro
         raise DataError(f"{example.where}: every assistant turn it would train is marked not to be (weight 0 or loss "
                         f"false), so there is nothing to train on; fix the marks, or leave the record out")
     _require_tokens(answer if mask is None or any(mask) else [], example.where, "trained")
-    if not prompt_ids and answer and isinstance(completion, list):
+    if not prompt_ids and answer and isinstance(completion, list) and completion[0]["role"] == "assistant" \
+            and not scored_whole:
         # A chat template renders nothing before a conversation's first turn: its own header would be trained.
         raise DataError(f"{example.where}: the conversation has no turn before its first assistant turn, and the "
                         "chat template writes the assistant's header as part of it, which would be trained as "

@@ -83,8 +83,7 @@ def route_of(model, batch: PromptAnswerBatch, *, share: bool, packing: bool) -> 
 def _bias_by_slot(hf) -> bool:
     """Whether the model builds its attention bias from cache-slot indices rather than positions (MPT's ALiBi),
     so that the padding of a shared prompt cache shifts every answer's distances to its prompt."""
-    attn = getattr(getattr(hf, "config", None), "attn_config", None)
-    return getattr(hf.config, "model_type", "") == "mpt" and bool(getattr(attn, "alibi", True))
+    return getattr(getattr(hf, "config", None), "model_type", "") == "mpt"  # its ALiBi, whatever attn_config says
 
 
 def _compiled(model) -> bool:

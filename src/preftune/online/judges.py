@@ -113,8 +113,8 @@ def judged(judge: Judge, prompt, answers: list[str], where: str, system: str | N
     except Exception as exc:  # the judge is user code: whatever it raises stops the run, named
         raise JudgeError(f"{where}: the judge raised {type(exc).__name__}: {exc}") from None
     try:
-        if isinstance(scores, (str, bytes, dict)) or not hasattr(scores, "__len__"):  # a dict's keys, a string's
-            raise TypeError  # characters, or a generator would pass for scores
+        if isinstance(scores, (str, bytes, dict, set, frozenset)) or not hasattr(scores, "__len__"):
+            raise TypeError  # a dict's keys, a string's characters, a set or a generator would pass for scores
         scores = [float(s) for s in scores]
     except (TypeError, ValueError):
         shown = " ".join(str(scores).split())[:80]  # one line, whatever the value prints as

@@ -60,9 +60,9 @@ def read_prompts(source, what: str = "--prompts", split: str = "train") -> tuple
             raise DataError(f"{where}: 'prompt' must be non-empty text or a list of {{role, content}} messages")
         if system is not None and not isinstance(system, str):
             raise DataError(f"{where}: 'system' must be text")
-        if isinstance(prompt, list) and prompt[-1]["role"] != "user":  # the answer sampled must follow a user turn
+        if isinstance(prompt, list) and prompt[-1]["role"] not in ("user", "tool"):  # what an answer follows
             raise DataError(f"{where}: the prompt ends with a {prompt[-1]['role']} turn; a prompt to answer ends "
-                            "with the user's turn (leave out the turns after it)")
+                            "with the user's turn (or a tool's result)")
         records.append({"prompt": prompt, "system": system, "where": where, "template_kwargs": kwargs})
     if not records:
         raise DataError(f"{what}: no prompts")

@@ -19,6 +19,7 @@ same pairs); its DPO steps continue from their last checkpoint; finished rounds 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import statistics
@@ -28,12 +29,14 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..config import load_yaml_mapping
+from ..io import absolute_if_local
 from ..data.encode import encode_prompt
 from ..data.memory import as_source
 from ..inputs import RunInputs
 from ..errors import ConfigError, PreftuneError
 from ..io import append_jsonl, atomic_write_json, write_jsonl
 from ..report.tracking import METRICS_FILE
+from ..training.checkpoint import MAY_CHANGE_ON_RESUME
 from ..training.loop import STOP, execute
 from ..training.run_dir import remove_outputs
 from ..training.signals import StopOnSignal
@@ -88,21 +91,23 @@ def run_online(cfg: OnlineConfig, *, judge: Judge | None = None, prompts=None, e
         return _load_final(cfg, out)
     created = not out.exists()
     _prepare(out, cfg)
-    # A failure before any round has trained (bad prompts, judge, model) leaves nothing that blocks the rerun.
+    wrote: list[bool] = []  # set once this command has written into the folder (an old run's files then gone)
+    # A failure before any round has trained (bad prompts, judge, model) leaves nothing that blocks the rerun, and
+    # one before this command wrote anything leaves the folder as it found it.
     try:
-        return _rounds(cfg, out, judge, prompts, eval_prompts, callbacks, resume_hint)
+        return _rounds(cfg, out, judge, prompts, eval_prompts, callbacks, resume_hint, wrote)
     except BaseException:
-        if not cfg.resume and not any(out.glob(f"{ROUNDS}/*/{TRAIN}")):
-            if created:
-                shutil.rmtree(out, ignore_errors=True)
-            else:
-                for name in ("config.yaml", METRICS_FILE):
-                    (out / name).unlink(missing_ok=True)
-                shutil.rmtree(out / ROUNDS, ignore_errors=True)
+        if created and not cfg.resume and not any(out.glob(f"{ROUNDS}/*/{TRAIN}")):
+            shutil.rmtree(out, ignore_errors=True)
+        elif wrote and not cfg.resume and not any(out.glob(f"{ROUNDS}/*/{TRAIN}")):
+            for name in ("config.yaml", METRICS_FILE):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / ROUNDS, ignore_errors=True)
         raise
 
 
-def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callbacks, resume_hint) -> OnlineResult:
+def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callbacks, resume_hint,
+            wrote: list) -> OnlineResult:
     from ..models.load import load_tokenizer
     from ..models.precision import pick_device
 
@@ -111,10 +116,12 @@ def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callback
     judge = judge or make_judge(cfg.judge, device=device)
     tokenizer = load_tokenizer(cfg.dpo.get("tokenizer") or cfg.model,
                                trust_remote_code=cfg.train_config(output_dir="", model=cfg.model).trust_remote_code)
+    if cfg.resume:
+        _require_same_settings(cfg, out)
+    else:
+        wrote.append(True)
     if cfg.overwrite and not cfg.resume:  # only now: a command refused for its prompts, judge or model changes nothing
         remove_outputs(out, (ROUNDS, "plots"))
-    elif cfg.resume:
-        _require_same_settings(cfg, out)
     cfg.to_yaml(out / "config.yaml")
     if not cfg.quiet:
         for line in notes:
@@ -141,7 +148,7 @@ def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callback
         for r in range(1, cfg.rounds + 1):
             if r in done_rounds:
                 continue
-            if stop.signum is not None or asked:
+            if stop.signum is not None or stop.asked or asked:  # asked: by a round row, or a round's last step
                 return _stopped(cfg, out, history, tokenizer, r, 0, resume_hint)
             start = cfg.model if r == 1 else str(round_dir(out, r - 1) / TRAIN)
             policy = _load_policy(cfg, start, device)
@@ -259,6 +266,9 @@ def _prepare(out: Path, cfg: OnlineConfig) -> None:
     if holds and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"--output-dir {out}: already holds a run; choose another folder, pass --resume to "
                             f"continue it, or --overwrite to start afresh")
+    if cfg.model and Path(cfg.model).expanduser().resolve() == out.expanduser().resolve():
+        raise ConfigError(f"--output-dir {out}: is the --model folder, which every round reads (the reference, the "
+                          "first round's policy); choose another folder")
     if (out / "config.json").is_file() and not holds and not cfg.overwrite:
         raise ConfigError(f"--output-dir {out}: holds a model (config.json), which the finished run's model would "
                           "overwrite; choose another folder, or --overwrite to replace it")
@@ -270,22 +280,37 @@ def _prepare(out: Path, cfg: OnlineConfig) -> None:
 
 def _require_same_settings(cfg: OnlineConfig, out: Path) -> None:
     """A resumed run continues with the settings it started with: rounds sampled, judged or trained under other
-    ones would make one run of two."""
+    ones would make one run of two. Compared as resolved values (a default given or left out alike, paths made
+    absolute); what a resume may change offline (checkpointing, logging, the device) may change here too."""
     path = out / "config.yaml"
     if not path.is_file():
         return
     try:
-        saved = OnlineConfig.from_dict(load_yaml_mapping(path), where=str(path)).to_dict()
+        saved = OnlineConfig.from_dict(load_yaml_mapping(path), where=str(path))
     except PreftuneError as exc:
-        raise ConfigError(f"--resume: {path} cannot be read back ({exc}); start afresh with --overwrite") from None
-    now = cfg.to_dict()
-    changed = [k for k in sorted(set(saved) | set(now)) if k not in ("resume", "overwrite", "quiet", "output_dir")
-               and saved.get(k) != now.get(k)]  # the folder may have moved
+        raise ConfigError(f"--resume: {path} is not an online run's settings ({exc}); resume the run that folder "
+                          "holds with its own command, or choose another folder") from None
+    changed = [f"{k} {a!r} (now {b!r})" for k, a, b in _setting_pairs(saved, cfg) if a != b]
     if changed:
-        shown = ", ".join(f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in changed[:3])
-        raise ConfigError(f"--resume: the run in {out} was started with {shown}{' and more' * (len(changed) > 3)}; "
-                          f"resume it with its own settings (--config {path} --resume), or start afresh with "
-                          "--overwrite")
+        raise ConfigError(f"--resume: the run in {out} was started with {', '.join(changed[:3])}"
+                          f"{' and more' * (len(changed) > 3)}; resume it with the settings it started with (its "
+                          "config.yaml), or start afresh with --overwrite")
+
+
+def _setting_pairs(saved: OnlineConfig, now: OnlineConfig):
+    """(name, saved value, value now) of every setting a resume must keep."""
+    may_change = {"resume", "overwrite", "quiet", "output_dir", "dpo", "generation_batch_size"}
+    for f in dataclasses.fields(OnlineConfig):
+        if f.name in may_change:
+            continue
+        a, b = getattr(saved, f.name), getattr(now, f.name)
+        if f.name in ("model", "prompts", "eval_prompts") and isinstance(a, str) and isinstance(b, str):
+            a, b = absolute_if_local(a), absolute_if_local(b)
+        yield f.name, a, b
+    steps = [c.train_config(output_dir="", model="<policy>").to_dict() for c in (saved, now)]
+    for name in steps[0]:
+        if name not in MAY_CHANGE_ON_RESUME and name not in ("model", "ref_model", "data"):
+            yield name, steps[0][name], steps[1][name]
 
 
 def _prompt_sets(cfg: OnlineConfig, prompts, eval_prompts) -> tuple[list[dict], list[dict], list[str]]:
