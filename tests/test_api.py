@@ -456,6 +456,15 @@ def test_an_unfinished_run_folder_given_as_a_model_says_how_to_finish_it(tiny_mo
         preftune.evaluate(model=str(run), data=pairs)
 
 
+def test_the_saved_config_names_the_run_folder_absolutely(tiny_model_dir, pairs, tmp_path, monkeypatch):
+    """It was written as given (relative): `--config run/config.yaml --resume` from another folder trained a new
+    run there."""
+    monkeypatch.chdir(tmp_path)
+    preftune.train("dpo", model=tiny_model_dir, data=pairs, output_dir="run", **SETTINGS)
+    saved = preftune.TrainConfig.from_yaml(tmp_path / "run" / "config.yaml")
+    assert saved.output_dir == str(tmp_path / "run")
+
+
 def test_a_config_object_may_ask_for_eval_that_the_arguments_give(tiny_model_dir, pairs):
     """TrainConfig(eval_every=...) was refused when built, before eval_data=... could count."""
     config = preftune.TrainConfig(eval_every=2, **SETTINGS)

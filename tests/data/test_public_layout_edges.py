@@ -898,3 +898,10 @@ def test_sft_reading_names_a_conversation_of_messages_by_its_fix():
     record = {"conversation": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     with pytest.raises(DataError, match=r"'conversation' of role/content turns reads as 'messages': rename the key$"):
         read_sft(record, "w line 1")
+
+
+def test_a_record_of_a_preference_layout_gets_no_sft_hint(jsonl_file):
+    record = {"prompt": "q", "response_0": "a", "response_1": "b", "better_response_id": 0, "safer_response_id": 1}
+    with pytest.raises(DataError) as err:
+        load_pairs(jsonl_file([record]))
+    assert "pass --data-format pku_better or pku_safer" in str(err.value) and "SFT" not in str(err.value)

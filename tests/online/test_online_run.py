@@ -296,6 +296,17 @@ def test_resume_takes_the_same_settings_written_another_way_and_what_may_change(
     assert (out / "results.json").exists() and resumed.history
 
 
+def test_a_finished_run_resumed_with_more_rounds_is_refused(uninterrupted, tiny_model_dir, tmp_path):
+    """It returned the finished run, and the command line printed 'done: 3 rounds' over a run of 2."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[2], out)
+    with pytest.raises(preftune.ConfigError, match=r"--resume: the run in \S+ was started with rounds 2 \(now 3\)"):
+        preftune.train("online", model=tiny_model_dir, data=PROMPTS, eval_data=EVAL, output_dir=out,
+                       judge=LengthJudge(), save_every=1, resume=True, **{**SETTINGS, "rounds": 3})
+
+
 def test_a_callback_stop_on_a_rounds_last_step_stops_after_that_round(tiny_model_dir, tmp_path):
     last = SETTINGS["steps_per_round"]
     result = preftune.train("online", model=tiny_model_dir, data=PROMPTS, output_dir=tmp_path / "run",

@@ -145,7 +145,7 @@ def detect_format(value: Any) -> str | None:
     return detect(value)[0]
 
 
-def _named_keys(reads: str) -> set[str]:
+def named_keys(reads: str) -> set[str]:
     """The keys a `FORMAT_KEYS` text names: its words outside parentheses (which hold notes on the values)."""
     while (bare := re.sub(r"\([^()]*\)", "", reads)) != reads:
         reads = bare
@@ -166,7 +166,7 @@ def unknown_format_message(value: Any, where: str, formats: dict[str, str] = FOR
         return (f"{where}: a {given!r} answer without a {missing!r} one (keys seen: {seen}); name the two answers "
                 "'chosen' and 'rejected' (ms-swift's form: 'messages' ending with the chosen answer, and the other "
                 "answer as 'rejected_response')")
-    near = [name for name, reads in formats.items() if keys & _named_keys(reads)]
+    near = [name for name, reads in formats.items() if keys & named_keys(reads)]
     close = f" Formats that read some of these keys: {'; '.join(f'{n} ({formats[n]})' for n in near)}." \
         if near else ""
     others = ", ".join(name for name in formats if name not in near)

@@ -86,6 +86,7 @@ def run_online(cfg: OnlineConfig, *, judge: Judge | None = None, prompts=None, e
         cfg.judge = "<judge>"
     cfg.require_paths()
     if cfg.resume and _finished(out) is not None:
+        _require_same_settings(cfg, out)  # a finished run resumed with more rounds is not that run
         if not cfg.quiet:
             print(f"preftune: resume: the run in {out} has finished; nothing to do", file=sys.stderr)
         return _load_final(cfg, out)

@@ -231,13 +231,13 @@ INPUT_PATHS = ("model", "ref_model", "tokenizer", "data", "eval_data")
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
-    """The config as it ran: defaults that depend on the stage written out and local inputs as absolute paths,
-    so `--config` reproduces it from any folder."""
+    """The config as it ran: defaults that depend on the stage written out, and local inputs and the run folder
+    as absolute paths, so `--config` reproduces it (or resumes it) from any folder."""
     values = cfg.to_dict()
     values["lr"] = cfg.learning_rate
     values["overwrite"] = values["resume"] = False
     values["quiet"] = False  # how a run printed is not part of it (the library runs quiet; its config, rerun, talks)
-    for name in INPUT_PATHS:
+    for name in (*INPUT_PATHS, "output_dir"):  # the run folder too: `--config it --resume` finds it from anywhere
         values[name] = absolute_if_local(values[name])
     return TrainConfig.from_dict(values)
 
