@@ -16,7 +16,6 @@ import yaml
 
 from ..config import TrainConfig, _f, coerce_field, unknown_key
 from ..errors import ConfigError
-from ..losses import needs_reference
 
 REF_UPDATES = ("none", "round")
 # TrainConfig fields that each round fills in itself, so they are not settings of an online run.
@@ -112,6 +111,8 @@ class OnlineConfig:
         values = {**self.dpo, "stage": "dpo", "model": model, "ref_model": ref_model, "data": "<round pairs>",
                   "output_dir": output_dir, "max_steps": self.steps_per_round, "resume": resume,
                   "quiet": self.quiet}
+        from ..losses import needs_reference  # here: the command line reads these settings before torch loads
+
         if not needs_reference(str(values.get("loss") or TrainConfig.loss)):
             values["ref_model"] = None  # the rounds' reference, for losses that use none (simpo, orpo)
         return TrainConfig.from_dict(values, where="online")
