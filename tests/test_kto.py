@@ -318,3 +318,16 @@ def test_python_api_trains_kto_in_memory(tiny_model_dir):
     assert result.model is model and [row["step"] for row in result.history] == [1, 2]
     assert result.history[0]["loss"] == pytest.approx(0.5, abs=1e-6)
     assert result.history[1]["loss"] < 0.5
+
+
+def test_pairs_read_as_unpaired_report_their_margins_unused(tmp_path):
+    """A margin column was read with each pair and then dropped without a word (DPO says it ignores it)."""
+    import json
+
+    from preftune.data.load import load_unpaired
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b", "margin": 1.5}) + "\n"
+                            for i in range(2)))
+    examples, report = load_unpaired(str(path), paired_as_unpaired=True)
+    assert len(examples) == 4 and report.unused_keys == {"margin": 2}

@@ -157,6 +157,8 @@ def load_unpaired(source: str, *, data_format: str | None = None, split: str = "
                                     p.text_fields, p.template_kwargs)
                     for name, label in (("chosen", True), ("rejected", False))
                     for p in pairs for answer in (getattr(p, name),)]
+        if any(p.margin is not None for p in pairs):  # read as a pair's key, and nothing unpaired reads it
+            report.unused_keys["margin"] += sum(p.margin is not None for p in pairs)
     require_some(examples, report)
     return examples, report
 
