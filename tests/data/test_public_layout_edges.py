@@ -905,3 +905,8 @@ def test_a_record_of_a_preference_layout_gets_no_sft_hint(jsonl_file):
     with pytest.raises(DataError) as err:
         load_pairs(jsonl_file([record]))
     assert "pass --data-format pku_better or pku_safer" in str(err.value) and "SFT" not in str(err.value)
+
+
+def test_an_sft_record_with_a_shared_key_name_still_gets_the_sft_hint(jsonl_file):
+    with pytest.raises(DataError, match=r"; SFT data \(`preftune sft`\) holds messages, conversations"):
+        load_pairs(jsonl_file([{"prompt": "q", "reply": "a"}]))

@@ -54,3 +54,14 @@ def test_rounds_of_a_reference_free_loss_name_no_reference():
     assert cfg.train_config(output_dir="o/rounds/001/train", model="<policy>", ref_model="m").ref_model is None
     both = OnlineConfig.from_dict({"loss": "sigmoid:0.5,simpo:0.5"})
     assert both.train_config(output_dir="o", model="<policy>", ref_model="m").ref_model == "m"
+
+
+def test_a_resume_compares_what_the_rounds_compute_with_as_resolved_values():
+    """lr left out (None) and lr given at its default were two settings, while the generation batch size, which
+    seeds the samples, was let change."""
+    from preftune.online.rounds import _setting_pairs
+
+    base = {"model": "m", "prompts": "p.jsonl", "output_dir": "o", "judge": "rule:longer"}
+    saved = OnlineConfig.from_dict(base)
+    now = OnlineConfig.from_dict({**base, "lr": 5e-7, "generation_batch_size": 4, "save_every": 7})
+    assert [name for name, a, b in _setting_pairs(saved, now) if a != b] == ["generation_batch_size"]

@@ -253,10 +253,44 @@ def test_overwrite_refused_after_a_run_stopped_before_training_leaves_its_sample
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
-def test_the_run_folder_may_not_be_the_starting_models(tiny_model_dir):
-    with pytest.raises(preftune.ConfigError, match=r"--output-dir \S+: is the --model folder, which every round reads"):
-        preftune.train("online", model=tiny_model_dir, data=PROMPTS, output_dir=tiny_model_dir, judge=LengthJudge(),
-                       overwrite=True, **SETTINGS)
+def test_the_run_folder_may_not_be_or_hold_the_starting_model(tiny_model_dir, tmp_path):
+    for model, out in ((tiny_model_dir, tiny_model_dir), (tiny_model_dir, Path(tiny_model_dir).parent)):
+        with pytest.raises(preftune.ConfigError, match=r"--output-dir \S+: holds the --model folder, which every "
+                                                      r"round reads"):
+            preftune.train("online", model=model, data=PROMPTS, output_dir=out, judge=LengthJudge(), overwrite=True,
+                           **SETTINGS)
+
+
+def test_a_callback_stop_in_a_round_is_heard_off_the_main_thread(tiny_model_dir, tmp_path):
+    """The stop reached the online run only through the signal handlers, which a thread has none of."""
+    import threading
+
+    last, got = SETTINGS["steps_per_round"], {}
+
+    def run():
+        got["result"] = preftune.train("online", model=tiny_model_dir, data=PROMPTS, output_dir=tmp_path / "run",
+                                       judge=LengthJudge(), callbacks=[lambda row: "stop" if row.get("step") == last
+                                                                       and "loss" in row else None],
+                                       **{**SETTINGS, "rounds": 3})
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert [row["round"] for row in got["result"].history] == [1]
+
+
+def test_the_saved_settings_name_local_paths_absolutely(tiny_model_dir, tmp_path, monkeypatch):
+    """Written as given: `--config RUN/config.yaml --resume` from another folder trained a new run there."""
+    import os
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    monkeypatch.chdir(tmp_path)
+    preftune.train("online", model=os.path.relpath(tiny_model_dir), data="p.jsonl", output_dir="run",
+                   judge=LengthJudge(), **{**SETTINGS, "rounds": 1})
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert all(Path(saved[k]).is_absolute() for k in ("model", "prompts", "output_dir"))
+    assert Path(saved["model"]).resolve() == Path(tiny_model_dir).resolve()
+    assert (saved["prompts"], saved["output_dir"]) == (str(prompts), str(tmp_path / "run"))
 
 
 def test_a_folder_holding_a_model_is_not_written_over(tiny_model_dir, tmp_path):

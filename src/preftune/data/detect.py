@@ -50,6 +50,11 @@ FORMAT_KEYS = {
     "shp": "history, human_ref_A, human_ref_B, labels (1 = A preferred)",
 }
 FORMAT_NAMES = tuple(FORMAT_KEYS)
+# The keys that hold a pair's two answers in some layout: a record with one of them is preference data.
+PAIR_ANSWER_KEYS = {"chosen", "rejected", "response_0", "response_1", "response1", "response2", "response_j",
+                    "response_k", "human_ref_A", "human_ref_B", "chosen_response", "rejected_response",
+                    "response_chosen", "response_rejected", "preferred_output", "non_preferred_output",
+                    "chosen_messages", "rejected_messages"}
 
 
 def _strings(value: dict, *keys: str) -> bool:

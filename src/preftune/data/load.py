@@ -7,7 +7,7 @@ import random
 from typing import Any, Callable, TypeVar
 
 from ..errors import DataError
-from .detect import FORMAT_KEYS, FORMAT_NAMES, detect, named_keys, unknown_format_message
+from .detect import FORMAT_KEYS, FORMAT_NAMES, PAIR_ANSWER_KEYS, detect, unknown_format_message
 from .formats import SCORED_FORMATS, SFT_ANSWERS, conversation_of_messages, read_pair, read_sft, sft_fields
 from .records import LoadReport, PreferencePair, SFTExample, UnpairedExample
 from .rows import require_mapping
@@ -197,8 +197,7 @@ def _sft_hint(value: dict) -> str:
     layout); a `conversation` of role/content turns (lmsys-chat-1m, WildChat) is SFT's `messages` by another name."""
     if conversation_of_messages(value):
         return "; for SFT, its 'conversation' of role/content turns reads as 'messages': rename the key"
-    keys = {str(k) for k in value}
-    if any(keys & named_keys(reads) for reads in FORMAT_KEYS.values()):  # a preference layout's keys, not SFT's
+    if {str(k) for k in value} & PAIR_ANSWER_KEYS:  # a preference layout's answers: not SFT data
         return ""
     return "; SFT data (`preftune sft`) holds messages, conversations, prompt/completion or question/answer fields"
 

@@ -30,7 +30,8 @@ NOT_DPO_KEYS = {
     "resume": "an online run's resume continues its rounds",
     "overwrite": "an online run's overwrite starts it afresh",
     "output_dir": "rounds train in OUTPUT_DIR/rounds/NNN/train",
-    "lora_r": "online rounds train all weights for now",
+    **dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+                    "online rounds train all weights for now"),
     "load_in_4bit": "online rounds train all weights for now",
     "merge": "online rounds train all weights for now",
     "fsdp": "online rounds run in one process for now",
@@ -145,10 +146,30 @@ class OnlineConfig:
         return {"stage": "online", **values, **self.dpo}
 
     def to_yaml(self, path: Path) -> None:
-        from ..io import atomic_write_text
+        """The settings, local paths written absolute, so that `--config` (and `--resume`) finds the same model,
+        prompts, judge and run folder from any folder."""
+        from ..io import absolute_if_local, atomic_write_text
 
         values = {**self.to_dict(), "resume": False, "overwrite": False}
+        for name in ("model", "prompts", "eval_prompts", "output_dir", "tokenizer"):
+            if isinstance(values.get(name), str):
+                values[name] = absolute_if_local(values[name])
+        values["judge"] = judge_with_absolute_path(values["judge"])
         atomic_write_text(Path(path), yaml.safe_dump(values, sort_keys=False))
+
+
+def judge_with_absolute_path(spec: str) -> str:
+    """A judge spec whose folder or file (reward-model:DIR, python:path/file.py:function) is written absolute."""
+    from ..io import absolute_if_local
+
+    kind, _, rest = (spec or "").partition(":")
+    if kind == "reward-model" and rest:
+        return f"reward-model:{absolute_if_local(rest)}"
+    if kind == "python" and rest:
+        where, _, name = rest.rpartition(":")
+        if where.endswith(".py"):
+            return f"python:{absolute_if_local(where)}:{name}"
+    return spec
 
 
 def field_names() -> list[str]:

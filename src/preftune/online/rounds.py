@@ -40,7 +40,7 @@ from ..training.checkpoint import MAY_CHANGE_ON_RESUME
 from ..training.loop import STOP, execute
 from ..training.run_dir import remove_outputs
 from ..training.signals import StopOnSignal
-from .config import OnlineConfig
+from .config import OnlineConfig, judge_with_absolute_path
 from .judges import Judge, judged, make_judge
 from .pairs import RoundPairs, best_vs_worst, training_record
 from .prompts import read_prompts, split_prompts
@@ -156,7 +156,7 @@ def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callback
             made = _round_pairs(cfg, out, r, policy, tokenizer, judge, train_prompts, device)
             if stop.signum is not None:  # a signal during generation: the pairs are written, the round resumes
                 return _stopped(cfg, out, history, tokenizer, r, 0, resume_hint)
-            result = _train_round(cfg, out, r, policy, tokenizer, start, made, callbacks)
+            result = _train_round(cfg, out, r, policy, tokenizer, start, made, callbacks, asked)
             if result.stopped_at_step is not None:
                 return _stopped(cfg, out, history, tokenizer, r, result.stopped_at_step, resume_hint)
             policy = result.model
@@ -209,7 +209,10 @@ def _round_pairs(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, judge:
     return made
 
 
-def _train_round(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, start: str, made: RoundPairs, callbacks):
+def _train_round(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, start: str, made: RoundPairs, callbacks,
+                 asked: list):
+    """The round's DPO steps. A callback's "stop" is noted in `asked` too: on the round's last step the DPO run has
+    nothing left to stop, and the online run stops after the round."""
     settings = cfg.train_config(output_dir="", model=cfg.model)
     batch = settings.batch_size * settings.grad_accum  # one optimizer step (a single process)
     if len(made.pairs) < batch:
@@ -227,7 +230,13 @@ def _train_round(cfg: OnlineConfig, out: Path, r: int, policy, tokenizer, start:
                             resume=train_dir.exists())
     inputs = RunInputs(model=policy, tokenizer=tokenizer,
                        data=as_source([training_record(p) for p in made.pairs], "data"))
-    tagged = [lambda row, fn=fn: fn({**row, "round": r}) for fn in callbacks]
+    def tagged_call(fn, row):
+        answer = fn({**row, "round": r})
+        if answer == STOP:
+            asked.append(r)
+        return answer
+
+    tagged = [lambda row, fn=fn: tagged_call(fn, row) for fn in callbacks]
     outcome = execute(tcfg, command=f"# round {r} of an online run in {out}", inputs=inputs, callbacks=tagged)
     if outcome.setup is not None:
         trained = outcome.setup.policy
@@ -267,9 +276,10 @@ def _prepare(out: Path, cfg: OnlineConfig) -> None:
     if holds and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"--output-dir {out}: already holds a run; choose another folder, pass --resume to "
                             f"continue it, or --overwrite to start afresh")
-    if cfg.model and Path(cfg.model).expanduser().resolve() == out.expanduser().resolve():
-        raise ConfigError(f"--output-dir {out}: is the --model folder, which every round reads (the reference, the "
-                          "first round's policy); choose another folder")
+    model, run = Path(cfg.model).expanduser().resolve(), out.expanduser().resolve()
+    if cfg.model and (model == run or run in model.parents):
+        raise ConfigError(f"--output-dir {out}: holds the --model folder, which every round reads (the reference, the "
+                          "first round's policy) and a new run would remove; choose another folder")
     if (out / "config.json").is_file() and not holds and not cfg.overwrite:
         raise ConfigError(f"--output-dir {out}: holds a model (config.json), which the finished run's model would "
                           "overwrite; choose another folder, or --overwrite to replace it")
@@ -300,15 +310,24 @@ def _require_same_settings(cfg: OnlineConfig, out: Path) -> None:
 
 def _setting_pairs(saved: OnlineConfig, now: OnlineConfig):
     """(name, saved value, value now) of every setting a resume must keep."""
-    may_change = {"resume", "overwrite", "quiet", "output_dir", "dpo", "generation_batch_size"}
+    may_change = {"resume", "overwrite", "quiet", "output_dir", "dpo"}  # generation's batches seed its samples
     for f in dataclasses.fields(OnlineConfig):
         if f.name in may_change:
             continue
         a, b = getattr(saved, f.name), getattr(now, f.name)
         if f.name in ("model", "prompts", "eval_prompts") and isinstance(a, str) and isinstance(b, str):
             a, b = absolute_if_local(a), absolute_if_local(b)
+        if f.name == "judge":
+            a, b = judge_with_absolute_path(a), judge_with_absolute_path(b)
         yield f.name, a, b
-    steps = [c.train_config(output_dir="", model="<policy>").to_dict() for c in (saved, now)]
+    steps = []
+    for c in (saved, now):
+        tcfg = c.train_config(output_dir="", model="<policy>")
+        values = tcfg.to_dict()
+        values["lr"] = tcfg.learning_rate  # left out or given at its default alike
+        if isinstance(values.get("tokenizer"), str):
+            values["tokenizer"] = absolute_if_local(values["tokenizer"])
+        steps.append(values)
     for name in steps[0]:
         if name not in MAY_CHANGE_ON_RESUME and name not in ("model", "ref_model", "data"):
             yield name, steps[0][name], steps[1][name]
