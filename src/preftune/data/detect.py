@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from .rows import type_name
+from .rows import turn_list, type_name
 
 # What each format reads, for detection messages and `--data-format` help.
 FORMAT_KEYS = {
@@ -80,8 +80,7 @@ def _whole_conversations(value: dict) -> bool:
 _RULES: list[tuple[str, str, Callable[[dict, set], bool]]] = [
     ("sharegpt", "it has 'conversations'", lambda v, k: "conversations" in k),
     ("ultrainteract", "its 'trajectory' holds {from, value} turns",
-     lambda v, k: isinstance(v.get("trajectory"), list) and bool(v["trajectory"])
-     and all(isinstance(t, dict) and "from" in t for t in v["trajectory"])),
+     lambda v, k: turn_list(v.get("trajectory"), ("from",))),
     ("swift", "it has 'rejected_response' beside 'messages', or 'query' and 'response'",
      lambda v, k: "rejected_response" in k and ("messages" in k or {"query", "response"} <= k)),
     # UltraFeedback-binarized copies carry `messages` too, a copy of the chosen conversation: not a prompt
@@ -150,7 +149,7 @@ def detect_format(value: Any) -> str | None:
     return detect(value)[0]
 
 
-def named_keys(reads: str) -> set[str]:
+def _named_keys(reads: str) -> set[str]:
     """The keys a `FORMAT_KEYS` text names: its words outside parentheses (which hold notes on the values)."""
     while (bare := re.sub(r"\([^()]*\)", "", reads)) != reads:
         reads = bare
@@ -171,7 +170,7 @@ def unknown_format_message(value: Any, where: str, formats: dict[str, str] = FOR
         return (f"{where}: a {given!r} answer without a {missing!r} one (keys seen: {seen}); name the two answers "
                 "'chosen' and 'rejected' (ms-swift's form: 'messages' ending with the chosen answer, and the other "
                 "answer as 'rejected_response')")
-    near = [name for name, reads in formats.items() if keys & named_keys(reads)]
+    near = [name for name, reads in formats.items() if keys & _named_keys(reads)]
     close = f" Formats that read some of these keys: {'; '.join(f'{n} ({formats[n]})' for n in near)}." \
         if near else ""
     others = ", ".join(name for name in formats if name not in near)

@@ -15,7 +15,7 @@ from typing import Callable
 
 from .conversations import Converted, answer_messages, message_pair, shared_turns
 from .records import Messages, PreferencePair
-from .rows import Row, type_name
+from .rows import Row, turn_list, type_name
 from .turns import QUESTIONS, history_turns, question_turn, system_field
 
 # Turn boundaries for an implicit text prompt, most specific first; the prompt keeps the marker.
@@ -78,13 +78,9 @@ def _text(row: Row) -> Converted:
     return PreferencePair(prompt, chosen, rejected, row.optional_text("system"), row.where), None
 
 
-def _holds_turns(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(t, dict) and ({"role", "content"} <= set(t) or {"from", "value"} <= set(t)) for t in value)
-
-
 def _implicit(row: Row) -> Converted:
-    turns = [key for key, value in row.value.items() if key not in ("chosen", "rejected") and _holds_turns(value)]
+    turns = [key for key, value in row.value.items() if key not in ("chosen", "rejected")
+             and turn_list(value, ("role", "content"), ("from", "value"))]
     if turns:  # RLHFlow's context_messages, say: the real prompt, where the answers' shared start would be taken
         raise row.error(f"{turns[0]!r} holds conversation turns, likely the prompt, which an implicit pair (its "
                         f"prompt the answers' shared start) does not read; name it 'prompt' (the turns before "

@@ -15,7 +15,7 @@ from .conversations import MESSAGE_LAYOUTS, Converted, split_system
 from .detect import FORMAT_KEYS, FORMAT_NAMES, detect
 from .fields import FIELD_LAYOUTS
 from .records import Messages, PreferencePair, SFTExample
-from .rows import NOT_TRAINED, Row, filled, require_trained
+from .rows import NOT_TRAINED, Row, filled, require_trained, turn_list
 from .turns import QUESTIONS, history_turns, question_turn, sharegpt_messages, system_field
 
 SFT_KEYS = ("messages (message list), prompt + completion (or response; strings or message lists), "
@@ -152,8 +152,7 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
         example = SFTExample(row.text("text"), None, None, where)
     else:
         seen = ", ".join(map(str, row.value)) or "none"
-        hint = "; its 'conversation' of role/content turns reads as 'messages': rename the key" \
-            if conversation_of_messages(row.value) else ""
+        hint = f"; {CONVERSATION_HINT}" if conversation_of_messages(row.value) else ""
         raise DataError(f"{where}: cannot read an SFT example from the keys seen ({seen}); expected {SFT_KEYS}{hint}")
     if isinstance(example.completion, list):
         example.tools, example.template_kwargs = row.tools(), row.template_kwargs()
@@ -163,11 +162,12 @@ def _read_sft(row: Row, where: str) -> tuple[SFTExample, list[str]]:
     return example, row.unused()
 
 
+CONVERSATION_HINT = "its 'conversation' of role/content turns reads as 'messages': rename the key"
+
+
 def conversation_of_messages(value: dict) -> bool:
     """Whether `conversation` holds role/content turns (lmsys-chat-1m, WildChat): `messages` by another name."""
-    turns = value.get("conversation")
-    return isinstance(turns, list) and bool(turns) and all(isinstance(t, dict) and {"role", "content"} <= set(t)
-                                                            for t in turns)
+    return turn_list(value.get("conversation"), ("role", "content"))
 
 
 def _completion_key(row: Row) -> str | None:

@@ -8,7 +8,8 @@ from typing import Any, Callable, TypeVar
 
 from ..errors import DataError
 from .detect import FORMAT_KEYS, FORMAT_NAMES, PAIR_ANSWER_KEYS, detect, unknown_format_message
-from .formats import SCORED_FORMATS, SFT_ANSWERS, conversation_of_messages, read_pair, read_sft, sft_fields
+from .formats import (CONVERSATION_HINT, SCORED_FORMATS, SFT_ANSWERS, conversation_of_messages, read_pair,
+                      read_sft, sft_fields)
 from .records import LoadReport, PreferencePair, SFTExample, UnpairedExample
 from .rows import require_mapping
 from .sources import read_rows
@@ -196,7 +197,7 @@ def _sft_hint(value: dict) -> str:
     """For a record with no answer pair at all, what SFT data may hold (it may be SFT data of another project's
     layout); a `conversation` of role/content turns (lmsys-chat-1m, WildChat) is SFT's `messages` by another name."""
     if conversation_of_messages(value):
-        return "; for SFT, its 'conversation' of role/content turns reads as 'messages': rename the key"
+        return f"; for SFT, {CONVERSATION_HINT}"
     if {str(k) for k in value} & PAIR_ANSWER_KEYS:  # a preference layout's answers: not SFT data
         return ""
     return "; SFT data (`preftune sft`) holds messages, conversations, prompt/completion or question/answer fields"

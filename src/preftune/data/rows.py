@@ -292,6 +292,13 @@ _TEMPLATE_OWN = {"conversation", "messages", "tools", "documents", "chat_templat
                  "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
 
 
+def turn_list(value: Any, *shapes: tuple[str, ...]) -> bool:
+    """Whether `value` is a non-empty list of turns, each an object holding the keys of one of `shapes`
+    (("role", "content") for messages, ("from", "value") for ShareGPT turns)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, dict) and any(set(shape) <= set(t) for shape in shapes) for t in value)
+
+
 def filled(value: dict, key: str) -> bool:
     """Whether record `value` holds something under `key`: not null, and not blank text or an empty list."""
     held = value.get(key)

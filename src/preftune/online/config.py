@@ -145,16 +145,22 @@ class OnlineConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "dpo"}
         return {"stage": "online", **values, **self.dpo}
 
-    def to_yaml(self, path: Path) -> None:
-        """The settings, local paths written absolute, so that `--config` (and `--resume`) finds the same model,
-        prompts, judge and run folder from any folder."""
-        from ..io import absolute_if_local, atomic_write_text
+    def written(self) -> dict:
+        """`to_dict` with local paths absolute, so that `--config` (and `--resume`) finds the same model, prompts,
+        judge and run folder from any folder: what `to_yaml` writes, and what a resume compares."""
+        from ..io import absolute_if_local
 
-        values = {**self.to_dict(), "resume": False, "overwrite": False}
+        values = self.to_dict()
         for name in ("model", "prompts", "eval_prompts", "output_dir", "tokenizer"):
             if isinstance(values.get(name), str):
                 values[name] = absolute_if_local(values[name])
         values["judge"] = judge_with_absolute_path(values["judge"])
+        return values
+
+    def to_yaml(self, path: Path) -> None:
+        from ..io import atomic_write_text
+
+        values = {**self.written(), "resume": False, "overwrite": False}
         atomic_write_text(Path(path), yaml.safe_dump(values, sort_keys=False))
 
 

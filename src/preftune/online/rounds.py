@@ -19,7 +19,6 @@ same pairs); its DPO steps continue from their last checkpoint; finished rounds 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import statistics
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..config import load_yaml_mapping
-from ..io import absolute_if_local
 from ..data.encode import encode_prompt
 from ..data.memory import as_source
 from ..inputs import RunInputs
@@ -38,9 +36,9 @@ from ..io import append_jsonl, atomic_write_json, write_jsonl
 from ..report.tracking import METRICS_FILE
 from ..training.checkpoint import MAY_CHANGE_ON_RESUME
 from ..training.loop import STOP, execute
-from ..training.run_dir import remove_outputs
+from ..training.run_dir import remove_outputs, resolved
 from ..training.signals import StopOnSignal
-from .config import OnlineConfig, judge_with_absolute_path
+from .config import OnlineConfig
 from .judges import Judge, judged, make_judge
 from .pairs import RoundPairs, best_vs_worst, training_record
 from .prompts import read_prompts, split_prompts
@@ -85,8 +83,9 @@ def run_online(cfg: OnlineConfig, *, judge: Judge | None = None, prompts=None, e
     if not cfg.judge and judge is not None:
         cfg.judge = "<judge>"
     cfg.require_paths()
+    if cfg.resume:  # a finished run too: one resumed with more rounds is not that run
+        _require_same_settings(cfg, out)
     if cfg.resume and _finished(out) is not None:
-        _require_same_settings(cfg, out)  # a finished run resumed with more rounds is not that run
         if not cfg.quiet:
             print(f"preftune: resume: the run in {out} has finished; nothing to do", file=sys.stderr)
         return _load_final(cfg, out)
@@ -98,12 +97,13 @@ def run_online(cfg: OnlineConfig, *, judge: Judge | None = None, prompts=None, e
     try:
         return _rounds(cfg, out, judge, prompts, eval_prompts, callbacks, resume_hint, wrote)
     except BaseException:
-        if created and not cfg.resume and not any(out.glob(f"{ROUNDS}/*/{TRAIN}")):
-            shutil.rmtree(out, ignore_errors=True)
-        elif wrote and not cfg.resume and not any(out.glob(f"{ROUNDS}/*/{TRAIN}")):
-            for name in ("config.yaml", METRICS_FILE):
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(out / ROUNDS, ignore_errors=True)
+        if not cfg.resume and not any(out.glob(f"{ROUNDS}/*/{TRAIN}")):
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            elif wrote:
+                for name in ("config.yaml", METRICS_FILE):
+                    (out / name).unlink(missing_ok=True)
+                shutil.rmtree(out / ROUNDS, ignore_errors=True)
         raise
 
 
@@ -117,9 +117,7 @@ def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callback
     judge = judge or make_judge(cfg.judge, device=device)
     tokenizer = load_tokenizer(cfg.dpo.get("tokenizer") or cfg.model,
                                trust_remote_code=cfg.train_config(output_dir="", model=cfg.model).trust_remote_code)
-    if cfg.resume:
-        _require_same_settings(cfg, out)
-    else:
+    if not cfg.resume:
         wrote.append(True)
     if cfg.overwrite and not cfg.resume:  # only now: a command refused for its prompts, judge or model changes nothing
         remove_outputs(out, (ROUNDS, "plots"))
@@ -149,7 +147,7 @@ def _rounds(cfg: OnlineConfig, out: Path, judge, prompts, eval_prompts, callback
         for r in range(1, cfg.rounds + 1):
             if r in done_rounds:
                 continue
-            if stop.signum is not None or stop.asked or asked:  # asked: by a round row, or a round's last step
+            if stop.signum is not None or asked:  # asked: by a callback, on a round row or in a round's steps
                 return _stopped(cfg, out, history, tokenizer, r, 0, resume_hint)
             start = cfg.model if r == 1 else str(round_dir(out, r - 1) / TRAIN)
             policy = _load_policy(cfg, start, device)
@@ -309,25 +307,13 @@ def _require_same_settings(cfg: OnlineConfig, out: Path) -> None:
 
 
 def _setting_pairs(saved: OnlineConfig, now: OnlineConfig):
-    """(name, saved value, value now) of every setting a resume must keep."""
-    may_change = {"resume", "overwrite", "quiet", "output_dir", "dpo"}  # generation's batches seed its samples
-    for f in dataclasses.fields(OnlineConfig):
-        if f.name in may_change:
-            continue
-        a, b = getattr(saved, f.name), getattr(now, f.name)
-        if f.name in ("model", "prompts", "eval_prompts") and isinstance(a, str) and isinstance(b, str):
-            a, b = absolute_if_local(a), absolute_if_local(b)
-        if f.name == "judge":
-            a, b = judge_with_absolute_path(a), judge_with_absolute_path(b)
-        yield f.name, a, b
-    steps = []
-    for c in (saved, now):
-        tcfg = c.train_config(output_dir="", model="<policy>")
-        values = tcfg.to_dict()
-        values["lr"] = tcfg.learning_rate  # left out or given at its default alike
-        if isinstance(values.get("tokenizer"), str):
-            values["tokenizer"] = absolute_if_local(values["tokenizer"])
-        steps.append(values)
+    """(name, saved value, value now) of every setting a resume must keep: the rounds' settings as config.yaml
+    writes them (paths absolute), and their DPO steps' as a DPO run's config.yaml does (`run_dir.resolved`)."""
+    kept = [c.written() for c in (saved, now)]
+    for name in OnlineConfig.__dataclass_fields__:
+        if name not in ("resume", "overwrite", "quiet", "output_dir", "dpo"):  # the batch size seeds the samples
+            yield name, kept[0][name], kept[1][name]
+    steps = [resolved(c.train_config(output_dir="", model="<policy>")).to_dict() for c in (saved, now)]
     for name in steps[0]:
         if name not in MAY_CHANGE_ON_RESUME and name not in ("model", "ref_model", "data"):
             yield name, steps[0][name], steps[1][name]

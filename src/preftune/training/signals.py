@@ -41,9 +41,8 @@ class StopOnSignal:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
             outer = getattr(handler, "__self__", None)
-            if isinstance(outer, StopOnSignal):  # a run inside a run (an online round): a stop this one took, by a
-                outer.signum = outer.signum or self.signum  # signal or a callback, is the outer run's to stop on too
-                outer.asked = outer.asked or self.asked
+            if isinstance(outer, StopOnSignal) and outer.signum is None:  # a run inside a run (an online round):
+                outer.signum = self.signum  # the signal this one took is the outer run's to stop on too
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
